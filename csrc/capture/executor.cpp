@@ -1,0 +1,249 @@
+#include "capture/executor.h"
+
+#include "capture/errors.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/TensorImpl.h>
+
+#include <sstream>
+
+namespace genie {
+
+namespace {
+
+at::Tensor view_of(const c10::Storage& storage, c10::Device device, c10::ScalarType dtype,
+                   c10::IntArrayRef sizes, c10::IntArrayRef strides, int64_t offset) {
+  auto key = c10::computeDispatchKey(std::nullopt, c10::kStrided, device);
+  auto t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(storage), c10::DispatchKeySet(key),
+                                                    c10::scalarTypeToTypeMeta(dtype));
+  t.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides, offset);
+  return t;
+}
+
+// A whole storage moved to `device`, byte for byte, so recorded geometries stay valid.
+c10::Storage storage_to(const at::Tensor& t, c10::Device device) {
+  const auto& st = t.storage();
+  if (t.device() == device) return st;
+  auto nbytes = static_cast<int64_t>(st.nbytes());
+  auto bytes = view_of(st, t.device(), at::kByte, {nbytes}, {1}, 0);
+  return bytes.to(device).storage();
+}
+
+bool is_generator_slot(const c10::Argument& a) {
+  auto k = a.type()->kind();
+  if (k == c10::TypeKind::GeneratorType) return true;
+  return k == c10::TypeKind::OptionalType &&
+         a.type()->castRaw<c10::OptionalType>()->getElementType()->kind() == c10::TypeKind::GeneratorType;
+}
+
+std::string dtype_name(c10::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "f32";
+    case at::kDouble: return "f64";
+    case at::kHalf: return "f16";
+    case at::kBFloat16: return "bf16";
+    case at::kLong: return "i64";
+    case at::kInt: return "i32";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
+}  // namespace
+
+std::string describe_inputs(const Node& node) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < node.inputs.size(); ++i) {
+    if (i) os << ", ";
+    os << dtype_name(node.inputs[i].dtype) << c10::IntArrayRef(node.inputs[i].sizes);
+  }
+  os << "]";
+  return os.str();
+}
+
+LocalExecutor::LocalExecutor(c10::Device device) : device_(device) {}
+
+std::string LocalExecutor::name() const { return "local:" + device_.str(); }
+
+at::Tensor LocalExecutor::materialize_locked(const TensorRef& ref) {
+  auto it = env_.find(ref.storage);
+  if (it == env_.end())
+    raise_error(ErrorKind::Execution, "genie: storage " + std::to_string(ref.storage) + " is not resident on executor " +
+                                          name() + " (it was never produced, or it was released)");
+  return view_of(it->second, device_, ref.dtype, ref.sizes, ref.strides, ref.offset);
+}
+
+at::Tensor LocalExecutor::materialize(const TensorRef& ref) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return materialize_locked(ref);
+}
+
+void LocalExecutor::bind_locked(const TensorRef& ref, const at::Tensor& value) {
+  if (value.device() == device_ && value.sizes() == c10::IntArrayRef(ref.sizes) &&
+      value.strides() == c10::IntArrayRef(ref.strides) && value.storage_offset() == ref.offset &&
+      value.scalar_type() == ref.dtype) {
+    env_[ref.storage] = value.storage();
+    return;
+  }
+  // The kernel chose another layout than meta inference did: keep the recorded one, since
+  // later ops address this storage by the recorded geometry.
+  int64_t nbytes = std::max<int64_t>(ref.storage_nbytes, 1);
+  auto bytes = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte).device(device_));
+  auto dst = view_of(bytes.storage(), device_, ref.dtype, ref.sizes, ref.strides, ref.offset);
+  dst.copy_(value);
+  env_[ref.storage] = bytes.storage();
+}
+
+void LocalExecutor::bind(const TensorRef& ref, const at::Tensor& value) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  bind_locked(ref, value);
+}
+
+// Note: [Replaying on the host]
+// Random ops replay on the CPU with their recorded generator state (see Note: [Backend RNG]),
+// whatever the executor's device; their tensors go to the host and come back.
+std::vector<c10::IValue> LocalExecutor::call(const Node& node) {
+  const bool host = node.rng_state.has_value() && device_.type() != c10::DeviceType::CPU;
+  const c10::Device run_on = host ? c10::Device(c10::DeviceType::CPU) : device_;
+  std::vector<at::Tensor> real(node.inputs.size());
+  std::vector<at::Tensor> args(node.inputs.size());
+  torch::jit::Stack stack;
+  stack.reserve(node.args.size());
+  auto make = [&](int32_t i) -> at::Tensor {
+    if (i < 0) return at::Tensor();
+    if (!args[i].defined()) {
+      real[i] = materialize_locked(node.inputs[i]);
+      args[i] = host ? real[i].cpu() : real[i];
+    }
+    return args[i];
+  };
+  for (const auto& a : node.args) {
+    switch (a.kind) {
+      case Arg::Kind::Value: {
+        const auto& v = a.value;
+        if (v.isDevice() && v.toDevice().type() == c10::DeviceType::PrivateUse1) stack.emplace_back(run_on);
+        else if (v.isGenerator()) stack.emplace_back();
+        else stack.push_back(v);
+        break;
+      }
+      case Arg::Kind::Tensor:
+        stack.emplace_back(make(a.refs[0]));
+        break;
+      case Arg::Kind::TensorList: {
+        c10::List<at::Tensor> l;
+        for (auto r : a.refs) l.push_back(make(r));
+        stack.emplace_back(std::move(l));
+        break;
+      }
+      case Arg::Kind::OptionalTensorList: {
+        c10::List<std::optional<at::Tensor>> l;
+        for (auto r : a.refs) l.push_back(r < 0 ? std::optional<at::Tensor>() : make(r));
+        stack.emplace_back(std::move(l));
+        break;
+      }
+    }
+  }
+  try {
+    if (node.rng_state.has_value()) {
+      auto gen = at::make_generator<at::CPUGeneratorImpl>();
+      gen.set_state(*node.rng_state);
+      const auto& schema_args = node.op->schema().arguments();
+      bool explicit_slot = false;
+      for (size_t i = 0; i < schema_args.size(); ++i) {
+        if (is_generator_slot(schema_args[i])) {
+          stack[i] = c10::IValue(gen);
+          explicit_slot = true;
+        }
+      }
+      if (explicit_slot) {
+        node.op->callBoxed(stack);
+      } else {
+        auto cpu_default = at::detail::getDefaultCPUGenerator();
+        at::Tensor saved;
+        {
+          std::lock_guard<std::mutex> lock(cpu_default.mutex());
+          saved = cpu_default.get_state();
+          cpu_default.set_state(*node.rng_state);
+        }
+        try {
+          node.op->callBoxed(stack);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(cpu_default.mutex());
+          cpu_default.set_state(saved);
+          throw;
+        }
+        std::lock_guard<std::mutex> lock(cpu_default.mutex());
+        cpu_default.set_state(saved);
+      }
+    } else {
+      node.op->callBoxed(stack);
+    }
+  } catch (const std::exception& e) {
+    raise_error(ErrorKind::Execution, "genie: " + node.name() + " failed on " + run_on.str() + " for inputs " +
+                                          describe_inputs(node) + ": " + e.what());
+  }
+  if (host) {
+    // Write back what the op mutated on the host copies.
+    for (size_t i = 0; i < args.size(); ++i) {
+      if (args[i].defined() && std::find(node.writes.begin(), node.writes.end(), node.inputs[i].storage) != node.writes.end())
+        real[i].copy_(args[i]);
+    }
+  }
+  return stack;
+}
+
+void LocalExecutor::run(const FlushRequest& request) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (const auto& [id, c] : request.constants) env_[id] = storage_to(c.tensor, device_);
+  for (const auto& n : request.nodes) {
+    auto results = call(*n);
+    size_t k = 0;
+    auto bind_out = [&](const at::Tensor& t) {
+      if (k < n->outputs.size()) {
+        if (n->output_alias[k] < 0) bind_locked(n->outputs[k], t);
+      }
+      ++k;
+    };
+    for (const auto& v : results) {
+      if (v.isTensor()) bind_out(v.toTensor());
+      else if (v.isTensorList())
+        for (const auto& t : v.toTensorList()) bind_out(t);
+    }
+  }
+}
+
+std::vector<c10::IValue> LocalExecutor::run_eager(const Node& node) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return call(node);
+}
+
+at::Tensor LocalExecutor::fetch(const TensorRef& ref) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return materialize_locked(ref);
+}
+
+void LocalExecutor::release(const std::vector<StorageId>& ids) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto id : ids) env_.erase(id);
+}
+
+bool LocalExecutor::has(StorageId id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return env_.count(id) > 0;
+}
+
+int64_t LocalExecutor::resident_count() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return static_cast<int64_t>(env_.size());
+}
+
+int64_t LocalExecutor::resident_bytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  int64_t total = 0;
+  for (const auto& [id, s] : env_) total += static_cast<int64_t>(s.nbytes());
+  return total;
+}
+
+}  // namespace genie

@@ -1,0 +1,623 @@
+#include "capture/kernels.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/SDPBackend.h>
+#include <ATen/native/DispatchStub.h>
+#include <ATen/native/transformers/attention.h>
+#include <c10/core/TensorImpl.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <mutex>
+#include <sstream>
+#include <unordered_map>
+
+#include "capture/device.h"
+#include "capture/executor.h"
+#include "capture/recorder.h"
+#include "capture/shape_cache.h"
+#include "capture/storage.h"
+
+namespace genie {
+namespace {
+
+constexpr auto kRemote = c10::DeviceType::PrivateUse1;
+std::atomic<c10::DeviceType> g_target_type{c10::DeviceType::CPU};
+
+bool is_remote(const at::Tensor& t) { return t.defined() && t.device().type() == kRemote; }
+
+at::Tensor wrap(c10::Storage storage, const Geometry& g, c10::DispatchKey key = c10::DispatchKey::PrivateUse1) {
+  auto t = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(key),
+                                                    c10::scalarTypeToTypeMeta(g.dtype));
+  t.unsafeGetTensorImpl()->set_sizes_and_strides(g.sizes, g.strides, g.offset);
+  return t;
+}
+
+c10::Storage fresh_storage(int64_t nbytes, c10::DeviceIndex index) {
+  auto prev = current_device_index();
+  set_current_device_index(index);
+  c10::Storage s(c10::Storage::use_byte_size_t(), nbytes, remote_allocator(), /*resizable=*/true);
+  set_current_device_index(prev);
+  return s;
+}
+
+Geometry geometry_of(const at::Tensor& t) {
+  return {t.scalar_type(), t.sizes().vec(), t.strides().vec(), t.storage_offset(),
+          static_cast<int64_t>(t.storage().nbytes())};
+}
+
+// What a schema says about mutation and returned arguments; computed once per operator.
+struct OpInfo {
+  std::vector<bool> arg_is_write;
+  std::vector<int> return_self_arg;  // a return that *is* a mutated argument (in-place, out=)
+  bool explicit_rng = false;         // has a Generator? argument
+  bool implicit_rng = false;         // draws from the default generator without one
+  bool empty_factory = false;
+};
+
+const OpInfo& op_info(const c10::OperatorHandle& op) {
+  static std::mutex mutex;
+  static auto* cache = new std::unordered_map<const c10::FunctionSchema*, OpInfo>();
+  const auto& schema = op.schema();
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache->find(&schema);
+  if (it != cache->end()) return it->second;
+  OpInfo info;
+  const auto& args = schema.arguments();
+  for (const auto& a : args) {
+    info.arg_is_write.push_back(a.alias_info() != nullptr && a.alias_info()->isWrite());
+    if (a.type()->kind() == c10::TypeKind::OptionalType &&
+        a.type()->castRaw<c10::OptionalType>()->getElementType()->kind() == c10::TypeKind::GeneratorType)
+      info.explicit_rng = true;
+    if (a.type()->kind() == c10::TypeKind::GeneratorType) info.explicit_rng = true;
+  }
+  for (const auto& r : schema.returns()) {
+    int self = -1;
+    if (r.alias_info() != nullptr && r.alias_info()->isWrite()) {
+      for (size_t j = 0; j < args.size(); ++j) {
+        if (args[j].alias_info() != nullptr && args[j].alias_info()->isWrite() &&
+            args[j].alias_info()->beforeSets() == r.alias_info()->beforeSets()) {
+          self = static_cast<int>(j);
+          break;
+        }
+      }
+    }
+    info.return_self_arg.push_back(self);
+  }
+  const auto& name = schema.name();
+  info.implicit_rng = name == "aten::native_dropout";
+  info.empty_factory = name == "aten::empty" || name == "aten::empty_strided";
+  return cache->emplace(&schema, std::move(info)).first->second;
+}
+
+template <typename T>
+void put(std::string& out, const T& v) {
+  out.append(reinterpret_cast<const char*>(&v), sizeof(T));
+}
+
+// The arguments of one op call, split into the node's inputs and a cache key.
+struct Scan {
+  std::shared_ptr<Node> node = std::make_shared<Node>();
+  std::vector<at::Tensor> tensors;  // parallel to node->inputs: what the caller passed
+  std::string key;
+  bool cacheable = true;
+  c10::DeviceIndex device = -1;
+  std::unordered_map<StorageId, int32_t> slot_of;
+};
+
+int32_t scan_tensor(Scan& s, const at::Tensor& t) {
+  if (!t.defined()) {
+    s.key.push_back('u');
+    return -1;
+  }
+  StorageId id;
+  at::Tensor keep = t;
+  if (is_remote(t)) {
+    id = storage_id(t.storage());
+    if (s.device < 0) s.device = t.device().index();
+  } else {
+    // The logical-device rule: a host tensor in remote computation is a graph input.
+    if (t.device().type() != c10::DeviceType::CPU) keep = t.cpu();
+    id = recorder().add_constant(keep, std::max<c10::DeviceIndex>(s.device, 0), /*snapshot=*/false);
+  }
+  auto [it, inserted] = s.slot_of.emplace(id, static_cast<int32_t>(s.slot_of.size()));
+  s.key.push_back('t');
+  put(s.key, it->second);
+  put(s.key, static_cast<int8_t>(t.scalar_type()));
+  put(s.key, static_cast<int32_t>(t.dim()));
+  for (auto v : t.sizes()) put(s.key, v);
+  for (auto v : t.strides()) put(s.key, v);
+  put(s.key, t.storage_offset());
+  put(s.key, static_cast<int64_t>(keep.storage().nbytes()));
+  s.node->inputs.push_back(make_ref(keep, id));
+  s.tensors.push_back(keep);
+  return static_cast<int32_t>(s.node->inputs.size() - 1);
+}
+
+bool is_inline_scalar(const at::Tensor& t) {
+  return t.defined() && !is_remote(t) && t.device().type() == c10::DeviceType::CPU && t.dim() == 0;
+}
+
+Scan scan_args(const c10::OperatorHandle& op, c10::ArrayRef<c10::IValue> args) {
+  Scan s;
+  s.key.reserve(256);
+  put(s.key, &op.schema());
+  s.node->op = op;
+  s.node->args.resize(args.size());
+  for (size_t i = 0; i < args.size(); ++i) {
+    const auto& v = args[i];
+    Arg& a = s.node->args[i];
+    if (v.isTensor()) {
+      const auto& t = v.toTensor();
+      if (is_inline_scalar(t)) {
+        // CPU scalars (wrapped numbers) travel inline; only their dtype affects shapes.
+        a.value = v;
+        s.key.push_back('w');
+        put(s.key, static_cast<int8_t>(t.scalar_type()));
+        put(s.key, t.unsafeGetTensorImpl()->is_wrapped_number());
+        continue;
+      }
+      a.kind = Arg::Kind::Tensor;
+      a.refs.push_back(scan_tensor(s, t));
+    } else if (v.isTensorList()) {
+      a.kind = Arg::Kind::TensorList;
+      auto list = v.toTensorList();
+      s.key.push_back('[');
+      for (size_t j = 0; j < list.size(); ++j) a.refs.push_back(scan_tensor(s, list.get(j)));
+      s.key.push_back(']');
+    } else if (v.isOptionalTensorList()) {
+      a.kind = Arg::Kind::OptionalTensorList;
+      auto list = v.toOptionalTensorList();
+      s.key.push_back('{');
+      for (size_t j = 0; j < list.size(); ++j) {
+        std::optional<at::Tensor> e = list.get(j);
+        a.refs.push_back(e.has_value() ? scan_tensor(s, *e) : (s.key.push_back('n'), -1));
+      }
+      s.key.push_back('}');
+    } else {
+      a.value = v;
+      if (v.isDevice() && v.toDevice().type() == kRemote && s.device < 0) {
+        s.device = v.toDevice().has_index() ? v.toDevice().index() : current_device_index();
+      }
+      if (!encode_value(v, s.key)) s.cacheable = false;
+    }
+  }
+  if (s.device < 0) s.device = current_device_index();
+  check_device_index(s.device);
+  return s;
+}
+
+c10::IValue swap_device(const c10::IValue& v, c10::DeviceType to) {
+  if (v.isDevice() && v.toDevice().type() == kRemote) return c10::IValue(c10::Device(to));
+  return v;
+}
+
+// Rebuilds an argument stack, turning each input reference into `make(i)`.
+template <typename F>
+torch::jit::Stack rebuild(const Node& node, F&& make, c10::DeviceType device, bool drop_generator) {
+  torch::jit::Stack stack;
+  stack.reserve(node.args.size());
+  for (const auto& a : node.args) {
+    switch (a.kind) {
+      case Arg::Kind::Value:
+        if (drop_generator && a.value.isGenerator()) stack.emplace_back();
+        else stack.push_back(swap_device(a.value, device));
+        break;
+      case Arg::Kind::Tensor:
+        stack.emplace_back(a.refs[0] < 0 ? at::Tensor() : make(a.refs[0]));
+        break;
+      case Arg::Kind::TensorList: {
+        c10::List<at::Tensor> l;
+        for (auto r : a.refs) l.push_back(make(r));
+        stack.emplace_back(std::move(l));
+        break;
+      }
+      case Arg::Kind::OptionalTensorList: {
+        c10::List<std::optional<at::Tensor>> l;
+        for (auto r : a.refs) l.push_back(r < 0 ? std::optional<at::Tensor>() : make(r));
+        stack.emplace_back(std::move(l));
+        break;
+      }
+    }
+  }
+  return stack;
+}
+
+std::shared_ptr<const ShapeResult> infer_meta(const c10::OperatorHandle& op, const Scan& s) {
+  const Node& node = *s.node;
+  const auto& info = op_info(op);
+  std::unordered_map<StorageId, c10::Storage> storages;
+  std::unordered_map<const c10::StorageImpl*, int32_t> first_input_of;
+  std::vector<at::Tensor> metas(node.inputs.size());
+  auto make = [&](int32_t i) {
+    if (metas[i].defined()) return metas[i];
+    const TensorRef& r = node.inputs[i];
+    auto& st = storages[r.storage];
+    if (!st) {
+      st = c10::Storage(c10::Storage::use_byte_size_t(), r.storage_nbytes,
+                        c10::GetAllocator(c10::DeviceType::Meta), /*resizable=*/true);
+    }
+    first_input_of.emplace(st.unsafeGetStorageImpl(), i);
+    Geometry g{r.dtype, r.sizes, r.strides, r.offset, r.storage_nbytes};
+    metas[i] = wrap(st, g, c10::DispatchKey::Meta);
+    if (s.tensors[i].unsafeGetTensorImpl()->is_wrapped_number())
+      metas[i].unsafeGetTensorImpl()->set_wrapped_number(true);
+    return metas[i];
+  };
+  auto stack = rebuild(node, make, c10::DeviceType::Meta, /*drop_generator=*/true);
+  auto result = std::make_shared<ShapeResult>();
+  try {
+    op.callBoxed(stack);
+  } catch (const std::exception& e) {
+    // No usable meta kernel, or the output shape depends on data: run on real data.
+    result->eager = true;
+    return result;
+  }
+  auto spec_of = [&](const at::Tensor& t) {
+    OutSpec o;
+    o.geo = geometry_of(t);
+    auto it = first_input_of.find(t.storage().unsafeGetStorageImpl());
+    o.alias = it == first_input_of.end() ? -1 : it->second;
+    return o;
+  };
+  for (auto& v : stack) {
+    ReturnSpec r;
+    if (v.isTensor()) {
+      r.kind = ReturnSpec::Kind::Tensor;
+      r.tensors.push_back(spec_of(v.toTensor()));
+    } else if (v.isTensorList()) {
+      r.kind = ReturnSpec::Kind::TensorList;
+      for (const auto& t : v.toTensorList()) r.tensors.push_back(spec_of(t));
+    } else {
+      r.value = v;
+    }
+    result->returns.push_back(std::move(r));
+  }
+  for (size_t i = 0; i < node.args.size(); ++i) {
+    if (!info.arg_is_write[i]) continue;
+    for (auto ref : node.args[i].refs) {
+      if (ref >= 0 && metas[ref].defined()) result->mutated.emplace_back(ref, geometry_of(metas[ref]));
+    }
+  }
+  return result;
+}
+
+// Note: [Backend RNG]
+// Random ops record the generator state they start from and advance the generator exactly
+// as eager CPU would, by running the op once on dummy CPU inputs of the same geometry. Replay
+// runs the op on the CPU with the recorded state, so torch.manual_seed(s) gives the values
+// eager CPU gives for the same program.
+void capture_rng(const c10::OperatorHandle& op, Node& node, const OpInfo& info, c10::ArrayRef<c10::IValue> args,
+                 c10::DeviceIndex device) {
+  at::Generator gen;
+  for (const auto& v : args) {
+    if (v.isGenerator()) gen = v.toGenerator();
+  }
+  if (!gen.defined() || gen.device().type() != kRemote) {
+    TORCH_CHECK(!gen.defined(), "genie: ", node.name(), " got a generator on ", gen.device(),
+                "; pass a remote_accelerator generator or none");
+    gen = default_generator(device);
+  }
+  at::Tensor state;
+  {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    state = gen.get_state();
+  }
+  auto cpu_gen = at::make_generator<at::CPUGeneratorImpl>();
+  cpu_gen.set_state(state);
+  auto make = [&](int32_t i) {
+    const TensorRef& r = node.inputs[i];
+    return at::ones(r.sizes, at::TensorOptions().dtype(r.dtype));
+  };
+  auto stack = rebuild(node, make, c10::DeviceType::CPU, /*drop_generator=*/false);
+  for (auto& v : stack) {
+    if (v.isGenerator()) v = c10::IValue(cpu_gen);
+  }
+  const auto& schema_args = op.schema().arguments();
+  for (size_t i = 0; i < schema_args.size(); ++i) {
+    if (stack[i].isNone() && schema_args[i].type()->kind() == c10::TypeKind::OptionalType &&
+        schema_args[i].type()->castRaw<c10::OptionalType>()->getElementType()->kind() ==
+            c10::TypeKind::GeneratorType)
+      stack[i] = c10::IValue(cpu_gen);
+  }
+  if (info.implicit_rng) {
+    // The op reads the CPU default generator: lend it our state for the dummy run.
+    auto cpu_default = at::detail::getDefaultCPUGenerator();
+    at::Tensor saved;
+    {
+      std::lock_guard<std::mutex> lock(cpu_default.mutex());
+      saved = cpu_default.get_state();
+      cpu_default.set_state(state);
+    }
+    try {
+      op.callBoxed(stack);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(cpu_default.mutex());
+      cpu_default.set_state(saved);
+      throw;
+    }
+    std::lock_guard<std::mutex> lock(cpu_default.mutex());
+    cpu_gen.set_state(cpu_default.get_state());
+    cpu_default.set_state(saved);
+  } else {
+    op.callBoxed(stack);
+  }
+  {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(cpu_gen.get_state());
+  }
+  node.rng_state = state;
+}
+
+// Data-dependent ops (nonzero, unique, masked_select, boolean indexing, equal) and ops with no
+// meta kernel: flush what their inputs need, run them now, keep the results on the executor.
+void capture_eager(const c10::OperatorHandle& op, Scan& s, torch::jit::Stack* stack, size_t nargs) {
+  auto& rec = recorder();
+  std::vector<StorageId> ids;
+  for (const auto& r : s.node->inputs) ids.push_back(r.storage);
+  rec.flush(ids);
+  for (auto id : ids) rec.check_not_poisoned(id);
+  auto exec = rec.executor();
+  Node& node = *s.node;
+  node.eager = true;
+  auto results = exec->run_eager(node);
+  torch::jit::drop(*stack, nargs);
+  auto to_remote = [&](const at::Tensor& real) {
+    Geometry g = geometry_of(real);
+    auto t = wrap(fresh_storage(g.nbytes, s.device), g);
+    auto ref = make_ref(t, storage_id(t.storage()));
+    exec->bind(ref, real);
+    node.outputs.push_back(ref);
+    node.fresh.push_back(ref.storage);
+    return t;
+  };
+  for (auto& v : results) {
+    if (v.isTensor()) {
+      stack->emplace_back(to_remote(v.toTensor()));
+    } else if (v.isTensorList()) {
+      c10::List<at::Tensor> l;
+      for (const auto& t : v.toTensorList()) l.push_back(to_remote(t));
+      stack->emplace_back(std::move(l));
+    } else {
+      stack->push_back(std::move(v));
+    }
+  }
+}
+
+}  // namespace
+
+void set_target_device_type(c10::DeviceType type) { g_target_type = type; }
+
+void capture_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+  const auto& info = op_info(op);
+  const size_t nargs = op.schema().arguments().size();
+  auto args = torch::jit::last(*stack, nargs);
+  Scan s = scan_args(op, args);
+  Node& node = *s.node;
+  node.empty_factory = info.empty_factory;
+
+  std::shared_ptr<const ShapeResult> shapes = s.cacheable ? shape_cache().find(s.key) : nullptr;
+  if (!shapes) {
+    shapes = infer_meta(op, s);
+    if (s.cacheable) shape_cache().insert(s.key, shapes);
+  }
+  if (shapes->eager) {
+    capture_eager(op, s, stack, nargs);
+    return;
+  }
+  if (info.explicit_rng || info.implicit_rng) capture_rng(op, node, info, args, s.device);
+
+  for (size_t i = 0; i < nargs; ++i) {
+    if (!info.arg_is_write[i]) continue;
+    for (auto ref : node.args[i].refs) {
+      if (ref >= 0 && is_remote(s.tensors[ref])) node.writes.push_back(node.inputs[ref].storage);
+    }
+  }
+  // In-place ops that change their argument's geometry (resize_, squeeze_, out= resizing).
+  for (const auto& [ref, g] : shapes->mutated) {
+    auto& t = s.tensors[ref];
+    if (!is_remote(t)) continue;
+    auto* impl = t.unsafeGetTensorImpl();
+    impl->set_sizes_and_strides(g.sizes, g.strides, g.offset);
+    if (static_cast<size_t>(g.nbytes) > t.storage().nbytes())
+      t.storage().unsafeGetStorageImpl()->set_nbytes(g.nbytes);
+  }
+
+  auto out_tensor = [&](const OutSpec& o, int self_arg) -> at::Tensor {
+    at::Tensor t;
+    if (self_arg >= 0 && args[self_arg].isTensor() && is_remote(args[self_arg].toTensor())) {
+      t = args[self_arg].toTensor();
+    } else if (o.alias >= 0 && is_remote(s.tensors[o.alias])) {
+      t = wrap(s.tensors[o.alias].storage(), o.geo);
+    } else {
+      t = wrap(fresh_storage(o.geo.nbytes, s.device), o.geo);
+      node.fresh.push_back(storage_id(t.storage()));
+    }
+    node.outputs.push_back(make_ref(t, storage_id(t.storage())));
+    node.output_alias.push_back(o.alias >= 0 && is_remote(s.tensors[o.alias]) ? o.alias : -1);
+    return t;
+  };
+  torch::jit::Stack outs;
+  outs.reserve(shapes->returns.size());
+  for (size_t ri = 0; ri < shapes->returns.size(); ++ri) {
+    const auto& r = shapes->returns[ri];
+    int self_arg = ri < info.return_self_arg.size() ? info.return_self_arg[ri] : -1;
+    switch (r.kind) {
+      case ReturnSpec::Kind::Tensor:
+        outs.emplace_back(out_tensor(r.tensors[0], self_arg));
+        break;
+      case ReturnSpec::Kind::TensorList: {
+        c10::List<at::Tensor> l;
+        for (const auto& o : r.tensors) l.push_back(out_tensor(o, -1));
+        outs.emplace_back(std::move(l));
+        break;
+      }
+      case ReturnSpec::Kind::Value:
+        outs.push_back(r.value);
+        break;
+    }
+  }
+  recorder().record(s.node);
+  torch::jit::drop(*stack, nargs);
+  for (auto& v : outs) stack->push_back(std::move(v));
+}
+
+namespace {
+
+const c10::OperatorHandle& copy_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("aten::copy_", "");
+  return op;
+}
+
+// Makes the real value of a remote tensor available: flush, then fetch it to the host.
+at::Tensor fetch_remote(const at::Tensor& t) {
+  auto id = storage_id(t.storage());
+  auto& rec = recorder();
+  rec.flush({id});
+  rec.check_not_poisoned(id);
+  return rec.executor()->fetch(make_ref(t, id));
+}
+
+bool covers_storage(const at::Tensor& t) {
+  return t.is_contiguous() && t.storage_offset() == 0 &&
+         static_cast<size_t>(t.numel()) * t.element_size() == t.storage().nbytes();
+}
+
+at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blocking) {
+  if (is_remote(self) && !is_remote(dst)) {
+    // Materialization: the host needs the value.
+    auto real = fetch_remote(self);
+    dst.copy_(real, non_blocking);
+    return dst;
+  }
+  TORCH_CHECK(is_remote(dst), "genie: _copy_from expects a remote_accelerator tensor on one side");
+  if (!is_remote(self)) {
+    // Upload. Eager .to() snapshots the source, so the recorded value must not change later.
+    at::Tensor src = self.device().type() == c10::DeviceType::CPU ? self : self.cpu();
+    if (covers_storage(dst) && src.scalar_type() == dst.scalar_type() && src.sizes() == dst.sizes()) {
+      auto snap = src.contiguous();
+      if (snap.data_ptr() == src.data_ptr()) snap = snap.clone();
+      if (recorder().replace_empty_with_constant(storage_id(dst.storage()), snap)) return dst;
+    }
+    auto cid = recorder().add_constant(src.clone(), dst.device().index(), /*snapshot=*/false);
+    auto node = std::make_shared<Node>();
+    node->op = copy_op();
+    node->inputs.push_back(make_ref(dst, storage_id(dst.storage())));
+    node->inputs.push_back(make_ref(src, cid));
+    node->args.resize(3);
+    node->args[0].kind = Arg::Kind::Tensor;
+    node->args[0].refs = {0};
+    node->args[1].kind = Arg::Kind::Tensor;
+    node->args[1].refs = {1};
+    node->args[2].value = c10::IValue(false);
+    node->outputs.push_back(node->inputs[0]);
+    node->output_alias.push_back(0);
+    node->writes.push_back(node->inputs[0].storage);
+    recorder().record(std::move(node));
+    return dst;
+  }
+  // remote -> remote: recorded like any other op.
+  torch::jit::Stack stack{c10::IValue(dst), c10::IValue(self), c10::IValue(non_blocking)};
+  capture_kernel(copy_op(), c10::DispatchKeySet(c10::DispatchKey::PrivateUse1), &stack);
+  return dst;
+}
+
+at::Tensor copy_from_and_resize(const at::Tensor& self, const at::Tensor& dst) {
+  if (dst.sizes() != self.sizes()) dst.resize_(self.sizes());
+  return copy_from(self, dst, false);
+}
+
+c10::Scalar local_scalar_dense(const at::Tensor& self) { return fetch_remote(self).item(); }
+
+// set_ only changes which storage a tensor object views: metadata, nothing to record.
+at::Tensor& set_storage_offset(at::Tensor& self, c10::Storage source, c10::SymInt offset, c10::SymIntArrayRef size,
+                               c10::SymIntArrayRef stride) {
+  TORCH_CHECK(is_remote_storage(source), "genie: set_ needs a remote_accelerator storage");
+  auto* impl = self.unsafeGetTensorImpl();
+  impl->set_storage_keep_dtype(std::move(source));
+  auto sizes = C10_AS_INTARRAYREF_SLOW(size);
+  std::vector<int64_t> strides;
+  if (stride.empty()) {
+    auto cs = c10::contiguous_strides(sizes);
+    strides.assign(cs.begin(), cs.end());
+  }
+  else strides = C10_AS_INTARRAYREF_SLOW(stride).vec();
+  impl->set_sizes_and_strides(sizes, strides, offset.expect_int());
+  return self;
+}
+at::Tensor& set_tensor(at::Tensor& self, const at::Tensor& source) {
+  return set_storage_offset(self, source.storage(), source.storage_offset(), source.sym_sizes(), source.sym_strides());
+}
+at::Tensor& set_storage(at::Tensor& self, c10::Storage source) {
+  int64_t n = static_cast<int64_t>(source.nbytes() / self.element_size());
+  std::vector<c10::SymInt> size{c10::SymInt(n)};
+  return set_storage_offset(self, std::move(source), 0, size, {});
+}
+
+int64_t sdp_choice(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const std::optional<at::Tensor>& mask, double dropout, bool causal,
+                   std::optional<double> scale, bool gqa) {
+  if (g_target_type.load() != c10::DeviceType::CPU) {
+    // Without the target device here, the math path is the choice every backend can run.
+    return static_cast<int64_t>(at::SDPBackend::math);
+  }
+  // Answer as CPU would for tensors of this geometry (nothing is read, only shapes/strides).
+  auto like = [](const at::Tensor& t) {
+    return at::empty_strided(t.sizes(), t.strides(), t.options().device(c10::DeviceType::CPU));
+  };
+  std::optional<at::Tensor> m;
+  if (mask.has_value() && mask->defined()) m = like(*mask);
+  return at::_fused_sdp_choice(like(q), like(k), like(v), m, dropout, causal, scale, gqa);
+}
+
+}  // namespace
+
+int64_t register_direct_kernels() {
+  static std::once_flag once;
+  static int64_t count = 0;
+  std::call_once(once, [] {
+    static auto* lib = new torch::Library(torch::Library::IMPL, "aten", c10::DispatchKey::PrivateUse1, __FILE__, __LINE__);
+    auto& d = c10::Dispatcher::singleton();
+    auto names = d.getRegistrationsForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd);
+    auto more = d.getRegistrationsForDispatchKey(c10::DispatchKey::CompositeExplicitAutogradNonFunctional);
+    names.insert(names.end(), more.begin(), more.end());
+    static const char* kSkip[] = {"copy", "_to_copy", "empty", "_local_scalar_dense", "set_", "resize",
+                                  "rand", "normal", "bernoulli", "dropout", "multinomial", "uniform",
+                                  "exponential", "cauchy", "geometric", "log_normal", "poisson",
+                                  "random", "_fused_sdp_choice", "lift", "_has_compatible",
+                                  "_pin_memory", "is_pinned", "_copy_from", "item", "_assert"};
+    for (const auto& opname : names) {
+      if (opname.name.rfind("aten::", 0) != 0) continue;
+      std::string name = opname.name.substr(6);
+      if (!opname.overload_name.empty()) name += "." + opname.overload_name;
+      bool skip = false;
+      for (const char* p : kSkip) {
+        if (name.find(p) != std::string::npos) { skip = true; break; }
+      }
+      if (skip) continue;
+      auto handle = d.findOp(opname);
+      if (!handle || handle->hasKernelForDispatchKey(c10::DispatchKey::PrivateUse1)) continue;
+      lib->impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&capture_kernel>());
+      ++count;
+    }
+  });
+  return count;
+}
+
+TORCH_LIBRARY_IMPL(_, PrivateUse1, m) { m.fallback(torch::CppFunction::makeFromBoxedFunction<&capture_kernel>()); }
+
+TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
+  m.impl("_copy_from", &copy_from);
+  m.impl("_copy_from_and_resize", &copy_from_and_resize);
+  m.impl("_local_scalar_dense", &local_scalar_dense);
+  m.impl("set_.source_Storage_storage_offset", &set_storage_offset);
+  m.impl("set_.source_Tensor", &set_tensor);
+  m.impl("set_.source_Storage", &set_storage);
+}
+
+}  // namespace genie
+
+namespace at::native {
+REGISTER_PRIVATEUSE1_DISPATCH(_fused_sdp_choice_stub, &genie::sdp_choice)
+}  // namespace at::native

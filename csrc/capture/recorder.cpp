@@ -1,0 +1,284 @@
+#include "capture/recorder.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <sstream>
+
+#include "capture/errors.h"
+#include "capture/executor.h"
+
+namespace genie {
+
+namespace {
+std::atomic<int64_t> g_context{0};
+}
+
+void set_context(int64_t id) { g_context.store(id, std::memory_order_relaxed); }
+int64_t current_context() { return g_context.load(std::memory_order_relaxed); }
+
+TensorRef make_ref(const at::Tensor& t, StorageId id) {
+  TensorRef r;
+  r.storage = id;
+  r.dtype = t.scalar_type();
+  r.sizes = t.sizes().vec();
+  r.strides = t.strides().vec();
+  r.offset = t.storage_offset();
+  r.storage_nbytes = static_cast<int64_t>(t.storage().nbytes());
+  r.device = t.device().type() == c10::DeviceType::PrivateUse1 ? t.device().index() : 0;
+  r.requires_grad = t.requires_grad();
+  return r;
+}
+
+std::string Node::name() const {
+  const auto& n = op->operator_name();
+  return n.overload_name.empty() ? n.name + ".default" : n.name + "." + n.overload_name;
+}
+
+Recorder& recorder() {
+  // Leaked on purpose: storages may be released by deleters during interpreter shutdown.
+  static auto* r = new Recorder();
+  return *r;
+}
+
+void Recorder::record(std::shared_ptr<Node> node) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  node->id = next_node_id_++;
+  node->context = current_context();
+  for (auto s : node->writes) empty_producer_.erase(s);
+  for (const auto& in : node->inputs) empty_producer_.erase(in.storage);
+  if (node->empty_factory)
+    for (auto s : node->fresh) empty_producer_[s] = node;
+  ++stats_.nodes_recorded;
+  pending_.push_back(std::move(node));
+}
+
+StorageId Recorder::add_constant(const at::Tensor& cpu, c10::DeviceIndex device, bool snapshot) {
+  StorageId id = new_storage_id();
+  Constant c;
+  c.tensor = snapshot ? cpu.clone() : cpu;
+  c.version = cpu._version();
+  c.device = device;
+  std::lock_guard<std::mutex> lock(mutex_);
+  constants_.emplace(id, std::move(c));
+  pure_constants_.insert(id);
+  return id;
+}
+
+bool Recorder::replace_empty_with_constant(StorageId storage, const at::Tensor& cpu) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = empty_producer_.find(storage);
+  if (it == empty_producer_.end()) return false;
+  auto node = it->second;
+  empty_producer_.erase(it);
+  auto pos = std::find(pending_.begin(), pending_.end(), node);
+  if (pos == pending_.end()) return false;
+  pending_.erase(pos);
+  ++stats_.nodes_dropped;
+  Constant c;
+  c.tensor = cpu;
+  c.version = cpu._version();
+  c.device = node->outputs.empty() ? 0 : node->outputs[0].device;
+  constants_[storage] = std::move(c);
+  return true;
+}
+
+void Recorder::apply_releases_locked() {
+  for (auto id : take_released()) {
+    released_.insert(id);
+    empty_producer_.erase(id);
+  }
+}
+
+void Recorder::check_not_poisoned(StorageId id) const {
+  std::string message;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = poisoned_.find(id);
+    if (it == poisoned_.end()) return;
+    message = it->second;
+  }
+  raise_error(ErrorKind::Execution, message);
+}
+
+// Note: [Which nodes a flush runs]
+// One reverse pass over the pending program. A node is needed when it writes or creates a
+// storage that is needed, or when it reads a storage that a later needed node mutates
+// (the "hazard" set): running the later writer first would change what the earlier reader
+// sees. A needed node's inputs become needed in turn. With `all`, every storage the user can
+// still reach is needed, which is also how dead code is found: what `all` does not need can
+// never be observed and is dropped.
+namespace {
+std::vector<bool> mark_needed(const std::vector<std::shared_ptr<Node>>& nodes,
+                              std::unordered_set<StorageId> need,
+                              const std::unordered_set<StorageId>* released) {
+  std::vector<bool> needed(nodes.size(), false);
+  std::unordered_set<StorageId> hazard;
+  for (size_t i = nodes.size(); i-- > 0;) {
+    const Node& n = *nodes[i];
+    bool is_needed = false;
+    auto wanted = [&](StorageId s) {
+      return need.count(s) || (released != nullptr && !released->count(s));
+    };
+    for (auto s : n.writes) is_needed = is_needed || wanted(s);
+    for (auto s : n.fresh) is_needed = is_needed || wanted(s);
+    if (!is_needed) {
+      for (const auto& in : n.inputs) {
+        if (hazard.count(in.storage)) { is_needed = true; break; }
+      }
+    }
+    if (!is_needed) continue;
+    needed[i] = true;
+    for (const auto& in : n.inputs) need.insert(in.storage);
+    for (auto s : n.writes) hazard.insert(s);
+  }
+  return needed;
+}
+}  // namespace
+
+void Recorder::collect() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  flush_locked({}, /*all=*/false);
+}
+
+void Recorder::flush(const std::vector<StorageId>& targets) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  flush_locked(targets, /*all=*/false);
+}
+
+void Recorder::flush_all() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  flush_locked({}, /*all=*/true);
+}
+
+void Recorder::flush_locked(const std::vector<StorageId>& targets, bool all) {
+  TORCH_CHECK(executor_ != nullptr, "genie: no executor is configured");
+  apply_releases_locked();
+
+  // 1. Dead code: what no reachable storage depends on is dropped without running.
+  {
+    auto live = mark_needed(pending_, {targets.begin(), targets.end()}, &released_);
+    std::vector<std::shared_ptr<Node>> kept;
+    kept.reserve(pending_.size());
+    for (size_t i = 0; i < pending_.size(); ++i) {
+      if (live[i]) kept.push_back(std::move(pending_[i]));
+      else ++stats_.nodes_dropped;
+    }
+    pending_.swap(kept);
+  }
+
+  // 2. What this flush must run.
+  std::vector<bool> needed;
+  if (all) {
+    needed.assign(pending_.size(), true);
+  } else {
+    needed = mark_needed(pending_, {targets.begin(), targets.end()}, nullptr);
+  }
+  FlushRequest req;
+  req.targets = targets;
+  std::vector<std::shared_ptr<Node>> remaining;
+  for (size_t i = 0; i < pending_.size(); ++i) {
+    if (needed[i]) req.nodes.push_back(pending_[i]);
+    else remaining.push_back(pending_[i]);
+  }
+  std::unordered_set<StorageId> wanted_constants(targets.begin(), targets.end());
+  for (const auto& n : req.nodes)
+    for (const auto& in : n->inputs) wanted_constants.insert(in.storage);
+  for (auto id : wanted_constants) {
+    auto it = constants_.find(id);
+    if (it == constants_.end()) continue;
+    TORCH_CHECK(it->second.tensor._version() == it->second.version || !pure_constants_.count(id),
+                "genie: a CPU tensor used by pending remote_accelerator work was modified in place "
+                "before the work ran; clone it before modifying it");
+    req.constants.emplace(id, std::move(it->second));
+    constants_.erase(it);
+  }
+
+  std::unordered_set<StorageId> mentioned;
+  for (const auto& n : remaining) {
+    for (const auto& in : n->inputs) mentioned.insert(in.storage);
+    for (auto s : n->writes) mentioned.insert(s);
+    for (auto s : n->fresh) mentioned.insert(s);
+  }
+  for (const auto& [id, c] : constants_) mentioned.insert(id);
+
+  if (!req.nodes.empty() || !req.constants.empty()) {
+    try {
+      executor_->run(req);
+    } catch (const std::exception& e) {
+      std::string msg = e.what();
+      for (const auto& n : req.nodes) {
+        for (auto s : n->writes) poisoned_[s] = msg;
+        for (auto s : n->fresh) poisoned_[s] = msg;
+      }
+      pending_.swap(remaining);
+      last_flushed_ = req.nodes;
+      throw;
+    }
+    stats_.nodes_executed += static_cast<int64_t>(req.nodes.size());
+    stats_.constants_uploaded += static_cast<int64_t>(req.constants.size());
+    ++stats_.flushes;
+  }
+  last_flushed_ = std::move(req.nodes);
+  pending_.swap(remaining);
+
+  // 3. Free what nobody can reach: released storages no pending node mentions, and pure
+  //    constants (CPU inputs) once no pending node reads them.
+  std::vector<StorageId> to_free;
+  for (auto it = released_.begin(); it != released_.end();) {
+    if (!mentioned.count(*it)) {
+      to_free.push_back(*it);
+      poisoned_.erase(*it);
+      it = released_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (auto it = pure_constants_.begin(); it != pure_constants_.end();) {
+    if (!mentioned.count(*it)) {
+      to_free.push_back(*it);
+      it = pure_constants_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (!to_free.empty()) executor_->release(to_free);
+}
+
+std::vector<std::shared_ptr<Node>> Recorder::pending() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return pending_;
+}
+
+std::unordered_map<StorageId, Constant> Recorder::pending_constants() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return constants_;
+}
+
+std::vector<std::shared_ptr<Node>> Recorder::last_flushed() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return last_flushed_;
+}
+
+RecorderStats Recorder::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return stats_;
+}
+
+size_t Recorder::pending_count() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return pending_.size();
+}
+
+void Recorder::set_executor(std::shared_ptr<Executor> executor) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  executor_ = std::move(executor);
+}
+
+std::shared_ptr<Executor> Recorder::executor() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return executor_;
+}
+
+}  // namespace genie

@@ -1,0 +1,72 @@
+"""Genie: run ordinary PyTorch programs on GPUs elsewhere on the network.
+
+    import torch, genie
+    x = torch.randn(8, 8, device="remote_accelerator:0")   # recorded, not run
+    y = (x @ x).relu()
+    print(y.cpu())                                           # flush: the graph runs
+
+See README.md for what works today.
+"""
+
+from __future__ import annotations
+
+from genie import _C
+from genie.device import (
+    BACKEND,
+    capture,
+    configure,
+    device_count,
+    local_device,
+    stats,
+    synchronize,
+)
+from genie.errors import (
+    ExecutionError,
+    GenieError,
+    GraphValidationError,
+    ProtocolError,
+    RemoteError,
+    TransportError,
+    UnsupportedOperationError,
+)
+from genie.graph import Graph, GraphHandoff, Node, TensorMeta
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND",
+    "ExecutionError",
+    "GenieError",
+    "Graph",
+    "GraphHandoff",
+    "GraphValidationError",
+    "Node",
+    "ProtocolError",
+    "RemoteError",
+    "TensorMeta",
+    "TransportError",
+    "UnsupportedOperationError",
+    "capture",
+    "configure",
+    "device_count",
+    "get_graph",
+    "last_graph",
+    "local_device",
+    "stats",
+    "synchronize",
+]
+
+
+def get_graph() -> Graph:
+    """The pending (recorded, not yet run) program as a Graph."""
+    return Graph((Node.from_core(d) for d in _C._pending_nodes()), _C._pending_constants())
+
+
+def last_graph() -> Graph:
+    """The program the most recent flush ran."""
+    return Graph(Node.from_core(d) for d in _C._last_flushed_nodes())
+
+
+from genie import device as _device  # noqa: E402
+
+_device.install()
