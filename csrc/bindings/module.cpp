@@ -75,6 +75,72 @@ py::list nodes_to_py(const std::vector<std::shared_ptr<Node>>& nodes) {
 
 c10::Device parse_device(const std::string& s) { return c10::Device(s); }
 
+// Note: [Python executors]
+// Remote execution is written in Python (wire protocol, transports). It plugs in behind the
+// same Executor interface as the local executor through this adapter, which converts the
+// request to the dicts genie.graph.Node.from_core reads. The recorder calls it with its mutex
+// held and the GIL released; the adapter takes the GIL for the call.
+class PyExecutor final : public Executor {
+ public:
+  explicit PyExecutor(py::object obj) : obj_(std::move(obj)) {}
+  ~PyExecutor() override {
+    py::gil_scoped_acquire gil;
+    obj_ = py::object();
+  }
+  std::string name() const override {
+    py::gil_scoped_acquire gil;
+    return py::str(obj_.attr("name"));
+  }
+  void run(const FlushRequest& req) override {
+    py::gil_scoped_acquire gil;
+    py::list nodes;
+    for (const auto& n : req.nodes) {
+      auto d = node_to_py(*n);
+      if (n->rng_state.has_value()) d["rng_state"] = *n->rng_state;
+      nodes.append(d);
+    }
+    py::dict constants;
+    for (const auto& [id, c] : req.constants) constants[py::int_(id)] = c.tensor;
+    obj_.attr("run")(nodes, constants, req.targets);
+  }
+  at::Tensor fetch(const TensorRef& ref) override {
+    py::gil_scoped_acquire gil;
+    return obj_.attr("fetch")(ref_to_py(ref)).cast<at::Tensor>();
+  }
+  void release(const std::vector<StorageId>& ids) override {
+    py::gil_scoped_acquire gil;
+    obj_.attr("release")(ids);
+  }
+  bool has(StorageId id) const override {
+    py::gil_scoped_acquire gil;
+    return obj_.attr("has")(id).cast<bool>();
+  }
+  std::vector<c10::IValue> run_eager(const Node& node) override {
+    py::gil_scoped_acquire gil;
+    auto d = node_to_py(node);
+    if (node.rng_state.has_value()) d["rng_state"] = *node.rng_state;
+    py::list results = obj_.attr("run_eager")(d);
+    std::vector<c10::IValue> out;
+    for (auto r : results) out.push_back(torch::jit::toIValue(r, c10::AnyType::get()));
+    return out;
+  }
+  void bind(const TensorRef& ref, const at::Tensor& value) override {
+    py::gil_scoped_acquire gil;
+    obj_.attr("bind")(ref_to_py(ref), value);
+  }
+  int64_t resident_count() const override {
+    py::gil_scoped_acquire gil;
+    return obj_.attr("resident_count")().cast<int64_t>();
+  }
+  int64_t resident_bytes() const override {
+    py::gil_scoped_acquire gil;
+    return obj_.attr("resident_bytes")().cast<int64_t>();
+  }
+
+ private:
+  py::object obj_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -106,9 +172,16 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("_set_local_executor", [](const std::string& device) {
     auto d = parse_device(device);
-    recorder().set_executor(std::make_shared<LocalExecutor>(d));
     set_target_device_type(d.type());
+    py::gil_scoped_release nogil;
+    recorder().set_executor(std::make_shared<LocalExecutor>(d));
   }, "Run flushes in this process on `device` (\"cpu\", \"cuda:0\").");
+  m.def("_set_python_executor", [](py::object obj, const std::string& target_device_type) {
+    auto e = std::make_shared<PyExecutor>(std::move(obj));
+    set_target_device_type(parse_device(target_device_type).type());
+    py::gil_scoped_release nogil;
+    recorder().set_executor(std::move(e));
+  }, "Run flushes through a Python object with run/fetch/release/has/run_eager/bind methods.");
   m.def("_executor_name", [] {
     auto e = recorder().executor();
     return e ? e->name() : std::string("none");
@@ -133,30 +206,57 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     recorder().collect();
   });
-  m.def("_pending_nodes", [] { return nodes_to_py(recorder().pending()); });
-  m.def("_last_flushed_nodes", [] { return nodes_to_py(recorder().last_flushed()); });
+  // The recorder's mutex is taken without the GIL (a flush on another thread may need it).
+  m.def("_pending_nodes", [] {
+    std::vector<std::shared_ptr<Node>> nodes;
+    {
+      py::gil_scoped_release nogil;
+      nodes = recorder().pending();
+    }
+    return nodes_to_py(nodes);
+  });
+  m.def("_last_flushed_nodes", [] {
+    std::vector<std::shared_ptr<Node>> nodes;
+    {
+      py::gil_scoped_release nogil;
+      nodes = recorder().last_flushed();
+    }
+    return nodes_to_py(nodes);
+  });
   m.def("_pending_constants", [] {
+    std::unordered_map<StorageId, Constant> constants;
+    {
+      py::gil_scoped_release nogil;
+      constants = recorder().pending_constants();
+    }
     py::dict d;
-    for (const auto& [id, c] : recorder().pending_constants()) d[py::int_(id)] = c.tensor;
+    for (const auto& [id, c] : constants) d[py::int_(id)] = c.tensor;
     return d;
   });
   m.def("_set_context", [](int64_t id) { set_context(id); });
   m.def("_current_context", [] { return current_context(); });
 
   m.def("_stats", [] {
-    auto s = recorder().stats();
+    RecorderStats s;
+    size_t pending = 0;
+    std::shared_ptr<Executor> e;
+    {
+      py::gil_scoped_release nogil;
+      s = recorder().stats();
+      pending = recorder().pending_count();
+      e = recorder().executor();
+    }
     py::dict d;
     d["nodes_recorded"] = s.nodes_recorded;
     d["nodes_executed"] = s.nodes_executed;
     d["nodes_dropped"] = s.nodes_dropped;
     d["flushes"] = s.flushes;
     d["constants_uploaded"] = s.constants_uploaded;
-    d["pending_nodes"] = recorder().pending_count();
+    d["pending_nodes"] = pending;
     d["shape_cache_hits"] = shape_cache().hits();
     d["shape_cache_misses"] = shape_cache().misses();
     d["shape_cache_size"] = shape_cache().size();
     d["live_storages"] = live_remote_storages();
-    auto e = recorder().executor();
     d["resident_storages"] = e ? e->resident_count() : 0;
     d["resident_bytes"] = e ? e->resident_bytes() : 0;
     return d;

@@ -111,6 +111,7 @@ class Node:
     context: int = 0
     random: bool = False
     eager: bool = False
+    rng_state: torch.Tensor | None = None  # CPU generator state a random op starts from
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -127,6 +128,7 @@ class Node:
             context=int(d["context"]),
             random=bool(d["random"]),
             eager=bool(d["eager"]),
+            rng_state=d.get("rng_state"),
         )
 
     @property

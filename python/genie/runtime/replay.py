@@ -1,0 +1,170 @@
+"""Replay of recorded nodes in Python: the engine under every Python executor.
+
+The compiled local executor (csrc/capture/executor.cpp) does the same in C++ for the embedded
+default; this one serves executors written in Python (the remote server, multi-device plans).
+Tensors are addressed as views of storages (Note: [Storage identity]), so an environment
+maps storage id -> ``torch.UntypedStorage`` on the executor's device.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from genie.errors import ExecutionError
+from genie.graph.ir import Node, TensorMeta
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Environment", "run_node", "run_nodes"]
+
+_REMOTE = "remote_accelerator"
+
+
+class Environment:
+    """Resident storages of one executor on one device."""
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.storages: dict[int, torch.UntypedStorage] = {}
+
+    def __contains__(self, storage: int) -> bool:
+        return storage in self.storages
+
+    def view(self, meta: TensorMeta) -> torch.Tensor:
+        try:
+            st = self.storages[meta.storage]
+        except KeyError:
+            raise ExecutionError(
+                f"genie: storage {meta.storage} is not resident on {self.device} "
+                "(it was never produced, or it was released)"
+            ) from None
+        t = torch.empty(0, dtype=meta.dtype, device=st.device)
+        return t.set_(st, meta.offset, meta.shape, meta.stride)
+
+    def put_constant(self, storage: int, tensor: torch.Tensor) -> None:
+        """Make a host tensor resident, byte for byte, so its recorded geometry stays valid."""
+        st = tensor.untyped_storage()
+        if st.device != self.device:
+            st = torch.empty(0, dtype=torch.uint8).set_(st).to(self.device).untyped_storage()
+        self.storages[storage] = st
+
+    def bind(self, meta: TensorMeta, value: torch.Tensor) -> None:
+        """Make `value` the content of `meta.storage`, keeping the recorded geometry."""
+        if (
+            value.device == self.device
+            and tuple(value.shape) == meta.shape
+            and tuple(value.stride()) == meta.stride
+            and value.storage_offset() == meta.offset
+            and value.dtype == meta.dtype
+        ):
+            self.storages[meta.storage] = value.untyped_storage()
+            return
+        nbytes = max(meta.storage_nbytes, 1)
+        st = torch.empty(nbytes, dtype=torch.uint8, device=self.device).untyped_storage()
+        dst = torch.empty(0, dtype=meta.dtype, device=self.device).set_(
+            st, meta.offset, meta.shape, meta.stride
+        )
+        dst.copy_(value)
+        self.storages[meta.storage] = st
+
+    def release(self, ids) -> None:
+        for i in ids:
+            self.storages.pop(i, None)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.storages.values())
+
+
+def _swap_device(v: Any, device: torch.device) -> Any:
+    if isinstance(v, torch.device) and v.type == _REMOTE:
+        return device
+    if isinstance(v, torch.Generator):
+        return None
+    return v
+
+
+def _build_args(node: Node, env: Environment, device: torch.device, host: bool):
+    cache: dict[int, torch.Tensor] = {}
+    real: dict[int, torch.Tensor] = {}
+
+    def tensor(i: int):
+        if i < 0:
+            return None
+        if i not in cache:
+            real[i] = env.view(node.inputs[i])
+            cache[i] = real[i].cpu() if host else real[i]
+        return cache[i]
+
+    args = []
+    for kind, v in node.args:
+        if kind == "value":
+            args.append(_swap_device(v, device))
+        elif kind == "tensor":
+            args.append(tensor(v))
+        else:
+            args.append([tensor(i) for i in v])
+    return args, cache, real
+
+
+def _call(node: Node, args: list, rng_state: torch.Tensor | None):
+    op = node.target
+    schema_args = op._schema.arguments
+    gen: torch.Generator | None = None
+    if rng_state is not None:
+        gen = torch.Generator()
+        gen.set_state(rng_state)
+    positional, kwargs = [], {}
+    has_slot = False
+    for a, v in zip(schema_args, args):
+        if gen is not None and "Generator" in str(a.type):
+            v, has_slot = gen, True
+        if a.kwarg_only:
+            kwargs[a.name] = v
+        else:
+            positional.append(v)
+    if gen is None or has_slot:
+        return op(*positional, **kwargs)
+    # The op draws from the CPU default generator (native_dropout): lend it the state.
+    saved = torch.get_rng_state()
+    torch.set_rng_state(rng_state)
+    try:
+        return op(*positional, **kwargs)
+    finally:
+        torch.set_rng_state(saved)
+
+
+def run_node(node: Node, env: Environment, *, bind: bool = True):
+    """Run one node against `env`; binds fresh outputs unless bind=False. Returns the results."""
+    rng_state = node.rng_state
+    host = rng_state is not None and env.device.type != "cpu"
+    device = torch.device("cpu") if host else env.device
+    args, used, real = _build_args(node, env, device, host)
+    try:
+        result = _call(node, args, rng_state)
+    except Exception as e:  # noqa: BLE001 - re-raised with the op and shapes named
+        shapes = ", ".join(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in node.inputs)
+        raise ExecutionError(f"genie: {node.op} failed on {device} for inputs [{shapes}]: {e}") from e
+    if host:
+        for i, t in used.items():
+            if node.inputs[i].storage in node.writes:
+                real[i].copy_(t)
+    results = list(result) if isinstance(result, (tuple, list)) else [result]
+    if bind:
+        flat: list[torch.Tensor] = []
+        for r in results:
+            if isinstance(r, torch.Tensor):
+                flat.append(r)
+            elif isinstance(r, (list, tuple)):
+                flat.extend(x for x in r if isinstance(x, torch.Tensor))
+        for k, (out, alias) in enumerate(zip(node.outputs, node.output_alias)):
+            if alias < 0 and k < len(flat):
+                env.bind(out, flat[k])
+    return results
+
+
+def run_nodes(nodes: list[Node], env: Environment) -> None:
+    for n in nodes:
+        run_node(n, env)
