@@ -87,6 +87,13 @@ void LocalExecutor::bind_locked(const TensorRef& ref, const at::Tensor& value) {
     env_[ref.storage] = value.storage();
     return;
   }
+  if (value.sizes() != c10::IntArrayRef(ref.sizes) || value.scalar_type() != ref.dtype) {
+    // Meta and the real kernel disagree on the shape (CPU batch norm in eval mode returns
+    // empty saved statistics that its meta kernel sizes by channel). Such outputs are side
+    // results nobody reads by the recorded geometry; keep what the kernel made.
+    env_[ref.storage] = value.storage();
+    return;
+  }
   // The kernel chose another layout than meta inference did: keep the recorded one, since
   // later ops address this storage by the recorded geometry.
   int64_t nbytes = std::max<int64_t>(ref.storage_nbytes, 1);
@@ -202,7 +209,7 @@ void LocalExecutor::run(const FlushRequest& request) {
     size_t k = 0;
     auto bind_out = [&](const at::Tensor& t) {
       if (k < n->outputs.size()) {
-        if (n->output_alias[k] < 0) bind_locked(n->outputs[k], t);
+        if (n->output_alias[k] == -1 && t.defined()) bind_locked(n->outputs[k], t);
       }
       ++k;
     };

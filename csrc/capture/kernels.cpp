@@ -256,6 +256,10 @@ std::shared_ptr<const ShapeResult> infer_meta(const c10::OperatorHandle& op, con
   }
   auto spec_of = [&](const at::Tensor& t) {
     OutSpec o;
+    if (!t.defined()) {
+      o.undefined = true;
+      return o;
+    }
     o.geo = geometry_of(t);
     auto it = first_input_of.find(t.storage().unsafeGetStorageImpl());
     o.alias = it == first_input_of.end() ? -1 : it->second;
@@ -364,11 +368,17 @@ void capture_eager(const c10::OperatorHandle& op, Scan& s, torch::jit::Stack* st
   auto results = exec->run_eager(node);
   torch::jit::drop(*stack, nargs);
   auto to_remote = [&](const at::Tensor& real) {
+    if (!real.defined()) {
+      node.outputs.emplace_back();
+      node.output_alias.push_back(kUndefinedOutput);
+      return at::Tensor();
+    }
     Geometry g = geometry_of(real);
     auto t = wrap(fresh_storage(g.nbytes, s.device), g);
     auto ref = make_ref(t, storage_id(t.storage()));
     exec->bind(ref, real);
     node.outputs.push_back(ref);
+    node.output_alias.push_back(-1);
     node.fresh.push_back(ref.storage);
     return t;
   };
@@ -426,6 +436,11 @@ void capture_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::j
 
   auto out_tensor = [&](const OutSpec& o, int self_arg) -> at::Tensor {
     at::Tensor t;
+    if (o.undefined) {
+      node.outputs.emplace_back();
+      node.output_alias.push_back(kUndefinedOutput);
+      return t;
+    }
     if (self_arg >= 0 && args[self_arg].isTensor() && is_remote(args[self_arg].toTensor())) {
       t = args[self_arg].toTensor();
     } else if (o.alias >= 0 && is_remote(s.tensors[o.alias])) {
@@ -555,6 +570,14 @@ at::Tensor& set_storage(at::Tensor& self, c10::Storage source) {
   return set_storage_offset(self, std::move(source), 0, size, {});
 }
 
+// Module.to() keeps tied parameters tied only when it can re-point the existing Parameter at
+// the new data (`param.data = ...`), which PyTorch allows for dense tensors of the backends it
+// knows. Dense remote tensors are as interchangeable as CUDA ones.
+bool has_compatible_shallow_copy_type(const at::Tensor& self, const at::Tensor& from) {
+  auto dense = [](const at::Tensor& t) { return t.layout() == c10::kStrided && !t.is_quantized() && !t.is_nested(); };
+  return dense(self) && dense(from);
+}
+
 int64_t sdp_choice(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const std::optional<at::Tensor>& mask, double dropout, bool causal,
                    std::optional<double> scale, bool gqa) {
@@ -611,6 +634,7 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("_copy_from", &copy_from);
   m.impl("_copy_from_and_resize", &copy_from_and_resize);
   m.impl("_local_scalar_dense", &local_scalar_dense);
+  m.impl("_has_compatible_shallow_copy_type", &has_compatible_shallow_copy_type);
   m.impl("set_.source_Storage_storage_offset", &set_storage_offset);
   m.impl("set_.source_Tensor", &set_tensor);
   m.impl("set_.source_Storage", &set_storage);

@@ -137,22 +137,27 @@ std::vector<bool> mark_needed(const std::vector<std::shared_ptr<Node>>& nodes,
 }
 }  // namespace
 
-void Recorder::collect() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  flush_locked({}, /*all=*/false);
-}
+void Recorder::collect() { flush({}); }
 
 void Recorder::flush(const std::vector<StorageId>& targets) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  flush_locked(targets, /*all=*/false);
+  std::string error;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    error = flush_locked(targets, /*all=*/false);
+  }
+  if (!error.empty()) raise_error(ErrorKind::Execution, error);
 }
 
 void Recorder::flush_all() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  flush_locked({}, /*all=*/true);
+  std::string error;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    error = flush_locked({}, /*all=*/true);
+  }
+  if (!error.empty()) raise_error(ErrorKind::Execution, error);
 }
 
-void Recorder::flush_locked(const std::vector<StorageId>& targets, bool all) {
+std::string Recorder::flush_locked(const std::vector<StorageId>& targets, bool all) {
   TORCH_CHECK(executor_ != nullptr, "genie: no executor is configured");
   apply_releases_locked();
 
@@ -187,10 +192,25 @@ void Recorder::flush_locked(const std::vector<StorageId>& targets, bool all) {
     for (const auto& in : n->inputs) wanted_constants.insert(in.storage);
   for (auto id : wanted_constants) {
     auto it = constants_.find(id);
+    if (it == constants_.end() || !pure_constants_.count(id)) continue;
+    if (it->second.tensor._version() != it->second.version) {
+      // The recorded program would read a value that no longer exists. What depends on it
+      // fails (now and whenever it is asked for again); everything else carries on.
+      std::string msg =
+          "genie: a CPU tensor of shape " + c10::str(it->second.tensor.sizes()) +
+          " used by pending remote_accelerator work was modified in place before the work ran; "
+          "clone it (or move it to the device) before modifying it";
+      for (const auto& n : req.nodes) {
+        for (auto s : n->writes) poisoned_[s] = msg;
+        for (auto s : n->fresh) poisoned_[s] = msg;
+      }
+      pending_.swap(remaining);
+      return msg;
+    }
+  }
+  for (auto id : wanted_constants) {
+    auto it = constants_.find(id);
     if (it == constants_.end()) continue;
-    TORCH_CHECK(it->second.tensor._version() == it->second.version || !pure_constants_.count(id),
-                "genie: a CPU tensor used by pending remote_accelerator work was modified in place "
-                "before the work ran; clone it before modifying it");
     req.constants.emplace(id, std::move(it->second));
     constants_.erase(it);
   }
@@ -244,6 +264,7 @@ void Recorder::flush_locked(const std::vector<StorageId>& targets, bool all) {
     }
   }
   if (!to_free.empty()) executor_->release(to_free);
+  return {};
 }
 
 std::vector<std::shared_ptr<Node>> Recorder::pending() const {

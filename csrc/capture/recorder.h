@@ -39,13 +39,16 @@ struct Arg {
   std::vector<int32_t> refs;  // indices into Node::inputs; -1 = None / undefined
 };
 
+constexpr int32_t kUndefinedOutput = -2;
+
 struct Node {
   int64_t id = 0;
   std::optional<c10::OperatorHandle> op;  // always set; optional only because it has no default
   std::vector<Arg> args;
   std::vector<TensorRef> inputs;
   std::vector<TensorRef> outputs;           // the op's tensor returns, flattened in order
-  std::vector<int32_t> output_alias;        // per output: index into inputs it aliases, or -1
+  std::vector<int32_t> output_alias;        // per output: index into inputs it aliases, -1 fresh,
+                                            // kUndefinedOutput for an undefined tensor
   std::vector<StorageId> writes;            // storages the op mutates (in-place, out=)
   std::vector<StorageId> fresh;             // storages the op creates
   std::optional<at::Tensor> rng_state;      // CPU mt19937 state the op draws from
@@ -111,7 +114,8 @@ class Recorder {
   void check_not_poisoned(StorageId id) const;
 
  private:
-  void flush_locked(const std::vector<StorageId>& targets, bool all);
+  // Returns an error message instead of raising, so callers raise after unlocking.
+  std::string flush_locked(const std::vector<StorageId>& targets, bool all);
   void apply_releases_locked();
 
   mutable std::mutex mutex_;

@@ -28,6 +28,7 @@ struct Geometry {
 struct OutSpec {
   Geometry geo;
   int32_t alias = -1;  // index of the input whose storage this output shares; -1 = fresh
+  bool undefined = false;  // an undefined tensor (e.g. a gradient the backward op was not asked for)
 };
 
 struct ReturnSpec {

@@ -35,6 +35,7 @@ __all__ = [
 _lock = threading.Lock()
 _installed = False
 _local_device: str | None = None
+_target_type = "cpu"  # the kind of device flushes run on: shapes and kernel choices follow it
 
 
 def _default_local_device() -> str:
@@ -136,6 +137,37 @@ def _patch_tensor_methods() -> None:
     numpy.__doc__ = orig_numpy.__doc__
     torch.Tensor.numpy = numpy
     tensor_str._str = _str
+    _patch_optimizer_defaults()
+
+
+def _patch_optimizer_defaults() -> None:
+    """Note: [Kernel choices follow the target]
+    PyTorch lists every PrivateUse1 backend as supporting foreach/fused optimizer kernels, so
+    optimizers would take their multi-tensor path on remote_accelerator, while eager CPU takes
+    the single-tensor one and gets different bits. Report support only when flushes run on a
+    device whose eager default is the multi-tensor path (CUDA). The SDPA backend choice follows
+    the target the same way (csrc/capture/kernels.cpp)."""
+    import torch.optim.optimizer as optimizer
+    import torch.utils._foreach_utils as foreach_utils
+
+    for name in ("_get_foreach_kernels_supported_devices", "_get_fused_kernels_supported_devices"):
+        orig = getattr(foreach_utils, name)
+
+        def supported(orig=orig) -> list[str]:
+            devices = orig()
+            if _target_type == "cpu":
+                devices = [d for d in devices if d != BACKEND]
+            return devices
+
+        setattr(foreach_utils, name, supported)
+        if hasattr(optimizer, name):
+            setattr(optimizer, name, supported)
+
+
+def set_target_type(device_type: str) -> None:
+    """Record which kind of device flushes run on (set by executors when installed)."""
+    global _target_type
+    _target_type = torch.device(device_type).type
 
 
 def install() -> None:
@@ -167,6 +199,7 @@ def _set_local(device: str) -> None:
         raise errors.GenieError(f"genie: local device {device!r} requested but CUDA is not available")
     _C._set_local_executor(device)
     _local_device = device
+    set_target_type(device)
 
 
 def configure(*, device_count: int | None = None, local_device: str | None = None) -> None:

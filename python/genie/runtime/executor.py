@@ -92,7 +92,10 @@ class PythonExecutor:
 def install_executor(executor: Executor, target_device_type: str = "cpu") -> None:
     """Route every following flush through `executor`. What the previous executor held is
     dropped, so install before creating remote tensors."""
+    from genie import device as _device
+
     _C._set_python_executor(executor, target_device_type)
+    _device.set_target_type(target_device_type)
 
 
 def use_local(device: str | None = None) -> None:

@@ -62,6 +62,10 @@ class Environment:
         ):
             self.storages[meta.storage] = value.untyped_storage()
             return
+        if tuple(value.shape) != meta.shape or value.dtype != meta.dtype:
+            # Meta and the kernel disagree on a side result's shape (see executor.cpp).
+            self.storages[meta.storage] = value.untyped_storage()
+            return
         nbytes = max(meta.storage_nbytes, 1)
         st = torch.empty(nbytes, dtype=torch.uint8, device=self.device).untyped_storage()
         dst = torch.empty(0, dtype=meta.dtype, device=self.device).set_(
@@ -153,14 +157,15 @@ def run_node(node: Node, env: Environment, *, bind: bool = True):
                 real[i].copy_(t)
     results = list(result) if isinstance(result, (tuple, list)) else [result]
     if bind:
-        flat: list[torch.Tensor] = []
+        # Tensor returns, flattened in order; None stands for an undefined tensor.
+        flat: list[torch.Tensor | None] = []
         for r in results:
-            if isinstance(r, torch.Tensor):
+            if r is None or isinstance(r, torch.Tensor):
                 flat.append(r)
             elif isinstance(r, (list, tuple)):
-                flat.extend(x for x in r if isinstance(x, torch.Tensor))
+                flat.extend(x for x in r if x is None or isinstance(x, torch.Tensor))
         for k, (out, alias) in enumerate(zip(node.outputs, node.output_alias)):
-            if alias < 0 and k < len(flat):
+            if alias == -1 and k < len(flat) and flat[k] is not None:
                 env.bind(out, flat[k])
     return results
 

@@ -1,0 +1,298 @@
+"""Capture semantics: views, in-place ops, out=, aliasing, RNG, threads, data-dependent ops,
+autograd, memory, materialization and errors; each compared with eager CPU."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import genie
+from fakes import REMOTE, gpt2
+
+
+def both(fn):
+    """Run fn on CPU and on the remote device; return (eager, remote-as-cpu)."""
+    return fn("cpu"), fn(REMOTE)
+
+
+# -- views, in-place, out=, aliasing ---------------------------------------------------------
+def test_view_and_inplace_chain():
+    def prog(dev):
+        x = torch.arange(24.0, device=dev).reshape(4, 6)
+        v = x[1:3, ::2]          # strided view
+        v.mul_(10)               # in-place through the view changes x
+        t = x.t()                # transpose view
+        t[0].add_(100)           # in-place on a view of a view
+        x.unsqueeze(0).squeeze_(0)
+        y = x.view(-1)[5:].clone()
+        x.zero_()                # y is a clone: unaffected
+        return torch.stack([y[:5], torch.zeros(5, device=dev)]).cpu(), x.cpu()
+
+    (a1, a2), (b1, b2) = both(prog)
+    assert torch.equal(a1, b1) and torch.equal(a2, b2)
+
+
+def test_out_variant_and_resize():
+    def prog(dev):
+        a = torch.arange(6.0, device=dev)
+        out = torch.empty(0, device=dev)
+        torch.add(a, 1, out=out)         # out= resizes an empty tensor
+        torch.mul(out, 2, out=out)       # out aliases an input
+        r = torch.empty(2, device=dev)
+        r.resize_(3, 2).fill_(5)
+        return out.cpu(), r.cpu()
+
+    (a1, a2), (b1, b2) = both(prog)
+    assert torch.equal(a1, b1) and torch.equal(a2, b2)
+
+
+def test_aliasing_between_inputs():
+    def prog(dev):
+        x = torch.arange(5.0, device=dev)
+        x.add_(x)                         # same storage as both inputs
+        x[1:].copy_(x[:-1].clone())       # overlapping copy through views
+        return x.cpu()
+
+    a, b = both(prog)
+    assert torch.equal(a, b)
+
+
+def test_split_and_unbind_views_share_storage():
+    def prog(dev):
+        x = torch.arange(12.0, device=dev).reshape(3, 4)
+        parts = torch.split(x, 1)
+        rows = x.unbind(0)
+        parts[0].fill_(-1)
+        rows[2].mul_(3)
+        return x.cpu()
+
+    a, b = both(prog)
+    assert torch.equal(a, b)
+
+
+def test_write_after_read_hazard_is_ordered():
+    """A later in-place write must not leak into an earlier read that has not run yet."""
+    x = torch.ones(4, device=REMOTE)
+    y = x * 2              # reads x before the write
+    x.add_(5)              # only x's value is asked for first
+    assert torch.equal(x.cpu(), torch.full((4,), 6.0))
+    assert torch.equal(y.cpu(), torch.full((4,), 2.0))
+
+
+def test_dead_code_is_never_run():
+    before = genie.stats()
+    x = torch.ones(8, device=REMOTE)
+    for _ in range(5):
+        x.exp()            # nobody keeps these
+    r = (x + 1).cpu()
+    after = genie.stats()
+    assert torch.equal(r, torch.full((8,), 2.0))
+    assert after["nodes_dropped"] - before["nodes_dropped"] >= 5
+
+
+# -- RNG --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1234])
+def test_manual_seed_reproduces_eager_cpu(seed):
+    def prog(dev):
+        torch.manual_seed(seed)
+        a = torch.randn(5, 7, device=dev)
+        b = torch.rand(3, device=dev)
+        c = torch.randint(0, 100, (6,), device=dev)
+        d = torch.empty(4, 4, device=dev).normal_(2.0, 0.5)
+        e = torch.nn.functional.dropout(torch.ones(10, 10, device=dev), 0.3, training=True)
+        f = torch.bernoulli(torch.full((20,), 0.5, device=dev))
+        g = torch.randperm(10, device=dev)
+        return [t.cpu() for t in (a, b, c, d, e, f, g)]
+
+    eager, remote = both(prog)
+    for x, y in zip(eager, remote):
+        assert torch.equal(x, y)
+
+
+def test_rng_state_roundtrip_and_interleaving_with_cpu():
+    torch.manual_seed(7)
+    a1 = torch.randn(3, device=REMOTE)
+    cpu_draw = torch.randn(3)  # a separate generator, as with CUDA: remote draws don't advance it
+    state = torch.remote_accelerator.get_rng_state()
+    a2 = torch.randn(3, device=REMOTE)
+    torch.remote_accelerator.set_rng_state(state)
+    a3 = torch.randn(3, device=REMOTE)
+    assert torch.equal(a2.cpu(), a3.cpu())
+    torch.manual_seed(7)
+    assert torch.equal(torch.randn(3), a1.cpu())
+    assert torch.equal(cpu_draw, a1.cpu())
+    assert not torch.equal(a1.cpu(), a2.cpu())
+
+
+# -- threads ----------------------------------------------------------------------------------
+def test_threads_capture_concurrently():
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            x = torch.full((16, 16), float(i), device=REMOTE)
+            for _ in range(20):
+                x = x @ torch.eye(16, device=REMOTE) + 1
+            results[i] = x.cpu()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, r in results.items():
+        assert torch.equal(r, torch.full((16, 16), float(i + 20)))
+
+
+# -- data-dependent ops -----------------------------------------------------------------------
+def test_data_dependent_ops():
+    def prog(dev):
+        x = torch.tensor([3.0, -1.0, 0.0, 5.0, -2.0, 5.0], device=dev)
+        nz = torch.nonzero(x > 0)
+        u = torch.unique(x)
+        ms = torch.masked_select(x, x < 1)
+        bi = x[x > 0] * 2          # result feeds more lazy work
+        return [t.cpu() for t in (nz, u, ms, bi)] + [bool(torch.equal(x, x))]
+
+    eager, remote = both(prog)
+    for a, b in zip(eager[:-1], remote[:-1]):
+        assert torch.equal(a, b)
+    assert eager[-1] == remote[-1] is True
+
+
+def test_data_dependent_op_flushes_only_what_it_needs():
+    x = torch.ones(4, device=REMOTE)
+    unrelated = torch.randn(100, 100, device=REMOTE) @ torch.randn(100, 100, device=REMOTE)
+    before = genie.stats()["pending_nodes"]
+    _ = torch.nonzero(x)
+    assert genie.stats()["pending_nodes"] >= 1, "the unrelated matmul must stay pending"
+    assert before >= 1
+    del unrelated
+
+
+# -- autograd ---------------------------------------------------------------------------------
+def test_backward_and_optimizer_step_match_eager():
+    def prog(dev):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        model.to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        torch.manual_seed(1)
+        x = torch.randn(32, 8).to(dev)
+        y = torch.randn(32, 1).to(dev)
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses, [p.detach().cpu() for p in model.parameters()]
+
+    (l1, p1), (l2, p2) = both(prog)
+    assert l1 == l2
+    for a, b in zip(p1, p2):
+        assert torch.equal(a, b)
+
+
+def test_gpt2_training_step_matches_eager():
+    ids = torch.randint(0, 500, (2, 10), generator=torch.Generator().manual_seed(0))
+
+    def prog(dev):
+        model = gpt2().train()
+        model.to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        torch.manual_seed(5)  # dropout masks
+        out = model(ids.to(dev), labels=ids.to(dev))
+        out.loss.backward()
+        opt.step()
+        return out.loss.item(), model.lm_head.weight.detach().cpu()
+
+    (la, wa), (lb, wb) = both(prog)
+    assert la == lb
+    assert torch.equal(wa, wb)
+
+
+# -- memory -----------------------------------------------------------------------------------
+def test_memory_stays_flat_over_1000_forwards():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).to(REMOTE)
+    x = torch.randn(4, 32).to(REMOTE)
+    with torch.no_grad():
+        for i in range(1000):
+            y = model(x).sum()
+            if i % 10 == 0:
+                y.item()
+            if i == 100:
+                gc.collect()
+                genie.synchronize()
+                mid = genie.stats()
+        gc.collect()
+        genie.synchronize()
+    end = genie.stats()
+    assert end["resident_storages"] <= mid["resident_storages"]
+    assert end["resident_bytes"] <= mid["resident_bytes"]
+    assert end["pending_nodes"] == 0
+    assert end["live_storages"] <= mid["live_storages"]
+
+
+# -- materialization --------------------------------------------------------------------------
+def test_materialization_methods():
+    x = torch.arange(6.0).reshape(2, 3)
+    r = x.to(REMOTE) * 1
+    assert torch.equal(r.cpu(), x)
+    assert torch.equal(r.to("cpu"), x)
+    assert r[1, 2].item() == 5.0
+    assert r.tolist() == x.tolist()
+    assert np.array_equal(r.numpy(), x.numpy())
+    assert bool(r.sum() > 0) is True
+    assert float(r.sum()) == 15.0 and int(r[0, 1]) == 1
+
+
+def test_repr_downloads_once():
+    r = torch.arange(30.0).reshape(6, 5).to(REMOTE) + 0
+    before = genie.stats()["flushes"]
+    text = repr(r)
+    assert genie.stats()["flushes"] - before <= 1
+    assert "device='remote_accelerator:0'" in text
+    assert str(torch.arange(30.0).reshape(6, 5))[:-1] in text
+
+
+# -- errors -----------------------------------------------------------------------------------
+def test_shape_error_is_raised_at_the_op_like_eager():
+    a = torch.ones(2, 3, device=REMOTE)
+    b = torch.ones(4, 5, device=REMOTE)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        a @ b
+
+
+def test_failure_at_run_time_names_op_and_shapes():
+    # An op whose meta kernel accepts the input but whose CPU kernel refuses it.
+    x = torch.tensor([1.0, 2.0], device=REMOTE)
+    idx = torch.tensor([5], device=REMOTE)
+    y = x.index_select(0, idx)      # out of range: only the real kernel can tell
+    with pytest.raises(genie.ExecutionError, match=r"index_select.*i64\[1\]"):
+        y.cpu()
+    # The error sticks to what depended on it, and the device keeps working.
+    with pytest.raises(genie.ExecutionError):
+        y.cpu()
+    assert torch.equal((x + 1).cpu(), torch.tensor([2.0, 3.0]))
+
+
+def test_modifying_a_captured_cpu_input_before_it_runs_is_an_error():
+    w = torch.ones(3)
+    with genie.capture():
+        y = torch.zeros(3) + w     # w becomes a graph input (not copied)
+    w.add_(1)
+    with pytest.raises(genie.ExecutionError, match="modified in place"):
+        y.cpu()
+    with pytest.raises(genie.ExecutionError, match="modified in place"):
+        y.cpu()
+    genie.synchronize()  # nothing else is stuck behind it
+    assert torch.equal((torch.ones(2, device=REMOTE) * 3).cpu(), torch.full((2,), 3.0))
