@@ -2,6 +2,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/detail/PrivateUse1HooksInterface.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/util/Exception.h>
 
@@ -67,6 +68,8 @@ struct RemoteHooks final : at::PrivateUse1HooksInterface {
   at::Generator getNewGenerator(c10::DeviceIndex index) const override {
     return at::make_generator<RemoteGeneratorImpl>(index < 0 ? t_current_device : index);
   }
+  // Pinned host memory only matters to a device that DMAs from the host; here it is plain memory.
+  at::Allocator* getPinnedMemoryAllocator() const override { return c10::GetCPUAllocator(); }
   at::Device getDeviceFromPtr(void*) const override { return {c10::DeviceType::PrivateUse1, t_current_device}; }
   void resizePrivateUse1Bytes(const c10::Storage& storage, size_t newsize) const override {
     // No bytes live here; a resize only changes the size that replay will allocate.

@@ -14,6 +14,7 @@
 #include <unordered_map>
 
 #include "capture/device.h"
+#include "capture/errors.h"
 #include "capture/executor.h"
 #include "capture/recorder.h"
 #include "capture/shape_cache.h"
@@ -110,6 +111,12 @@ int32_t scan_tensor(Scan& s, const at::Tensor& t) {
   if (!t.defined()) {
     s.key.push_back('u');
     return -1;
+  }
+  if (t.layout() != c10::kStrided || t.is_quantized() || t.is_nested()) {
+    raise_error(ErrorKind::Unsupported,
+                "genie: " + s.node->name() + " got a " + c10::str(t.layout()) +
+                    (t.is_quantized() ? " quantized" : "") + (t.is_nested() ? " nested" : "") +
+                    " tensor; remote_accelerator captures dense strided tensors only");
   }
   StorageId id;
   at::Tensor keep = t;
