@@ -312,21 +312,26 @@ class Graph:
             )
 
         for n in self.nodes:
-            args = []
-            for kind, v in n.args:
+            target = n.target
+            args, kwargs = [], {}
+            for schema_arg, (kind, v) in zip(target._schema.arguments, n.args):
                 if kind == "value":
-                    args.append(v)
+                    val = v
                 elif kind == "tensor":
-                    args.append(None if v < 0 else tensor(n.inputs[v]))
+                    val = None if v < 0 else tensor(n.inputs[v])
                 else:
-                    args.append([None if i < 0 else tensor(n.inputs[i]) for i in v])
-            call = g.call_function(n.target, tuple(args))
+                    val = [None if i < 0 else tensor(n.inputs[i]) for i in v]
+                if schema_arg.kwarg_only:
+                    kwargs[schema_arg.name] = val
+                else:
+                    args.append(val)
+            call = g.call_function(target, tuple(args), kwargs)
             call.meta["genie_node"] = n.id
-            k = 0
             for i, out in enumerate(n.outputs):
+                if i < len(n.output_alias) and n.output_alias[i] == -2:
+                    continue  # an undefined tensor
                 src = call if len(n.outputs) == 1 else g.call_function(_getitem, (call, i))
                 value[out.storage] = (src, out)
-                k += 1
         outs = [value[s][0] for s in self.output_storages if s in value]
         g.output(tuple(outs))
         return fx.GraphModule(torch.nn.Module(), g)
