@@ -1,0 +1,507 @@
+"""The remote executor: runs flushes on a ``genie serve`` server behind the Executor protocol.
+
+    genie.connect("gpuhost:7070", token=...)      # or GENIE_SERVER=gpuhost:7070 GENIE_TOKEN=...
+    model = Model().to("remote_accelerator:0")   # weights cross the wire once, at first use
+    y = model(x.to("remote_accelerator:0"))
+    y.cpu()                                      # only what the host asks for comes back
+
+The recorder calls ``run`` / ``fetch`` / ``release`` / ``run_eager`` / ``bind`` (Note: [Python
+executors] in csrc/bindings/module.cpp). Storages stay on the server between flushes, so a
+weight or a KV cache is uploaded or built once and referenced by id afterwards. Releases and
+binds need no answer: they wait in an outbox and ride on the next request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from genie.errors import (
+    ExecutionError,
+    GenieError,
+    ProtocolError,
+    RemoteError,
+    TransportError,
+    UnsupportedOperationError,
+)
+from genie.runtime import protocol as P
+from genie.runtime import transports
+from genie.runtime.program import diff_program, encode_program
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RemoteExecutor", "connect", "connect_from_env", "disconnect", "servers_from_topology"]
+
+_REPLY_MAX_HEADER = 64 << 20
+_OUTBOX_FLUSH = 4096
+
+
+class _RequestFailed(GenieError):
+    """A server's error reply, with its kind; raised as the matching genie error."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+_KINDS = {"execution": ExecutionError, "protocol": ProtocolError}
+
+
+def _storage_span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes [lo, hi) of t's storage that t's view covers."""
+    if t.numel() == 0:
+        return 0, 0
+    isz = t.element_size()
+    last = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
+    return t.storage_offset() * isz, (last + 1) * isz
+
+
+def _bytes_of(st: torch.UntypedStorage, lo: int, hi: int) -> memoryview:
+    return memoryview(torch.empty(0, dtype=torch.uint8).set_(st, lo, (hi - lo,), (1,)).numpy())
+
+
+class RemoteExecutor:
+    """A client session with one genie server; install it with ``genie.connect``."""
+
+    def __init__(
+        self,
+        address: str,
+        token: str | bytes,
+        *,
+        timeout: float | None = 600.0,
+        connect_timeout: float = 10.0,
+        transport: str = "tcp",
+    ):
+        self.address = address
+        self._lock = threading.RLock()
+        self._broken: str | None = None
+        self._resident: dict[int, int] = {}  # storage id -> bytes, mirrored from the server
+        self._outbox: list[list] = []
+        self._released: list[int] = []
+        self._known_programs: set[bytes] = set()
+        self._eager: list[tuple[torch.Tensor, int]] = []
+        self._bases: dict[tuple, tuple[bytes, list]] = {}  # op sequence -> (key, program) sent last
+        self.patches = True  # send programs as patches of similar ones (Note: [Program patches])
+        self.counters = {
+            "requests": 0, "runs": 0, "programs_sent": 0, "uploads": 0, "upload_bytes": 0,
+            "fetches": 0, "fetch_bytes": 0, "eager": 0, "programs_patched": 0,
+        }  # fmt: skip
+        tok = token.encode() if isinstance(token, str) else bytes(token)
+        self._t = transports.connect(address, kind=transport, timeout=connect_timeout)
+        try:
+            P.client_handshake(self._t, tok)
+            self._t.set_timeout(timeout)
+            info = self._request({"t": "hello"})
+        except TransportError as e:
+            self._t.close()
+            raise TransportError(
+                f"genie: could not open a session with the genie server at {address}: {e}. "
+                "Check that `genie serve` runs there and that the port is reachable."
+            ) from None
+        except GenieError:
+            self._t.close()
+            raise
+        self.info = info
+        self.device = str(info["device"])
+        self.device_type = str(info["device_type"])
+        self.max_message = int(info["max_message"])
+        self.name = f"remote:{address}/{self.device}"
+        logger.info(
+            "genie: connected to %s (%s, session %s)", address, self.device, info.get("session")
+        )
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _lost(self, e: Exception) -> TransportError:
+        self._broken = (
+            f"genie: lost the genie server at {self.address} ({e}). Tensors that lived there are "
+            "gone. Check that it is running (start it again with `genie serve --port ...`), then "
+            "rerun the program; genie.connect() opens a new session."
+        )
+        self._t.close()
+        return TransportError(self._broken)
+
+    def _check(self) -> None:
+        if self._broken is not None:
+            raise TransportError(self._broken)
+
+    def _request(
+        self,
+        header: dict,
+        buffers: list[memoryview] | tuple = (),
+        receive: Callable[[dict], list[memoryview]] | None = None,
+    ) -> dict:
+        self._check()
+        pre = self._outbox
+        if self._released:
+            pre = [["release", self._released], *pre]
+        if pre:
+            header["pre"] = pre
+        body = P.pack(header)
+        try:
+            self._t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, body, buffers)
+            self._outbox, self._released = [], []
+            frame = self._t.recv_frame(_REPLY_MAX_HEADER)
+            if frame.kind != P.REPLY:
+                raise ProtocolError(f"genie: unexpected frame kind {frame.kind} from the server")
+            reply = P.get_map(P.unpack(frame.header), "reply")
+            if reply.get("ok") is True and receive is not None:
+                self._t.recv_payload(receive(reply))
+            elif frame.payload_len:
+                self._t.skip_payload(frame.payload_len)
+        except (TransportError, ProtocolError) as e:
+            raise self._lost(e) from None
+        self.counters["requests"] += 1
+        if reply.get("ok") is not True:
+            kind = str(reply.get("kind", "remote"))
+            msg = str(reply.get("msg", "the server answered with an error"))
+            if reply.get("fatal"):
+                self._broken = msg
+                self._t.close()
+            raise _RequestFailed(kind, msg)
+        return reply
+
+    @staticmethod
+    def _raise(e: _RequestFailed) -> None:
+        cls = _KINDS.get(e.kind, RemoteError)
+        raise cls(str(e)) from None
+
+    # -- uploads --------------------------------------------------------------------------
+    def _upload_parts(self, constants: dict[int, torch.Tensor]):
+        """[(entry, view)] covering every constant, pieces no larger than max_message."""
+        parts = []
+        for sid, t in constants.items():
+            if t.device.type != "cpu":
+                t = t.cpu()
+            lo, hi = _storage_span(t)
+            st = t.untyped_storage()
+            step = max(self.max_message, 1)
+            at = lo
+            first = True
+            while first or at < hi:
+                n = min(step, hi - at)
+                view = _bytes_of(st, at, at + n) if n else memoryview(b"")
+                parts.append(([int(sid), hi, at, n, first], view))
+                at += n
+                first = False
+        return parts
+
+    def _send_uploads(self, parts) -> None:
+        batch, size = [], 0
+        for entry, view in parts:
+            if batch and size + entry[3] > self.max_message:
+                self._upload_batch(batch)
+                batch, size = [], 0
+            batch.append((entry, view))
+            size += entry[3]
+        if batch:
+            self._upload_batch(batch)
+
+    def _upload_batch(self, batch) -> None:
+        try:
+            self._request({"t": "upload", "up": [e for e, _ in batch]}, [v for _, v in batch])
+        except _RequestFailed as e:
+            self._raise(e)
+        for entry, _ in batch:
+            self._resident[entry[0]] = entry[1]
+        self.counters["uploads"] += len(batch)
+        self.counters["upload_bytes"] += sum(e[3] for e, _ in batch)
+
+    # -- the Executor protocol ------------------------------------------------------------
+    def run(
+        self, nodes: list[dict], constants: dict[int, torch.Tensor], targets: list[int]
+    ) -> None:
+        with self._lock:
+            self._check()
+            parts = self._upload_parts(constants) if constants else []
+            total = sum(e[3] for e, _ in parts)
+            if parts and (not nodes or total > self.max_message):
+                self._send_uploads(parts)
+                parts = []
+            if not nodes:
+                return
+            enc = encode_program(nodes)
+            header = {
+                "t": "run",
+                "key": enc.key,
+                "bind": enc.binding,
+                "rng": enc.rng,
+                "up": [e for e, _ in parts],
+            }
+            if enc.key not in self._known_programs:
+                self._describe_program(header, enc)
+            self._exchange(header, [v for _, v in parts], enc)
+            self._bases[enc.signature] = (enc.key, enc.nodes)
+            for entry, _ in parts:
+                self._resident[entry[0]] = entry[1]
+            self.counters["upload_bytes"] += total
+            self._resident.update(enc.fresh)
+            self.counters["runs"] += 1
+
+    def _describe_program(self, header: dict, enc) -> None:
+        """Tell the server a program it has not seen: as a patch of a similar one it has
+        (Note: [Program patches]) when that is much smaller, else in full."""
+        base = self._bases.get(enc.signature)
+        if base is not None and self.patches:
+            patch = diff_program(base[1], enc.nodes)
+            if len(patch) * 24 < len(enc.body) // 2:
+                header["base"] = base[0]
+                header["patch"] = patch
+                return
+        header["prog"] = enc.body
+
+    def _exchange(self, header: dict, buffers: list, enc, receive=None) -> dict:
+        try:
+            try:
+                reply = self._request(dict(header), buffers, receive)
+            except _RequestFailed as e:
+                if e.kind != "unknown_program":
+                    raise
+                header.pop("base", None)
+                header.pop("patch", None)
+                header["prog"] = enc.body
+                reply = self._request(dict(header), buffers, receive)
+        except _RequestFailed as e:
+            if e.kind == "execution":
+                # The uploads arrived before the program failed: they are resident.
+                for entry in header.get("up", ()):
+                    self._resident[entry[0]] = entry[1]
+            self._raise(e)
+        if "prog" in header:
+            self.counters["programs_sent"] += 1
+        elif "patch" in header:
+            self.counters["programs_patched"] += 1
+        self._known_programs.add(enc.key)
+        return reply
+
+    def fetch(self, ref: dict) -> torch.Tensor:
+        with self._lock:
+            shape = tuple(ref["shape"])
+            dtype = ref["dtype"]
+            numel = 1
+            for s in shape:
+                numel *= s
+            expected = numel * P.itemsize(dtype)
+            out = torch.empty(expected, dtype=torch.uint8)
+
+            def receive(reply: dict) -> list[memoryview]:
+                if reply.get("n") != expected:
+                    raise ProtocolError(
+                        f"genie: the server sent {reply.get('n')} bytes for a {expected}-byte tensor"
+                    )
+                return [memoryview(out.numpy())]
+
+            try:
+                self._request({"t": "fetch", "ref": P.encode_ref(ref)}, (), receive)
+            except _RequestFailed as e:
+                self._raise(e)
+            self.counters["fetches"] += 1
+            self.counters["fetch_bytes"] += expected
+            if numel == 0:
+                return torch.empty(shape, dtype=dtype)
+            return out.view(dtype).reshape(shape)
+
+    def release(self, ids: list[int]) -> None:
+        with self._lock:
+            for i in ids:
+                self._resident.pop(i, None)
+            self._released.extend(ids)
+            if len(self._released) > _OUTBOX_FLUSH and self._broken is None:
+                try:
+                    self._request({"t": "stats"})
+                except (_RequestFailed, TransportError) as e:
+                    logger.warning("genie: sending releases failed: %s", e)
+
+    def has(self, storage: int) -> bool:
+        return storage in self._resident
+
+    def run_eager(self, node: dict) -> list[Any]:
+        with self._lock:
+            enc = encode_program([node])
+            header = {"t": "eager", "key": enc.key, "bind": enc.binding, "rng": enc.rng}
+            if enc.key not in self._known_programs:
+                header["prog"] = enc.body
+            reply = self._exchange(header, [], enc)
+            self._eager = []
+            self.counters["eager"] += 1
+            return [self._result(r) for r in reply["res"]]
+
+    def _result(self, r: dict) -> Any:
+        if "p" in r:
+            t = torch.empty_strided(
+                r["shape"], r["stride"], dtype=P.get_dtype(r["dtype"]), device="meta"
+            )
+            self._eager.append((t, int(r["p"])))
+            return t
+        if "l" in r:
+            return [self._result(x) for x in r["l"]]
+        return r.get("v")
+
+    def bind(self, ref: dict, value: torch.Tensor) -> None:
+        with self._lock:
+            pid = next((p for t, p in self._eager if t is value), None)
+            if pid is None:
+                pid = next((p for t, p in self._eager if t._cdata == value._cdata), None)
+            if pid is None:
+                raise UnsupportedOperationError(
+                    "genie: the remote executor can only bind results of its own run_eager"
+                )
+            self._outbox.append(["bind", pid, P.encode_ref(ref)])
+            self._resident[int(ref["storage"])] = int(ref["storage_nbytes"])
+
+    def resident_count(self) -> int:
+        return len(self._resident)
+
+    def resident_bytes(self) -> int:
+        return sum(self._resident.values())
+
+    # -- extras ---------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """This client's counters and the transport's byte counts (no request is made)."""
+        return {
+            **self.counters,
+            **self._t.stats.as_dict(),
+            "resident_count": len(self._resident),
+            "resident_bytes": self.resident_bytes(),
+        }
+
+    def server_stats(self) -> dict[str, Any]:
+        """The server's view: this session's and the whole server's counters."""
+        with self._lock:
+            try:
+                reply = self._request({"t": "stats"})
+            except _RequestFailed as e:
+                self._raise(e)
+            return {"session": reply["session"], "server": reply["server"]}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._broken is None and not self._t.closed:
+                try:
+                    self._request({"t": "bye"})
+                except (GenieError, OSError):
+                    pass
+            self._broken = self._broken or f"genie: the session with {self.address} was closed"
+            self._t.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteExecutor({self.address!r}, device={self.device!r})"
+
+
+# -- selecting the remote executor --------------------------------------------------------
+_active: RemoteExecutor | None = None  # the client genie.connect installed, for disconnect()
+
+
+def _token_from_env() -> bytes | None:
+    tok = os.environ.get("GENIE_TOKEN")
+    if tok:
+        return tok.encode()
+    path = os.environ.get("GENIE_TOKEN_FILE")
+    if path:
+        with open(path, "rb") as f:
+            return f.read().strip()
+    return None
+
+
+def connect(
+    address: str | None = None,
+    token: str | bytes | None = None,
+    *,
+    timeout: float | None = 600.0,
+    transport: str = "tcp",
+    install: bool = True,
+) -> RemoteExecutor:
+    """Open a session with the genie server at `address` (default ``$GENIE_SERVER``) and, with
+    `install`, run every following flush there. The token defaults to ``$GENIE_TOKEN`` (or the
+    file ``$GENIE_TOKEN_FILE``). Connect before creating remote tensors: what the previous
+    executor held is dropped. ``genie.runtime.client.disconnect()`` goes back to local."""
+    global _active
+    address = address or os.environ.get("GENIE_SERVER")
+    if not address:
+        raise GenieError(
+            "genie: no server address; pass one to genie.connect() or set GENIE_SERVER=host:port"
+        )
+    if token is None:
+        token = _token_from_env()
+    if token is None:
+        raise GenieError(
+            f"genie: no token for the server at {address}; pass token= or set GENIE_TOKEN "
+            "(the token the server was started with: genie serve --token-file FILE)"
+        )
+    client = RemoteExecutor(address, token, timeout=timeout, transport=transport)
+    if install:
+        from genie.runtime.executor import install_executor
+
+        install_executor(client, target_device_type=client.device_type)
+        previous, _active = _active, client
+        if previous is not None:
+            previous.close()
+    return client
+
+
+def disconnect() -> None:
+    """Close the session genie.connect opened and go back to the local executor."""
+    global _active
+    from genie.runtime.executor import use_local
+
+    use_local()
+    if _active is not None:
+        _active.close()
+        _active = None
+
+
+def servers_from_topology(path: str) -> list[dict[str, Any]]:
+    """Servers listed in a topology file: JSON ``{"servers": [{"address": "host:port",
+    "token": "..." | "token_file": "...", ...}]}`` (or a bare list of such entries)."""
+    with open(path) as f:
+        data = json.load(f)
+    servers = data.get("servers", []) if isinstance(data, dict) else data
+    out = []
+    for s in servers:
+        if isinstance(s, str):
+            s = {"address": s}
+        if not isinstance(s, dict) or "address" not in s:
+            raise GenieError(f'genie: {path}: every server needs an "address": host:port')
+        out.append(s)
+    return out
+
+
+def _is_server_process() -> bool:
+    if os.environ.get("GENIE_ROLE") == "server":
+        return True
+    argv = sys.argv
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name == "genie.runtime.server":
+        return True
+    return (
+        len(argv) > 1 and os.path.basename(argv[0]) in ("genie", "genie.exe") and argv[1] == "serve"
+    )
+
+
+def connect_from_env() -> RemoteExecutor | None:
+    """What ``import genie`` calls: connect when ``GENIE_SERVER`` (or ``GENIE_TOPOLOGY``, a
+    topology file) names a server; otherwise leave the local executor in place."""
+    if _is_server_process():
+        return None
+    address = os.environ.get("GENIE_SERVER")
+    token = None
+    if not address and os.environ.get("GENIE_TOPOLOGY"):
+        servers = servers_from_topology(os.environ["GENIE_TOPOLOGY"])
+        if servers:
+            s = servers[0]
+            address = s["address"]
+            if s.get("token"):
+                token = s["token"]
+            elif s.get("token_file"):
+                with open(s["token_file"], "rb") as f:
+                    token = f.read().strip()
+    if not address:
+        return None
+    return connect(address, token)

@@ -1,0 +1,562 @@
+"""Programs on the wire: the client's encoding of a flush and the server's validated decoding.
+
+Note: [Programs and bindings]
+A flush is split into a *program* and a *binding*. The program is the node list with every
+storage id replaced by a local index (its order of first appearance), so the same code run
+again (the next decode step, the next batch) is the same program, byte for byte, whatever
+storage ids the recorder handed out. The binding lists the real storage ids, by local index.
+The server decodes and validates a program once, caches it under the hash of its bytes, and
+afterwards the client sends only that 16-byte key and the binding (see Note: [Wire format]).
+Because the server computes the key from the bytes it validated, one client cannot make
+another run something it did not validate.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from genie.errors import ProtocolError, RemoteError
+from genie.graph.ir import Node, TensorMeta
+from genie.runtime import protocol as P
+from genie.runtime.replay import Environment, run_node
+
+__all__ = [
+    "EncodedProgram",
+    "Program",
+    "ProgramCache",
+    "decode_program",
+    "encode_program",
+    "apply_patch",
+    "diff_program",
+    "execute",
+    "resolve_op",
+]
+
+_KIND_CODES = {"value": 0, "tensor": 1, "tensor_list": 2, "optional_tensor_list": 3}
+_KIND_NAMES = {v: k for k, v in _KIND_CODES.items()}
+_RNG_STATE_BYTES = torch.get_rng_state().numel()
+
+
+# -- client side --------------------------------------------------------------------------
+@dataclass
+class EncodedProgram:
+    body: bytes
+    key: bytes
+    binding: list[int]
+    rng: list[list]
+    fresh: dict[int, int]  # storage id -> bytes, for storages this flush creates
+    nodes: list[list]  # the program before packing, for patches
+    signature: tuple  # the op sequence: programs that share it are patched, not resent
+
+
+def _key(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
+def encode_program(nodes: list[dict]) -> EncodedProgram:
+    """Core node dicts (the recorder's flush) -> program bytes, key and binding."""
+    local: dict[int, int] = {}
+    binding: list[int] = []
+    dtype_names: dict[torch.dtype, str] = {}
+
+    def loc(s: int) -> int:
+        i = local.get(s)
+        if i is None:
+            i = local[s] = len(binding)
+            binding.append(s)
+        return i
+
+    def ref(r: dict) -> list:
+        dt = r["dtype"]
+        name = dtype_names.get(dt)
+        if name is None:
+            name = dtype_names[dt] = P.dtype_name(dt)
+        return [loc(r["storage"]), name, r["shape"], r["stride"], r["offset"], r["storage_nbytes"]]
+
+    body_nodes = []
+    rng: list[list] = []
+    fresh: dict[int, int] = {}
+    for k, d in enumerate(nodes):
+        ins = [ref(r) for r in d["inputs"]]
+        outs = [ref(r) for r in d["outputs"]]
+        args = [[_KIND_CODES[kind], v] for kind, v in d["args"]]
+        random = bool(d["random"])
+        body_nodes.append(
+            [
+                d["op"],
+                args,
+                ins,
+                outs,
+                d["output_alias"],
+                [loc(s) for s in d["writes"]],
+                [loc(s) for s in d["fresh"]],
+                random,
+            ]
+        )
+        state = d.get("rng_state")
+        if random and state is not None:
+            rng.append([k, state.numpy().tobytes()])
+        for r, alias in zip(d["outputs"], d["output_alias"], strict=False):
+            if alias < 0:
+                fresh[r["storage"]] = r["storage_nbytes"]
+    body = P.pack(body_nodes)
+    signature = tuple(n[0] for n in body_nodes)
+    return EncodedProgram(body, _key(body), binding, rng, fresh, body_nodes, signature)
+
+
+# Note: [Program patches]
+# A decode step with a growing KV cache is a new program every step (its shapes change), but it
+# differs from the previous step's only in a few numbers. The client sends those as a patch
+# against a program the server has: [[path, value], ...] where path indexes into the nested
+# program lists. The server applies it, re-encodes, and validates the result in full like any
+# new program; the key the client sends must match the key of the patched bytes.
+def diff_program(base: list, new: list) -> list[list]:
+    out: list[list] = []
+
+    def walk(a, b, path: list[int]) -> None:
+        if type(a) is list and type(b) is list and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                if x is not y and (type(x) is not type(y) or x != y):
+                    walk(x, y, [*path, i])
+        else:
+            out.append([path, b])
+
+    walk(base, new, [])
+    return out
+
+
+def apply_patch(base: list, patch: Any, limits: P.Limits) -> list:
+    """A copy of `base` with `patch` applied; copies only the lists a patch goes through."""
+    root = list(base)
+    copied = {id(root)}
+    for entry in P.get_list(patch, "patch", limits.max_list):
+        P.need(type(entry) is list and len(entry) == 2, "a patch entry must be [path, value]")
+        path = P.get_list(entry[0], "patch path", 8)
+        P.need(len(path) >= 1, "a patch path cannot be empty")
+        node = root
+        for depth, i in enumerate(path[:-1]):
+            P.need(
+                type(node) is list and type(i) is int and 0 <= i < len(node),
+                "patch path out of range",
+            )
+            child = node[i]
+            P.need(type(child) is list, f"patch path goes through a leaf at depth {depth}")
+            if id(child) not in copied:
+                child = list(child)
+                node[i] = child
+                copied.add(id(child))
+            node = child
+        last = path[-1]
+        P.need(
+            type(node) is list and type(last) is int and 0 <= last < len(node),
+            "patch path out of range",
+        )
+        node[last] = entry[1]
+    return root
+
+
+# -- ops ----------------------------------------------------------------------------------
+_OP_RE = re.compile(
+    r"^(aten|prims)::([A-Za-z_][A-Za-z0-9_]{0,127})\.([A-Za-z_][A-Za-z0-9_]{0,127})$"
+)
+# Ops that reach outside the tensors they are given: the server's files, or device asserts
+# that take the whole CUDA context (every session) down with them.
+_DENIED = {"aten::from_file", "aten::_assert_async"}
+_op_cache: dict[str, tuple[torch._ops.OpOverload, Any]] = {}
+_op_lock = threading.Lock()
+
+
+def resolve_op(name: Any) -> tuple[torch._ops.OpOverload, Any]:
+    """An ``aten::x.overload`` or ``prims::x.overload`` string -> (OpOverload, schema), only
+    for overloads that exist; anything else raises ProtocolError."""
+    hit = _op_cache.get(name) if type(name) is str else None
+    if hit is not None:
+        return hit
+    P.need(type(name) is str, "an op name must be a string")
+    m = _OP_RE.match(name)
+    P.need(m is not None, f"{name[:80]!r} is not an aten or prims op overload name")
+    ns, base, overload = m.groups()
+    P.need(f"{ns}::{base}" not in _DENIED, f"{ns}::{base} is not allowed on a genie server")
+    want = "" if overload == "default" else overload
+    schemas = torch._C._jit_get_schemas_for_operator(f"{ns}::{base}")
+    schema = next((s for s in schemas if s.overload_name == want), None)
+    P.need(schema is not None, f"{name} is not an existing op overload")
+    packet = getattr(getattr(torch.ops, ns), base)
+    P.need(isinstance(packet, torch._ops.OpOverloadPacket), f"{name} is not an op")
+    op = getattr(packet, overload)
+    P.need(isinstance(op, torch._ops.OpOverload), f"{name} is not an op overload")
+    for a in op._schema.arguments:
+        P.need(a.name not in ("filename", "path"), f"{name} reads files; not allowed")
+    with _op_lock:
+        _op_cache[name] = (op, op._schema)
+    return op, op._schema
+
+
+# -- argument checks ----------------------------------------------------------------------
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_ENUMS = (torch.dtype, torch.layout, torch.memory_format)
+
+
+def _is_tensor_type(t) -> bool:
+    return "Tensor" in str(t)
+
+
+def _check_value(v: Any, t, limits: P.Limits, what: str, depth: int = 0) -> None:
+    kind = t.kind()
+    if v is None:
+        return  # optional arguments, and defaults the recorder spelled out
+    if kind == "OptionalType":
+        return _check_value(v, t.getElementType(), limits, what, depth)
+    if kind == "ListType":
+        P.need(
+            type(v) is list and len(v) <= limits.max_list and depth < 2, f"{what}: expected a list"
+        )
+        elem = t.getElementType()
+        for x in v:
+            _check_value(x, elem, limits, what, depth + 1)
+        return
+    tv = type(v)
+    if kind in ("IntType", "SymIntType"):
+        ok = (tv is int and _INT64[0] <= v <= _INT64[1]) or tv is bool or isinstance(v, _ENUMS)
+    elif kind in ("FloatType", "SymFloatType"):
+        ok = tv in (int, float, bool)
+    elif kind in ("BoolType", "SymBoolType"):
+        ok = tv is bool
+    elif kind == "NumberType":
+        ok = tv in (bool, float, complex) or (tv is int and _INT64[0] <= v <= _INT64[1])
+    elif kind == "StringType":
+        ok = tv is str and len(v) <= limits.max_str
+    elif kind == "DeviceObjType":
+        ok = isinstance(v, torch.device)
+    elif kind in ("ScalarTypeType", "LayoutType", "MemoryFormatType"):
+        ok = isinstance(v, _ENUMS) or tv is int
+    elif kind == "TensorType":
+        # Tensors travel as references; a Python number here is a wrapped scalar (x + 1).
+        ok = tv in (bool, int, float, complex)
+    elif kind == "GeneratorType":
+        ok = False  # generators travel as recorded states
+    else:
+        ok = tv in (bool, int, float, str) and (tv is not str or len(v) <= limits.max_str)
+    P.need(ok, f"{what}: a {tv.__name__} does not fit {t}")
+
+
+def _check_size_arg(v: Any, limits: P.Limits, what: str) -> None:
+    if type(v) is list:
+        n = 1
+        for x in v:
+            if type(x) is int and x > 0:
+                n *= x
+        P.need(n <= limits.max_storage, f"{what}: {n} elements exceed the server's storage limit")
+
+
+# -- server side --------------------------------------------------------------------------
+class _Step(Node):
+    """A decoded node whose ``target`` was resolved once, at validation."""
+
+    target = None  # shadows Node.target (a property) so that each step stores its own
+
+
+@dataclass
+class Program:
+    key: bytes
+    steps: list[_Step]
+    nlocals: int
+    inputs: list[int]  # locals read before this program writes them: must be resident
+    produced: list[int]  # locals this program creates or writes
+    extent: dict[int, int]  # bytes an input local's storage must hold at least
+    fresh_bytes: int
+    random_steps: list[int]
+    nbytes: int  # size of the encoded program, for the cache's accounting
+    body: bytes = b""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def decode_program(body: bytes, limits: P.Limits, key: bytes | None = None) -> Program:
+    """Program bytes from an untrusted client -> a validated Program. Every op, argument,
+    reference and index is checked; anything else raises ProtocolError."""
+    raw = P.unpack(body, limits)
+    return _decode(raw, limits, key if key is not None else _key(body), body)
+
+
+def _decode(raw: Any, limits: P.Limits, key: bytes, body: bytes) -> Program:
+    nodes = P.get_list(raw, "program", limits.max_nodes)
+    max_local = 8 * len(nodes) + 8  # a node mentions at most a few storages
+    steps: list[_Step] = []
+    state: dict[int, int] = {}  # local -> declared bytes (fresh) or -1 (input)
+    inputs: list[int] = []
+    produced: dict[int, None] = {}
+    extent: dict[int, int] = {}
+    fresh_bytes = 0
+    random_steps = []
+    for k, rn in enumerate(nodes):
+        where = f"node {k}"
+        P.need(type(rn) is list and len(rn) == 8, f"{where} must be a list of 8 fields")
+        op_name, args, ins, outs, alias, writes, fresh, random = rn
+        op, schema = resolve_op(op_name)
+        where = f"node {k} ({op_name})"
+        ins_m = [
+            P.decode_ref(r, limits, max_sid=max_local)
+            for r in P.get_list(ins, f"{where} inputs", 4096)
+        ]
+        outs_m = [
+            P.decode_ref(r, limits, max_sid=max_local)
+            for r in P.get_list(outs, f"{where} outputs", 4096)
+        ]
+        alias = P.get_list(alias, f"{where} output_alias", 4096)
+        P.need(len(alias) == len(outs_m), f"{where}: one output_alias entry per output")
+        for a in alias:
+            P.get_int(a, -1, len(ins_m) - 1, f"{where} output_alias")
+        writes = [
+            P.get_int(w, 0, max_local, f"{where} writes")
+            for w in P.get_list(writes, f"{where} writes", 4096)
+        ]
+        fresh = [
+            P.get_int(f, 0, max_local, f"{where} fresh")
+            for f in P.get_list(fresh, f"{where} fresh", 4096)
+        ]
+        random = P.get_bool(random, f"{where} random")
+        args = P.get_list(args, f"{where} args", 256)
+        sargs = schema.arguments
+        P.need(
+            len(args) <= len(sargs), f"{where}: {len(args)} arguments for a schema of {len(sargs)}"
+        )
+        node_args: list[tuple[str, Any]] = []
+        for i, a in enumerate(args):
+            P.need(type(a) is list and len(a) == 2, f"{where} argument {i} must be [kind, value]")
+            code, v = a
+            P.need(type(code) is int and code in _KIND_NAMES, f"{where} argument {i}: unknown kind")
+            sa = sargs[i]
+            what = f"{where} argument {sa.name}"
+            if code == 0:
+                _check_value(v, sa.type, limits, what)
+                if sa.name == "size":
+                    _check_size_arg(v, limits, what)
+            else:
+                P.need(_is_tensor_type(sa.type), f"{what} is not a tensor argument")
+                lo = -1 if code != 2 else 0
+                if code == 1:
+                    P.get_int(v, lo, len(ins_m) - 1, f"{what} tensor index")
+                else:
+                    for x in P.get_list(v, what, 4096):
+                        P.get_int(x, lo, len(ins_m) - 1, f"{what} tensor index")
+            node_args.append((_KIND_NAMES[code], v))
+        # Dataflow: what this node reads must be resident or made earlier in the program.
+        for m in ins_m:
+            if m.storage not in state:
+                state[m.storage] = -1
+                inputs.append(m.storage)
+        in_locals = {m.storage for m in ins_m}
+        for w in writes:
+            P.need(w in in_locals, f"{where} writes storage {w} it does not take as input")
+            produced[w] = None
+        fresh_set = set(fresh)
+        P.need(len(fresh_set) == len(fresh), f"{where}: repeated fresh storage")
+        for m, a in zip(outs_m, alias, strict=True):
+            if a >= 0:
+                P.need(
+                    m.storage == ins_m[a].storage,
+                    f"{where}: an aliasing output must view its input's storage",
+                )
+            elif m.storage in fresh_set:
+                P.need(m.storage not in state, f"{where}: fresh storage {m.storage} already exists")
+                state[m.storage] = m.storage_nbytes
+                fresh_bytes += m.storage_nbytes
+                produced[m.storage] = None
+            else:
+                if m.storage not in state:
+                    state[m.storage] = -1
+                    inputs.append(m.storage)
+                produced[m.storage] = None
+        for f in fresh:
+            P.need(
+                f in state and state[f] >= 0 and any(m.storage == f for m in outs_m),
+                f"{where}: fresh storage {f} is not an output",
+            )
+        for m in ins_m + outs_m:
+            need_bytes = P.extent(m.shape, m.stride, m.offset, P.itemsize(m.dtype))
+            declared = state[m.storage]
+            if declared >= 0:
+                P.need(
+                    need_bytes <= declared,
+                    f"{where}: a view of storage {m.storage} exceeds its size",
+                )
+            else:
+                extent[m.storage] = max(extent.get(m.storage, 0), need_bytes)
+        step = _Step(
+            id=k,
+            op=op_name,
+            args=node_args,
+            inputs=ins_m,
+            outputs=outs_m,
+            output_alias=list(alias),
+            writes=writes,
+            fresh=fresh,
+            random=random,
+        )
+        step.target = op
+        steps.append(step)
+        if random:
+            random_steps.append(k)
+    nlocals = len(state)
+    P.need(
+        set(state) == set(range(nlocals)), "storage indices must be numbered 0..n-1 by first use"
+    )
+    return Program(
+        key=key,
+        body=body,
+        steps=steps,
+        nlocals=nlocals,
+        inputs=inputs,
+        produced=list(produced),
+        extent=extent,
+        fresh_bytes=fresh_bytes,
+        random_steps=random_steps,
+        nbytes=len(body),
+    )
+
+
+class ProgramCache:
+    """Validated programs by key, shared by all sessions of a server (LRU, bounded bytes)."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self._items: OrderedDict[bytes, Program] = OrderedDict()
+        self._bytes = 0
+        self._max = max_bytes
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: bytes) -> Program | None:
+        with self._lock:
+            p = self._items.get(key)
+            if p is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return p
+
+    def add(self, body: bytes, limits: P.Limits) -> Program:
+        key = _key(body)
+        with self._lock:
+            p = self._items.get(key)
+        if p is not None:
+            return p
+        return self._insert(decode_program(body, limits, key))
+
+    def patched(self, base: Program, patch: Any, limits: P.Limits) -> Program:
+        """The program `patch` makes of `base` (Note: [Program patches]), validated and cached."""
+        raw = apply_patch(P.unpack(base.body, limits), patch, limits)
+        body = P.pack(raw)
+        P.need(len(body) <= limits.max_header, "the patched program is too large")
+        key = _key(body)
+        with self._lock:
+            p = self._items.get(key)
+        if p is not None:
+            return p
+        return self._insert(_decode(P.unpack(body, limits), limits, key, body))
+
+    def _insert(self, p: Program) -> Program:
+        with self._lock:
+            self._items[p.key] = p
+            self._bytes += p.nbytes
+            while self._bytes > self._max and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
+        return p
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# -- execution ----------------------------------------------------------------------------
+def check_binding(
+    program: Program,
+    binding: Any,
+    rng: Any,
+    env: Environment,
+    incoming: dict[int, int] | None = None,
+) -> dict[int, torch.Tensor]:
+    """Validate a binding and the random states for `program` in `env`, where `incoming`
+    (storage id -> bytes) arrive with this request; returns the states by step index."""
+    incoming = incoming or {}
+    binding = P.get_list(binding, "binding", program.nlocals)
+    P.need(
+        len(binding) == program.nlocals,
+        f"binding has {len(binding)} ids for {program.nlocals} storages",
+    )
+    for s in binding:
+        P.get_sid(s)
+    P.need(len(set(binding)) == len(binding), "a storage id is bound twice")
+    for local in program.inputs:
+        sid = binding[local]
+        st = env.storages.get(sid)
+        size = incoming[sid] if sid in incoming else (st.nbytes() if st is not None else -1)
+        if size < 0:
+            raise RemoteError(
+                f"genie: storage {sid} is not resident in this session (never uploaded or "
+                "produced here, or already released)"
+            )
+        need = program.extent.get(local, 0)
+        if size < need:
+            raise ProtocolError(
+                f"genie: invalid request: storage {sid} holds {size} bytes, the program reads {need}"
+            )
+    states: dict[int, torch.Tensor] = {}
+    for entry in P.get_list(rng or [], "rng", len(program.random_steps)):
+        P.need(type(entry) is list and len(entry) == 2, "an rng entry must be [step, state]")
+        k = P.get_int(entry[0], 0, len(program.steps) - 1, "rng step")
+        P.need(program.steps[k].random, "an rng state for a step that draws no random numbers")
+        b = P.get_bytes(entry[1], "rng state", _RNG_STATE_BYTES)
+        P.need(len(b) == _RNG_STATE_BYTES, "an rng state has the wrong size")
+        states[k] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
+    P.need(len(states) == len(program.random_steps), "every random step needs its generator state")
+    return states
+
+
+def execute(
+    program: Program,
+    binding: list[int],
+    states: dict[int, torch.Tensor],
+    env: Environment,
+    *,
+    keep_last: bool = False,
+) -> list[Any] | None:
+    """Run `program` with its storages bound to `env` by `binding` (already checked). With
+    `keep_last`, the last step's results are returned unbound (run_eager)."""
+    frame = Environment(env.device)
+    frame.storages = {local: env.storages[binding[local]] for local in program.inputs}
+    results = None
+    last = len(program.steps) - 1
+    for k, step in enumerate(program.steps):
+        if k in states:
+            step = copy.copy(step)
+            step.rng_state = states[k]
+        if keep_last and k == last:
+            results = run_node(step, frame, bind=False)
+        else:
+            run_node(step, frame)
+    for local in program.produced:
+        st = frame.storages.get(local)
+        if st is not None:
+            env.storages[binding[local]] = st
+    return results
+
+
+def encoded_meta(m: TensorMeta) -> list:
+    return [
+        m.storage,
+        P.dtype_name(m.dtype),
+        list(m.shape),
+        list(m.stride),
+        m.offset,
+        m.storage_nbytes,
+    ]

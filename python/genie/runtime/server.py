@@ -1,0 +1,683 @@
+"""``genie serve``: the server that runs remote_accelerator programs on this host's device.
+
+One session per client connection, each on its own thread with its own resident storages
+(weights uploaded once, KV caches, activations), all sharing one cache of validated programs.
+Requests are described in Note: [Wire format] (genie/runtime/protocol.py). A bad request gets
+an error reply and the session goes on; a request that breaks framing closes that connection
+only; every other session keeps being served.
+
+Run ``python -m genie.runtime.server --help`` (the same options as ``genie serve``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from genie.errors import ExecutionError, GenieError, ProtocolError, RemoteError, TransportError
+from genie.runtime import protocol as P
+from genie.runtime.graphs import GraphRunner
+from genie.runtime.program import ProgramCache, check_binding, execute
+from genie.runtime.replay import Environment
+from genie.runtime.transports import Listener, Transport, listen
+from genie.runtime.transports.base import Frame
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Server", "ServerConfig", "Session", "add_serve_arguments", "serve_main"]
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 7070
+    device: str = "cpu"
+    token: bytes = b""
+    limits: P.Limits = field(default_factory=P.Limits)
+    cuda_graphs: bool = True
+    transport: str = "tcp"
+    handshake_timeout: float = 10.0
+    idle_timeout: float | None = None  # seconds a session may sit silent; None = forever
+    max_sessions: int = 256
+
+
+class _Close(Exception):
+    """Internal: the request was answered and the connection must end (framing is lost)."""
+
+
+class Session:
+    """One client's state on the server."""
+
+    def __init__(self, server: Server, transport: Transport, number: int):
+        self.server = server
+        self.transport = transport
+        self.number = number
+        self.limits = server.config.limits
+        self.env = Environment(server.device)
+        self.pending: dict[int, torch.Tensor] = {}
+        self._next_pending = 0
+        self.runner = GraphRunner(server.device, enabled=server.config.cuda_graphs)
+        self.requests = 0
+        self.errors = 0
+        self.busy = False
+        self.authenticated = False
+        self._handlers = {
+            "hello": self._hello,
+            "upload": self._upload,
+            "run": self._run,
+            "eager": self._run,
+            "fetch": self._fetch,
+            "stats": self._stats,
+            "bye": self._bye,
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def serve(self) -> None:
+        t = self.transport
+        try:
+            t.set_timeout(self.server.config.handshake_timeout)
+            if not P.server_handshake(t, self.server.config.token):
+                logger.warning("genie: refused %s: authentication failed", t.peer)
+                return
+            self.authenticated = True
+            t.set_timeout(self.server.config.idle_timeout)
+            logger.info("genie: session %d opened for %s", self.number, t.peer)
+            while not self.server.stopping:
+                try:
+                    frame = t.recv_frame(self.limits.max_header)
+                except ProtocolError as e:
+                    reply, _, _ = self._fatal("protocol", str(e).removeprefix("genie: "))
+                    self._send(reply, [])
+                    return
+                self.busy = True
+                try:
+                    reply, buffers, close = self.handle_frame(frame)
+                    self._send(reply, buffers)
+                finally:
+                    self.busy = False
+                if close:
+                    return
+        except TransportError as e:
+            logger.info("genie: session %d (%s) ended: %s", self.number, t.peer, e)
+        except Exception:  # noqa: BLE001 - one session's bug must not take the server down
+            logger.exception("genie: session %d (%s) failed", self.number, t.peer)
+        finally:
+            self.close()
+
+    def _send(self, reply: dict, buffers: list[memoryview]) -> None:
+        self.transport.send_frame(P.PROTOCOL_VERSION, P.REPLY, P.pack(reply), buffers)
+
+    def close(self) -> None:
+        """Free everything this session holds."""
+        self.env.storages.clear()
+        self.pending.clear()
+        self.runner = GraphRunner(self.server.device, enabled=False)
+        self.transport.close()
+        if self.server.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- dispatch -------------------------------------------------------------------------
+    def handle_frame(self, frame: Frame) -> tuple[dict, list[memoryview], bool]:
+        """Answer one request frame: (reply, payload buffers, close the connection after)."""
+        self.requests += 1
+        if frame.version != P.PROTOCOL_VERSION or frame.kind != P.REQUEST:
+            return self._fatal(
+                "protocol", f"expected a protocol {P.PROTOCOL_VERSION} request frame"
+            )
+        if frame.payload_len > self.limits.max_message:
+            return self._fatal(
+                "protocol",
+                f"a {frame.payload_len}-byte payload exceeds the server's limit of {self.limits.max_message} bytes",
+            )
+        try:
+            with self.server.device_context(self):
+                req = P.get_map(P.unpack(frame.header, self.limits), "request")
+                handler = self._handlers.get(req.get("t"))
+                P.need(handler is not None, f"unknown request type {str(req.get('t'))[:40]!r}")
+                if req.get("t") not in ("upload", "run", "eager"):
+                    P.need(frame.payload_len == 0, "this request carries no payload")
+                self._apply_pre(req.get("pre"))
+                reply, buffers = handler(req, frame)
+                close = req.get("t") == "bye"
+        except _Close as e:
+            return self._fatal("protocol", str(e))
+        except TransportError:
+            raise
+        except Exception as e:  # noqa: BLE001 - answered, logged, and the session goes on
+            self.errors += 1
+            reply, buffers, close = self._error_reply(e), [], False
+            if self.transport.payload_remaining:
+                if self.transport.payload_remaining > self.limits.max_message:
+                    return reply, [], True
+                self.transport.skip_payload(self.transport.payload_remaining)
+        if self.transport.payload_remaining:
+            # A handler that did not consume the payload it was sent: the stream is out of step.
+            return self._fatal("protocol", "the request's payload did not match its header")
+        return reply, buffers, close
+
+    def _fatal(self, kind: str, message: str) -> tuple[dict, list, bool]:
+        self.errors += 1
+        logger.warning(
+            "genie: session %d (%s): %s; closing", self.number, self.transport.peer, message
+        )
+        reply = P.error_reply(kind, f"genie: {message}; the server closed this connection")
+        reply["fatal"] = True
+        return reply, [], True
+
+    def _error_reply(self, e: Exception) -> dict:
+        msg = str(e) if str(e).startswith("genie") else f"genie: {type(e).__name__}: {e}"
+        if isinstance(e, ProtocolError):
+            kind = "protocol"
+        elif isinstance(e, ExecutionError):
+            kind = "execution"
+        elif isinstance(e, _UnknownProgram):
+            kind = "unknown_program"
+        elif isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+            kind = "oom"
+        elif isinstance(e, GenieError):
+            kind = "remote"
+        else:
+            kind = "internal"
+            logger.exception("genie: session %d: internal error", self.number)
+        if kind != "unknown_program":
+            logger.info("genie: session %d: %s error: %s", self.number, kind, msg[:300])
+        if "device-side assert" in msg or "illegal memory access" in msg:
+            self.server.fatal(f"the CUDA context is corrupted ({msg[:200]})")
+        if self.server.device.type == "cuda" and ("out of memory" in msg or kind == "oom"):
+            torch.cuda.empty_cache()
+        return P.error_reply(kind, msg)
+
+    def _apply_pre(self, pre: Any) -> None:
+        if pre is None:
+            return
+        for op in P.get_list(pre, "pre", self.limits.max_list):
+            P.need(type(op) is list and len(op) >= 2, "a deferred operation must be a list")
+            if op[0] == "release":
+                ids = P.get_list(op[1], "release ids", self.limits.max_list)
+                self.env.release([P.get_sid(i) for i in ids])
+            elif op[0] == "bind" and len(op) == 3:
+                pid = P.get_int(op[1], 0, P._MAX_SID, "pending result")
+                meta = P.decode_ref(op[2], self.limits)
+                value = self.pending.pop(pid, None)
+                P.need(value is not None, f"no pending result {pid} to bind")
+                self.env.bind(meta, value)
+            else:
+                raise ProtocolError(
+                    f"genie: invalid request: unknown deferred operation {str(op[0])[:40]!r}"
+                )
+
+    # -- requests -------------------------------------------------------------------------
+    def _hello(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        dev = self.server.device
+        return {
+            "ok": True,
+            "device": str(dev),
+            "device_type": dev.type,
+            "device_name": self.server.device_name,
+            "protocol": P.PROTOCOL_VERSION,
+            "cuda_graphs": self.runner.enabled,
+            "session": self.number,
+            "server": _version(),
+            **self.limits.as_dict(),
+        }, []
+
+    def _parse_uploads(self, up: Any, frame: Frame) -> list[tuple[int, int, int, int, bool]]:
+        entries = []
+        total = 0
+        for e in P.get_list(up or [], "uploads", self.limits.max_list):
+            P.need(type(e) is list and len(e) == 5, "an upload must be [id, nbytes, at, n, new]")
+            sid = P.get_sid(e[0])
+            nbytes = P.get_int(e[1], 0, self.limits.max_storage, "upload storage size")
+            at = P.get_int(e[2], 0, nbytes, "upload offset")
+            n = P.get_int(e[3], 0, nbytes - at, "upload length")
+            new = P.get_bool(e[4], "upload new")
+            if not new:
+                st = self.env.storages.get(sid)
+                P.need(
+                    st is not None and st.nbytes() == nbytes,
+                    f"upload continues storage {sid}, which is not resident",
+                )
+            entries.append((sid, nbytes, at, n, new))
+            total += n
+        P.need(
+            total == frame.payload_len,
+            f"uploads announce {total} bytes, the frame carries {frame.payload_len}",
+        )
+        self._check_memory(sum(e[1] for e in entries if e[4]))
+        return entries
+
+    def _check_memory(self, extra: int) -> None:
+        limit = self.limits.memory_limit
+        if limit and self.env.nbytes() + extra > limit:
+            raise RemoteError(
+                f"genie: this session would hold {self.env.nbytes() + extra} bytes, over the server's "
+                f"limit of {limit} bytes per session (genie serve --memory-limit)"
+            )
+
+    def _receive_uploads(self, entries: list[tuple[int, int, int, int, bool]]) -> None:
+        dev = self.server.device
+        for sid, nbytes, at, n, new in entries:
+            if new:
+                st = torch.empty(nbytes, dtype=torch.uint8, device=dev).untyped_storage()
+            else:
+                st = self.env.storages[sid]
+            if n:
+                dst = torch.empty(0, dtype=torch.uint8, device=dev).set_(st, at, (n,), (1,))
+                if dev.type == "cpu":
+                    self.transport.recv_payload([memoryview(dst.numpy())])
+                else:
+                    staging = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+                    self.transport.recv_payload([memoryview(staging.numpy())])
+                    dst.copy_(staging, non_blocking=True)
+            self.env.storages[sid] = st
+
+    def _upload(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        self._receive_uploads(self._parse_uploads(req.get("up"), frame))
+        return {"ok": True}, []
+
+    def _run(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        eager = req["t"] == "eager"
+        uploads = self._parse_uploads(req.get("up"), frame)
+        key = P.get_bytes(req.get("key"), "program key", 16)
+        body = req.get("prog")
+        cache = self.server.programs
+        if body is not None:
+            program = cache.add(P.get_bytes(body, "program", self.limits.max_header), self.limits)
+            P.need(program.key == key, "the program key does not match the program")
+        else:
+            program = cache.get(key)
+            if program is None and req.get("base") is not None:
+                base = cache.get(P.get_bytes(req["base"], "base program key", 16))
+                if base is not None:
+                    program = cache.patched(base, req.get("patch"), self.limits)
+                    if program.key != key:
+                        program = None  # the client packs differently; it will send the body
+            if program is None:
+                raise _UnknownProgram("genie: unknown program; send it again with its body")
+        P.need(not eager or len(program.steps) == 1, "an eager request runs exactly one node")
+        # Everything is checked before the payload is read; what follows changes state.
+        incoming = {sid: nbytes for sid, nbytes, *_ in uploads}
+        states = check_binding(program, req.get("bind"), req.get("rng"), self.env, incoming)
+        self._check_memory(program.fresh_bytes + sum(e[1] for e in uploads if e[4]))
+        self._receive_uploads(uploads)
+        binding = req["bind"]
+        if eager:
+            self.pending.clear()
+            results = execute(program, binding, states, self.env, keep_last=True)
+            return {"ok": True, "res": [self._describe(r) for r in results]}, []
+        self.runner.run(program, binding, states, self.env)
+        return {"ok": True}, []
+
+    def _describe(self, v: Any) -> dict:
+        if isinstance(v, torch.Tensor):
+            pid = self._next_pending
+            self._next_pending += 1
+            self.pending[pid] = v
+            return {
+                "p": pid,
+                "dtype": P.dtype_name(v.dtype),
+                "shape": list(v.shape),
+                "stride": list(v.stride()),
+            }
+        if isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in v):
+            return {"l": [self._describe(x) for x in v]}
+        return {"v": v}
+
+    def _fetch(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        meta = P.decode_ref(req.get("ref"), self.limits)
+        st = self.env.storages.get(meta.storage)
+        if st is None:
+            raise RemoteError(f"genie: storage {meta.storage} is not resident in this session")
+        need = P.extent(meta.shape, meta.stride, meta.offset, P.itemsize(meta.dtype))
+        P.need(need <= st.nbytes(), f"the view reads {need} bytes of a {st.nbytes()}-byte storage")
+        value = self.env.view(meta).contiguous()
+        if value.device.type != "cpu":
+            value = value.cpu()
+        flat = (
+            value.reshape(-1).view(torch.uint8)
+            if value.numel()
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        return {"ok": True, "n": flat.numel()}, [memoryview(flat.numpy())]
+
+    def _stats(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        return {"ok": True, "session": self.stats(), "server": self.server.stats()}, []
+
+    def _bye(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        return {"ok": True}, []
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "resident_count": len(self.env.storages),
+            "resident_bytes": self.env.nbytes(),
+            "pending": len(self.pending),
+            "requests": self.requests,
+            "errors": self.errors,
+            **self.transport.stats.as_dict(),
+            **self.runner.stats(),
+        }
+
+
+class _UnknownProgram(GenieError):
+    pass
+
+
+def _version() -> str:
+    try:
+        import genie
+
+        return getattr(genie, "__version__", "unknown")
+    except ImportError:
+        return "unknown"
+
+
+class Server:
+    """Accepts clients and runs one Session per connection."""
+
+    def __init__(self, config: ServerConfig):
+        if not config.token:
+            raise GenieError("genie: a server needs a token (genie serve --token-file FILE)")
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise GenieError(
+                    f"genie: --device {config.device} asked for, but CUDA is not available here"
+                )
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            self.device_name = torch.cuda.get_device_name(self.device)
+        elif self.device.type == "cpu":
+            self.device_name = "cpu"
+        else:
+            raise GenieError(f"genie: a server runs on cpu or cuda, not {config.device}")
+        self.programs = ProgramCache()
+        self.stopping = False
+        self.exit_code = 0
+        self._listener: Listener | None = None
+        self._sessions: dict[int, Session] = {}
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._count = 0
+        self._accept_thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> tuple[str, int]:
+        self._listener = listen(
+            self.config.host,
+            self.config.port,
+            kind=self.config.transport,
+            max_message=self.config.limits.max_message,
+        )
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name="genie-accept", daemon=True
+        )
+        self._accept_thread.start()
+        return self.address
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.config.cuda_graphs and self.device.type == "cuda"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._listener is not None, "start() the server first"
+        return self._listener.address
+
+    def _accept_loop(self) -> None:
+        while not self.stopping:
+            try:
+                t = self._listener.accept(timeout=0.5)
+            except OSError as e:
+                if not self.stopping:
+                    logger.error("genie: accept failed: %s", e)
+                    time.sleep(0.1)
+                continue
+            if t is None:
+                continue
+            with self._lock:
+                self._threads = [th for th in self._threads if th.is_alive()]
+                if len(self._sessions) >= self.config.max_sessions:
+                    logger.warning(
+                        "genie: refusing %s: %d sessions already", t.peer, len(self._sessions)
+                    )
+                    t.close()
+                    continue
+            th = threading.Thread(target=self.serve_connection, args=(t,), daemon=True)
+            with self._lock:
+                self._threads.append(th)
+            th.start()
+
+    def serve_connection(self, transport: Transport) -> None:
+        """Run one session on `transport` in this thread until the client leaves."""
+        with self._lock:
+            self._count += 1
+            session = Session(self, transport, self._count)
+            self._sessions[session.number] = session
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            session.serve()
+        finally:
+            with self._lock:
+                self._sessions.pop(session.number, None)
+
+    @contextlib.contextmanager
+    def device_context(self, session: Session) -> Iterator[None]:
+        if session.runner.stream is not None:
+            with torch.cuda.stream(session.runner.stream):
+                yield
+            session.runner.stream.synchronize()
+        else:
+            yield
+
+    def wait(self) -> None:
+        """Block until shutdown is requested (signals are handled while waiting)."""
+        while not self._stop.wait(0.2):
+            pass
+
+    def request_shutdown(self) -> None:
+        self._stop.set()
+
+    def fatal(self, reason: str) -> None:
+        logger.critical("genie: %s; the server stops so that it can be restarted clean", reason)
+        self.exit_code = 3
+        self.request_shutdown()
+
+    def shutdown(self, grace: float = 30.0) -> None:
+        """Stop accepting, let requests in flight finish, close every session."""
+        self.stopping = True
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            sessions = list(self._sessions.values())
+            threads = list(self._threads)
+        for s in sessions:
+            if not s.busy:
+                s.transport.shutdown()
+        deadline = time.monotonic() + grace
+        for th in threads:
+            th.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            for s in list(self._sessions.values()):
+                s.transport.shutdown()
+        if self._accept_thread is not None:
+            self._accept_thread.join(2.0)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return {
+            "sessions": len([s for s in sessions if s.authenticated]),
+            "connections": len(sessions),
+            "sessions_total": self._count,
+            "resident_bytes": sum(s.env.nbytes() for s in sessions),
+            "programs_cached": len(self.programs),
+            "program_cache_hits": self.programs.hits,
+            "program_cache_misses": self.programs.misses,
+            "device": str(self.device),
+        }
+
+
+# -- command line -------------------------------------------------------------------------
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 10**6,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 10**9,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tb": 10**12,
+    "tib": 1 << 40,
+}
+
+
+def parse_size(text: str) -> int:
+    """``"8GiB"``, ``"512MB"``, ``"1048576"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 8GiB, 512MB, 1048576)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``genie serve``."""
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)"
+    )
+    parser.add_argument("--port", type=int, default=7070, help="TCP port (0 picks a free one)")
+    parser.add_argument("--device", default="cpu", help="where programs run: cpu, cuda, cuda:1 ...")
+    parser.add_argument("--token-file", help="file holding the shared token clients must present")
+    parser.add_argument(
+        "--token", help="the token itself (visible in ps; prefer --token-file or GENIE_TOKEN)"
+    )
+    parser.add_argument(
+        "--memory-limit",
+        type=parse_size,
+        default=0,
+        help="most bytes one session may keep resident, e.g. 16GiB (default: no limit)",
+    )
+    parser.add_argument(
+        "--max-message",
+        type=parse_size,
+        default=P.Limits.max_message,
+        help="largest payload of one message (default 1GiB; clients split bigger uploads)",
+    )
+    parser.add_argument(
+        "--no-cuda-graphs", action="store_true", help="never replay programs as CUDA graphs"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)"
+    )
+    parser.add_argument("--transport", default="tcp", help="transport to listen with (tcp)")
+    parser.add_argument(
+        "--idle-timeout", type=float, default=None, help="close sessions silent this many seconds"
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--port-file", help="write the port actually bound here once listening (for scripts)"
+    )
+
+
+def _load_token(args: argparse.Namespace) -> tuple[bytes, bool]:
+    if args.token_file:
+        with open(args.token_file, "rb") as f:
+            token = f.read().strip()
+        if not token:
+            raise GenieError(f"genie: the token file {args.token_file} is empty")
+        return token, False
+    if args.token:
+        return args.token.encode(), False
+    env = os.environ.get("GENIE_TOKEN")
+    if env:
+        return env.encode(), False
+    return secrets.token_urlsafe(24).encode(), True
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """Entry point of ``genie serve``; returns the process exit code."""
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    token, generated = _load_token(args)
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        token=token,
+        limits=P.Limits(max_message=args.max_message, memory_limit=args.memory_limit),
+        cuda_graphs=not args.no_cuda_graphs,
+        transport=args.transport,
+        idle_timeout=args.idle_timeout,
+    )
+    try:
+        server = Server(config)
+        host, port = server.start()
+    except GenieError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if args.port_file:
+        tmp = args.port_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(str(port))
+        os.replace(tmp, args.port_file)
+    print(
+        f"genie serve: listening on {host}:{port}, device {server.device} ({server.device_name}), "
+        f"CUDA graphs {'on' if server.cuda_graphs else 'off'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if generated:
+        print(
+            f"genie serve: no token given; clients must use GENIE_TOKEN={token.decode()}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_signal(signum, _frame):
+        logger.info("genie: signal %d: shutting down", signum)
+        server.request_shutdown()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.wait()
+    server.shutdown()
+    logger.info("genie: server stopped")
+    return server.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="genie serve", description="Serve remote_accelerator programs"
+    )
+    add_serve_arguments(parser)
+    return serve_main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

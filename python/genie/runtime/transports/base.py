@@ -1,0 +1,164 @@
+"""The transport interface: how frames travel between a genie client and a genie server.
+
+A frame is a small fixed prefix, a header (bytes the protocol layer encodes) and a payload made
+of raw buffers (tensor bytes). The receiving side reads the prefix and the header first, decides
+from the header where the payload goes, then receives the payload straight into those buffers
+(see Note: [Payloads land in place] in genie/runtime/protocol.py). TCP implements this today;
+a DPDK transport implements the same interface with zero-copy external buffers.
+
+Lifecycle: a client ``connect``s (or a server's ``Listener.accept`` hands out a connected
+transport), frames are sent and received, ``close`` ends it; after ``close`` every call raises
+``TransportError``. Failures of the peer (EOF, reset, timeout) raise ``TransportError``.
+"""
+
+from __future__ import annotations
+
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "FRAME_MAGIC",
+    "PREFIX",
+    "Frame",
+    "Listener",
+    "Transport",
+    "TransportStats",
+    "pack_prefix",
+    "unpack_prefix",
+]
+
+FRAME_MAGIC = b"GNIE"
+# magic, protocol version, frame kind, reserved, header length, payload length
+PREFIX = struct.Struct("!4sBBHIQ")
+
+
+@dataclass
+class Frame:
+    """What ``recv_frame`` read: the prefix fields and the header. The payload, if any, is
+    still in flight; receive it with ``recv_payload`` or drop it with ``skip_payload``."""
+
+    version: int
+    kind: int
+    header: bytes
+    payload_len: int
+
+
+@dataclass
+class TransportStats:
+    """Bytes that crossed this transport, counted at the transport (prefixes included)."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    frames_sent: int = 0
+    frames_received: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "frames_sent": self.frames_sent,
+            "frames_received": self.frames_received,
+        }
+
+
+def pack_prefix(version: int, kind: int, header_len: int, payload_len: int) -> bytes:
+    return PREFIX.pack(FRAME_MAGIC, version, kind, 0, header_len, payload_len)
+
+
+def unpack_prefix(data: bytes) -> tuple[bytes, int, int, int, int]:
+    """(magic, version, kind, header_len, payload_len)"""
+    magic, version, kind, _reserved, header_len, payload_len = PREFIX.unpack(data)
+    return magic, version, kind, header_len, payload_len
+
+
+class Transport(ABC):
+    """One connected, ordered, reliable channel carrying frames."""
+
+    #: short name ("tcp", "dpdk")
+    name: str = "abstract"
+
+    @property
+    @abstractmethod
+    def zero_copy(self) -> bool:
+        """Whether payload buffers are sent from (and received into) their own memory with no
+        intermediate copy in user space."""
+
+    @property
+    @abstractmethod
+    def max_message(self) -> int:
+        """The largest payload one frame may carry on this transport."""
+
+    @property
+    @abstractmethod
+    def peer(self) -> str:
+        """The other side, as ``host:port`` or the transport's own notation."""
+
+    @property
+    @abstractmethod
+    def stats(self) -> TransportStats: ...
+
+    @abstractmethod
+    def send_frame(
+        self, version: int, kind: int, header: bytes, buffers: Sequence[memoryview] = ()
+    ) -> int:
+        """Send one frame; returns the bytes it took on the wire."""
+
+    @abstractmethod
+    def recv_frame(self, max_header: int) -> Frame:
+        """Read the next frame's prefix and header. A header longer than `max_header` or a
+        bad magic raises ``ProtocolError`` without reading further."""
+
+    @abstractmethod
+    def recv_payload(self, buffers: Sequence[memoryview]) -> None:
+        """Fill `buffers` in order from the payload of the frame just read; their lengths
+        must add up to what is left of it."""
+
+    @property
+    @abstractmethod
+    def payload_remaining(self) -> int:
+        """Payload bytes of the frame just read that nobody has received yet."""
+
+    @abstractmethod
+    def skip_payload(self, nbytes: int) -> None:
+        """Read and drop `nbytes` of payload (a refused request keeps the stream in step)."""
+
+    @abstractmethod
+    def set_timeout(self, seconds: float | None) -> None: ...
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Wake a thread blocked in ``recv_frame`` (it gets ``TransportError``); used for
+        graceful server shutdown. ``close`` must still be called."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool: ...
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Listener(ABC):
+    """The server side: hands out one connected Transport per client."""
+
+    name: str = "abstract"
+
+    @property
+    @abstractmethod
+    def address(self) -> tuple[str, int]:
+        """Where clients connect (the real port when 0 was asked for)."""
+
+    @abstractmethod
+    def accept(self, timeout: float | None = None) -> Transport | None:
+        """The next client, or None when `timeout` passed or the listener was closed."""
+
+    @abstractmethod
+    def close(self) -> None: ...

@@ -1,0 +1,297 @@
+"""TCP transport: length-prefixed frames over one stream socket.
+
+Payload buffers are handed to ``sendmsg`` as they are (no concatenation) and received with
+``recv_into`` straight into the buffers the protocol layer preallocated, so the only copies are
+the kernel's. TCP is always available; it is not zero-copy in the DPDK sense.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Sequence
+
+from genie.errors import ProtocolError, TransportError
+from genie.runtime.transports.base import (
+    FRAME_MAGIC,
+    PREFIX,
+    Frame,
+    Listener,
+    Transport,
+    TransportStats,
+    pack_prefix,
+    unpack_prefix,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TcpListener", "TcpTransport", "parse_address"]
+
+_IOV_BATCH = 256  # well under IOV_MAX (1024 on Linux)
+_SOCKET_BUFFER = 4 << 20
+_DEFAULT_MAX_MESSAGE = 1 << 40
+
+
+def parse_address(address: str, default_port: int = 7070) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) -> (host, port)."""
+    address = address.strip()
+    if address.startswith("tcp://"):
+        address = address[len("tcp://") :]
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        port = rest.lstrip(":")
+    elif address.count(":") == 1:
+        host, port = address.split(":")
+    else:
+        host, port = address, ""
+    if not host:
+        raise ValueError(f"genie: no host in server address {address!r} (expected host:port)")
+    try:
+        return host, int(port) if port else default_port
+    except ValueError:
+        raise ValueError(
+            f"genie: bad port in server address {address!r} (expected host:port)"
+        ) from None
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+        except OSError:  # capped by the kernel; the default is fine
+            pass
+
+
+class TcpTransport(Transport):
+    name = "tcp"
+
+    def __init__(self, sock: socket.socket, peer: str, *, max_message: int = _DEFAULT_MAX_MESSAGE):
+        _tune(sock)
+        self._sock = sock
+        self._peer = peer
+        self._max_message = max_message
+        self._stats = TransportStats()
+        self._remaining = 0  # payload bytes of the current frame not yet received
+        self._closed = False
+        self._prefix_buf = bytearray(PREFIX.size)
+
+    @classmethod
+    def connect(
+        cls, address: str | tuple[str, int], *, timeout: float | None = 10.0, **kw
+    ) -> TcpTransport:
+        host, port = parse_address(address) if isinstance(address, str) else address
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            raise TransportError(f"genie: cannot connect to {host}:{port}: {e}") from e
+        return cls(sock, f"{host}:{port}", **kw)
+
+    # -- capabilities ---------------------------------------------------------------------
+    @property
+    def zero_copy(self) -> bool:
+        return False
+
+    @property
+    def max_message(self) -> int:
+        return self._max_message
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    @property
+    def stats(self) -> TransportStats:
+        return self._stats
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- errors ---------------------------------------------------------------------------
+    def _fail(self, what: str, e: BaseException | None = None) -> TransportError:
+        if isinstance(e, TimeoutError):
+            msg = f"genie: timed out {what} {self._peer}"
+        elif e is None:
+            msg = f"genie: {self._peer} closed the connection while {what}"
+        else:
+            msg = f"genie: connection to {self._peer} failed while {what}: {e}"
+        return TransportError(msg)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError(f"genie: the connection to {self._peer} is closed")
+
+    # -- sending --------------------------------------------------------------------------
+    def send_frame(
+        self, version: int, kind: int, header: bytes, buffers: Sequence[memoryview] = ()
+    ) -> int:
+        self._check_open()
+        views = [memoryview(b).cast("B") for b in buffers]
+        views = [v for v in views if v.nbytes]
+        payload = sum(v.nbytes for v in views)
+        if payload > self._max_message:
+            raise TransportError(
+                f"genie: a {payload}-byte payload exceeds this connection's limit of "
+                f"{self._max_message} bytes"
+            )
+        parts = [memoryview(pack_prefix(version, kind, len(header), payload)), memoryview(header)]
+        parts.extend(views)
+        total = sum(p.nbytes for p in parts)
+        try:
+            self._sendmsg_all(parts)
+        except OSError as e:
+            raise self._fail("sending to", e) from e
+        self._stats.bytes_sent += total
+        self._stats.frames_sent += 1
+        return total
+
+    def _sendmsg_all(self, parts: list[memoryview]) -> None:
+        i = 0
+        while i < len(parts):
+            batch = parts[i : i + _IOV_BATCH]
+            sent = self._sock.sendmsg(batch)
+            # Advance past what went out; a partial send leaves a tail of one buffer.
+            while sent > 0:
+                n = parts[i].nbytes
+                if sent >= n:
+                    sent -= n
+                    i += 1
+                else:
+                    parts[i] = parts[i][sent:]
+                    sent = 0
+            while i < len(parts) and parts[i].nbytes == 0:
+                i += 1
+
+    # -- receiving ------------------------------------------------------------------------
+    def _recv_into(self, view: memoryview, what: str) -> None:
+        got, n = 0, view.nbytes
+        while got < n:
+            try:
+                k = self._sock.recv_into(view[got:], n - got)
+            except OSError as e:
+                raise self._fail(what, e) from e
+            if k == 0:
+                raise self._fail(what)
+            got += k
+        self._stats.bytes_received += n
+
+    def recv_frame(self, max_header: int) -> Frame:
+        self._check_open()
+        if self._remaining:
+            raise ProtocolError("genie: a frame was read before the previous payload was consumed")
+        buf = memoryview(self._prefix_buf)
+        self._recv_into(buf, "waiting for a message from")
+        magic, version, kind, header_len, payload_len = unpack_prefix(bytes(buf))
+        if magic != FRAME_MAGIC:
+            raise ProtocolError(f"genie: bad frame magic {magic!r} from {self._peer}")
+        if header_len > max_header:
+            raise ProtocolError(
+                f"genie: a {header_len}-byte header from {self._peer} exceeds the limit of {max_header} bytes"
+            )
+        header = bytearray(header_len)
+        if header_len:
+            self._recv_into(memoryview(header), "reading a message header from")
+        self._remaining = payload_len
+        self._stats.frames_received += 1
+        return Frame(version=version, kind=kind, header=bytes(header), payload_len=payload_len)
+
+    def recv_payload(self, buffers: Sequence[memoryview]) -> None:
+        self._check_open()
+        views = [memoryview(b).cast("B") for b in buffers]
+        total = sum(v.nbytes for v in views)
+        if total > self._remaining:
+            raise ProtocolError(
+                f"genie: {total} payload bytes expected but the frame carries {self._remaining}"
+            )
+        for v in views:
+            if v.nbytes:
+                self._recv_into(v, "reading a payload from")
+        self._remaining -= total
+
+    def skip_payload(self, nbytes: int) -> None:
+        self._check_open()
+        nbytes = min(nbytes, self._remaining)
+        scratch = memoryview(bytearray(min(nbytes, 1 << 20) or 1))
+        left = nbytes
+        while left:
+            k = min(left, scratch.nbytes)
+            self._recv_into(scratch[:k], "reading a payload from")
+            left -= k
+        self._remaining -= nbytes
+
+    @property
+    def payload_remaining(self) -> int:
+        return self._remaining
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def set_timeout(self, seconds: float | None) -> None:
+        if not self._closed:
+            self._sock.settimeout(seconds)
+
+    def shutdown(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+
+class TcpListener(Listener):
+    name = "tcp"
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        backlog: int = 64,
+        max_message: int = _DEFAULT_MAX_MESSAGE,
+    ):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind((host, port))
+        except OSError as e:
+            self._sock.close()
+            raise TransportError(f"genie: cannot listen on {host}:{port}: {e}") from e
+        self._sock.listen(backlog)
+        self._max_message = max_message
+        self._closed = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._sock.getsockname()[:2]
+        return host, port
+
+    def accept(self, timeout: float | None = None) -> TcpTransport | None:
+        if self._closed:
+            return None
+        self._sock.settimeout(timeout)
+        try:
+            sock, addr = self._sock.accept()
+        except TimeoutError:
+            return None
+        except OSError:
+            if self._closed:
+                return None
+            raise
+        sock.settimeout(None)
+        return TcpTransport(sock, f"{addr[0]}:{addr[1]}", max_message=self._max_message)
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass

@@ -1,0 +1,194 @@
+"""Models run through `genie serve` (a subprocess on 127.0.0.1) give eager's results, bit for
+bit, and only what the host asks for crosses the wire."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+
+import genie
+import pytest
+import test_models
+import torch
+
+pytest_plugins = ["remote_fixtures"]
+
+transformers = pytest.importorskip("transformers")
+
+DEVICE = "remote_accelerator:0"
+
+
+def _gpt2(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        vocab_size=500,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        **kw,
+    )
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _remote_copy(model):
+    clone = type(model)(model.config).eval()
+    clone.load_state_dict(model.state_dict())
+    return clone.to(DEVICE)
+
+
+def test_decode_bytes_weights_once_and_kv_cache_never_fetched(remote):
+    """16 greedy decode steps: after the first, what is sent is a small fraction of the
+    weights (they are resident), and only the chosen tokens come back, never the KV cache."""
+    model = _gpt2(5)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rmodel = _remote_copy(model)
+    fetched: list[tuple[tuple[int, ...], torch.dtype]] = []
+    real_fetch = remote.fetch
+
+    def fetch(ref):
+        fetched.append((tuple(ref["shape"]), ref["dtype"]))
+        return real_fetch(ref)
+
+    remote.fetch = fetch
+    ids = torch.randint(0, 500, (1, 8))
+    tokens, ref_tokens = [], []
+    with torch.no_grad():
+        out = rmodel(ids.to(DEVICE), use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        tokens.append(tok.item())
+        first = remote.stats()
+        assert first["bytes_sent"] >= weight_bytes  # the weights went with the first step
+        pkv = out.past_key_values
+        for _ in range(15):
+            out = rmodel(tok, past_key_values=pkv, use_cache=True)
+            pkv = out.past_key_values
+            tok = out.logits[:, -1:].argmax(-1)
+            tokens.append(tok.item())
+        last = remote.stats()
+        # eager reference
+        rout = model(ids, use_cache=True)
+        rtok = rout.logits[:, -1:].argmax(-1)
+        rpkv = rout.past_key_values
+        ref_tokens.append(rtok.item())
+        for _ in range(15):
+            rout = model(rtok, past_key_values=rpkv, use_cache=True)
+            rpkv = rout.past_key_values
+            rtok = rout.logits[:, -1:].argmax(-1)
+            ref_tokens.append(rtok.item())
+    assert tokens == ref_tokens
+    sent = last["bytes_sent"] - first["bytes_sent"]
+    assert sent < 0.1 * weight_bytes, (sent, weight_bytes)
+    assert last["upload_bytes"] == first["upload_bytes"]  # no weight crossed the wire again
+    # Only 1x1 token ids were materialized; no KV tensor (batch, heads, seq, dim) came back.
+    assert fetched and all(shape == (1, 1) and dtype == torch.int64 for shape, dtype in fetched)
+    assert last["bytes_received"] - first["bytes_received"] < 200 * 15
+
+
+def test_released_tensors_are_freed_on_the_server(remote):
+    x = torch.randn(256, 256, device=DEVICE)
+    y = (x @ x).relu()
+    y.cpu()
+    before = remote.server_stats()["session"]["resident_bytes"]
+    assert before >= 2 * 256 * 256 * 4
+    del x, y
+    genie.synchronize()
+    torch.ones(1, device=DEVICE).cpu()  # any request carries the releases
+    after = remote.server_stats()["session"]["resident_bytes"]
+    assert after < before - 2 * 256 * 256 * 4 + 4096
+
+
+def test_two_clients_at_once_with_different_models(server):
+    """Two client processes, an MLP and a CNN, sessions open at the same time, each equal to
+    its own eager run."""
+    env = {
+        **os.environ,
+        "GENIE_SERVER": server.address,
+        "GENIE_TOKEN": server.token,
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("GENIE_TOPOLOGY", None)
+    common = """
+        import time, torch, genie
+        from genie.runtime.client import connect
+        c = connect()
+        torch.set_num_threads(1)
+        deadline = time.time() + 60
+        while c.server_stats()["server"]["sessions"] < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert c.server_stats()["server"]["sessions"] >= 2, "the other client never connected"
+    """
+    mlp = (
+        common
+        + """
+        torch.manual_seed(0)
+        def make():
+            return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.LayerNorm(64),
+                                       torch.nn.Linear(64, 8)).eval()
+        m = make()
+        r = make(); r.load_state_dict(m.state_dict()); r = r.to("remote_accelerator:0")
+        with torch.no_grad():
+            for i in range(4):
+                x = torch.randn(3, 32)
+                assert torch.equal(r(x.to("remote_accelerator:0")).cpu(), m(x))
+        print("mlp ok")
+    """
+    )
+    cnn = (
+        common
+        + """
+        torch.manual_seed(1)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 14 * 14, 5)).eval()
+        r = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 14 * 14, 5)).eval()
+        r.load_state_dict(m.state_dict()); r = r.to("remote_accelerator:0")
+        with torch.no_grad():
+            for i in range(4):
+                x = torch.randn(2, 3, 16, 16)
+                assert torch.equal(r(x.to("remote_accelerator:0")).cpu(), m(x))
+        print("cnn ok")
+    """
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for code in (mlp, cnn)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "mlp ok" in outs[0][0] and "cnn ok" in outs[1][0]
+
+
+# The capture issue's model tests (tests/test_models.py: GPT-2 with and without KV cache,
+# greedy generation, BERT, ViT, CLIP, a ResNet, DLRM...), unchanged, through the remote executor.
+_CAPTURE_MODEL_TESTS = sorted(
+    name
+    for name, fn in vars(test_models).items()
+    if name.startswith("test_") and callable(fn) and not inspect.signature(fn).parameters
+)
+
+
+def test_capture_model_tests_are_found():
+    assert {
+        "test_gpt2_kv_cache_steps",
+        "test_gpt2_greedy_generation_8_tokens",
+        "test_bert_bit_exact",
+        "test_resnet_cnn_bit_exact",
+    } <= set(_CAPTURE_MODEL_TESTS)
+
+
+@pytest.mark.parametrize("name", _CAPTURE_MODEL_TESTS)
+def test_capture_model_tests_through_remote(remote, name):
+    runs = remote.counters["runs"]
+    getattr(test_models, name)()
+    assert remote.counters["runs"] > runs  # it really ran on the server
