@@ -5,6 +5,9 @@
 #include <ATen/SDPBackend.h>
 #include <ATen/native/DispatchStub.h>
 #include <ATen/native/transformers/attention.h>
+#include <ATen/ops/_reshape_alias_native.h>
+#include <ATen/ops/as_strided_native.h>
+#include <ATen/ops/view_native.h>
 #include <c10/core/TensorImpl.h>
 #include <torch/library.h>
 
@@ -628,6 +631,12 @@ int64_t register_direct_kernels() {
       if (skip) continue;
       auto handle = d.findOp(opname);
       if (!handle || handle->hasKernelForDispatchKey(c10::DispatchKey::PrivateUse1)) continue;
+      // View ops keep their composite kernels, which end in the metadata-only as_strided
+      // below: see Note: [Views are metadata].
+      bool is_view = false;
+      for (const auto& r : handle->schema().returns())
+        is_view = is_view || (r.alias_info() != nullptr && !r.alias_info()->isWrite());
+      if (is_view) continue;
       lib->impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&capture_kernel>());
       ++count;
     }
@@ -637,7 +646,18 @@ int64_t register_direct_kernels() {
 
 TORCH_LIBRARY_IMPL(_, PrivateUse1, m) { m.fallback(torch::CppFunction::makeFromBoxedFunction<&capture_kernel>()); }
 
+// Note: [Views are metadata]
+// A view changes only which part of a storage a tensor describes, and replay addresses every
+// tensor as (storage, dtype, sizes, strides, offset) anyway (Note: [Storage identity]). So
+// views are not recorded: PyTorch's own metadata kernels make them, as for CPU tensors, and
+// composite view ops (transpose, permute, select, slice, expand...) decompose onto them. A
+// view costs what it costs in eager mode and never appears in the graph.
 TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
+  m.impl("as_strided", &at::native::as_strided_tensorimpl);
+  m.impl("as_strided_", &at::native::as_strided__symint);
+  m.impl("view", &at::native::view);
+  m.impl("view.dtype", &at::native::view_dtype);
+  m.impl("_reshape_alias", &at::native::_reshape_alias);
   m.impl("_copy_from", &copy_from);
   m.impl("_copy_from_and_resize", &copy_from_and_resize);
   m.impl("_local_scalar_dense", &local_scalar_dense);

@@ -221,7 +221,17 @@ std::string Recorder::flush_locked(const std::vector<StorageId>& targets, bool a
     for (auto s : n->writes) mentioned.insert(s);
     for (auto s : n->fresh) mentioned.insert(s);
   }
-  for (const auto& [id, c] : constants_) mentioned.insert(id);
+  // Uploads nothing pending reads any more: pure constants go; a live remote storage's upload
+  // stays (later work may read that storage).
+  for (auto it = constants_.begin(); it != constants_.end();) {
+    bool pure = pure_constants_.count(it->first) > 0;
+    if (!mentioned.count(it->first) && (pure || released_.count(it->first))) {
+      it = constants_.erase(it);
+    } else {
+      mentioned.insert(it->first);
+      ++it;
+    }
+  }
 
   if (!req.nodes.empty() || !req.constants.empty()) {
     try {
