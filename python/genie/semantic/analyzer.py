@@ -1,0 +1,503 @@
+"""SemanticAnalyzer: runs the three tiers, the phase detector, the patterns and the
+classifier over a Graph, writes ``node.meta`` and returns a WorkloadProfile.
+
+Note: [Analysis cache]
+Results are cached by the graph's structural hash together with the column of module
+context ids (interned, so the same model recorded the same way repeats it) and whether a
+model was given (which inputs are its parameters follows from the structure). A hit replays the cached node annotations onto
+the new graph's nodes by position and maps node and storage ids from the cached graph to the
+new one, so the profile names the new graph's ids; the phase detector still sees the call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import weakref
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from genie.semantic.annotate import Annotations, annotate
+from genie.semantic.classifier import classify
+from genie.semantic.config import AnalyzerConfig
+from genie.semantic.context import ModuleContextTracker, context_table
+from genie.semantic.graph_utils import GraphView
+from genie.semantic.op_stats import OpStreamStats, op_stream_stats
+from genie.semantic.patterns.base import MatchedPattern, PatternContext
+from genie.semantic.patterns.registry import PatternRegistry, default_registry
+from genie.semantic.phases import CallPhase, PhaseDetector
+from genie.semantic.profile import WorkloadProfile
+from genie.semantic.roles import ContextInfo, context_info
+from genie.semantic.structure import (
+    ModelStructure,
+    structure_from_contexts,
+    structure_from_model,
+    structure_from_ops,
+)
+from genie.semantic.vocab import Modality, Phase, Residency, WorkloadType
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SemanticAnalyzer"]
+
+_BACKEND = "remote_accelerator"
+
+
+@dataclass
+class _Entry:
+    """A cached analysis: the profile and annotations as computed for one graph."""
+
+    profile: WorkloadProfile
+    metas: list[dict[str, Any]]
+    node_ids: list[int]
+    inputs: list[int]
+    call: CallPhase | None
+
+
+@dataclass
+class _Perf:
+    analyses: int = 0
+    hits: int = 0
+    misses: int = 0
+    total_ms: float = 0.0
+    max_ms: float = 0.0
+    cold_ms: list[float] = field(default_factory=list)
+    hit_ms: list[float] = field(default_factory=list)
+    tiers: dict[str, float] = field(default_factory=dict)  # summed over misses
+    slow: list[dict[str, Any]] = field(default_factory=list)
+
+
+class SemanticAnalyzer:
+    """Understands what a recorded graph is.
+
+    ::
+
+        analyzer = SemanticAnalyzer()
+        profile = analyzer.analyze_graph(genie.get_graph())        # or:
+        profile = analyzer.analyze(model, input_ids)                # records with hooks
+
+    ``config`` defaults to ``AnalyzerConfig.from_env()``; ``registry`` to the process-wide
+    pattern registry; each analyzer owns its phase detector and caches.
+    """
+
+    def __init__(self, config: AnalyzerConfig | None = None,
+                 registry: PatternRegistry | None = None,
+                 phase_detector: PhaseDetector | None = None):
+        self.config = config or AnalyzerConfig.from_env()
+        self.registry = registry or default_registry()
+        self.phase_detector = phase_detector or PhaseDetector()
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._structures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._infos: dict[int, ContextInfo] = {}
+        self._perf = _Perf()
+        self._table = context_table()
+        # Import what analyses use now, so the first analysis is not billed for imports
+        # (and not reported as slow for them); loads the registry's plugins too.
+        import networkx.algorithms.isomorphism  # noqa: F401
+
+        self.registry.names()
+
+    # -- public API -----------------------------------------------------------------------------
+    def analyze_graph(self, graph, model: torch.nn.Module | None = None) -> WorkloadProfile:
+        """Annotate every node of ``graph`` and profile it. ``model``, when given, lets tier 2
+        read its module tree and tier 3 recognise its parameters among the graph inputs."""
+        t0 = time.perf_counter()
+        key = None
+        if self.config.cache:
+            key = self._key(graph, model is not None)
+            with self._lock:
+                entry = self._cache.get(key)
+                if entry is not None:
+                    self._cache.move_to_end(key)
+            if entry is not None:
+                profile = self._replay(entry, graph)
+                ms = (time.perf_counter() - t0) * 1e3
+                profile.metadata["analysis_ms"] = round(ms, 4)
+                self._account(ms, hit=True, profile=profile, tiers=None)
+                return profile
+        params = self._param_storages(graph, model) if model is not None else frozenset()
+        profile, entry, tiers = self._analyze(graph, model, params)
+        ms = (time.perf_counter() - t0) * 1e3
+        profile.metadata["analysis_ms"] = round(ms, 4)
+        if key is not None:
+            with self._lock:
+                self._cache[key] = entry
+                while len(self._cache) > self.config.cache_size:
+                    self._cache.popitem(last=False)
+        self._account(ms, hit=False, profile=profile, tiers=tiers)
+        return profile
+
+    def analyze(self, model: torch.nn.Module, *inputs: Any, return_outputs: bool = False,
+                grad: bool = False, **kwargs: Any):
+        """Record ``model(*inputs, **kwargs)`` with module hooks and analyze what is pending.
+
+        CPU tensors among the inputs are moved to the model's ``remote_accelerator`` device
+        (``remote_accelerator:0`` for a CPU model, whose weights then become graph uploads);
+        the model itself is not moved. The pending graph -- what the next flush would run,
+        including anything recorded before this call -- is analyzed. Runs under
+        ``torch.no_grad()`` unless ``grad``. Returns the profile, or ``(profile, outputs)``.
+        """
+        import genie
+
+        device = _remote_device(model)
+        args = _to_device(inputs, device)
+        kw = _to_device(kwargs, device)
+        with torch.set_grad_enabled(grad), ModuleContextTracker(model):
+            out = model(*args, **kw)
+        profile = self.analyze_graph(genie.get_graph(), model)
+        return (profile, out) if return_outputs else profile
+
+    def track(self, model: torch.nn.Module, name: str | None = None) -> ModuleContextTracker:
+        """A ModuleContextTracker for ``model`` (use it as a context manager)."""
+        return ModuleContextTracker(model, name=name)
+
+    def clear_cache(self, structures: bool = True) -> None:
+        """Forget cached results (and, unless ``structures=False``, per-model structures and
+        module-context rules)."""
+        with self._lock:
+            self._cache.clear()
+            if structures:
+                self._structures = weakref.WeakKeyDictionary()
+                self._infos = {}
+
+    def get_performance_report(self) -> dict[str, Any]:
+        """Counts, hit rate and timings of the analyses this analyzer ran."""
+        p = self._perf
+        with self._lock:
+            cold = sorted(p.cold_ms)
+            hot = sorted(p.hit_ms)
+            return {
+                "analyses": p.analyses,
+                "cache_hits": p.hits,
+                "cache_misses": p.misses,
+                "hit_rate": p.hits / p.analyses if p.analyses else 0.0,
+                "cache_entries": len(self._cache),
+                "cache_enabled": self.config.cache,
+                "total_ms": round(p.total_ms, 3),
+                "avg_ms": round(p.total_ms / p.analyses, 4) if p.analyses else 0.0,
+                "max_ms": round(p.max_ms, 3),
+                "cold_median_ms": round(_median(cold), 4),
+                "hit_median_ms": round(_median(hot), 4),
+                "tier_avg_ms": {k: round(v / p.misses, 4) for k, v in p.tiers.items()}
+                if p.misses else {},
+                "slow_threshold_ms": self.config.slow_ms,
+                "slow_analyses": list(p.slow),
+                "plugin_errors": [str(e) for e in self.registry.plugin_errors],
+                "phases": self.phase_detector.statistics(),
+            }
+
+    # -- the analysis ---------------------------------------------------------------------------
+    def _analyze(self, graph, model, params) -> tuple[WorkloadProfile, _Entry, dict[str, float]]:
+        cfg = self.config
+        tiers: dict[str, float] = {}
+        clock = time.perf_counter
+        t = clock()
+        gv = GraphView(graph)
+        stats = op_stream_stats(gv, topology=cfg.topology)
+        t, tiers["tier1_ops"] = _lap(t)
+
+        structure = self._structure(graph, model)
+        t, tiers["tier2_structure"] = _lap(t)
+
+        ann = annotate(gv, self._info, params)
+        if structure is None:
+            structure = structure_from_ops(stats.class_histogram, ann, *self._weights(gv, ann))
+        t, tiers["tier3_semantics"] = _lap(t)
+
+        graph_hash = graph.structural_hash()
+        phase_result = None
+        if cfg.phase_detection:
+            phase_result = self.phase_detector.detect(gv, ann, structure.architecture, graph_hash)
+        t, tiers["phases"] = _lap(t)
+
+        ctx = PatternContext(graph, gv, stats, structure, ann, fast=cfg.fast_patterns)
+        timings: dict[str, float] | None = {} if cfg.debug else None
+        patterns = self.registry.match_all(ctx, timings=timings)
+        t, tiers["patterns"] = _lap(t)
+
+        wt, conf, decided_by = classify(patterns)
+        profile = self._profile(graph, gv, stats, structure, ann, patterns, wt, conf, decided_by,
+                                phase_result, graph_hash)
+        t, tiers["classify"] = _lap(t)
+        profile.metadata["tier_ms"] = {k: round(v, 4) for k, v in tiers.items()}
+        if cfg.debug:
+            profile.metadata["debug"] = {
+                "pattern_ms": {k: round(v, 4) for k, v in (timings or {}).items()},
+                "matched": [p.name for p in patterns],
+                "not_matched": [n for n in self.registry.names()
+                                if n not in {p.name for p in patterns}],
+                "plugin_errors": [str(e) for e in self.registry.plugin_errors],
+            }
+            logger.info("genie: analyzed %s: %s (%.2f) tiers %s patterns %s", graph_hash[:12], wt,
+                        conf, profile.metadata["tier_ms"], profile.metadata["debug"]["pattern_ms"])
+        if phase_result is not None:
+            self.phase_detector.observe(phase_result.call)
+        entry = _Entry(
+            profile=profile,
+            metas=[dict(n.meta) for n in graph.nodes] if cfg.cache else [],
+            node_ids=[n.id for n in graph.nodes],
+            inputs=list(gv.inputs),
+            call=phase_result.call if phase_result is not None else None,
+        )
+        return profile, entry, tiers
+
+    def _profile(self, graph, gv: GraphView, stats: OpStreamStats, structure: ModelStructure,
+                 ann: Annotations, patterns: list[MatchedPattern], wt: WorkloadType, conf: float,
+                 decided_by: str, phase_result, graph_hash: str) -> WorkloadProfile:
+        call_phase = phase_result.call.phase if phase_result is not None else None
+        branches = sum(1 for m in Modality.PERCEPTUAL if ann.modalities.get(m, 0) >= 3)
+        parallelism = {
+            "critical_path": stats.critical_path,
+            "max_width": stats.max_width,
+            "average_width": round(stats.average_width, 3),
+            "branches": max(branches, 1),
+            "components": stats.components,
+            "batch_size": ann.batch_size,
+        }
+        return WorkloadProfile(
+            workload_type=wt,
+            confidence=conf,
+            patterns=patterns,
+            phases=phase_result.node_ids(graph.nodes) if phase_result is not None else {},
+            call_phase=call_phase,
+            metadata={
+                "graph_hash": graph_hash,
+                "nodes": len(graph.nodes),
+                "architecture": structure.architecture,
+                "model_type": structure.model_type,
+                "decided_by": decided_by,
+                "cache_hit": False,
+                "batch_size": ann.batch_size,
+                "weights": ann.weight_count,
+                "weight_bytes": ann.weight_bytes,
+                "fusion_points": list(ann.fusion_points),
+                "fusion_modules": list(ann.fusion_modules),
+                "roles": dict(ann.roles),
+                "modalities": dict(ann.modalities),
+                "input_modalities": dict(Counter(ann.input_modalities.values())),
+                "causal": ann.causal,
+                "call": phase_result.call.to_dict() if phase_result is not None else None,
+            },
+            structure=structure,
+            context={
+                "coverage": round(ann.context_coverage, 4),
+                "modules": len(ann.modules),
+                "top_modules": ann.modules.most_common(10),
+                "contexts": len({n.context for n in graph.nodes if n.context}),
+            },
+            op_stats=stats,
+            compute_intensity=stats.compute_intensity,
+            memory_bandwidth_share=stats.memory_bandwidth_share,
+            parallelism=parallelism,
+            latency_sensitivity=_latency(call_phase, wt, ann.batch_size),
+            residency=dict(ann.residency),
+            kv_cache={
+                "nodes": list(ann.kv_cache_nodes),
+                "storages": list(ann.kv_cache_storages),
+                "bytes": ann.kv_cache_bytes,
+                "present": bool(ann.kv_cache_storages),
+            },
+            graph_hash=graph_hash,
+            graph=graph,
+        )
+
+    # -- tiers' inputs ----------------------------------------------------------------------------
+    def _info(self, cid: int) -> ContextInfo:
+        info = self._infos.get(cid)
+        if info is None:
+            info = context_info(self._table, cid, self._infos)
+        return info
+
+    def _structure(self, graph, model) -> ModelStructure | None:
+        if model is not None:
+            st = self._structures.get(model)
+            if st is None:
+                st = structure_from_model(model, try_fx=self.config.try_fx)
+                self._structures[model] = st
+            return st
+        table = self._table
+        cids = {n.context for n in graph.nodes if n.context}
+        ctxs = {}
+        for cid in cids:
+            for c in table.chain(cid):
+                ctxs.setdefault(c.id, c)
+        return structure_from_contexts(ctxs.values()) if ctxs else None
+
+    @staticmethod
+    def _weights(gv: GraphView, ann: Annotations) -> tuple[int, list[tuple[int, ...]]]:
+        shapes = []
+        count = 0
+        seen = set()
+        for n in gv.nodes:
+            for t in n.inputs:
+                if t.storage in ann.residency and t.storage not in seen and \
+                        ann.residency[t.storage] == Residency.PERSISTENT_WEIGHT:
+                    seen.add(t.storage)
+                    shapes.append(t.shape)
+                    count += t.numel
+        return count, shapes
+
+    def _param_storages(self, graph, model: torch.nn.Module) -> frozenset[int]:
+        """Storage ids of the model's parameters and buffers among the graph's inputs: by
+        ``genie._C._storage_id`` for tensors on remote_accelerator, by data pointer for CPU
+        tensors uploaded as graph constants."""
+        from genie import _C
+
+        out: set[int] = set()
+        cpu_ptrs: set[int] = set()
+        for t in _tensors(model):
+            if t.device.type == _BACKEND:
+                try:
+                    out.add(int(_C._storage_id(t)))
+                except Exception:  # noqa: BLE001 - a tensor the recorder does not know
+                    continue
+            elif t.device.type == "cpu":
+                cpu_ptrs.add(t.untyped_storage().data_ptr())
+        if cpu_ptrs:
+            for s, c in graph.constants.items():
+                if c.untyped_storage().data_ptr() in cpu_ptrs:
+                    out.add(s)
+        return frozenset(out)
+
+    # -- the cache ----------------------------------------------------------------------------------
+    def _key(self, graph, with_model: bool) -> tuple:
+        # Which inputs are parameters follows from the program's structure (the same model
+        # recorded the same way puts its weights at the same input positions), so whether a
+        # model was given is all the key needs about it.
+        ctx_sig = hash(tuple([n.context for n in graph.nodes]))
+        cfg = self.config
+        return (graph.structural_hash(), ctx_sig, with_model, cfg.fast_patterns,
+                cfg.phase_detection)
+
+    def _replay(self, entry: _Entry, graph) -> WorkloadProfile:
+        nodes = graph.nodes
+        new_ids = [n.id for n in nodes]
+        same = new_ids == entry.node_ids
+        for n, m in zip(nodes, entry.metas, strict=True):
+            n.meta.update(m)
+        old = entry.profile
+        if same:
+            nid = sid = None
+        else:
+            nid = dict(zip(entry.node_ids, new_ids, strict=True))
+            sid = dict(zip(entry.inputs, graph.input_storages, strict=True))
+            for fid in old.metadata.get("fusion_points", ()):
+                n = nodes[entry.node_ids.index(fid)]
+                lin = n.meta.get("lineage")
+                if lin is not None:
+                    n.meta["lineage"] = dict(lin, sources={
+                        k: [nid.get(i, i) for i in v] for k, v in lin["sources"].items()})
+
+        def ids(xs):
+            return list(xs) if nid is None else [nid.get(i, i) for i in xs]
+
+        def sids(xs):
+            return list(xs) if sid is None else [sid.get(s, s) for s in xs]
+
+        if entry.call is not None:
+            self.phase_detector.observe(entry.call)
+        md = dict(old.metadata)
+        md["cache_hit"] = True
+        md["fusion_points"] = ids(md.get("fusion_points", ()))
+        return dataclasses.replace(
+            old,
+            patterns=[dataclasses.replace(p, nodes=ids(p.nodes), hints=dict(p.hints))
+                      for p in old.patterns],
+            phases={k: ids(v) for k, v in old.phases.items()},
+            metadata=md,
+            residency=old.residency if sid is None else
+            {sid.get(s, s): r for s, r in old.residency.items()},
+            kv_cache=dict(old.kv_cache, nodes=ids(old.kv_cache["nodes"]),
+                          storages=sids(old.kv_cache["storages"])),
+            graph=graph,
+        )
+
+    def _account(self, ms: float, hit: bool, profile: WorkloadProfile,
+                 tiers: dict[str, float] | None) -> None:
+        p = self._perf
+        with self._lock:
+            p.analyses += 1
+            p.total_ms += ms
+            p.max_ms = max(p.max_ms, ms)
+            if hit:
+                p.hits += 1
+                _push(p.hit_ms, ms)
+            else:
+                p.misses += 1
+                _push(p.cold_ms, ms)
+                for k, v in (tiers or {}).items():
+                    p.tiers[k] = p.tiers.get(k, 0.0) + v
+        if ms > self.config.slow_ms:
+            rec = {"graph_hash": profile.graph_hash[:16], "ms": round(ms, 3),
+                   "nodes": profile.metadata.get("nodes"), "cache_hit": hit,
+                   "tier_ms": profile.metadata.get("tier_ms")}
+            with self._lock:
+                _push(p.slow, rec, 64)
+            logger.warning(
+                "genie: semantic analysis of graph %s (%s nodes) took %.1f ms, over "
+                "GENIE_ANALYZER_SLOW_MS=%g; tiers: %s", rec["graph_hash"], rec["nodes"], ms,
+                self.config.slow_ms, rec["tier_ms"])
+
+    def __repr__(self) -> str:
+        return (f"SemanticAnalyzer(cache={'on' if self.config.cache else 'off'}, "
+                f"entries={len(self._cache)}, patterns={self.registry!r})")
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def _lap(t: float) -> tuple[float, float]:
+    now = time.perf_counter()
+    return now, (now - t) * 1e3
+
+
+def _push(xs: list, x: Any, cap: int = 4096) -> None:
+    xs.append(x)
+    if len(xs) > cap:
+        del xs[: len(xs) - cap]
+
+
+def _median(xs: list[float]) -> float:
+    if not xs:
+        return 0.0
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
+def _latency(call_phase: str | None, wt: WorkloadType, batch: int | None) -> str:
+    """Decode steps and online recommenders wait on every step: high. Otherwise small
+    batches are interactive (medium) and large ones are throughput work (low)."""
+    if call_phase == Phase.DECODE or wt == WorkloadType.RECSYS:
+        return "high"
+    if batch is None or batch <= 1:
+        return "high"
+    return "medium" if batch <= 8 else "low"
+
+
+def _tensors(model: torch.nn.Module):
+    yield from model.parameters()
+    yield from model.buffers()
+
+
+def _remote_device(model: torch.nn.Module) -> torch.device:
+    for t in _tensors(model):
+        if t.device.type == _BACKEND:
+            return t.device
+    return torch.device(_BACKEND, 0)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device) if obj.device.type == "cpu" else obj
+    if isinstance(obj, tuple):
+        return tuple(_to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj

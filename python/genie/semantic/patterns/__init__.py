@@ -1,0 +1,51 @@
+"""Pattern plugins: built-ins, the registry, and the predicates patterns are made of."""
+
+from genie.semantic.patterns.base import (
+    FunctionPattern,
+    MatchedPattern,
+    Pattern,
+    PatternContext,
+    Predicate,
+    PredicatePattern,
+    Template,
+    any_chain,
+    architecture_in,
+    chain,
+    has_modality,
+    has_op_class,
+    has_role,
+    has_subgraph,
+    negate,
+)
+from genie.semantic.patterns.registry import (
+    ENTRY_POINT_GROUP,
+    PLUGINS_ENV,
+    PatternRegistry,
+    PluginError,
+    default_registry,
+    register_pattern,
+)
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PLUGINS_ENV",
+    "FunctionPattern",
+    "MatchedPattern",
+    "Pattern",
+    "PatternContext",
+    "PatternRegistry",
+    "PluginError",
+    "Predicate",
+    "PredicatePattern",
+    "Template",
+    "any_chain",
+    "architecture_in",
+    "chain",
+    "default_registry",
+    "has_modality",
+    "has_op_class",
+    "has_role",
+    "has_subgraph",
+    "negate",
+    "register_pattern",
+]
