@@ -191,7 +191,7 @@ class PhaseDetector:
                 for p, s in self._stats.items()
             }
             return {
-                "calls": len(self.history),
+                "calls": int(sum(s["calls"] for s in self._stats.values())),
                 "current_phase": self.current_phase,
                 "phases": phases,
                 "transitions": {f"{a}->{b}": c for (a, b), c in self.transitions.items()},
