@@ -39,7 +39,7 @@ from genie.semantic.structure import (
     structure_from_model,
     structure_from_ops,
 )
-from genie.semantic.vocab import Modality, Phase, Residency, WorkloadType
+from genie.semantic.vocab import META_KEYS, Modality, Phase, Residency, WorkloadType
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +196,10 @@ class SemanticAnalyzer:
     def _analyze(self, graph, model, params) -> tuple[WorkloadProfile, _Entry, dict[str, float]]:
         cfg = self.config
         tiers: dict[str, float] = {}
+        if any("semantic_role" in n.meta for n in graph.nodes[:1]):
+            for n in graph.nodes:  # analysed before (maybe with other switches): start clean
+                for k in META_KEYS:
+                    n.meta.pop(k, None)
         clock = time.perf_counter
         t = clock()
         gv = GraphView(graph)
@@ -240,7 +244,8 @@ class SemanticAnalyzer:
             self.phase_detector.observe(phase_result.call)
         entry = _Entry(
             profile=profile,
-            metas=[dict(n.meta) for n in graph.nodes] if cfg.cache else [],
+            metas=[{k: n.meta[k] for k in META_KEYS if k in n.meta} for n in graph.nodes]
+            if cfg.cache else [],
             node_ids=[n.id for n in graph.nodes],
             inputs=list(gv.inputs),
             call=phase_result.call if phase_result is not None else None,

@@ -139,12 +139,10 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
     kv_nodes: dict[int, None] = {}
     kv_storages: dict[int, None] = {}
     pos_of = gv.pos
-    attn_ids: list[int] = []
     for n in nodes:
         c = cls_of[n.id]
-        if c == OpClass.ATTENTION or (c == OpClass.MATMUL and n.name in ("bmm", "matmul")
+        if c == OpClass.ATTENTION or (c == OpClass.MATMUL and names[n.id] in ("bmm", "matmul")
                                       and len(n.inputs) >= 2 and _scores(gv, n, info_of)):
-            attn_ids.append(n.id)
             kv_inputs = n.inputs[1:3] if c == OpClass.ATTENTION else n.inputs[1:2]
             for t in kv_inputs:
                 w = last_writer.get(t.storage)

@@ -112,8 +112,8 @@ class ContextInfo:
     attention_path: str | None  # path of the enclosing attention module
     fusion_path: str | None
     branch: str  # first path component below the root ("" at the root)
-    _ffn_name: bool = False  # some module name on the path says FFN
-    _embeddings: bool = False  # some module name on the path says embeddings
+    ffn_named: bool = False  # some module name on the path says FFN
+    embeddings_named: bool = False  # some module name on the path says embeddings
 
 
 NO_CONTEXT = ContextInfo(0, "", "", 0, None, "none", None, False, False, False, False, False,
@@ -157,8 +157,8 @@ def context_info(table: ContextTable, cid: int,
         own_attention and bool(_CROSS.search(name) or _CROSS.search(type_name)))
     grand_ctx = table.get(parent_ctx.parent) if parent_ctx is not None else None
     near_types = [type_name] + [c.type for c in (parent_ctx, grand_ctx) if c is not None]
-    in_ffn_name = (p is not None and p._ffn_name) or (named and bool(_FFN.search(name)))
-    in_ffn = in_ffn_name or any(_FFN.search(t) for t in near_types)
+    ffn_named = (p is not None and p.ffn_named) or (named and bool(_FFN.search(name)))
+    in_ffn = ffn_named or any(_FFN.search(t) for t in near_types)
     in_block = (p is not None and p.in_block) or bool(_BLOCK.search(type_name))
     fusion_path = (p.fusion_path if p is not None else None) or (
         ctx.path if named and _FUSION.search(name) else None)
@@ -175,7 +175,8 @@ def context_info(table: ContextTable, cid: int,
             recsys = Role.FEATURE_INTERACTION
     if recsys is None and p is not None:
         recsys = p.recsys_part
-    in_embeddings = (p is not None and p._embeddings) or (named and bool(_EMBEDDINGS.search(name)))
+    in_embeddings = (p is not None and p.embeddings_named) or (
+        named and bool(_EMBEDDINGS.search(name)))
     hint = _modality_hint([name] if named else [ctx.root])
     if hint is None and p is not None:
         hint = p.modality_hint
@@ -199,8 +200,8 @@ def context_info(table: ContextTable, cid: int,
         attention_path=attention_path,
         fusion_path=fusion_path,
         branch=ctx.path.split(".", 1)[0] if named else "",
-        _ffn_name=in_ffn_name,
-        _embeddings=in_embeddings,
+        ffn_named=ffn_named,
+        embeddings_named=in_embeddings,
     )
     if memo is not None:
         memo[cid] = info
