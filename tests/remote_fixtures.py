@@ -1,7 +1,8 @@
 """Shared fixtures and helpers of the remote-execution tests (test_remote_*.py).
 
 Test modules load it with ``pytest_plugins = ["remote_fixtures"]`` (pytest puts this
-directory on sys.path for its test modules) and import the helpers they call.
+directory on sys.path for its test modules) and import the helpers they call. Plain asserts
+here (PYTEST_DONT_REWRITE: the test modules import this before pytest could rewrite it).
 """
 
 from __future__ import annotations
@@ -195,3 +196,50 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def small_program():
+    """A small recorded program (matmul, relu, a view chain, cat, sum, scalar ops) as the
+    recorder hands it to an executor: (core node dicts, constants, eager result, result ref).
+    Its ops allocate only what their inputs' shapes imply, so fuzzed variants cannot ask the
+    server for unbounded memory through an argument."""
+    genie.configure(local_device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 8, generator=gen)
+    b = torch.randn(8, 6, generator=gen)
+    expected = (
+        torch.cat([(a @ b).relu(), a[:, :6].t().contiguous().t()], 0).sum(1, keepdim=True) * 2 + 1
+    )
+    ra, rb = a.to(DEVICE), b.to(DEVICE)
+    y = (
+        torch.cat([(ra @ rb).relu(), ra[:, :6].t().contiguous().t()], 0).sum(1, keepdim=True) * 2
+        + 1
+    )
+    nodes = genie._C._pending_nodes()
+    constants = genie._C._pending_constants()
+    ref = dict(nodes[-1]["outputs"][0])
+    assert torch.equal(y.cpu(), expected)
+    return nodes, constants, expected, ref
+
+
+def run_request(nodes, constants, *, body: bytes | None = None) -> tuple[dict, bytes]:
+    """A complete, valid "run" request for `nodes` (uploading `constants`) and its payload."""
+    from genie.runtime.client import _storage_span
+    from genie.runtime.program import encode_program
+
+    enc = encode_program(nodes)
+    up, payload = [], b""
+    for sid, t in constants.items():
+        lo, hi = _storage_span(t)
+        data = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage(), lo, (hi - lo,), (1,))
+        up.append([int(sid), hi, lo, hi - lo, True])
+        payload += data.numpy().tobytes()
+    header = {
+        "t": "run",
+        "key": enc.key,
+        "prog": enc.body if body is None else body,
+        "bind": enc.binding,
+        "rng": [],
+        "up": up,
+    }
+    return header, payload

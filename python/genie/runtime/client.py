@@ -94,7 +94,13 @@ class RemoteExecutor:
             "fetches": 0, "fetch_bytes": 0, "eager": 0, "programs_patched": 0,
         }  # fmt: skip
         tok = token.encode() if isinstance(token, str) else bytes(token)
-        self._t = transports.connect(address, kind=transport, timeout=connect_timeout)
+        try:
+            self._t = transports.connect(address, kind=transport, timeout=connect_timeout)
+        except TransportError as e:
+            raise TransportError(
+                f"{e}. Is `genie serve` running there? Start it on the GPU host with "
+                "`genie serve --host 0.0.0.0 --port PORT --token-file FILE` and check the address."
+            ) from None
         try:
             P.client_handshake(self._t, tok)
             self._t.set_timeout(timeout)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from genie.errors import ProtocolError, RemoteError
+from genie.errors import ExecutionError, GenieError, ProtocolError, RemoteError
 from genie.graph.ir import Node, TensorMeta
 from genie.runtime import protocol as P
 from genie.runtime.replay import Environment, run_node
@@ -540,10 +540,17 @@ def execute(
         if k in states:
             step = copy.copy(step)
             step.rng_state = states[k]
-        if keep_last and k == last:
-            results = run_node(step, frame, bind=False)
-        else:
-            run_node(step, frame)
+        try:
+            if keep_last and k == last:
+                results = run_node(step, frame, bind=False)
+            else:
+                run_node(step, frame)
+        except GenieError:
+            raise
+        except Exception as e:  # noqa: BLE001 - binding a result the recording did not predict
+            raise ExecutionError(
+                f"genie: {step.op} (node {k}) failed: {type(e).__name__}: {e}"
+            ) from e
     for local in program.produced:
         st = frame.storages.get(local)
         if st is not None:

@@ -72,7 +72,13 @@ class Session:
         self.runner = GraphRunner(server.device, enabled=server.config.cuda_graphs)
         self.requests = 0
         self.errors = 0
+        # Note: [Graceful shutdown] The server closes a session only while it is idle, and
+        # only once it has been idle for a moment: a materialization is a run request then a
+        # fetch request, and the fetch must not find the connection gone.
         self.busy = False
+        self.closing = False
+        self.last_active = time.monotonic()
+        self.state_lock = threading.Lock()
         self.authenticated = False
         self._handlers = {
             "hello": self._hello,
@@ -95,18 +101,23 @@ class Session:
             self.authenticated = True
             t.set_timeout(self.server.config.idle_timeout)
             logger.info("genie: session %d opened for %s", self.number, t.peer)
-            while not self.server.stopping:
+            self.last_active = time.monotonic()
+            while True:
                 try:
                     frame = t.recv_frame(self.limits.max_header)
                 except ProtocolError as e:
                     reply, _, _ = self._fatal("protocol", str(e).removeprefix("genie: "))
                     self._send(reply, [])
                     return
-                self.busy = True
+                with self.state_lock:
+                    if self.closing:
+                        return
+                    self.busy = True
                 try:
                     reply, buffers, close = self.handle_frame(frame)
                     self._send(reply, buffers)
                 finally:
+                    self.last_active = time.monotonic()
                     self.busy = False
                 if close:
                     return
@@ -145,13 +156,14 @@ class Session:
         try:
             with self.server.device_context(self):
                 req = P.get_map(P.unpack(frame.header, self.limits), "request")
-                handler = self._handlers.get(req.get("t"))
-                P.need(handler is not None, f"unknown request type {str(req.get('t'))[:40]!r}")
-                if req.get("t") not in ("upload", "run", "eager"):
+                kind = req.get("t")
+                handler = self._handlers.get(kind) if type(kind) is str else None
+                P.need(handler is not None, f"unknown request type {str(kind)[:40]!r}")
+                if kind not in ("upload", "run", "eager"):
                     P.need(frame.payload_len == 0, "this request carries no payload")
                 self._apply_pre(req.get("pre"))
                 reply, buffers = handler(req, frame)
-                close = req.get("t") == "bye"
+                close = kind == "bye"
         except _Close as e:
             return self._fatal("protocol", str(e))
         except TransportError:
@@ -499,24 +511,34 @@ class Server:
         self.exit_code = 3
         self.request_shutdown()
 
-    def shutdown(self, grace: float = 30.0) -> None:
-        """Stop accepting, let requests in flight finish, close every session."""
+    def shutdown(self, grace: float = 30.0, drain_idle: float = 0.5) -> None:
+        """Stop accepting, let requests in flight finish, close each session once it has been
+        idle for `drain_idle` seconds (Note: [Graceful shutdown]); after `grace`, close all."""
         self.stopping = True
         self._stop.set()
         if self._listener is not None:
             self._listener.close()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with self._lock:
+                sessions = list(self._sessions.values())
+            if not sessions:
+                break
+            now = time.monotonic()
+            for s in sessions:
+                with s.state_lock:
+                    if not s.closing and not s.busy and now - s.last_active >= drain_idle:
+                        s.closing = True
+                        s.transport.shutdown()
+            time.sleep(0.05)
         with self._lock:
             sessions = list(self._sessions.values())
             threads = list(self._threads)
         for s in sessions:
-            if not s.busy:
-                s.transport.shutdown()
-        deadline = time.monotonic() + grace
+            s.closing = True
+            s.transport.shutdown()
         for th in threads:
-            th.join(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            for s in list(self._sessions.values()):
-                s.transport.shutdown()
+            th.join(max(0.1, deadline - time.monotonic()))
         if self._accept_thread is not None:
             self._accept_thread.join(2.0)
 
