@@ -70,6 +70,43 @@ def test_module_contexts_nest_restore_and_are_interned():
     del y1, y2
 
 
+class Branchy(torch.nn.Module):
+    """Python control flow on a tensor value: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x) if x.shape[0] > 1 and bool(x.sum() > -1e9) else self.b(x)
+
+
+def test_structure_from_fx_module_tree_or_contexts():
+    branchy = Branchy()
+    traced = SemanticAnalyzer().analyze(semantic_models.mlp(), torch.randn(2, 20))
+    assert traced.structure.source == "fx" and traced.structure.depth == 3
+    # fx fails on data-dependent control flow: the module tree answers, the reason is kept
+    tree = SemanticAnalyzer().analyze(branchy, torch.randn(2, 4))
+    assert tree.structure.source == "module_tree" and "TraceError" in tree.structure.fx_error
+    assert tree.structure.parameter_count == 40 and tree.structure.architecture == "mlp"
+    # no model at hand: the module contexts stamped on the graph give the tree that ran
+    model = fakes.gpt2()
+    with ModuleContextTracker(model), torch.no_grad():
+        out = model(torch.randint(0, 500, (1, 4)).to(REMOTE))
+    profile = SemanticAnalyzer().analyze_graph(genie.get_graph())
+    st = profile.structure
+    assert (st.source, st.architecture, st.model_type) == ("contexts", "transformer_decoder",
+                                                          "GPT2LMHeadModel")
+    assert st.depth == 2 and st.blocks == ["transformer.h.0", "transformer.h.1"]
+    # counted from the weights the graph reads (lm_head's tied view is uploaded on its own)
+    assert st.parameter_count >= sum(p.numel() for p in model.parameters())
+    assert {"path": "transformer.h.1.attn.c_attn", "type": "Conv1D", "depth": 5} in st.hierarchy
+    # the pending graph still holds Branchy's call too; the structure describes GPT-2's
+    assert {h["type"] for h in st.hierarchy if h["depth"] == 0} == {"GPT2LMHeadModel"}
+    del out
+
+
 def test_op_stream_statistics_and_topology():
     x = torch.randn(8, 8).to(REMOTE)
     with torch.no_grad():

@@ -212,6 +212,10 @@ class SemanticAnalyzer:
         ann = annotate(gv, self._info, params)
         if structure is None:
             structure = structure_from_ops(stats.class_histogram, ann, *self._weights(gv, ann))
+        elif structure.source == "contexts":
+            count, shapes = self._weights(gv, ann)  # what the graph's weights tell
+            structure.parameter_count = count
+            structure.width = max((max(s) for s in shapes if s), default=0)
         t, tiers["tier3_semantics"] = _lap(t)
 
         graph_hash = graph.structural_hash()
@@ -327,12 +331,24 @@ class SemanticAnalyzer:
                 self._structures[model] = st
             return st
         table = self._table
-        cids = {n.context for n in graph.nodes if n.context}
+        counts = Counter(n.context for n in graph.nodes if n.context)
+        if not counts:
+            return None
+        # a pending graph may hold calls of several models: describe the one most ops ran in
+        roots: Counter = Counter()
+        for cid, k in counts.items():
+            ctx = table.get(cid)
+            if ctx is not None:
+                roots[ctx.root] += k
+        if not roots:
+            return None
+        root = roots.most_common(1)[0][0]
         ctxs = {}
-        for cid in cids:
+        for cid in counts:
             for c in table.chain(cid):
-                ctxs.setdefault(c.id, c)
-        return structure_from_contexts(ctxs.values()) if ctxs else None
+                if c.root == root:
+                    ctxs.setdefault(c.id, c)
+        return structure_from_contexts(ctxs.values())
 
     @staticmethod
     def _weights(gv: GraphView, ann: Annotations) -> tuple[int, list[tuple[int, ...]]]:
