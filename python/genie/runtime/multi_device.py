@@ -1,0 +1,451 @@
+"""MultiDeviceExecutor: runs each flush as a multi-fragment plan over several devices.
+
+    ex = MultiDeviceExecutor({"cpu": "cpu", "cuda:0": "cuda:0"})       # or .local()
+    genie.runtime.install_executor(ex)
+    y = model(x).cpu()              # scheduled, planned, run across both, moved as planned
+
+For every flush: the node dicts become a Graph; the Scheduler places it (knowing where the
+graph's inputs already live, so a KV cache stays put) and the Planner cuts it into fragments
+and transfers (both cached by structural hash); fragments run in dependency order on their
+device -- concurrently across devices when the plan's ``overlap_io`` flag is on -- and
+transfers copy storages between devices in between. Afterwards every storage the flush wrote
+has one home, the device that produced its final value; fetch and release follow homes.
+
+A device is anything with the small DeviceBackend interface; ``EnvironmentBackend`` wraps a
+``genie.runtime.replay.Environment`` (in-process CPU or CUDA). A backend for a remote
+``genie serve`` session can implement the same interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+import torch
+
+from genie.errors import ExecutionError
+from genie.graph.ir import Graph, Node, TensorMeta
+from genie.runtime.replay import Environment, run_node
+from genie.scheduler.cost_model import GraphCostEstimator, is_view
+from genie.scheduler.devices import DeviceSpec
+from genie.scheduler.planner import ExecutionPlan, Planner
+from genie.scheduler.scheduler import Scheduler
+from genie.scheduler.topology import NetworkTopology
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DeviceBackend", "EnvironmentBackend", "MultiDeviceExecutor", "install_multi_device"]
+
+
+class DeviceBackend(Protocol):
+    """One device as the multi-device executor drives it."""
+
+    name: str
+    device: torch.device
+
+    def put_constant(self, storage: int, tensor: torch.Tensor) -> None: ...
+
+    def run(self, nodes: list[Node]) -> None:
+        """Run nodes (program order) against this device's storages."""
+
+    def export(self, storage: int) -> torch.UntypedStorage:
+        """The bytes of a resident storage (on this device)."""
+
+    def import_(self, storage: int, data: torch.UntypedStorage) -> None:
+        """Make a copy of `data` resident as `storage` here (never aliasing `data`)."""
+
+    def view(self, meta: TensorMeta) -> torch.Tensor: ...
+
+    def bind(self, meta: TensorMeta, value: torch.Tensor) -> None: ...
+
+    def run_eager(self, node: Node) -> list[Any]: ...
+
+    def has(self, storage: int) -> bool: ...
+
+    def release(self, ids) -> None: ...
+
+    def storage_nbytes(self, storage: int) -> int: ...
+
+    def nbytes(self) -> int: ...
+
+    def synchronize(self) -> None: ...
+
+
+class EnvironmentBackend:
+    """A device backed by an in-process replay Environment."""
+
+    def __init__(self, name: str, env: Environment | str | torch.device):
+        self.name = name
+        self.env = env if isinstance(env, Environment) else Environment(env)
+        self.device = self.env.device
+
+    def put_constant(self, storage, tensor) -> None:
+        self.env.put_constant(storage, tensor)
+
+    def run(self, nodes) -> None:
+        env = self.env
+        for n in nodes:
+            run_node(n, env)
+
+    def export(self, storage):
+        try:
+            return self.env.storages[storage]
+        except KeyError:
+            raise ExecutionError(
+                f"genie: storage {storage} is not resident on device {self.name} (plan expected it)"
+            ) from None
+
+    def import_(self, storage, data) -> None:
+        flat = torch.empty(0, dtype=torch.uint8, device=data.device).set_(data)
+        if data.device == self.device:
+            copy = flat.clone()
+        else:
+            copy = flat.to(self.device, non_blocking=False)
+        self.env.storages[storage] = copy.untyped_storage()
+
+    def view(self, meta):
+        return self.env.view(meta)
+
+    def bind(self, meta, value) -> None:
+        self.env.bind(meta, value)
+
+    def run_eager(self, node):
+        return run_node(node, self.env, bind=False)
+
+    def has(self, storage) -> bool:
+        return storage in self.env.storages
+
+    def release(self, ids) -> None:
+        self.env.release(ids)
+
+    def storage_nbytes(self, storage) -> int:
+        st = self.env.storages.get(storage)
+        return st.nbytes() if st is not None else 0
+
+    def nbytes(self) -> int:
+        return self.env.nbytes()
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _spec_for(device: torch.device) -> DeviceSpec:
+    return DeviceSpec.detect(device) if device.type == "cuda" else DeviceSpec.cpu()
+
+
+def topology_for(backends: Mapping[str, DeviceBackend]) -> NetworkTopology:
+    """A topology for in-process devices: PCIe to and between GPUs, memory copies on the host."""
+    topo = NetworkTopology()
+    for name, b in backends.items():
+        topo.add_device(name, _spec_for(b.device), torch_device=str(b.device))
+    names = list(backends)
+    for i, a in enumerate(names):
+        da = backends[a].device
+        topo.add_link(topo.client, a, kind="pcie5" if da.type == "cuda" else None,
+                      bandwidth=None if da.type == "cuda" else 20e9, latency=None if da.type == "cuda" else 1e-6)
+        for b in names[i + 1:]:
+            db = backends[b].device
+            if da.type == "cuda" and db.type == "cuda":
+                topo.add_link(a, b, kind="nvlink4")
+            elif da.type == "cuda" or db.type == "cuda":
+                topo.add_link(a, b, kind="pcie5")
+            else:
+                topo.add_link(a, b, bandwidth=20e9, latency=1e-6)
+    return topo
+
+
+class MultiDeviceExecutor:
+    """The Python Executor protocol over several devices (see the module docstring).
+
+    Args:
+        devices: name -> Environment, torch device string, or DeviceBackend. Names must be
+            devices of `topology` when one is given.
+        topology: defaults to ``topology_for(devices)``.
+        scheduler / planner: defaults built on the topology (strategy ``auto``).
+        profiler: ``graph -> WorkloadProfile`` (or ``"semantic"`` to run genie.semantic's
+            analyzer on every flush); None schedules from the graph alone.
+        measure: time each fragment and feed the cost model's calibration and the
+            scheduler's adaptive optimizer (the adaptive path).
+        concurrent: run devices concurrently when the plan says ``overlap_io`` (default);
+            False runs the plan's steps one after another.
+    """
+
+    def __init__(
+        self,
+        devices: Mapping[str, Any] | None = None,
+        *,
+        topology: NetworkTopology | None = None,
+        scheduler: Scheduler | None = None,
+        planner: Planner | None = None,
+        profiler: Callable[[Graph], Any] | str | None = None,
+        measure: bool = False,
+        concurrent: bool = True,
+    ):
+        if devices is None:
+            devices = _local_devices()
+        self.backends: dict[str, DeviceBackend] = {}
+        for name, d in devices.items():
+            if isinstance(d, (Environment, str, torch.device)):
+                self.backends[name] = EnvironmentBackend(name, d)
+            else:
+                self.backends[name] = d
+        if not self.backends:
+            raise ValueError("genie: MultiDeviceExecutor needs at least one device")
+        self.topology = topology or (scheduler.topology if scheduler else None) or topology_for(self.backends)
+        for name in self.backends:
+            self.topology.device(name)
+        self.scheduler = scheduler or Scheduler(
+            GraphCostEstimator(), self.topology, devices=list(self.backends))
+        self.planner = planner or Planner(self.scheduler.estimator, self.topology)
+        if profiler == "semantic":
+            profiler = _semantic_profiler()
+        self.profiler = profiler
+        self.measure = measure
+        self.concurrent = concurrent
+        self.name = "multi:" + ",".join(self.backends)
+        self.device_type = "cpu"
+        self._home: dict[int, str] = {}  # storage -> device holding its current value
+        self._copies: dict[int, set[str]] = {}  # storage -> devices with a valid copy
+        self._eager_device: str | None = None
+        self._lock = threading.RLock()
+        self.last_schedule = None
+        self.last_plan: ExecutionPlan | None = None
+        self.stats = {"flushes": 0, "fragments": 0, "transfers": 0, "transfer_bytes": 0,
+                      "schedule_s": 0.0, "execute_s": 0.0}
+
+    @classmethod
+    def local(cls, **kwargs) -> MultiDeviceExecutor:
+        """The CPU plus every CUDA device of this machine."""
+        return cls(_local_devices(), **kwargs)
+
+    # -- the Executor protocol ---------------------------------------------------------------
+    def run(self, nodes: list[dict], constants: dict[int, torch.Tensor], targets: list[int]) -> None:
+        with self._lock:
+            t0 = time.perf_counter()
+            graph = Graph((Node.from_core(d) for d in nodes), {int(k): v for k, v in constants.items()})
+            if not graph.nodes:
+                for s, t in graph.constants.items():
+                    self._upload(s, t, next(iter(self.backends)))
+                return
+            resident = {s: self._home[s] for s in graph.input_storages
+                        if s in self._home and s not in graph.constants}
+            profile = self.profiler(graph) if callable(self.profiler) else None
+            schedule = self.scheduler.create_schedule(
+                graph, profile, resident=resident, reserved=self._reserved(graph))
+            plan = self.planner.generate_plan(graph, profile, schedule)
+            t1 = time.perf_counter()
+            self._execute(graph, plan)
+            t2 = time.perf_counter()
+            self.last_schedule, self.last_plan = schedule, plan
+            st = self.stats
+            st["flushes"] += 1
+            st["fragments"] += len(plan.fragments)
+            st["schedule_s"] += t1 - t0
+            st["execute_s"] += t2 - t1
+            if self.measure:
+                self.scheduler.record_execution(schedule, t2 - t1)
+
+    def fetch(self, ref: dict) -> torch.Tensor:
+        with self._lock:
+            meta = TensorMeta.from_core(ref)
+            return self._backend_holding(meta.storage).view(meta)
+
+    def release(self, ids) -> None:
+        with self._lock:
+            ids = list(ids)
+            for b in self.backends.values():
+                b.release(ids)
+            for s in ids:
+                self._home.pop(s, None)
+                self._copies.pop(s, None)
+
+    def has(self, storage: int) -> bool:
+        return storage in self._home or any(b.has(storage) for b in self.backends.values())
+
+    def run_eager(self, node: dict) -> list[Any]:
+        with self._lock:
+            n = Node.from_core(node)
+            dev = next((self._home[t.storage] for t in n.inputs if t.storage in self._home),
+                       next(iter(self.backends)))
+            backend = self.backends[dev]
+            for t in n.inputs:
+                self._ensure(t.storage, dev)
+            self._eager_device = dev
+            return backend.run_eager(n)
+
+    def bind(self, ref: dict, value: torch.Tensor) -> None:
+        with self._lock:
+            meta = TensorMeta.from_core(ref)
+            dev = self._eager_device or next(iter(self.backends))
+            self.backends[dev].bind(meta, value)
+            self._set_home(meta.storage, dev)
+
+    def resident_count(self) -> int:
+        ids: set[int] = set(self._home)
+        for b in self.backends.values():
+            if isinstance(b, EnvironmentBackend):
+                ids.update(b.env.storages)
+        return len(ids)
+
+    def resident_bytes(self) -> int:
+        return sum(b.nbytes() for b in self.backends.values())
+
+    # -- execution ---------------------------------------------------------------------------
+    def _execute(self, graph: Graph, plan: ExecutionPlan) -> None:
+        by_id = {n.id: n for n in graph.nodes}
+        for dev, sids in plan.uploads.items():
+            for s in sids:
+                self._upload(s, graph.constants[s], dev)
+        runs = {f.id: [by_id[i] for i in f.node_ids if not is_view(by_id[i])] for f in plan.fragments}
+        parallel = (self.concurrent and plan.flags.get("overlap_io")
+                    and len({f.device for f in plan.fragments}) > 1)
+        if parallel:
+            self._execute_concurrent(plan, runs)
+        else:
+            for kind, i in plan.steps:
+                if kind == "transfer":
+                    self._transfer(plan.transfers[i])
+                else:
+                    self._run_fragment(plan, i, runs[i])
+        self.stats["transfers"] += len(plan.transfers)
+        self.stats["transfer_bytes"] += plan.transfer_bytes
+        # One home per written storage; copies elsewhere are stale now.
+        for s, dev in plan.homes.items():
+            self._set_home(s, dev)
+
+    def _execute_concurrent(self, plan: ExecutionPlan, runs: dict[int, list[Node]]) -> None:
+        """Each device runs its fragments in plan order on its own thread; a fragment waits
+        for the fragments it depends on and for its incoming transfers (run on a transfer
+        pool as soon as their source finishes). Steps are a topological order, so the
+        earliest unfinished fragment can always run: no deadlock."""
+        done: dict[int, Future] = {}
+        moved: dict[int, Future] = {}
+        into: dict[int, list[int]] = {}
+        for t in plan.transfers:
+            into.setdefault(t.dst_fragment, []).append(t.id)
+        pools = {d: ThreadPoolExecutor(1, thread_name_prefix=f"genie-{d}") for d in
+                 {f.device for f in plan.fragments}}
+        xfer_pool = ThreadPoolExecutor(2, thread_name_prefix="genie-transfer")
+        try:
+            for kind, i in plan.steps:
+                if kind == "transfer":
+                    t = plan.transfers[i]
+                    src = done.get(t.src_fragment) if t.src_fragment is not None else None
+                    moved[i] = xfer_pool.submit(self._after, [src] if src else [], self._transfer, t)
+                else:
+                    f = plan.fragments[i]
+                    waits = [done[d] for d in f.deps] + [moved[t] for t in into.get(i, ())]
+                    done[i] = pools[f.device].submit(self._after, waits, self._run_fragment, plan, i, runs[i])
+            for fut in list(done.values()) + list(moved.values()):
+                fut.result()
+        finally:
+            for p in pools.values():
+                p.shutdown(wait=True)
+            xfer_pool.shutdown(wait=True)
+
+    @staticmethod
+    def _after(waits: list[Future], fn, *args) -> None:
+        for w in waits:
+            w.result()  # re-raises a failure upstream
+        fn(*args)
+
+    def _run_fragment(self, plan: ExecutionPlan, fid: int, nodes: list[Node]) -> None:
+        f = plan.fragments[fid]
+        backend = self.backends[f.device]
+        if not self.measure:
+            backend.run(nodes)
+            return
+        backend.synchronize()
+        t0 = time.perf_counter()
+        backend.run(nodes)
+        backend.synchronize()
+        self.scheduler.estimator.observe_nodes(nodes, self.topology.spec(f.device), time.perf_counter() - t0)
+
+    def _transfer(self, t) -> None:
+        if t.version == -1 and t.dst_device in self._copies.get(t.storage, ()):
+            return  # a valid copy of this input is already there
+        src = self.backends[t.src_device]
+        self.backends[t.dst_device].import_(t.storage, src.export(t.storage))
+        if t.version == -1:
+            self._copies.setdefault(t.storage, set()).add(t.dst_device)
+
+    # -- residency ---------------------------------------------------------------------------
+    def _upload(self, storage: int, tensor: torch.Tensor, dev: str) -> None:
+        self.backends[dev].put_constant(storage, tensor)
+        if storage not in self._home:
+            self._home[storage] = dev
+        else:
+            self._copies.setdefault(storage, set()).add(dev)
+
+    def _set_home(self, storage: int, dev: str) -> None:
+        old = self._copies.pop(storage, None) or set()
+        prev = self._home.get(storage)
+        if prev is not None and prev != dev:
+            old.add(prev)
+        self._home[storage] = dev
+        stale = [d for d in old if d != dev]
+        for d in stale:
+            self.backends[d].release([storage])
+        # Recomputed copies and transferred versions left on other devices are stale too.
+        for name, b in self.backends.items():
+            if name != dev and name not in stale and b.has(storage):
+                b.release([storage])
+
+    def _backend_holding(self, storage: int) -> DeviceBackend:
+        dev = self._home.get(storage)
+        if dev is not None:
+            return self.backends[dev]
+        for b in self.backends.values():
+            if b.has(storage):
+                return b
+        raise ExecutionError(f"genie: storage {storage} is not resident on any device "
+                             f"({', '.join(self.backends)})")
+
+    def _ensure(self, storage: int, dev: str) -> None:
+        """Make `storage` available on `dev` (a copy from its home)."""
+        b = self.backends[dev]
+        if b.has(storage):
+            return
+        src = self._backend_holding(storage)
+        b.import_(storage, src.export(storage))
+        self._copies.setdefault(storage, set()).add(dev)
+
+    def _reserved(self, graph: Graph) -> dict[str, int]:
+        """Bytes each device holds for values this graph does not read."""
+        read = set(graph.input_storages)
+        out: dict[str, int] = {}
+        for s, dev in self._home.items():
+            if s not in read:
+                out[dev] = out.get(dev, 0) + self.backends[dev].storage_nbytes(s)
+        return out
+
+
+def _local_devices() -> dict[str, Any]:
+    devices: dict[str, Any] = {"cpu": "cpu"}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            devices[f"cuda:{i}"] = f"cuda:{i}"
+    return devices
+
+
+def _semantic_profiler() -> Callable[[Graph], Any]:
+    try:
+        from genie.semantic import SemanticAnalyzer
+    except ImportError as e:  # the semantic layer is optional for scheduling
+        raise ExecutionError(f"genie: profiler='semantic' needs genie.semantic: {e}") from e
+    analyzer = SemanticAnalyzer()
+    return analyzer.analyze_graph
+
+
+def install_multi_device(devices: Mapping[str, Any] | None = None, **kwargs) -> MultiDeviceExecutor:
+    """Create a MultiDeviceExecutor and route every following flush through it."""
+    from genie.runtime.executor import install_executor
+
+    ex = MultiDeviceExecutor(devices, **kwargs)
+    install_executor(ex, "cpu")
+    return ex

@@ -1,0 +1,613 @@
+"""The Planner: cuts a placed graph into fragments (connected runs of work on one device)
+with explicit transfers between them.
+
+    plan = Planner().generate_plan(graph, profile, schedule)
+    plan.validate()
+    for kind, i in plan.steps:            # a valid sequential order
+        ...                               # run plan.fragments[i] or perform plan.transfers[i]
+
+Note: [Fragments]
+Tasks (compute nodes, plus copies of recomputed nodes on the devices that recompute them)
+are visited in program order. A task joins the open fragment of its device unless one of
+the fragments it depends on already depends on that fragment (joining would close a cycle);
+then it opens a new fragment, which also follows the previous fragment of its device (a
+device runs its fragments in order). Dependencies are read-after-write on versions and
+write-after-read (Note: [Versions] in analysis.py), so a transfer always carries the version
+its reader expects: a later in-place write of the same storage can never be folded into the
+fragment the transfer leaves from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from genie.graph.ir import Graph
+from genie.scheduler.analysis import GraphAnalysis
+from genie.scheduler.cost_model import GraphCostEstimator
+from genie.scheduler.errors import PlanValidationError
+from genie.scheduler.schedule import ExecutionSchedule
+from genie.scheduler.topology import NetworkTopology
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Planner", "ExecutionPlan", "Fragment", "Transfer"]
+
+
+@dataclass
+class Fragment:
+    """A connected run of work on one device."""
+
+    id: int
+    device: str
+    node_ids: list[int]  # compute nodes in program order (recomputed copies included)
+    view_ids: list[int] = field(default_factory=list)  # views riding along (they run nothing)
+    recomputed: list[int] = field(default_factory=list)  # node ids run here as copies
+    inputs: list[int] = field(default_factory=list)  # storages that come from outside
+    outputs: list[int] = field(default_factory=list)  # storages sent elsewhere or final here
+    deps: list[int] = field(default_factory=list)  # fragments that must finish first
+    est_time: float = 0.0
+    # (storage, version node id or -1) per node, for validate()
+    reads: list[list[tuple[int, int]]] = field(default_factory=list, repr=False)
+    writes: list[list[int]] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class Transfer:
+    """One storage moved between devices. ``version`` is the node id whose write it
+    carries, or -1 for the graph's input value (then ``src_fragment`` is None)."""
+
+    id: int
+    storage: int
+    nbytes: int
+    src_device: str
+    dst_device: str
+    src_fragment: int | None
+    dst_fragment: int
+    version: int
+    est_time: float = 0.0
+
+
+@dataclass
+class ExecutionPlan:
+    graph_hash: str
+    devices: list[str]
+    fragments: list[Fragment]
+    transfers: list[Transfer]
+    uploads: dict[str, list[int]]  # device -> constants it needs
+    steps: list[tuple[str, int]]  # ("transfer", id) | ("fragment", id), in a valid order
+    homes: dict[int, str]  # storage -> device holding its final value
+    flags: dict[str, Any]
+    estimated_time: float
+    strategy: str = ""
+    resident: dict[int, str] = field(default_factory=dict)
+    _srefs: dict[int, tuple[int, int, int]] = field(default_factory=dict, repr=False)
+    _node_ids: tuple[int, ...] = field(default=(), repr=False)
+
+    # -- queries -----------------------------------------------------------------------------
+    @property
+    def num_fragments(self) -> int:
+        return len(self.fragments)
+
+    @property
+    def transfer_bytes(self) -> int:
+        return sum(t.nbytes for t in self.transfers)
+
+    def fragments_on(self, device: str) -> list[Fragment]:
+        return [f for f in self.fragments if f.device == device]
+
+    def incoming(self, fragment_id: int) -> list[Transfer]:
+        return [t for t in self.transfers if t.dst_fragment == fragment_id]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "graph_hash": self.graph_hash[:16],
+            "strategy": self.strategy,
+            "fragments": len(self.fragments),
+            "fragments_per_device": {d: len(self.fragments_on(d)) for d in self.devices},
+            "transfers": len(self.transfers),
+            "transfer_bytes": self.transfer_bytes,
+            "uploads": {d: len(v) for d, v in self.uploads.items()},
+            "flags": dict(self.flags),
+            "estimated_time_ms": self.estimated_time * 1e3,
+        }
+
+    def format(self, max_rows: int = 40) -> str:
+        s = self.summary()
+        lines = [
+            f"plan  fragments={s['fragments']}  transfers={s['transfers']} "
+            f"({self.transfer_bytes / (1 << 20):.2f} MiB)  estimated={self.estimated_time * 1e3:.3f} ms  "
+            f"flags={self.flags}",
+        ]
+        for kind, i in self.steps[:max_rows]:
+            if kind == "fragment":
+                f = self.fragments[i]
+                lines.append(f"  fragment {f.id:>3} on {f.device:<10} {len(f.node_ids):>4} nodes "
+                             f"{f.est_time * 1e3:8.3f} ms  after {f.deps}")
+            else:
+                t = self.transfers[i]
+                lines.append(f"  transfer {t.id:>3} s{t.storage} {t.nbytes / (1 << 20):.3f} MiB "
+                             f"{t.src_device} -> {t.dst_device} ({t.est_time * 1e6:.1f} us)")
+        if len(self.steps) > max_rows:
+            lines.append(f"  ... {len(self.steps) - max_rows} more steps")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.summary(),
+            "fragment_list": [
+                {"id": f.id, "device": f.device, "nodes": f.node_ids, "recomputed": f.recomputed,
+                 "inputs": f.inputs, "outputs": f.outputs, "deps": f.deps, "est_ms": f.est_time * 1e3}
+                for f in self.fragments
+            ],
+            "transfer_list": [
+                {"id": t.id, "storage": t.storage, "bytes": t.nbytes, "src": t.src_device,
+                 "dst": t.dst_device, "src_fragment": t.src_fragment, "dst_fragment": t.dst_fragment,
+                 "version": t.version}
+                for t in self.transfers
+            ],
+            "steps": self.steps,
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2)
+
+    # -- validation --------------------------------------------------------------------------
+    def validate(self) -> ExecutionPlan:
+        """Raise PlanValidationError unless the fragment graph is acyclic, ``steps`` is a
+        valid order, and every value a node reads is on its device, in the version it
+        expects: produced earlier there, uploaded, resident, or transferred in after its
+        producer ran. Returns the plan."""
+        problems: list[str] = []
+        nf = len(self.fragments)
+        # Acyclic (Kahn).
+        indeg = [0] * nf
+        succ: list[list[int]] = [[] for _ in range(nf)]
+        for f in self.fragments:
+            for d in f.deps:
+                if not 0 <= d < nf:
+                    problems.append(f"fragment {f.id} depends on unknown fragment {d}")
+                    continue
+                indeg[f.id] += 1
+                succ[d].append(f.id)
+        ready = [i for i in range(nf) if indeg[i] == 0]
+        seen = 0
+        while ready:
+            i = ready.pop()
+            seen += 1
+            for j in succ[i]:
+                indeg[j] -= 1
+                if indeg[j] == 0:
+                    ready.append(j)
+        if seen != nf:
+            problems.append(f"the fragment graph has a cycle ({nf - seen} fragments on it)")
+        ancestors = self._ancestors() if seen == nf else None
+        for t in self.transfers:
+            if t.src_fragment is not None and ancestors is not None and not (
+                    ancestors[t.dst_fragment] >> t.src_fragment) & 1:
+                problems.append(f"transfer {t.id} (s{t.storage}) leaves fragment {t.src_fragment}, "
+                                f"which fragment {t.dst_fragment} does not depend on")
+        # Replay the steps: which version of each storage is on each device.
+        have: dict[str, dict[int, int]] = {d: {} for d in self.devices}
+        for d, sids in self.uploads.items():
+            for s in sids:
+                have.setdefault(d, {})[s] = -1
+        for s, d in self.resident.items():
+            have.setdefault(d, {})[s] = -1
+        done: set[int] = set()
+        for kind, i in self.steps:
+            if kind == "transfer":
+                t = self.transfers[i]
+                if t.src_fragment is not None and t.src_fragment not in done:
+                    problems.append(f"transfer {t.id} runs before its source fragment {t.src_fragment}")
+                cur = have.get(t.src_device, {}).get(t.storage)
+                if cur != t.version and not (t.version == -1 and t.storage not in self.resident):
+                    problems.append(f"transfer {t.id} wants s{t.storage} version {t.version} on "
+                                    f"{t.src_device}, which holds {cur}")
+                have.setdefault(t.dst_device, {})[t.storage] = t.version
+                continue
+            f = self.fragments[i]
+            for dep in f.deps:
+                if dep not in done:
+                    problems.append(f"fragment {f.id} runs before fragment {dep} it depends on")
+            dev = have.setdefault(f.device, {})
+            for nid, reads, writes in zip(f.node_ids, f.reads, f.writes, strict=False):
+                for s, v in reads:
+                    cur = dev.get(s, "missing")
+                    if cur == v:
+                        continue
+                    if v == -1 and cur == "missing" and s not in self.resident and not any(
+                            s in u for u in self.uploads.values()):
+                        continue  # resident somewhere the plan was not told about
+                    problems.append(
+                        f"fragment {f.id} on {f.device}: node {nid} reads s{s} version {v} but the "
+                        f"device holds {cur} (neither produced there, uploaded, nor transferred)")
+                for s in writes:
+                    dev[s] = nid
+            done.add(f.id)
+        if len(done) != nf:
+            problems.append(f"steps run {len(done)} of {nf} fragments")
+        if problems:
+            raise PlanValidationError("genie: invalid execution plan:\n  " + "\n  ".join(problems[:20]))
+        return self
+
+    def _ancestors(self) -> list[int]:
+        order = [i for k, i in self.steps if k == "fragment"]
+        anc = [0] * len(self.fragments)
+        for i in order:
+            a = 0
+            for d in self.fragments[i].deps:
+                a |= anc[d] | (1 << d)
+            anc[i] = a
+        return anc
+
+    # -- rebinding ---------------------------------------------------------------------------
+    def bind(self, graph: Graph, resident: dict[int, str] | None = None) -> ExecutionPlan:
+        """This plan for another recording of the same program (same structural hash)."""
+        ids = tuple(n.id for n in graph.nodes)
+        if ids == self._node_ids:
+            if resident is not None:
+                self.resident = dict(resident)
+            return self
+        idmap = dict(zip(self._node_ids, ids, strict=True))
+        idmap[-1] = -1
+        nodes = graph.nodes
+        smap: dict[int, int] = {}
+        for s, (pos, kind, i) in self._srefs.items():
+            n = nodes[pos]
+            smap[s] = (n.outputs if kind else n.inputs)[i].storage
+
+        def S(s: int) -> int:
+            return smap.get(s, s)
+
+        frags = [
+            Fragment(
+                f.id, f.device, [idmap[i] for i in f.node_ids], [idmap[i] for i in f.view_ids],
+                [idmap[i] for i in f.recomputed], [S(s) for s in f.inputs], [S(s) for s in f.outputs],
+                list(f.deps), f.est_time,
+                [[(S(s), idmap[v]) for s, v in r] for r in f.reads],
+                [[S(s) for s in w] for w in f.writes],
+            )
+            for f in self.fragments
+        ]
+        transfers = [
+            Transfer(t.id, S(t.storage), t.nbytes, t.src_device, t.dst_device, t.src_fragment,
+                     t.dst_fragment, idmap[t.version], t.est_time)
+            for t in self.transfers
+        ]
+        return ExecutionPlan(
+            graph_hash=self.graph_hash,
+            devices=self.devices,
+            fragments=frags,
+            transfers=transfers,
+            uploads={d: [S(s) for s in v] for d, v in self.uploads.items()},
+            steps=self.steps,
+            homes={S(s): d for s, d in self.homes.items()},
+            flags=self.flags,
+            estimated_time=self.estimated_time,
+            strategy=self.strategy,
+            resident=dict(resident) if resident is not None else {S(s): d for s, d in self.resident.items()},
+            _srefs={smap.get(s, s): r for s, r in self._srefs.items()},
+            _node_ids=ids,
+        )
+
+
+class Planner:
+    """Builds ExecutionPlans from schedules; plans are cached by the schedule's key.
+
+    Args:
+        overlap_io: transfers run while other fragments compute (executors may run devices
+            concurrently); off, a device waits for its transfers.
+        micro_batching: estimate the plan as a pipeline over ``num_micro_batches`` slices of
+            the batch (an estimate only; executors run the whole batch).
+    """
+
+    def __init__(
+        self,
+        cost_estimator: GraphCostEstimator | None = None,
+        network_topology: NetworkTopology | None = None,
+        *,
+        overlap_io: bool = True,
+        micro_batching: bool = False,
+        num_micro_batches: int = 4,
+        cache_size: int = 256,
+    ):
+        self.estimator = cost_estimator
+        self.topology = network_topology
+        self.overlap_io = overlap_io
+        self.micro_batching = micro_batching
+        self.num_micro_batches = max(1, int(num_micro_batches))
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, ExecutionPlan] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = {"plans_created": 0, "cache_hits": 0}
+
+    def generate_plan(
+        self,
+        graph: Graph,
+        profile: Any = None,
+        schedule: ExecutionSchedule | None = None,
+        *,
+        overlap_io: bool | None = None,
+        micro_batching: bool | None = None,
+    ) -> ExecutionPlan:
+        """Fragments and transfers for `graph` as `schedule` places it (a schedule from a
+        default Scheduler when None)."""
+        if schedule is None:
+            from genie.scheduler.scheduler import Scheduler
+
+            schedule = Scheduler(self.estimator or GraphCostEstimator(), self.topology).create_schedule(
+                graph, profile)
+        flags = {
+            "overlap_io": self.overlap_io if overlap_io is None else bool(overlap_io),
+            "micro_batching": self.micro_batching if micro_batching is None else bool(micro_batching),
+            "num_micro_batches": self.num_micro_batches,
+        }
+        key = (schedule.key, tuple(sorted(flags.items()))) if schedule.key else None
+        if key is not None and self.cache_size:
+            with self._lock:
+                cached = self._cache.get(key)
+                if cached is not None:
+                    self._cache.move_to_end(key)
+                    self.stats["cache_hits"] += 1
+            if cached is not None:
+                return cached.bind(graph, schedule.resident)
+        plan = self._build(graph, schedule, flags)
+        if key is not None and self.cache_size:
+            with self._lock:
+                self._cache[key] = plan
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        with self._lock:
+            self.stats["plans_created"] += 1
+        return plan
+
+    # -- building ----------------------------------------------------------------------------
+    def _build(self, graph: Graph, schedule: ExecutionSchedule, flags: dict) -> ExecutionPlan:
+        A = GraphAnalysis.of(graph)
+        topo = self.topology or schedule.topology
+        devices = list(schedule.devices)
+        placement_by_id = schedule.placement
+        place = [placement_by_id[n.id] for n in A.cnodes]
+        cid = [n.id for n in A.cnodes]
+        rec_by_ci: dict[int, list[str]] = {}
+        if schedule.recompute:
+            pos_of = {n.id: ci for ci, n in enumerate(A.cnodes)}
+            for nid, devs in schedule.recompute.items():
+                ci = pos_of.get(nid)
+                if ci is not None:
+                    rec_by_ci[ci] = [d for d in devs if d != place[ci]]
+        resident = schedule.resident or {}
+        # Fragments (Note: [Fragments]).
+        frag_of: dict[tuple[int, str], int] = {}
+        open_frag: dict[str, int] = {}
+        last_on: dict[str, int] = {}
+        anc: list[int] = []  # transitive dependencies per fragment (bitmask)
+        direct: list[set[int]] = []
+        frags: list[Fragment] = []
+        estimator = self.estimator or schedule.estimator or GraphCostEstimator()
+        times = self._times(A, devices, topo, estimator)
+
+        def new_fragment(dev: str) -> int:
+            f = len(frags)
+            frags.append(Fragment(f, dev, []))
+            anc.append(0)
+            direct.append(set())
+            prev = last_on.get(dev)
+            if prev is not None:
+                direct[f].add(prev)
+                anc[f] = anc[prev] | (1 << prev)
+            open_frag[dev] = f
+            last_on[dev] = f
+            return f
+
+        def add_deps(f: int, deps: set[int]) -> None:
+            new = 0
+            for g in deps:
+                if g != f:
+                    direct[f].add(g)
+                    new |= anc[g] | (1 << g)
+            added = new & ~anc[f]
+            if added:
+                anc[f] |= added
+                bit = 1 << f
+                for h in range(len(frags)):
+                    if anc[h] & bit:
+                        anc[h] |= added
+
+        def source(w: int, dev: str) -> tuple[int, str]:
+            if dev in rec_by_ci.get(w, ()):
+                return (w, dev)
+            return (w, place[w])
+
+        for ci in range(len(A.cnodes)):
+            for k, dev in enumerate([place[ci], *rec_by_ci.get(ci, ())]):
+                deps: set[int] = set()
+                for _s, w in A.reads[ci]:
+                    if w >= 0:
+                        deps.add(frag_of[source(w, dev)])
+                if k == 0:
+                    for p in A.preds[ci]:
+                        deps.add(frag_of[(p, place[p])])
+                f = open_frag.get(dev)
+                if f is None or any(g != f and (anc[g] >> f) & 1 for g in deps):
+                    f = new_fragment(dev)
+                add_deps(f, deps)
+                frag_of[(ci, dev)] = f
+                fr = frags[f]
+                fr.node_ids.append(cid[ci])
+                if k:
+                    fr.recomputed.append(cid[ci])
+                fr.reads.append([(s, cid[w] if w >= 0 else -1) for s, w in A.reads[ci]])
+                fr.writes.append(list(A.writes[ci]))
+                fr.est_time += times[dev][ci]
+        for pos, anchor in A.view_anchor.items():
+            if anchor >= 0:
+                frags[frag_of[(anchor, place[anchor])]].view_ids.append(graph.nodes[pos].id)
+            elif frags:
+                frags[0].view_ids.append(graph.nodes[pos].id)
+        # Transfers and uploads.
+        transfers: list[Transfer] = []
+        moved: dict[tuple[int, int, str], int] = {}
+        uploads: dict[str, dict[int, None]] = {d: {} for d in devices}
+        inputs: list[dict[int, None]] = [{} for _ in frags]
+        outputs: list[dict[int, None]] = [{} for _ in frags]
+        sbytes = A.storage_bytes
+        for ci in range(len(A.cnodes)):
+            for dev in [place[ci], *rec_by_ci.get(ci, ())]:
+                f = frag_of[(ci, dev)]
+                for s, w in A.reads[ci]:
+                    if w >= 0:
+                        src_task = source(w, dev)
+                        g = frag_of[src_task]
+                        if g != f:
+                            inputs[f][s] = None
+                        if src_task[1] == dev:
+                            continue
+                        key = (s, w, dev)
+                        if key not in moved:
+                            moved[key] = len(transfers)
+                            nb = sbytes.get(s, 0)
+                            transfers.append(Transfer(
+                                len(transfers), s, nb, src_task[1], dev, g, f, cid[w],
+                                topo.transfer_time(nb, src_task[1], dev) if topo else 0.0))
+                            outputs[g][s] = None
+                        continue
+                    inputs[f][s] = None
+                    if s in A.constants:
+                        uploads[dev][s] = None
+                    elif s in resident and resident[s] != dev:
+                        key = (s, -1, dev)
+                        if key not in moved:
+                            moved[key] = len(transfers)
+                            nb = sbytes.get(s, 0)
+                            transfers.append(Transfer(
+                                len(transfers), s, nb, resident[s], dev, None, f, -1,
+                                topo.transfer_time(nb, resident[s], dev) if topo else 0.0))
+        homes: dict[int, str] = {}
+        for s, w in A.last_writer.items():
+            homes[s] = place[w]
+            outputs[frag_of[(w, place[w])]][s] = None
+        for f, fr in enumerate(frags):
+            fr.deps = sorted(direct[f])
+            fr.inputs = list(inputs[f])
+            fr.outputs = list(outputs[f])
+        steps = self._steps(frags, transfers)
+        est = self._estimate(frags, transfers, steps, flags, devices)
+        srefs = self._storage_refs(graph, transfers, uploads, homes, frags, resident)
+        return ExecutionPlan(
+            graph_hash=schedule.graph_hash,
+            devices=devices,
+            fragments=frags,
+            transfers=transfers,
+            uploads={d: list(v) for d, v in uploads.items() if v},
+            steps=steps,
+            homes=homes,
+            flags=flags,
+            estimated_time=est,
+            strategy=schedule.strategy,
+            resident=dict(resident),
+            _srefs=srefs,
+            _node_ids=tuple(n.id for n in graph.nodes),
+        )
+
+    def _times(self, A: GraphAnalysis, devices: list[str], topo, estimator) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        by_spec: dict[tuple, list[float]] = {}
+        for d in devices:
+            if topo is None or d not in topo.devices:
+                out[d] = [0.0] * len(A.cnodes)
+                continue
+            spec = topo.spec(d)
+            key = spec.signature()
+            if key not in by_spec:
+                by_spec[key] = [estimator.time(c, spec) for c in A.costs]
+            out[d] = by_spec[key]
+        return out
+
+    @staticmethod
+    def _steps(frags: list[Fragment], transfers: list[Transfer]) -> list[tuple[str, int]]:
+        """Fragments in a topological order (earliest created first), each preceded by the
+        transfers it is the first to need."""
+        import heapq
+
+        n = len(frags)
+        indeg = [len(f.deps) for f in frags]
+        succ: list[list[int]] = [[] for _ in range(n)]
+        for f in frags:
+            for d in f.deps:
+                succ[d].append(f.id)
+        into: dict[int, list[int]] = {}
+        for t in transfers:
+            into.setdefault(t.dst_fragment, []).append(t.id)
+        heap = [i for i in range(n) if indeg[i] == 0]
+        heapq.heapify(heap)
+        steps: list[tuple[str, int]] = []
+        while heap:
+            i = heapq.heappop(heap)
+            for t in into.get(i, ()):
+                steps.append(("transfer", t))
+            steps.append(("fragment", i))
+            for j in succ[i]:
+                indeg[j] -= 1
+                if indeg[j] == 0:
+                    heapq.heappush(heap, j)
+        return steps
+
+    @staticmethod
+    def _estimate(frags, transfers, steps, flags, devices) -> float:
+        finish: dict[int, float] = {}
+        free = dict.fromkeys(devices, 0.0)
+        arrive: dict[int, float] = {}
+        into: dict[int, list[Transfer]] = {}
+        for t in transfers:
+            into.setdefault(t.dst_fragment, []).append(t)
+        busy = dict.fromkeys(devices, 0.0)
+        for kind, i in steps:
+            if kind != "fragment":
+                continue
+            f = frags[i]
+            ready = max((finish[d] for d in f.deps), default=0.0)
+            st = max(ready, free.get(f.device, 0.0))
+            for t in into.get(i, ()):
+                src_done = finish.get(t.src_fragment, 0.0) if t.src_fragment is not None else 0.0
+                arrive[t.id] = src_done + t.est_time
+                if flags.get("overlap_io", True):
+                    st = max(st, arrive[t.id])
+                else:
+                    st = max(st, src_done) + t.est_time
+            finish[i] = st + f.est_time
+            free[f.device] = finish[i]
+            busy[f.device] = busy.get(f.device, 0.0) + f.est_time
+        total = max(finish.values(), default=0.0)
+        if flags.get("micro_batching") and len({f.device for f in frags}) > 1:
+            m = max(1, int(flags.get("num_micro_batches", 1)))
+            total = total / m + (m - 1) / m * max(busy.values(), default=0.0)
+        return total
+
+    @staticmethod
+    def _storage_refs(graph, transfers, uploads, homes, frags, resident) -> dict[int, tuple[int, int, int]]:
+        """A position-based reference for every storage the plan names (for bind())."""
+        wanted: set[int] = {t.storage for t in transfers}
+        for v in uploads.values():
+            wanted.update(v)
+        wanted.update(homes)
+        wanted.update(resident)
+        for f in frags:
+            wanted.update(f.inputs)
+            wanted.update(f.outputs)
+            for r in f.reads:
+                wanted.update(s for s, _ in r)
+        refs: dict[int, tuple[int, int, int]] = {}
+        for pos, n in enumerate(graph.nodes):
+            for i, t in enumerate(n.inputs):
+                if t.storage in wanted and t.storage not in refs:
+                    refs[t.storage] = (pos, 0, i)
+            for i, t in enumerate(n.outputs):
+                if t.storage in wanted and t.storage not in refs:
+                    refs[t.storage] = (pos, 1, i)
+        return refs
