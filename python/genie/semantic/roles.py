@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from genie.semantic.context import ContextTable, ModuleContext
 from genie.semantic.graph_utils import OpClass
@@ -54,6 +55,7 @@ _SEGMENT = _rx(r"token_type|segment|tte")
 _PATCH = _rx(r"patch|projection|to_patch")
 
 
+@lru_cache(maxsize=4096)
 def module_kind(type_name: str) -> str:
     """Coarse kind of a module class from its name (works without the module object)."""
     t = type_name
@@ -120,6 +122,29 @@ NO_CONTEXT = ContextInfo(0, "", "", 0, None, "none", None, False, False, False, 
                          False, None, None, None, None, "")
 
 
+@lru_cache(maxsize=8192)
+def _name_flags(name: str) -> tuple[bool, bool, bool, bool, bool, str | None, str | None]:
+    """(attention, cross, ffn, fusion, embeddings, recsys part, modality hint) of one module
+    name; names repeat across layers, so each is searched once."""
+    recsys = None
+    if _BOTTOM.search(name):
+        recsys = Role.BOTTOM_MLP
+    elif _TOP.search(name):
+        recsys = Role.TOP_MLP
+    elif _INTERACT.search(name):
+        recsys = Role.FEATURE_INTERACTION
+    return (bool(_ATTENTION.search(name)), bool(_CROSS.search(name)), bool(_FFN.search(name)),
+            bool(_FUSION.search(name)), bool(_EMBEDDINGS.search(name)), recsys,
+            _modality_hint([name]))
+
+
+@lru_cache(maxsize=4096)
+def _type_flags(type_name: str) -> tuple[bool, bool, bool]:
+    """(cross, ffn, block) of one module class name."""
+    return (bool(_CROSS.search(type_name)), bool(_FFN.search(type_name)),
+            bool(_BLOCK.search(type_name)))
+
+
 def _modality_hint(names: list[str]) -> str | None:
     for name in names:
         if _VISION.search(name):
@@ -149,35 +174,26 @@ def context_info(table: ContextTable, cid: int,
     name, type_name = ctx.name, ctx.type
     kind = module_kind(type_name)
     named = bool(ctx.path)
-    own_attention = named and (bool(_ATTENTION.search(name)) or kind in ("attention", "mha"))
+    attn_n, cross_n, ffn_n, fusion_n, emb_n, recsys_n, hint_n = (
+        _name_flags(name) if named else (False, False, False, False, False, None, None))
+    cross_t, ffn_t, block_t = _type_flags(type_name)
+    own_attention = named and (attn_n or kind in ("attention", "mha"))
     p = parent
     in_attention = own_attention or (p is not None and p.in_attention)
     attention_path = ctx.path if own_attention else (p.attention_path if p else None)
-    in_cross = (p is not None and p.in_cross_attention) or (
-        own_attention and bool(_CROSS.search(name) or _CROSS.search(type_name)))
+    in_cross = (p is not None and p.in_cross_attention) or (own_attention and (cross_n or cross_t))
     grand_ctx = table.get(parent_ctx.parent) if parent_ctx is not None else None
-    near_types = [type_name] + [c.type for c in (parent_ctx, grand_ctx) if c is not None]
-    ffn_named = (p is not None and p.ffn_named) or (named and bool(_FFN.search(name)))
-    in_ffn = ffn_named or any(_FFN.search(t) for t in near_types)
-    in_block = (p is not None and p.in_block) or bool(_BLOCK.search(type_name))
-    fusion_path = (p.fusion_path if p is not None else None) or (
-        ctx.path if named and _FUSION.search(name) else None)
+    ffn_named = (p is not None and p.ffn_named) or ffn_n
+    in_ffn = ffn_named or ffn_t or any(_type_flags(c.type)[1] for c in (parent_ctx, grand_ctx)
+                                       if c is not None)
+    in_block = (p is not None and p.in_block) or block_t
+    fusion_path = (p.fusion_path if p is not None else None) or (ctx.path if fusion_n else None)
     pname = parent_ctx.name if parent_ctx is not None and parent_ctx.path else ""
     in_head = name == "lm_head" or (named and bool(_HEAD.search(name))) or bool(
         pname and _HEAD.search(pname))
-    recsys = None
-    if named:
-        if _BOTTOM.search(name):
-            recsys = Role.BOTTOM_MLP
-        elif _TOP.search(name):
-            recsys = Role.TOP_MLP
-        elif _INTERACT.search(name):
-            recsys = Role.FEATURE_INTERACTION
-    if recsys is None and p is not None:
-        recsys = p.recsys_part
-    in_embeddings = (p is not None and p.embeddings_named) or (
-        named and bool(_EMBEDDINGS.search(name)))
-    hint = _modality_hint([name] if named else [ctx.root])
+    recsys = recsys_n if recsys_n is not None else (p.recsys_part if p is not None else None)
+    in_embeddings = (p is not None and p.embeddings_named) or emb_n
+    hint = hint_n if named else _modality_hint([ctx.root])
     if hint is None and p is not None:
         hint = p.modality_hint
     leaf = _leaf_role(ctx, kind, pname, in_attention, in_ffn, in_head, recsys, in_embeddings)
