@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from genie.graph import Graph
 from genie.semantic.annotate import Annotations, annotate
 from genie.semantic.classifier import classify
 from genie.semantic.config import AnalyzerConfig
@@ -104,7 +105,7 @@ class SemanticAnalyzer:
         self.registry.names()
 
     # -- public API -----------------------------------------------------------------------------
-    def analyze_graph(self, graph, model: torch.nn.Module | None = None) -> WorkloadProfile:
+    def analyze_graph(self, graph: Graph, model: torch.nn.Module | None = None) -> WorkloadProfile:
         """Annotate every node of ``graph`` and profile it. ``model``, when given, lets tier 2
         read its module tree and tier 3 recognise its parameters among the graph inputs."""
         t0 = time.perf_counter()
@@ -134,7 +135,7 @@ class SemanticAnalyzer:
         return profile
 
     def analyze(self, model: torch.nn.Module, *inputs: Any, return_outputs: bool = False,
-                grad: bool = False, **kwargs: Any):
+                grad: bool = False, **kwargs: Any) -> WorkloadProfile | tuple[WorkloadProfile, Any]:
         """Record ``model(*inputs, **kwargs)`` with module hooks and analyze what is pending.
 
         CPU tensors among the inputs are moved to the model's ``remote_accelerator`` device
