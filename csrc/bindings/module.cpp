@@ -159,7 +159,11 @@ PYBIND11_MODULE(_C, m) {
       py::gil_scoped_acquire gil;
       py::object exc = (*f)(names[static_cast<int>(kind)], msg);
       PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
-      throw python_error();
+      // Move the Python error into the C++ exception now, with the GIL held: torch restores
+      // it when the exception reaches the Python boundary, on whichever thread that is.
+      python_error err;
+      err.persist();
+      throw err;
     });
   });
 

@@ -6,7 +6,6 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/TensorImpl.h>
 
-#include <sstream>
 
 namespace genie {
 
@@ -52,15 +51,21 @@ std::string dtype_name(c10::ScalarType t) {
 
 }  // namespace
 
+// Plain string building: this runs inside error paths, where it must not depend on iostream
+// state (an ostringstream here crashed on one toolchain's libstdc++ inside a catch block).
 std::string describe_inputs(const Node& node) {
-  std::ostringstream os;
-  os << "[";
+  std::string out = "[";
   for (size_t i = 0; i < node.inputs.size(); ++i) {
-    if (i) os << ", ";
-    os << dtype_name(node.inputs[i].dtype) << c10::IntArrayRef(node.inputs[i].sizes);
+    if (i) out += ", ";
+    out += dtype_name(node.inputs[i].dtype);
+    out += "[";
+    for (size_t d = 0; d < node.inputs[i].sizes.size(); ++d) {
+      if (d) out += ", ";
+      out += std::to_string(node.inputs[i].sizes[d]);
+    }
+    out += "]";
   }
-  os << "]";
-  return os.str();
+  return out + "]";
 }
 
 LocalExecutor::LocalExecutor(c10::Device device) : device_(device) {}

@@ -591,13 +591,17 @@ bool has_compatible_shallow_copy_type(const at::Tensor& self, const at::Tensor& 
 int64_t sdp_choice(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const std::optional<at::Tensor>& mask, double dropout, bool causal,
                    std::optional<double> scale, bool gqa) {
-  if (g_target_type.load() != c10::DeviceType::CPU) {
-    // Without the target device here, the math path is the choice every backend can run.
+  // Answer as the target device would for tensors of this geometry; the choice reads only
+  // shapes, strides and dtypes, so empty tensors on that device stand in for the real ones.
+  c10::DeviceType target = g_target_type.load();
+  if (target == c10::DeviceType::CUDA && !at::hasCUDA()) {
+    // The target is not here to ask: the math path is the one every backend can run.
     return static_cast<int64_t>(at::SDPBackend::math);
   }
-  // Answer as CPU would for tensors of this geometry (nothing is read, only shapes/strides).
-  auto like = [](const at::Tensor& t) {
-    return at::empty_strided(t.sizes(), t.strides(), t.options().device(c10::DeviceType::CPU));
+  if (target != c10::DeviceType::CPU && target != c10::DeviceType::CUDA)
+    return static_cast<int64_t>(at::SDPBackend::math);
+  auto like = [target](const at::Tensor& t) {
+    return at::empty_strided(t.sizes(), t.strides(), t.options().device(target));
   };
   std::optional<at::Tensor> m;
   if (mask.has_value() && mask->defined()) m = like(*mask);
