@@ -174,3 +174,34 @@ def test_executor_protocol_edges(multi):
     idx = (b > 0.5).nonzero()
     assert torch.equal(idx.cpu(), ((a.cpu() @ a.cpu()).relu() > 0.5).nonzero())
     assert ex.name == "multi:cpu0,cpu1"
+
+
+@torch.no_grad()
+def test_two_genie_serve_endpoints_are_two_devices():
+    from genie.runtime.client import RemoteExecutor
+    from genie.runtime.loopback import LoopbackServer
+    from genie.runtime.multi_device import ExecutorBackend
+
+    model = gpt2()
+    ids = _ids()
+    ref = model(ids).logits
+    threads = torch.get_num_threads()  # same reduction order as eager here
+    with LoopbackServer(threads=threads) as s0, LoopbackServer(threads=threads) as s1:
+        topo = NetworkTopology()
+        for name in ("s0", "s1"):
+            topo.add_device(name, DeviceSpec.cpu(cores=2))
+            topo.add_link("client", name, kind="loopback")
+        topo.add_link("s0", "s1", kind="loopback")
+        clients = {"s0": RemoteExecutor(s0.address, s0.token), "s1": RemoteExecutor(s1.address, s1.token)}
+        ex = MultiDeviceExecutor({n: ExecutorBackend(n, c) for n, c in clients.items()}, topology=topo,
+                                 scheduler=Scheduler(network_topology=topo, strategy="pipeline"))
+        install_executor(ex)
+        try:
+            out = copy.deepcopy(model).to(REMOTE)(ids.to(REMOTE)).logits.cpu()
+        finally:
+            genie.synchronize()
+            use_local()
+            for c in clients.values():
+                c.close()
+    assert torch.equal(out, ref)
+    assert {f.device for f in ex.last_plan.fragments} == {"s0", "s1"} and ex.last_plan.transfers

@@ -11,9 +11,9 @@ device -- concurrently across devices when the plan's ``overlap_io`` flag is on 
 transfers copy storages between devices in between. Afterwards every storage the flush wrote
 has one home, the device that produced its final value; fetch and release follow homes.
 
-A device is anything with the small DeviceBackend interface; ``EnvironmentBackend`` wraps a
-``genie.runtime.replay.Environment`` (in-process CPU or CUDA). A backend for a remote
-``genie serve`` session can implement the same interface.
+A device is anything with the small DeviceBackend interface: ``EnvironmentBackend`` wraps a
+``genie.runtime.replay.Environment`` (in-process CPU or CUDA), ``ExecutorBackend`` any
+Executor, such as a ``genie serve`` session (RemoteExecutor), so two servers are two devices.
 """
 
 from __future__ import annotations
@@ -38,7 +38,14 @@ from genie.scheduler.topology import NetworkTopology
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DeviceBackend", "EnvironmentBackend", "MultiDeviceExecutor", "install_multi_device"]
+__all__ = [
+    "DeviceBackend",
+    "EnvironmentBackend",
+    "ExecutorBackend",
+    "MultiDeviceExecutor",
+    "install_multi_device",
+    "node_to_core",
+]
 
 
 class DeviceBackend(Protocol):
@@ -132,6 +139,96 @@ class EnvironmentBackend:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def meta_to_core(meta: TensorMeta) -> dict:
+    """The recorder's dict form of a TensorMeta (inverse of ``TensorMeta.from_core``)."""
+    return {
+        "storage": meta.storage, "dtype": meta.dtype, "shape": list(meta.shape),
+        "stride": list(meta.stride), "offset": meta.offset, "storage_nbytes": meta.storage_nbytes,
+        "device": meta.device, "requires_grad": meta.requires_grad,
+    }  # fmt: skip
+
+
+def node_to_core(node: Node) -> dict:
+    """The recorder's dict form of a Node (inverse of ``Node.from_core``)."""
+    d = {
+        "id": node.id, "op": node.op, "args": [tuple(a) for a in node.args],
+        "inputs": [meta_to_core(t) for t in node.inputs],
+        "outputs": [meta_to_core(t) for t in node.outputs],
+        "output_alias": list(node.output_alias), "writes": list(node.writes),
+        "fresh": list(node.fresh), "context": node.context, "eager": node.eager,
+        "random": node.random, "empty_factory": False,
+    }  # fmt: skip
+    if node.rng_state is not None:
+        d["rng_state"] = node.rng_state
+    return d
+
+
+class ExecutorBackend:
+    """A device behind any Executor (a ``genie serve`` session: RemoteExecutor, or a
+    PythonExecutor). Storages cross between devices through this process: the bytes of the
+    whole storage are fetched as uint8 and uploaded to the other device.
+
+    Note: the design has servers exchange tensors directly (torch.distributed); until the
+    server offers that, this host relay is the transfer path for remote devices.
+    """
+
+    def __init__(self, name: str, executor, device: str | torch.device = "cpu"):
+        self.name = name
+        self.executor = executor
+        self.device = torch.device(getattr(executor, "device_type", None) or device)
+        self._nbytes: dict[int, int] = {}
+
+    def put_constant(self, storage, tensor) -> None:
+        self.executor.run([], {int(storage): tensor}, [])
+        self._nbytes[storage] = tensor.untyped_storage().nbytes()
+
+    def run(self, nodes) -> None:
+        if nodes:
+            self.executor.run([node_to_core(n) for n in nodes], {}, [])
+            for n in nodes:
+                for t in n.outputs:
+                    self._nbytes.setdefault(t.storage, t.storage_nbytes)
+
+    def export(self, storage):
+        nbytes = self._nbytes.get(storage)
+        if nbytes is None:
+            raise ExecutionError(f"genie: storage {storage} is not resident on device {self.name}")
+        ref = {"storage": storage, "dtype": torch.uint8, "shape": [nbytes], "stride": [1], "offset": 0,
+               "storage_nbytes": nbytes, "device": 0, "requires_grad": False}
+        return self.executor.fetch(ref).contiguous().untyped_storage()
+
+    def import_(self, storage, data) -> None:
+        flat = torch.empty(0, dtype=torch.uint8, device=data.device).set_(data).cpu().clone()
+        self.put_constant(storage, flat)
+
+    def view(self, meta):
+        return self.executor.fetch(meta_to_core(meta))
+
+    def bind(self, meta, value) -> None:
+        self.executor.bind(meta_to_core(meta), value)
+        self._nbytes[meta.storage] = meta.storage_nbytes
+
+    def run_eager(self, node):
+        return self.executor.run_eager(node_to_core(node))
+
+    def has(self, storage) -> bool:
+        return storage in self._nbytes and self.executor.has(storage)
+
+    def release(self, ids) -> None:
+        mine = [i for i in ids if self._nbytes.pop(i, None) is not None]
+        if mine:
+            self.executor.release(mine)
+
+    def storage_nbytes(self, storage) -> int:
+        return self._nbytes.get(storage, 0)
+
+    def nbytes(self) -> int:
+        return sum(self._nbytes.values())
+
+    def synchronize(self) -> None:
+        pass
 
 
 def _spec_for(device: torch.device) -> DeviceSpec:
@@ -294,6 +391,17 @@ class MultiDeviceExecutor:
 
     def resident_bytes(self) -> int:
         return sum(b.nbytes() for b in self.backends.values())
+
+    # -- plans by hand ------------------------------------------------------------------------
+    def execute(self, graph: Graph, plan: ExecutionPlan) -> None:
+        """Run a given plan of `graph` (uploading ``graph.constants`` as it says)."""
+        with self._lock:
+            self._execute(graph, plan)
+
+    def read(self, meta: TensorMeta) -> torch.Tensor:
+        """The current value of a tensor (a view of a resident storage), wherever it lives."""
+        with self._lock:
+            return self._backend_holding(meta.storage).view(meta)
 
     # -- execution ---------------------------------------------------------------------------
     def _execute(self, graph: Graph, plan: ExecutionPlan) -> None:

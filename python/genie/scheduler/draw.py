@@ -74,6 +74,7 @@ def draw_schedule(
     ax.set_xlabel("estimated time (ms)")
     ax.set_title(f"strategy {schedule.strategy}: {len(schedule.stages)} stages, "
                  f"estimated {schedule.makespan * 1e3:.3f} ms")
+    ax.set_xlim(left=0)
     ax.invert_yaxis()
     if graph is not None:
         _draw_graph(axes[1][0], schedule, graph, max_nodes)

@@ -85,6 +85,7 @@ class ExecutionPlan:
     estimated_time: float
     strategy: str = ""
     resident: dict[int, str] = field(default_factory=dict)
+    constants: frozenset[int] = frozenset()  # graph inputs that are uploads from the client
     _srefs: dict[int, tuple[int, int, int]] = field(default_factory=dict, repr=False)
     _node_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -199,9 +200,13 @@ class ExecutionPlan:
         for s, d in self.resident.items():
             have.setdefault(d, {})[s] = -1
         done: set[int] = set()
+        transfers = {t.id: t for t in self.transfers}
         for kind, i in self.steps:
+            if (kind == "transfer" and i not in transfers) or (kind == "fragment" and not 0 <= i < nf):
+                problems.append(f"step ({kind}, {i}) names no such {kind}")
+                continue
             if kind == "transfer":
-                t = self.transfers[i]
+                t = transfers[i]
                 if t.src_fragment is not None and t.src_fragment not in done:
                     problems.append(f"transfer {t.id} runs before its source fragment {t.src_fragment}")
                 cur = have.get(t.src_device, {}).get(t.storage)
@@ -220,8 +225,7 @@ class ExecutionPlan:
                     cur = dev.get(s, "missing")
                     if cur == v:
                         continue
-                    if v == -1 and cur == "missing" and s not in self.resident and not any(
-                            s in u for u in self.uploads.values()):
+                    if v == -1 and cur == "missing" and s not in self.resident and s not in self.constants:
                         continue  # resident somewhere the plan was not told about
                     problems.append(
                         f"fragment {f.id} on {f.device}: node {nid} reads s{s} version {v} but the "
@@ -291,6 +295,7 @@ class ExecutionPlan:
             estimated_time=self.estimated_time,
             strategy=self.strategy,
             resident=dict(resident) if resident is not None else {S(s): d for s, d in self.resident.items()},
+            constants=frozenset(S(s) for s in self.constants),
             _srefs={smap.get(s, s): r for s, r in self._srefs.items()},
             _node_ids=ids,
         )
@@ -511,6 +516,7 @@ class Planner:
             estimated_time=est,
             strategy=schedule.strategy,
             resident=dict(resident),
+            constants=frozenset(A.constants),
             _srefs=srefs,
             _node_ids=tuple(n.id for n in graph.nodes),
         )
@@ -597,6 +603,7 @@ class Planner:
             wanted.update(v)
         wanted.update(homes)
         wanted.update(resident)
+        wanted.update(graph.constants)
         for f in frags:
             wanted.update(f.inputs)
             wanted.update(f.outputs)
