@@ -286,87 +286,115 @@ def decode_program(body: bytes, limits: P.Limits, key: bytes | None = None) -> P
     return _decode(raw, limits, key if key is not None else _key(body), body)
 
 
-def _decode(raw: Any, limits: P.Limits, key: bytes, body: bytes) -> Program:
+def _bad(what: str) -> None:
+    raise ProtocolError(f"genie: invalid request: {what}")
+
+
+def _small_ints(xs: Any, lo: int, hi: int) -> bool:
+    if type(xs) is not list or len(xs) > 4096:
+        return False
+    for x in xs:
+        if type(x) is not int or x < lo or x > hi:
+            return False
+    return True
+
+
+def _decode_node(rn: Any, k: int, limits: P.Limits, max_local: int) -> _Step:
+    """One node, checked on its own: op, arguments against the op's schema, references."""
+    if type(rn) is not list or len(rn) != 8:
+        _bad(f"node {k} must be a list of 8 fields")
+    op_name, args, ins, outs, alias, writes, fresh, random = rn
+    op, schema = resolve_op(op_name)
+    if type(ins) is not list or type(outs) is not list or len(ins) > 4096 or len(outs) > 4096:
+        _bad(f"node {k} ({op_name}): inputs and outputs must be lists")
+    ins_m = [P.decode_ref(r, limits, max_sid=max_local) for r in ins]
+    outs_m = [P.decode_ref(r, limits, max_sid=max_local) for r in outs]
+    nin = len(ins_m)
+    if not _small_ints(alias, -1, nin - 1) or len(alias) != len(outs_m):
+        _bad(f"node {k} ({op_name}): output_alias must name an input (or -1) per output")
+    if not _small_ints(writes, 0, max_local) or not _small_ints(fresh, 0, max_local):
+        _bad(f"node {k} ({op_name}): writes and fresh must list storage indices")
+    if type(random) is not bool:
+        _bad(f"node {k} ({op_name}): random must be a boolean")
+    sargs = schema.arguments
+    if type(args) is not list or len(args) > len(sargs):
+        _bad(f"node {k} ({op_name}): at most {len(sargs)} arguments")
+    node_args: list[tuple[str, Any]] = []
+    for i, a in enumerate(args):
+        if type(a) is not list or len(a) != 2 or type(a[0]) is not int or a[0] not in _KIND_NAMES:
+            _bad(f"node {k} ({op_name}) argument {i} must be [kind, value]")
+        code, v = a
+        sa = sargs[i]
+        if code == 0:
+            if v is not None:
+                _check_value(v, sa.type, limits, f"node {k} ({op_name}) argument {sa.name}")
+                if sa.name == "size":
+                    _check_size_arg(v, limits, f"node {k} ({op_name}) argument {sa.name}")
+        else:
+            if not _is_tensor_type(sa.type):
+                _bad(f"node {k} ({op_name}) argument {sa.name} is not a tensor argument")
+            lo = 0 if code == 2 else -1
+            if not (_small_ints([v], lo, nin - 1) if code == 1 else _small_ints(v, lo, nin - 1)):
+                _bad(f"node {k} ({op_name}) argument {sa.name}: tensor index out of range")
+        node_args.append((_KIND_NAMES[code], v))
+    step = _Step(
+        id=k,
+        op=op_name,
+        args=node_args,
+        inputs=ins_m,
+        outputs=outs_m,
+        output_alias=list(alias),
+        writes=list(writes),
+        fresh=list(fresh),
+        random=random,
+    )
+    step.target = op
+    step.extents = [
+        P.extent(m.shape, m.stride, m.offset, P.itemsize(m.dtype)) for m in ins_m + outs_m
+    ]
+    return step
+
+
+def _decode(
+    raw: Any, limits: P.Limits, key: bytes, body: bytes, reuse: dict[int, _Step] | None = None
+) -> Program:
+    """Check every node (or take it from `reuse`, nodes already checked with the same
+    content), then the dataflow between them."""
     nodes = P.get_list(raw, "program", limits.max_nodes)
     max_local = 8 * len(nodes) + 8  # a node mentions at most a few storages
-    steps: list[_Step] = []
+    reuse = reuse or {}
+    steps = [
+        reuse[k] if k in reuse else _decode_node(rn, k, limits, max_local)
+        for k, rn in enumerate(nodes)
+    ]
     state: dict[int, int] = {}  # local -> declared bytes (fresh) or -1 (input)
     inputs: list[int] = []
     produced: dict[int, None] = {}
     extent: dict[int, int] = {}
     fresh_bytes = 0
     random_steps = []
-    for k, rn in enumerate(nodes):
-        where = f"node {k}"
-        P.need(type(rn) is list and len(rn) == 8, f"{where} must be a list of 8 fields")
-        op_name, args, ins, outs, alias, writes, fresh, random = rn
-        op, schema = resolve_op(op_name)
-        where = f"node {k} ({op_name})"
-        ins_m = [
-            P.decode_ref(r, limits, max_sid=max_local)
-            for r in P.get_list(ins, f"{where} inputs", 4096)
-        ]
-        outs_m = [
-            P.decode_ref(r, limits, max_sid=max_local)
-            for r in P.get_list(outs, f"{where} outputs", 4096)
-        ]
-        alias = P.get_list(alias, f"{where} output_alias", 4096)
-        P.need(len(alias) == len(outs_m), f"{where}: one output_alias entry per output")
-        for a in alias:
-            P.get_int(a, -1, len(ins_m) - 1, f"{where} output_alias")
-        writes = [
-            P.get_int(w, 0, max_local, f"{where} writes")
-            for w in P.get_list(writes, f"{where} writes", 4096)
-        ]
-        fresh = [
-            P.get_int(f, 0, max_local, f"{where} fresh")
-            for f in P.get_list(fresh, f"{where} fresh", 4096)
-        ]
-        random = P.get_bool(random, f"{where} random")
-        args = P.get_list(args, f"{where} args", 256)
-        sargs = schema.arguments
-        P.need(
-            len(args) <= len(sargs), f"{where}: {len(args)} arguments for a schema of {len(sargs)}"
-        )
-        node_args: list[tuple[str, Any]] = []
-        for i, a in enumerate(args):
-            P.need(type(a) is list and len(a) == 2, f"{where} argument {i} must be [kind, value]")
-            code, v = a
-            P.need(type(code) is int and code in _KIND_NAMES, f"{where} argument {i}: unknown kind")
-            sa = sargs[i]
-            what = f"{where} argument {sa.name}"
-            if code == 0:
-                _check_value(v, sa.type, limits, what)
-                if sa.name == "size":
-                    _check_size_arg(v, limits, what)
-            else:
-                P.need(_is_tensor_type(sa.type), f"{what} is not a tensor argument")
-                lo = -1 if code != 2 else 0
-                if code == 1:
-                    P.get_int(v, lo, len(ins_m) - 1, f"{what} tensor index")
-                else:
-                    for x in P.get_list(v, what, 4096):
-                        P.get_int(x, lo, len(ins_m) - 1, f"{what} tensor index")
-            node_args.append((_KIND_NAMES[code], v))
-        # Dataflow: what this node reads must be resident or made earlier in the program.
+    for k, step in enumerate(steps):
+        ins_m, outs_m = step.inputs, step.outputs
+        # What this node reads must be resident or made earlier in the program.
         for m in ins_m:
             if m.storage not in state:
                 state[m.storage] = -1
                 inputs.append(m.storage)
         in_locals = {m.storage for m in ins_m}
-        for w in writes:
-            P.need(w in in_locals, f"{where} writes storage {w} it does not take as input")
+        for w in step.writes:
+            if w not in in_locals:
+                _bad(f"node {k} ({step.op}) writes storage {w} it does not take as input")
             produced[w] = None
-        fresh_set = set(fresh)
-        P.need(len(fresh_set) == len(fresh), f"{where}: repeated fresh storage")
-        for m, a in zip(outs_m, alias, strict=True):
+        fresh_set = set(step.fresh)
+        if len(fresh_set) != len(step.fresh):
+            _bad(f"node {k} ({step.op}): repeated fresh storage")
+        for m, a in zip(outs_m, step.output_alias, strict=True):
             if a >= 0:
-                P.need(
-                    m.storage == ins_m[a].storage,
-                    f"{where}: an aliasing output must view its input's storage",
-                )
+                if m.storage != ins_m[a].storage:
+                    _bad(f"node {k} ({step.op}): an aliasing output must view its input's storage")
             elif m.storage in fresh_set:
-                P.need(m.storage not in state, f"{where}: fresh storage {m.storage} already exists")
+                if m.storage in state:
+                    _bad(f"node {k} ({step.op}): fresh storage {m.storage} already exists")
                 state[m.storage] = m.storage_nbytes
                 fresh_bytes += m.storage_nbytes
                 produced[m.storage] = None
@@ -375,40 +403,21 @@ def _decode(raw: Any, limits: P.Limits, key: bytes, body: bytes) -> Program:
                     state[m.storage] = -1
                     inputs.append(m.storage)
                 produced[m.storage] = None
-        for f in fresh:
-            P.need(
-                f in state and state[f] >= 0 and any(m.storage == f for m in outs_m),
-                f"{where}: fresh storage {f} is not an output",
-            )
-        for m in ins_m + outs_m:
-            need_bytes = P.extent(m.shape, m.stride, m.offset, P.itemsize(m.dtype))
+        for f in step.fresh:
+            if state.get(f, -1) < 0 or not any(m.storage == f for m in outs_m):
+                _bad(f"node {k} ({step.op}): fresh storage {f} is not an output")
+        for m, need_bytes in zip(ins_m + outs_m, step.extents, strict=True):
             declared = state[m.storage]
             if declared >= 0:
-                P.need(
-                    need_bytes <= declared,
-                    f"{where}: a view of storage {m.storage} exceeds its size",
-                )
-            else:
-                extent[m.storage] = max(extent.get(m.storage, 0), need_bytes)
-        step = _Step(
-            id=k,
-            op=op_name,
-            args=node_args,
-            inputs=ins_m,
-            outputs=outs_m,
-            output_alias=list(alias),
-            writes=writes,
-            fresh=fresh,
-            random=random,
-        )
-        step.target = op
-        steps.append(step)
-        if random:
+                if need_bytes > declared:
+                    _bad(f"node {k} ({step.op}): a view of storage {m.storage} exceeds its size")
+            elif need_bytes > extent.get(m.storage, 0):
+                extent[m.storage] = need_bytes
+        if step.random:
             random_steps.append(k)
     nlocals = len(state)
-    P.need(
-        set(state) == set(range(nlocals)), "storage indices must be numbered 0..n-1 by first use"
-    )
+    if set(state) != set(range(nlocals)):
+        _bad("storage indices must be numbered 0..n-1 by first use")
     return Program(
         key=key,
         body=body,
@@ -453,7 +462,9 @@ class ProgramCache:
         return self._insert(decode_program(body, limits, key))
 
     def patched(self, base: Program, patch: Any, limits: P.Limits) -> Program:
-        """The program `patch` makes of `base` (Note: [Program patches]), validated and cached."""
+        """The program `patch` makes of `base` (Note: [Program patches]), validated and cached.
+        Nodes the patch does not touch keep their checked form from `base`; the dataflow of
+        the whole program is checked again."""
         raw = apply_patch(P.unpack(base.body, limits), patch, limits)
         body = P.pack(raw)
         P.need(len(body) <= limits.max_header, "the patched program is too large")
@@ -462,7 +473,9 @@ class ProgramCache:
             p = self._items.get(key)
         if p is not None:
             return p
-        return self._insert(_decode(P.unpack(body, limits), limits, key, body))
+        touched = {entry[0][0] for entry in patch}
+        reuse = {k: s for k, s in enumerate(base.steps) if k not in touched}
+        return self._insert(_decode(P.unpack(body, limits), limits, key, body, reuse))
 
     def _insert(self, p: Program) -> Program:
         with self._lock:
