@@ -13,6 +13,7 @@
 #include "capture/executor.h"
 #include "capture/kernels.h"
 #include "capture/recorder.h"
+#include "capture/shape_cache.h"
 
 namespace {
 
@@ -40,6 +41,9 @@ int main(int argc, char** argv) {
   int calls = argc > 1 ? std::stoi(argv[1]) : 2000;
   int rounds = argc > 2 ? std::stoi(argv[2]) : 15;
   int64_t n = argc > 3 ? std::stoll(argv[3]) : 16;
+  // One intra-op thread: per-op costs at 16x16 are about dispatch, and idle OpenMP workers
+  // spinning after an eager round otherwise steal the capture round's core on small machines.
+  at::set_num_threads(1);
   genie::register_device();
   genie::register_direct_kernels();
   genie::recorder().set_executor(std::make_shared<genie::LocalExecutor>(c10::Device(c10::DeviceType::CPU)));
@@ -68,6 +72,7 @@ int main(int argc, char** argv) {
     double capture = time_us(cases[i].capture, collect, calls, rounds);
     std::printf("%s\"%s\": {\"eager_us\": %.4f, \"capture_us\": %.4f}", i ? ", " : "", cases[i].name, eager, capture);
   }
-  std::printf("}}\n");
+  std::printf("}, \"shape_cache_hits\": %lld, \"shape_cache_misses\": %lld}\n",
+              static_cast<long long>(genie::shape_cache().hits()), static_cast<long long>(genie::shape_cache().misses()));
   return 0;
 }

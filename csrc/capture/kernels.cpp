@@ -60,8 +60,22 @@ struct OpInfo {
   bool empty_factory = false;
 };
 
+const OpInfo& op_info_slow(const c10::OperatorHandle& op);
+
+// Per-thread memo in front of the shared table: the hot path takes no lock.
 const OpInfo& op_info(const c10::OperatorHandle& op) {
+  thread_local std::unordered_map<const c10::FunctionSchema*, const OpInfo*> memo;
+  const auto* key = &op.schema();
+  auto it = memo.find(key);
+  if (it != memo.end()) return *it->second;
+  const OpInfo& info = op_info_slow(op);
+  memo.emplace(key, &info);
+  return info;
+}
+
+const OpInfo& op_info_slow(const c10::OperatorHandle& op) {
   static std::mutex mutex;
+  // Values are never erased, so references into the map stay valid.
   static auto* cache = new std::unordered_map<const c10::FunctionSchema*, OpInfo>();
   const auto& schema = op.schema();
   std::lock_guard<std::mutex> lock(mutex);

@@ -46,8 +46,10 @@ void Recorder::record(std::shared_ptr<Node> node) {
   std::lock_guard<std::mutex> lock(mutex_);
   node->id = next_node_id_++;
   node->context = current_context();
-  for (auto s : node->writes) empty_producer_.erase(s);
-  for (const auto& in : node->inputs) empty_producer_.erase(in.storage);
+  if (!empty_producer_.empty()) {
+    for (auto s : node->writes) empty_producer_.erase(s);
+    for (const auto& in : node->inputs) empty_producer_.erase(in.storage);
+  }
   if (node->empty_factory)
     for (auto s : node->fresh) empty_producer_[s] = node;
   ++stats_.nodes_recorded;

@@ -10,7 +10,7 @@ ShapeCache& shape_cache() {
 }
 
 std::shared_ptr<const ShapeResult> ShapeCache::find(const std::string& key) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::shared_lock<std::shared_mutex> lock(mutex_);
   auto it = map_.find(key);
   if (it == map_.end()) {
     ++misses_;
@@ -21,18 +21,18 @@ std::shared_ptr<const ShapeResult> ShapeCache::find(const std::string& key) {
 }
 
 void ShapeCache::insert(const std::string& key, std::shared_ptr<const ShapeResult> value) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::unique_lock<std::shared_mutex> lock(mutex_);
   map_.emplace(key, std::move(value));
 }
 
 void ShapeCache::clear() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::unique_lock<std::shared_mutex> lock(mutex_);
   map_.clear();
   hits_ = misses_ = 0;
 }
 
 size_t ShapeCache::size() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::shared_lock<std::shared_mutex> lock(mutex_);
   return map_.size();
 }
 

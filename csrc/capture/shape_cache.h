@@ -9,8 +9,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/ivalue.h>
 
+#include <atomic>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -53,10 +55,10 @@ class ShapeCache {
   size_t size() const;
 
  private:
-  mutable std::mutex mutex_;
+  mutable std::shared_mutex mutex_;  // lookups share it; inserts are rare
   std::unordered_map<std::string, std::shared_ptr<const ShapeResult>> map_;
-  int64_t hits_ = 0;
-  int64_t misses_ = 0;
+  std::atomic<int64_t> hits_{0};
+  std::atomic<int64_t> misses_{0};
 };
 
 ShapeCache& shape_cache();

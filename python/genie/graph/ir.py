@@ -158,8 +158,10 @@ class Node:
 def _json_value(v: Any) -> Any:
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
-    if isinstance(v, (list, tuple)):
+    if isinstance(v, (list, tuple, set, frozenset)):
         return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
     if isinstance(v, torch.dtype):
         return {"dtype": str(v).removeprefix("torch.")}
     if isinstance(v, torch.device):
@@ -260,11 +262,15 @@ class Graph:
             return local.setdefault(s, len(local))
 
         for n in self.nodes:
-            ins = [(sid(t.storage),) + t.signature() for t in n.inputs]
-            outs = [(sid(t.storage),) + t.signature() for t in n.outputs]
-            vals = [json.dumps(_json_value(v), sort_keys=True) for k, v in n.args if k == "value"]
-            kinds = [(k, v if k != "value" else None) for k, v in n.args]
-            h.update(repr((n.op, ins, outs, vals, kinds, n.output_alias, n.random)).encode())
+            parts = [n.op, n.random]
+            for kind, v in n.args:
+                parts.append(_hash_value(v) if kind == "value" else (kind, v))
+            for t in n.inputs:
+                parts.append((sid(t.storage), t.dtype, t.shape, t.stride, t.offset))
+            for t in n.outputs:
+                parts.append((sid(t.storage), t.dtype, t.shape, t.stride, t.offset))
+            parts.append(tuple(n.output_alias))
+            h.update(repr(parts).encode())
         self._hash = h.hexdigest()
         return self._hash
 
@@ -396,6 +402,17 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"Graph(nodes={len(self.nodes)}, hash={self.structural_hash()[:12]})"
+
+
+def _hash_value(v: Any) -> Any:
+    """A scalar argument as the structural hash sees it: tensors by dtype and shape only."""
+    if isinstance(v, torch.Tensor):
+        return ("tensor", v.dtype, tuple(v.shape))
+    if isinstance(v, (list, tuple)):
+        return tuple(_hash_value(x) for x in v)
+    if isinstance(v, torch.Generator):
+        return "generator"
+    return v
 
 
 def _getitem(x, i):

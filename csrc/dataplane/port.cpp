@@ -1,0 +1,270 @@
+#include "dataplane/port.h"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+
+#include <rte_bus.h>
+#include <rte_dev.h>
+#include <rte_errno.h>
+#include <rte_ethdev.h>
+
+#include "dataplane/eal.h"
+#include "dataplane/wire.h"
+
+namespace genie::dataplane {
+
+namespace {
+
+// memif ring buffers: 2 KiB is DPDK's default and what FIELD-NOTES measured; a chunk spans
+// several of them (memif chains descriptors in copy mode).
+constexpr uint32_t kMemifDefaultBsize = 2048;
+constexpr uint32_t kMemifBuffersPerChunk = 4;
+constexpr uint32_t kHeaderDataRoom = 2048 + RTE_PKTMBUF_HEADROOM;
+constexpr uint32_t kPacketOverhead = kEtherHeader + sizeof(PacketHeader);
+constexpr uint32_t kSlack = 512;
+
+std::atomic<int> g_vdev_counter{0};
+
+uint32_t pool_size(uint64_t want) {
+  uint64_t n = 1;
+  while (n - 1 < want) n <<= 1;
+  return static_cast<uint32_t>(n - 1);
+}
+
+std::string err(const std::string& what, int rc) {
+  return what + ": " + rte_strerror(rc < 0 ? -rc : rc);
+}
+
+bool has_key(const std::string& args, const std::string& key) {
+  for (const auto& kv : split(args, ',')) {
+    if (kv.rfind(key + "=", 0) == 0) return true;
+  }
+  return false;
+}
+
+uint32_t key_value(const std::string& args, const std::string& key, uint32_t dflt) {
+  for (const auto& kv : split(args, ',')) {
+    if (kv.rfind(key + "=", 0) == 0) return static_cast<uint32_t>(std::strtoul(kv.c_str() + key.size() + 1, nullptr, 0));
+  }
+  return dflt;
+}
+
+}  // namespace
+
+PortSizing PortSizing::compute(const PortConfig& cfg, uint32_t window_chunks, uint16_t burst,
+                               uint16_t rx_data_room) {
+  const uint32_t cache = RTE_MEMPOOL_CACHE_MAX_SIZE < 256 ? RTE_MEMPOOL_CACHE_MAX_SIZE : 256;
+  PortSizing s;
+  s.rx_data_room = rx_data_room;
+  s.rx_pool = pool_size(uint64_t(cfg.rx_desc) + 2u * burst + cache + kSlack);
+  s.header_pool = pool_size(uint64_t(cfg.tx_desc) + window_chunks + 2u * burst + cache + kSlack);
+  s.ext_pool = pool_size(2ull * (cfg.tx_desc + window_chunks) + 2u * burst + cache + kSlack);
+  return s;
+}
+
+Status Port::open(const PortConfig& cfg, uint32_t window_chunks, uint16_t burst,
+                  std::unique_ptr<Port>* out) {
+  if (!Eal::initialized()) {
+    return {Code::EalFailed, "genie: open a port only after Eal::ensure() succeeded"};
+  }
+  std::unique_ptr<Port> p(new Port());
+  Status s = p->setup(cfg, window_chunks, burst);
+  if (!s) {
+    p->close();
+    return s;
+  }
+  *out = std::move(p);
+  return Status::ok();
+}
+
+Status Port::setup(const PortConfig& cfg, uint32_t window_chunks, uint16_t burst) {
+  const std::string& spec = cfg.spec;
+  auto colon = spec.find(':');
+  std::string kind = spec.substr(0, colon);
+  std::string rest = colon == std::string::npos ? "" : spec.substr(colon + 1);
+  uint32_t memif_bsize = 0;
+  int rc = 0;
+
+  if (kind == "memif" || kind == "vdev") {
+    std::string name, args;
+    if (kind == "memif") {
+      name = "net_memif" + std::to_string(getpid()) + "_" + std::to_string(g_vdev_counter++);
+      args = rest;
+      if (!has_key(args, "bsize")) args += (args.empty() ? "" : ",") + std::string("bsize=") +
+                                           std::to_string(kMemifDefaultBsize);
+      if (!has_key(args, "role")) args += ",role=server";
+      memif_bsize = key_value(args, "bsize", kMemifDefaultBsize);
+      if (has_key(args, "zero-copy") && key_value(args, "zero-copy", 0) != 0) {
+        // FIELD-NOTES.md: memif zero-copy mode corrupted data silently.
+      }
+      if (args.find("zero-copy=yes") != std::string::npos) {
+        return {Code::Unsupported,
+                "genie: memif zero-copy mode corrupts data on DPDK 22.11 (FIELD-NOTES.md); "
+                "use copy mode (the default)"};
+      }
+    } else {
+      auto comma = rest.find(',');
+      name = rest.substr(0, comma);
+      args = comma == std::string::npos ? "" : rest.substr(comma + 1);
+      if (name.empty()) return {Code::InvalidArgument, "genie: port spec '" + spec + "' names no vdev"};
+    }
+    uint16_t existing;
+    if (rte_eth_dev_get_port_by_name(name.c_str(), &existing) != 0) {
+      rc = rte_eal_hotplug_add("vdev", name.c_str(), args.c_str());
+      if (rc < 0) {
+        return {Code::EalFailed, err("genie: cannot create the DPDK device " + name + "," + args, rc)};
+      }
+      hotplug_bus_ = "vdev";
+      hotplug_name_ = name;
+    }
+    if (rte_eth_dev_get_port_by_name(name.c_str(), &port_id_) != 0) {
+      return {Code::EalFailed, "genie: DPDK created " + name + " but no ethdev port for it"};
+    }
+    name_ = name;
+  } else if (kind == "pci") {
+    if (rte_eth_dev_get_port_by_name(rest.c_str(), &port_id_) != 0) {
+      rc = rte_eal_hotplug_add("pci", rest.c_str(), "");
+      if (rc < 0) {
+        return {Code::EalFailed,
+                err("genie: cannot attach PCI device " + rest +
+                        " (is it bound to vfio-pci and allowed with eal_pci=...?)", rc)};
+      }
+      hotplug_bus_ = "pci";
+      hotplug_name_ = rest;
+      if (rte_eth_dev_get_port_by_name(rest.c_str(), &port_id_) != 0) {
+        return {Code::EalFailed, "genie: PCI device " + rest + " has no ethdev port"};
+      }
+    }
+    name_ = rest;
+  } else if (kind == "port") {
+    port_id_ = static_cast<uint16_t>(std::strtoul(rest.c_str(), nullptr, 10));
+    if (!rte_eth_dev_is_valid_port(port_id_)) {
+      return {Code::InvalidArgument, "genie: no DPDK port " + rest};
+    }
+    char buf[RTE_ETH_NAME_MAX_LEN];
+    rte_eth_dev_get_name_by_port(port_id_, buf);
+    name_ = buf;
+  } else {
+    return {Code::InvalidArgument,
+            "genie: unknown port spec '" + spec +
+                "' (expected memif:ARGS, vdev:NAME,ARGS, pci:ADDRESS or port:N)"};
+  }
+
+  rte_eth_dev_info info;
+  rc = rte_eth_dev_info_get(port_id_, &info);
+  if (rc != 0) return {Code::EalFailed, err("genie: rte_eth_dev_info_get(" + name_ + ")", rc)};
+  driver_ = info.driver_name ? info.driver_name : "?";
+  const rte_bus* bus = info.device ? rte_dev_bus(info.device) : nullptr;
+  std::string bus_name = bus ? rte_bus_name(bus) : "";
+  needs_iova_ = bus_name != "vdev";
+
+  // Chunk sizes: memif carries any length (it chains ring buffers); a NIC carries its MTU.
+  uint16_t rx_room;
+  if (memif_bsize) {
+    max_chunk_ = 65000;
+    default_chunk_ = kMemifBuffersPerChunk * memif_bsize - kPacketOverhead;
+    rx_room = static_cast<uint16_t>(memif_bsize + RTE_PKTMBUF_HEADROOM);
+  } else {
+    uint16_t mtu = cfg.mtu;
+    if (!mtu && rte_eth_dev_get_mtu(port_id_, &mtu) != 0) mtu = RTE_ETHER_MTU;
+    uint32_t frame = mtu + kEtherHeader;
+    max_chunk_ = mtu > sizeof(PacketHeader) ? mtu - sizeof(PacketHeader) : 0;
+    default_chunk_ = max_chunk_;
+    rx_room = static_cast<uint16_t>(std::min<uint32_t>(frame + RTE_PKTMBUF_HEADROOM, 65535));
+  }
+  if (cfg.mbuf_data_room) rx_room = cfg.mbuf_data_room;
+  sizing_ = PortSizing::compute(cfg, window_chunks, burst, rx_room);
+
+  // Pools: unique names per port and process.
+  std::string tag = std::to_string(getpid() % 100000) + "_" + std::to_string(port_id_);
+  int socket = rte_eth_dev_socket_id(port_id_);
+  if (socket < 0) socket = SOCKET_ID_ANY;
+  const unsigned cache = 256;
+  rx_pool_ = rte_pktmbuf_pool_create(("grx" + tag).c_str(), sizing_.rx_pool, cache, 0, rx_room, socket);
+  hdr_pool_ = rte_pktmbuf_pool_create(("ghd" + tag).c_str(), sizing_.header_pool, cache, 0,
+                                      kHeaderDataRoom, socket);
+  ext_pool_ = rte_pktmbuf_pool_create(("gex" + tag).c_str(), sizing_.ext_pool, cache, 0, 0, socket);
+  if (!rx_pool_ || !hdr_pool_ || !ext_pool_) {
+    return {Code::NoMemory, "genie: cannot create mbuf pools for " + name_ + " (" +
+                                rte_strerror(rte_errno) + "); raise eal_memory_mb"};
+  }
+
+  rte_eth_conf conf;
+  std::memset(&conf, 0, sizeof(conf));
+  if (info.tx_offload_capa & RTE_ETH_TX_OFFLOAD_MULTI_SEGS) {
+    conf.txmode.offloads |= RTE_ETH_TX_OFFLOAD_MULTI_SEGS;
+  } else if (needs_iova_) {
+    return {Code::Unsupported, "genie: port " + name_ + " (" + driver_ +
+                                   ") cannot send multi-segment packets; zero-copy chunks need it"};
+  }
+  if (info.rx_offload_capa & RTE_ETH_RX_OFFLOAD_SCATTER) {
+    conf.rxmode.offloads |= RTE_ETH_RX_OFFLOAD_SCATTER;
+  }
+  rc = rte_eth_dev_configure(port_id_, 1, 1, &conf);
+  if (rc < 0) return {Code::EalFailed, err("genie: rte_eth_dev_configure(" + name_ + ")", rc)};
+  configured_ = true;
+  uint16_t nrx = cfg.rx_desc, ntx = cfg.tx_desc;
+  rte_eth_dev_adjust_nb_rx_tx_desc(port_id_, &nrx, &ntx);
+  if (cfg.mtu) rte_eth_dev_set_mtu(port_id_, cfg.mtu);
+  rc = rte_eth_rx_queue_setup(port_id_, 0, nrx, socket, nullptr, rx_pool_);
+  if (rc < 0) return {Code::EalFailed, err("genie: rx queue of " + name_, rc)};
+  rte_eth_txconf txconf = info.default_txconf;
+  txconf.offloads = conf.txmode.offloads;
+  rc = rte_eth_tx_queue_setup(port_id_, 0, ntx, socket, &txconf);
+  if (rc < 0) return {Code::EalFailed, err("genie: tx queue of " + name_, rc)};
+  rc = rte_eth_dev_start(port_id_);
+  if (rc < 0) return {Code::EalFailed, err("genie: starting " + name_, rc)};
+  started_ = true;
+  rte_eth_promiscuous_enable(port_id_);  // not every driver supports it; harmless when not
+  rte_eth_macaddr_get(port_id_, &mac_);
+  shutdown_token_ = Eal::at_shutdown([this] { close(); });
+  return Status::ok();
+}
+
+rte_device* Port::device() const {
+  rte_eth_dev_info info;
+  if (rte_eth_dev_info_get(port_id_, &info) != 0) return nullptr;
+  return info.device;
+}
+
+void Port::tx_done_cleanup() {
+  if (started_) rte_eth_tx_done_cleanup(port_id_, 0, 0);
+}
+
+bool Port::link_up() const {
+  if (!started_) return false;
+  rte_eth_link link;
+  std::memset(&link, 0, sizeof(link));
+  if (rte_eth_link_get_nowait(port_id_, &link) != 0) return false;
+  return link.link_status == RTE_ETH_LINK_UP;
+}
+
+void Port::close() {
+  if (shutdown_token_) {
+    Eal::forget(shutdown_token_);
+    shutdown_token_ = 0;
+  }
+  if (started_) {
+    rte_eth_dev_stop(port_id_);
+    started_ = false;
+  }
+  if (configured_) {
+    rte_eth_dev_close(port_id_);
+    configured_ = false;
+  }
+  if (!hotplug_bus_.empty()) {
+    rte_eal_hotplug_remove(hotplug_bus_.c_str(), hotplug_name_.c_str());
+    hotplug_bus_.clear();
+  }
+  // Pools go last: a closed port no longer references their mbufs.
+  if (rx_pool_) rte_mempool_free(rx_pool_);
+  if (hdr_pool_) rte_mempool_free(hdr_pool_);
+  if (ext_pool_) rte_mempool_free(ext_pool_);
+  rx_pool_ = hdr_pool_ = ext_pool_ = nullptr;
+}
+
+Port::~Port() { close(); }
+
+}  // namespace genie::dataplane
