@@ -33,7 +33,22 @@ from genie.graph import Graph, GraphHandoff, Node, TensorMeta
 
 __version__ = "0.1.0"
 
+# Layers above capture load on first use, so `import genie` stays cheap.
+_LAZY = {
+    # semantic layer
+    "SemanticAnalyzer": "genie.semantic",
+    "AnalyzerConfig": "genie.semantic",
+    "MatchedPattern": "genie.semantic",
+    "ModuleContextTracker": "genie.semantic",
+    "PatternRegistry": "genie.semantic",
+    "PhaseDetector": "genie.semantic",
+    "WorkloadProfile": "genie.semantic",
+    "WorkloadType": "genie.semantic",
+    "register_pattern": "genie.semantic",
+}
+
 __all__ = [
+    *sorted(_LAZY),
     "BACKEND",
     "ExecutionError",
     "GenieError",
@@ -55,6 +70,17 @@ __all__ = [
     "stats",
     "synchronize",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'genie' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 def get_graph() -> Graph:

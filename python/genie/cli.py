@@ -88,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--json", help="also write the numbers to this file")
     demo.set_defaults(func=_demo)
 
+    from genie.semantic.cli import add_analyze_arguments, analyze_command
+
+    analyze = sub.add_parser("analyze", help="profile a model: workload, phases, patterns; write JSON/DOT")
+    add_analyze_arguments(analyze)
+    analyze.set_defaults(func=analyze_command)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     return int(args.func(args) or 0)
