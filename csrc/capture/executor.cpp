@@ -1,6 +1,7 @@
 #include "capture/executor.h"
 
 #include "capture/errors.h"
+#include "capture/stack.h"
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -121,42 +122,14 @@ std::vector<c10::IValue> LocalExecutor::call(const Node& node) {
   const c10::Device run_on = host ? c10::Device(c10::DeviceType::CPU) : device_;
   std::vector<at::Tensor> real(node.inputs.size());
   std::vector<at::Tensor> args(node.inputs.size());
-  torch::jit::Stack stack;
-  stack.reserve(node.args.size());
   auto make = [&](int32_t i) -> at::Tensor {
-    if (i < 0) return at::Tensor();
     if (!args[i].defined()) {
       real[i] = materialize_locked(node.inputs[i]);
       args[i] = host ? real[i].cpu() : real[i];
     }
     return args[i];
   };
-  for (const auto& a : node.args) {
-    switch (a.kind) {
-      case Arg::Kind::Value: {
-        const auto& v = a.value;
-        if (v.isDevice() && v.toDevice().type() == c10::DeviceType::PrivateUse1) stack.emplace_back(run_on);
-        else if (v.isGenerator()) stack.emplace_back();
-        else stack.push_back(v);
-        break;
-      }
-      case Arg::Kind::Tensor:
-        stack.emplace_back(make(a.refs[0]));
-        break;
-      case Arg::Kind::TensorList: {
-        c10::List<at::Tensor> l;
-        for (auto r : a.refs) l.push_back(make(r));
-        stack.emplace_back(std::move(l));
-        break;
-      }
-      case Arg::Kind::OptionalTensorList: {
-        c10::List<std::optional<at::Tensor>> l;
-        for (auto r : a.refs) l.push_back(r < 0 ? std::optional<at::Tensor>() : make(r));
-        stack.emplace_back(std::move(l));
-        break;
-      }
-    }
-  }
+  auto stack = build_stack(node, make, run_on, /*drop_generator=*/true);
   try {
     if (node.rng_state.has_value()) {
       auto gen = at::make_generator<at::CPUGeneratorImpl>();

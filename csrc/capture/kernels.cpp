@@ -21,6 +21,7 @@
 #include "capture/executor.h"
 #include "capture/recorder.h"
 #include "capture/shape_cache.h"
+#include "capture/stack.h"
 #include "capture/storage.h"
 
 namespace genie {
@@ -212,42 +213,6 @@ Scan scan_args(const c10::OperatorHandle& op, c10::ArrayRef<c10::IValue> args) {
   return s;
 }
 
-c10::IValue swap_device(const c10::IValue& v, c10::DeviceType to) {
-  if (v.isDevice() && v.toDevice().type() == kRemote) return c10::IValue(c10::Device(to));
-  return v;
-}
-
-// Rebuilds an argument stack, turning each input reference into `make(i)`.
-template <typename F>
-torch::jit::Stack rebuild(const Node& node, F&& make, c10::DeviceType device, bool drop_generator) {
-  torch::jit::Stack stack;
-  stack.reserve(node.args.size());
-  for (const auto& a : node.args) {
-    switch (a.kind) {
-      case Arg::Kind::Value:
-        if (drop_generator && a.value.isGenerator()) stack.emplace_back();
-        else stack.push_back(swap_device(a.value, device));
-        break;
-      case Arg::Kind::Tensor:
-        stack.emplace_back(a.refs[0] < 0 ? at::Tensor() : make(a.refs[0]));
-        break;
-      case Arg::Kind::TensorList: {
-        c10::List<at::Tensor> l;
-        for (auto r : a.refs) l.push_back(make(r));
-        stack.emplace_back(std::move(l));
-        break;
-      }
-      case Arg::Kind::OptionalTensorList: {
-        c10::List<std::optional<at::Tensor>> l;
-        for (auto r : a.refs) l.push_back(r < 0 ? std::optional<at::Tensor>() : make(r));
-        stack.emplace_back(std::move(l));
-        break;
-      }
-    }
-  }
-  return stack;
-}
-
 std::shared_ptr<const ShapeResult> infer_meta(const c10::OperatorHandle& op, const Scan& s) {
   const Node& node = *s.node;
   const auto& info = op_info(op);
@@ -269,7 +234,7 @@ std::shared_ptr<const ShapeResult> infer_meta(const c10::OperatorHandle& op, con
       metas[i].unsafeGetTensorImpl()->set_wrapped_number(true);
     return metas[i];
   };
-  auto stack = rebuild(node, make, c10::DeviceType::Meta, /*drop_generator=*/true);
+  auto stack = build_stack(node, make, c10::Device(c10::DeviceType::Meta), /*drop_generator=*/true);
   auto result = std::make_shared<ShapeResult>();
   try {
     op.callBoxed(stack);
@@ -338,7 +303,7 @@ void capture_rng(const c10::OperatorHandle& op, Node& node, const OpInfo& info, 
     const TensorRef& r = node.inputs[i];
     return at::ones(r.sizes, at::TensorOptions().dtype(r.dtype));
   };
-  auto stack = rebuild(node, make, c10::DeviceType::CPU, /*drop_generator=*/false);
+  auto stack = build_stack(node, make, c10::Device(c10::DeviceType::CPU), /*drop_generator=*/false);
   for (auto& v : stack) {
     if (v.isGenerator()) v = c10::IValue(cpu_gen);
   }
