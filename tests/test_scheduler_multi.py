@@ -177,31 +177,33 @@ def test_executor_protocol_edges(multi):
 
 
 @torch.no_grad()
-def test_two_genie_serve_endpoints_are_two_devices():
-    from genie.runtime.client import RemoteExecutor
+def test_two_genie_serve_endpoints_are_two_devices(tmp_path):
     from genie.runtime.loopback import LoopbackServer
-    from genie.runtime.multi_device import ExecutorBackend
 
     model = gpt2()
     ids = _ids()
     ref = model(ids).logits
     threads = torch.get_num_threads()  # same reduction order as eager here
     with LoopbackServer(threads=threads) as s0, LoopbackServer(threads=threads) as s1:
-        topo = NetworkTopology()
+        toml = ""
+        for name, srv in (("s0", s0), ("s1", s1)):
+            (tmp_path / name).write_text(srv.token)
+            toml += (f'[[device]]\nname = "{name}"\ntype = "CPU"\nendpoint = "tcp://{srv.address}"\n'
+                     f'token_file = "{tmp_path / name}"\n')
+        toml += '[[link]]\na = "s0"\nb = "s1"\nkind = "loopback"\n'
         for name in ("s0", "s1"):
-            topo.add_device(name, DeviceSpec.cpu(cores=2))
-            topo.add_link("client", name, kind="loopback")
-        topo.add_link("s0", "s1", kind="loopback")
-        clients = {"s0": RemoteExecutor(s0.address, s0.token), "s1": RemoteExecutor(s1.address, s1.token)}
-        ex = MultiDeviceExecutor({n: ExecutorBackend(n, c) for n, c in clients.items()}, topology=topo,
-                                 scheduler=Scheduler(network_topology=topo, strategy="pipeline"))
+            toml += f'[[link]]\na = "client"\nb = "{name}"\nkind = "loopback"\n'
+        (tmp_path / "cluster.toml").write_text(toml)
+        topo = NetworkTopology.from_file(tmp_path / "cluster.toml")
+        ex = MultiDeviceExecutor.from_topology(topo, scheduler=Scheduler(network_topology=topo,
+                                                                          strategy="pipeline"))
         install_executor(ex)
         try:
             out = copy.deepcopy(model).to(REMOTE)(ids.to(REMOTE)).logits.cpu()
         finally:
             genie.synchronize()
             use_local()
-            for c in clients.values():
-                c.close()
+            for b in ex.backends.values():
+                b.executor.close()
     assert torch.equal(out, ref)
     assert {f.device for f in ex.last_plan.fragments} == {"s0", "s1"} and ex.last_plan.transfers

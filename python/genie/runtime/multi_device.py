@@ -19,6 +19,7 @@ Executor, such as a ``genie serve`` session (RemoteExecutor), so two servers are
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -320,6 +321,42 @@ class MultiDeviceExecutor:
         """The CPU plus every CUDA device of this machine."""
         return cls(_local_devices(), **kwargs)
 
+    @classmethod
+    def from_topology(cls, topology: NetworkTopology, *, token: str | bytes | None = None,
+                      **kwargs) -> MultiDeviceExecutor:
+        """Every device of `topology`: one with an ``endpoint`` is a ``genie serve`` session
+        (token from its ``token_file``, else `token`, else ``$GENIE_TOKEN``); the others run in
+        this process on their ``torch_device`` (default cpu)."""
+        devices: dict[str, Any] = {}
+        for name, dev in topology.devices.items():
+            if dev.endpoint:
+                devices[name] = ExecutorBackend(name, _session(dev.endpoint, dev.token_file, token))
+            else:
+                devices[name] = dev.torch_device or "cpu"
+        return cls(devices, topology=topology, **kwargs)
+
+    @classmethod
+    def from_servers(cls, servers: list, *, token: str | bytes | None = None, spec: str = "H100",
+                     link: str = "eth100", **kwargs) -> MultiDeviceExecutor:
+        """Several ``genie serve`` endpoints (``"host:port"`` or ``{"address", "token" |
+        "token_file", "type"}`` entries, as ``servers_from_topology`` reads them) as devices
+        ``server0``, ``server1``... of a uniform topology."""
+        topo = NetworkTopology()
+        devices: dict[str, Any] = {}
+        for i, entry in enumerate(servers):
+            entry = {"address": entry} if isinstance(entry, str) else dict(entry)
+            name = str(entry.get("name", f"server{i}"))
+            client = _session(entry["address"], entry.get("token_file"), entry.get("token", token))
+            kind = "cpu" if getattr(client, "device_type", "cuda") == "cpu" else entry.get("type", spec)
+            topo.add_device(name, kind, endpoint=entry["address"])
+            topo.add_link(topo.client, name, kind=link)
+            devices[name] = ExecutorBackend(name, client)
+        names = list(devices)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                topo.add_link(a, b, kind=link)
+        return cls(devices, topology=topo, **kwargs)
+
     # -- the Executor protocol ---------------------------------------------------------------
     def run(self, nodes: list[dict], constants: dict[int, torch.Tensor], targets: list[int]) -> None:
         with self._lock:
@@ -531,6 +568,24 @@ class MultiDeviceExecutor:
             if s not in read:
                 out[dev] = out.get(dev, 0) + self.backends[dev].storage_nbytes(s)
         return out
+
+
+def _session(endpoint: str, token_file: str | None, token):
+    from genie.runtime.client import RemoteExecutor
+
+    address = endpoint.removeprefix("tcp://")
+    if token_file:
+        with open(token_file, "rb") as f:
+            token = f.read().strip()
+    if token is None:
+        token = os.environ.get("GENIE_TOKEN")
+        if token is None and os.environ.get("GENIE_TOKEN_FILE"):
+            with open(os.environ["GENIE_TOKEN_FILE"], "rb") as f:
+                token = f.read().strip()
+    if token is None:
+        raise ExecutionError(f"genie: no token for the genie server at {address}: set token_file "
+                             "in the topology, pass token=, or set GENIE_TOKEN")
+    return RemoteExecutor(address, token)
 
 
 def _local_devices() -> dict[str, Any]:

@@ -383,7 +383,7 @@ def _workload(profile) -> str:
         return ""
     wt = getattr(profile, "workload_type", profile if isinstance(profile, str) else "")
     wt = getattr(wt, "value", wt)
-    text = str(wt).lower()
+    text = str(wt).lower() + " " + str(getattr(profile, "call_phase", "") or "").lower()
     phases = getattr(profile, "phases", None)
     if phases:
         names = phases if isinstance(phases, (list, tuple, set)) else list(phases)

@@ -12,6 +12,7 @@ A topology comes from code (``add_device`` / ``add_link``), a dict, or a TOML fi
     name = "gpu0"
     type = "H100"                          # a DeviceSpec preset: H100, H200, A100, L4, CPU
     endpoint = "tcp://10.0.0.5:7010"       # optional: the `genie serve` answering for it
+    token_file = "/etc/genie/token"        # optional: its token (else $GENIE_TOKEN)
     memory_gb = 80                         # optional overrides of the preset
     torch_device = "cuda:0"                # optional: where a local executor runs it
 
@@ -72,6 +73,7 @@ class Device:
     endpoint: str | None = None
     torch_device: str | None = None
     queued_s: float = 0.0  # known backlog: queueing delay before new work starts
+    token_file: str | None = None  # for an endpoint: the genie serve token
 
 
 @dataclass
@@ -136,6 +138,7 @@ class NetworkTopology:
         host: str = "localhost",
         endpoint: str | None = None,
         torch_device: str | None = None,
+        token_file: str | None = None,
         **overrides: Any,
     ) -> Device:
         """Add a compute device; `spec` is a DeviceSpec or a preset name. Keyword overrides
@@ -148,7 +151,8 @@ class NetworkTopology:
             except ValueError as e:
                 raise TopologyError(str(e)) from None
         spec = _apply_overrides(spec, overrides)
-        dev = Device(name, spec, host=host, endpoint=endpoint, torch_device=torch_device)
+        dev = Device(name, spec, host=host, endpoint=endpoint, torch_device=torch_device,
+                     token_file=token_file)
         self.devices[name] = dev
         self._changed()
         return dev
@@ -375,6 +379,7 @@ class NetworkTopology:
                 host=d.pop("host", "localhost"),
                 endpoint=d.pop("endpoint", None),
                 torch_device=d.pop("torch_device", None),
+                token_file=d.pop("token_file", None),
                 **d,
             )
         links = data.get("link", data.get("links", [])) or []
