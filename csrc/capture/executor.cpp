@@ -117,8 +117,29 @@ void LocalExecutor::bind(const TensorRef& ref, const at::Tensor& value) {
 // Note: [Replaying on the host]
 // Random ops replay on the CPU with their recorded generator state (see Note: [Backend RNG]),
 // whatever the executor's device; their tensors go to the host and come back.
+// Note: [Host fallback]
+// An op with no kernel for the executor's device (a CPU-only op on a CUDA executor) runs on
+// the host instead, with a warning naming it, and its results are copied back: an explicit,
+// logged fallback rather than a failure.
 std::vector<c10::IValue> LocalExecutor::call(const Node& node) {
-  const bool host = node.rng_state.has_value() && device_.type() != c10::DeviceType::CPU;
+  const bool on_host = node.rng_state.has_value() && device_.type() != c10::DeviceType::CPU;
+  try {
+    try {
+      return call_on(node, on_host);
+    } catch (const c10::NotImplementedError&) {
+      if (on_host || device_.type() == c10::DeviceType::CPU) throw;
+      TORCH_WARN("genie: ", node.name(), " has no kernel for ", device_.str(),
+                 "; running it on the host CPU and copying its results back");
+      return call_on(node, /*host=*/true);
+    }
+  } catch (const std::exception& e) {
+    raise_error(ErrorKind::Execution, "genie: " + node.name() + " failed on " +
+                                          (on_host ? std::string("cpu") : device_.str()) + " for inputs " +
+                                          describe_inputs(node) + ": " + e.what());
+  }
+}
+
+std::vector<c10::IValue> LocalExecutor::call_on(const Node& node, bool host) {
   const c10::Device run_on = host ? c10::Device(c10::DeviceType::CPU) : device_;
   std::vector<at::Tensor> real(node.inputs.size());
   std::vector<at::Tensor> args(node.inputs.size());
@@ -130,44 +151,39 @@ std::vector<c10::IValue> LocalExecutor::call(const Node& node) {
     return args[i];
   };
   auto stack = build_stack(node, make, run_on, /*drop_generator=*/true);
-  try {
-    if (node.rng_state.has_value()) {
-      auto gen = at::make_generator<at::CPUGeneratorImpl>();
-      gen.set_state(*node.rng_state);
-      const auto& schema_args = node.op->schema().arguments();
-      bool explicit_slot = false;
-      for (size_t i = 0; i < schema_args.size(); ++i) {
-        if (is_generator_slot(schema_args[i])) {
-          stack[i] = c10::IValue(gen);
-          explicit_slot = true;
-        }
+  if (node.rng_state.has_value()) {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>();
+    gen.set_state(*node.rng_state);
+    const auto& schema_args = node.op->schema().arguments();
+    bool explicit_slot = false;
+    for (size_t i = 0; i < schema_args.size(); ++i) {
+      if (is_generator_slot(schema_args[i])) {
+        stack[i] = c10::IValue(gen);
+        explicit_slot = true;
       }
-      if (explicit_slot) {
+    }
+    if (explicit_slot) {
+      node.op->callBoxed(stack);
+    } else {
+      auto cpu_default = at::detail::getDefaultCPUGenerator();
+      at::Tensor saved;
+      {
+        std::lock_guard<std::mutex> lock(cpu_default.mutex());
+        saved = cpu_default.get_state();
+        cpu_default.set_state(*node.rng_state);
+      }
+      try {
         node.op->callBoxed(stack);
-      } else {
-        auto cpu_default = at::detail::getDefaultCPUGenerator();
-        at::Tensor saved;
-        {
-          std::lock_guard<std::mutex> lock(cpu_default.mutex());
-          saved = cpu_default.get_state();
-          cpu_default.set_state(*node.rng_state);
-        }
-        try {
-          node.op->callBoxed(stack);
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(cpu_default.mutex());
-          cpu_default.set_state(saved);
-          throw;
-        }
+      } catch (...) {
         std::lock_guard<std::mutex> lock(cpu_default.mutex());
         cpu_default.set_state(saved);
+        throw;
       }
-    } else {
-      node.op->callBoxed(stack);
+      std::lock_guard<std::mutex> lock(cpu_default.mutex());
+      cpu_default.set_state(saved);
     }
-  } catch (const std::exception& e) {
-    raise_error(ErrorKind::Execution, "genie: " + node.name() + " failed on " + run_on.str() + " for inputs " +
-                                          describe_inputs(node) + ": " + e.what());
+  } else {
+    node.op->callBoxed(stack);
   }
   if (host) {
     // Write back what the op mutated on the host copies.

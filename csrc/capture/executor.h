@@ -53,6 +53,7 @@ class LocalExecutor final : public Executor {
 
  private:
   std::vector<c10::IValue> call(const Node& node);
+  std::vector<c10::IValue> call_on(const Node& node, bool host);
   void bind_locked(const TensorRef& ref, const at::Tensor& value);
   at::Tensor materialize_locked(const TensorRef& ref);
   c10::Device device_;

@@ -140,21 +140,35 @@ def _call(node: Node, args: list, rng_state: torch.Tensor | None):
         torch.set_rng_state(saved)
 
 
-def run_node(node: Node, env: Environment, *, bind: bool = True):
-    """Run one node against `env`; binds fresh outputs unless bind=False. Returns the results."""
-    rng_state = node.rng_state
-    host = rng_state is not None and env.device.type != "cpu"
+def _call_on(node: Node, env: Environment, rng_state, host: bool):
     device = torch.device("cpu") if host else env.device
     args, used, real = _build_args(node, env, device, host)
-    try:
-        result = _call(node, args, rng_state)
-    except Exception as e:  # noqa: BLE001 - re-raised with the op and shapes named
-        shapes = ", ".join(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in node.inputs)
-        raise ExecutionError(f"genie: {node.op} failed on {device} for inputs [{shapes}]: {e}") from e
+    result = _call(node, args, rng_state)
     if host:
         for i, t in used.items():
             if node.inputs[i].storage in node.writes:
                 real[i].copy_(t)
+    return result
+
+
+def run_node(node: Node, env: Environment, *, bind: bool = True):
+    """Run one node against `env`; binds fresh outputs unless bind=False. Returns the results."""
+    rng_state = node.rng_state
+    host = rng_state is not None and env.device.type != "cpu"
+    try:
+        try:
+            result = _call_on(node, env, rng_state, host)
+        except NotImplementedError:
+            if host or env.device.type == "cpu":
+                raise
+            # See Note: [Host fallback] in csrc/capture/executor.cpp.
+            logger.warning("genie: %s has no kernel for %s; running it on the host CPU", node.op, env.device)
+            host = True
+            result = _call_on(node, env, rng_state, host)
+    except Exception as e:  # noqa: BLE001 - re-raised with the op and shapes named
+        device = "cpu" if host else env.device
+        shapes = ", ".join(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in node.inputs)
+        raise ExecutionError(f"genie: {node.op} failed on {device} for inputs [{shapes}]: {e}") from e
     results = list(result) if isinstance(result, (tuple, list)) else [result]
     if bind:
         # Tensor returns, flattened in order; None stands for an undefined tensor.
