@@ -45,6 +45,21 @@ _LAZY = {
     "WorkloadProfile": "genie.semantic",
     "WorkloadType": "genie.semantic",
     "register_pattern": "genie.semantic",
+    # scheduler
+    "AdaptiveOptimizer": "genie.scheduler",
+    "DeviceSpec": "genie.scheduler",
+    "ExecutionPlan": "genie.scheduler",
+    "ExecutionSchedule": "genie.scheduler",
+    "GraphCostEstimator": "genie.scheduler",
+    "Link": "genie.scheduler",
+    "MemoryPlacementError": "genie.scheduler",
+    "NetworkTopology": "genie.scheduler",
+    "Planner": "genie.scheduler",
+    "Scheduler": "genie.scheduler",
+    "SchedulingError": "genie.scheduler",
+    "SemanticOptimizer": "genie.scheduler",
+    # runtime
+    "MultiDeviceExecutor": "genie.runtime.multi_device",
 }
 
 __all__ = [

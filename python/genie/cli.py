@@ -88,11 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--json", help="also write the numbers to this file")
     demo.set_defaults(func=_demo)
 
+    from genie.scheduler.cli import add_schedule_arguments, schedule_command
     from genie.semantic.cli import add_analyze_arguments, analyze_command
 
-    analyze = sub.add_parser("analyze", help="profile a model: workload, phases, patterns; write JSON/DOT")
+    def analyze_and_schedule(args: argparse.Namespace) -> int:
+        def then(graph, profile) -> int:
+            return schedule_command(args, graph=graph, profile=profile) if args.schedule else 0
+
+        return analyze_command(args, then=then)
+
+    analyze = sub.add_parser("analyze", help="profile a model (workload, phases, patterns), optionally "
+                             "schedule it over devices; write JSON/DOT/PNG")
     add_analyze_arguments(analyze)
-    analyze.set_defaults(func=analyze_command)
+    add_schedule_arguments(analyze)
+    analyze.set_defaults(func=analyze_and_schedule)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

@@ -93,9 +93,11 @@ def _split_inputs(inputs: Any) -> tuple[tuple, dict]:
     return (inputs,), {}
 
 
-def analyze_command(args: argparse.Namespace) -> int:
+def analyze_command(args: argparse.Namespace, then: Any = None) -> int:
     """Run ``genie analyze``: print the profile; write JSON / DOT when asked. Returns the exit
-    status (0, or 2 when the target cannot be loaded)."""
+    status (0, or 2 when the target cannot be loaded). ``then(graph, profile) -> int``, when
+    given, runs on the analysed graph before it is released (the CLI schedules it there; this
+    layer does not import the scheduler)."""
     import genie
     from genie.semantic.analyzer import SemanticAnalyzer
     from genie.semantic.config import AnalyzerConfig
@@ -127,8 +129,9 @@ def analyze_command(args: argparse.Namespace) -> int:
         with open(args.dot, "w") as f:
             f.write(graph.to_dot(label=type(model).__name__))
         print(f"wrote {args.dot}")
+    status = then(graph, profile) if then is not None else 0
     genie.synchronize()
-    return 0
+    return status
 
 
 def _jsonable(v: Any) -> Any:
