@@ -71,7 +71,8 @@ class GraphRunner:
         self.warmup = warmup
         self.capacity = capacity
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
-        self.stream = torch.cuda.Stream(self.device) if self.enabled else None
+        cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.replays = 0
         self.captures = 0
         self.capture_failures = 0
@@ -181,6 +182,10 @@ class GraphRunner:
             env.storages[sid] = st
             e.handed.append((sid, st))
         return True
+
+    def clear(self) -> None:
+        """Drop every graph (and the memory its pool holds)."""
+        self._entries.clear()
 
     def stats(self) -> dict[str, int]:
         return {

@@ -4,6 +4,7 @@ benchmarks. The child is ``python -m genie.runtime.server``, so this exercises e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -12,13 +13,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from genie.errors import GenieError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoopbackServer"]
+__all__ = ["LoopbackServer", "loopback_session"]
 
 
 class LoopbackServer:
@@ -113,3 +115,17 @@ class LoopbackServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def loopback_session(device: str = "cpu", **server_options) -> Iterator:
+    """Start a loopback server, route this process's flushes to it, and undo both on exit:
+    what ``genie demo --remote`` runs its demo inside."""
+    from genie.runtime.client import connect, disconnect
+
+    with LoopbackServer(device, **server_options) as srv:
+        client = connect(srv.address, token=srv.token)
+        try:
+            yield client
+        finally:
+            disconnect()

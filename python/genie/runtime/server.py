@@ -135,7 +135,7 @@ class Session:
         """Free everything this session holds."""
         self.env.storages.clear()
         self.pending.clear()
-        self.runner = GraphRunner(self.server.device, enabled=False)
+        self.runner.clear()
         self.transport.close()
         if self.server.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -491,10 +491,12 @@ class Server:
 
     @contextlib.contextmanager
     def device_context(self, session: Session) -> Iterator[None]:
+        """Each session's GPU work goes to its own stream, so sessions overlap and a CUDA
+        graph capture in one does not see the others. A reply is sent once the work is
+        queued; a fetch waits for it (the copy to the host synchronizes)."""
         if session.runner.stream is not None:
             with torch.cuda.stream(session.runner.stream):
                 yield
-            session.runner.stream.synchronize()
         else:
             yield
 

@@ -1,0 +1,306 @@
+"""Remote execution on a GPU host over loopback: `genie serve --device cuda:0` (a subprocess)
+against eager PyTorch on the same GPU, and against genie's embedded executor on it.
+
+BERT-base, GPT-2 (124M) and ResNet-50 (torchvision; skipped when it is missing), random
+weights, batch 8 (sequence 128, images 224x224), fp32 and fp16: milliseconds per forward,
+including bringing the result the program needs to the host (BERT's pooled output, GPT-2's
+next-token ids, ResNet's logits). Then GPT-2 greedy decode with the KV cache (batch 8, prompt
+128): milliseconds per token. Every remote result is checked against eager on the same GPU.
+
+Goals (Issue "Remote execution"): remote <= 1.05x eager for fp32, below eager for fp16 (CUDA
+graph replay on the server), decode <= 1.1x eager.
+
+    python bench/bench_remote_gpu.py [--repeats 20] [--tokens 32] [--no-cuda-graphs]
+    python bench/bench_remote_gpu.py --device cpu --small     # check the script without a GPU
+
+Skips cleanly without CUDA. Prints a table and writes bench/results/remote_gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+REMOTE = "remote_accelerator:0"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int, warmup: int = 5) -> float:
+    """Median milliseconds of `fn` (warm-up runs first: they let the server capture its graphs)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def models(small: bool):
+    """(name, build(), make_inputs(dtype), pick(output) -> what the host needs)."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    seq, batch = (16, 2) if small else (128, 8)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 30000, (batch, seq), generator=gen)
+
+    def bert():
+        torch.manual_seed(0)
+        cfg = BertConfig(num_hidden_layers=2) if small else BertConfig()
+        return BertModel(cfg).eval()
+
+    def gpt2():
+        torch.manual_seed(0)
+        cfg = GPT2Config(bos_token_id=0, eos_token_id=0, **({"n_layer": 2} if small else {}))
+        return GPT2LMHeadModel(cfg).eval()
+
+    yield "BERT-base", bert, lambda dt: (ids,), lambda o: o.pooler_output
+    yield "GPT-2", gpt2, lambda dt: (ids,), lambda o: o.logits[:, -1].argmax(-1)
+    try:
+        import torchvision
+    except ImportError:
+        print("torchvision is not installed: ResNet-50 skipped")
+        return
+    size = 64 if small else 224
+    image = torch.randn(batch, 3, size, size, generator=gen)
+
+    def resnet50():
+        torch.manual_seed(0)
+        return torchvision.models.resnet50(weights=None).eval()
+
+    yield "ResNet-50", resnet50, lambda dt: (image.to(dt),), lambda o: o
+
+
+def to(x, device):
+    return tuple(t.to(device) for t in x)
+
+
+@torch.no_grad()
+def bench_forward(name, build, make_inputs, pick, dtype, args, connect_remote) -> dict:
+    import genie
+
+    row = {"model": name, "dtype": str(dtype).removeprefix("torch.")}
+    inputs = make_inputs(dtype)
+    eager = build().to(dtype).to(args.device)
+    x = to(inputs, args.device)
+    ref = pick(eager(*x)).cpu()
+    row["eager_ms"] = timed(lambda: pick(eager(*x)).cpu(), args.device, args.repeats)
+    eager = x = None  # free the GPU copy before the next column
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+    if args.local_executor:
+        genie.configure(local_device=args.device)
+        try:
+            rmodel = build().to(dtype).to(REMOTE)
+            rx = to(inputs, REMOTE)
+            out = pick(rmodel(*rx)).cpu()
+            row["local_executor_ms"] = timed(
+                lambda: pick(rmodel(*rx)).cpu(), args.device, args.repeats
+            )
+            row["local_executor_equal"] = bool(torch.equal(out, ref))
+            rmodel = rx = None
+            genie.synchronize()
+        finally:
+            genie.configure(local_device="cpu")
+
+    client = connect_remote()  # a fresh session for each row: weights uploaded once per session
+    rmodel = build().to(dtype).to(REMOTE)
+    rx = to(inputs, REMOTE)
+    out = pick(rmodel(*rx)).cpu()
+    row["remote_ms"] = timed(lambda: pick(rmodel(*rx)).cpu(), args.device, args.repeats)
+    row["remote_equal"] = bool(torch.equal(out, ref))
+    if not row["remote_equal"] and out.is_floating_point():
+        row["remote_max_abs_diff"] = float((out.float() - ref.float()).abs().max())
+    row["remote_vs_eager"] = row["remote_ms"] / row["eager_ms"]
+    rmodel = rx = None
+    genie.synchronize()
+    session = client.server_stats()["session"]
+    row["server"] = {k: v for k, v in session.items() if k.startswith("cuda_graph")}
+    return row
+
+
+@torch.no_grad()
+def decode(model, ids, device: str, tokens: int) -> tuple[float, list]:
+    """Greedy decode with the KV cache; the token ids come to the host every step (an EOS
+    check would need them). Returns (ms per token, tokens)."""
+    o = model(ids, use_cache=True)
+    pkv, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
+    out = [tok.cpu()]
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        o = model(tok, past_key_values=pkv, use_cache=True)
+        pkv, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
+        out.append(tok.cpu())
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3 / tokens, torch.cat(out, 1).tolist()
+
+
+def bench_decode(args, connect_remote) -> list[dict]:
+    import genie
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    seq, batch = (16, 2) if args.small else (128, 8)
+    ids = torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(2))
+    rows = []
+    for dtype in (torch.float32, torch.float16):
+
+        def build(dtype=dtype):
+            torch.manual_seed(0)
+            cfg = GPT2Config(
+                bos_token_id=0, eos_token_id=0, **({"n_layer": 2} if args.small else {})
+            )
+            return GPT2LMHeadModel(cfg).eval().to(dtype)
+
+        row = {
+            "model": "GPT-2 decode",
+            "dtype": str(dtype).removeprefix("torch."),
+            "batch": batch,
+            "prompt": seq,
+        }
+        eager = build().to(args.device)
+        decode(eager, ids.to(args.device), args.device, 2)  # warm-up
+        row["eager_ms_per_token"], ref = decode(
+            eager, ids.to(args.device), args.device, args.tokens
+        )
+        del eager
+        client = connect_remote()
+        rmodel = build().to(REMOTE)
+        decode(rmodel, ids.to(REMOTE), args.device, 2)
+        before = client.stats()
+        row["remote_ms_per_token"], got = decode(rmodel, ids.to(REMOTE), args.device, args.tokens)
+        after = client.stats()
+        row["remote_bytes_sent_per_token"] = (after["bytes_sent"] - before["bytes_sent"]) / (
+            args.tokens + 1
+        )
+        row["remote_same_tokens"] = got == ref
+        row["remote_vs_eager"] = row["remote_ms_per_token"] / row["eager_ms_per_token"]
+        del rmodel
+        genie.synchronize()
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument(
+        "--no-cuda-graphs", action="store_true", help="run the server with --no-cuda-graphs"
+    )
+    ap.add_argument("--no-local-executor", dest="local_executor", action="store_false",
+                    help="skip genie's embedded executor column")  # fmt: skip
+    ap.add_argument("--small", action="store_true", help="tiny sizes, to check the script")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "remote_gpu.json"))
+    args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(
+            "bench_remote_gpu: no CUDA device here; skipped (use --device cpu --small to check the script)"
+        )
+        return 0
+
+    from genie.runtime.client import connect, disconnect
+    from genie.runtime.loopback import LoopbackServer
+
+    rows: list[dict] = []
+    errors: list[str] = []
+    with LoopbackServer(
+        args.device, cuda_graphs=not args.no_cuda_graphs, threads=torch.get_num_threads()
+    ) as srv:
+
+        def connect_remote():
+            return connect(srv.address, token=srv.token)
+
+        try:
+            for name, build, make_inputs, pick in models(args.small):
+                for dtype in (torch.float32, torch.float16):
+                    try:
+                        row = bench_forward(
+                            name, build, make_inputs, pick, dtype, args, connect_remote
+                        )
+                        rows.append(row)
+                        print(_line(row), flush=True)
+                    except Exception as e:  # noqa: BLE001 - one failing row must not hide the others
+                        errors.append(f"{name} {dtype}: {e}")
+                        traceback.print_exc()
+            try:
+                for row in bench_decode(args, connect_remote):
+                    rows.append(row)
+                    print(_line(row), flush=True)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"decode: {e}")
+                traceback.print_exc()
+        finally:
+            disconnect()
+        server_log = srv.log()[-4000:]
+
+    print()
+    print(f"{'model':<14} {'dtype':<8} {'eager ms':>9} {'local ex. ms':>12} {'remote ms':>10} {'remote/eager':>12} "
+          f"{'equal':>6} {'goal':>6}")  # fmt: skip
+    for r in rows:
+        print(_line(r))
+    out = {
+        "benchmark": "remote_gpu",
+        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device,
+        "torch": torch.__version__,
+        "machine": platform.platform(),
+        "cuda_graphs": not args.no_cuda_graphs,
+        "repeats": args.repeats,
+        "small": args.small,
+        "rows": rows,
+        "errors": errors,
+        "server_log_tail": server_log,
+    }
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=str))
+    print(f"wrote {path}")
+    return 1 if errors else 0
+
+
+def _goal(r: dict) -> str:
+    ratio = r.get("remote_vs_eager")
+    if ratio is None:
+        return "-"
+    limit = 1.1 if "decode" in r["model"] else (1.05 if r["dtype"] == "float32" else 1.0)
+    return "met" if ratio <= limit else "missed"
+
+
+def _line(r: dict) -> str:
+    eager = r.get("eager_ms", r.get("eager_ms_per_token"))
+    remote = r.get("remote_ms", r.get("remote_ms_per_token"))
+    local = r.get("local_executor_ms")
+    ratio = r.get("remote_vs_eager")
+    equal = r.get("remote_equal", r.get("remote_same_tokens"))
+    cells = [
+        f"{r['model']:<14}",
+        f"{r['dtype']:<8}",
+        f"{eager:>9.2f}",
+        f"{local:>12.2f}" if local is not None else " " * 12,
+        f"{remote:>10.2f}" if remote is not None else " " * 10,
+        f"{ratio:>11.2f}x" if ratio is not None else " " * 12,
+        f"{str(equal):>6}",
+        f"{_goal(r):>6}",
+    ]
+    return " ".join(cells)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
