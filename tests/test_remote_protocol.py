@@ -178,6 +178,17 @@ def test_payload_not_matching_its_header_is_drained_and_refused(server):
     c.close()
 
 
+def test_upload_then_release_frees_the_bytes(server):
+    c = RawClient(server.address, server.token)
+    assert (
+        c.request({"t": "upload", "up": [[3, 4096, 0, 4096, True]]}, [b"\1" * 4096])["ok"] is True
+    )
+    assert c.request({"t": "stats"})["session"]["resident_bytes"] == 4096
+    assert c.request({"t": "release", "ids": [3, 999]})["ok"] is True  # unknown ids are ignored
+    assert c.request({"t": "stats"})["session"]["resident_bytes"] == 0
+    c.close()
+
+
 def test_truncated_upload_then_disconnect_frees_the_session(server):
     watcher = RawClient(server.address, server.token)
     base = watcher.request({"t": "stats"})["server"]

@@ -320,7 +320,7 @@ class RemoteExecutor:
             self._released.extend(ids)
             if len(self._released) > _OUTBOX_FLUSH and self._broken is None:
                 try:
-                    self._request({"t": "stats"})
+                    self._request({"t": "release", "ids": []})
                 except (_RequestFailed, TransportError) as e:
                     logger.warning("genie: sending releases failed: %s", e)
 

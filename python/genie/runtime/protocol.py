@@ -21,6 +21,7 @@ alternate, one reply per request:
   {"t": "run", "pre", "up", "key": bin16, "prog": bin?, "bind": [sid...], "rng": [[i, bin]]}
   {"t": "eager", same as run}  -> {"res": [result...]}  (results stay on the server)
   {"t": "fetch", "pre", "ref": REF}  -> {"n": nbytes}                     payload: the bytes
+  {"t": "release", "pre", "ids": [sid...]}   (releases usually ride in "pre" instead)
   {"t": "stats", "pre"}  -> {"session": {...}, "server": {...}}
   {"t": "bye"}
 ``pre`` is a list of deferred control operations applied first: ``["release", [sid...]]`` and

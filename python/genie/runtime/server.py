@@ -86,6 +86,7 @@ class Session:
             "run": self._run,
             "eager": self._run,
             "fetch": self._fetch,
+            "release": self._release,
             "stats": self._stats,
             "bye": self._bye,
         }
@@ -365,6 +366,11 @@ class Session:
         )
         return {"ok": True, "n": flat.numel()}, [memoryview(flat.numpy())]
 
+    def _release(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        ids = P.get_list(req.get("ids"), "release ids", self.limits.max_list)
+        self.env.release([P.get_sid(i) for i in ids])
+        return {"ok": True}, []
+
     def _stats(self, req: dict, frame: Frame) -> tuple[dict, list]:
         return {"ok": True, "session": self.stats(), "server": self.server.stats()}, []
 
@@ -375,7 +381,7 @@ class Session:
         return {
             "number": self.number,
             "resident_count": len(self.env.storages),
-            "resident_bytes": self.env.nbytes(),
+            "resident_bytes": _resident_bytes(self.env),
             "pending": len(self.pending),
             "requests": self.requests,
             "errors": self.errors,
@@ -386,6 +392,11 @@ class Session:
 
 class _UnknownProgram(GenieError):
     pass
+
+
+def _resident_bytes(env: Environment) -> int:
+    # Another session's thread may be changing its storages: copy them in one step first.
+    return sum(st.nbytes() for st in list(env.storages.values()))
 
 
 def _version() -> str:
@@ -551,7 +562,7 @@ class Server:
             "sessions": len([s for s in sessions if s.authenticated]),
             "connections": len(sessions),
             "sessions_total": self._count,
-            "resident_bytes": sum(s.env.nbytes() for s in sessions),
+            "resident_bytes": sum(_resident_bytes(s.env) for s in sessions),
             "programs_cached": len(self.programs),
             "program_cache_hits": self.programs.hits,
             "program_cache_misses": self.programs.misses,
