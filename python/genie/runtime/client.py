@@ -41,6 +41,7 @@ __all__ = ["RemoteExecutor", "connect", "connect_from_env", "disconnect", "serve
 
 _REPLY_MAX_HEADER = 64 << 20
 _OUTBOX_FLUSH = 4096
+_MAX_BASES = 64  # programs kept to patch against (Note: [Program patches])
 
 
 class _RequestFailed(GenieError):
@@ -243,7 +244,10 @@ class RemoteExecutor:
             if enc.key not in self._known_programs:
                 self._describe_program(header, enc)
             self._exchange(header, [v for _, v in parts], enc)
+            self._bases.pop(enc.signature, None)
             self._bases[enc.signature] = (enc.key, enc.nodes)
+            if len(self._bases) > _MAX_BASES:
+                del self._bases[next(iter(self._bases))]  # the least recently sent
             for entry, _ in parts:
                 self._resident[entry[0]] = entry[1]
             self.counters["upload_bytes"] += total
@@ -419,15 +423,19 @@ def connect(
     address: str | None = None,
     token: str | bytes | None = None,
     *,
-    timeout: float | None = 600.0,
-    transport: str = "tcp",
+    timeout: float | None = None,
+    transport: str | None = None,
     install: bool = True,
 ) -> RemoteExecutor:
     """Open a session with the genie server at `address` (default ``$GENIE_SERVER``) and, with
     `install`, run every following flush there. The token defaults to ``$GENIE_TOKEN`` (or the
-    file ``$GENIE_TOKEN_FILE``). Connect before creating remote tensors: what the previous
-    executor held is dropped. ``genie.runtime.client.disconnect()`` goes back to local."""
+    file ``$GENIE_TOKEN_FILE``); `timeout` (seconds one reply may take) to ``$GENIE_TIMEOUT``
+    or 600; `transport` to ``$GENIE_TRANSPORT`` or "tcp". Connect before creating remote
+    tensors: what the previous executor held is dropped. ``disconnect()`` goes back to local."""
     global _active
+    if timeout is None:
+        timeout = float(os.environ.get("GENIE_TIMEOUT", "600"))
+    transport = transport or os.environ.get("GENIE_TRANSPORT", "tcp")
     address = address or os.environ.get("GENIE_SERVER")
     if not address:
         raise GenieError(

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from genie.runtime.program import Program, execute
-from genie.runtime.replay import Environment, run_node
+from genie.runtime.program import Program, execute, run_step
+from genie.runtime.replay import Environment
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class GraphRunner:
             with _capture_lock:
                 with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                     for step in program.steps:
-                        run_node(step, frame)
+                        run_step(step, frame)
         except Exception as err:  # noqa: BLE001 - any capture failure means "run it plainly"
             e.failed = True
             self.capture_failures += 1
