@@ -238,3 +238,25 @@ def test_env_selects_the_server_for_an_unchanged_script(server):
                          timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().startswith(f"remote:{server.address}")
+
+
+def test_serve_without_a_token_makes_one_and_says_so(tmp_path):
+    """`genie serve` never runs open: with no token given it generates one and prints the
+    GENIE_TOKEN clients need; that token then works."""
+    port_file = tmp_path / "port"
+    env = {k: v for k, v in os.environ.items() if k not in ("GENIE_TOKEN", "GENIE_SERVER")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genie.runtime.server", "--port", "0", "--port-file", str(port_file)],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        lines = [proc.stderr.readline() for _ in range(2)]
+        token_line = next(line for line in lines if "GENIE_TOKEN=" in line)
+        token = token_line.strip().split("GENIE_TOKEN=")[1]
+        assert _wait(port_file.exists)
+        c = RawClient(f"127.0.0.1:{port_file.read_text()}", token)
+        assert c.request({"t": "hello"})["ok"] is True
+        c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

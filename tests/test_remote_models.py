@@ -3,6 +3,7 @@ bit, and only what the host asks for crosses the wire."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import subprocess
@@ -85,6 +86,7 @@ def test_decode_bytes_weights_once_and_kv_cache_never_fetched(remote):
     sent = last["bytes_sent"] - first["bytes_sent"]
     assert sent < 0.1 * weight_bytes, (sent, weight_bytes)
     assert last["upload_bytes"] == first["upload_bytes"]  # no weight crossed the wire again
+    assert last["programs_patched"] - first["programs_patched"] >= 10  # steps sent as patches
     # Only 1x1 token ids were materialized; no KV tensor (batch, heads, seq, dim) came back.
     assert fetched and all(shape == (1, 1) and dtype == torch.int64 for shape, dtype in fetched)
     assert last["bytes_received"] - first["bytes_received"] < 200 * 15
@@ -192,3 +194,37 @@ def test_capture_model_tests_through_remote(remote, name):
     runs = remote.counters["runs"]
     getattr(test_models, name)()
     assert remote.counters["runs"] > runs  # it really ran on the server
+
+
+@pytest.mark.gpu
+def test_cuda_server_replays_cuda_graphs_and_matches_eager_cuda():
+    """On a CUDA server, a repeated program is captured as a CUDA graph and replayed; results
+    equal eager on the same GPU, and a decode loop (shapes change every step, no graphs) too."""
+    from fakes import bert, gpt2
+    from genie.runtime.client import connect
+    from genie.runtime.loopback import LoopbackServer
+
+    with LoopbackServer(device="cuda:0") as srv:
+        client = connect(srv.address, token=srv.token)
+        try:
+            model = bert()
+            ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                ref = copy.deepcopy(model).cuda()(ids.cuda()).last_hidden_state.cpu()
+                rmodel = model.to(DEVICE)
+                rids = ids.to(DEVICE)
+                outs = [rmodel(rids).last_hidden_state.cpu() for _ in range(6)]
+            session = client.server_stats()["session"]
+            assert session["cuda_graph_replays"] >= 2, session
+            assert all(torch.equal(o, ref) for o in outs)
+
+            lm = gpt2()
+            prompt = torch.randint(0, 500, (1, 6), generator=torch.Generator().manual_seed(1))
+            kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+            with torch.no_grad():
+                ref_tokens = copy.deepcopy(lm).cuda().generate(prompt.cuda(), **kwargs).cpu()
+                tokens = lm.to(DEVICE).generate(prompt.to(DEVICE), **kwargs).cpu()
+            assert torch.equal(tokens, ref_tokens)
+        finally:
+            genie.configure(local_device="cpu")
+            client.close()
