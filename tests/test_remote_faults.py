@@ -260,3 +260,16 @@ def test_serve_without_a_token_makes_one_and_says_so(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_uploads_bigger_than_a_message_are_split():
+    with LoopbackServer(max_message="256KiB", threads=1) as srv:
+        client = connect(srv.address, token=srv.token)
+        try:
+            w = torch.randn(512, 512)  # 1 MiB: four messages
+            x = torch.randn(3, 512)
+            assert torch.equal((x.to(DEVICE) @ w.to(DEVICE)).cpu(), x @ w)
+            assert client.counters["uploads"] >= 4
+        finally:
+            genie.configure(local_device="cpu")
+            client.close()

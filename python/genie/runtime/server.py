@@ -54,10 +54,6 @@ class ServerConfig:
     max_sessions: int = 256
 
 
-class _Close(Exception):
-    """Internal: the request was answered and the connection must end (framing is lost)."""
-
-
 class Session:
     """One client's state on the server."""
 
@@ -165,16 +161,12 @@ class Session:
                 self._apply_pre(req.get("pre"))
                 reply, buffers = handler(req, frame)
                 close = kind == "bye"
-        except _Close as e:
-            return self._fatal("protocol", str(e))
         except TransportError:
             raise
         except Exception as e:  # noqa: BLE001 - answered, logged, and the session goes on
             self.errors += 1
             reply, buffers, close = self._error_reply(e), [], False
-            if self.transport.payload_remaining:
-                if self.transport.payload_remaining > self.limits.max_message:
-                    return reply, [], True
+            if self.transport.payload_remaining:  # keep the stream in step: drop the payload
                 self.transport.skip_payload(self.transport.payload_remaining)
         if self.transport.payload_remaining:
             # A handler that did not consume the payload it was sent: the stream is out of step.
@@ -249,6 +241,7 @@ class Session:
 
     def _parse_uploads(self, up: Any, frame: Frame) -> list[tuple[int, int, int, int, bool]]:
         entries = []
+        started: dict[int, int] = {}
         total = 0
         for e in P.get_list(up or [], "uploads", self.limits.max_list):
             P.need(type(e) is list and len(e) == 5, "an upload must be [id, nbytes, at, n, new]")
@@ -257,12 +250,12 @@ class Session:
             at = P.get_int(e[2], 0, nbytes, "upload offset")
             n = P.get_int(e[3], 0, nbytes - at, "upload length")
             new = P.get_bool(e[4], "upload new")
-            if not new:
+            if new:
+                started[sid] = nbytes
+            else:  # a later piece of a storage this request or an earlier one started
                 st = self.env.storages.get(sid)
-                P.need(
-                    st is not None and st.nbytes() == nbytes,
-                    f"upload continues storage {sid}, which is not resident",
-                )
+                size = started.get(sid, st.nbytes() if st is not None else -1)
+                P.need(size == nbytes, f"upload continues storage {sid}, which is not resident")
             entries.append((sid, nbytes, at, n, new))
             total += n
         P.need(
@@ -285,6 +278,7 @@ class Session:
         for sid, nbytes, at, n, new in entries:
             if new:
                 st = torch.empty(nbytes, dtype=torch.uint8, device=dev).untyped_storage()
+                self.env.storages[sid] = st
             else:
                 st = self.env.storages[sid]
             if n:
@@ -295,7 +289,6 @@ class Session:
                     staging = torch.empty(n, dtype=torch.uint8, pin_memory=True)
                     self.transport.recv_payload([memoryview(staging.numpy())])
                     dst.copy_(staging, non_blocking=True)
-            self.env.storages[sid] = st
 
     def _upload(self, req: dict, frame: Frame) -> tuple[dict, list]:
         self._receive_uploads(self._parse_uploads(req.get("up"), frame))
