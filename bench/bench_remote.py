@@ -48,6 +48,11 @@ def copy_of(model):
     return clone
 
 
+def _busy(client) -> float:
+    """Seconds the server spent handling this session's requests (0 without a client)."""
+    return client.server_stats()["session"]["busy_seconds"] if client else 0.0
+
+
 @torch.no_grad()
 def measure(model, ids, repeats: int, device: str, client=None) -> dict:
     """Forward and decode-step latency of `model` (already on `device`), and, with `client`,
@@ -66,12 +71,14 @@ def measure(model, ids, repeats: int, device: str, client=None) -> dict:
         s = client.stats()
         out["first_forward_bytes_sent"] = s["bytes_sent"] - first["bytes_sent"]
     before = client.stats() if client else None
+    busy = _busy(client)
     out["forward_ms"] = median_ms(forward, repeats)
     if client:
         s = client.stats()
         n = repeats
         out["forward_bytes_sent"] = (s["bytes_sent"] - before["bytes_sent"]) / n
         out["forward_bytes_received"] = (s["bytes_received"] - before["bytes_received"]) / n
+        out["forward_server_busy_ms"] = (_busy(client) - busy) * 1e3 / n
 
     # Greedy decode with the KV cache: one prefill, then timed steps that each extend it.
     state = {}
@@ -88,8 +95,10 @@ def measure(model, ids, repeats: int, device: str, client=None) -> dict:
 
     step()  # the first decode step's program is new to the server
     before = client.stats() if client else None
+    busy = _busy(client)
     out["decode_step_ms"] = median_ms(step, repeats)
     if client:
+        out["decode_server_busy_ms"] = (_busy(client) - busy) * 1e3 / repeats
         s = client.stats()
         out["decode_bytes_sent"] = (s["bytes_sent"] - before["bytes_sent"]) / repeats
         out["decode_bytes_received"] = (s["bytes_received"] - before["bytes_received"]) / repeats
@@ -156,10 +165,15 @@ def main() -> int:
                 "decode_step_ms": r["decode_step_ms"],
                 "first_forward_ms": r["first_forward_ms"],
                 "same_as_eager": same[name],
-                **{k: v for k, v in r.items() if "bytes" in k},
+                **{k: v for k, v in r.items() if "bytes" in k or "busy" in k},
             }
         )
     remote = results["remote executor"]
+    print(
+        f"server busy per forward {remote['forward_server_busy_ms']:.1f} ms, per decode step "
+        f"{remote['decode_server_busy_ms']:.1f} ms (the rest of the remote column is the client: "
+        "capture, encoding, the wire)"
+    )
     print(
         f"weights {weight_bytes / 1e6:.1f} MB sent once (first forward sent "
         f"{remote['first_forward_bytes_sent'] / 1e6:.1f} MB); per decode step "

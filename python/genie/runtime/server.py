@@ -68,6 +68,7 @@ class Session:
         self.runner = GraphRunner(server.device, enabled=server.config.cuda_graphs)
         self.requests = 0
         self.errors = 0
+        self.busy_seconds = 0.0  # handling requests, replies not included
         # Note: [Graceful shutdown] The server closes a session only while it is idle, and
         # only once it has been idle for a moment: a materialization is a run request then a
         # fetch request, and the fetch must not find the connection gone.
@@ -110,8 +111,10 @@ class Session:
                     if self.closing:
                         return
                     self.busy = True
+                started = time.perf_counter()
                 try:
                     reply, buffers, close = self.handle_frame(frame)
+                    self.busy_seconds += time.perf_counter() - started
                     self._send(reply, buffers)
                 finally:
                     self.last_active = time.monotonic()
@@ -378,6 +381,7 @@ class Session:
             "pending": len(self.pending),
             "requests": self.requests,
             "errors": self.errors,
+            "busy_seconds": self.busy_seconds,
             **self.transport.stats.as_dict(),
             **self.runner.stats(),
         }
