@@ -127,9 +127,12 @@ def test_server_killed_mid_request_gives_a_clear_error_not_a_hang():
 
         th = threading.Thread(target=materialize)
         started = time.monotonic()
+        watcher = RawClient(srv.address, srv.token)
         th.start()
-        time.sleep(0.3)
+        # The stats request itself keeps its own session busy: wait for a second busy one.
+        assert _wait(lambda: watcher.request({"t": "stats"})["server"]["busy_sessions"] >= 2)
         srv.kill()
+        watcher.close()
         th.join(30)
         assert not th.is_alive(), "the client hung after the server died"
         assert time.monotonic() - started < 30
@@ -152,8 +155,10 @@ def test_sigterm_finishes_the_request_in_flight_then_exits():
         y = _long_program(steps=20)
         result: list[torch.Tensor] = []
         th = threading.Thread(target=lambda: result.append(y.cpu()))
+        watcher = RawClient(srv.address, srv.token)
         th.start()
-        time.sleep(0.3)
+        assert _wait(lambda: watcher.request({"t": "stats"})["server"]["busy_sessions"] >= 2)
+        watcher.close()
         srv.proc.send_signal(signal.SIGTERM)
         th.join(60)
         assert result and result[0].shape == (1200, 1200)  # answered, not cut off

@@ -557,6 +557,7 @@ class Server:
             sessions = list(self._sessions.values())
         return {
             "sessions": len([s for s in sessions if s.authenticated]),
+            "busy_sessions": len([s for s in sessions if s.busy]),
             "connections": len(sessions),
             "sessions_total": self._count,
             "resident_bytes": sum(_resident_bytes(s.env) for s in sessions),
