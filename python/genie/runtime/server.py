@@ -595,8 +595,8 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``genie serve``."""
+def add_serve_arguments(parser: argparse.ArgumentParser, *, log_level: bool = True) -> None:
+    """The options of ``genie serve`` (without ``--log-level`` when the parent parser has it)."""
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)"
     )
@@ -628,7 +628,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--idle-timeout", type=float, default=None, help="close sessions silent this many seconds"
     )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    if log_level:
+        parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     parser.add_argument(
         "--port-file", help="write the port actually bound here once listening (for scripts)"
     )
@@ -651,8 +652,10 @@ def _load_token(args: argparse.Namespace) -> tuple[bytes, bool]:
 
 def serve_main(args: argparse.Namespace) -> int:
     """Entry point of ``genie serve``; returns the process exit code."""
+    level = getattr(logging, str(getattr(args, "log_level", "INFO")).upper(), logging.INFO)
+    logging.getLogger("genie").setLevel(level)
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.threads:
