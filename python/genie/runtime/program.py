@@ -438,6 +438,7 @@ class ProgramCache:
 
     def __init__(self, max_bytes: int = 256 << 20):
         self._items: OrderedDict[bytes, Program] = OrderedDict()
+        self._raws: OrderedDict[bytes, list] = OrderedDict()  # patch bases, unpacked
         self._bytes = 0
         self._max = max_bytes
         self._lock = threading.Lock()
@@ -460,13 +461,16 @@ class ProgramCache:
             p = self._items.get(key)
         if p is not None:
             return p
-        return self._insert(decode_program(body, limits, key))
+        raw = P.unpack(body, limits)
+        p = self._insert(_decode(raw, limits, key, body))
+        self._remember_raw(key, raw)
+        return p
 
     def patched(self, base: Program, patch: Any, limits: P.Limits) -> Program:
         """The program `patch` makes of `base` (Note: [Program patches]), validated and cached.
         Nodes the patch does not touch keep their checked form from `base`; the dataflow of
         the whole program is checked again."""
-        raw = apply_patch(P.unpack(base.body, limits), patch, limits)
+        raw = apply_patch(self._raw(base, limits), patch, limits)
         body = P.pack(raw)
         P.need(len(body) <= limits.max_header, "the patched program is too large")
         key = _key(body)
@@ -476,7 +480,27 @@ class ProgramCache:
             return p
         touched = {entry[0][0] for entry in patch}
         reuse = {k: s for k, s in enumerate(base.steps) if k not in touched}
-        return self._insert(_decode(P.unpack(body, limits), limits, key, body, reuse))
+        # `raw` is what unpacking `body` would give: the base's values and the patch's, both
+        # decoded by the same unpacker.
+        p = self._insert(_decode(raw, limits, key, body, reuse))
+        self._remember_raw(key, raw)
+        return p
+
+    def _raw(self, program: Program, limits: P.Limits) -> list:
+        """The decoded-but-unchecked program lists, kept for the last few patch bases."""
+        with self._lock:
+            raw = self._raws.get(program.key)
+        if raw is None:
+            raw = P.unpack(program.body, limits)
+            self._remember_raw(program.key, raw)
+        return raw
+
+    def _remember_raw(self, key: bytes, raw: list) -> None:
+        with self._lock:
+            self._raws[key] = raw
+            self._raws.move_to_end(key)
+            while len(self._raws) > 16:
+                self._raws.popitem(last=False)
 
     def _insert(self, p: Program) -> Program:
         with self._lock:

@@ -1,0 +1,717 @@
+"""DPDK transport: control frames over TCP, tensor payloads over a DPDK data plane.
+
+Every frame's prefix and header travel on a TCP connection (the same framing as tcp.py); a
+payload of at least ``min_payload`` bytes travels on the data plane instead, flagged in the
+prefix's reserved field, so each side knows where the bytes of each frame are. The data plane is
+a DPDK endpoint in a helper process, ``genie-dpdk-agent`` (see Note: [Data-plane agent] in
+csrc/dataplane/agent_protocol.h): one per connection and side, over a net_memif port between
+two processes on one host, or any DPDK port named in the configuration (a vdev, or a PCI NIC).
+
+Note: [Data-plane set-up]
+The data plane opens once the client is authenticated, inside the client's ``recv_frame`` that
+reads AUTH_OK, with three internal frames the protocol layer never sees:
+  client -> SETUP      {"host": host id, "port": port kind}
+  server -> SETUP_OK   {"ok", "error", "socket", "host"}   (its agent is up, its port listens)
+  client -> SETUP_DONE {"ok", "error"}                     (its agent met the server's)
+Only an authenticated peer can make a server start an agent (SETUP before AUTH_OK is handed to
+the protocol layer, which refuses it). When either side cannot bring its agent up, or memif
+would need two hosts, both sides log why and carry payloads over TCP: TCP is the fallback.
+Once the data plane is up, a failure on it (a dead peer, a dead agent) is a TransportError, as
+a broken TCP connection is.
+
+Configuration: ``DpdkConfig`` fields, each also read from the environment (``GENIE_DPDK_PORT``,
+``GENIE_DPDK_ARENA``, ``GENIE_DPDK_SLOT``, ``GENIE_DPDK_MIN_PAYLOAD``, ``GENIE_DPDK_PEER_TIMEOUT``,
+``GENIE_DPDK_CONNECT_TIMEOUT``, ``GENIE_DPDK_OPTIONS`` = extra ``key=value`` agent options
+separated by spaces, e.g. ``"chunk_bytes=8000 eal_pci=0000:17:00.0"``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from genie import _C
+from genie.errors import GenieError, ProtocolError, TransportError, UnsupportedOperationError
+from genie.runtime.protocol import AUTH_OK
+from genie.runtime.transports.base import (
+    FRAME_MAGIC,
+    PREFIX,
+    Frame,
+    Listener,
+    Transport,
+    TransportStats,
+)
+from genie.runtime.transports.tcp import _tune, parse_address
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DpdkConfig", "DpdkListener", "DpdkTransport", "available", "unavailable_reason"]
+
+_DEFAULT_MAX_MESSAGE = 1 << 40
+_ON_DATA_PLANE = 1  # prefix reserved-field flag: this frame's payload is on the data plane
+# Internal frame kinds (Note: [Data-plane set-up]); never returned by recv_frame.
+_SETUP, _SETUP_OK, _SETUP_DONE = 0xD0, 0xD1, 0xD2
+_INTERNAL = (_SETUP, _SETUP_OK, _SETUP_DONE)
+_MAX_INTERNAL_HEADER = 4096
+
+
+def available() -> bool:
+    """Whether this build can run the DPDK transport."""
+    return bool(_C._dpdk_available())
+
+
+def unavailable_reason() -> str:
+    """Why the DPDK transport cannot run here ('' when it can)."""
+    return str(_C._dpdk_unavailable_reason())
+
+
+def _env_size(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = units.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if t[-1:] in units else t) * scale)
+    except ValueError:
+        raise UnsupportedOperationError(f"genie: {name}={text!r} is not a size") from None
+
+
+def _host_id() -> str:
+    """Identifies this host (memif connects processes of one host only)."""
+    for path in ("/etc/machine-id", "/proc/sys/kernel/random/boot_id"):
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+            if value:
+                return f"{value}:{socket.gethostname()}"
+        except OSError:
+            continue
+    return socket.gethostname()
+
+
+@dataclass
+class DpdkConfig:
+    """How this side's data-plane agent is set up (defaults: memif on one host)."""
+
+    #: "memif" (a socket chosen per connection), "memif:ARGS", "vdev:NAME,ARGS", "pci:ADDRESS"
+    port: str = "memif"
+    #: shared memory between this process and its agent; half for sending, half for receiving
+    arena_bytes: int = 64 << 20
+    #: one pipelined copy step: the agent moves one slot while the next is copied
+    slot_bytes: int = 4 << 20
+    #: payloads smaller than this go over TCP (an agent round trip costs more than they do)
+    min_payload: int = 64 << 10
+    #: seconds without any sign of the peer's agent before a transfer fails
+    peer_timeout: float = 3.0
+    #: seconds to bring the data plane up before falling back to TCP
+    connect_timeout: float = 20.0
+    #: extra agent options, key -> value (csrc/dataplane/config.h)
+    options: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> DpdkConfig:
+        options = {}
+        for item in os.environ.get("GENIE_DPDK_OPTIONS", "").split():
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UnsupportedOperationError(
+                    f"genie: GENIE_DPDK_OPTIONS item {item!r} is not key=value"
+                )
+            options[key] = value
+        return cls(
+            port=os.environ.get("GENIE_DPDK_PORT", "memif"),
+            arena_bytes=_env_size("GENIE_DPDK_ARENA", 64 << 20),
+            slot_bytes=_env_size("GENIE_DPDK_SLOT", 4 << 20),
+            min_payload=_env_size("GENIE_DPDK_MIN_PAYLOAD", 64 << 10),
+            peer_timeout=float(os.environ.get("GENIE_DPDK_PEER_TIMEOUT", "3.0")),
+            connect_timeout=float(os.environ.get("GENIE_DPDK_CONNECT_TIMEOUT", "20.0")),
+            options=options,
+        )
+
+    @property
+    def is_memif(self) -> bool:
+        return self.port == "memif" or self.port.startswith("memif:")
+
+
+class _Agent:
+    """One genie-dpdk-agent process and the client that drives it."""
+
+    def __init__(self, config: DpdkConfig, role: str, socket_name: str | None):
+        if config.slot_bytes <= 0 or config.arena_bytes < 2 * config.slot_bytes:
+            raise UnsupportedOperationError(
+                "genie: GENIE_DPDK_ARENA must hold at least two GENIE_DPDK_SLOT slots"
+            )
+        path = _C._dataplane_agent_path()
+        arena_fd = os.memfd_create("genie-dpdk-arena", os.MFD_CLOEXEC)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._log = tempfile.TemporaryFile(prefix="genie-dpdk-agent-")  # noqa: SIM115
+        try:
+            os.ftruncate(arena_fd, config.arena_bytes)
+            port = config.port
+            if config.is_memif:
+                port = f"memif:role={role},socket={socket_name}"
+                if config.port.startswith("memif:"):
+                    port += "," + config.port[len("memif:") :]
+            args = [
+                path,
+                f"--sock-fd={child.fileno()}",
+                f"--arena-fd={arena_fd}",
+                f"--arena-bytes={config.arena_bytes}",
+                f"port={port}",
+                f"peer_timeout_ms={int(config.peer_timeout * 1000)}",
+                f"connect_timeout_ms={int(config.connect_timeout * 1000)}",
+                *(f"{k}={v}" for k, v in config.options.items()),
+            ]
+            # A session of its own: a terminal's Ctrl-C is for the user's process, which then
+            # closes the socket; the agent exits on that EOF.
+            self.proc = subprocess.Popen(
+                args,
+                pass_fds=(child.fileno(), arena_fd),
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=self._log,
+                start_new_session=True,
+            )
+            child.close()
+            self.client = _C._DataplaneAgentClient(
+                parent.detach(), arena_fd, config.arena_bytes, config.slot_bytes
+            )
+        except BaseException:
+            child.close()
+            parent.close()
+            self._log.close()
+            raise
+        finally:
+            os.close(arena_fd)
+        self.ready = False
+
+    def log(self) -> str:
+        try:
+            self._log.seek(0)
+            return self._log.read().decode(errors="replace").strip()
+        except (OSError, ValueError):
+            return ""
+
+    def describe_exit(self, wait: float = 0.2) -> str:
+        """'' while the agent runs; how it ended otherwise."""
+        try:
+            code = self.proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            return ""
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        tail = self.log()[-400:]
+        return f"the data-plane agent (pid {self.proc.pid}) ended: {how}" + (
+            f"; it said: {tail}" if tail else ""
+        )
+
+    def wait(self, what: str, timeout: float) -> int:
+        return int(self.client.wait_for(what, timeout))
+
+    def close(self) -> None:
+        try:
+            self.client.close(0.5)
+        except GenieError:
+            pass
+        try:
+            self.proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+class DpdkTransport(Transport):
+    name = "dpdk"
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: str,
+        *,
+        side: str,
+        config: DpdkConfig | None = None,
+        max_message: int = _DEFAULT_MAX_MESSAGE,
+    ):
+        _tune(sock)
+        self._sock = sock
+        self._peer = peer
+        self._side = side  # "listener" or "connector"
+        self._config = config or DpdkConfig.from_env()
+        self._max_message = max_message
+        self._stats = TransportStats()
+        self._closed = False
+        self._timeout: float | None = None
+        self._agent: _Agent | None = None
+        # "none" (not tried), "pending" (listener: waiting for SETUP_DONE), "up", "tcp" (fallback)
+        self._plane = "none"
+        self._authenticated = False  # listener: AUTH_OK went out
+        self._out_msg = 0
+        self._in_msg = 0
+        self._remaining = 0
+        self._in_on_plane = False
+        self._in_total = 0
+        self._in_offset = 0
+
+    @classmethod
+    def connect(
+        cls, address: str | tuple[str, int], *, timeout: float | None = 10.0, **kw
+    ) -> DpdkTransport:
+        _require_dpdk()
+        host, port = parse_address(address) if isinstance(address, str) else address
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            raise TransportError(f"genie: cannot connect to {host}:{port}: {e}") from e
+        sock.settimeout(None)
+        return cls(sock, f"{host}:{port}", side="connector", **kw)
+
+    # -- capabilities ---------------------------------------------------------------------
+    @property
+    def zero_copy(self) -> bool:
+        # Inside the agent chunks point at arena memory; between the caller's buffers and the
+        # arena there is one pipelined copy per side (Note: [Data-plane agent]).
+        return False
+
+    @property
+    def max_message(self) -> int:
+        return self._max_message
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    @property
+    def stats(self) -> TransportStats:
+        return self._stats
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def data_plane(self) -> str:
+        """'up' when payloads travel on DPDK, 'tcp' after a fallback, else 'none'/'pending'."""
+        return self._plane
+
+    @property
+    def agent_pid(self) -> int | None:
+        """The process id of this side's data-plane agent, if one runs."""
+        return self._agent.proc.pid if self._agent is not None else None
+
+    def data_plane_stats(self) -> dict[str, int]:
+        """The agent's counters (chunks, retransmits, ...); {} without a data plane."""
+        if self._agent is None:
+            return {}
+        try:
+            return dict(self._agent.client.stats(2.0))
+        except GenieError:
+            return {}
+
+    def ping(self, payload: int = 64) -> float:
+        """One round trip between the two agents over the data plane, in microseconds."""
+        self._require_plane()
+        return float(self._agent.client.ping(payload, 5.0))
+
+    # -- errors ---------------------------------------------------------------------------
+    def _fail(self, what: str, e: BaseException | None = None) -> TransportError:
+        if isinstance(e, TimeoutError):
+            msg = f"genie: timed out {what} {self._peer}"
+        elif e is None:
+            msg = f"genie: {self._peer} closed the connection while {what}"
+        else:
+            msg = f"genie: connection to {self._peer} failed while {what}: {e}"
+        return TransportError(msg)
+
+    def _plane_failed(self, what: str, e: GenieError) -> TransportError:
+        detail = str(e).removeprefix("genie: ")
+        if self._agent is not None and "data-plane agent" in detail:
+            detail = self._agent.describe_exit(wait=1.0) or detail
+        return TransportError(
+            f"genie: the DPDK data plane to {self._peer} failed while {what}: {detail}"
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError(f"genie: the connection to {self._peer} is closed")
+
+    def _require_plane(self) -> None:
+        if self._plane != "up" or self._agent is None:
+            raise TransportError(f"genie: no DPDK data plane to {self._peer} ({self._plane})")
+
+    # -- TCP framing ----------------------------------------------------------------------
+    def _send_tcp(self, parts: list[memoryview], what: str = "sending to") -> None:
+        try:
+            i = 0
+            while i < len(parts):
+                sent = self._sock.sendmsg(parts[i : i + 256])
+                while sent > 0:
+                    n = parts[i].nbytes
+                    if sent >= n:
+                        sent -= n
+                        i += 1
+                    else:
+                        parts[i] = parts[i][sent:]
+                        sent = 0
+                while i < len(parts) and parts[i].nbytes == 0:
+                    i += 1
+        except OSError as e:
+            raise self._fail(what, e) from e
+
+    def _recv_tcp(self, view: memoryview, what: str) -> None:
+        got, n = 0, view.nbytes
+        while got < n:
+            try:
+                k = self._sock.recv_into(view[got:], n - got)
+            except OSError as e:
+                raise self._fail(what, e) from e
+            if k == 0:
+                raise self._fail(what)
+            got += k
+        self._stats.bytes_received += n
+
+    def _send_internal(self, kind: int, body: dict) -> None:
+        header = json.dumps(body).encode()
+        prefix = PREFIX.pack(FRAME_MAGIC, 1, kind, 0, len(header), 0)
+        self._send_tcp([memoryview(prefix), memoryview(header)])
+
+    def _read_prefix(self) -> tuple[int, int, int, int, int]:
+        """(version, kind, flags, header_len, payload_len)"""
+        buf = bytearray(PREFIX.size)
+        self._recv_tcp(memoryview(buf), "waiting for a message from")
+        magic, version, kind, flags, header_len, payload_len = PREFIX.unpack(bytes(buf))
+        if magic != FRAME_MAGIC:
+            raise ProtocolError(f"genie: bad frame magic {magic!r} from {self._peer}")
+        return version, kind, flags, header_len, payload_len
+
+    def _read_header(self, n: int, what: str = "reading a message header from") -> bytes:
+        header = bytearray(n)
+        if n:
+            self._recv_tcp(memoryview(header), what)
+        return bytes(header)
+
+    # -- data-plane set-up (Note: [Data-plane set-up]) -------------------------------------
+    def _setup_as_connector(self) -> None:
+        self._plane = "pending"
+        self._send_internal(_SETUP, {"v": 1, "host": _host_id(), "port": self._config.port})
+        _, kind, _, header_len, payload_len = self._read_prefix()
+        if kind != _SETUP_OK or header_len > _MAX_INTERNAL_HEADER or payload_len:
+            raise ProtocolError(
+                f"genie: the server at {self._peer} does not run the DPDK transport (it answered "
+                f"frame kind {kind}); start it with `genie serve --transport dpdk`, or connect "
+                "with the tcp transport"
+            )
+        reply = self._parse_internal(self._read_header(header_len))
+        if not reply.get("ok"):
+            self._fall_back(f"the server could not start its data plane: {reply.get('error')}")
+            return
+        error = ""
+        if self._config.is_memif and reply.get("host") != _host_id():
+            error = "memif connects processes on one host and the server is on another"
+        else:
+            try:
+                self._agent = _Agent(self._config, "client", reply.get("socket"))
+                self._agent.wait("ready", self._config.connect_timeout)
+                self._agent.ready = True
+            except GenieError as e:
+                error = self._start_error(e)
+        self._send_internal(_SETUP_DONE, {"ok": not error, "error": error})
+        if error:
+            self._fall_back(error)
+        else:
+            self._plane = "up"
+            logger.info("genie: DPDK data plane to %s is up", self._peer)
+
+    def _setup_as_listener(self, request: dict) -> None:
+        reply: dict = {"ok": False, "host": _host_id()}
+        if self._plane != "none":
+            reply["error"] = "the data plane was set up already"
+        elif self._config.is_memif and request.get("host") != _host_id():
+            reply["error"] = "memif connects processes on one host and the client is on another"
+        else:
+            name = f"genie-{os.getpid()}-{secrets.token_hex(6)}"
+            try:
+                self._agent = _Agent(self._config, "server", name)
+                self._agent.wait("port_up", self._config.connect_timeout)
+                reply.update(ok=True, socket=name)
+            except GenieError as e:
+                reply["error"] = self._start_error(e)
+        self._send_internal(_SETUP_OK, reply)
+        if reply["ok"]:
+            self._plane = "pending"
+        else:
+            self._fall_back(reply["error"])
+
+    def _start_error(self, e: GenieError) -> str:
+        died = self._agent.describe_exit() if self._agent is not None else ""
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+        return died or str(e).removeprefix("genie: ")
+
+    def _parse_internal(self, header: bytes) -> dict:
+        try:
+            body = json.loads(header)
+        except ValueError:
+            raise ProtocolError(
+                f"genie: malformed data-plane set-up frame from {self._peer}"
+            ) from None
+        if not isinstance(body, dict):
+            raise ProtocolError(f"genie: malformed data-plane set-up frame from {self._peer}")
+        return body
+
+    def _fall_back(self, why: str) -> None:
+        self._plane = "tcp"
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+        logger.warning(
+            "genie: no DPDK data plane to %s (%s); payloads go over TCP", self._peer, why
+        )
+
+    # -- sending --------------------------------------------------------------------------
+    def send_frame(
+        self, version: int, kind: int, header: bytes, buffers: Sequence[memoryview] = ()
+    ) -> int:
+        self._check_open()
+        views = [memoryview(b).cast("B") for b in buffers]
+        views = [v for v in views if v.nbytes]
+        payload = sum(v.nbytes for v in views)
+        if payload > self._max_message:
+            raise TransportError(
+                f"genie: a {payload}-byte payload exceeds this connection's limit of "
+                f"{self._max_message} bytes"
+            )
+        on_plane = self._plane == "up" and payload >= max(1, self._config.min_payload)
+        flags = _ON_DATA_PLANE if on_plane else 0
+        prefix = PREFIX.pack(FRAME_MAGIC, version, kind, flags, len(header), payload)
+        parts = [memoryview(prefix), memoryview(header)]
+        if not on_plane:
+            parts.extend(views)
+        self._send_tcp(parts)
+        if on_plane:
+            self._wait_plane_ready()
+            self._out_msg += 1
+            try:
+                self._agent.client.send(self._out_msg, views, self._timeout)
+            except GenieError as e:
+                raise self._plane_failed("sending to", e) from None
+        total = len(prefix) + len(header) + payload
+        self._stats.bytes_sent += total
+        self._stats.frames_sent += 1
+        if kind == AUTH_OK and self._side == "listener":
+            self._authenticated = True
+        return total
+
+    # -- receiving ------------------------------------------------------------------------
+    def recv_frame(self, max_header: int) -> Frame:
+        self._check_open()
+        if self._remaining:
+            raise ProtocolError("genie: a frame was read before the previous payload was consumed")
+        while True:
+            version, kind, flags, header_len, payload_len = self._read_prefix()
+            if kind in _INTERNAL and (self._side == "connector" or self._authenticated):
+                if header_len > _MAX_INTERNAL_HEADER or payload_len:
+                    raise ProtocolError(
+                        f"genie: oversized data-plane set-up frame from {self._peer}"
+                    )
+                body = self._parse_internal(self._read_header(header_len))
+                self._on_internal(kind, body)
+                continue
+            if header_len > max_header:
+                raise ProtocolError(
+                    f"genie: a {header_len}-byte header from {self._peer} exceeds the limit of "
+                    f"{max_header} bytes"
+                )
+            header = self._read_header(header_len)
+            self._remaining = payload_len
+            self._in_on_plane = bool(flags & _ON_DATA_PLANE) and payload_len > 0
+            if self._in_on_plane:
+                if self._plane not in ("up", "pending") or self._agent is None:
+                    raise ProtocolError(
+                        f"genie: {self._peer} sent a payload on a data plane that is not up"
+                    )
+                self._in_msg += 1
+                self._in_total = payload_len
+                self._in_offset = 0
+            self._stats.frames_received += 1
+            frame = Frame(version=version, kind=kind, header=header, payload_len=payload_len)
+            if kind == AUTH_OK and self._side == "connector" and self._plane == "none":
+                self._setup_as_connector()
+            return frame
+
+    def _on_internal(self, kind: int, body: dict) -> None:
+        if kind == _SETUP and self._side == "listener":
+            self._setup_as_listener(body)
+        elif kind == _SETUP_DONE and self._side == "listener" and self._plane == "pending":
+            if body.get("ok"):
+                self._plane = "up"
+                logger.info("genie: DPDK data plane from %s is up", self._peer)
+            else:
+                self._fall_back(f"the client could not start its data plane: {body.get('error')}")
+        else:
+            raise ProtocolError(
+                f"genie: unexpected data-plane set-up frame {kind} from {self._peer}"
+            )
+
+    def recv_payload(self, buffers: Sequence[memoryview]) -> None:
+        self._check_open()
+        views = [memoryview(b).cast("B") for b in buffers]
+        total = sum(v.nbytes for v in views)
+        if total > self._remaining:
+            raise ProtocolError(
+                f"genie: {total} payload bytes expected but the frame carries {self._remaining}"
+            )
+        if self._in_on_plane:
+            views = [v for v in views if v.nbytes]
+            if views:
+                self._plane_recv(views, total)
+        else:
+            for v in views:
+                if v.nbytes:
+                    self._recv_tcp(v, "reading a payload from")
+        self._remaining -= total
+
+    def _plane_recv(self, views: list[memoryview] | None, nbytes: int) -> None:
+        self._wait_plane_ready()
+        try:
+            if views is None:
+                self._agent.client.skip(
+                    self._in_msg, self._in_total, self._in_offset, nbytes, self._timeout
+                )
+            else:
+                self._agent.client.recv(
+                    self._in_msg, self._in_total, self._in_offset, views, self._timeout
+                )
+        except GenieError as e:
+            raise self._plane_failed("reading a payload from", e) from None
+        self._in_offset += nbytes
+        self._stats.bytes_received += nbytes
+
+    def _wait_plane_ready(self) -> None:
+        # The listener's agent meets the client's in the background; the first transfer waits.
+        if self._agent is not None and not self._agent.ready:
+            try:
+                self._agent.wait("ready", self._config.connect_timeout)
+            except GenieError as e:
+                raise self._plane_failed("opening the data plane to", e) from None
+            self._agent.ready = True
+
+    def skip_payload(self, nbytes: int) -> None:
+        self._check_open()
+        nbytes = min(nbytes, self._remaining)
+        if not nbytes:
+            return
+        if self._in_on_plane:
+            self._plane_recv(None, nbytes)
+        else:
+            scratch = memoryview(bytearray(min(nbytes, 1 << 20)))
+            left = nbytes
+            while left:
+                k = min(left, scratch.nbytes)
+                self._recv_tcp(scratch[:k], "reading a payload from")
+                left -= k
+        self._remaining -= nbytes
+
+    @property
+    def payload_remaining(self) -> int:
+        return self._remaining
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def set_timeout(self, seconds: float | None) -> None:
+        if not self._closed:
+            self._timeout = seconds
+            self._sock.settimeout(seconds)
+
+    def shutdown(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+
+
+class DpdkListener(Listener):
+    name = "dpdk"
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        backlog: int = 64,
+        max_message: int = _DEFAULT_MAX_MESSAGE,
+        config: DpdkConfig | None = None,
+    ):
+        _require_dpdk()
+        self._config = config or DpdkConfig.from_env()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind((host, port))
+        except OSError as e:
+            self._sock.close()
+            raise TransportError(f"genie: cannot listen on {host}:{port}: {e}") from e
+        self._sock.listen(backlog)
+        self._max_message = max_message
+        self._closed = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._sock.getsockname()[:2]
+        return host, port
+
+    def accept(self, timeout: float | None = None) -> DpdkTransport | None:
+        if self._closed:
+            return None
+        self._sock.settimeout(timeout)
+        try:
+            sock, addr = self._sock.accept()
+        except TimeoutError:
+            return None
+        except OSError:
+            if self._closed:
+                return None
+            raise
+        sock.settimeout(None)
+        return DpdkTransport(
+            sock,
+            f"{addr[0]}:{addr[1]}",
+            side="listener",
+            config=self._config,
+            max_message=self._max_message,
+        )
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+
+def _require_dpdk() -> None:
+    if not available():
+        raise UnsupportedOperationError(
+            f"genie: the dpdk transport is unavailable: {unavailable_reason()}"
+        )
