@@ -60,6 +60,8 @@ _LAZY = {
     "SemanticOptimizer": "genie.scheduler",
     # runtime
     "MultiDeviceExecutor": "genie.runtime.multi_device",
+    "connect": "genie.runtime.client",
+    "disconnect": "genie.runtime.client",
 }
 
 __all__ = [
@@ -111,3 +113,15 @@ def last_graph() -> Graph:
 from genie import device as _device  # noqa: E402
 
 _device.install()
+
+
+def _select_executor_from_env() -> None:
+    import os
+
+    if os.environ.get("GENIE_SERVER") or os.environ.get("GENIE_TOPOLOGY"):
+        from genie.runtime.client import connect_from_env
+
+        connect_from_env()
+
+
+_select_executor_from_env()

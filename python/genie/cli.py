@@ -23,6 +23,15 @@ def _demo(args: argparse.Namespace) -> int:
         print("genie demo needs transformers: pip install transformers", file=sys.stderr)
         return 2
 
+    if args.remote:
+        from genie.runtime.loopback import loopback_session
+
+        with loopback_session(device=args.remote_device):
+            return _demo_body(args, torch, genie, GPT2Config, GPT2LMHeadModel)
+    return _demo_body(args, torch, genie, GPT2Config, GPT2LMHeadModel)
+
+
+def _demo_body(args, torch, genie, GPT2Config, GPT2LMHeadModel) -> int:
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=max(1, args.width // 64),
                      vocab_size=args.vocab, n_positions=max(128, args.seq + args.tokens),
@@ -86,7 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seq", type=int, default=32)
     demo.add_argument("--tokens", type=int, default=8, help="tokens to generate greedily")
     demo.add_argument("--json", help="also write the numbers to this file")
+    demo.add_argument("--remote", action="store_true",
+                      help="start a loopback `genie serve` and run the demo through it")
+    demo.add_argument("--remote-device", default="cpu", help="the loopback server's device (cpu, cuda:0)")
     demo.set_defaults(func=_demo)
+
+    from genie.runtime.server import add_serve_arguments, serve_main
+
+    serve = sub.add_parser("serve", help="serve remote_accelerator work on this host's device")
+    add_serve_arguments(serve, log_level=False)
+    serve.set_defaults(func=serve_main)
 
     from genie.scheduler.cli import add_schedule_arguments, schedule_command
     from genie.semantic.cli import add_analyze_arguments, analyze_command

@@ -499,23 +499,39 @@ def _is_server_process() -> bool:
     )
 
 
-def connect_from_env() -> RemoteExecutor | None:
-    """What ``import genie`` calls: connect when ``GENIE_SERVER`` (or ``GENIE_TOPOLOGY``, a
-    topology file) names a server; otherwise leave the local executor in place."""
+def connect_from_env():
+    """What ``import genie`` calls. ``GENIE_SERVER`` names one server: connect to it.
+    ``GENIE_TOPOLOGY`` names a topology file: a TOML cluster description
+    (genie.NetworkTopology; devices with an ``endpoint`` are servers) or a JSON server list;
+    with more than one device every flush is scheduled over them (MultiDeviceExecutor),
+    with one server it is a plain connection. Neither set: the local executor stays."""
     if _is_server_process():
         return None
     address = os.environ.get("GENIE_SERVER")
-    token = None
-    if not address and os.environ.get("GENIE_TOPOLOGY"):
-        servers = servers_from_topology(os.environ["GENIE_TOPOLOGY"])
-        if servers:
-            s = servers[0]
-            address = s["address"]
-            if s.get("token"):
-                token = s["token"]
-            elif s.get("token_file"):
-                with open(s["token_file"], "rb") as f:
-                    token = f.read().strip()
-    if not address:
+    if address:
+        return connect(address)
+    path = os.environ.get("GENIE_TOPOLOGY")
+    if not path:
         return None
-    return connect(address, token)
+    from genie.runtime.executor import install_executor
+    from genie.runtime.multi_device import MultiDeviceExecutor
+
+    if path.endswith(".toml"):
+        from genie.scheduler import NetworkTopology
+
+        ex = MultiDeviceExecutor.from_topology(NetworkTopology.from_file(path), token=_token_from_env())
+        install_executor(ex, ex.device_type)
+        return ex
+    servers = servers_from_topology(path)
+    if not servers:
+        raise GenieError(f"genie: {path} lists no servers")
+    if len(servers) == 1:
+        s = servers[0]
+        token = s.get("token")
+        if token is None and s.get("token_file"):
+            with open(s["token_file"], "rb") as f:
+                token = f.read().strip()
+        return connect(s["address"], token)
+    ex = MultiDeviceExecutor.from_servers(servers, token=_token_from_env())
+    install_executor(ex, ex.device_type)
+    return ex
