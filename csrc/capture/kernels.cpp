@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/SDPBackend.h>
 #include <ATen/native/DispatchStub.h>
 #include <ATen/native/transformers/attention.h>
@@ -435,7 +436,11 @@ void capture_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::j
     } else if (o.alias >= 0 && is_remote(s.tensors[o.alias])) {
       t = wrap(s.tensors[o.alias].storage(), o.geo);
     } else {
-      t = wrap(fresh_storage(o.geo.nbytes, s.device), o.geo);
+      // Some meta kernels hand back 0-dim results over 0-byte storages (SDPA's unused RNG
+      // outputs); give every fresh storage at least the bytes its view addresses.
+      auto needed = at::detail::computeStorageNbytes(o.geo.sizes, o.geo.strides, c10::elementSize(o.geo.dtype),
+                                                     o.geo.offset);
+      t = wrap(fresh_storage(std::max<int64_t>(o.geo.nbytes, static_cast<int64_t>(needed)), s.device), o.geo);
       node.fresh.push_back(storage_id(t.storage()));
     }
     node.outputs.push_back(make_ref(t, storage_id(t.storage())));
