@@ -1,6 +1,7 @@
 // C++ microbenchmark: per-op cost of capturing on remote_accelerator next to eager CPU.
 // Prints one JSON object on stdout; bench/bench_capture.py builds, runs and tabulates it.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <chrono>
@@ -41,6 +42,7 @@ int main(int argc, char** argv) {
   int calls = argc > 1 ? std::stoi(argv[1]) : 2000;
   int rounds = argc > 2 ? std::stoi(argv[2]) : 15;
   int64_t n = argc > 3 ? std::stoll(argv[3]) : 16;
+  std::string only = argc > 4 ? argv[4] : "";  // run one op (for profilers)
   // One intra-op thread: per-op costs at 16x16 are about dispatch, and idle OpenMP workers
   // spinning after an eager round otherwise steal the capture round's core on small machines.
   at::set_num_threads(1);
@@ -67,6 +69,10 @@ int main(int argc, char** argv) {
       {"view", [&] { (void)a.view({-1}); }, [&] { (void)ra.view({-1}); }},
   };
   std::printf("{\"size\": %lld, \"calls\": %d, \"rounds\": %d, \"ops\": {", static_cast<long long>(n), calls, rounds);
+  if (!only.empty()) {
+    cases.erase(std::remove_if(cases.begin(), cases.end(), [&](const Case& c) { return only != c.name; }),
+                cases.end());
+  }
   for (size_t i = 0; i < cases.size(); ++i) {
     double eager = time_us(cases[i].eager, nothing, calls, rounds);
     double capture = time_us(cases[i].capture, collect, calls, rounds);

@@ -296,3 +296,23 @@ def test_modifying_a_captured_cpu_input_before_it_runs_is_an_error():
         y.cpu()
     genie.synchronize()  # nothing else is stuck behind it
     assert torch.equal((torch.ones(2, device=REMOTE) * 3).cpu(), torch.full((2,), 3.0))
+
+
+# -- C++ shape functions ----------------------------------------------------------------------
+@pytest.mark.parametrize("shape,normalized", [((2, 5, 8), (8,)), ((3, 4, 6), (4, 6)), ((7,), (7,))])
+def test_native_layer_norm_all_outputs_match_eager(shape, normalized):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(*normalized, generator=g)
+    b = torch.randn(*normalized, generator=g)
+    ref = torch.native_layer_norm(x, normalized, w, b, 1e-5)
+    out = torch.native_layer_norm(x.to(REMOTE), normalized, w.to(REMOTE), b.to(REMOTE), 1e-5)
+    for r, o in zip(ref, out):
+        assert o.shape == r.shape and o.stride() == r.stride()
+        assert torch.equal(o.cpu(), r)
+
+
+def test_layer_norm_shape_mismatch_is_eager_error():
+    x = torch.randn(2, 5).to(REMOTE)
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        torch.nn.functional.layer_norm(x, (4,))
