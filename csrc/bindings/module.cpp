@@ -21,8 +21,8 @@ py::dict ref_to_py(const TensorRef& r) {
   py::dict d;
   d["storage"] = r.storage;
   d["dtype"] = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(torch::getTHPDtype(r.dtype)));
-  d["shape"] = r.sizes;
-  d["stride"] = r.strides;
+  d["shape"] = std::vector<int64_t>(r.sizes.begin(), r.sizes.end());
+  d["stride"] = std::vector<int64_t>(r.strides.begin(), r.strides.end());
   d["offset"] = r.offset;
   d["storage_nbytes"] = r.storage_nbytes;
   d["device"] = r.device;

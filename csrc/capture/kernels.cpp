@@ -229,7 +229,8 @@ std::shared_ptr<const ShapeResult> infer_meta(const c10::OperatorHandle& op, con
                         c10::GetAllocator(c10::DeviceType::Meta), /*resizable=*/true);
     }
     first_input_of.emplace(st.unsafeGetStorageImpl(), i);
-    Geometry g{r.dtype, r.sizes, r.strides, r.offset, r.storage_nbytes};
+    Geometry g{r.dtype, {r.sizes.begin(), r.sizes.end()}, {r.strides.begin(), r.strides.end()}, r.offset,
+               r.storage_nbytes};
     metas[i] = wrap(st, g, c10::DispatchKey::Meta);
     if (s.tensors[i].unsafeGetTensorImpl()->is_wrapped_number())
       metas[i].unsafeGetTensorImpl()->set_wrapped_number(true);
@@ -318,7 +319,8 @@ std::shared_ptr<const ShapeResult> cpp_shape(const c10::OperatorHandle& op, cons
   std::vector<int64_t> stat(x.sizes.begin(), x.sizes.begin() + axis);
   stat.resize(dim, 1);
   auto result = std::make_shared<ShapeResult>();
-  for (auto sizes : {x.sizes, stat, stat}) {
+  std::vector<int64_t> all(x.sizes.begin(), x.sizes.end());
+  for (auto sizes : {all, stat, stat}) {
     ReturnSpec r;
     r.kind = ReturnSpec::Kind::Tensor;
     r.tensors.push_back(contiguous(sizes));
@@ -352,7 +354,7 @@ void capture_rng(const c10::OperatorHandle& op, Node& node, const OpInfo& info, 
   cpu_gen.set_state(state);
   auto make = [&](int32_t i) {
     const TensorRef& r = node.inputs[i];
-    return at::ones(r.sizes, at::TensorOptions().dtype(r.dtype));
+    return at::ones(c10::IntArrayRef(r.sizes), at::TensorOptions().dtype(r.dtype));
   };
   auto stack = build_stack(node, make, c10::Device(c10::DeviceType::CPU), /*drop_generator=*/false);
   for (auto& v : stack) {

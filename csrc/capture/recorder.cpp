@@ -22,8 +22,8 @@ TensorRef make_ref(const at::Tensor& t, StorageId id) {
   TensorRef r;
   r.storage = id;
   r.dtype = t.scalar_type();
-  r.sizes = t.sizes().vec();
-  r.strides = t.strides().vec();
+  r.sizes.assign(t.sizes().begin(), t.sizes().end());
+  r.strides.assign(t.strides().begin(), t.strides().end());
   r.offset = t.storage_offset();
   r.storage_nbytes = static_cast<int64_t>(t.storage().nbytes());
   r.device = t.device().type() == c10::DeviceType::PrivateUse1 ? t.device().index() : 0;

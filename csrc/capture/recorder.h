@@ -3,6 +3,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/ivalue.h>
 #include <ATen/Tensor.h>
+#include <c10/util/SmallVector.h>
 
 #include <cstdint>
 #include <memory>
@@ -17,12 +18,15 @@
 
 namespace genie {
 
+// Inline up to 6 dims: refs are made for every tensor of every recorded op.
+using Dims = c10::SmallVector<int64_t, 6>;
+
 // A tensor as one op saw it: a view (dtype, sizes, strides, offset) of a storage.
 struct TensorRef {
   StorageId storage = 0;
   c10::ScalarType dtype = c10::ScalarType::Float;
-  std::vector<int64_t> sizes;
-  std::vector<int64_t> strides;
+  Dims sizes;
+  Dims strides;
   int64_t offset = 0;
   int64_t storage_nbytes = 0;  // size of the whole storage when it was seen
   c10::DeviceIndex device = 0;
