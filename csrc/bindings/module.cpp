@@ -11,6 +11,7 @@
 #include "capture/recorder.h"
 #include "capture/shape_cache.h"
 #include "capture/storage.h"
+#include "bindings/dataplane.h"
 
 namespace py = pybind11;
 using namespace genie;
@@ -145,6 +146,7 @@ class PyExecutor final : public Executor {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "genie's compiled core: the remote_accelerator backend and its local executor";
+  register_dataplane(m);
 
   m.def("_register", [] {
     register_device();

@@ -73,8 +73,12 @@ struct EndpointConfig {
   double connect_timeout_ms = 30000.0;
   // How long close() waits for the peer to acknowledge.
   double close_timeout_ms = 200.0;
-  // Checksum payloads too (the header is always checksummed).
-  bool payload_checksum = true;
+  // Checksum payloads too (the header always is). Off by default: memif copies memory within
+  // one host and a NIC's frames carry an Ethernet CRC; the sum costs ~25% of memif throughput.
+  bool payload_checksum = false;
+  // A waiting poller yields its core after this many empty polls (0: never); see
+  // Note: [Polling on shared cores] in endpoint.cpp.
+  uint32_t yield_after_polls = 64;
   // Fault injection for tests: drop this fraction of outgoing data chunks.
   double loss_rate = 0.0;
   uint64_t loss_seed = 1;

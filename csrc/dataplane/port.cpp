@@ -17,10 +17,13 @@ namespace genie::dataplane {
 
 namespace {
 
-// memif ring buffers: 2 KiB is DPDK's default and what FIELD-NOTES measured; a chunk spans
-// several of them (memif chains descriptors in copy mode).
-constexpr uint32_t kMemifDefaultBsize = 2048;
-constexpr uint32_t kMemifBuffersPerChunk = 4;
+// Note: [One memif buffer per packet]
+// DPDK 22.11's memif copy-mode TX checks for a free ring slot before it takes the second and
+// later slots of a packet but does not count the first one, so a packet spanning several ring
+// buffers can overrun a nearly full ring by one slot: the peer then reads stale descriptors
+// (measured here: thousands of duplicate chunks per 16 MB). Every packet therefore fits in one
+// memif buffer: bsize defaults to 16 KiB and a chunk to bsize minus the headers.
+constexpr uint32_t kMemifDefaultBsize = 16384;
 constexpr uint32_t kHeaderDataRoom = 2048 + RTE_PKTMBUF_HEADROOM;
 constexpr uint32_t kPacketOverhead = kEtherHeader + sizeof(PacketHeader);
 constexpr uint32_t kSlack = 512;
@@ -64,13 +67,13 @@ PortSizing PortSizing::compute(const PortConfig& cfg, uint32_t window_chunks, ui
   return s;
 }
 
-Status Port::open(const PortConfig& cfg, uint32_t window_chunks, uint16_t burst,
-                  std::unique_ptr<Port>* out) {
+Status Port::open(const PortConfig& cfg, uint32_t chunk_request, uint64_t window_bytes,
+                  uint16_t burst, std::unique_ptr<Port>* out) {
   if (!Eal::initialized()) {
     return {Code::EalFailed, "genie: open a port only after Eal::ensure() succeeded"};
   }
   std::unique_ptr<Port> p(new Port());
-  Status s = p->setup(cfg, window_chunks, burst);
+  Status s = p->setup(cfg, chunk_request, window_bytes, burst);
   if (!s) {
     p->close();
     return s;
@@ -79,7 +82,8 @@ Status Port::open(const PortConfig& cfg, uint32_t window_chunks, uint16_t burst,
   return Status::ok();
 }
 
-Status Port::setup(const PortConfig& cfg, uint32_t window_chunks, uint16_t burst) {
+Status Port::setup(const PortConfig& cfg, uint32_t chunk_request, uint64_t window_bytes,
+                   uint16_t burst) {
   const std::string& spec = cfg.spec;
   auto colon = spec.find(':');
   std::string kind = spec.substr(0, colon);
@@ -96,9 +100,6 @@ Status Port::setup(const PortConfig& cfg, uint32_t window_chunks, uint16_t burst
                                            std::to_string(kMemifDefaultBsize);
       if (!has_key(args, "role")) args += ",role=server";
       memif_bsize = key_value(args, "bsize", kMemifDefaultBsize);
-      if (has_key(args, "zero-copy") && key_value(args, "zero-copy", 0) != 0) {
-        // FIELD-NOTES.md: memif zero-copy mode corrupted data silently.
-      }
       if (args.find("zero-copy=yes") != std::string::npos) {
         return {Code::Unsupported,
                 "genie: memif zero-copy mode corrupts data on DPDK 22.11 (FIELD-NOTES.md); "
@@ -162,19 +163,26 @@ Status Port::setup(const PortConfig& cfg, uint32_t window_chunks, uint16_t burst
 
   // Chunk sizes: memif carries any length (it chains ring buffers); a NIC carries its MTU.
   uint16_t rx_room;
+  uint32_t max_chunk, default_chunk;
   if (memif_bsize) {
-    max_chunk_ = 65000;
-    default_chunk_ = kMemifBuffersPerChunk * memif_bsize - kPacketOverhead;
+    if (memif_bsize < 1024 || memif_bsize + RTE_PKTMBUF_HEADROOM > 65535) {
+      return {Code::InvalidArgument, "genie: memif bsize must be in [1024, " +
+                                         std::to_string(65535 - RTE_PKTMBUF_HEADROOM) + "]"};
+    }
+    max_chunk = memif_bsize - kPacketOverhead;  // Note: [One memif buffer per packet]
+    default_chunk = max_chunk;
     rx_room = static_cast<uint16_t>(memif_bsize + RTE_PKTMBUF_HEADROOM);
   } else {
     uint16_t mtu = cfg.mtu;
     if (!mtu && rte_eth_dev_get_mtu(port_id_, &mtu) != 0) mtu = RTE_ETHER_MTU;
     uint32_t frame = mtu + kEtherHeader;
-    max_chunk_ = mtu > sizeof(PacketHeader) ? mtu - sizeof(PacketHeader) : 0;
-    default_chunk_ = max_chunk_;
+    max_chunk = mtu > sizeof(PacketHeader) + 64 ? mtu - sizeof(PacketHeader) : 64;
+    default_chunk = max_chunk;
     rx_room = static_cast<uint16_t>(std::min<uint32_t>(frame + RTE_PKTMBUF_HEADROOM, 65535));
   }
+  chunk_ = chunk_request ? std::min(chunk_request, max_chunk) : default_chunk;
   if (cfg.mbuf_data_room) rx_room = cfg.mbuf_data_room;
+  uint32_t window_chunks = static_cast<uint32_t>(window_bytes / chunk_ + 1);
   sizing_ = PortSizing::compute(cfg, window_chunks, burst, rx_room);
 
   // Pools: unique names per port and process.

@@ -12,6 +12,7 @@
 //     NIC frees only when its DMA completes) + 2 * burst + cache + 512
 // external pool (no data room; carriers for external buffers, up to 2 per chunk):
 //     2 * (tx_desc + window_chunks) + 2 * burst + cache + 512
+#include <rte_ethdev.h>
 #include <rte_ether.h>
 #include <rte_mbuf.h>
 #include <rte_mempool.h>
@@ -34,9 +35,10 @@ struct PortSizing {
 
 class Port {
  public:
-  // Opens, configures and starts the port. `window_chunks` and `burst` size the mempools.
-  static Status open(const PortConfig& cfg, uint32_t window_chunks, uint16_t burst,
-                     std::unique_ptr<Port>* out);
+  // Opens, configures and starts the port. `chunk_request` (0: the port's default) is the
+  // payload per packet; with `window_bytes` and `burst` it sizes the mempools.
+  static Status open(const PortConfig& cfg, uint32_t chunk_request, uint64_t window_bytes,
+                     uint16_t burst, std::unique_ptr<Port>* out);
   ~Port();
   Port(const Port&) = delete;
   Port& operator=(const Port&) = delete;
@@ -47,10 +49,8 @@ class Port {
   const rte_ether_addr& mac() const { return mac_; }
   // Whether payload memory must have a valid IOVA (DMA by a NIC). memif copies with the CPU.
   bool needs_iova() const { return needs_iova_; }
-  // Payload bytes per chunk that suit this port.
-  uint32_t default_chunk_bytes() const { return default_chunk_; }
-  // Largest chunk this port can carry in one packet.
-  uint32_t max_chunk_bytes() const { return max_chunk_; }
+  // Payload bytes per chunk on this port (the request, capped by what one packet carries).
+  uint32_t chunk_bytes() const { return chunk_; }
   const PortSizing& sizing() const { return sizing_; }
   rte_device* device() const;
 
@@ -68,7 +68,8 @@ class Port {
 
  private:
   Port() = default;
-  Status setup(const PortConfig& cfg, uint32_t window_chunks, uint16_t burst);
+  Status setup(const PortConfig& cfg, uint32_t chunk_request, uint64_t window_bytes,
+               uint16_t burst);
 
   uint16_t port_id_ = 0;
   std::string name_;
@@ -79,8 +80,7 @@ class Port {
   bool needs_iova_ = false;
   bool started_ = false;
   bool configured_ = false;
-  uint32_t default_chunk_ = 8192;
-  uint32_t max_chunk_ = 8192;
+  uint32_t chunk_ = 8192;
   PortSizing sizing_;
   rte_mempool* rx_pool_ = nullptr;
   rte_mempool* hdr_pool_ = nullptr;

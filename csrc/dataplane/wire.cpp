@@ -6,18 +6,28 @@
 
 namespace genie::dataplane {
 
-void seal_header(PacketHeader* h) {
-  h->header_csum = 0;
-  h->header_csum = rte_hash_crc(h, sizeof(PacketHeader), 0xFFFFFFFFu);
+namespace {
+
+// CRC32C of the header with header_csum taken as zero, word by word: the header is copied into
+// uint64_t words first (rte_hash_crc on a struct pointer type-puns, and the compiler may reorder
+// the store that zeroes the field past the loads).
+uint32_t header_crc(const PacketHeader* h) {
+  static_assert(sizeof(PacketHeader) == 7 * sizeof(uint64_t), "header is seven words");
+  uint64_t w[7];
+  std::memcpy(w, h, sizeof(w));
+  w[6] &= 0x00000000FFFFFFFFull;  // header_csum is the last four bytes (little-endian)
+  uint32_t crc = 0xFFFFFFFFu;
+  for (uint64_t x : w) crc = rte_hash_crc_8byte(x, crc);
+  return crc;
 }
+
+}  // namespace
+
+void seal_header(PacketHeader* h) { h->header_csum = header_crc(h); }
 
 bool header_valid(const PacketHeader* h) {
   if (h->magic != kMagic || h->version != kWireVersion) return false;
-  PacketHeader copy;
-  std::memcpy(&copy, h, sizeof(copy));
-  uint32_t want = copy.header_csum;
-  copy.header_csum = 0;
-  return rte_hash_crc(&copy, sizeof(copy), 0xFFFFFFFFu) == want;
+  return header_crc(h) == h->header_csum;
 }
 
 uint64_t payload_sum(const void* data, size_t len, uint64_t pos, uint64_t seed) {

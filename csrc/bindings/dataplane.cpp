@@ -1,0 +1,373 @@
+// genie._C's data-plane bindings: thin wrappers over csrc/dataplane. Every call that can block
+// (the agent client's transfers, waits and close) releases the GIL; a failed Status becomes a
+// genie exception here and nowhere else:
+//   PeerTimeout, PeerGone, LinkDown, Closed, AgentDied, Timeout -> genie.errors.TransportError
+//   BadPacket -> ProtocolError;  Unavailable, Unsupported -> UnsupportedOperationError
+//   anything else -> GenieError
+#include "bindings/dataplane.h"
+
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <c10/core/StorageImpl.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/python.h>
+
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "dataplane/agent_client.h"
+#include "dataplane/build_config.h"
+#include "dataplane/registration.h"
+
+namespace py = pybind11;
+using namespace genie::dataplane;
+
+namespace {
+
+[[noreturn]] void raise_status(const Status& s) {
+  const char* cls = "GenieError";
+  switch (s.code()) {
+    case Code::PeerTimeout:
+    case Code::PeerGone:
+    case Code::LinkDown:
+    case Code::Closed:
+    case Code::AgentDied:
+    case Code::Timeout: cls = "TransportError"; break;
+    case Code::BadPacket: cls = "ProtocolError"; break;
+    case Code::Unavailable:
+    case Code::Unsupported: cls = "UnsupportedOperationError"; break;
+    default: break;
+  }
+  py::object exc = py::module_::import("genie.errors").attr(cls)(s.to_string());
+  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
+  throw py::error_already_set();
+}
+
+void check(const Status& s) {
+  if (!s.is_ok()) raise_status(s);
+}
+
+double timeout_ms(const py::object& seconds) {
+  return seconds.is_none() ? -1.0 : seconds.cast<double>() * 1000.0;
+}
+
+// -- where the agent is ----------------------------------------------------------------------
+
+std::string module_dir() {
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&module_dir), &info) == 0 || !info.dli_fname) return "";
+  std::string path = info.dli_fname;
+  auto slash = path.rfind('/');
+  return slash == std::string::npos ? "." : path.substr(0, slash);
+}
+
+std::string agent_path() {
+  const char* env = std::getenv("GENIE_DPDK_AGENT");
+  if (env && *env) return env;
+  return module_dir() + "/genie-dpdk-agent";
+}
+
+std::string unavailable_reason() {
+#if GENIE_DPDK_ENABLED
+  std::string path = agent_path();
+  if (access(path.c_str(), X_OK) != 0) {
+    return "the data-plane agent " + path +
+           " is missing or not executable (reinstall genie: pip install --no-build-isolation .)";
+  }
+  return "";
+#else
+  return "genie was built without DPDK: " GENIE_DPDK_REASON;
+#endif
+}
+
+// -- the storage free hook (Note: [Registration cache]) ---------------------------------------
+// A registered tensor's storage gets its deleter swapped for one that first invalidates the
+// storage's range in every cache that registered it, then calls the original deleter: freeing
+// the storage drops the registration before the allocator can hand the address out again.
+
+struct FreeHook {
+  c10::DeleterFnPtr original = nullptr;
+  uintptr_t base = 0;
+  size_t nbytes = 0;
+  std::vector<std::weak_ptr<RegistrationCache>> caches;
+};
+
+std::mutex& hook_mutex() {
+  static auto* m = new std::mutex;
+  return *m;
+}
+
+std::unordered_map<void*, FreeHook>& hooks() {
+  static auto* h = new std::unordered_map<void*, FreeHook>;  // never destroyed: frees at exit
+  return *h;
+}
+
+void invalidating_delete(void* ctx) {
+  FreeHook hook;
+  {
+    std::lock_guard<std::mutex> lock(hook_mutex());
+    auto it = hooks().find(ctx);
+    if (it == hooks().end()) return;  // unreachable: installed only with a record
+    hook = std::move(it->second);
+    hooks().erase(it);
+  }
+  for (auto& w : hook.caches) {
+    if (auto c = w.lock()) c->invalidate(reinterpret_cast<void*>(hook.base), hook.nbytes);
+  }
+  hook.original(ctx);
+}
+
+// True when the storage now invalidates `cache` on free.
+bool install_free_hook(c10::StorageImpl* impl, const std::shared_ptr<RegistrationCache>& cache) {
+  at::DataPtr& dp = impl->mutable_data_ptr();
+  void* ctx = dp.get_context();
+  c10::DeleterFnPtr deleter = dp.get_deleter();
+  if (!ctx || !deleter) return false;  // memory torch will never free (from_blob without deleter)
+  std::lock_guard<std::mutex> lock(hook_mutex());
+  if (deleter == &invalidating_delete) {
+    hooks()[ctx].caches.push_back(cache);
+    return true;
+  }
+  if (!dp.compare_exchange_deleter(deleter, &invalidating_delete)) return false;
+  FreeHook& h = hooks()[ctx];
+  h.original = deleter;
+  h.base = reinterpret_cast<uintptr_t>(dp.get());
+  h.nbytes = impl->nbytes();
+  h.caches.push_back(cache);
+  return true;
+}
+
+py::dict region_dict(const Region& r) {
+  py::dict d;
+  d["address"] = r.addr;
+  d["nbytes"] = r.len;
+  d["iova"] = r.iova == ~0ull ? py::none() : py::cast(r.iova);
+  d["owned"] = r.owned;
+  return d;
+}
+
+std::shared_ptr<RegistrationCache> make_cache(const std::string& backend, size_t capacity, double max_age) {
+  Status why;
+  auto b = make_backend(backend, &why);
+  if (!b) raise_status(why);
+  return std::make_shared<RegistrationCache>(std::move(b), RegistrationCache::Options{capacity, max_age});
+}
+
+// -- buffers ----------------------------------------------------------------------------------
+
+std::vector<py::buffer_info> request(const py::list& buffers, bool writable) {
+  std::vector<py::buffer_info> out;
+  for (auto item : buffers) {
+    py::buffer b = py::reinterpret_borrow<py::buffer>(item);
+    py::buffer_info info = b.request(writable);
+    if (info.ndim > 1) {
+      // Only contiguous memory travels; memoryview.cast("B") gives a flat view.
+      bool contiguous = true;
+      py::ssize_t expect = info.itemsize;
+      for (py::ssize_t i = info.ndim - 1; i >= 0; --i) {
+        if (info.shape[i] > 1 && info.strides[i] != expect) contiguous = false;
+        expect *= info.shape[i];
+      }
+      if (!contiguous) throw py::value_error("genie: the data plane moves contiguous buffers only");
+    } else if (info.ndim == 1 && info.shape[0] > 1 && info.strides[0] != info.itemsize) {
+      throw py::value_error("genie: the data plane moves contiguous buffers only");
+    }
+    out.push_back(std::move(info));
+  }
+  return out;
+}
+
+size_t nbytes(const py::buffer_info& b) { return static_cast<size_t>(b.size * b.itemsize); }
+
+py::dict parse_stats(const std::string& text) {
+  py::dict d;
+  std::istringstream in(text);
+  std::string kv;
+  while (in >> kv) {
+    auto eq = kv.find('=');
+    if (eq == std::string::npos) continue;
+    d[py::str(kv.substr(0, eq))] = std::stoull(kv.substr(eq + 1));
+  }
+  return d;
+}
+
+}  // namespace
+
+void register_dataplane(py::module_& m) {
+  m.def("_dpdk_available", [] { return unavailable_reason().empty(); },
+        "Whether the DPDK transport can be used: built with DPDK and its agent installed.");
+  m.def("_dpdk_unavailable_reason", &unavailable_reason,
+        "Why the DPDK transport cannot be used ('' when it can).");
+  m.def("_dataplane_agent_path", &agent_path);
+  m.def("_dataplane_build_info", [] {
+    py::dict d;
+    d["dpdk"] = GENIE_DPDK_ENABLED != 0;
+    d["dpdk_version"] = std::string(GENIE_DPDK_VERSION);
+    d["cuda"] = GENIE_CUDA_ENABLED != 0;
+    d["dpdk_reason"] = std::string(GENIE_DPDK_REASON);
+    return d;
+  });
+
+  py::class_<AgentClient>(m, "_DataplaneAgentClient",
+                          "The user's side of a genie-dpdk-agent (csrc/dataplane/agent_client.h).")
+      .def(py::init([](int sock, int arena_fd, size_t arena_bytes, size_t slot_bytes) {
+             auto c = std::make_unique<AgentClient>(sock, arena_fd, arena_bytes, slot_bytes);
+             check(c->health());
+             return c;
+           }),
+           py::arg("sock"), py::arg("arena_fd"), py::arg("arena_bytes"), py::arg("slot_bytes"))
+      .def("wait_for", [](AgentClient& c, const std::string& what, py::object timeout) {
+             AgentEventType t = what == "ready" ? AgentEventType::Ready : AgentEventType::PortUp;
+             uint64_t value = 0;
+             Status s;
+             {
+               py::gil_scoped_release nogil;
+               s = c.wait_for(t, timeout_ms(timeout), &value);
+             }
+             check(s);
+             return value;
+           }, py::arg("what"), py::arg("timeout") = py::none())
+      .def("send", [](AgentClient& c, uint64_t msg, const py::list& buffers, py::object timeout) {
+             auto infos = request(buffers, false);
+             std::vector<ConstBuffer> bufs;
+             for (auto& b : infos) bufs.push_back({b.ptr, nbytes(b)});
+             Status s;
+             {
+               py::gil_scoped_release nogil;
+               s = c.send(msg, bufs, timeout_ms(timeout));
+             }
+             check(s);
+           }, py::arg("msg"), py::arg("buffers"), py::arg("timeout") = py::none())
+      .def("recv", [](AgentClient& c, uint64_t msg, uint64_t total, uint64_t offset,
+                      const py::list& buffers, py::object timeout) {
+             auto infos = request(buffers, true);
+             std::vector<MutableBuffer> bufs;
+             for (auto& b : infos) bufs.push_back({b.ptr, nbytes(b)});
+             Status s;
+             {
+               py::gil_scoped_release nogil;
+               s = c.recv(msg, total, offset, bufs, timeout_ms(timeout));
+             }
+             check(s);
+           }, py::arg("msg"), py::arg("total"), py::arg("offset"), py::arg("buffers"),
+           py::arg("timeout") = py::none())
+      .def("skip", [](AgentClient& c, uint64_t msg, uint64_t total, uint64_t offset, uint64_t n,
+                      py::object timeout) {
+             Status s;
+             {
+               py::gil_scoped_release nogil;
+               s = c.recv(msg, total, offset, {MutableBuffer{nullptr, n}}, timeout_ms(timeout));
+             }
+             check(s);
+           }, py::arg("msg"), py::arg("total"), py::arg("offset"), py::arg("nbytes"),
+           py::arg("timeout") = py::none())
+      .def("ping", [](AgentClient& c, uint32_t payload, py::object timeout) {
+             double us = 0;
+             Status s;
+             {
+               py::gil_scoped_release nogil;
+               s = c.ping(payload, timeout_ms(timeout), &us);
+             }
+             check(s);
+             return us;
+           }, py::arg("payload") = 64, py::arg("timeout") = 5.0,
+           "One data-plane round trip between the two agents, in microseconds.")
+      .def("stats", [](AgentClient& c, py::object timeout) {
+             std::string text;
+             Status s;
+             {
+               py::gil_scoped_release nogil;
+               s = c.stats(&text, timeout_ms(timeout));
+             }
+             check(s);
+             return parse_stats(text);
+           }, py::arg("timeout") = 5.0)
+      .def("close", [](AgentClient& c, py::object timeout) {
+             py::gil_scoped_release nogil;
+             c.close(timeout_ms(timeout));
+           }, py::arg("timeout") = 2.0)
+      .def_property_readonly("health", [](const AgentClient& c) -> py::object {
+             if (c.health().is_ok()) return py::none();
+             return py::str(c.health().to_string());
+           })
+      .def_property_readonly("slots", &AgentClient::slots)
+      .def_property_readonly("slot_bytes", &AgentClient::slot_bytes);
+
+  py::class_<RegistrationCache, std::shared_ptr<RegistrationCache>>(
+      m, "RegistrationCache",
+      "Memory registrations keyed by (address, length) with an LRU capacity and an age limit "
+      "(csrc/dataplane/registration.h). Backends: 'null', 'cuda-host' (built with CUDA); the "
+      "DPDK backends live in the data-plane agent.")
+      .def(py::init(&make_cache), py::arg("backend") = "null", py::arg("capacity") = 500,
+           py::arg("max_age") = 300.0)
+      .def("acquire", [](RegistrationCache& c, uintptr_t addr, size_t n, bool pin) {
+             Region r;
+             Status s;
+             {
+               py::gil_scoped_release nogil;  // a miss may take milliseconds (cudaHostRegister)
+               s = c.acquire(reinterpret_cast<void*>(addr), n, &r, pin);
+             }
+             check(s);
+             return region_dict(r);
+           }, py::arg("address"), py::arg("nbytes"), py::arg("pin") = false)
+      .def("register_tensor", [](std::shared_ptr<RegistrationCache> c, const at::Tensor& t, bool pin) {
+             c10::StorageImpl* impl = t.storage().unsafeGetStorageImpl();
+             void* base = impl->mutable_data_ptr().get();
+             size_t n = impl->nbytes();
+             Region r;
+             Status s;
+             {
+               py::gil_scoped_release nogil;
+               s = c->acquire(base, n, &r, pin);
+             }
+             check(s);
+             py::dict d = region_dict(r);
+             d["invalidated_on_free"] = install_free_hook(impl, c);
+             return d;
+           }, py::arg("tensor"), py::arg("pin") = false,
+           "Register the tensor's whole storage; freeing the storage drops the entry.")
+      .def("unpin", [](RegistrationCache& c, uintptr_t addr, size_t n) {
+             c.unpin(reinterpret_cast<void*>(addr), n);
+           })
+      .def("invalidate", [](RegistrationCache& c, uintptr_t addr, size_t n) {
+             return c.invalidate(reinterpret_cast<void*>(addr), n);
+           })
+      .def("expire", &RegistrationCache::expire)
+      .def("clear", &RegistrationCache::clear)
+      .def("contains", [](const RegistrationCache& c, uintptr_t addr, size_t n) {
+             return c.contains(reinterpret_cast<void*>(addr), n);
+           })
+      .def("keys", &RegistrationCache::keys, "(address, nbytes), most recently used first")
+      .def("stats", [](const RegistrationCache& c) {
+             auto s = c.stats();
+             py::dict d;
+             d["hits"] = s.hits;
+             d["misses"] = s.misses;
+             d["evictions"] = s.evictions;
+             d["expirations"] = s.expirations;
+             d["invalidations"] = s.invalidations;
+             d["failures"] = s.failures;
+             d["registered_bytes"] = s.registered_bytes;
+             d["entries"] = s.entries;
+             d["pinned"] = s.pinned;
+             return d;
+           })
+      .def_property("capacity", &RegistrationCache::capacity, &RegistrationCache::set_capacity)
+      .def_property("max_age", &RegistrationCache::max_age, &RegistrationCache::set_max_age)
+      .def_property_readonly("backend", [](RegistrationCache& c) { return c.backend().name(); });
+
+  m.def("_registration_backends", [] {
+    py::dict d;
+    for (const char* name : {"null", "cuda-host", "dpdk", "gpudev"}) {
+      Status why;
+      auto b = make_backend(name, &why);
+      d[name] = b ? py::object(py::str("")) : py::object(py::str(why.to_string()));
+    }
+    return d;
+  }, "Registration backends and why each is unavailable here ('' when it is available).");
+}

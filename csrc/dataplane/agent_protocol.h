@@ -1,0 +1,69 @@
+#pragma once
+// Note: [Data-plane agent]
+// The DPDK endpoint does not run in the user's process. `genie-dpdk-agent` (agent_main.cpp),
+// a small process started per connection, owns the EAL, the port and the endpoint; the user's
+// process talks to it over a SOCK_SEQPACKET socket pair (commands one way, events the other)
+// and shares payload memory with it through a memfd mapped by both (the *arena*). Why:
+//   - memif's sender can crash when its receiver dies (FIELD-NOTES.md: the PMD unmaps the
+//     shared rings under a running tx_burst). In the agent that crash ends the agent; the user's
+//     process reads EOF on the socket and raises TransportError. Any other fault in the PMD or
+//     the EAL is contained the same way.
+//   - EAL can be initialised once per process, never after a fork, and pins the thread that
+//     starts it; none of that touches the user's process, which may fork, use torch threads and
+//     open any number of connections.
+//   - The agent answers the peer (keepalives, acknowledgements) while the user's process is
+//     busy computing, so liveness never depends on Python being scheduled.
+// The price is one copy per side between the caller's buffers and the arena, pipelined in
+// slots (a slot is copied while the agent moves the previous one); memory allocated inside the
+// arena is sent and received in place. Inside the agent the endpoint is zero-copy: chunks are
+// mbufs attached to arena memory, which is registered once as DPDK external memory.
+//
+// Commands (client -> agent) and events (agent -> client) are fixed-size structs; one message
+// per datagram.
+#include <cstdint>
+
+namespace genie::dataplane {
+
+constexpr uint32_t kAgentProtocol = 1;
+
+enum class AgentOp : uint32_t {
+  SendBegin = 1,    // msg, len = total
+  SendProvide = 2,  // msg, offset, arena_offset, len, cookie -> Sent(cookie) when released
+  RecvBegin = 3,    // msg, len = total
+  RecvPost = 4,     // msg, offset, arena_offset, len, cookie -> Received(cookie) when placed
+  Stats = 5,        // -> Stats (text)
+  Ping = 6,         // len = payload bytes -> Pong (value = round trip, ns)
+  Close = 7,        // graceful close -> Closed, then the agent exits
+};
+
+struct AgentCommand {
+  uint32_t op;
+  uint32_t reserved;
+  uint64_t msg;
+  uint64_t offset;
+  uint64_t arena_offset;
+  uint64_t len;
+  uint64_t cookie;
+};
+
+enum class AgentEventType : uint32_t {
+  PortUp = 1,    // the port exists (a memif server socket listens); value = chunk bytes
+  Ready = 2,     // the peer said hello; value = chunk bytes
+  Sent = 3,      // msg, value = bytes released, cookie
+  Received = 4,  // msg, value = bytes placed, cookie
+  Error = 5,     // code = Code, text
+  Stats = 6,     // text = "key=value ..." 
+  Pong = 7,      // value = round trip in ns
+  Closed = 8,
+};
+
+struct AgentEvent {
+  uint32_t type;
+  int32_t code;
+  uint64_t msg;
+  uint64_t value;
+  uint64_t cookie;
+  char text[1000];
+};
+
+}  // namespace genie::dataplane

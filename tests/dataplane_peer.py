@@ -1,0 +1,136 @@
+"""One peer of the DPDK transport tests (tests/test_dataplane_transfer.py runs two of these as
+fresh processes). Not a test module: ``python tests/dataplane_peer.py ROLE ...``.
+
+  server PORT_FILE SIZES   listen, accept one client, then per size: receive a frame, answer
+                           with the SHA-256 of its payload and the payload itself
+  client PORT SIZES        connect, send a seeded random tensor per size, check the digest and
+                           the echo
+  hold PORT_FILE           accept one client, then receive frames until the connection breaks
+  stream PORT SIZE         connect and send SIZE-byte frames until the connection breaks
+
+Each prints one JSON line per event on stdout; a TransportError is printed as
+{"error": ..., "kind": "TransportError", "seconds": time since the last event} and exits 3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+
+import torch
+from genie.errors import GenieError
+from genie.runtime.protocol import AUTH_OK, REPLY, REQUEST
+from genie.runtime.transports.dpdk import DpdkListener, DpdkTransport
+
+_last = time.monotonic()
+
+
+def say(**kw) -> None:
+    global _last
+    print(json.dumps(kw), flush=True)
+    _last = time.monotonic()
+
+
+def tensor(nbytes: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(memoryview(t.numpy())).hexdigest()
+
+
+def accept(port_file: str) -> DpdkTransport:
+    listener = DpdkListener("127.0.0.1", 0)
+    with open(port_file + ".tmp", "w") as f:
+        f.write(str(listener.address[1]))
+    os.replace(port_file + ".tmp", port_file)
+    t = listener.accept(timeout=60)
+    listener.close()
+    assert t is not None, "no client"
+    t.send_frame(1, AUTH_OK, b"")  # the data plane opens once the client is authenticated
+    return t
+
+
+def serve(port_file: str, sizes: list[int]) -> None:
+    t = accept(port_file)
+    for n in sizes:
+        frame = t.recv_frame(1024)
+        buf = torch.empty(frame.payload_len, dtype=torch.uint8)
+        t.recv_payload([memoryview(buf.numpy())])
+        say(event="received", bytes=n, sha256=digest(buf), plane=t.data_plane)
+        t.send_frame(1, REPLY, digest(buf).encode(), [memoryview(buf.numpy())])
+    say(event="stats", stats=t.data_plane_stats())
+    t.recv_frame(64)  # the client's goodbye, so that nobody closes under a transfer
+    t.close()
+
+
+def client(port: int, sizes: list[int]) -> None:
+    t = DpdkTransport.connect(("127.0.0.1", port), timeout=30)
+    t.recv_frame(64)  # AUTH_OK: the data plane is set up inside this call
+    for i, n in enumerate(sizes):
+        x = tensor(n, seed=i)
+        t.send_frame(1, REQUEST, b"x", [memoryview(x.numpy())])
+        frame = t.recv_frame(1024)
+        y = torch.empty(frame.payload_len, dtype=torch.uint8)
+        t.recv_payload([memoryview(y.numpy())])
+        say(
+            event="echo",
+            bytes=n,
+            sha256=digest(x),
+            server_sha256=frame.header.decode(),
+            echo_equal=bool(torch.equal(x, y)),
+            plane=t.data_plane,
+        )
+    say(event="stats", stats=t.data_plane_stats())
+    t.send_frame(1, REQUEST, b"bye")
+    t.close()
+
+
+def hold(port_file: str) -> None:
+    t = accept(port_file)
+    first = True
+    while True:
+        frame = t.recv_frame(1024)  # the first one sets the data plane up
+        if first:
+            say(event="accepted", plane=t.data_plane, agent=t.agent_pid)
+            first = False
+        buf = torch.empty(frame.payload_len, dtype=torch.uint8)
+        t.recv_payload([memoryview(buf.numpy())])
+        say(event="received", bytes=frame.payload_len)
+
+
+def stream(port: int, n: int) -> None:
+    t = DpdkTransport.connect(("127.0.0.1", port), timeout=30)
+    t.recv_frame(64)
+    say(event="connected", plane=t.data_plane, agent=t.agent_pid)
+    x = tensor(n, seed=1)
+    while True:
+        t.send_frame(1, REQUEST, b"x", [memoryview(x.numpy())])
+        say(event="sent", bytes=n)
+
+
+def main(argv: list[str]) -> int:
+    role = argv[0]
+    try:
+        if role == "server":
+            serve(argv[1], [int(s) for s in argv[2].split(",")])
+        elif role == "client":
+            client(int(argv[1]), [int(s) for s in argv[2].split(",")])
+        elif role == "hold":
+            hold(argv[1])
+        elif role == "stream":
+            stream(int(argv[1]), int(argv[2]))
+        else:
+            raise SystemExit(f"unknown role {role}")
+    except GenieError as e:
+        say(error=str(e), kind=type(e).__name__, seconds=time.monotonic() - _last)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
