@@ -295,8 +295,11 @@ int main(int argc, char** argv) {
     double quiet_ms = (rte_get_tsc_cycles() - quiet_since) / tsc_ms;
     if (quiet_ms < 0.05) continue;
     if (ep->idle() && sends.empty() && recvs.empty() && quiet_ms > 2.0) {
+      // Nothing in flight: block on the command socket (a command wakes it at once). Only the
+      // peer's keepalives and a link going down wait for the timeout: 1 ms at first, 10 ms
+      // once idle for a while (well inside the peer's timeout of seconds).
       pollfd pfd{g_sock, POLLIN, 0};
-      ::poll(&pfd, 1, 1);  // wakes at once for a command; 1 ms keeps keepalives answered
+      ::poll(&pfd, 1, quiet_ms > 100.0 ? 10 : 1);
     } else if (quiet_ms < 1.0) {
       sched_yield();
     } else {

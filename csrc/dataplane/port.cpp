@@ -24,6 +24,9 @@ namespace {
 // (measured here: thousands of duplicate chunks per 16 MB). Every packet therefore fits in one
 // memif buffer: bsize defaults to 16 KiB and a chunk to bsize minus the headers.
 constexpr uint32_t kMemifDefaultBsize = 16384;
+// 2^8 buffers of 16 KiB: a 4 MiB ring per direction stays in the last-level cache; a 16 MiB
+// ring (DPDK's default 2^10) ran at 6.1-6.4 GB/s here against 8.5-8.8 GB/s.
+constexpr uint32_t kMemifDefaultLog2Ring = 8;
 constexpr uint32_t kHeaderDataRoom = 2048 + RTE_PKTMBUF_HEADROOM;
 constexpr uint32_t kPacketOverhead = kEtherHeader + sizeof(PacketHeader);
 constexpr uint32_t kSlack = 512;
@@ -98,6 +101,7 @@ Status Port::setup(const PortConfig& cfg, uint32_t chunk_request, uint64_t windo
       args = rest;
       if (!has_key(args, "bsize")) args += (args.empty() ? "" : ",") + std::string("bsize=") +
                                            std::to_string(kMemifDefaultBsize);
+      if (!has_key(args, "rsize")) args += ",rsize=" + std::to_string(kMemifDefaultLog2Ring);
       if (!has_key(args, "role")) args += ",role=server";
       memif_bsize = key_value(args, "bsize", kMemifDefaultBsize);
       if (args.find("zero-copy=yes") != std::string::npos) {
@@ -170,7 +174,8 @@ Status Port::setup(const PortConfig& cfg, uint32_t chunk_request, uint64_t windo
                                          std::to_string(65535 - RTE_PKTMBUF_HEADROOM) + "]"};
     }
     max_chunk = memif_bsize - kPacketOverhead;  // Note: [One memif buffer per packet]
-    default_chunk = max_chunk;
+    // A multiple of 64: every chunk lands cache-line aligned in the destination.
+    default_chunk = max_chunk & ~63u;
     rx_room = static_cast<uint16_t>(memif_bsize + RTE_PKTMBUF_HEADROOM);
   } else {
     uint16_t mtu = cfg.mtu;

@@ -107,7 +107,7 @@ class DpdkConfig:
     #: shared memory between this process and its agent; half for sending, half for receiving
     arena_bytes: int = 64 << 20
     #: one pipelined copy step: the agent moves one slot while the next is copied
-    slot_bytes: int = 4 << 20
+    slot_bytes: int = 512 << 10
     #: payloads smaller than this go over TCP (an agent round trip costs more than they do)
     min_payload: int = 64 << 10
     #: seconds without any sign of the peer's agent before a transfer fails
@@ -130,7 +130,7 @@ class DpdkConfig:
         return cls(
             port=os.environ.get("GENIE_DPDK_PORT", "memif"),
             arena_bytes=_env_size("GENIE_DPDK_ARENA", 64 << 20),
-            slot_bytes=_env_size("GENIE_DPDK_SLOT", 4 << 20),
+            slot_bytes=_env_size("GENIE_DPDK_SLOT", 512 << 10),
             min_payload=_env_size("GENIE_DPDK_MIN_PAYLOAD", 64 << 10),
             peer_timeout=float(os.environ.get("GENIE_DPDK_PEER_TIMEOUT", "3.0")),
             connect_timeout=float(os.environ.get("GENIE_DPDK_CONNECT_TIMEOUT", "20.0")),
