@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "bench-dataplane"
 MB = 1 << 20
+WARMUP = 64 * MB
 
 
 def build() -> Path:
@@ -104,9 +105,9 @@ def peer(role: str, kind: str, port: int, sizes: list[int], iters: int) -> None:
         listener = transports.listen("127.0.0.1", port, kind=kind)
         t = listener.accept(60)
         t.send_frame(1, AUTH_OK, b"")
-        bufs = {n: torch.empty(n, dtype=torch.uint8) for n in sizes}
-        for n in sizes:
-            for _ in range(iters + 1):
+        bufs = {n: torch.empty(n, dtype=torch.uint8) for n in [*sizes, WARMUP]}
+        for n in [WARMUP, *sizes]:
+            for _ in range(1 if n == WARMUP else iters + 1):
                 t.recv_frame(1024)
                 t.recv_payload([memoryview(bufs[n].numpy())])
                 t.send_frame(1, REPLY, b"k")
@@ -114,6 +115,10 @@ def peer(role: str, kind: str, port: int, sizes: list[int], iters: int) -> None:
         t.close()
         return
     t = transports.connect(f"127.0.0.1:{port}", kind=kind, timeout=30)
+    t.recv_frame(64)
+    # Warm-up, as in the C++ benchmark: first touches of rings and arenas are page faults.
+    w = torch.zeros(WARMUP, dtype=torch.uint8)
+    t.send_frame(1, REQUEST, b"x", [memoryview(w.numpy())])
     t.recv_frame(64)
     for n in sizes:
         x = torch.randint(0, 255, (n,), dtype=torch.uint8)

@@ -164,6 +164,11 @@ Status EndpointConfig::from_options(const Options& o, EndpointConfig* c) {
   GENIE_TRY(option_small(o, "yield_after_polls", &c->yield_after_polls, 0, 1u << 30));
   GENIE_TRY(option_double(o, "loss_rate", &c->loss_rate));
   GENIE_TRY(option_u64(o, "loss_seed", &c->loss_seed));
+  for (const auto& item : list_option(o, "drop_chunks")) {
+    uint64_t n = 0;
+    GENIE_TRY(option_u64({{"drop_chunks", item}}, "drop_chunks", &n));
+    c->drop_chunks.push_back(n);
+  }
   if (c->loss_rate >= 1.0) {
     return {Code::InvalidArgument, "genie: loss_rate must be below 1 (every chunk would be lost)"};
   }

@@ -79,9 +79,11 @@ struct EndpointConfig {
   // A waiting poller yields its core after this many empty polls (0: never); see
   // Note: [Polling on shared cores] in endpoint.cpp.
   uint32_t yield_after_polls = 64;
-  // Fault injection for tests: drop this fraction of outgoing data chunks.
+  // Fault injection for tests: drop this fraction of outgoing data chunks, and the data
+  // transmissions with these 1-based numbers (first transmissions and retransmissions count).
   double loss_rate = 0.0;
   uint64_t loss_seed = 1;
+  std::vector<uint64_t> drop_chunks;
 
   static Status from_options(const Options& o, EndpointConfig* out);
 };

@@ -338,8 +338,9 @@ void Endpoint::timers(double now) {
     OutMsg& out = *out_;
     bool all_sent = out.resend.empty() &&
                     out.next >= std::min({out.granted, out.provided, out.acked + cfg_.window_bytes});
-    bool waiting_on_peer = out.next > out.acked || out.granted < out.provided;
-    if (all_sent && waiting_on_peer && now - out.last_progress >= cfg_.rto_ms &&
+    // Unacknowledged data may be lost: probe after an RTO. Waiting for a grant only means the
+    // receiver's owner has not posted yet: the keepalive below is enough.
+    if (all_sent && out.next > out.acked && now - out.last_progress >= cfg_.rto_ms &&
         now - out.last_probe >= cfg_.rto_ms) {
       send_probe(out.id, out.next);
       out.last_probe = now;

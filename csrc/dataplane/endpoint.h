@@ -165,6 +165,7 @@ class Endpoint {
 
   // engine
   void flush_tx();
+  bool inject_loss();  // EndpointConfig::loss_rate / drop_chunks
   void pump_sender(double now);
   void timers(double now);
   void handle(rte_mbuf* m, double now);
@@ -214,6 +215,7 @@ class Endpoint {
   bool close_acked_ = false;
   bool peer_closed_ = false;
   std::mt19937_64 rng_;
+  uint64_t data_transmissions_ = 0;
   EndpointStats stats_;
 };
 

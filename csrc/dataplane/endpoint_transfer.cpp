@@ -285,7 +285,7 @@ void Endpoint::pump_sender(double now) {
     out.resend.remove(s, s + sent);
     ++stats_.chunks_retransmitted;
     --budget;
-    if (cfg_.loss_rate > 0 && std::uniform_real_distribution<double>(0, 1)(rng_) < cfg_.loss_rate) {
+    if (inject_loss()) {
       rte_pktmbuf_free(pkt);
       ++stats_.chunks_dropped;
       continue;
@@ -300,13 +300,21 @@ void Endpoint::pump_sender(double now) {
     out.next += rte_pktmbuf_mtod_offset(pkt, PacketHeader*, kEtherHeader)->length;
     ++stats_.chunks_sent;
     --budget;
-    if (cfg_.loss_rate > 0 && std::uniform_real_distribution<double>(0, 1)(rng_) < cfg_.loss_rate) {
+    if (inject_loss()) {
       rte_pktmbuf_free(pkt);
       ++stats_.chunks_dropped;
       continue;
     }
     dataq_.push_back(pkt);
   }
+}
+
+bool Endpoint::inject_loss() {
+  ++data_transmissions_;
+  for (uint64_t n : cfg_.drop_chunks) {
+    if (n == data_transmissions_) return true;
+  }
+  return cfg_.loss_rate > 0 && std::uniform_real_distribution<double>(0, 1)(rng_) < cfg_.loss_rate;
 }
 
 void Endpoint::flush_tx() {

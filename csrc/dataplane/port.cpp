@@ -163,7 +163,8 @@ Status Port::setup(const PortConfig& cfg, uint32_t chunk_request, uint64_t windo
   driver_ = info.driver_name ? info.driver_name : "?";
   const rte_bus* bus = info.device ? rte_dev_bus(info.device) : nullptr;
   std::string bus_name = bus ? rte_bus_name(bus) : "";
-  needs_iova_ = bus_name != "vdev";
+  // Virtual devices (memif, ring, null) move packets with the CPU; everything else DMAs.
+  needs_iova_ = !(bus_name.empty() || bus_name == "vdev");
 
   // Chunk sizes: memif carries any length (it chains ring buffers); a NIC carries its MTU.
   uint16_t rx_room;
