@@ -63,6 +63,8 @@ int read_command(AgentCommand* c, int wait_ms) {
   return -1;
 }
 
+bool g_gpudev = false;  // a gpudev driver reported a GPU (GPU memory could be registered)
+
 std::string stats_text(const Endpoint* ep, const RegistrationCache* cache) {
   std::string s;
   auto add = [&](const char* k, uint64_t v) { s += std::string(k) + "=" + std::to_string(v) + " "; };
@@ -93,6 +95,7 @@ std::string stats_text(const Endpoint* ep, const RegistrationCache* cache) {
     add("registered_bytes", cs.registered_bytes);
   }
   add("eal_init_us", static_cast<uint64_t>(Eal::init_seconds() * 1e6));
+  add("gpudev_available", g_gpudev ? 1 : 0);
   return s;
 }
 
@@ -171,6 +174,10 @@ int main(int argc, char** argv) {
     return serve_until_closed(nullptr, nullptr);
   }
   emit(AgentEventType::PortUp, 0, ep->chunk_bytes());
+  {
+    Status why;
+    g_gpudev = make_gpudev_backend({ep->port().device()}, &why) != nullptr;
+  }
 
   // The arena is the only payload memory the endpoint touches: register it once (Note:
   // [Registration cache]); ports that DMA need it, memif does not.

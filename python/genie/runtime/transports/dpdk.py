@@ -19,6 +19,13 @@ would need two hosts, both sides log why and carry payloads over TCP: TCP is the
 Once the data plane is up, a failure on it (a dead peer, a dead agent) is a TransportError, as
 a broken TCP connection is.
 
+Note: [Rendezvous sends]
+A data-plane ``send_frame`` returns once the peer has taken the payload (the receiver grants
+room before any byte moves; Note: [Grants and acknowledgements] in csrc/dataplane/endpoint.h),
+where TCP returns once the kernel buffered it. The request/reply protocol reads every payload
+it is sent before it answers, so nothing waits on this; a peer that refuses a payload and
+closes makes the sender's call fail with TransportError, as with TCP.
+
 Configuration: ``DpdkConfig`` fields, each also read from the environment (``GENIE_DPDK_PORT``,
 ``GENIE_DPDK_ARENA``, ``GENIE_DPDK_SLOT``, ``GENIE_DPDK_MIN_PAYLOAD``, ``GENIE_DPDK_PEER_TIMEOUT``,
 ``GENIE_DPDK_CONNECT_TIMEOUT``, ``GENIE_DPDK_OPTIONS`` = extra ``key=value`` agent options
@@ -108,8 +115,9 @@ class DpdkConfig:
     arena_bytes: int = 64 << 20
     #: one pipelined copy step: the agent moves one slot while the next is copied
     slot_bytes: int = 512 << 10
-    #: payloads smaller than this go over TCP (an agent round trip costs more than they do)
-    min_payload: int = 64 << 10
+    #: payloads smaller than this go over TCP: below ~1 MiB the agents' round trips cost more
+    #: than TCP's copy (bench/bench_dataplane.py, "py dpdk" vs "py tcp")
+    min_payload: int = 1 << 20
     #: seconds without any sign of the peer's agent before a transfer fails
     peer_timeout: float = 3.0
     #: seconds to bring the data plane up before falling back to TCP
@@ -131,7 +139,7 @@ class DpdkConfig:
             port=os.environ.get("GENIE_DPDK_PORT", "memif"),
             arena_bytes=_env_size("GENIE_DPDK_ARENA", 64 << 20),
             slot_bytes=_env_size("GENIE_DPDK_SLOT", 512 << 10),
-            min_payload=_env_size("GENIE_DPDK_MIN_PAYLOAD", 64 << 10),
+            min_payload=_env_size("GENIE_DPDK_MIN_PAYLOAD", 1 << 20),
             peer_timeout=float(os.environ.get("GENIE_DPDK_PEER_TIMEOUT", "3.0")),
             connect_timeout=float(os.environ.get("GENIE_DPDK_CONNECT_TIMEOUT", "20.0")),
             options=options,
