@@ -228,3 +228,19 @@ def test_cuda_server_replays_cuda_graphs_and_matches_eager_cuda():
         finally:
             genie.configure(local_device="cpu")
             client.close()
+
+
+def test_undefined_outputs_travel_and_backward_matches_eager(remote):
+    """Backward ops return undefined tensors for gradients nobody asked for (layer norm's weight
+    grad when the weight is frozen); they must cross the wire as such."""
+
+    def prog(dev):
+        torch.manual_seed(0)
+        ln = torch.nn.LayerNorm(8).to(dev)
+        ln.weight.requires_grad_(False)
+        ln.bias.requires_grad_(False)
+        x = torch.randn(4, 8).to(dev).requires_grad_()
+        ln(x).pow(2).sum().backward()
+        return x.grad.cpu()
+
+    assert torch.equal(prog("cpu"), prog("remote_accelerator:0"))

@@ -86,7 +86,8 @@ def encode_program(nodes: list[dict]) -> EncodedProgram:
     fresh: dict[int, int] = {}
     for k, d in enumerate(nodes):
         ins = [ref(r) for r in d["inputs"]]
-        outs = [ref(r) for r in d["outputs"]]
+        # An undefined tensor result (alias -2, e.g. a gradient nobody asked for) travels as None.
+        outs = [None if a == -2 else ref(r) for r, a in zip(d["outputs"], d["output_alias"], strict=True)]
         args = [[_KIND_CODES[kind], v] for kind, v in d["args"]]
         random = bool(d["random"])
         body_nodes.append(
@@ -105,7 +106,7 @@ def encode_program(nodes: list[dict]) -> EncodedProgram:
         if random and state is not None:
             rng.append([k, state.numpy().tobytes()])
         for r, alias in zip(d["outputs"], d["output_alias"], strict=False):
-            if alias < 0:
+            if alias == -1:
                 fresh[r["storage"]] = r["storage_nbytes"]
     body = P.pack(body_nodes)
     signature = tuple(n[0] for n in body_nodes)
@@ -308,10 +309,12 @@ def _decode_node(rn: Any, k: int, limits: P.Limits, max_local: int) -> _Step:
     if type(ins) is not list or type(outs) is not list or len(ins) > 4096 or len(outs) > 4096:
         _bad(f"node {k} ({op_name}): inputs and outputs must be lists")
     ins_m = [P.decode_ref(r, limits, max_sid=max_local) for r in ins]
-    outs_m = [P.decode_ref(r, limits, max_sid=max_local) for r in outs]
+    outs_m = [None if r is None else P.decode_ref(r, limits, max_sid=max_local) for r in outs]
     nin = len(ins_m)
-    if not _small_ints(alias, -1, nin - 1) or len(alias) != len(outs_m):
-        _bad(f"node {k} ({op_name}): output_alias must name an input (or -1) per output")
+    if (not _small_ints(alias, -2, nin - 1) or len(alias) != len(outs_m)
+            or any((a == -2) != (m is None) for a, m in zip(alias, outs_m, strict=True))):
+        _bad(f"node {k} ({op_name}): output_alias must name an input, -1 (fresh) or -2 "
+             "(undefined, with a None output) per output")
     if not _small_ints(writes, 0, max_local) or not _small_ints(fresh, 0, max_local):
         _bad(f"node {k} ({op_name}): writes and fresh must list storage indices")
     if type(random) is not bool:
@@ -351,7 +354,8 @@ def _decode_node(rn: Any, k: int, limits: P.Limits, max_local: int) -> _Step:
     step.target = op
     step.plan = _plan(node_args, sargs)
     step.extents = [
-        P.extent(m.shape, m.stride, m.offset, P.itemsize(m.dtype)) for m in ins_m + outs_m
+        P.extent(m.shape, m.stride, m.offset, P.itemsize(m.dtype))
+        for m in ins_m + outs_m if m is not None
     ]
     return step
 
@@ -390,6 +394,8 @@ def _decode(
         if len(fresh_set) != len(step.fresh):
             _bad(f"node {k} ({step.op}): repeated fresh storage")
         for m, a in zip(outs_m, step.output_alias, strict=True):
+            if m is None:
+                continue
             if a >= 0:
                 if m.storage != ins_m[a].storage:
                     _bad(f"node {k} ({step.op}): an aliasing output must view its input's storage")
@@ -405,9 +411,9 @@ def _decode(
                     inputs.append(m.storage)
                 produced[m.storage] = None
         for f in step.fresh:
-            if state.get(f, -1) < 0 or not any(m.storage == f for m in outs_m):
+            if state.get(f, -1) < 0 or not any(m is not None and m.storage == f for m in outs_m):
                 _bad(f"node {k} ({step.op}): fresh storage {f} is not an output")
-        for m, need_bytes in zip(ins_m + outs_m, step.extents, strict=True):
+        for m, need_bytes in zip([m for m in ins_m + outs_m if m is not None], step.extents, strict=True):
             declared = state[m.storage]
             if declared >= 0:
                 if need_bytes > declared:
