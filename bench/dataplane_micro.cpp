@@ -61,7 +61,9 @@ void* big_buffer(uint64_t n, uint8_t fill_seed) {
   return p;
 }
 
-uint64_t digest(const void* p, uint64_t n) { return payload_sum(p, n); }
+uint64_t digest(const void* p, uint64_t n) {
+  return payload_sum(p, n);
+}
 
 [[noreturn]] void die(const Status& s) {
   std::fprintf(stderr, "dataplane_micro: %s\n", s.to_string().c_str());
@@ -124,10 +126,11 @@ int run_memif(bool server, const std::string& socket, const std::vector<uint64_t
     }
     // Both sides compare a digest of the bytes: the receiver's must equal the sender's.
     uint64_t d = digest(buf, size);
-    std::printf("{\"bench\": \"memif\", \"role\": \"%s\", \"bytes\": %llu, \"seconds\": %.9f, "
-                "\"gbps\": %.4f, \"digest\": %llu}\n",
-                server ? "server" : "client", (unsigned long long)size, median(times),
-                size / median(times) / 1e9, (unsigned long long)d);
+    std::printf(
+        "{\"bench\": \"memif\", \"role\": \"%s\", \"bytes\": %llu, \"seconds\": %.9f, "
+        "\"gbps\": %.4f, \"digest\": %llu}\n",
+        server ? "server" : "client", (unsigned long long)size, median(times),
+        size / median(times) / 1e9, (unsigned long long)d);
     std::fflush(stdout);
     munmap(buf, size);
   }
@@ -141,8 +144,9 @@ int run_memif(bool server, const std::string& socket, const std::vector<uint64_t
       if (!s) die(s);
       rtt.push_back(us);
     }
-    std::printf("{\"bench\": \"memif_ping\", \"bytes\": 64, \"median_us\": %.3f, \"p99_us\": %.3f}\n",
-                median(rtt), percentile(rtt, 0.99));
+    std::printf(
+        "{\"bench\": \"memif_ping\", \"bytes\": 64, \"median_us\": %.3f, \"p99_us\": %.3f}\n",
+        median(rtt), percentile(rtt, 0.99));
     std::fflush(stdout);
   }
   // Message round trips: client sends 64 bytes, server sends them back.
@@ -163,17 +167,20 @@ int run_memif(bool server, const std::string& socket, const std::vector<uint64_t
     ++msg;
   }
   if (!server) {
-    std::printf("{\"bench\": \"memif_message_rtt\", \"bytes\": 64, \"median_us\": %.3f, \"p99_us\": %.3f}\n",
-                median(mrtt), percentile(mrtt, 0.99));
+    std::printf(
+        "{\"bench\": \"memif_message_rtt\", \"bytes\": 64, \"median_us\": %.3f, \"p99_us\": "
+        "%.3f}\n",
+        median(mrtt), percentile(mrtt, 0.99));
   }
   const auto& st = ep->stats();
-  std::printf("{\"bench\": \"memif_stats\", \"role\": \"%s\", \"chunk_bytes\": %u, \"chunks_sent\": %llu, "
-              "\"chunks_received\": %llu, \"retransmitted\": %llu, \"tx_full\": %llu, "
-              "\"drained_while_tx_full\": %llu, \"eal_init_s\": %.3f}\n",
-              server ? "server" : "client", ep->chunk_bytes(), (unsigned long long)st.chunks_sent,
-              (unsigned long long)st.chunks_received, (unsigned long long)st.chunks_retransmitted,
-              (unsigned long long)st.tx_full, (unsigned long long)st.drained_while_tx_full,
-              Eal::init_seconds());
+  std::printf(
+      "{\"bench\": \"memif_stats\", \"role\": \"%s\", \"chunk_bytes\": %u, \"chunks_sent\": %llu, "
+      "\"chunks_received\": %llu, \"retransmitted\": %llu, \"tx_full\": %llu, "
+      "\"drained_while_tx_full\": %llu, \"eal_init_s\": %.3f}\n",
+      server ? "server" : "client", ep->chunk_bytes(), (unsigned long long)st.chunks_sent,
+      (unsigned long long)st.chunks_received, (unsigned long long)st.chunks_retransmitted,
+      (unsigned long long)st.tx_full, (unsigned long long)st.drained_while_tx_full,
+      Eal::init_seconds());
   std::fflush(stdout);
   ep->close();
   return 0;
@@ -266,10 +273,11 @@ int run_tcp(bool server, int port, const std::vector<uint64_t>& sizes, int iters
       }
       if (i) times.push_back(seconds_since(t0));
     }
-    std::printf("{\"bench\": \"tcp\", \"role\": \"%s\", \"bytes\": %llu, \"seconds\": %.9f, "
-                "\"gbps\": %.4f, \"digest\": %llu}\n",
-                server ? "server" : "client", (unsigned long long)size, median(times),
-                size / median(times) / 1e9, (unsigned long long)digest(buf, size));
+    std::printf(
+        "{\"bench\": \"tcp\", \"role\": \"%s\", \"bytes\": %llu, \"seconds\": %.9f, "
+        "\"gbps\": %.4f, \"digest\": %llu}\n",
+        server ? "server" : "client", (unsigned long long)size, median(times),
+        size / median(times) / 1e9, (unsigned long long)digest(buf, size));
     std::fflush(stdout);
     munmap(buf, size);
   }
@@ -340,9 +348,10 @@ int run_registration(const std::vector<uint64_t>& sizes, int iters) {
     auto t0 = Clock::now();
     for (int i = 0; i < hits; ++i) cache.acquire(buf, size, &r);
     double hit_ns = seconds_since(t0) * 1e9 / hits;
-    std::printf("{\"bench\": \"registration\", \"backend\": \"dpdk\", \"bytes\": %llu, "
-                "\"register_us\": %.3f, \"hit_ns\": %.2f}\n",
-                (unsigned long long)size, median(reg), hit_ns);
+    std::printf(
+        "{\"bench\": \"registration\", \"backend\": \"dpdk\", \"bytes\": %llu, "
+        "\"register_us\": %.3f, \"hit_ns\": %.2f}\n",
+        (unsigned long long)size, median(reg), hit_ns);
     std::fflush(stdout);
     cache.invalidate(buf, size);
     munmap(buf, size);
@@ -369,7 +378,9 @@ int main(int argc, char** argv) {
   }
   std::string mode = argv[1];
   std::vector<std::string> rest(argv + 2, argv + argc);
-  auto arg = [&](size_t i, const char* dflt) { return i < rest.size() ? rest[i] : std::string(dflt); };
+  auto arg = [&](size_t i, const char* dflt) {
+    return i < rest.size() ? rest[i] : std::string(dflt);
+  };
   if (mode == "memif") {
     std::vector<std::string> extra(rest.size() > 4 ? rest.begin() + 4 : rest.end(), rest.end());
     return run_memif(arg(0, "client") == "server", arg(1, "genie-bench"), parse_sizes(arg(2, "1M")),
@@ -379,7 +390,8 @@ int main(int argc, char** argv) {
     return run_tcp(arg(0, "client") == "server", std::atoi(arg(1, "7399").c_str()),
                    parse_sizes(arg(2, "1M")), std::atoi(arg(3, "5").c_str()));
   }
-  if (mode == "memcpy") return run_memcpy(parse_sizes(arg(0, "1M")), std::atoi(arg(1, "5").c_str()));
+  if (mode == "memcpy")
+    return run_memcpy(parse_sizes(arg(0, "1M")), std::atoi(arg(1, "5").c_str()));
   if (mode == "registration") {
     return run_registration(parse_sizes(arg(0, "1M")), std::atoi(arg(1, "5").c_str()));
   }

@@ -151,11 +151,13 @@ py::dict region_dict(const Region& r) {
   return d;
 }
 
-std::shared_ptr<RegistrationCache> make_cache(const std::string& backend, size_t capacity, double max_age) {
+std::shared_ptr<RegistrationCache> make_cache(const std::string& backend, size_t capacity,
+                                              double max_age) {
   Status why;
   auto b = make_backend(backend, &why);
   if (!b) raise_status(why);
-  return std::make_shared<RegistrationCache>(std::move(b), RegistrationCache::Options{capacity, max_age});
+  return std::make_shared<RegistrationCache>(std::move(b),
+                                             RegistrationCache::Options{capacity, max_age});
 }
 
 // -- buffers ----------------------------------------------------------------------------------
@@ -182,7 +184,9 @@ std::vector<py::buffer_info> request(const py::list& buffers, bool writable) {
   return out;
 }
 
-size_t nbytes(const py::buffer_info& b) { return static_cast<size_t>(b.size * b.itemsize); }
+size_t nbytes(const py::buffer_info& b) {
+  return static_cast<size_t>(b.size * b.itemsize);
+}
 
 py::dict parse_stats(const std::string& text) {
   py::dict d;
@@ -199,8 +203,9 @@ py::dict parse_stats(const std::string& text) {
 }  // namespace
 
 void register_dataplane(py::module_& m) {
-  m.def("_dpdk_available", [] { return unavailable_reason().empty(); },
-        "Whether the DPDK transport can be used: built with DPDK and its agent installed.");
+  m.def(
+      "_dpdk_available", [] { return unavailable_reason().empty(); },
+      "Whether the DPDK transport can be used: built with DPDK and its agent installed.");
   m.def("_dpdk_unavailable_reason", &unavailable_reason,
         "Why the DPDK transport cannot be used ('' when it can).");
   m.def("_dataplane_agent_path", &agent_path);
@@ -221,80 +226,102 @@ void register_dataplane(py::module_& m) {
              return c;
            }),
            py::arg("sock"), py::arg("arena_fd"), py::arg("arena_bytes"), py::arg("slot_bytes"))
-      .def("wait_for", [](AgentClient& c, const std::string& what, py::object timeout) {
-             AgentEventType t = what == "ready" ? AgentEventType::Ready : AgentEventType::PortUp;
-             uint64_t value = 0;
-             Status s;
-             {
-               py::gil_scoped_release nogil;
-               s = c.wait_for(t, timeout_ms(timeout), &value);
-             }
-             check(s);
-             return value;
-           }, py::arg("what"), py::arg("timeout") = py::none())
-      .def("send", [](AgentClient& c, uint64_t msg, const py::list& buffers, py::object timeout) {
-             auto infos = request(buffers, false);
-             std::vector<ConstBuffer> bufs;
-             for (auto& b : infos) bufs.push_back({b.ptr, nbytes(b)});
-             Status s;
-             {
-               py::gil_scoped_release nogil;
-               s = c.send(msg, bufs, timeout_ms(timeout));
-             }
-             check(s);
-           }, py::arg("msg"), py::arg("buffers"), py::arg("timeout") = py::none())
-      .def("recv", [](AgentClient& c, uint64_t msg, uint64_t total, uint64_t offset,
-                      const py::list& buffers, py::object timeout) {
-             auto infos = request(buffers, true);
-             std::vector<MutableBuffer> bufs;
-             for (auto& b : infos) bufs.push_back({b.ptr, nbytes(b)});
-             Status s;
-             {
-               py::gil_scoped_release nogil;
-               s = c.recv(msg, total, offset, bufs, timeout_ms(timeout));
-             }
-             check(s);
-           }, py::arg("msg"), py::arg("total"), py::arg("offset"), py::arg("buffers"),
-           py::arg("timeout") = py::none())
-      .def("skip", [](AgentClient& c, uint64_t msg, uint64_t total, uint64_t offset, uint64_t n,
-                      py::object timeout) {
-             Status s;
-             {
-               py::gil_scoped_release nogil;
-               s = c.recv(msg, total, offset, {MutableBuffer{nullptr, n}}, timeout_ms(timeout));
-             }
-             check(s);
-           }, py::arg("msg"), py::arg("total"), py::arg("offset"), py::arg("nbytes"),
-           py::arg("timeout") = py::none())
-      .def("ping", [](AgentClient& c, uint32_t payload, py::object timeout) {
-             double us = 0;
-             Status s;
-             {
-               py::gil_scoped_release nogil;
-               s = c.ping(payload, timeout_ms(timeout), &us);
-             }
-             check(s);
-             return us;
-           }, py::arg("payload") = 64, py::arg("timeout") = 5.0,
-           "One data-plane round trip between the two agents, in microseconds.")
-      .def("stats", [](AgentClient& c, py::object timeout) {
-             std::string text;
-             Status s;
-             {
-               py::gil_scoped_release nogil;
-               s = c.stats(&text, timeout_ms(timeout));
-             }
-             check(s);
-             return parse_stats(text);
-           }, py::arg("timeout") = 5.0)
-      .def("close", [](AgentClient& c, py::object timeout) {
-             py::gil_scoped_release nogil;
-             c.close(timeout_ms(timeout));
-           }, py::arg("timeout") = 2.0)
-      .def_property_readonly("health", [](const AgentClient& c) -> py::object {
-             if (c.health().is_ok()) return py::none();
-             return py::str(c.health().to_string());
-           })
+      .def(
+          "wait_for",
+          [](AgentClient& c, const std::string& what, py::object timeout) {
+            AgentEventType t = what == "ready" ? AgentEventType::Ready : AgentEventType::PortUp;
+            uint64_t value = 0;
+            Status s;
+            {
+              py::gil_scoped_release nogil;
+              s = c.wait_for(t, timeout_ms(timeout), &value);
+            }
+            check(s);
+            return value;
+          },
+          py::arg("what"), py::arg("timeout") = py::none())
+      .def(
+          "send",
+          [](AgentClient& c, uint64_t msg, const py::list& buffers, py::object timeout) {
+            auto infos = request(buffers, false);
+            std::vector<ConstBuffer> bufs;
+            for (auto& b : infos) bufs.push_back({b.ptr, nbytes(b)});
+            Status s;
+            {
+              py::gil_scoped_release nogil;
+              s = c.send(msg, bufs, timeout_ms(timeout));
+            }
+            check(s);
+          },
+          py::arg("msg"), py::arg("buffers"), py::arg("timeout") = py::none())
+      .def(
+          "recv",
+          [](AgentClient& c, uint64_t msg, uint64_t total, uint64_t offset, const py::list& buffers,
+             py::object timeout) {
+            auto infos = request(buffers, true);
+            std::vector<MutableBuffer> bufs;
+            for (auto& b : infos) bufs.push_back({b.ptr, nbytes(b)});
+            Status s;
+            {
+              py::gil_scoped_release nogil;
+              s = c.recv(msg, total, offset, bufs, timeout_ms(timeout));
+            }
+            check(s);
+          },
+          py::arg("msg"), py::arg("total"), py::arg("offset"), py::arg("buffers"),
+          py::arg("timeout") = py::none())
+      .def(
+          "skip",
+          [](AgentClient& c, uint64_t msg, uint64_t total, uint64_t offset, uint64_t n,
+             py::object timeout) {
+            Status s;
+            {
+              py::gil_scoped_release nogil;
+              s = c.recv(msg, total, offset, {MutableBuffer{nullptr, n}}, timeout_ms(timeout));
+            }
+            check(s);
+          },
+          py::arg("msg"), py::arg("total"), py::arg("offset"), py::arg("nbytes"),
+          py::arg("timeout") = py::none())
+      .def(
+          "ping",
+          [](AgentClient& c, uint32_t payload, py::object timeout) {
+            double us = 0;
+            Status s;
+            {
+              py::gil_scoped_release nogil;
+              s = c.ping(payload, timeout_ms(timeout), &us);
+            }
+            check(s);
+            return us;
+          },
+          py::arg("payload") = 64, py::arg("timeout") = 5.0,
+          "One data-plane round trip between the two agents, in microseconds.")
+      .def(
+          "stats",
+          [](AgentClient& c, py::object timeout) {
+            std::string text;
+            Status s;
+            {
+              py::gil_scoped_release nogil;
+              s = c.stats(&text, timeout_ms(timeout));
+            }
+            check(s);
+            return parse_stats(text);
+          },
+          py::arg("timeout") = 5.0)
+      .def(
+          "close",
+          [](AgentClient& c, py::object timeout) {
+            py::gil_scoped_release nogil;
+            c.close(timeout_ms(timeout));
+          },
+          py::arg("timeout") = 2.0)
+      .def_property_readonly("health",
+                             [](const AgentClient& c) -> py::object {
+                               if (c.health().is_ok()) return py::none();
+                               return py::str(c.health().to_string());
+                             })
       .def_property_readonly("slots", &AgentClient::slots)
       .def_property_readonly("slot_bytes", &AgentClient::slot_bytes);
 
@@ -305,45 +332,49 @@ void register_dataplane(py::module_& m) {
       "DPDK backends live in the data-plane agent.")
       .def(py::init(&make_cache), py::arg("backend") = "null", py::arg("capacity") = 500,
            py::arg("max_age") = 300.0)
-      .def("acquire", [](RegistrationCache& c, uintptr_t addr, size_t n, bool pin) {
-             Region r;
-             Status s;
-             {
-               py::gil_scoped_release nogil;  // a miss may take milliseconds (cudaHostRegister)
-               s = c.acquire(reinterpret_cast<void*>(addr), n, &r, pin);
-             }
-             check(s);
-             return region_dict(r);
-           }, py::arg("address"), py::arg("nbytes"), py::arg("pin") = false)
-      .def("register_tensor", [](std::shared_ptr<RegistrationCache> c, const at::Tensor& t, bool pin) {
-             c10::StorageImpl* impl = t.storage().unsafeGetStorageImpl();
-             void* base = impl->mutable_data_ptr().get();
-             size_t n = impl->nbytes();
-             Region r;
-             Status s;
-             {
-               py::gil_scoped_release nogil;
-               s = c->acquire(base, n, &r, pin);
-             }
-             check(s);
-             py::dict d = region_dict(r);
-             d["invalidated_on_free"] = install_free_hook(impl, c);
-             return d;
-           }, py::arg("tensor"), py::arg("pin") = false,
-           "Register the tensor's whole storage; freeing the storage drops the entry.")
-      .def("unpin", [](RegistrationCache& c, uintptr_t addr, size_t n) {
-             c.unpin(reinterpret_cast<void*>(addr), n);
-           })
-      .def("invalidate", [](RegistrationCache& c, uintptr_t addr, size_t n) {
-             return c.invalidate(reinterpret_cast<void*>(addr), n);
-           })
+      .def(
+          "acquire",
+          [](RegistrationCache& c, uintptr_t addr, size_t n, bool pin) {
+            Region r;
+            Status s;
+            {
+              py::gil_scoped_release nogil;  // a miss may take milliseconds (cudaHostRegister)
+              s = c.acquire(reinterpret_cast<void*>(addr), n, &r, pin);
+            }
+            check(s);
+            return region_dict(r);
+          },
+          py::arg("address"), py::arg("nbytes"), py::arg("pin") = false)
+      .def(
+          "register_tensor",
+          [](std::shared_ptr<RegistrationCache> c, const at::Tensor& t, bool pin) {
+            c10::StorageImpl* impl = t.storage().unsafeGetStorageImpl();
+            void* base = impl->mutable_data_ptr().get();
+            size_t n = impl->nbytes();
+            Region r;
+            Status s;
+            {
+              py::gil_scoped_release nogil;
+              s = c->acquire(base, n, &r, pin);
+            }
+            check(s);
+            py::dict d = region_dict(r);
+            d["invalidated_on_free"] = install_free_hook(impl, c);
+            return d;
+          },
+          py::arg("tensor"), py::arg("pin") = false,
+          "Register the tensor's whole storage; freeing the storage drops the entry.")
+      .def("unpin", [](RegistrationCache& c, uintptr_t addr,
+                       size_t n) { c.unpin(reinterpret_cast<void*>(addr), n); })
+      .def("invalidate", [](RegistrationCache& c, uintptr_t addr,
+                            size_t n) { return c.invalidate(reinterpret_cast<void*>(addr), n); })
       .def("expire", &RegistrationCache::expire)
       .def("clear", &RegistrationCache::clear)
-      .def("contains", [](const RegistrationCache& c, uintptr_t addr, size_t n) {
-             return c.contains(reinterpret_cast<void*>(addr), n);
-           })
+      .def("contains", [](const RegistrationCache& c, uintptr_t addr,
+                          size_t n) { return c.contains(reinterpret_cast<void*>(addr), n); })
       .def("keys", &RegistrationCache::keys, "(address, nbytes), most recently used first")
-      .def("stats", [](const RegistrationCache& c) {
+      .def("stats",
+           [](const RegistrationCache& c) {
              auto s = c.stats();
              py::dict d;
              d["hits"] = s.hits;
@@ -361,13 +392,16 @@ void register_dataplane(py::module_& m) {
       .def_property("max_age", &RegistrationCache::max_age, &RegistrationCache::set_max_age)
       .def_property_readonly("backend", [](RegistrationCache& c) { return c.backend().name(); });
 
-  m.def("_registration_backends", [] {
-    py::dict d;
-    for (const char* name : {"null", "cuda-host", "dpdk", "gpudev"}) {
-      Status why;
-      auto b = make_backend(name, &why);
-      d[name] = b ? py::object(py::str("")) : py::object(py::str(why.to_string()));
-    }
-    return d;
-  }, "Registration backends and why each is unavailable here ('' when it is available).");
+  m.def(
+      "_registration_backends",
+      [] {
+        py::dict d;
+        for (const char* name : {"null", "cuda-host", "dpdk", "gpudev"}) {
+          Status why;
+          auto b = make_backend(name, &why);
+          d[name] = b ? py::object(py::str("")) : py::object(py::str(why.to_string()));
+        }
+        return d;
+      },
+      "Registration backends and why each is unavailable here ('' when it is available).");
 }

@@ -14,14 +14,17 @@ namespace genie::dataplane {
 
 namespace {
 
-std::string sys_error(const char* what) { return std::string(what) + ": " + std::strerror(errno); }
+std::string sys_error(const char* what) {
+  return std::string(what) + ": " + std::strerror(errno);
+}
 
 }  // namespace
 
 AgentClient::AgentClient(int sock, int arena_fd, size_t arena_bytes, size_t slot_bytes)
     : sock_(sock), arena_bytes_(arena_bytes), slot_bytes_(slot_bytes) {
   if (slot_bytes == 0 || arena_bytes < 2 * slot_bytes) {
-    broken_ = {Code::InvalidArgument, "genie: the data-plane arena must hold at least one slot per direction"};
+    broken_ = {Code::InvalidArgument,
+               "genie: the data-plane arena must hold at least one slot per direction"};
     return;
   }
   slots_ = (arena_bytes / 2) / slot_bytes;
@@ -39,7 +42,9 @@ AgentClient::~AgentClient() {
 }
 
 double AgentClient::now_ms() const {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 double AgentClient::deadline(double timeout_ms) const {
@@ -57,7 +62,8 @@ Status AgentClient::command(const AgentCommand& c) {
     if (n == static_cast<ssize_t>(sizeof(c))) return Status::ok();
     if (n < 0 && errno == EINTR) continue;
     return fail({Code::AgentDied, "genie: the data-plane agent is gone (" +
-                                      std::string(n < 0 ? std::strerror(errno) : "short write") + ")"});
+                                      std::string(n < 0 ? std::strerror(errno) : "short write") +
+                                      ")"});
   }
 }
 
@@ -160,7 +166,8 @@ Status AgentClient::send(uint64_t msg, const std::vector<ConstBuffer>& bufs, dou
         boff = 0;
       }
     }
-    s = command({static_cast<uint32_t>(AgentOp::SendProvide), 0, msg, off, slot * slot_bytes_, n, slot});
+    s = command(
+        {static_cast<uint32_t>(AgentOp::SendProvide), 0, msg, off, slot * slot_bytes_, n, slot});
     if (!s) return s;
     inflight.push_back(slot);
     off += n;
@@ -263,7 +270,8 @@ Status AgentClient::stats(std::string* text, double timeout_ms) {
   double dl = deadline(timeout_ms);
   while (true) {
     s = next_event(dl, &ev);
-    if (s.code() == Code::AgentDied || s.code() == Code::Timeout || s.code() == Code::Internal) return s;
+    if (s.code() == Code::AgentDied || s.code() == Code::Timeout || s.code() == Code::Internal)
+      return s;
     if (s.is_ok() && ev.type == static_cast<uint32_t>(AgentEventType::Stats)) break;
   }
   *text = ev.text;
@@ -279,7 +287,8 @@ Status AgentClient::close(double timeout_ms) {
     double dl = deadline(timeout_ms);
     while (true) {
       Status r = next_event(dl, &ev);
-      if (r.code() == Code::AgentDied || r.code() == Code::Timeout || r.code() == Code::Internal) break;
+      if (r.code() == Code::AgentDied || r.code() == Code::Timeout || r.code() == Code::Internal)
+        break;
       if (r.is_ok() && ev.type == static_cast<uint32_t>(AgentEventType::Closed)) break;
     }
   }

@@ -40,8 +40,8 @@ class AgentClient {
   // One whole message of the buffers' total length.
   Status send(uint64_t msg, const std::vector<ConstBuffer>& bufs, double timeout_ms);
   // Bytes [offset, offset + sum(len)) of message `msg` (`total` bytes); offset 0 begins it.
-  Status recv(uint64_t msg, uint64_t total, uint64_t offset,
-              const std::vector<MutableBuffer>& bufs, double timeout_ms);
+  Status recv(uint64_t msg, uint64_t total, uint64_t offset, const std::vector<MutableBuffer>& bufs,
+              double timeout_ms);
   Status ping(uint32_t payload, double timeout_ms, double* rtt_us);
   Status stats(std::string* text, double timeout_ms);
   // Graceful close of the agent's endpoint; the agent exits afterwards.

@@ -67,7 +67,9 @@ bool g_gpudev = false;  // a gpudev driver reported a GPU (GPU memory could be r
 
 std::string stats_text(const Endpoint* ep, const RegistrationCache* cache) {
   std::string s;
-  auto add = [&](const char* k, uint64_t v) { s += std::string(k) + "=" + std::to_string(v) + " "; };
+  auto add = [&](const char* k, uint64_t v) {
+    s += std::string(k) + "=" + std::to_string(v) + " ";
+  };
   if (ep) {
     const auto& st = ep->stats();
     add("messages_sent", st.messages_sent);
@@ -133,10 +135,14 @@ int main(int argc, char** argv) {
   std::vector<std::string> items;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if (a.rfind("--sock-fd=", 0) == 0) g_sock = std::atoi(a.c_str() + 10);
-    else if (a.rfind("--arena-fd=", 0) == 0) arena_fd = std::atoi(a.c_str() + 11);
-    else if (a.rfind("--arena-bytes=", 0) == 0) arena_bytes = std::strtoull(a.c_str() + 14, nullptr, 10);
-    else items.push_back(a);
+    if (a.rfind("--sock-fd=", 0) == 0)
+      g_sock = std::atoi(a.c_str() + 10);
+    else if (a.rfind("--arena-fd=", 0) == 0)
+      arena_fd = std::atoi(a.c_str() + 11);
+    else if (a.rfind("--arena-bytes=", 0) == 0)
+      arena_bytes = std::strtoull(a.c_str() + 14, nullptr, 10);
+    else
+      items.push_back(a);
   }
   if (g_sock < 0 || arena_fd < 0 || arena_bytes == 0) {
     std::fprintf(stderr, "genie-dpdk-agent: started by genie's DPDK transport, not by hand\n");
@@ -157,7 +163,9 @@ int main(int argc, char** argv) {
   auto* arena = static_cast<uint8_t*>(
       mmap(nullptr, arena_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, arena_fd, 0));
   if (arena == MAP_FAILED) {
-    emit(AgentEventType::Error, 0, 0, 0, Status(Code::NoMemory, std::string("genie: agent cannot map the arena: ") + std::strerror(errno)));
+    emit(AgentEventType::Error, 0, 0, 0,
+         Status(Code::NoMemory,
+                std::string("genie: agent cannot map the arena: ") + std::strerror(errno)));
     return serve_until_closed(nullptr, nullptr);
   }
   ::close(arena_fd);
@@ -187,7 +195,8 @@ int main(int argc, char** argv) {
     Status why;
     auto backend = make_dpdk_extmem_backend({ep->port().device()}, &why);
     if (backend) {
-      cache = std::make_unique<RegistrationCache>(std::move(backend), RegistrationCache::Options{16, 1e12});
+      cache = std::make_unique<RegistrationCache>(std::move(backend),
+                                                  RegistrationCache::Options{16, 1e12});
       Region r;
       why = cache->acquire(arena, arena_bytes, &r, /*pin=*/true);
       if (why) arena_iova = r.iova;
@@ -218,7 +227,7 @@ int main(int argc, char** argv) {
 
   std::deque<Pending> sends, recvs;
   bool reported = false;
-  uint64_t quiet = 0;       // polls without progress
+  uint64_t quiet = 0;        // polls without progress
   uint64_t quiet_since = 0;  // TSC when the quiet stretch began
   uint32_t iteration = 0;
   while (true) {

@@ -52,7 +52,7 @@ enum class AgentEventType : uint32_t {
   Sent = 3,      // msg, value = bytes released, cookie
   Received = 4,  // msg, value = bytes placed, cookie
   Error = 5,     // code = Code, text
-  Stats = 6,     // text = "key=value ..." 
+  Stats = 6,     // text = "key=value ..."
   Pong = 7,      // value = round trip in ns
   Closed = 8,
 };

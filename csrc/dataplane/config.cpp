@@ -64,10 +64,14 @@ Status option_u64(const Options& o, const std::string& key, uint64_t* v) {
   uint64_t scale = 1;
   if (end && *end) {
     std::string unit(end);
-    if (unit == "K" || unit == "k" || unit == "KiB") scale = 1ull << 10;
-    else if (unit == "M" || unit == "MiB") scale = 1ull << 20;
-    else if (unit == "G" || unit == "GiB") scale = 1ull << 30;
-    else end = nullptr;
+    if (unit == "K" || unit == "k" || unit == "KiB")
+      scale = 1ull << 10;
+    else if (unit == "M" || unit == "MiB")
+      scale = 1ull << 20;
+    else if (unit == "G" || unit == "GiB")
+      scale = 1ull << 30;
+    else
+      end = nullptr;
   }
   if (s.empty() || errno || end == nullptr || s[0] == '-') {
     return {Code::InvalidArgument,
@@ -94,9 +98,13 @@ Status option_bool(const Options& o, const std::string& key, bool* v) {
   auto it = o.find(key);
   if (it == o.end()) return Status::ok();
   const std::string& s = it->second;
-  if (s == "1" || s == "yes" || s == "true" || s == "on") *v = true;
-  else if (s == "0" || s == "no" || s == "false" || s == "off") *v = false;
-  else return {Code::InvalidArgument, "genie: data-plane option " + key + "=" + s + " is not a boolean"};
+  if (s == "1" || s == "yes" || s == "true" || s == "on")
+    *v = true;
+  else if (s == "0" || s == "no" || s == "false" || s == "off")
+    *v = false;
+  else
+    return {Code::InvalidArgument,
+            "genie: data-plane option " + key + "=" + s + " is not a boolean"};
   return Status::ok();
 }
 
@@ -123,10 +131,10 @@ std::vector<std::string> list_option(const Options& o, const std::string& key) {
 
 }  // namespace
 
-#define GENIE_TRY(expr)          \
-  do {                           \
-    Status _s = (expr);          \
-    if (!_s) return _s;          \
+#define GENIE_TRY(expr) \
+  do {                  \
+    Status _s = (expr); \
+    if (!_s) return _s; \
   } while (0)
 
 Status EalConfig::from_options(const Options& o, EalConfig* c) {

@@ -116,7 +116,9 @@ Endpoint::~Endpoint() {
   if (port_) port_->close();
 }
 
-double Endpoint::now_ms() const { return static_cast<double>(rte_get_tsc_cycles()) / tsc_ms_; }
+double Endpoint::now_ms() const {
+  return static_cast<double>(rte_get_tsc_cycles()) / tsc_ms_;
+}
 
 void Endpoint::fail(Code code, const std::string& message) {
   if (broken_.is_ok()) broken_ = Status(code, message);
@@ -148,10 +150,10 @@ Status Endpoint::connect(double timeout_ms) {
     }
     if (!poll() && yield_every_) sched_yield();
     if (now - start > timeout_ms) {
-      return {Code::PeerTimeout,
-              std::string("genie: no data-plane peer on ") + port_->name() + " after " +
-                  std::to_string(static_cast<int>(timeout_ms)) + " ms (" +
-                  (port_->link_up() ? "link up, no hello" : "link down") + ")"};
+      return {Code::PeerTimeout, std::string("genie: no data-plane peer on ") + port_->name() +
+                                     " after " + std::to_string(static_cast<int>(timeout_ms)) +
+                                     " ms (" +
+                                     (port_->link_up() ? "link up, no hello" : "link down") + ")"};
     }
   }
   connected_ = true;
@@ -270,7 +272,8 @@ void Endpoint::handle(rte_mbuf* m, double now) {
   auto type = static_cast<PacketType>(h.type);
   if (type == PacketType::Hello || type == PacketType::HelloAck) {
     if (have_peer_ && h.session != peer_session_) {
-      fail(Code::PeerGone, "genie: the data-plane peer restarted (new session) during a connection");
+      fail(Code::PeerGone,
+           "genie: the data-plane peer restarted (new session) during a connection");
       return;
     }
     HelloBody body;
@@ -286,8 +289,10 @@ void Endpoint::handle(rte_mbuf* m, double now) {
       have_peer_ = true;
       if (body.chunk_bytes && body.chunk_bytes < chunk_) chunk_ = body.chunk_bytes;
     }
-    if (type == PacketType::Hello) send_hello(PacketType::HelloAck);
-    else hello_acked_ = true;
+    if (type == PacketType::Hello)
+      send_hello(PacketType::HelloAck);
+    else
+      hello_acked_ = true;
     last_heard_ = now;
     return;
   }
@@ -303,9 +308,10 @@ void Endpoint::handle(rte_mbuf* m, double now) {
     case PacketType::Close:
       peer_closed_ = true;
       send_simple(PacketType::CloseAck, 0, 0, 0);
-      fail(Code::PeerGone, h.aux == static_cast<uint32_t>(CloseReason::OwnerExited)
-                               ? "genie: the peer's process exited (its data-plane agent closed the connection)"
-                               : "genie: the data-plane peer closed the connection");
+      fail(Code::PeerGone,
+           h.aux == static_cast<uint32_t>(CloseReason::OwnerExited)
+               ? "genie: the peer's process exited (its data-plane agent closed the connection)"
+               : "genie: the data-plane peer closed the connection");
       break;
     case PacketType::CloseAck: close_acked_ = true; break;
     case PacketType::Ping: send_simple(PacketType::Pong, h.msg_id, h.aux, h.length); break;
@@ -324,7 +330,8 @@ void Endpoint::timers(double now) {
   if (now - last_link_check_ >= kLinkCheckEveryMs) {
     last_link_check_ = now;
     if (!port_->link_up()) {
-      fail(Code::PeerGone, "genie: the data-plane link to the peer went down (did the peer process exit?)");
+      fail(Code::PeerGone,
+           "genie: the data-plane link to the peer went down (did the peer process exit?)");
       return;
     }
   }
@@ -336,8 +343,8 @@ void Endpoint::timers(double now) {
   }
   if (out_ && !out_->complete) {
     OutMsg& out = *out_;
-    bool all_sent = out.resend.empty() &&
-                    out.next >= std::min({out.granted, out.provided, out.acked + cfg_.window_bytes});
+    bool all_sent = out.resend.empty() && out.next >= std::min({out.granted, out.provided,
+                                                                out.acked + cfg_.window_bytes});
     // Unacknowledged data may be lost: probe after an RTO. Waiting for a grant only means the
     // receiver's owner has not posted yet: the keepalive below is enough.
     if (all_sent && out.next > out.acked && now - out.last_progress >= cfg_.rto_ms &&
@@ -392,9 +399,10 @@ bool Endpoint::poll() {
 
 void Endpoint::reap_parts() {
   port_->tx_done_cleanup();
-  zombies_.erase(std::remove_if(zombies_.begin(), zombies_.end(),
-                                [](const std::unique_ptr<SendPart>& p) { return !p->referenced(); }),
-                 zombies_.end());
+  zombies_.erase(
+      std::remove_if(zombies_.begin(), zombies_.end(),
+                     [](const std::unique_ptr<SendPart>& p) { return !p->referenced(); }),
+      zombies_.end());
 }
 
 // Note: [Polling on shared cores]
@@ -405,7 +413,8 @@ void Endpoint::reap_parts() {
 // `yield_after_polls` times in a row yields the core: free when no one else wants it, and the
 // peer runs at once when it does.
 Status Endpoint::wait_until(double timeout_ms, const char* what,
-                            bool (Endpoint::*done)(uint64_t, uint64_t), uint64_t msg, uint64_t upto) {
+                            bool (Endpoint::*done)(uint64_t, uint64_t), uint64_t msg,
+                            uint64_t upto) {
   double start = now_ms();
   uint32_t spins = 0;
   while (true) {

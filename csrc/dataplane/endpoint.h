@@ -52,12 +52,12 @@ constexpr uint64_t kNoIova = ~0ull;
 struct EndpointStats {
   uint64_t messages_sent = 0;
   uint64_t messages_received = 0;
-  uint64_t bytes_sent = 0;       // payload bytes acknowledged by the peer
-  uint64_t bytes_received = 0;   // payload bytes placed in destinations
-  uint64_t chunks_sent = 0;      // data packets handed to the port (first transmissions)
+  uint64_t bytes_sent = 0;      // payload bytes acknowledged by the peer
+  uint64_t bytes_received = 0;  // payload bytes placed in destinations
+  uint64_t chunks_sent = 0;     // data packets handed to the port (first transmissions)
   uint64_t chunks_received = 0;
   uint64_t chunks_retransmitted = 0;
-  uint64_t chunks_dropped = 0;   // injected losses (EndpointConfig::loss_rate)
+  uint64_t chunks_dropped = 0;  // injected losses (EndpointConfig::loss_rate)
   uint64_t duplicates = 0;
   uint64_t checksum_errors = 0;
   uint64_t bad_packets = 0;
@@ -65,7 +65,7 @@ struct EndpointStats {
   uint64_t nack_ranges_received = 0;
   uint64_t probes_sent = 0;
   uint64_t status_sent = 0;
-  uint64_t tx_full = 0;          // polls in which the TX ring refused packets
+  uint64_t tx_full = 0;                // polls in which the TX ring refused packets
   uint64_t drained_while_tx_full = 0;  // packets received while the TX ring was full
 };
 
@@ -190,7 +190,7 @@ class Endpoint {
   bool connected_ = false;
   bool closed_ = false;
   Status broken_;
-  double tsc_ms_ = 1.0;  // TSC cycles per millisecond
+  double tsc_ms_ = 1.0;        // TSC cycles per millisecond
   uint32_t yield_every_ = 64;  // Note: [Polling on shared cores] in endpoint.cpp
 
   std::unique_ptr<OutMsg> out_;
@@ -199,7 +199,7 @@ class Endpoint {
   uint64_t last_in_done_ = 0;   // highest message id fully received
   bool any_out_done_ = false;
   bool any_in_done_ = false;
-  std::map<uint64_t, uint64_t> early_grants_;  // msg -> granted, before send_begin
+  std::map<uint64_t, uint64_t> early_grants_;       // msg -> granted, before send_begin
   std::vector<std::unique_ptr<SendPart>> zombies_;  // parts the port still references
 
   std::deque<rte_mbuf*> ctrlq_;

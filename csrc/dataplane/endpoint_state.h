@@ -11,7 +11,9 @@
 
 namespace genie::dataplane {
 
-inline std::string msg_name(uint64_t msg) { return "message " + std::to_string(msg); }
+inline std::string msg_name(uint64_t msg) {
+  return "message " + std::to_string(msg);
+}
 
 struct Endpoint::SendPart {
   uint64_t offset = 0;

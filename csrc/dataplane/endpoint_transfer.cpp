@@ -127,8 +127,9 @@ bool Endpoint::build_chunk(OutMsg& out, uint64_t offset, uint64_t len, bool retr
   if (retransmit) h->flags |= kFlagRetransmit;
 
   // Find the part holding `offset`.
-  auto it = std::upper_bound(out.parts.begin(), out.parts.end(), offset,
-                             [](uint64_t off, const std::unique_ptr<SendPart>& p) { return off < p->offset; });
+  auto it = std::upper_bound(
+      out.parts.begin(), out.parts.end(), offset,
+      [](uint64_t off, const std::unique_ptr<SendPart>& p) { return off < p->offset; });
   if (it == out.parts.begin()) {
     rte_pktmbuf_free(m);
     return false;
@@ -211,11 +212,13 @@ Status Endpoint::send_begin(uint64_t msg, uint64_t total) {
 Status Endpoint::send_provide(uint64_t msg, uint64_t offset, const void* data, uint64_t len,
                               uint64_t iova) {
   if (!out_ || out_->id != msg) {
-    return {Code::InvalidArgument, "genie: send_provide for " + msg_name(msg) + ", which is not being sent"};
+    return {Code::InvalidArgument,
+            "genie: send_provide for " + msg_name(msg) + ", which is not being sent"};
   }
   OutMsg& out = *out_;
   if (offset != out.provided || offset + len > out.total) {
-    return {Code::InvalidArgument, "genie: " + msg_name(msg) + ": source bytes must come in order within its " +
+    return {Code::InvalidArgument, "genie: " + msg_name(msg) +
+                                       ": source bytes must come in order within its " +
                                        std::to_string(out.total) + " bytes"};
   }
   if (len == 0) return Status::ok();
@@ -258,7 +261,9 @@ uint64_t Endpoint::send_released(uint64_t msg) {
   return upto;
 }
 
-bool Endpoint::send_done(uint64_t msg, uint64_t upto) { return send_released(msg) >= upto; }
+bool Endpoint::send_done(uint64_t msg, uint64_t upto) {
+  return send_released(msg) >= upto;
+}
 
 Status Endpoint::send_wait(uint64_t msg, uint64_t upto, double timeout_ms) {
   return wait_until(timeout_ms, "sending", &Endpoint::send_done, msg, upto);
@@ -341,8 +346,8 @@ Status Endpoint::recv_begin(uint64_t msg, uint64_t total) {
   Status hs = check_health();
   if (!hs) return hs;
   if (in_ && !in_->complete) {
-    return {Code::InvalidArgument, "genie: " + msg_name(msg) + " posted before " +
-                                       msg_name(in_->id) + " was received"};
+    return {Code::InvalidArgument,
+            "genie: " + msg_name(msg) + " posted before " + msg_name(in_->id) + " was received"};
   }
   if (any_in_done_ && msg <= last_in_done_) {
     return {Code::InvalidArgument, "genie: message ids must increase (" + std::to_string(msg) +
@@ -363,7 +368,8 @@ Status Endpoint::recv_begin(uint64_t msg, uint64_t total) {
 
 Status Endpoint::recv_post(uint64_t msg, uint64_t offset, void* dst, uint64_t len) {
   if (!in_ || in_->id != msg) {
-    return {Code::InvalidArgument, "genie: recv_post for " + msg_name(msg) + ", which is not being received"};
+    return {Code::InvalidArgument,
+            "genie: recv_post for " + msg_name(msg) + ", which is not being received"};
   }
   InMsg& in = *in_;
   if (offset != in.granted || offset + len > in.total) {
@@ -383,7 +389,9 @@ uint64_t Endpoint::recv_done(uint64_t msg) const {
   return (any_in_done_ && msg <= last_in_done_) ? ~0ull : 0;
 }
 
-bool Endpoint::recv_done_at(uint64_t msg, uint64_t upto) { return recv_done(msg) >= upto; }
+bool Endpoint::recv_done_at(uint64_t msg, uint64_t upto) {
+  return recv_done(msg) >= upto;
+}
 
 Status Endpoint::recv_wait(uint64_t msg, uint64_t upto, double timeout_ms) {
   return wait_until(timeout_ms, "receiving", &Endpoint::recv_done_at, msg, upto);
@@ -462,7 +470,8 @@ void Endpoint::on_data(const PacketHeader& h, rte_mbuf* m, double now) {
   uint64_t done = in.received.prefix();
   if (done > in.done) {
     in.done = done;
-    for (auto it = in.nacked.begin(); it != in.nacked.end() && it->first < done;) it = in.nacked.erase(it);
+    for (auto it = in.nacked.begin(); it != in.nacked.end() && it->first < done;)
+      it = in.nacked.erase(it);
   }
   if (in.done == in.total) {
     in.complete = true;
@@ -523,7 +532,8 @@ void Endpoint::on_status(const PacketHeader& h, rte_mbuf* m, double now) {
   }
   for (uint32_t i = 0; i < n; ++i) {
     NackRange r;
-    const void* p = rte_pktmbuf_read(m, static_cast<uint32_t>(hdr + i * sizeof(NackRange)), sizeof(r), &r);
+    const void* p =
+        rte_pktmbuf_read(m, static_cast<uint32_t>(hdr + i * sizeof(NackRange)), sizeof(r), &r);
     if (!p) break;
     if (p != &r) std::memcpy(&r, p, sizeof(r));
     uint64_t s = std::max(r.start, out.acked), e = std::min(r.end, out.next);

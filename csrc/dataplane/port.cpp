@@ -52,7 +52,8 @@ bool has_key(const std::string& args, const std::string& key) {
 
 uint32_t key_value(const std::string& args, const std::string& key, uint32_t dflt) {
   for (const auto& kv : split(args, ',')) {
-    if (kv.rfind(key + "=", 0) == 0) return static_cast<uint32_t>(std::strtoul(kv.c_str() + key.size() + 1, nullptr, 0));
+    if (kv.rfind(key + "=", 0) == 0)
+      return static_cast<uint32_t>(std::strtoul(kv.c_str() + key.size() + 1, nullptr, 0));
   }
   return dflt;
 }
@@ -99,8 +100,9 @@ Status Port::setup(const PortConfig& cfg, uint32_t chunk_request, uint64_t windo
     if (kind == "memif") {
       name = "net_memif" + std::to_string(getpid()) + "_" + std::to_string(g_vdev_counter++);
       args = rest;
-      if (!has_key(args, "bsize")) args += (args.empty() ? "" : ",") + std::string("bsize=") +
-                                           std::to_string(kMemifDefaultBsize);
+      if (!has_key(args, "bsize"))
+        args +=
+            (args.empty() ? "" : ",") + std::string("bsize=") + std::to_string(kMemifDefaultBsize);
       if (!has_key(args, "rsize")) args += ",rsize=" + std::to_string(kMemifDefaultLog2Ring);
       if (!has_key(args, "role")) args += ",role=server";
       memif_bsize = key_value(args, "bsize", kMemifDefaultBsize);
@@ -113,13 +115,15 @@ Status Port::setup(const PortConfig& cfg, uint32_t chunk_request, uint64_t windo
       auto comma = rest.find(',');
       name = rest.substr(0, comma);
       args = comma == std::string::npos ? "" : rest.substr(comma + 1);
-      if (name.empty()) return {Code::InvalidArgument, "genie: port spec '" + spec + "' names no vdev"};
+      if (name.empty())
+        return {Code::InvalidArgument, "genie: port spec '" + spec + "' names no vdev"};
     }
     uint16_t existing;
     if (rte_eth_dev_get_port_by_name(name.c_str(), &existing) != 0) {
       rc = rte_eal_hotplug_add("vdev", name.c_str(), args.c_str());
       if (rc < 0) {
-        return {Code::EalFailed, err("genie: cannot create the DPDK device " + name + "," + args, rc)};
+        return {Code::EalFailed,
+                err("genie: cannot create the DPDK device " + name + "," + args, rc)};
       }
       hotplug_bus_ = "vdev";
       hotplug_name_ = name;
@@ -132,9 +136,9 @@ Status Port::setup(const PortConfig& cfg, uint32_t chunk_request, uint64_t windo
     if (rte_eth_dev_get_port_by_name(rest.c_str(), &port_id_) != 0) {
       rc = rte_eal_hotplug_add("pci", rest.c_str(), "");
       if (rc < 0) {
-        return {Code::EalFailed,
-                err("genie: cannot attach PCI device " + rest +
-                        " (is it bound to vfio-pci and allowed with eal_pci=...?)", rc)};
+        return {Code::EalFailed, err("genie: cannot attach PCI device " + rest +
+                                         " (is it bound to vfio-pci and allowed with eal_pci=...?)",
+                                     rc)};
       }
       hotplug_bus_ = "pci";
       hotplug_name_ = rest;
@@ -196,7 +200,8 @@ Status Port::setup(const PortConfig& cfg, uint32_t chunk_request, uint64_t windo
   int socket = rte_eth_dev_socket_id(port_id_);
   if (socket < 0) socket = SOCKET_ID_ANY;
   const unsigned cache = 256;
-  rx_pool_ = rte_pktmbuf_pool_create(("grx" + tag).c_str(), sizing_.rx_pool, cache, 0, rx_room, socket);
+  rx_pool_ =
+      rte_pktmbuf_pool_create(("grx" + tag).c_str(), sizing_.rx_pool, cache, 0, rx_room, socket);
   hdr_pool_ = rte_pktmbuf_pool_create(("ghd" + tag).c_str(), sizing_.header_pool, cache, 0,
                                       kHeaderDataRoom, socket);
   ext_pool_ = rte_pktmbuf_pool_create(("gex" + tag).c_str(), sizing_.ext_pool, cache, 0, 0, socket);
@@ -279,6 +284,8 @@ void Port::close() {
   rx_pool_ = hdr_pool_ = ext_pool_ = nullptr;
 }
 
-Port::~Port() { close(); }
+Port::~Port() {
+  close();
+}
 
 }  // namespace genie::dataplane

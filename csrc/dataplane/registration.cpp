@@ -27,8 +27,8 @@ std::unique_ptr<RegistrationBackend> make_backend(const std::string& name, Statu
                 "process (genie-dpdk-agent), not in this one"};
     return nullptr;
   }
-  *why = {Code::InvalidArgument,
-          "genie: unknown registration backend '" + name + "' (known: null, cuda-host, dpdk, gpudev)"};
+  *why = {Code::InvalidArgument, "genie: unknown registration backend '" + name +
+                                     "' (known: null, cuda-host, dpdk, gpudev)"};
   return nullptr;
 }
 
@@ -47,12 +47,15 @@ RegistrationCache::RegistrationCache(std::unique_ptr<RegistrationBackend> backen
     : backend_(std::move(backend)), opts_(opts), clock_(std::move(clock)) {
   if (!clock_) {
     clock_ = [] {
-      return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+      return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+          .count();
     };
   }
 }
 
-RegistrationCache::~RegistrationCache() { clear(); }
+RegistrationCache::~RegistrationCache() {
+  clear();
+}
 
 void RegistrationCache::drop(List::iterator it, uint64_t* counter) {
   index_.erase(Key{it->region.addr, it->region.len});

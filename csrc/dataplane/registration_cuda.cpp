@@ -33,7 +33,8 @@ class CudaHostBackend : public RegistrationBackend {
   Status register_region(Region* r) override {
     // Portable: pinned for every context, not only the one this (static) runtime made current;
     // torch's own runtime uses the same primary context, but nothing here depends on it.
-    cudaError_t e = cudaHostRegister(reinterpret_cast<void*>(r->addr), r->len, cudaHostRegisterPortable);
+    cudaError_t e =
+        cudaHostRegister(reinterpret_cast<void*>(r->addr), r->len, cudaHostRegisterPortable);
     if (e == cudaErrorHostMemoryAlreadyRegistered) {
       // Pinned already (torch's pinned allocator, or a registration sharing its pages): usable
       // as is, and not ours to unregister.

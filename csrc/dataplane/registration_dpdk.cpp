@@ -39,7 +39,8 @@ class ExtmemBackend : public RegistrationBackend {
 
   Status available() const override {
     if (!Eal::initialized()) {
-      return {Code::Unavailable, "genie: the " + name_ + " backend needs DPDK's EAL initialised in this process"};
+      return {Code::Unavailable,
+              "genie: the " + name_ + " backend needs DPDK's EAL initialised in this process"};
     }
     return Status::ok();
   }
@@ -51,9 +52,11 @@ class ExtmemBackend : public RegistrationBackend {
     void* va = reinterpret_cast<void*>(base);
     if (rte_extmem_register(va, len, nullptr, 0, page_) != 0) {
       return {Code::RegistrationFailed,
-              "genie: rte_extmem_register(" + std::to_string(len) + " bytes) failed: " +
-                  rte_strerror(rte_errno) +
-                  (rte_errno == EEXIST ? " (it overlaps memory registered before; invalidate that first)" : "")};
+              "genie: rte_extmem_register(" + std::to_string(len) +
+                  " bytes) failed: " + rte_strerror(rte_errno) +
+                  (rte_errno == EEXIST
+                       ? " (it overlaps memory registered before; invalidate that first)"
+                       : "")};
     }
     // IOVA as VA is what vfio uses for external memory; in PA mode a NIC cannot reach it.
     bool va_mode = rte_eal_iova_mode() == RTE_IOVA_VA;
@@ -101,7 +104,8 @@ std::unique_ptr<RegistrationBackend> make_dpdk_extmem_backend(std::vector<rte_de
 std::unique_ptr<RegistrationBackend> make_gpudev_backend(std::vector<rte_device*> devices,
                                                          Status* why) {
   if (!Eal::initialized()) {
-    *why = {Code::Unavailable, "genie: the gpudev backend needs DPDK's EAL initialised in this process"};
+    *why = {Code::Unavailable,
+            "genie: the gpudev backend needs DPDK's EAL initialised in this process"};
     return nullptr;
   }
   if (rte_gpu_count_avail() == 0) {

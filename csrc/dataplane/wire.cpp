@@ -23,7 +23,9 @@ uint32_t header_crc(const PacketHeader* h) {
 
 }  // namespace
 
-void seal_header(PacketHeader* h) { h->header_csum = header_crc(h); }
+void seal_header(PacketHeader* h) {
+  h->header_csum = header_crc(h);
+}
 
 bool header_valid(const PacketHeader* h) {
   if (h->magic != kMagic || h->version != kWireVersion) return false;

@@ -56,7 +56,7 @@ struct __attribute__((packed)) PacketHeader {
   uint64_t total;
   uint32_t length;  // payload bytes after this header
   uint32_t payload_csum;
-  uint32_t aux;  // HELLO: chunk_bytes; STATUS: number of NACK ranges; PING: echo token
+  uint32_t aux;          // HELLO: chunk_bytes; STATUS: number of NACK ranges; PING: echo token
   uint32_t header_csum;  // CRC32C of the header with this field zero
 };
 static_assert(sizeof(PacketHeader) == 56, "wire header layout");

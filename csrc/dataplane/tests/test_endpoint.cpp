@@ -31,8 +31,10 @@ struct Pair {
 // Two endpoints joined by rings of `ring_size` packets.
 Pair make_pair(EndpointConfig ca, EndpointConfig cb, unsigned ring_size = 1024) {
   std::string tag = std::to_string(g_pairs++);
-  rte_ring* r1 = rte_ring_create(("t1_" + tag).c_str(), ring_size, 0, RING_F_SP_ENQ | RING_F_SC_DEQ);
-  rte_ring* r2 = rte_ring_create(("t2_" + tag).c_str(), ring_size, 0, RING_F_SP_ENQ | RING_F_SC_DEQ);
+  rte_ring* r1 =
+      rte_ring_create(("t1_" + tag).c_str(), ring_size, 0, RING_F_SP_ENQ | RING_F_SC_DEQ);
+  rte_ring* r2 =
+      rte_ring_create(("t2_" + tag).c_str(), ring_size, 0, RING_F_SP_ENQ | RING_F_SC_DEQ);
   int pa = rte_eth_from_rings(("ra_" + tag).c_str(), &r1, 1, &r2, 1, 0);
   int pb = rte_eth_from_rings(("rb_" + tag).c_str(), &r2, 1, &r1, 1, 0);
   Pair p;

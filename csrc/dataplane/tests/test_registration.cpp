@@ -18,7 +18,8 @@ struct Fixture {
 
   explicit Fixture(size_t capacity = 3, double max_age = 10.0)
       : backend(new NullBackend),
-        cache(std::unique_ptr<RegistrationBackend>(backend), {capacity, max_age}, [this] { return t; }) {}
+        cache(std::unique_ptr<RegistrationBackend>(backend), {capacity, max_age},
+              [this] { return t; }) {}
   const void* at(size_t i) const { return mem.data() + 1024 * i; }
   Status get(size_t i, size_t len = 512, bool pin = false) {
     Region r;
@@ -67,7 +68,7 @@ void expires_by_age() {
   f.get(0);
   f.t += 5;
   f.get(1);
-  f.t += 6;  // entry 0 idle for 11 s, entry 1 for 6 s
+  f.t += 6;                 // entry 0 idle for 11 s, entry 1 for 6 s
   CHECK(f.get(1).is_ok());  // a hit; the access also sweeps the expired tail
   CHECK(!f.cache.contains(f.at(0), 512));
   CHECK_EQ(f.cache.stats().expirations, 1u);
