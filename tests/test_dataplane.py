@@ -250,3 +250,29 @@ def test_in_process_pair_moves_payloads_on_the_data_plane(monkeypatch):
         server.close()
     with pytest.raises(TransportError, match="closed"):
         client.send_frame(1, 5, b"late")
+
+
+@pytest.mark.dpdk
+def test_memif_between_two_hosts_falls_back_to_tcp(monkeypatch, caplog):
+    """memif joins processes of one host; peers on two hosts carry payloads over TCP."""
+    from genie.runtime.transports import dpdk
+
+    main = threading.main_thread()
+    monkeypatch.setattr(
+        dpdk, "_host_id", lambda: "host-a" if threading.current_thread() is main else "host-b"
+    )
+    caplog.set_level(logging.WARNING, logger="genie.runtime.transports.dpdk")
+    server, client, first_frame = _pair(monkeypatch, {})
+    try:
+        x = torch.arange(1 << 18, dtype=torch.int32)
+        client.send_frame(1, 5, b"h", [memoryview(x.numpy())])
+        first_frame()
+        y = torch.empty_like(x)
+        server.recv_payload([memoryview(y.numpy())])
+        assert torch.equal(x, y)
+        assert client.data_plane == server.data_plane == "tcp"
+        assert client.agent_pid is None and server.agent_pid is None
+        assert "memif connects processes on one host" in caplog.text
+    finally:
+        client.close()
+        server.close()

@@ -26,6 +26,11 @@ where TCP returns once the kernel buffered it. The request/reply protocol reads 
 it is sent before it answers, so nothing waits on this; a peer that refuses a payload and
 closes makes the sender's call fail with TransportError, as with TCP.
 
+Real NICs: ``GENIE_DPDK_PORT=pci:0000:17:00.0`` on each side (the device bound to vfio-pci;
+EAL is then allowed that device only), usually with ``GENIE_DPDK_OPTIONS="eal_no_huge=0"`` for
+hugepage memory; peers learn each other's MAC address from their hello. One agent owns a NIC
+port, so a second connection on the same port falls back to TCP (with a warning saying why).
+
 Configuration: ``DpdkConfig`` fields, each also read from the environment (``GENIE_DPDK_PORT``,
 ``GENIE_DPDK_ARENA``, ``GENIE_DPDK_SLOT``, ``GENIE_DPDK_MIN_PAYLOAD``, ``GENIE_DPDK_PEER_TIMEOUT``,
 ``GENIE_DPDK_CONNECT_TIMEOUT``, ``GENIE_DPDK_OPTIONS`` = extra ``key=value`` agent options
@@ -165,6 +170,10 @@ class _Agent:
         try:
             os.ftruncate(arena_fd, config.arena_bytes)
             port = config.port
+            options = dict(config.options)
+            if port.startswith("pci:"):
+                # EAL takes only the PCI devices it is told to (--no-pci otherwise).
+                options.setdefault("eal_pci", port[len("pci:") :])
             if config.is_memif:
                 port = f"memif:role={role},socket={socket_name}"
                 if config.port.startswith("memif:"):
@@ -177,7 +186,7 @@ class _Agent:
                 f"port={port}",
                 f"peer_timeout_ms={int(config.peer_timeout * 1000)}",
                 f"connect_timeout_ms={int(config.connect_timeout * 1000)}",
-                *(f"{k}={v}" for k, v in config.options.items()),
+                *(f"{k}={v}" for k, v in options.items()),
             ]
             # A session of its own: a terminal's Ctrl-C is for the user's process, which then
             # closes the socket; the agent exits on that EOF.
