@@ -110,15 +110,18 @@ def test_two_clients_at_once_with_different_models(server):
     its own eager run."""
     env = {
         **os.environ,
-        "GENIE_SERVER": server.address,
+        # Not GENIE_SERVER: that connects at import, and each process must open exactly one
+        # session for the rendezvous below to count clients.
+        "GENIE_TEST_SERVER": server.address,
         "GENIE_TOKEN": server.token,
         "OMP_NUM_THREADS": "1",
     }
     env.pop("GENIE_TOPOLOGY", None)
+    env.pop("GENIE_SERVER", None)
     common = """
-        import time, torch, genie
+        import os, time, torch, genie
         from genie.runtime.client import connect
-        c = connect()
+        c = connect(os.environ["GENIE_TEST_SERVER"])
         torch.set_num_threads(1)
         deadline = time.time() + 60
         while c.server_stats()["server"]["sessions"] < 2 and time.time() < deadline:
