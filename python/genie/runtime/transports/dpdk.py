@@ -56,11 +56,10 @@ from genie.runtime.transports.base import (
     FRAME_MAGIC,
     PREFIX,
     Frame,
-    Listener,
     Transport,
     TransportStats,
 )
-from genie.runtime.transports.tcp import _tune, parse_address
+from genie.runtime.transports.tcp import TcpListener, _tune, parse_address
 
 logger = logging.getLogger(__name__)
 
@@ -667,7 +666,9 @@ class DpdkTransport(Transport):
             self._agent = None
 
 
-class DpdkListener(Listener):
+class DpdkListener(TcpListener):
+    """A TCP listener whose accepted connections bring up the data plane."""
+
     name = "dpdk"
 
     def __init__(
@@ -681,50 +682,11 @@ class DpdkListener(Listener):
     ):
         _require_dpdk()
         self._config = config or DpdkConfig.from_env()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self._sock.bind((host, port))
-        except OSError as e:
-            self._sock.close()
-            raise TransportError(f"genie: cannot listen on {host}:{port}: {e}") from e
-        self._sock.listen(backlog)
-        self._max_message = max_message
-        self._closed = False
+        super().__init__(host, port, backlog=backlog, max_message=max_message)
 
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self._sock.getsockname()[:2]
-        return host, port
-
-    def accept(self, timeout: float | None = None) -> DpdkTransport | None:
-        if self._closed:
-            return None
-        self._sock.settimeout(timeout)
-        try:
-            sock, addr = self._sock.accept()
-        except TimeoutError:
-            return None
-        except OSError:
-            if self._closed:
-                return None
-            raise
-        sock.settimeout(None)
-        return DpdkTransport(
-            sock,
-            f"{addr[0]}:{addr[1]}",
-            side="listener",
-            config=self._config,
-            max_message=self._max_message,
-        )
-
-    def close(self) -> None:
-        self._closed = True
-        try:
-            self._sock.close()
-        except OSError:
-            pass
+    def _transport(self, sock: socket.socket, peer: str) -> DpdkTransport:
+        return DpdkTransport(sock, peer, side="listener", config=self._config,
+                             max_message=self._max_message)
 
 
 def _require_dpdk() -> None:

@@ -292,7 +292,11 @@ class TcpListener(Listener):
                 return None
             raise
         sock.settimeout(None)
-        return TcpTransport(sock, f"{addr[0]}:{addr[1]}", max_message=self._max_message)
+        return self._transport(sock, f"{addr[0]}:{addr[1]}")
+
+    def _transport(self, sock: socket.socket, peer: str) -> TcpTransport:
+        """The transport for an accepted connection (subclasses add their data plane)."""
+        return TcpTransport(sock, peer, max_message=self._max_message)
 
     def close(self) -> None:
         self._closed = True
