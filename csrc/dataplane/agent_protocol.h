@@ -14,9 +14,10 @@
 //   - The agent answers the peer (keepalives, acknowledgements) while the user's process is
 //     busy computing, so liveness never depends on Python being scheduled.
 // The price is one copy per side between the caller's buffers and the arena, pipelined in
-// slots (a slot is copied while the agent moves the previous one); memory allocated inside the
-// arena is sent and received in place. Inside the agent the endpoint is zero-copy: chunks are
-// mbufs attached to arena memory, which is registered once as DPDK external memory.
+// slots (a slot is copied while the agent moves the previous one). Inside the agent the
+// endpoint is zero-copy: chunks are mbufs attached to arena memory, which is registered once as
+// DPDK external memory. (Tensors allocated in a shared mapping the agent can see, e.g. a
+// memfd-backed allocator, would remove the copy; not built.)
 //
 // Commands (client -> agent) and events (agent -> client) are fixed-size structs; one message
 // per datagram.
