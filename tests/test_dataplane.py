@@ -111,7 +111,7 @@ def test_cuda_host_registration_pins_the_tensor():
     t = torch.randn(1 << 20)
     assert not t.is_pinned()
     c.register_tensor(t)
-    assert t.is_pinned()
+    assert t.is_pinned(), _C._dataplane_build_info()["cuda_runtime"]
     assert torch.equal(t.to("cuda", non_blocking=True).cpu(), t)
     c.clear()
     assert not t.is_pinned()

@@ -215,6 +215,7 @@ void register_dataplane(py::module_& m) {
     d["dpdk_version"] = std::string(GENIE_DPDK_VERSION);
     d["cuda"] = GENIE_CUDA_ENABLED != 0;
     d["dpdk_reason"] = std::string(GENIE_DPDK_REASON);
+    d["cuda_runtime"] = cuda_runtime_source();  // Note: [One CUDA runtime]
     return d;
   });
 

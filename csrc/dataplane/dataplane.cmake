@@ -70,7 +70,8 @@ target_compile_options(genie_dataplane_common PRIVATE -Wall -Wextra -Wno-unused-
 if(GENIE_CUDA_ENABLED)
   target_sources(genie_dataplane_common PRIVATE ${_dp}/registration_cuda.cpp)
   # Static: genie._C must import without libcudart on its rpath (torch brings its own).
-  target_link_libraries(genie_dataplane_common PUBLIC CUDA::cudart_static)
+  # dlopen finds torch's runtime first (Note: [One CUDA runtime] in registration_cuda.cpp).
+  target_link_libraries(genie_dataplane_common PUBLIC CUDA::cudart_static ${CMAKE_DL_LIBS})
 endif()
 
 if(GENIE_DPDK_ENABLED)

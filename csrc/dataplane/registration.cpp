@@ -33,6 +33,8 @@ std::unique_ptr<RegistrationBackend> make_backend(const std::string& name, Statu
 }
 
 #if !GENIE_CUDA_ENABLED
+std::string cuda_runtime_source() { return ""; }
+
 std::unique_ptr<RegistrationBackend> make_cuda_host_backend(Status* why) {
   *why = {Code::Unavailable,
           "genie: the cuda-host registration backend is unavailable: genie was built without "

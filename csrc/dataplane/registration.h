@@ -67,6 +67,8 @@ class NullBackend : public RegistrationBackend {
 std::unique_ptr<RegistrationBackend> make_backend(const std::string& name, Status* why);
 // The CUDA host-registration backend, or nullptr and *why (built without CUDA / no device).
 std::unique_ptr<RegistrationBackend> make_cuda_host_backend(Status* why);
+// Which CUDA runtime that backend calls (Note: [One CUDA runtime]); "" without CUDA.
+std::string cuda_runtime_source();
 
 class RegistrationCache {
  public:
