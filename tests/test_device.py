@@ -94,3 +94,12 @@ def test_module_to_keeps_tied_parameters_tied():
 
     model = gpt2().to(REMOTE)
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.gpu
+def test_pin_memory_still_pins_for_the_local_gpu():
+    """With remote_accelerator registered, PyTorch asks it about pinned memory; it must not
+    turn pin_memory() into plain host memory on a machine with a GPU."""
+    t = torch.ones(1 << 20).pin_memory()
+    assert t.is_pinned()
+    assert not torch.ones(4).is_pinned()

@@ -1,6 +1,7 @@
 #include "capture/device.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <ATen/detail/PrivateUse1HooksInterface.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -68,8 +69,19 @@ struct RemoteHooks final : at::PrivateUse1HooksInterface {
   at::Generator getNewGenerator(c10::DeviceIndex index) const override {
     return at::make_generator<RemoteGeneratorImpl>(index < 0 ? t_current_device : index);
   }
-  // Pinned host memory only matters to a device that DMAs from the host; here it is plain memory.
-  at::Allocator* getPinnedMemoryAllocator() const override { return c10::GetCPUAllocator(); }
+  // Note: [Pinned memory with a PrivateUse1 backend]
+  // Once PrivateUse1 is registered PyTorch treats it as *the* accelerator, so Tensor.is_pinned()
+  // and pin_memory() ask these hooks. Pinned host memory matters to the local GPU (the CUDA
+  // executor, genie serve, the data plane's cudaHostRegister): answer for CUDA where it exists,
+  // else host memory is plain memory.
+  at::Allocator* getPinnedMemoryAllocator() const override {
+    const auto& cuda = at::detail::getCUDAHooks();
+    return cuda.hasCUDA() ? cuda.getPinnedMemoryAllocator() : c10::GetCPUAllocator();
+  }
+  bool isPinnedPtr(const void* data) const override {
+    const auto& cuda = at::detail::getCUDAHooks();
+    return cuda.hasCUDA() && cuda.isPinnedPtr(data);
+  }
   at::Device getDeviceFromPtr(void*) const override { return {c10::DeviceType::PrivateUse1, t_current_device}; }
   void resizePrivateUse1Bytes(const c10::Storage& storage, size_t newsize) const override {
     // No bytes live here; a resize only changes the size that replay will allocate.
