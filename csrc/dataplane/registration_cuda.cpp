@@ -4,11 +4,12 @@
 //
 // Note: [One CUDA runtime]
 // genie._C links the CUDA runtime statically (so that it imports without libcudart on its
-// rpath), but torch brings its own libcudart. Two runtime instances in one process keep two
-// sets of state, and on an H200 a buffer registered through genie's instance did not read as
-// pinned through torch's (tensor.is_pinned() stayed false). So the backend calls the runtime
-// torch already loaded, found by soname with RTLD_NOLOAD, and uses the static one only when no
-// other is loaded. `cuda_runtime_source()` says which it uses.
+// rpath), but torch brings its own libcudart, and two runtime instances in one process keep two
+// sets of state (current device, sticky errors, their own view of contexts). The backend calls
+// the runtime torch already loaded, found by soname with RTLD_NOLOAD, and the static one only
+// when no other is loaded; `cuda_runtime_source()` says which. (Tensor.is_pinned() is no test
+// of a registration: in torch 2.11 it knows only torch's own pinned allocator; the driver's
+// pointer attributes do, see tests/test_dataplane.py.)
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 
