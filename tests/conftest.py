@@ -13,9 +13,9 @@ def _has_dpdk() -> tuple[bool, str]:
     try:
         from genie import _C
 
-        if getattr(_C, "_dpdk_available", lambda: False)():
+        if _C._dpdk_available():
             return True, ""
-        return False, "genie was built without DPDK"
+        return False, _C._dpdk_unavailable_reason() or "genie was built without DPDK"
     except Exception as e:  # noqa: BLE001
         return False, str(e)
 
