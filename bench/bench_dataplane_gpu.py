@@ -33,8 +33,11 @@ def page_locked(t: torch.Tensor) -> bool:
     rt = ctypes.CDLL(path)
 
     class Attributes(ctypes.Structure):
+        # cudaPointerAttributes with room to spare: newer CUDA appends reserved words, and a
+        # shorter struct lets the runtime write past its end (heap corruption seen on an H200).
         _fields_ = [("type", ctypes.c_int), ("device", ctypes.c_int),
-                    ("device_pointer", ctypes.c_void_p), ("host_pointer", ctypes.c_void_p)]  # fmt: skip
+                    ("device_pointer", ctypes.c_void_p), ("host_pointer", ctypes.c_void_p),
+                    ("reserved", ctypes.c_long * 32)]  # fmt: skip
 
     a = Attributes()
     err = rt.cudaPointerGetAttributes(ctypes.byref(a), ctypes.c_void_p(t.data_ptr()))

@@ -115,8 +115,11 @@ def _page_locked(t: torch.Tensor) -> bool:
     rt = ctypes.CDLL(path)
 
     class Attributes(ctypes.Structure):
+        # cudaPointerAttributes, with room to spare: newer CUDA releases append reserved words,
+        # and a struct shorter than the runtime's lets it write past the end of this one.
         _fields_ = [("type", ctypes.c_int), ("device", ctypes.c_int),
-                    ("device_pointer", ctypes.c_void_p), ("host_pointer", ctypes.c_void_p)]
+                    ("device_pointer", ctypes.c_void_p), ("host_pointer", ctypes.c_void_p),
+                    ("reserved", ctypes.c_long * 32)]
 
     a = Attributes()
     err = rt.cudaPointerGetAttributes(ctypes.byref(a), ctypes.c_void_p(t.data_ptr()))
