@@ -42,6 +42,16 @@ def test_upload_snapshots_the_source():
     assert torch.equal(r.cpu(), torch.ones(3))
 
 
+def test_copy_from_a_strided_cpu_view_into_remote():
+    x = torch.arange(24.0).reshape(4, 6)
+    r = torch.zeros(3, 3, device=REMOTE)
+    r.copy_(x[1:, 1::2])  # a CPU view with an offset and gaps
+    assert torch.equal(r.cpu(), x[1:, 1::2])
+    t = torch.zeros(6, 4, device=REMOTE)
+    t[:, :2].copy_(x.t()[:, 2:4])
+    assert torch.equal(t.cpu()[:, :2], x.t()[:, 2:4])
+
+
 def test_module_to():
     m = torch.nn.Linear(4, 3)
     w = m.weight.detach().clone()

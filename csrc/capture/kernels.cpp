@@ -557,16 +557,19 @@ at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blo
   if (!is_remote(self)) {
     // Upload. Eager .to() snapshots the source, so the recorded value must not change later.
     at::Tensor src = self.device().type() == c10::DeviceType::CPU ? self : self.cpu();
-    if (covers_storage(dst) && src.scalar_type() == dst.scalar_type() && src.sizes() == dst.sizes()) {
-      auto snap = src.contiguous();
-      if (snap.data_ptr() == src.data_ptr()) snap = snap.clone();
-      if (recorder().replace_empty_with_constant(storage_id(dst.storage()), snap)) return dst;
+    // One contiguous private copy, recorded with its own geometry (a view's strides and offset
+    // describe its source's storage, not the copy's).
+    at::Tensor snap = src.contiguous();
+    if (snap.data_ptr() == src.data_ptr()) snap = snap.clone();
+    if (covers_storage(dst) && snap.scalar_type() == dst.scalar_type() && snap.sizes() == dst.sizes() &&
+        recorder().replace_empty_with_constant(storage_id(dst.storage()), snap)) {
+      return dst;
     }
-    auto cid = recorder().add_constant(src.clone(), dst.device().index(), /*snapshot=*/false);
+    auto cid = recorder().add_constant(snap, dst.device().index(), /*snapshot=*/false);
     auto node = std::make_shared<Node>();
     node->op = copy_op();
     node->inputs.push_back(make_ref(dst, storage_id(dst.storage())));
-    node->inputs.push_back(make_ref(src, cid));
+    node->inputs.push_back(make_ref(snap, cid));
     node->args.resize(3);
     node->args[0].kind = Arg::Kind::Tensor;
     node->args[0].refs = {0};
