@@ -5,6 +5,7 @@
 #include <torch/python.h>
 
 #include "capture/device.h"
+#include "capture/digest.h"
 #include "capture/errors.h"
 #include "capture/executor.h"
 #include "capture/kernels.h"
@@ -81,9 +82,35 @@ c10::Device parse_device(const std::string& s) { return c10::Device(s); }
 // same Executor interface as the local executor through this adapter, which converts the
 // request to the dicts genie.graph.Node.from_core reads. The recorder calls it with its mutex
 // held and the GIL released; the adapter takes the GIL for the call.
+py::bytes fingerprint_bytes(const std::array<uint64_t, 2>& f) {
+  return py::bytes(reinterpret_cast<const char*>(f.data()), sizeof(uint64_t) * 2);
+}
+
+py::dict constants_to_py(const FlushRequest& req) {
+  py::dict constants;
+  for (const auto& [id, c] : req.constants) constants[py::int_(id)] = c.tensor;
+  return constants;
+}
+
+py::list request_nodes_to_py(const FlushRequest& req) {
+  py::list nodes;
+  for (const auto& n : req.nodes) {
+    auto d = node_to_py(*n);
+    if (n->rng_state.has_value()) d["rng_state"] = *n->rng_state;
+    nodes.append(d);
+  }
+  return nodes;
+}
+
 class PyExecutor final : public Executor {
  public:
-  explicit PyExecutor(py::object obj) : obj_(std::move(obj)) {}
+  // An object with run_digest() gets flushes as digests first (Note: [Program digests]); one
+  // with speculate() and a positive `speculation_window` is told early what is being recorded.
+  explicit PyExecutor(py::object obj) : obj_(std::move(obj)) {
+    digests_ = py::hasattr(obj_, "run_digest");
+    if (py::hasattr(obj_, "speculate") && py::hasattr(obj_, "speculation_window"))
+      window_ = obj_.attr("speculation_window").cast<size_t>();
+  }
   ~PyExecutor() override {
     py::gil_scoped_acquire gil;
     obj_ = py::object();
@@ -94,15 +121,40 @@ class PyExecutor final : public Executor {
   }
   void run(const FlushRequest& req) override {
     py::gil_scoped_acquire gil;
-    py::list nodes;
-    for (const auto& n : req.nodes) {
-      auto d = node_to_py(*n);
-      if (n->rng_state.has_value()) d["rng_state"] = *n->rng_state;
-      nodes.append(d);
+    if (digests_ && !req.nodes.empty()) {
+      auto d = digest_program(req.nodes, std::max<size_t>(window_, 1));
+      if (d.ok) {
+        py::list rng;
+        for (const auto& [k, state] : d.rng) rng.append(py::make_tuple(k, state));
+        // The node dicts are built only if the executor asks (a program it has not seen),
+        // and only during this call: the request dies with it.
+        auto alive = std::make_shared<bool>(true);
+        py::cpp_function nodes_fn([&req, alive]() -> py::list {
+          if (!*alive) throw std::runtime_error("genie: a flush's nodes asked for after the flush");
+          return request_nodes_to_py(req);
+        });
+        try {
+          obj_.attr("run_digest")(fingerprint_bytes(d.fingerprint), fingerprint_bytes(d.prefix),
+                                  d.binding, constants_to_py(req), req.targets, rng, nodes_fn);
+        } catch (...) {
+          *alive = false;
+          throw;
+        }
+        *alive = false;
+        return;
+      }
     }
-    py::dict constants;
-    for (const auto& [id, c] : req.constants) constants[py::int_(id)] = c.tensor;
-    obj_.attr("run")(nodes, constants, req.targets);
+    obj_.attr("run")(request_nodes_to_py(req), constants_to_py(req), req.targets);
+  }
+  size_t speculation_window() const override { return window_; }
+  void speculate(const std::array<uint64_t, 2>& prefix) override {
+    py::gil_scoped_acquire gil;
+    try {
+      obj_.attr("speculate")(fingerprint_bytes(prefix));
+    } catch (py::error_already_set& e) {
+      // A guess that could not be sent costs nothing but the guess.
+      e.discard_as_unraisable("genie: speculate");
+    }
   }
   at::Tensor fetch(const TensorRef& ref) override {
     py::gil_scoped_acquire gil;
@@ -140,6 +192,8 @@ class PyExecutor final : public Executor {
 
  private:
   py::object obj_;
+  bool digests_ = false;
+  size_t window_ = 0;
 };
 
 }  // namespace
@@ -229,6 +283,19 @@ PYBIND11_MODULE(_C, m) {
     }
     return nodes_to_py(nodes);
   });
+  m.def("_digest_nodes", [](bool pending, size_t prefix_nodes) -> py::object {
+    // The digest of the pending program (or of the last flush) as the remote client gets it:
+    // (fingerprint, prefix fingerprint, binding), or None. For tests.
+    std::vector<std::shared_ptr<Node>> nodes;
+    {
+      py::gil_scoped_release no_gil;
+      nodes = pending ? recorder().pending() : recorder().last_flushed();
+    }
+    auto d = digest_program(nodes, prefix_nodes);
+    if (!d.ok) return py::none();
+    return py::make_tuple(fingerprint_bytes(d.fingerprint), fingerprint_bytes(d.prefix), d.binding);
+  }, py::arg("pending") = false, py::arg("prefix_nodes") = 4);
+
   m.def("_pending_constants", [] {
     std::unordered_map<StorageId, Constant> constants;
     {

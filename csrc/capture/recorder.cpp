@@ -6,6 +6,7 @@
 #include <atomic>
 #include <sstream>
 
+#include "capture/digest.h"
 #include "capture/errors.h"
 #include "capture/executor.h"
 
@@ -43,7 +44,7 @@ Recorder& recorder() {
 }
 
 void Recorder::record(std::shared_ptr<Node> node) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::unique_lock<std::mutex> lock(mutex_);
   node->id = next_node_id_++;
   node->context = current_context();
   if (!empty_producer_.empty()) {
@@ -53,7 +54,16 @@ void Recorder::record(std::shared_ptr<Node> node) {
   if (node->empty_factory)
     for (auto s : node->fresh) empty_producer_[s] = node;
   ++stats_.nodes_recorded;
+  const size_t window = executor_ != nullptr ? executor_->speculation_window() : 0;
+  if (window_.size() < window) window_.push_back(node);
   pending_.push_back(std::move(node));
+  if (window == 0 || window_.size() != window || window_.back() != pending_.back()) return;
+  // The window just filled: let the executor guess what is being recorded (outside the lock:
+  // it may take the GIL and talk to a server).
+  auto digest = digest_program(window_, window);
+  auto executor = executor_;
+  lock.unlock();
+  if (digest.ok) executor->speculate(digest.prefix);
 }
 
 StorageId Recorder::add_constant(const at::Tensor& cpu, c10::DeviceIndex device, bool snapshot) {
@@ -249,6 +259,7 @@ std::string Recorder::flush_locked(const std::vector<StorageId>& targets, bool a
       throw;
     }
     stats_.nodes_executed += static_cast<int64_t>(req.nodes.size());
+    if (!req.nodes.empty()) window_.clear();
     stats_.constants_uploaded += static_cast<int64_t>(req.constants.size());
     ++stats_.flushes;
   }
@@ -307,6 +318,7 @@ size_t Recorder::pending_count() const {
 void Recorder::set_executor(std::shared_ptr<Executor> executor) {
   std::lock_guard<std::mutex> lock(mutex_);
   executor_ = std::move(executor);
+  window_.clear();
 }
 
 std::shared_ptr<Executor> Recorder::executor() const {

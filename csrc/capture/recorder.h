@@ -133,6 +133,8 @@ class Recorder {
   std::shared_ptr<Executor> executor_;
   RecorderStats stats_;
   int64_t next_node_id_ = 1;
+  // The first nodes recorded since the last flush that ran, for Executor::speculate.
+  std::vector<std::shared_ptr<Node>> window_;
 };
 
 Recorder& recorder();
