@@ -183,6 +183,27 @@ class GraphRunner:
             e.handed.append((sid, st))
         return True
 
+    # -- speculative runs (Note: [Speculative runs] in genie/runtime/server.py) --------------
+    def rename(self, mapping: dict[int, int]) -> None:
+        """Storages handed out under the ids in `mapping` are now held under the ids it maps
+        them to (a speculative run's temporaries adopted by the run that confirmed it)."""
+        for e in self._entries.values():
+            if e.handed:
+                e.handed = [(mapping.get(sid, sid), st) for sid, st in e.handed]
+
+    def handed(self, key: bytes) -> list[tuple[int, torch.UntypedStorage]]:
+        """The outputs the last replay of program `key` handed out (a copy)."""
+        e = self._entries.get(key)
+        return list(e.handed) if e is not None else []
+
+    def restore_handed(self, key: bytes, handed: list[tuple[int, torch.UntypedStorage]]) -> None:
+        """Undo a run of program `key`: its record of handed-out outputs becomes `handed`
+        again. The undone run's outputs are gone from the session; outputs of earlier replays
+        the undo put back under their ids must be copied away before the next replay."""
+        e = self._entries.get(key)
+        if e is not None:
+            e.handed = list(handed)
+
     def clear(self) -> None:
         """Drop every graph (and the memory its pool holds)."""
         self._entries.clear()

@@ -30,7 +30,7 @@ import torch
 from genie.errors import ExecutionError, GenieError, ProtocolError, RemoteError, TransportError
 from genie.runtime import protocol as P
 from genie.runtime.graphs import GraphRunner
-from genie.runtime.program import ProgramCache, check_binding, execute
+from genie.runtime.program import Program, ProgramCache, _key, check_binding, execute
 from genie.runtime.replay import Environment
 from genie.runtime.transports import Listener, Transport, listen
 from genie.runtime.transports.base import Frame
@@ -66,6 +66,11 @@ class Session:
         self.pending: dict[int, torch.Tensor] = {}
         self._next_pending = 0
         self.runner = GraphRunner(server.device, enabled=server.config.cuda_graphs)
+        self.speculation: _Speculation | None = None  # Note: [Speculative runs]
+        self.spec_started = 0
+        self.spec_declined = 0
+        self.spec_hits = 0
+        self.spec_misses = 0
         self.requests = 0
         self.errors = 0
         self.busy_seconds = 0.0  # handling requests, replies not included
@@ -85,6 +90,7 @@ class Session:
             "fetch": self._fetch,
             "release": self._release,
             "stats": self._stats,
+            "spec": self._spec,
             "bye": self._bye,
         }
 
@@ -133,6 +139,7 @@ class Session:
 
     def close(self) -> None:
         """Free everything this session holds."""
+        self.speculation = None  # its temporaries and snapshots go with the storages
         self.env.storages.clear()
         self.pending.clear()
         self.runner.clear()
@@ -155,14 +162,25 @@ class Session:
             )
         try:
             with self.server.device_context(self):
-                req = P.get_map(P.unpack(frame.header, self.limits), "request")
+                spec, self.speculation = self.speculation, None
+                try:
+                    req = P.get_map(P.unpack(frame.header, self.limits), "request")
+                except Exception:
+                    if spec is not None:
+                        self._spec_abort(spec)
+                    raise
+                # Resolve a pending speculation before "pre" (Note: [Speculative runs]).
+                hit = spec is not None and self._spec_resolve(spec, req, frame)
                 kind = req.get("t")
                 handler = self._handlers.get(kind) if type(kind) is str else None
                 P.need(handler is not None, f"unknown request type {str(kind)[:40]!r}")
                 if kind not in ("upload", "run", "eager"):
                     P.need(frame.payload_len == 0, "this request carries no payload")
                 self._apply_pre(req.get("pre"))
-                reply, buffers = handler(req, frame)
+                if hit:
+                    reply, buffers = {"ok": True, "spec": "hit"}, []
+                else:
+                    reply, buffers = handler(req, frame)
                 close = kind == "bye"
         except TransportError:
             raise
@@ -202,11 +220,16 @@ class Session:
             logger.exception("genie: session %d: internal error", self.number)
         if kind != "unknown_program":
             logger.info("genie: session %d: %s error: %s", self.number, kind, msg[:300])
+        self._after_failure(msg, kind == "oom")
+        return P.error_reply(kind, msg)
+
+    def _after_failure(self, msg: str, oom: bool) -> None:
+        """What a failed request means for the device: a corrupted CUDA context stops the
+        server; an out-of-memory error returns the cached blocks."""
         if "device-side assert" in msg or "illegal memory access" in msg:
             self.server.fatal(f"the CUDA context is corrupted ({msg[:200]})")
-        if self.server.device.type == "cuda" and ("out of memory" in msg or kind == "oom"):
+        if self.server.device.type == "cuda" and ("out of memory" in msg or oom):
             torch.cuda.empty_cache()
-        return P.error_reply(kind, msg)
 
     def _apply_pre(self, pre: Any) -> None:
         if pre is None:
@@ -373,6 +396,180 @@ class Session:
     def _bye(self, req: dict, frame: Frame) -> tuple[dict, list]:
         return {"ok": True}, []
 
+    # -- speculative runs -----------------------------------------------------------------
+    # Note: [Speculative runs]
+    # Why: while the user's Python is still recording a forward pass, the client usually knows
+    # which cached program the recording will become (the next decode step is the last one's
+    # program again) and most of its binding. A "spec" request names that program and the
+    # predicted binding, None for each storage the program creates, so the device computes
+    # while the client finishes recording; the "run" that follows adopts the results.
+    #
+    # Start: the created storages get private temporary ids (negative: never a client's id).
+    # Every storage the program may write that the client already holds (a local in
+    # program.produced bound to an id) is snapshotted first: its storage object and a copy of
+    # its bytes, or "absent". The run then goes through the GraphRunner like any run. Whatever
+    # stops it from starting (unknown program, random steps (their generator states come with
+    # the run), a binding the run would refuse, the memory limit counting the snapshots, a
+    # failure while running, undone at once) declines it: {"spec": False, "why"}, the session
+    # unchanged apart from the request's own "pre".
+    #
+    # The session holds at most one speculation; the very next request resolves it.
+    # - Commit: a "run" of the same program that uploads nothing, whose binding passes
+    #   check_binding and equals the speculation's wherever the speculation gave an id, and
+    #   whose "pre" does nothing but release storages outside that binding. It read the same
+    #   storages with the same bytes (nothing ran in between) and so computed what the run
+    #   would; "pre" touches none of those storages, so applying it after the run instead of
+    #   before changes nothing. The temporaries are renamed to the run's ids, in the session
+    #   and in the GraphRunner's record of the outputs it handed out; the reply is
+    #   {"spec": "hit"} and nothing runs again.
+    # - Abort, for anything else (a failed or malformed request too): each snapshotted object
+    #   goes back under its id with its bytes restored, ids that were absent are removed, the
+    #   temporaries are dropped and the GraphRunner's handed-out record is restored (a replay
+    #   may have overwritten a graph output the session holds again after the undo, and the
+    #   next replay must copy it away first). Then the request is handled as if no speculation
+    #   had happened: "pre" first, then the request.
+    # The price of a speculation is the snapshot: a copy of every written storage the client
+    # holds (a KV cache updated in place is copied whole), and the memory for it.
+    def _spec(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        key = P.get_bytes(req.get("key"), "program key", 16)
+        P.need(len(key) == 16, "a program key has 16 bytes")
+        bind = P.get_list(req.get("bind"), "binding", self.limits.max_list)
+        for b in bind:
+            if b is not None:
+                P.get_sid(b)
+        program = self.server.programs.get(key)
+        if program is None:
+            return self._spec_decline("unknown program")
+        P.need(
+            len(bind) == program.nlocals,
+            f"binding has {len(bind)} ids for {program.nlocals} storages",
+        )
+        if program.random_steps:
+            return self._spec_decline("the program has random steps")
+        unbound = [local for local in program.inputs if bind[local] is None]
+        if unbound:
+            return self._spec_decline(
+                f"local {unbound[0]} is an input of the program but has no id"
+            )
+        # check_binding wants real ids: stand-ins that no entry uses for the created storages
+        # (none of them is an input, so whether they are resident does not matter).
+        taken = {b for b in bind if b is not None}
+        probe, stand_in = [], P._MAX_SID
+        for b in bind:
+            if b is None:
+                while stand_in in taken:
+                    stand_in -= 1
+                b, stand_in = stand_in, stand_in - 1
+            probe.append(b)
+        try:
+            check_binding(program, probe, None, self.env)
+        except GenieError as e:
+            return self._spec_decline(str(e).removeprefix("genie: "))
+        temps: dict[int, int] = {}
+        binding = []
+        for local, b in enumerate(bind):
+            if b is None:
+                b = temps[local] = -1 - len(temps)
+            binding.append(b)
+        storages = self.env.storages
+        written = [bind[local] for local in program.produced if bind[local] is not None]
+        snapshot = sum(storages[sid].nbytes() for sid in written if sid in storages)
+        try:
+            self._check_memory(program.fresh_bytes + snapshot)
+        except RemoteError:
+            return self._spec_decline("over the session's memory limit")
+        spec = _Speculation(program, bind, temps, [], self.runner.handed(program.key))
+        try:
+            for sid in written:
+                st = storages.get(sid)
+                spec.saved.append((sid, st, None if st is None else _byte_view(st).clone()))
+            self.runner.run(program, binding, {}, self.env)
+        except Exception as e:  # noqa: BLE001 - any failure declines; the session is restored
+            self._spec_abort(spec, miss=False)
+            msg = str(e).removeprefix("genie: ")
+            self._after_failure(msg, isinstance(e, (MemoryError, torch.OutOfMemoryError)))
+            return self._spec_decline(f"the speculative run failed: {msg}")
+        self.speculation = spec
+        self.spec_started += 1
+        return {"ok": True, "spec": True}, []
+
+    def _spec_decline(self, why: str) -> tuple[dict, list]:
+        self.spec_declined += 1
+        logger.debug("genie: session %d: speculation declined: %s", self.number, why)
+        return {"ok": True, "spec": False, "why": why[:200]}, []
+
+    def _spec_resolve(self, spec: _Speculation, req: dict, frame: Frame) -> bool:
+        """Commit `spec` when `req` is the run it predicted, else undo it; True on commit."""
+        try:
+            binding = self._spec_confirmed(spec, req, frame)
+        except Exception:  # noqa: BLE001 - a request that cannot even be compared is a miss
+            logger.exception("genie: session %d: comparing a run with a speculation", self.number)
+            binding = None
+        if binding is None:
+            self._spec_abort(spec)
+            return False
+        storages = self.env.storages
+        renamed: dict[int, int] = {}
+        for local, temp in spec.temps.items():
+            st = storages.pop(temp, None)
+            if st is not None:  # a temporary the run did not produce is just dropped
+                storages[binding[local]] = st
+            renamed[temp] = binding[local]
+        self.runner.rename(renamed)
+        self.spec_hits += 1
+        return True
+
+    def _spec_confirmed(self, spec: _Speculation, req: dict, frame: Frame) -> list[int] | None:
+        """The run's binding when `req` is the run `spec` predicted (the commit rule of
+        Note: [Speculative runs]), else None."""
+        program = spec.program
+        if req.get("t") != "run" or frame.payload_len or req.get("up") not in (None, []):
+            return None
+        key, body = req.get("key"), req.get("prog")
+        if type(key) is not bytes or key != program.key:
+            return None
+        if body is not None and (type(body) is not bytes or _key(body) != program.key):
+            return None
+        binding = req.get("bind")
+        try:
+            check_binding(program, binding, req.get("rng"), self.env)
+            released = self._pre_releases(req.get("pre"))
+        except GenieError:
+            return None  # handled as a normal request, which reports what is wrong
+        if released is None or not released.isdisjoint(binding):
+            return None
+        for predicted, real in zip(spec.bind, binding, strict=True):
+            if predicted is not None and predicted != real:
+                return None
+        return binding
+
+    def _pre_releases(self, pre: Any) -> set[int] | None:
+        """The ids `pre` releases, or None when it does anything else."""
+        released: set[int] = set()
+        for op in P.get_list(pre or [], "pre", self.limits.max_list):
+            if type(op) is not list or len(op) < 2 or op[0] != "release":
+                return None
+            ids = P.get_list(op[1], "release ids", self.limits.max_list)
+            released.update(P.get_sid(i) for i in ids)
+        return released
+
+    def _spec_abort(self, spec: _Speculation, *, miss: bool = True) -> None:
+        """Undo `spec`: the session as it was before the speculative run."""
+        storages = self.env.storages
+        for sid, st, data in reversed(spec.saved):
+            if st is None:
+                storages.pop(sid, None)
+            else:
+                if st.nbytes() != data.numel():  # an op resized it in place
+                    st.resize_(data.numel())
+                _byte_view(st).copy_(data)
+                storages[sid] = st
+        for temp in spec.temps.values():
+            storages.pop(temp, None)
+        self.runner.restore_handed(spec.program.key, spec.handed)
+        if miss:
+            self.spec_misses += 1
+
     def stats(self) -> dict[str, Any]:
         return {
             "number": self.number,
@@ -382,6 +579,10 @@ class Session:
             "requests": self.requests,
             "errors": self.errors,
             "busy_seconds": self.busy_seconds,
+            "spec_started": self.spec_started,
+            "spec_declined": self.spec_declined,
+            "spec_hits": self.spec_hits,
+            "spec_misses": self.spec_misses,
             **self.transport.stats.as_dict(),
             **self.runner.stats(),
         }
@@ -389,6 +590,22 @@ class Session:
 
 class _UnknownProgram(GenieError):
     pass
+
+
+@dataclass
+class _Speculation:
+    """A speculative run waiting for the request that adopts or undoes it
+    (Note: [Speculative runs])."""
+
+    program: Program
+    bind: list[int | None]  # as the client predicted it; None: a storage the program creates
+    temps: dict[int, int]  # local -> the temporary id its storage is held under
+    saved: list[tuple[int, torch.UntypedStorage | None, torch.Tensor | None]]  # sid, object, bytes
+    handed: list[tuple[int, torch.UntypedStorage]]  # GraphRunner.handed(program.key) before
+
+
+def _byte_view(st: torch.UntypedStorage) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=st.device).set_(st)
 
 
 def _resident_bytes(env: Environment) -> int:
