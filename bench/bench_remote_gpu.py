@@ -5,7 +5,9 @@ BERT-base, GPT-2 (124M) and ResNet-50 (torchvision; skipped when it is missing),
 weights, batch 8 (sequence 128, images 224x224), fp32 and fp16: milliseconds per forward,
 including bringing the result the program needs to the host (BERT's pooled output, GPT-2's
 next-token ids, ResNet's logits). Then GPT-2 greedy decode with the KV cache (batch 8, prompt
-128): milliseconds per token. Every remote result is checked against eager on the same GPU.
+128), with HF's default DynamicCache and with its StaticCache (fixed shapes, as generate() uses
+for CUDA graphs): milliseconds per token. Every remote result is checked against eager on the
+same GPU. The forward rows also time the remote path with the input uploaded again each call.
 
 Goals (Issue "Remote execution"): remote <= 1.05x eager for fp32, below eager for fp16 (CUDA
 graph replay on the server), decode <= 1.1x eager.
@@ -19,6 +21,7 @@ Skips cleanly without CUDA. Prints a table and writes bench/results/remote_gpu.j
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -123,15 +126,22 @@ def bench_forward(name, build, make_inputs, pick, dtype, args, connect_remote) -
     rmodel = build().to(dtype).to(REMOTE)
     rx = to(inputs, REMOTE)
     out = pick(rmodel(*rx)).cpu()
+    before = dict(client.counters)
     row["remote_ms"] = timed(lambda: pick(rmodel(*rx)).cpu(), args.device, args.repeats)
+    row["client"] = _delta(client.counters, before)
     row["remote_equal"] = bool(torch.equal(out, ref))
     if not row["remote_equal"] and out.is_floating_point():
         row["remote_max_abs_diff"] = float((out.float() - ref.float()).abs().max())
     row["remote_vs_eager"] = row["remote_ms"] / row["eager_ms"]
+    # The same with the input uploaded again every call (a fresh upload cannot be predicted,
+    # so no speculative start: Note: [Client speculation]).
+    row["remote_new_input_ms"] = timed(
+        lambda: pick(rmodel(*to(inputs, REMOTE))).cpu(), args.device, args.repeats
+    )
     rmodel = rx = None
     genie.synchronize()
     session = client.server_stats()["session"]
-    row["server"] = {k: v for k, v in session.items() if k.startswith("cuda_graph")}
+    row["server"] = {k: v for k, v in session.items() if k.startswith(("cuda_graph", "spec"))}
     return row
 
 
@@ -152,6 +162,34 @@ def decode(model, ids, device: str, tokens: int) -> tuple[float, list]:
     return (time.perf_counter() - t0) * 1e3 / tokens, torch.cat(out, 1).tolist()
 
 
+def _delta(after: dict, before: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, (int, float))}
+
+
+@torch.no_grad()
+def decode_static(model, ids, device: str, tokens: int) -> tuple[float, list]:
+    """decode() with HF's StaticCache and the cache position kept on the device, as HF's
+    generate() does for CUDA graphs: every step is the same program with the same shapes."""
+    from transformers import StaticCache
+
+    b, s = ids.shape
+    cache = StaticCache(config=model.config, max_cache_len=s + tokens + 8)
+    pos = torch.arange(s, device=device)
+    o = model(ids, past_key_values=cache, use_cache=True, cache_position=pos)
+    tok = o.logits[:, -1:].argmax(-1)
+    pos = pos[-1:] + 1
+    out = [tok.cpu()]
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        o = model(tok, past_key_values=cache, use_cache=True, cache_position=pos)
+        tok = o.logits[:, -1:].argmax(-1)
+        out.append(tok.cpu())
+        pos = pos + 1
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3 / tokens, torch.cat(out, 1).tolist()
+
+
 def bench_decode(args, connect_remote) -> list[dict]:
     import genie
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -159,7 +197,9 @@ def bench_decode(args, connect_remote) -> list[dict]:
     seq, batch = (16, 2) if args.small else (128, 8)
     ids = torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(2))
     rows = []
-    for dtype in (torch.float32, torch.float16):
+    for (cache, run), dtype in itertools.product(
+        (("dynamic", decode), ("static", decode_static)), (torch.float32, torch.float16)
+    ):
 
         def build(dtype=dtype):
             torch.manual_seed(0)
@@ -169,23 +209,23 @@ def bench_decode(args, connect_remote) -> list[dict]:
             return GPT2LMHeadModel(cfg).eval().to(dtype)
 
         row = {
-            "model": "GPT-2 decode",
+            "model": "GPT-2 decode" + (" static" if cache == "static" else ""),
+            "cache": cache,
             "dtype": str(dtype).removeprefix("torch."),
             "batch": batch,
             "prompt": seq,
         }
         eager = build().to(args.device)
-        decode(eager, ids.to(args.device), args.device, 2)  # warm-up
-        row["eager_ms_per_token"], ref = decode(
-            eager, ids.to(args.device), args.device, args.tokens
-        )
+        run(eager, ids.to(args.device), args.device, 2)  # warm-up
+        row["eager_ms_per_token"], ref = run(eager, ids.to(args.device), args.device, args.tokens)
         del eager
         client = connect_remote()
         rmodel = build().to(REMOTE)
-        decode(rmodel, ids.to(REMOTE), args.device, 2)
+        run(rmodel, ids.to(REMOTE), REMOTE, 4)
         before = client.stats()
-        row["remote_ms_per_token"], got = decode(rmodel, ids.to(REMOTE), args.device, args.tokens)
+        row["remote_ms_per_token"], got = run(rmodel, ids.to(REMOTE), REMOTE, args.tokens)
         after = client.stats()
+        row["client"] = _delta(after, before)
         row["remote_bytes_sent_per_token"] = (after["bytes_sent"] - before["bytes_sent"]) / (
             args.tokens + 1
         )
@@ -193,6 +233,8 @@ def bench_decode(args, connect_remote) -> list[dict]:
         row["remote_vs_eager"] = row["remote_ms_per_token"] / row["eager_ms_per_token"]
         del rmodel
         genie.synchronize()
+        session = client.server_stats()["session"]
+        row["server"] = {k: v for k, v in session.items() if k.startswith(("cuda_graph", "spec"))}
         rows.append(row)
     return rows
 
@@ -252,8 +294,8 @@ def main() -> int:
         server_log = srv.log()[-4000:]
 
     print()
-    print(f"{'model':<14} {'dtype':<8} {'eager ms':>9} {'local ex. ms':>12} {'remote ms':>10} {'remote/eager':>12} "
-          f"{'equal':>6} {'goal':>6}")  # fmt: skip
+    print(f"{'model':<20} {'dtype':<8} {'eager ms':>9} {'local ex. ms':>12} {'remote ms':>10} {'remote/eager':>12} "
+          f"{'equal':>6} {'goal':>6} {'new input ms':>12}")  # fmt: skip
     for r in rows:
         print(_line(r))
     out = {
@@ -290,7 +332,7 @@ def _line(r: dict) -> str:
     ratio = r.get("remote_vs_eager")
     equal = r.get("remote_equal", r.get("remote_same_tokens"))
     cells = [
-        f"{r['model']:<14}",
+        f"{r['model']:<20}",
         f"{r['dtype']:<8}",
         f"{eager:>9.2f}",
         f"{local:>12.2f}" if local is not None else " " * 12,
@@ -298,6 +340,7 @@ def _line(r: dict) -> str:
         f"{ratio:>11.2f}x" if ratio is not None else " " * 12,
         f"{str(equal):>6}",
         f"{_goal(r):>6}",
+        f"{r['remote_new_input_ms']:>12.2f}" if "remote_new_input_ms" in r else "",
     ]
     return " ".join(cells)
 

@@ -122,7 +122,7 @@ class PyExecutor final : public Executor {
   void run(const FlushRequest& req) override {
     py::gil_scoped_acquire gil;
     if (digests_ && !req.nodes.empty()) {
-      auto d = digest_program(req.nodes, std::max<size_t>(window_, 1));
+      auto d = digest_program(req.nodes, 0);
       if (d.ok) {
         py::list rng;
         for (const auto& [k, state] : d.rng) rng.append(py::make_tuple(k, state));
@@ -134,8 +134,8 @@ class PyExecutor final : public Executor {
           return request_nodes_to_py(req);
         });
         try {
-          obj_.attr("run_digest")(fingerprint_bytes(d.fingerprint), fingerprint_bytes(d.prefix),
-                                  d.binding, constants_to_py(req), req.targets, rng, nodes_fn);
+          obj_.attr("run_digest")(fingerprint_bytes(d.fingerprint), d.binding, constants_to_py(req),
+                                  req.targets, rng, nodes_fn);
         } catch (...) {
           *alive = false;
           throw;

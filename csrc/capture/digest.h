@@ -9,9 +9,9 @@
 // the binding. A client that has sent a program with this fingerprint before sends its key and
 // this binding, and never builds the dicts again.
 //
-// The fingerprint of a flush's first few nodes (prefix) is also what a client compares against
-// a window of freshly recorded nodes to guess, early, that the same program is being recorded
-// again (Note: [Speculative runs] in python/genie/runtime/server.py).
+// The recorder also fingerprints the first few nodes recorded after each flush (the "window",
+// Executor::speculate): a client that saw a recording begin that way before guesses, early,
+// which program it will become (Note: [Client speculation] in python/genie/runtime/client.py).
 #include <array>
 #include <cstdint>
 #include <memory>

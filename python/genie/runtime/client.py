@@ -18,11 +18,14 @@ import logging
 import os
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from genie import _C
 from genie.errors import (
     ExecutionError,
     GenieError,
@@ -42,6 +45,63 @@ __all__ = ["RemoteExecutor", "connect", "connect_from_env", "disconnect", "serve
 _REPLY_MAX_HEADER = 64 << 20
 _OUTBOX_FLUSH = 4096
 _MAX_BASES = 64  # programs kept to patch against (Note: [Program patches])
+_MAX_DIGESTS = 256  # programs known by their digest (Note: [Program digests])
+_SPECULATION_WINDOW = 4  # recorded nodes compared before a speculative run is asked for
+
+
+# Note: [Client speculation]
+# A program recorded again (the next forward of a serving loop, the next step of a decode loop
+# with a static KV cache) is known by its digest, computed in C++ at flush
+# (Note: [Program digests] in csrc/capture/digest.h): the client sends its key and binding and
+# never converts its nodes. Better still, the server can start it before the recording ends.
+# The recorder fingerprints the first few nodes recorded after each flush (the "window"); the
+# client remembers which program the recording that began that way became. When a window
+# fingerprints like one seen before, the client predicts that program's binding and sends a
+# "spec" request without waiting for its answer; the server runs it while the user's Python records
+# the rest (Note: [Speculative runs] in server.py). The run request at flush then finds its
+# work done, or, if the program or its binding turned out different, the server undoes the
+# speculative run and runs the real one: correctness never rests on the guess.
+# The binding is predicted from the last two runs of the program: an input bound to the same
+# storage both times (a weight, a static KV cache) keeps it; an input bound to what a created
+# storage of the run before held (this step's token, from last step's argmax) takes what that
+# storage's counterpart in the last run holds. Anything else (a fresh upload) means no guess.
+@dataclass
+class _Known:
+    key: bytes
+    enc: Any  # EncodedProgram: the body, for a server that forgot it, and a patch base
+    created: list[tuple[int, int]]  # (local, bytes) of storages the program creates
+    external: list[int]  # locals the program does not create
+    random: bool
+    last: list[int] | None = None  # bindings of the last two runs
+    before: list[int] | None = None
+    empty_last: frozenset[int] = frozenset()  # locals bound to empty uploads in those runs
+    empty_before: frozenset[int] = frozenset()
+
+    def predict(self, resident: dict[int, int]) -> list | None:
+        b1, b0 = self.last, self.before
+        if b1 is None or b0 is None or self.random:
+            return None
+        made0 = {b0[j]: j for j, _ in self.created}
+        out: list[Any] = [None] * len(b1)
+        for s in self.external:
+            x = b1[s]
+            if x != b0[s]:
+                j = made0.get(x)
+                if j is None:
+                    if s in self.empty_last and s in self.empty_before:
+                        # An empty tensor made on the host each time (HF's DynamicCache
+                        # starts from torch.tensor([])): it carries no bytes to predict.
+                        out[s] = _EMPTY_UPLOAD
+                        continue
+                    return None
+                x = b1[j]
+            if x not in resident:
+                return None
+            out[s] = x
+        return out
+
+
+_EMPTY_UPLOAD = ["up", 0]  # a spec binding entry: an empty storage the run will upload
 
 
 class _RequestFailed(GenieError):
@@ -79,6 +139,7 @@ class RemoteExecutor:
         timeout: float | None = 600.0,
         connect_timeout: float = 10.0,
         transport: str = "tcp",
+        speculate: bool | None = None,
     ):
         self.address = address
         self._lock = threading.RLock()
@@ -90,9 +151,19 @@ class RemoteExecutor:
         self._eager: list[tuple[torch.Tensor, int]] = []
         self._bases: dict[tuple, tuple[bytes, list]] = {}  # op sequence -> (key, program) sent last
         self.patches = True  # send programs as patches of similar ones (Note: [Program patches])
+        self._known: OrderedDict[bytes, _Known] = OrderedDict()  # digest -> program
+        self._by_window: OrderedDict[bytes, _Known] = OrderedDict()  # recording start -> program
+        self._window: bytes | None = None  # how the recording being flushed began
+        self._last_enc = None
+        self._unread = 0  # replies to spec requests not read yet
+        if speculate is None:
+            speculate = os.environ.get("GENIE_SPECULATE", "1") not in ("0", "false", "no")
+        # Read by the recorder when the executor is installed (Note: [Client speculation]).
+        self.speculation_window = _SPECULATION_WINDOW if speculate else 0
         self.counters = {
             "requests": 0, "runs": 0, "programs_sent": 0, "uploads": 0, "upload_bytes": 0,
             "fetches": 0, "fetch_bytes": 0, "eager": 0, "programs_patched": 0,
+            "runs_by_digest": 0, "spec_sent": 0, "spec_started": 0, "spec_hits": 0,
         }  # fmt: skip
         tok = token.encode() if isinstance(token, str) else bytes(token)
         try:
@@ -154,6 +225,7 @@ class RemoteExecutor:
         try:
             self._t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, body, buffers)
             self._outbox, self._released = [], []
+            self._read_spec_replies()
             frame = self._t.recv_frame(_REPLY_MAX_HEADER)
             if frame.kind != P.REPLY:
                 raise ProtocolError(f"genie: unexpected frame kind {frame.kind} from the server")
@@ -165,6 +237,8 @@ class RemoteExecutor:
         except (TransportError, ProtocolError) as e:
             raise self._lost(e) from None
         self.counters["requests"] += 1
+        if reply.get("spec") == "hit":
+            self.counters["spec_hits"] += 1
         if reply.get("ok") is not True:
             kind = str(reply.get("kind", "remote"))
             msg = str(reply.get("msg", "the server answered with an error"))
@@ -173,6 +247,26 @@ class RemoteExecutor:
                 self._t.close()
             raise _RequestFailed(kind, msg)
         return reply
+
+    def _read_spec_replies(self) -> None:
+        """Read the answers to spec requests sent earlier (they precede every other reply)."""
+        while self._unread:
+            frame = self._t.recv_frame(_REPLY_MAX_HEADER)
+            self._unread -= 1
+            if frame.kind != P.REPLY:
+                raise ProtocolError(f"genie: unexpected frame kind {frame.kind} from the server")
+            if frame.payload_len:
+                self._t.skip_payload(frame.payload_len)
+            reply = P.get_map(P.unpack(frame.header), "reply")
+            if reply.get("ok") is not True:
+                msg = str(reply.get("msg", "the server refused a speculative run"))
+                if reply.get("fatal"):
+                    raise ProtocolError(msg)
+                logger.warning("genie: a speculative run request failed: %s", msg)
+            elif reply.get("spec") is True:
+                self.counters["spec_started"] += 1
+            else:
+                logger.debug("genie: speculative run declined: %s", reply.get("why"))
 
     @staticmethod
     def _raise(e: _RequestFailed) -> None:
@@ -226,33 +320,125 @@ class RemoteExecutor:
     ) -> None:
         with self._lock:
             self._check()
-            parts = self._upload_parts(constants) if constants else []
-            total = sum(e[3] for e, _ in parts)
-            if parts and (not nodes or total > self.max_message):
-                self._send_uploads(parts)
-                parts = []
             if not nodes:
+                self._run_encoded(None, [], [], constants, {})
                 return
             enc = encode_program(nodes)
-            header = {
-                "t": "run",
-                "key": enc.key,
-                "bind": enc.binding,
-                "rng": enc.rng,
-                "up": [e for e, _ in parts],
-            }
-            if enc.key not in self._known_programs:
-                self._describe_program(header, enc)
-            self._exchange(header, [v for _, v in parts], enc)
+            self._last_enc = enc
+            self._run_encoded(enc, enc.binding, enc.rng, constants, enc.fresh)
             self._bases.pop(enc.signature, None)
             self._bases[enc.signature] = (enc.key, enc.nodes)
             if len(self._bases) > _MAX_BASES:
                 del self._bases[next(iter(self._bases))]  # the least recently sent
-            for entry, _ in parts:
-                self._resident[entry[0]] = entry[1]
-            self.counters["upload_bytes"] += total
-            self._resident.update(enc.fresh)
-            self.counters["runs"] += 1
+
+    def _run_encoded(self, enc, binding: list[int], rng: list, constants: dict, fresh: dict) -> None:
+        """Send a run of `enc` with `binding` (uploads first when they do not fit in it)."""
+        parts = self._upload_parts(constants) if constants else []
+        total = sum(e[3] for e, _ in parts)
+        if parts and (enc is None or total > self.max_message):
+            self._send_uploads(parts)
+            parts = []
+        if enc is None:
+            return
+        header = {
+            "t": "run",
+            "key": enc.key,
+            "bind": binding,
+            "rng": rng,
+            "up": [e for e, _ in parts],
+        }
+        if enc.key not in self._known_programs:
+            self._describe_program(header, enc)
+        self._exchange(header, [v for _, v in parts], enc)
+        for entry, _ in parts:
+            self._resident[entry[0]] = entry[1]
+        self.counters["upload_bytes"] += total
+        self._resident.update(fresh)
+        self.counters["runs"] += 1
+
+    def run_digest(
+        self,
+        fingerprint: bytes,
+        binding: list[int],
+        constants: dict[int, torch.Tensor],
+        targets: list[int],
+        rng: list[tuple[int, torch.Tensor]],
+        nodes: Callable[[], list[dict]],
+    ) -> None:
+        """A flush by its digest (Note: [Program digests]): a known program goes by key and
+        binding; an unknown one is converted (``nodes()``) and sent in full once."""
+        with self._lock:
+            self._check()
+            known = self._known.get(fingerprint)
+            if known is None:
+                self.run(nodes(), constants, targets)
+                enc = self._last_enc
+                if enc is None or enc.binding != binding:  # the digest and the encoding disagree
+                    logger.debug("genie: a flush's digest does not match its encoding")
+                    return
+                slot_of = {sid: i for i, sid in enumerate(binding)}
+                created = {s for d in enc.nodes for s in d[6]}
+                created.update(slot_of[sid] for sid in enc.fresh)
+                known = _Known(
+                    key=enc.key,
+                    enc=enc,
+                    created=[(s, enc.fresh.get(binding[s], 0)) for s in sorted(created)],
+                    external=[s for s in range(len(binding)) if s not in created],
+                    random=bool(enc.rng),
+                )
+                self._known[fingerprint] = known
+                if len(self._known) > _MAX_DIGESTS:
+                    self._known.popitem(last=False)
+            else:
+                self._known.move_to_end(fingerprint)
+                enc = known.enc
+                fresh = {binding[s]: n for s, n in known.created if n}
+                wire_rng = [[k, state.numpy().tobytes()] for k, state in rng]
+                self._run_encoded(enc, binding, wire_rng, constants, fresh)
+                self.counters["runs_by_digest"] += 1
+            if self._window is not None:  # what the recording began with, for next time
+                self._by_window[self._window] = known
+                self._by_window.move_to_end(self._window)
+                if len(self._by_window) > _MAX_DIGESTS:
+                    self._by_window.popitem(last=False)
+                self._window = None
+            known.before, known.last = known.last, list(binding)
+            empties = {sid for sid, t in constants.items() if _storage_span(t) == (0, 0)}
+            known.empty_before = known.empty_last
+            known.empty_last = frozenset(i for i, sid in enumerate(binding) if sid in empties)
+
+    def speculate(self, window: bytes) -> None:
+        """The recorder's first nodes since the last flush fingerprint as `window`: if the
+        last window like it was followed by a program, ask the server to start that program
+        now (Note: [Client speculation])."""
+        self._window = window
+        if not self._lock.acquire(blocking=False):
+            return  # another thread is talking to the server: no guess this time
+        try:
+            known = self._by_window.get(window)
+            if known is None or self._broken is not None:
+                return
+            # Storages the user dropped since the last flush (last call's outputs) are released
+            # with the guess, so that the server need not keep them from being overwritten.
+            _C._collect()
+            bind = known.predict(self._resident)
+            if bind is None or self._unread:
+                return
+            header: dict[str, Any] = {"t": "spec", "key": known.key, "bind": bind}
+            pre = self._outbox
+            if self._released:
+                pre = [["release", self._released], *pre]
+            if pre:
+                header["pre"] = pre
+            try:
+                self._t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(header), [])
+            except (TransportError, ProtocolError) as e:
+                raise self._lost(e) from None
+            self._outbox, self._released = [], []
+            self._unread += 1
+            self.counters["spec_sent"] += 1
+        finally:
+            self._lock.release()
 
     def _describe_program(self, header: dict, enc) -> None:
         """Tell the server a program it has not seen: as a patch of a similar one it has
@@ -426,11 +612,14 @@ def connect(
     timeout: float | None = None,
     transport: str | None = None,
     install: bool = True,
+    speculate: bool | None = None,
 ) -> RemoteExecutor:
     """Open a session with the genie server at `address` (default ``$GENIE_SERVER``) and, with
     `install`, run every following flush there. The token defaults to ``$GENIE_TOKEN`` (or the
     file ``$GENIE_TOKEN_FILE``); `timeout` (seconds one reply may take) to ``$GENIE_TIMEOUT``
-    or 600; `transport` to ``$GENIE_TRANSPORT`` or "tcp". Connect before creating remote
+    or 600; `transport` to ``$GENIE_TRANSPORT`` or "tcp"; `speculate` (start a program on the
+    server before its recording ends when it looks like the last one, Note: [Client
+    speculation]) to ``$GENIE_SPECULATE`` or on. Connect before creating remote
     tensors: what the previous executor held is dropped. ``disconnect()`` goes back to local."""
     global _active
     if timeout is None:
@@ -448,7 +637,7 @@ def connect(
             f"genie: no token for the server at {address}; pass token= or set GENIE_TOKEN "
             "(the token the server was started with: genie serve --token-file FILE)"
         )
-    client = RemoteExecutor(address, token, timeout=timeout, transport=transport)
+    client = RemoteExecutor(address, token, timeout=timeout, transport=transport, speculate=speculate)
     if install:
         from genie.runtime.executor import install_executor
 

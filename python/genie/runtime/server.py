@@ -401,7 +401,8 @@ class Session:
     # Why: while the user's Python is still recording a forward pass, the client usually knows
     # which cached program the recording will become (the next decode step is the last one's
     # program again) and most of its binding. A "spec" request names that program and the
-    # predicted binding, None for each storage the program creates, so the device computes
+    # predicted binding, None for each storage the program creates (and ["up", 0] for an empty
+    # tensor the run will upload: HF's DynamicCache starts from one), so the device computes
     # while the client finishes recording; the "run" that follows adopts the results.
     #
     # Start: the created storages get private temporary ids (negative: never a client's id).
@@ -414,7 +415,8 @@ class Session:
     # unchanged apart from the request's own "pre".
     #
     # The session holds at most one speculation; the very next request resolves it.
-    # - Commit: a "run" of the same program that uploads nothing, whose binding passes
+    # - Commit: a "run" of the same program that uploads nothing but the empty storages the
+    #   speculation foresaw, whose binding passes
     #   check_binding and equals the speculation's wherever the speculation gave an id, and
     #   whose "pre" does nothing but release storages outside that binding. It read the same
     #   storages with the same bytes (nothing ran in between) and so computed what the run
@@ -435,7 +437,7 @@ class Session:
         P.need(len(key) == 16, "a program key has 16 bytes")
         bind = P.get_list(req.get("bind"), "binding", self.limits.max_list)
         for b in bind:
-            if b is not None:
+            if b is not None and b != _EMPTY_UPLOAD:
                 P.get_sid(b)
         program = self.server.programs.get(key)
         if program is None:
@@ -452,27 +454,32 @@ class Session:
                 f"local {unbound[0]} is an input of the program but has no id"
             )
         # check_binding wants real ids: stand-ins that no entry uses for the created storages
-        # (none of them is an input, so whether they are resident does not matter).
-        taken = {b for b in bind if b is not None}
-        probe, stand_in = [], P._MAX_SID
+        # (none of them is an input, so whether they are resident does not matter) and for
+        # the empty uploads (incoming, 0 bytes).
+        taken = {b for b in bind if type(b) is int}
+        probe, stand_in, incoming = [], P._MAX_SID, {}
         for b in bind:
-            if b is None:
+            if type(b) is not int:
                 while stand_in in taken:
                     stand_in -= 1
+                if b is not None:
+                    incoming[stand_in] = 0
                 b, stand_in = stand_in, stand_in - 1
             probe.append(b)
         try:
-            check_binding(program, probe, None, self.env)
+            check_binding(program, probe, None, self.env, incoming)
         except GenieError as e:
             return self._spec_decline(str(e).removeprefix("genie: "))
         temps: dict[int, int] = {}
         binding = []
-        for local, b in enumerate(bind):
-            if b is None:
-                b = temps[local] = -1 - len(temps)
-            binding.append(b)
         storages = self.env.storages
-        written = [bind[local] for local in program.produced if bind[local] is not None]
+        for local, b in enumerate(bind):
+            if type(b) is not int:
+                b = temps[local] = -1 - len(temps)
+                if bind[local] is not None:  # an empty upload: an empty storage stands in
+                    storages[b] = torch.empty(0, dtype=torch.uint8, device=self.server.device).untyped_storage()
+            binding.append(b)
+        written = [bind[local] for local in program.produced if type(bind[local]) is int]
         snapshot = sum(storages[sid].nbytes() for sid in written if sid in storages)
         try:
             self._check_memory(program.fresh_bytes + snapshot)
@@ -523,7 +530,15 @@ class Session:
         """The run's binding when `req` is the run `spec` predicted (the commit rule of
         Note: [Speculative runs]), else None."""
         program = spec.program
-        if req.get("t") != "run" or frame.payload_len or req.get("up") not in (None, []):
+        if req.get("t") != "run" or frame.payload_len:
+            return None
+        # The only uploads a speculation can foresee are empty ones, at its ["up", 0] entries.
+        empty = [local for local, b in enumerate(spec.bind) if b == _EMPTY_UPLOAD]
+        try:
+            uploads = self._parse_uploads(req.get("up"), frame)
+        except GenieError:
+            return None
+        if any(nbytes or n or not new for _, nbytes, _, n, new in uploads):
             return None
         key, body = req.get("key"), req.get("prog")
         if type(key) is not bytes or key != program.key:
@@ -531,15 +546,18 @@ class Session:
         if body is not None and (type(body) is not bytes or _key(body) != program.key):
             return None
         binding = req.get("bind")
+        incoming = {sid: 0 for sid, *_ in uploads}
         try:
-            check_binding(program, binding, req.get("rng"), self.env)
+            check_binding(program, binding, req.get("rng"), self.env, incoming)
             released = self._pre_releases(req.get("pre"))
         except GenieError:
             return None  # handled as a normal request, which reports what is wrong
         if released is None or not released.isdisjoint(binding):
             return None
+        if sorted(incoming) != sorted(binding[local] for local in empty):
+            return None
         for predicted, real in zip(spec.bind, binding, strict=True):
-            if predicted is not None and predicted != real:
+            if type(predicted) is int and predicted != real:
                 return None
         return binding
 
@@ -592,13 +610,17 @@ class _UnknownProgram(GenieError):
     pass
 
 
+_EMPTY_UPLOAD = ["up", 0]  # a spec binding entry: an empty storage the run will upload
+
+
 @dataclass
 class _Speculation:
     """A speculative run waiting for the request that adopts or undoes it
     (Note: [Speculative runs])."""
 
     program: Program
-    bind: list[int | None]  # as the client predicted it; None: a storage the program creates
+    bind: list[Any]  # as predicted: an id; None: a storage the program creates; ["up", 0]: an
+    # empty storage the run uploads
     temps: dict[int, int]  # local -> the temporary id its storage is held under
     saved: list[tuple[int, torch.UntypedStorage | None, torch.Tensor | None]]  # sid, object, bytes
     handed: list[tuple[int, torch.UntypedStorage]]  # GraphRunner.handed(program.key) before
