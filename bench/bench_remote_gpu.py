@@ -141,7 +141,7 @@ def bench_forward(name, build, make_inputs, pick, dtype, args, connect_remote) -
     rmodel = rx = None
     genie.synchronize()
     session = client.server_stats()["session"]
-    row["server"] = {k: v for k, v in session.items() if k.startswith(("cuda_graph", "spec"))}
+    row["server"] = {k: v for k, v in session.items() if k.startswith(("cuda_graph", "spec", "timings"))}
     return row
 
 
@@ -234,7 +234,7 @@ def bench_decode(args, connect_remote) -> list[dict]:
         del rmodel
         genie.synchronize()
         session = client.server_stats()["session"]
-        row["server"] = {k: v for k, v in session.items() if k.startswith(("cuda_graph", "spec"))}
+        row["server"] = {k: v for k, v in session.items() if k.startswith(("cuda_graph", "spec", "timings"))}
         rows.append(row)
     return rows
 

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ _REPLY_MAX_HEADER = 64 << 20
 _OUTBOX_FLUSH = 4096
 _MAX_BASES = 64  # programs kept to patch against (Note: [Program patches])
 _MAX_DIGESTS = 256  # programs known by their digest (Note: [Program digests])
-_SPECULATION_WINDOW = 4  # recorded nodes compared before a speculative run is asked for
+_SPECULATION_WINDOW = 2  # recorded nodes compared before a speculative run is asked for
 
 
 # Note: [Client speculation]
@@ -164,6 +165,7 @@ class RemoteExecutor:
             "requests": 0, "runs": 0, "programs_sent": 0, "uploads": 0, "upload_bytes": 0,
             "fetches": 0, "fetch_bytes": 0, "eager": 0, "programs_patched": 0,
             "runs_by_digest": 0, "spec_sent": 0, "spec_started": 0, "spec_hits": 0,
+            "run_seconds": 0.0, "fetch_seconds": 0.0, "speculate_seconds": 0.0,
         }  # fmt: skip
         tok = token.encode() if isinstance(token, str) else bytes(token)
         try:
@@ -367,45 +369,52 @@ class RemoteExecutor:
     ) -> None:
         """A flush by its digest (Note: [Program digests]): a known program goes by key and
         binding; an unknown one is converted (``nodes()``) and sent in full once."""
+        started = time.perf_counter()
         with self._lock:
             self._check()
-            known = self._known.get(fingerprint)
-            if known is None:
-                self.run(nodes(), constants, targets)
-                enc = self._last_enc
-                if enc is None or enc.binding != binding:  # the digest and the encoding disagree
-                    logger.debug("genie: a flush's digest does not match its encoding")
-                    return
-                slot_of = {sid: i for i, sid in enumerate(binding)}
-                created = {s for d in enc.nodes for s in d[6]}
-                created.update(slot_of[sid] for sid in enc.fresh)
-                known = _Known(
-                    key=enc.key,
-                    enc=enc,
-                    created=[(s, enc.fresh.get(binding[s], 0)) for s in sorted(created)],
-                    external=[s for s in range(len(binding)) if s not in created],
-                    random=bool(enc.rng),
-                )
-                self._known[fingerprint] = known
-                if len(self._known) > _MAX_DIGESTS:
-                    self._known.popitem(last=False)
-            else:
-                self._known.move_to_end(fingerprint)
-                enc = known.enc
-                fresh = {binding[s]: n for s, n in known.created if n}
-                wire_rng = [[k, state.numpy().tobytes()] for k, state in rng]
-                self._run_encoded(enc, binding, wire_rng, constants, fresh)
-                self.counters["runs_by_digest"] += 1
-            if self._window is not None:  # what the recording began with, for next time
-                self._by_window[self._window] = known
-                self._by_window.move_to_end(self._window)
-                if len(self._by_window) > _MAX_DIGESTS:
-                    self._by_window.popitem(last=False)
-                self._window = None
-            known.before, known.last = known.last, list(binding)
-            empties = {sid for sid, t in constants.items() if _storage_span(t) == (0, 0)}
-            known.empty_before = known.empty_last
-            known.empty_last = frozenset(i for i, sid in enumerate(binding) if sid in empties)
+            try:
+                self._run_digest(fingerprint, binding, constants, targets, rng, nodes)
+            finally:
+                self.counters["run_seconds"] += time.perf_counter() - started
+
+    def _run_digest(self, fingerprint, binding, constants, targets, rng, nodes) -> None:
+        known = self._known.get(fingerprint)
+        if known is None:
+            self.run(nodes(), constants, targets)
+            enc = self._last_enc
+            if enc is None or enc.binding != binding:  # the digest and the encoding disagree
+                logger.debug("genie: a flush's digest does not match its encoding")
+                return
+            slot_of = {sid: i for i, sid in enumerate(binding)}
+            created = {s for d in enc.nodes for s in d[6]}
+            created.update(slot_of[sid] for sid in enc.fresh)
+            known = _Known(
+                key=enc.key,
+                enc=enc,
+                created=[(s, enc.fresh.get(binding[s], 0)) for s in sorted(created)],
+                external=[s for s in range(len(binding)) if s not in created],
+                random=bool(enc.rng),
+            )
+            self._known[fingerprint] = known
+            if len(self._known) > _MAX_DIGESTS:
+                self._known.popitem(last=False)
+        else:
+            self._known.move_to_end(fingerprint)
+            enc = known.enc
+            fresh = {binding[s]: n for s, n in known.created if n}
+            wire_rng = [[k, state.numpy().tobytes()] for k, state in rng]
+            self._run_encoded(enc, binding, wire_rng, constants, fresh)
+            self.counters["runs_by_digest"] += 1
+        if self._window is not None:  # what the recording began with, for next time
+            self._by_window[self._window] = known
+            self._by_window.move_to_end(self._window)
+            if len(self._by_window) > _MAX_DIGESTS:
+                self._by_window.popitem(last=False)
+            self._window = None
+        known.before, known.last = known.last, list(binding)
+        empties = {sid for sid, t in constants.items() if _storage_span(t) == (0, 0)}
+        known.empty_before = known.empty_last
+        known.empty_last = frozenset(i for i, sid in enumerate(binding) if sid in empties)
 
     def speculate(self, window: bytes) -> None:
         """The recorder's first nodes since the last flush fingerprint as `window`: if the
@@ -414,6 +423,7 @@ class RemoteExecutor:
         self._window = window
         if not self._lock.acquire(blocking=False):
             return  # another thread is talking to the server: no guess this time
+        started = time.perf_counter()
         try:
             known = self._by_window.get(window)
             if known is None or self._broken is not None:
@@ -438,6 +448,7 @@ class RemoteExecutor:
             self._unread += 1
             self.counters["spec_sent"] += 1
         finally:
+            self.counters["speculate_seconds"] += time.perf_counter() - started
             self._lock.release()
 
     def _describe_program(self, header: dict, enc) -> None:
@@ -477,6 +488,13 @@ class RemoteExecutor:
         return reply
 
     def fetch(self, ref: dict) -> torch.Tensor:
+        started = time.perf_counter()
+        try:
+            return self._fetch(ref)
+        finally:
+            self.counters["fetch_seconds"] += time.perf_counter() - started
+
+    def _fetch(self, ref: dict) -> torch.Tensor:
         with self._lock:
             shape = tuple(ref["shape"])
             dtype = ref["dtype"]
