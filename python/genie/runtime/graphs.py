@@ -23,6 +23,7 @@ marks the program as not capturable and it keeps running plainly.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class _Entry:
     handed: list[tuple[int, torch.UntypedStorage]] = field(default_factory=list)
     written: list[int] = field(default_factory=list)  # inputs the program writes in place
     last_inputs: dict[int, int] = field(default_factory=dict)  # local -> id() of its storage object
+    static_list: list[torch.UntypedStorage] | None = None  # static, in program.inputs order
 
 
 class GraphRunner:
@@ -89,8 +91,8 @@ class GraphRunner:
                 self._entries.popitem(last=False)
         self._entries.move_to_end(program.key)
         e.runs += 1
-        current = {local: id(env.storages[binding[local]]) for local in program.inputs}
         if e.graph is None:
+            current = {local: id(env.storages[binding[local]]) for local in program.inputs}
             if e.failed or e.runs <= self.warmup:
                 e.last_inputs = current
                 execute(program, binding, states, env)
@@ -133,6 +135,7 @@ class GraphRunner:
             return False
         e.graph = graph
         e.static = static
+        e.static_list = None
         e.outputs = {
             local: frame.storages[local]
             for local in program.produced
@@ -145,18 +148,29 @@ class GraphRunner:
 
     def _drop(self, e: _Entry) -> None:
         e.graph = None
+        e.static_list = None
         e.static, e.outputs, e.handed, e.written = {}, {}, [], []
         e.runs = 0
 
     def _replay(self, e: _Entry, program: Program, binding: list[int], env: Environment) -> bool:
+        # The loops below run before the GPU gets the graph: common cases take C-level paths.
+        storages = env.storages
         # 1. Values handed out by the previous replay must not change under their holders.
-        for sid, st in e.handed:
-            if env.storages.get(sid) is st:
-                env.storages[sid] = _clone(st)
+        if e.handed:
+            held = list(map(storages.get, [sid for sid, _ in e.handed]))
+            for (sid, st), cur in zip(e.handed, held, strict=True):
+                if cur is st:
+                    storages[sid] = _clone(st)
         e.handed = []
         # 2. Inputs: in place when they are the captured storage, else copied in.
         copied = []
-        for local in program.inputs:
+        inputs = program.inputs
+        if e.static_list is None:
+            e.static_list = [e.static[local] for local in inputs]
+        current = list(map(storages.__getitem__, [binding[local] for local in inputs]))
+        if all(map(operator.is_, current, e.static_list)):
+            inputs = []  # every input is the captured storage itself
+        for local in inputs:
             cur = env.storages[binding[local]]
             st = e.static[local]
             if cur is st:
@@ -177,10 +191,8 @@ class GraphRunner:
             if local in e.written:
                 _bytes(env.storages[binding[local]]).copy_(_bytes(e.static[local]))
         # 4. Outputs.
-        for local, st in e.outputs.items():
-            sid = binding[local]
-            env.storages[sid] = st
-            e.handed.append((sid, st))
+        e.handed = [(binding[local], st) for local, st in e.outputs.items()]
+        storages.update(e.handed)
         return True
 
     # -- speculative runs (Note: [Speculative runs] in genie/runtime/server.py) --------------
