@@ -158,9 +158,10 @@ class GraphRunner:
         # 1. Values handed out by the previous replay must not change under their holders.
         if e.handed:
             held = list(map(storages.get, [sid for sid, _ in e.handed]))
-            for (sid, st), cur in zip(e.handed, held, strict=True):
-                if cur is st:
-                    storages[sid] = _clone(st)
+            if any(map(operator.is_, held, [st for _, st in e.handed])):
+                for (sid, st), cur in zip(e.handed, held, strict=True):
+                    if cur is st:
+                        storages[sid] = _clone(st)
         e.handed = []
         # 2. Inputs: in place when they are the captured storage, else copied in.
         copied = []

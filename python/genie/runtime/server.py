@@ -71,7 +71,8 @@ class Session:
         self.spec_declined = 0
         self.spec_hits = 0
         self.spec_misses = 0
-        self._spec_valid: tuple | None = None  # (key, bind, [(input id, storage)]) checked last
+        # (key, bind, [(input id, storage)], plan): the speculation checked last
+        self._spec_valid: tuple | None = None
         self.requests = 0
         self.errors = 0
         self.busy_seconds = 0.0  # handling requests, replies not included
@@ -455,7 +456,7 @@ class Session:
             and valid[1] == bind
             and all(storages.get(sid) is st for sid, st in valid[2])
         ):
-            return self._spec_start(program, bind)
+            return self._spec_start(program, bind, valid[3])
         for b in bind:
             if b is not None and b != _EMPTY_UPLOAD:
                 P.get_sid(b)
@@ -489,25 +490,30 @@ class Session:
             check_binding(program, probe, None, self.env, incoming)
         except GenieError as e:
             return self._spec_decline(str(e).removeprefix("genie: "))
+        temps: dict[int, int] = {}
+        binding = []
+        for local, b in enumerate(bind):
+            if type(b) is not int:
+                b = temps[local] = -1 - len(temps)
+            binding.append(b)
+        written = [bind[local] for local in program.produced if type(bind[local]) is int]
+        plan = (binding, temps, written)
         self._spec_valid = (
             key,
             list(bind),
             [(b, storages[b]) for b in (bind[local] for local in program.inputs) if type(b) is int],
+            plan,
         )
-        return self._spec_start(program, bind)
+        return self._spec_start(program, bind, plan)
 
-    def _spec_start(self, program: Program, bind: list) -> tuple[dict, list]:
-        """Run a checked speculation (Note: [Speculative runs])."""
-        temps: dict[int, int] = {}
-        binding = []
+    def _spec_start(self, program: Program, bind: list, plan: tuple) -> tuple[dict, list]:
+        """Run a checked speculation (Note: [Speculative runs]); `plan` is the binding with
+        temporaries, the temporaries by local, and the ids the run may write."""
+        binding, temps, written = plan
         storages = self.env.storages
-        for local, b in enumerate(bind):
-            if type(b) is not int:
-                b = temps[local] = -1 - len(temps)
-                if bind[local] is not None:  # an empty upload: an empty storage stands in
-                    storages[b] = torch.empty(0, dtype=torch.uint8, device=self.server.device).untyped_storage()
-            binding.append(b)
-        written = [bind[local] for local in program.produced if type(bind[local]) is int]
+        for local, temp in temps.items():
+            if bind[local] is not None:  # an empty upload: an empty storage stands in
+                storages[temp] = torch.empty(0, dtype=torch.uint8, device=self.server.device).untyped_storage()
         snapshot = sum(storages[sid].nbytes() for sid in written if sid in storages)
         try:
             self._check_memory(program.fresh_bytes + snapshot)
