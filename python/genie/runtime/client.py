@@ -92,7 +92,7 @@ class _Known:
                     if s in self.empty_last and s in self.empty_before:
                         # An empty tensor made on the host each time (HF's DynamicCache
                         # starts from torch.tensor([])): it carries no bytes to predict.
-                        out[s] = _EMPTY_UPLOAD
+                        out[s] = P.EMPTY_UPLOAD
                         continue
                     return None
                 x = b1[j]
@@ -101,8 +101,6 @@ class _Known:
             out[s] = x
         return out
 
-
-_EMPTY_UPLOAD = ["up", 0]  # a spec binding entry: an empty storage the run will upload
 
 
 class _RequestFailed(GenieError):
@@ -218,11 +216,7 @@ class RemoteExecutor:
         receive: Callable[[dict], list[memoryview]] | None = None,
     ) -> dict:
         self._check()
-        pre = self._outbox
-        if self._released:
-            pre = [["release", self._released], *pre]
-        if pre:
-            header["pre"] = pre
+        self._attach_pre(header)
         body = P.pack(header)
         try:
             self._t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, body, buffers)
@@ -249,6 +243,15 @@ class RemoteExecutor:
                 self._t.close()
             raise _RequestFailed(kind, msg)
         return reply
+
+    def _attach_pre(self, header: dict) -> None:
+        """Deferred releases and binds ride on the next request; the caller empties the outbox
+        once the request is sent."""
+        pre = self._outbox
+        if self._released:
+            pre = [["release", self._released], *pre]
+        if pre:
+            header["pre"] = pre
 
     def _read_spec_replies(self) -> None:
         """Read the answers to spec requests sent earlier (they precede every other reply)."""
@@ -435,11 +438,7 @@ class RemoteExecutor:
             if bind is None or self._unread:
                 return
             header: dict[str, Any] = {"t": "spec", "key": known.key, "bind": bind}
-            pre = self._outbox
-            if self._released:
-                pre = [["release", self._released], *pre]
-            if pre:
-                header["pre"] = pre
+            self._attach_pre(header)
             try:
                 self._t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(header), [])
             except (TransportError, ProtocolError) as e:

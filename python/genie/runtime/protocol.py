@@ -65,6 +65,7 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+EMPTY_UPLOAD = ["up", 0]  # a "spec" binding entry: an empty storage the run will upload
 
 # frame kinds
 HELLO, AUTH, AUTH_OK, AUTH_FAIL, REQUEST, REPLY = 1, 2, 3, 4, 5, 6

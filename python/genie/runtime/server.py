@@ -458,7 +458,7 @@ class Session:
         ):
             return self._spec_start(program, bind, valid[3])
         for b in bind:
-            if b is not None and b != _EMPTY_UPLOAD:
+            if b is not None and b != P.EMPTY_UPLOAD:
                 P.get_sid(b)
         if program is None:
             return self._spec_decline("unknown program")
@@ -578,7 +578,7 @@ class Session:
         if req.get("t") != "run" or frame.payload_len:
             return None
         # The only uploads a speculation can foresee are empty ones, at its ["up", 0] entries.
-        empty = [local for local, b in enumerate(spec.bind) if b == _EMPTY_UPLOAD]
+        empty = [local for local, b in enumerate(spec.bind) if b == P.EMPTY_UPLOAD]
         try:
             uploads = self._parse_uploads(req.get("up"), frame)
         except GenieError:
@@ -665,8 +665,6 @@ class Session:
 class _UnknownProgram(GenieError):
     pass
 
-
-_EMPTY_UPLOAD = ["up", 0]  # a spec binding entry: an empty storage the run will upload
 
 
 @dataclass
