@@ -17,6 +17,7 @@ import torch
 from genie.errors import GenieError, RemoteError, TransportError
 from genie.runtime import protocol as P
 from genie.runtime.client import RemoteExecutor, connect
+from genie.runtime.loopback import LoopbackServer
 from genie.runtime.program import _key, encode_program
 from genie.runtime.server import Server, ServerConfig, Session
 from genie.runtime.transports.base import Frame
@@ -492,3 +493,44 @@ def test_fuzz_over_the_socket(server, valid_run, seed):
 
 def test_server_still_answers_a_good_client_after_the_abuse(server):
     _healthy(server)
+
+
+# -- Note: [Spinning for a reply] -------------------------------------------------------------
+def test_a_reader_polls_a_quiet_socket_only_as_long_as_asked():
+    from genie import _C
+
+    a, b = socket.socketpair()
+    with a, b:
+        assert _C._spin_until_readable(a.fileno(), 2000) is False  # nothing came: it gave up
+        b.sendall(b"x")
+        assert _C._spin_until_readable(a.fileno(), 10_000_000) is True  # at once, not in 10 s
+        b.close()
+        a.recv(1)
+        assert _C._spin_until_readable(a.fileno(), 10_000_000) is True  # a hang-up ends it too
+
+
+def test_spin_setting_comes_from_the_environment(monkeypatch):
+    from genie.runtime.transports import default_spin_us
+
+    monkeypatch.setenv("GENIE_SPIN_US", "250")
+    assert default_spin_us() == 250
+    monkeypatch.setenv("GENIE_SPIN_US", "soon")
+    with pytest.raises(GenieError, match="GENIE_SPIN_US must be a whole number"):
+        default_spin_us()
+
+
+@torch.no_grad()
+def test_spinning_client_and_server_give_eager_results(monkeypatch):
+    monkeypatch.setenv("GENIE_SPIN_US", "3000")  # both sides poll before they block
+    with LoopbackServer(threads=torch.get_num_threads()) as srv:
+        client = connect(srv.address, token=srv.token)
+        try:
+            assert client._t.spin_us == 3000
+            model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+            x = torch.randn(4, 8)
+            rmodel = copy.deepcopy(model).to("remote_accelerator:0")
+            for _ in range(4):
+                assert torch.equal(rmodel(x.to("remote_accelerator:0")).cpu(), model(x))
+        finally:
+            genie.configure(local_device="cpu")
+            client.close()

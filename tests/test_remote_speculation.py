@@ -126,3 +126,37 @@ def test_speculation_can_be_switched_off(server):
     finally:
         genie.configure(local_device="cpu")
         client.close()
+
+
+# -- Note: [Run then fetch] -----------------------------------------------------------------
+@torch.no_grad()
+def test_a_value_asked_for_comes_back_with_its_run(remote):
+    model = fakes.bert()
+    x = torch.randint(0, 500, (2, 12))
+    ref = model(x).pooler_output
+    rmodel = fakes.bert().to(DEVICE)
+    rx = x.to(DEVICE)
+    for _ in range(6):
+        assert torch.equal(rmodel(rx).pooler_output.cpu(), ref)
+    # Every run by key had the fetch sent behind it: one wait for the reply, not two.
+    assert remote.counters["fetched_with_run"] >= 5
+    # Replies stay in step: the next request gets its own answer.
+    assert remote.server_stats()["session"]["errors"] == 0
+
+
+@torch.no_grad()
+def test_a_failed_run_with_a_fetch_behind_it_raises_its_own_error(remote):
+    table = torch.randn(10, 4)
+    rtable = table.to(DEVICE)
+    for i in range(3):  # the program becomes known by its digest
+        idx = torch.tensor([i, 9 - i])
+        assert torch.equal(torch.index_select(rtable, 0, idx.to(DEVICE)).cpu(), table[idx])
+    bad = torch.tensor([1, 50]).to(DEVICE)  # the same program, an index out of range
+    y = torch.index_select(rtable, 0, bad)
+    with pytest.raises(genie.ExecutionError, match="index"):
+        y.cpu()
+    with pytest.raises(genie.ExecutionError, match="index"):
+        y.cpu()  # what the failed run would have made stays failed, with the same error
+    idx = torch.tensor([3, 4])
+    assert torch.equal(torch.index_select(rtable, 0, idx.to(DEVICE)).cpu(), table[idx])
+    assert torch.equal(rtable.cpu(), table)

@@ -536,9 +536,10 @@ const c10::OperatorHandle& copy_op() {
 at::Tensor fetch_remote(const at::Tensor& t) {
   auto id = storage_id(t.storage());
   auto& rec = recorder();
-  rec.flush({id});
+  auto ref = make_ref(t, id);
+  rec.flush({id}, ref);
   rec.check_not_poisoned(id);
-  return rec.executor()->fetch(make_ref(t, id));
+  return rec.executor()->fetch(ref);
 }
 
 bool covers_storage(const at::Tensor& t) {

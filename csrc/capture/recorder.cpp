@@ -151,11 +151,11 @@ std::vector<bool> mark_needed(const std::vector<std::shared_ptr<Node>>& nodes,
 
 void Recorder::collect() { flush({}); }
 
-void Recorder::flush(const std::vector<StorageId>& targets) {
+void Recorder::flush(const std::vector<StorageId>& targets, std::optional<TensorRef> then_fetch) {
   std::string error;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    error = flush_locked(targets, /*all=*/false);
+    error = flush_locked(targets, /*all=*/false, std::move(then_fetch));
   }
   if (!error.empty()) raise_error(ErrorKind::Execution, error);
 }
@@ -169,7 +169,8 @@ void Recorder::flush_all() {
   if (!error.empty()) raise_error(ErrorKind::Execution, error);
 }
 
-std::string Recorder::flush_locked(const std::vector<StorageId>& targets, bool all) {
+std::string Recorder::flush_locked(const std::vector<StorageId>& targets, bool all,
+                                   std::optional<TensorRef> then_fetch) {
   TORCH_CHECK(executor_ != nullptr, "genie: no executor is configured");
   apply_releases_locked();
 
@@ -194,6 +195,7 @@ std::string Recorder::flush_locked(const std::vector<StorageId>& targets, bool a
   }
   FlushRequest req;
   req.targets = targets;
+  req.then_fetch = std::move(then_fetch);
   std::vector<std::shared_ptr<Node>> remaining;
   for (size_t i = 0; i < pending_.size(); ++i) {
     if (needed[i]) req.nodes.push_back(pending_[i]);

@@ -78,6 +78,9 @@ struct FlushRequest {
   std::unordered_map<StorageId, Constant> constants;       // uploads this flush needs
   std::vector<StorageId> targets;                           // storages the host asked for
   std::vector<StorageId> keep;                              // outputs still referenced afterwards
+  // The value the host fetches as soon as this flush returns (a materialization), so an
+  // executor may ask for it together with the run (Note: [Run then fetch] in client.py).
+  std::optional<TensorRef> then_fetch;
 };
 
 struct RecorderStats {
@@ -99,7 +102,8 @@ class Recorder {
   bool replace_empty_with_constant(StorageId storage, const at::Tensor& cpu);
 
   // Run what is needed to make these storages real on the executor.
-  void flush(const std::vector<StorageId>& targets);
+  void flush(const std::vector<StorageId>& targets,
+             std::optional<TensorRef> then_fetch = std::nullopt);
   void flush_all();
   // Drop pending work whose results nobody can observe; free released storages.
   void collect();
@@ -119,7 +123,8 @@ class Recorder {
 
  private:
   // Returns an error message instead of raising, so callers raise after unlocking.
-  std::string flush_locked(const std::vector<StorageId>& targets, bool all);
+  std::string flush_locked(const std::vector<StorageId>& targets, bool all,
+                           std::optional<TensorRef> then_fetch = std::nullopt);
   void apply_releases_locked();
 
   mutable std::mutex mutex_;

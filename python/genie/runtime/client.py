@@ -66,6 +66,14 @@ _SPECULATION_WINDOW = 2  # recorded nodes compared before a speculative run is a
 # storage both times (a weight, a static KV cache) keeps it; an input bound to what a created
 # storage of the run before held (this step's token, from last step's argmax) takes what that
 # storage's counterpart in the last run holds. Anything else (a fresh upload) means no guess.
+# Note: [Run then fetch]
+# A value the host asks for (``y.cpu()``, ``.item()``) is a flush followed at once by a fetch.
+# The recorder says so (the flush's ``then_fetch``), and when the run goes by key the client
+# sends the fetch right behind it without waiting for the run's answer: the server answers
+# both in order, and the value waits in ``_prefetched`` for the fetch that follows. That saves
+# a round trip per materialization. The run's answer is read first: if it failed, the fetch's
+# answer is read and dropped and the run's error is raised exactly as without the fetch. Any
+# other request in between makes the prefetched value stale, so it is dropped.
 @dataclass
 class _Known:
     key: bytes
@@ -155,6 +163,7 @@ class RemoteExecutor:
         self._window: bytes | None = None  # how the recording being flushed began
         self._last_enc = None
         self._unread = 0  # replies to spec requests not read yet
+        self._prefetched: tuple[list, torch.Tensor] | None = None  # Note: [Run then fetch]
         if speculate is None:
             speculate = os.environ.get("GENIE_SPECULATE", "1") not in ("0", "false", "no")
         # Read by the recorder when the executor is installed (Note: [Client speculation]).
@@ -163,6 +172,7 @@ class RemoteExecutor:
             "requests": 0, "runs": 0, "programs_sent": 0, "uploads": 0, "upload_bytes": 0,
             "fetches": 0, "fetch_bytes": 0, "eager": 0, "programs_patched": 0,
             "runs_by_digest": 0, "spec_sent": 0, "spec_started": 0, "spec_hits": 0,
+            "fetched_with_run": 0,
             "run_seconds": 0.0, "fetch_seconds": 0.0, "speculate_seconds": 0.0,
         }  # fmt: skip
         tok = token.encode() if isinstance(token, str) else bytes(token)
@@ -176,6 +186,7 @@ class RemoteExecutor:
         try:
             P.client_handshake(self._t, tok)
             self._t.set_timeout(timeout)
+            self._t.spin_us = transports.default_spin_us()
             info = self._request({"t": "hello"})
         except TransportError as e:
             self._t.close()
@@ -214,22 +225,28 @@ class RemoteExecutor:
         header: dict,
         buffers: list[memoryview] | tuple = (),
         receive: Callable[[dict], list[memoryview]] | None = None,
+        then_fetch: dict | None = None,
     ) -> dict:
+        """Send one request and read its reply; with `then_fetch`, a fetch of that ref goes
+        right behind it and its value is kept for the next fetch (Note: [Run then fetch])."""
         self._check()
+        self._prefetched = None
         self._attach_pre(header)
         body = P.pack(header)
         try:
             self._t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, body, buffers)
             self._outbox, self._released = [], []
+            follow = None
+            if then_fetch is not None:
+                follow = self._fetch_plan(then_fetch)
+                self._t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(follow[0]), ())
             self._read_spec_replies()
-            frame = self._t.recv_frame(_REPLY_MAX_HEADER)
-            if frame.kind != P.REPLY:
-                raise ProtocolError(f"genie: unexpected frame kind {frame.kind} from the server")
-            reply = P.get_map(P.unpack(frame.header), "reply")
-            if reply.get("ok") is True and receive is not None:
-                self._t.recv_payload(receive(reply))
-            elif frame.payload_len:
-                self._t.skip_payload(frame.payload_len)
+            reply = self._read_reply(receive)
+            if follow is not None:
+                freply = self._read_reply(follow[1] if reply.get("ok") is True else None)
+                self.counters["requests"] += 1
+                if reply.get("ok") is True and freply.get("ok") is True:
+                    self._prefetched = (follow[0]["ref"], follow[2]())
         except (TransportError, ProtocolError) as e:
             raise self._lost(e) from None
         self.counters["requests"] += 1
@@ -242,6 +259,17 @@ class RemoteExecutor:
                 self._broken = msg
                 self._t.close()
             raise _RequestFailed(kind, msg)
+        return reply
+
+    def _read_reply(self, receive: Callable[[dict], list[memoryview]] | None) -> dict:
+        frame = self._t.recv_frame(_REPLY_MAX_HEADER)
+        if frame.kind != P.REPLY:
+            raise ProtocolError(f"genie: unexpected frame kind {frame.kind} from the server")
+        reply = P.get_map(P.unpack(frame.header), "reply")
+        if reply.get("ok") is True and receive is not None:
+            self._t.recv_payload(receive(reply))
+        elif frame.payload_len:
+            self._t.skip_payload(frame.payload_len)
         return reply
 
     def _attach_pre(self, header: dict) -> None:
@@ -336,8 +364,11 @@ class RemoteExecutor:
             if len(self._bases) > _MAX_BASES:
                 del self._bases[next(iter(self._bases))]  # the least recently sent
 
-    def _run_encoded(self, enc, binding: list[int], rng: list, constants: dict, fresh: dict) -> None:
-        """Send a run of `enc` with `binding` (uploads first when they do not fit in it)."""
+    def _run_encoded(
+        self, enc, binding: list[int], rng: list, constants: dict, fresh: dict, then_fetch=None
+    ) -> None:
+        """Send a run of `enc` with `binding` (uploads first when they do not fit in it);
+        `then_fetch`: Note: [Run then fetch]."""
         parts = self._upload_parts(constants) if constants else []
         total = sum(e[3] for e, _ in parts)
         if parts and (enc is None or total > self.max_message):
@@ -354,7 +385,7 @@ class RemoteExecutor:
         }
         if enc.key not in self._known_programs:
             self._describe_program(header, enc)
-        self._exchange(header, [v for _, v in parts], enc)
+        self._exchange(header, [v for _, v in parts], enc, then_fetch=then_fetch)
         for entry, _ in parts:
             self._resident[entry[0]] = entry[1]
         self.counters["upload_bytes"] += total
@@ -369,18 +400,20 @@ class RemoteExecutor:
         targets: list[int],
         rng: list[tuple[int, torch.Tensor]],
         nodes: Callable[[], list[dict]],
+        then_fetch: dict | None = None,
     ) -> None:
         """A flush by its digest (Note: [Program digests]): a known program goes by key and
-        binding; an unknown one is converted (``nodes()``) and sent in full once."""
+        binding; an unknown one is converted (``nodes()``) and sent in full once. `then_fetch`
+        is the value the host fetches next, if any (Note: [Run then fetch])."""
         started = time.perf_counter()
         with self._lock:
             self._check()
             try:
-                self._run_digest(fingerprint, binding, constants, targets, rng, nodes)
+                self._run_digest(fingerprint, binding, constants, targets, rng, nodes, then_fetch)
             finally:
                 self.counters["run_seconds"] += time.perf_counter() - started
 
-    def _run_digest(self, fingerprint, binding, constants, targets, rng, nodes) -> None:
+    def _run_digest(self, fingerprint, binding, constants, targets, rng, nodes, then_fetch) -> None:
         known = self._known.get(fingerprint)
         if known is None:
             self.run(nodes(), constants, targets)
@@ -406,7 +439,7 @@ class RemoteExecutor:
             enc = known.enc
             fresh = {binding[s]: n for s, n in known.created if n}
             wire_rng = [[k, state.numpy().tobytes()] for k, state in rng]
-            self._run_encoded(enc, binding, wire_rng, constants, fresh)
+            self._run_encoded(enc, binding, wire_rng, constants, fresh, then_fetch)
             self.counters["runs_by_digest"] += 1
         if self._window is not None:  # what the recording began with, for next time
             self._by_window[self._window] = known
@@ -443,7 +476,7 @@ class RemoteExecutor:
                 self._t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(header), [])
             except (TransportError, ProtocolError) as e:
                 raise self._lost(e) from None
-            self._outbox, self._released = [], []
+            self._outbox, self._released, self._prefetched = [], [], None
             self._unread += 1
             self.counters["spec_sent"] += 1
         finally:
@@ -462,10 +495,10 @@ class RemoteExecutor:
                 return
         header["prog"] = enc.body
 
-    def _exchange(self, header: dict, buffers: list, enc, receive=None) -> dict:
+    def _exchange(self, header: dict, buffers: list, enc, receive=None, then_fetch=None) -> dict:
         try:
             try:
-                reply = self._request(dict(header), buffers, receive)
+                reply = self._request(dict(header), buffers, receive, then_fetch)
             except _RequestFailed as e:
                 if e.kind != "unknown_program":
                     raise
@@ -493,32 +526,44 @@ class RemoteExecutor:
         finally:
             self.counters["fetch_seconds"] += time.perf_counter() - started
 
-    def _fetch(self, ref: dict) -> torch.Tensor:
-        with self._lock:
-            shape = tuple(ref["shape"])
-            dtype = ref["dtype"]
-            numel = 1
-            for s in shape:
-                numel *= s
-            expected = numel * P.itemsize(dtype)
-            out = torch.empty(expected, dtype=torch.uint8)
+    def _fetch_plan(self, ref: dict):
+        """(fetch request, receive(reply) -> buffers, result() -> the tensor) for `ref`."""
+        shape = tuple(ref["shape"])
+        dtype = ref["dtype"]
+        numel = 1
+        for s in shape:
+            numel *= s
+        expected = numel * P.itemsize(dtype)
+        out = torch.empty(expected, dtype=torch.uint8)
 
-            def receive(reply: dict) -> list[memoryview]:
-                if reply.get("n") != expected:
-                    raise ProtocolError(
-                        f"genie: the server sent {reply.get('n')} bytes for a {expected}-byte tensor"
-                    )
-                return [memoryview(out.numpy())]
+        def receive(reply: dict) -> list[memoryview]:
+            if reply.get("n") != expected:
+                raise ProtocolError(
+                    f"genie: the server sent {reply.get('n')} bytes for a {expected}-byte tensor"
+                )
+            return [memoryview(out.numpy())]
 
-            try:
-                self._request({"t": "fetch", "ref": P.encode_ref(ref)}, (), receive)
-            except _RequestFailed as e:
-                self._raise(e)
+        def result() -> torch.Tensor:
             self.counters["fetches"] += 1
             self.counters["fetch_bytes"] += expected
             if numel == 0:
                 return torch.empty(shape, dtype=dtype)
             return out.view(dtype).reshape(shape)
+
+        return {"t": "fetch", "ref": P.encode_ref(ref)}, receive, result
+
+    def _fetch(self, ref: dict) -> torch.Tensor:
+        with self._lock:
+            header, receive, result = self._fetch_plan(ref)
+            pre, self._prefetched = self._prefetched, None
+            if pre is not None and pre[0] == header["ref"]:
+                self.counters["fetched_with_run"] += 1
+                return pre[1]  # fetched right behind its run (Note: [Run then fetch])
+            try:
+                self._request(header, (), receive)
+            except _RequestFailed as e:
+                self._raise(e)
+            return result()
 
     def release(self, ids: list[int]) -> None:
         with self._lock:

@@ -32,7 +32,7 @@ from genie.runtime import protocol as P
 from genie.runtime.graphs import GraphRunner
 from genie.runtime.program import Program, ProgramCache, _key, check_binding, execute
 from genie.runtime.replay import Environment
-from genie.runtime.transports import Listener, Transport, listen
+from genie.runtime.transports import Listener, Transport, default_spin_us, listen
 from genie.runtime.transports.base import Frame
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     idle_timeout: float | None = None  # seconds a session may sit silent; None = forever
     max_sessions: int = 256
+    spin_us: int | None = None  # poll for the next request before blocking; None: default_spin_us()
 
 
 class Session:
@@ -108,6 +109,8 @@ class Session:
                 return
             self.authenticated = True
             t.set_timeout(self.server.config.idle_timeout)
+            spin = self.server.config.spin_us
+            t.spin_us = default_spin_us() if spin is None else spin
             logger.info("genie: session %d opened for %s", self.number, t.peer)
             self.last_active = time.monotonic()
             while True:
@@ -928,6 +931,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, log_level: bool = Tr
     parser.add_argument(
         "--idle-timeout", type=float, default=None, help="close sessions silent this many seconds"
     )
+    parser.add_argument(
+        "--spin-us",
+        type=int,
+        default=None,
+        help="microseconds a session polls for its next request before it blocks (default: "
+        "$GENIE_SPIN_US, else 10000 on hosts with 8 or more cores, 0 on smaller ones)",
+    )
     if log_level:
         parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     parser.add_argument(
@@ -970,6 +980,7 @@ def serve_main(args: argparse.Namespace) -> int:
         cuda_graphs=not args.no_cuda_graphs,
         transport=args.transport,
         idle_timeout=args.idle_timeout,
+        spin_us=args.spin_us,
     )
     try:
         server = Server(config)

@@ -6,7 +6,13 @@ from __future__ import annotations
 import importlib
 
 from genie.errors import UnsupportedOperationError
-from genie.runtime.transports.base import Frame, Listener, Transport, TransportStats
+from genie.runtime.transports.base import (
+    Frame,
+    Listener,
+    Transport,
+    TransportStats,
+    default_spin_us,
+)
 from genie.runtime.transports.tcp import TcpListener, TcpTransport, parse_address
 
 __all__ = [
@@ -18,6 +24,7 @@ __all__ = [
     "TransportStats",
     "available",
     "connect",
+    "default_spin_us",
     "parse_address",
 ]
 

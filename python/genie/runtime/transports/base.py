@@ -13,10 +13,13 @@ transport), frames are sent and received, ``close`` ends it; after ``close`` eve
 
 from __future__ import annotations
 
+import os
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from genie.errors import GenieError
 
 __all__ = [
     "FRAME_MAGIC",
@@ -73,11 +76,29 @@ def unpack_prefix(data: bytes) -> tuple[bytes, int, int, int, int]:
     return magic, version, kind, header_len, payload_len
 
 
+def default_spin_us() -> int:
+    """Microseconds a reader polls for the next frame before it blocks (Note: [Spinning for a
+    reply] in csrc/bindings/module.cpp): ``$GENIE_SPIN_US``, else 10 ms on hosts with 8 or
+    more cores and 0 on smaller ones, where a polling thread would take a core from the work
+    it waits for."""
+    text = os.environ.get("GENIE_SPIN_US")
+    if text is not None:
+        try:
+            return max(0, int(text))
+        except ValueError:
+            raise GenieError(
+                f"genie: GENIE_SPIN_US must be a whole number of microseconds, not {text!r}"
+            ) from None
+    return 10_000 if (os.cpu_count() or 1) >= 8 else 0
+
+
 class Transport(ABC):
     """One connected, ordered, reliable channel carrying frames."""
 
     #: short name ("tcp", "dpdk")
     name: str = "abstract"
+    #: how long recv_frame polls before it blocks, in microseconds (0: it blocks at once)
+    spin_us: int = 0
 
     @property
     @abstractmethod

@@ -11,6 +11,7 @@ import logging
 import socket
 from collections.abc import Sequence
 
+from genie import _C
 from genie.errors import ProtocolError, TransportError
 from genie.runtime.transports.base import (
     FRAME_MAGIC,
@@ -187,6 +188,8 @@ class TcpTransport(Transport):
         if self._remaining:
             raise ProtocolError("genie: a frame was read before the previous payload was consumed")
         buf = memoryview(self._prefix_buf)
+        if self.spin_us:
+            _C._spin_until_readable(self._sock.fileno(), self.spin_us)
         self._recv_into(buf, "waiting for a message from")
         magic, version, kind, header_len, payload_len = unpack_prefix(bytes(buf))
         if magic != FRAME_MAGIC:
