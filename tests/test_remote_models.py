@@ -233,6 +233,43 @@ def test_cuda_server_replays_cuda_graphs_and_matches_eager_cuda():
             client.close()
 
 
+@pytest.mark.gpu
+def test_cuda_graph_outputs_held_by_the_user_keep_their_values():
+    """A loop that keeps the last run's output while it runs the next (a decode loop's logits)
+    gets a second graph that takes turns with the first, so nothing is copied; outputs held
+    longer are copied away before a replay would overwrite them. Every value equals eager."""
+    from genie.runtime.client import connect
+    from genie.runtime.loopback import LoopbackServer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
+    xs = [torch.randn(4, 16) for _ in range(12)]
+    with torch.no_grad():
+        ref = [copy.deepcopy(model).cuda()(x.cuda()).cpu() for x in xs]
+    with LoopbackServer(device="cuda:0") as srv:
+        client = connect(srv.address, token=srv.token)
+        try:
+            with torch.no_grad():
+                rmodel = copy.deepcopy(model).to(DEVICE)
+                prev = None
+                for i, x in enumerate(xs[:8]):
+                    out = rmodel(x.to(DEVICE))
+                    assert torch.equal(out.cpu(), ref[i])
+                    if prev is not None:  # held while the next run replayed
+                        assert torch.equal(prev.cpu(), ref[i - 1])
+                    prev = out
+                graphs = client.server_stats()["session"]
+                assert graphs["cuda_graph_replays"] >= 4, graphs
+                assert graphs["cuda_graph_spares"] == 1 and graphs["cuda_graph_output_copies"] == 0
+                kept = [rmodel(x.to(DEVICE)) for x in xs[8:]]  # each held across later runs
+                for out, want in zip(kept, ref[8:], strict=True):
+                    assert torch.equal(out.cpu(), want)
+                assert client.server_stats()["session"]["cuda_graph_output_copies"] > 0
+        finally:
+            genie.configure(local_device="cpu")
+            client.close()
+
+
 def test_undefined_outputs_travel_and_backward_matches_eager(remote):
     """Backward ops return undefined tensors for gradients nobody asked for (layer norm's weight
     grad when the weight is frozen); they must cross the wire as such."""

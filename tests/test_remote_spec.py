@@ -352,7 +352,7 @@ class InProcess:
         assert self.session.speculation is None
         assert all(sid >= 0 for sid in self.session.env.storages)
         for e in self.session.runner._entries.values():
-            assert all(sid >= 0 for sid, _ in e.handed)
+            assert all(sid >= 0 for slot in e.slots for sid, _ in slot.handed)
 
     def close(self) -> None:
         self.session.close()
@@ -452,17 +452,24 @@ def test_random_specs_are_answered_and_change_nothing(small):
 
 
 def test_graph_runner_rename_and_restore():
-    from genie.runtime.graphs import GraphRunner, _Entry
+    from genie.runtime.graphs import GraphRunner, _Entry, _Slot
 
     runner = GraphRunner(torch.device("cpu"), enabled=False)
     st = torch.empty(4, dtype=torch.uint8).untyped_storage()
-    runner._entries[b"k"] = _Entry(handed=[(-1, st), (7, st)])
+
+    def slot(handed):
+        return _Slot(graph=None, static={}, static_list=[], outputs={}, handed=handed)
+
+    runner._entries[b"k"] = _Entry(slots=[slot([(-1, st), (7, st)]), slot([(-2, st)])], next=1)
     saved = runner.handed(b"k")
-    runner.rename({-1: 42})
-    assert runner._entries[b"k"].handed == [(42, st), (7, st)]
+    runner.rename({-1: 42, -2: 43})
+    e = runner._entries[b"k"]
+    assert [s.handed for s in e.slots] == [[(42, st), (7, st)], [(43, st)]]
+    e.next = 0
     runner.restore_handed(b"k", saved)
-    assert runner._entries[b"k"].handed == [(-1, st), (7, st)]
-    assert runner.handed(b"nope") == []
+    assert [s.handed for s in e.slots] == [[(-1, st), (7, st)], [(-2, st)]]
+    assert e.next == 1  # whose turn it was comes back too
+    assert runner.handed(b"nope") == (0, [])
 
 
 @pytest.mark.gpu

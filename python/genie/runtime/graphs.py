@@ -13,9 +13,13 @@ A graph reads and writes fixed addresses, so:
 - Other inputs (this step's token ids, last step's activations) get private static copies;
   their current value is copied in before each replay, and copied back out when the program
   writes them.
-- Outputs live in the graph's memory pool and are handed to the session. Before the next
-  replay overwrites them, any the session still holds are cloned away (copy on replay), so a
-  value the user kept from an earlier step never changes under them.
+- Outputs live in the graph's memory pool and are handed to the session. A value the user kept
+  from an earlier run must never change under them, so when a replay would overwrite outputs
+  the session still holds, the program is captured a second time (its own memory pool) and
+  the two graphs take turns: a serving or decode loop that holds the last step's outputs while
+  it records the next one (HF's output objects often linger until Python's cycle collector
+  runs) costs no copies. Outputs held across two runs, or a second capture that failed, are
+  cloned away before the replay (copy on replay).
 Programs with random ops (replayed on the host) never become graphs. Any failure to capture
 marks the program as not capturable and it keeps running plainly.
 """
@@ -51,17 +55,26 @@ def _clone(st: torch.UntypedStorage) -> torch.UntypedStorage:
 
 
 @dataclass
+class _Slot:
+    """One capture of a program: its graph, the storages it reads, the outputs it makes."""
+
+    graph: torch.cuda.CUDAGraph
+    static: dict[int, torch.UntypedStorage]  # input local -> the storage the graph reads
+    static_list: list[torch.UntypedStorage]  # static, in program.inputs order
+    outputs: dict[int, torch.UntypedStorage]
+    handed: list[tuple[int, torch.UntypedStorage]] = field(default_factory=list)
+
+
+@dataclass
 class _Entry:
     runs: int = 0
     failed: bool = False
-    graph: torch.cuda.CUDAGraph | None = None
-    static: dict[int, torch.UntypedStorage] = field(default_factory=dict)
+    slots: list[_Slot] = field(default_factory=list)  # one capture, or two taking turns
+    next: int = 0  # the slot the next replay uses
+    no_spare: bool = False  # a second capture failed: held outputs are copied instead
     stable: set[int] = field(default_factory=set)
-    outputs: dict[int, torch.UntypedStorage] = field(default_factory=dict)
-    handed: list[tuple[int, torch.UntypedStorage]] = field(default_factory=list)
     written: list[int] = field(default_factory=list)  # inputs the program writes in place
     last_inputs: dict[int, int] = field(default_factory=dict)  # local -> id() of its storage object
-    static_list: list[torch.UntypedStorage] | None = None  # static, in program.inputs order
 
 
 class GraphRunner:
@@ -78,6 +91,8 @@ class GraphRunner:
         self.replays = 0
         self.captures = 0
         self.capture_failures = 0
+        self.spares = 0  # second captures (Note: [CUDA graphs on the server])
+        self.output_copies = 0  # held outputs cloned away before a replay
 
     def run(self, program: Program, binding: list[int], states: dict, env: Environment) -> None:
         """Run `program` (binding already checked), through a graph when that is possible."""
@@ -91,27 +106,33 @@ class GraphRunner:
                 self._entries.popitem(last=False)
         self._entries.move_to_end(program.key)
         e.runs += 1
-        if e.graph is None:
+        if not e.slots:
             current = {local: id(env.storages[binding[local]]) for local in program.inputs}
             if e.failed or e.runs <= self.warmup:
                 e.last_inputs = current
                 execute(program, binding, states, env)
                 return
-            if not self._capture(e, program, binding, env, current):
+            e.stable = {local for local, ident in current.items() if e.last_inputs.get(local) == ident}
+            e.written = [local for local in program.inputs if local in set(program.produced)]
+            slot = self._capture(program, binding, env, e.stable)
+            if slot is None:
+                e.failed = True
                 execute(program, binding, states, env)
                 return
+            e.slots, e.next = [slot], 0
         if not self._replay(e, program, binding, env):
             execute(program, binding, states, env)
 
     # -- capture and replay ---------------------------------------------------------------
     def _capture(
-        self, e: _Entry, program: Program, binding: list[int], env: Environment, current: dict
-    ) -> bool:
-        e.stable = {local for local, ident in current.items() if e.last_inputs.get(local) == ident}
+        self, program: Program, binding: list[int], env: Environment, stable: set[int]
+    ) -> _Slot | None:
+        """Capture `program` as a CUDA graph reading the session's own storages for `stable`
+        inputs and private copies for the others; None if it cannot be captured."""
         static: dict[int, torch.UntypedStorage] = {}
         for local in program.inputs:
             st = env.storages[binding[local]]
-            static[local] = st if local in e.stable else _clone(st)
+            static[local] = st if local in stable else _clone(st)
         frame = Environment(env.device)
         frame.storages = dict(static)
         graph = torch.cuda.CUDAGraph()
@@ -121,7 +142,6 @@ class GraphRunner:
                     for step in program.steps:
                         run_step(step, frame)
         except Exception as err:  # noqa: BLE001 - any capture failure means "run it plainly"
-            e.failed = True
             self.capture_failures += 1
             logger.info(
                 "genie: program %s cannot be captured as a CUDA graph: %s",
@@ -132,48 +152,58 @@ class GraphRunner:
                 torch.cuda.synchronize(self.device)
             except Exception:  # noqa: BLE001
                 logger.exception("genie: CUDA state after a failed capture")
-            return False
-        e.graph = graph
-        e.static = static
-        e.static_list = None
-        e.outputs = {
-            local: frame.storages[local]
-            for local in program.produced
-            if local in frame.storages and local not in static
-        }
-        e.written = [local for local in program.inputs if local in set(program.produced)]
+            return None
         self.captures += 1
         logger.debug("genie: captured program %s as a CUDA graph", program.key.hex()[:12])
-        return True
+        return _Slot(
+            graph=graph,
+            static=static,
+            static_list=[static[local] for local in program.inputs],
+            outputs={
+                local: frame.storages[local]
+                for local in program.produced
+                if local in frame.storages and local not in static
+            },
+        )
 
     def _drop(self, e: _Entry) -> None:
-        e.graph = None
-        e.static_list = None
-        e.static, e.outputs, e.handed, e.written = {}, {}, [], []
+        e.slots, e.next, e.written, e.no_spare = [], 0, [], False
         e.runs = 0
 
     def _replay(self, e: _Entry, program: Program, binding: list[int], env: Environment) -> bool:
         # The loops below run before the GPU gets the graph: common cases take C-level paths.
         storages = env.storages
-        # 1. Values handed out by the previous replay must not change under their holders.
-        if e.handed:
-            held = list(map(storages.get, [sid for sid, _ in e.handed]))
-            if any(map(operator.is_, held, [st for _, st in e.handed])):
-                for (sid, st), cur in zip(e.handed, held, strict=True):
-                    if cur is st:
-                        storages[sid] = _clone(st)
-        e.handed = []
+        index = e.next
+        slot = e.slots[index]
+        # 1. Values handed out by this slot's last replay must not change under their holders:
+        #    a second capture takes turns with the first, else they are copied away.
+        if slot.handed:
+            held = list(map(storages.get, [sid for sid, _ in slot.handed]))
+            if any(map(operator.is_, held, [st for _, st in slot.handed])):
+                spare = None
+                if len(e.slots) == 1 and not e.no_spare:
+                    spare = self._capture(program, binding, env, e.stable)
+                    if spare is None:
+                        e.no_spare = True
+                    else:
+                        self.spares += 1
+                        e.slots.append(spare)
+                        index, slot = 1, spare
+                if spare is None:
+                    for (sid, st), cur in zip(slot.handed, held, strict=True):
+                        if cur is st:
+                            storages[sid] = _clone(st)
+                            self.output_copies += 1
+            slot.handed = []
         # 2. Inputs: in place when they are the captured storage, else copied in.
         copied = []
         inputs = program.inputs
-        if e.static_list is None:
-            e.static_list = [e.static[local] for local in inputs]
         current = list(map(storages.__getitem__, [binding[local] for local in inputs]))
-        if all(map(operator.is_, current, e.static_list)):
+        if all(map(operator.is_, current, slot.static_list)):
             inputs = []  # every input is the captured storage itself
         for local in inputs:
-            cur = env.storages[binding[local]]
-            st = e.static[local]
+            cur = storages[binding[local]]
+            st = slot.static[local]
             if cur is st:
                 continue
             if local in e.stable or cur.nbytes() != st.nbytes():
@@ -185,15 +215,16 @@ class GraphRunner:
                 return False
             _bytes(st).copy_(_bytes(cur))
             copied.append(local)
-        e.graph.replay()
+        slot.graph.replay()
         self.replays += 1
+        e.next = (index + 1) % len(e.slots)
         # 3. In-place writes to private copies go back to the session's storages.
         for local in copied:
             if local in e.written:
-                _bytes(env.storages[binding[local]]).copy_(_bytes(e.static[local]))
+                _bytes(storages[binding[local]]).copy_(_bytes(slot.static[local]))
         # 4. Outputs.
-        e.handed = [(binding[local], st) for local, st in e.outputs.items()]
-        storages.update(e.handed)
+        slot.handed = [(binding[local], st) for local, st in slot.outputs.items()]
+        storages.update(slot.handed)
         return True
 
     # -- speculative runs (Note: [Speculative runs] in genie/runtime/server.py) --------------
@@ -201,21 +232,30 @@ class GraphRunner:
         """Storages handed out under the ids in `mapping` are now held under the ids it maps
         them to (a speculative run's temporaries adopted by the run that confirmed it)."""
         for e in self._entries.values():
-            if e.handed:
-                e.handed = [(mapping.get(sid, sid), st) for sid, st in e.handed]
+            for slot in e.slots:
+                if slot.handed:
+                    slot.handed = [(mapping.get(sid, sid), st) for sid, st in slot.handed]
 
-    def handed(self, key: bytes) -> list[tuple[int, torch.UntypedStorage]]:
-        """The outputs the last replay of program `key` handed out (a copy)."""
+    def handed(self, key: bytes) -> tuple:
+        """What program `key`'s graphs have handed out, and whose turn is next (a snapshot for
+        restore_handed)."""
         e = self._entries.get(key)
-        return list(e.handed) if e is not None else []
+        if e is None:
+            return (0, [])
+        return (e.next, [list(slot.handed) for slot in e.slots])
 
-    def restore_handed(self, key: bytes, handed: list[tuple[int, torch.UntypedStorage]]) -> None:
-        """Undo a run of program `key`: its record of handed-out outputs becomes `handed`
-        again. The undone run's outputs are gone from the session; outputs of earlier replays
-        the undo put back under their ids must be copied away before the next replay."""
+    def restore_handed(self, key: bytes, handed: tuple) -> None:
+        """Undo a run of program `key`: its record of handed-out outputs becomes `handed` (a
+        snapshot from ``handed``) again. The undone run's outputs are gone from the session;
+        outputs of earlier replays the undo put back under their ids must be copied away (or
+        left to the other graph) before the next replay."""
         e = self._entries.get(key)
-        if e is not None:
-            e.handed = list(handed)
+        if e is None:
+            return
+        turn, lists = handed
+        for i, slot in enumerate(e.slots):
+            slot.handed = list(lists[i]) if i < len(lists) else []
+        e.next = turn if turn < len(e.slots) else 0
 
     def clear(self) -> None:
         """Drop every graph (and the memory its pool holds)."""
@@ -223,8 +263,10 @@ class GraphRunner:
 
     def stats(self) -> dict[str, int]:
         return {
-            "cuda_graphs": len([e for e in self._entries.values() if e.graph is not None]),
+            "cuda_graphs": len([e for e in self._entries.values() if e.slots]),
             "cuda_graph_replays": self.replays,
             "cuda_graph_captures": self.captures,
             "cuda_graph_capture_failures": self.capture_failures,
+            "cuda_graph_spares": self.spares,
+            "cuda_graph_output_copies": self.output_copies,
         }

@@ -680,7 +680,7 @@ class _Speculation:
     # empty storage the run uploads
     temps: dict[int, int]  # local -> the temporary id its storage is held under
     saved: list[tuple[int, torch.UntypedStorage | None, torch.Tensor | None]]  # sid, object, bytes
-    handed: list[tuple[int, torch.UntypedStorage]]  # GraphRunner.handed(program.key) before
+    handed: tuple  # GraphRunner.handed(program.key) before
 
     @property
     def fixed(self) -> tuple[list[int], list[int]]:
