@@ -90,11 +90,13 @@ class _Known:
         b1, b0 = self.last, self.before
         if b1 is None or b0 is None or self.random:
             return None
-        made0 = {b0[j]: j for j, _ in self.created}
+        made0 = None
         out: list[Any] = [None] * len(b1)
         for s in self.external:
             x = b1[s]
             if x != b0[s]:
+                if made0 is None:
+                    made0 = {b0[j]: j for j, _ in self.created}
                 j = made0.get(x)
                 if j is None:
                     if s in self.empty_last and s in self.empty_before:

@@ -75,8 +75,9 @@ class Environment:
         self.storages[meta.storage] = st
 
     def release(self, ids) -> None:
+        pop = self.storages.pop
         for i in ids:
-            self.storages.pop(i, None)
+            pop(i, None)
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.storages.values())

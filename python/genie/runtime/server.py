@@ -248,8 +248,7 @@ class Session:
         for op in P.get_list(pre, "pre", self.limits.max_list):
             P.need(type(op) is list and len(op) >= 2, "a deferred operation must be a list")
             if op[0] == "release":
-                ids = P.get_list(op[1], "release ids", self.limits.max_list)
-                self.env.release([P.get_sid(i) for i in ids])
+                self.env.release(P.get_sids(op[1], "release ids", self.limits.max_list))
             elif op[0] == "bind" and len(op) == 3:
                 pid = P.get_int(op[1], 0, P._MAX_SID, "pending result")
                 meta = P.decode_ref(op[2], self.limits)
@@ -397,8 +396,7 @@ class Session:
         return {"ok": True, "n": flat.numel()}, [memoryview(flat.numpy())]
 
     def _release(self, req: dict, frame: Frame) -> tuple[dict, list]:
-        ids = P.get_list(req.get("ids"), "release ids", self.limits.max_list)
-        self.env.release([P.get_sid(i) for i in ids])
+        self.env.release(P.get_sids(req.get("ids"), "release ids", self.limits.max_list))
         return {"ok": True}, []
 
     def _stats(self, req: dict, frame: Frame) -> tuple[dict, list]:
