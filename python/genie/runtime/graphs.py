@@ -60,7 +60,9 @@ class _Slot:
 
     graph: torch.cuda.CUDAGraph
     static: dict[int, torch.UntypedStorage]  # input local -> the storage the graph reads
-    static_list: list[torch.UntypedStorage]  # static, in program.inputs order
+    fixed: list[int]  # inputs read in place (the session's own storage), in program.inputs order
+    fixed_list: list[torch.UntypedStorage]  # their storages, in the same order
+    loose: list[int]  # inputs read from a private copy the current value is copied into
     outputs: dict[int, torch.UntypedStorage]
     handed: list[tuple[int, torch.UntypedStorage]] = field(default_factory=list)
 
@@ -112,7 +114,9 @@ class GraphRunner:
                 e.last_inputs = current
                 execute(program, binding, states, env)
                 return
-            e.stable = {local for local, ident in current.items() if e.last_inputs.get(local) == ident}
+            e.stable = {
+                local for local, ident in current.items() if e.last_inputs.get(local) == ident
+            }
             e.written = [local for local in program.inputs if local in set(program.produced)]
             slot = self._capture(program, binding, env, e.stable)
             if slot is None:
@@ -158,7 +162,9 @@ class GraphRunner:
         return _Slot(
             graph=graph,
             static=static,
-            static_list=[static[local] for local in program.inputs],
+            fixed=[local for local in program.inputs if local in stable],
+            fixed_list=[static[local] for local in program.inputs if local in stable],
+            loose=[local for local in program.inputs if local not in stable],
             outputs={
                 local: frame.storages[local]
                 for local in program.produced
@@ -195,26 +201,29 @@ class GraphRunner:
                             storages[sid] = _clone(st)
                             self.output_copies += 1
             slot.handed = []
-        # 2. Inputs: in place when they are the captured storage, else copied in.
+        # 2. Inputs: those captured in place must still be the captured storage; the others'
+        #    values are copied into the graph's private copies (nothing to copy for an empty
+        #    one: HF's DynamicCache uploads 24 of them per GPT-2 forward).
         copied = []
-        inputs = program.inputs
-        current = list(map(storages.__getitem__, [binding[local] for local in inputs]))
-        if all(map(operator.is_, current, slot.static_list)):
-            inputs = []  # every input is the captured storage itself
-        for local in inputs:
+        current = list(map(storages.__getitem__, [binding[local] for local in slot.fixed]))
+        changed = not all(map(operator.is_, current, slot.fixed_list))
+        for local in () if changed else slot.loose:
             cur = storages[binding[local]]
             st = slot.static[local]
-            if cur is st:
-                continue
-            if local in e.stable or cur.nbytes() != st.nbytes():
-                logger.debug(
-                    "genie: program %s: a captured input changed; dropping its graph",
-                    program.key.hex()[:12],
-                )
-                self._drop(e)
-                return False
-            _bytes(st).copy_(_bytes(cur))
-            copied.append(local)
+            n = st.nbytes()
+            if cur.nbytes() != n:
+                changed = True
+                break
+            if n:
+                _bytes(st).copy_(_bytes(cur))
+                copied.append(local)
+        if changed:
+            logger.debug(
+                "genie: program %s: a captured input changed; dropping its graph",
+                program.key.hex()[:12],
+            )
+            self._drop(e)
+            return False
         slot.graph.replay()
         self.replays += 1
         e.next = (index + 1) % len(e.slots)
