@@ -286,13 +286,8 @@ class RemoteExecutor:
     def _read_spec_replies(self) -> None:
         """Read the answers to spec requests sent earlier (they precede every other reply)."""
         while self._unread:
-            frame = self._t.recv_frame(_REPLY_MAX_HEADER)
+            reply = self._read_reply(None)
             self._unread -= 1
-            if frame.kind != P.REPLY:
-                raise ProtocolError(f"genie: unexpected frame kind {frame.kind} from the server")
-            if frame.payload_len:
-                self._t.skip_payload(frame.payload_len)
-            reply = P.get_map(P.unpack(frame.header), "reply")
             if reply.get("ok") is not True:
                 msg = str(reply.get("msg", "the server refused a speculative run"))
                 if reply.get("fatal"):

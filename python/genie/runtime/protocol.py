@@ -234,10 +234,10 @@ def get_sid(v: Any, what: str = "storage id") -> int:
 def get_sids(v: Any, what: str, max_len: int) -> list[int]:
     """A list of storage ids (the common all-valid case checked at C level)."""
     ids = get_list(v, what, max_len)
-    if all(map(int.__instancecheck__, ids)) and (not ids or (min(ids) >= 0 and max(ids) <= _MAX_SID)):
-        if not any(map(bool.__instancecheck__, ids)):
-            return ids
-    return [get_sid(i) for i in ids]
+    plain_ints = all(map(int.__instancecheck__, ids)) and not any(map(bool.__instancecheck__, ids))
+    if plain_ints and (not ids or (min(ids) >= 0 and max(ids) <= _MAX_SID)):
+        return ids
+    return [get_sid(i) for i in ids]  # the first bad id raises its own error
 
 
 def dtype_name(dtype: torch.dtype) -> str:
