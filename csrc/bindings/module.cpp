@@ -3,7 +3,9 @@
 
 #include <chrono>
 
+#include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
+#include <torch/csrc/Storage.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/python.h>
@@ -13,6 +15,7 @@
 #include "capture/errors.h"
 #include "capture/executor.h"
 #include "capture/kernels.h"
+#include "capture/program_runner.h"
 #include "capture/recorder.h"
 #include "capture/shape_cache.h"
 #include "capture/storage.h"
@@ -81,6 +84,92 @@ py::list nodes_to_py(const std::vector<std::shared_ptr<Node>>& nodes) {
 
 c10::Device parse_device(const std::string& s) { return c10::Device(s); }
 
+// -- checked programs as C++ nodes (Note: [Running programs in C++]) ------------------------
+// The server hands over steps it has validated: (local, dtype, shape, stride, offset, nbytes)
+// references and [kind, value] arguments, values converted by the op's schema types.
+TensorRef ref_from_py(py::handle h) {
+  auto t = py::reinterpret_borrow<py::sequence>(h);
+  if (t.size() != 6) throw py::value_error("genie: a reference has 6 fields");
+  TensorRef r;
+  r.storage = t[0].cast<int64_t>();
+  PyObject* dt = t[1].ptr();
+  if (!THPDtype_Check(dt)) throw py::type_error("genie: a reference's dtype must be a torch.dtype");
+  r.dtype = reinterpret_cast<THPDtype*>(dt)->scalar_type;
+  for (auto x : py::reinterpret_borrow<py::sequence>(t[2])) r.sizes.push_back(x.cast<int64_t>());
+  for (auto x : py::reinterpret_borrow<py::sequence>(t[3])) r.strides.push_back(x.cast<int64_t>());
+  if (r.sizes.size() != r.strides.size()) throw py::value_error("genie: sizes and strides differ in rank");
+  r.offset = t[4].cast<int64_t>();
+  r.storage_nbytes = t[5].cast<int64_t>();
+  return r;
+}
+
+bool is_tensor_type(const c10::TypePtr& declared) {
+  c10::TypePtr t = declared;
+  if (t->kind() == c10::TypeKind::OptionalType) t = t->castRaw<c10::OptionalType>()->getElementType();
+  return t->kind() == c10::TypeKind::TensorType;
+}
+
+c10::IValue value_from_py(py::handle v, const c10::Argument& a) {
+  if (v.is_none()) return c10::IValue();
+  if (is_tensor_type(a.type())) {
+    // A Python number where the schema wants a tensor: a wrapped scalar, as eager makes one.
+    at::Tensor t;
+    if (PyBool_Check(v.ptr())) t = at::scalar_to_tensor(c10::Scalar(v.cast<bool>()));
+    else if (PyLong_Check(v.ptr())) t = at::scalar_to_tensor(c10::Scalar(v.cast<int64_t>()));
+    else if (PyFloat_Check(v.ptr())) t = at::scalar_to_tensor(c10::Scalar(v.cast<double>()));
+    else if (PyComplex_Check(v.ptr())) t = at::scalar_to_tensor(c10::Scalar(v.cast<c10::complex<double>>()));
+    else throw py::type_error("genie: an unexpected value for tensor argument " + a.name());
+    t.unsafeGetTensorImpl()->set_wrapped_number(true);
+    return t;
+  }
+  return torch::jit::toIValue(v, a.type());
+}
+
+std::shared_ptr<Node> program_node(const std::string& op_name, py::list args, py::list inputs, py::list outputs,
+                                   std::vector<int32_t> alias) {
+  auto dot = op_name.rfind('.');
+  if (dot == std::string::npos) throw py::value_error("genie: " + op_name + " is not an op overload name");
+  std::string overload = op_name.substr(dot + 1);
+  auto handle = c10::Dispatcher::singleton().findSchema(
+      {op_name.substr(0, dot), overload == "default" ? std::string() : overload});
+  if (!handle.has_value()) throw py::value_error("genie: no op " + op_name);
+  auto n = std::make_shared<Node>();
+  n->op = *handle;
+  const auto& schema_args = handle->schema().arguments();
+  if (args.size() > schema_args.size()) throw py::value_error("genie: too many arguments for " + op_name);
+  for (size_t i = 0; i < args.size(); ++i) {
+    auto a = py::reinterpret_borrow<py::sequence>(args[i]);
+    int kind = a[0].cast<int>();
+    Arg arg;
+    if (kind == 0) {
+      arg.kind = Arg::Kind::Value;
+      arg.value = value_from_py(a[1], schema_args[i]);
+    } else if (kind == 1) {
+      arg.kind = Arg::Kind::Tensor;
+      arg.refs.push_back(a[1].cast<int32_t>());
+    } else if (kind == 2 || kind == 3) {
+      arg.kind = kind == 2 ? Arg::Kind::TensorList : Arg::Kind::OptionalTensorList;
+      arg.refs = a[1].cast<std::vector<int32_t>>();
+    } else {
+      throw py::value_error("genie: an argument kind must be 0-3");
+    }
+    for (auto r : arg.refs)
+      if (r < -1 || r >= static_cast<int32_t>(inputs.size())) throw py::value_error("genie: a tensor index out of range");
+    n->args.push_back(std::move(arg));
+  }
+  for (auto r : inputs) n->inputs.push_back(ref_from_py(r));
+  if (alias.size() != outputs.size()) throw py::value_error("genie: one alias per output");
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    if (alias[i] == kUndefinedOutput || outputs[i].is_none()) {
+      n->outputs.emplace_back();
+    } else {
+      n->outputs.push_back(ref_from_py(outputs[i]));
+    }
+  }
+  n->output_alias = std::move(alias);
+  return n;
+}
+
 // Note: [Python executors]
 // Remote execution is written in Python (wire protocol, transports). It plugs in behind the
 // same Executor interface as the local executor through this adapter, which converts the
@@ -137,11 +226,26 @@ class PyExecutor final : public Executor {
           if (!*alive) throw std::runtime_error("genie: a flush's nodes asked for after the flush");
           return request_nodes_to_py(req);
         });
+        // Where each parameter sits (Note: [Program templates]): asked for once per structure.
+        py::cpp_function paths_fn([&req, alive]() -> py::list {
+          if (!*alive) throw std::runtime_error("genie: a flush's paths asked for after the flush");
+          auto full = digest_program(req.nodes, 0, /*paths=*/true);
+          py::list out;
+          for (const auto& p : full.param_paths) {
+            py::list path;
+            for (auto x : p)
+              if (x >= 0) path.append(x);
+            out.append(path);
+          }
+          return out;
+        });
         try {
           py::object then_fetch = py::none();
           if (req.then_fetch.has_value()) then_fetch = ref_to_py(*req.then_fetch);
+          py::bytes params(reinterpret_cast<const char*>(d.params.data()), d.params.size() * sizeof(int64_t));
           obj_.attr("run_digest")(fingerprint_bytes(d.fingerprint), d.binding, constants_to_py(req),
-                                  req.targets, rng, nodes_fn, then_fetch);
+                                  req.targets, rng, nodes_fn, then_fetch,
+                                  py::make_tuple(fingerprint_bytes(d.structure), params, paths_fn));
         } catch (...) {
           *alive = false;
           throw;
@@ -247,6 +351,39 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("fd"), py::arg("max_us"),
      "Poll `fd` until it is readable or `max_us` microseconds passed; True when readable.");
 
+  py::class_<Node, std::shared_ptr<Node>>(m, "_ProgramNode",
+      "A validated program step as the C++ runner holds it (Note: [Running programs in C++]).");
+  m.def("_program_node", &program_node, py::arg("op"), py::arg("args"), py::arg("inputs"),
+        py::arg("outputs"), py::arg("alias"));
+  py::class_<ProgramRunner, std::shared_ptr<ProgramRunner>>(m, "_ProgramRunner")
+      .def(py::init([](const std::string& device, const std::vector<std::shared_ptr<Node>>& nodes,
+                       int64_t nlocals, std::vector<int64_t> inputs, std::vector<int64_t> produced) {
+             std::vector<std::shared_ptr<const Node>> steps(nodes.begin(), nodes.end());
+             return std::make_shared<ProgramRunner>(parse_device(device), std::move(steps), nlocals,
+                                                    std::move(inputs), std::move(produced));
+           }),
+           py::arg("device"), py::arg("nodes"), py::arg("nlocals"), py::arg("inputs"), py::arg("produced"))
+      .def("run", [](const ProgramRunner& r, py::list storages) {
+        std::vector<c10::Storage> in;
+        in.reserve(storages.size());
+        for (auto s : storages) {
+          if (!THPStorage_Check(s.ptr())) throw py::type_error("genie: run() takes untyped storages");
+          in.push_back(THPStorage_Unpack(s.ptr()));
+        }
+        std::vector<c10::Storage> out;
+        {
+          py::gil_scoped_release nogil;
+          out = r.run(in);
+        }
+        py::list result;
+        for (auto& st : out) {
+          if (st) result.append(py::reinterpret_steal<py::object>(THPStorage_Wrap(std::move(st))));
+          else result.append(py::none());
+        }
+        return result;
+      }, "Run with the storages of the program's inputs; the storages of its outputs (None: not made).")
+      .def("__len__", &ProgramRunner::size);
+
   m.def("_set_device_count", [](int n) { set_device_count(static_cast<c10::DeviceIndex>(n)); });
   m.def("_device_count", [] { return static_cast<int>(device_count()); });
   m.def("_current_device", [] { return static_cast<int>(current_device_index()); });
@@ -315,9 +452,18 @@ PYBIND11_MODULE(_C, m) {
       py::gil_scoped_release no_gil;
       nodes = pending ? recorder().pending() : recorder().last_flushed();
     }
-    auto d = digest_program(nodes, prefix_nodes);
+    auto d = digest_program(nodes, prefix_nodes, /*paths=*/true);
     if (!d.ok) return py::none();
-    return py::make_tuple(fingerprint_bytes(d.fingerprint), fingerprint_bytes(d.prefix), d.binding);
+    py::list paths;
+    for (const auto& p : d.param_paths) {
+      py::list path;
+      for (auto x : p)
+        if (x >= 0) path.append(x);
+      paths.append(path);
+    }
+    return py::make_tuple(fingerprint_bytes(d.fingerprint), fingerprint_bytes(d.prefix), d.binding,
+                          fingerprint_bytes(d.structure), fingerprint_bytes(d.structure_prefix),
+                          d.params, paths);
   }, py::arg("pending") = false, py::arg("prefix_nodes") = 4);
 
   m.def("_pending_constants", [] {

@@ -132,11 +132,31 @@ bool hash_value(Hasher& h, const c10::IValue& v, int depth = 0) {
   return false;
 }
 
+// 1: the schema types the argument int (or SymInt, optional or not); 2: int[]; 0: other.
+int int_kind(const c10::TypePtr& declared) {
+  c10::TypePtr t = declared;
+  if (t->kind() == c10::TypeKind::OptionalType) t = t->castRaw<c10::OptionalType>()->getElementType();
+  auto k = t->kind();
+  if (k == c10::TypeKind::IntType || k == c10::TypeKind::SymIntType) return 1;
+  if (k == c10::TypeKind::ListType) {
+    auto e = t->castRaw<c10::ListType>()->getElementType()->kind();
+    if (e == c10::TypeKind::IntType || e == c10::TypeKind::SymIntType) return 2;
+  }
+  return 0;
+}
+
 }  // namespace
 
-ProgramDigest digest_program(const std::vector<std::shared_ptr<Node>>& nodes, size_t prefix_nodes) {
+ProgramDigest digest_program(const std::vector<std::shared_ptr<Node>>& nodes, size_t prefix_nodes,
+                             bool paths) {
   ProgramDigest d;
   Hasher h;
+  Hasher hs;  // the structure (Note: [Program templates])
+  d.params.reserve(nodes.size() * 24);
+  auto param = [&](int64_t v, int32_t k, int32_t field, int32_t i, int32_t part, int32_t j) {
+    d.params.push_back(v);
+    if (paths) d.param_paths.push_back({k, field, i, part, j});
+  };
   std::unordered_map<StorageId, int64_t> local;
   local.reserve(nodes.size() * 2);
   // The same numbering as encode_program: first appearance over inputs, outputs (undefined
@@ -146,58 +166,128 @@ ProgramDigest digest_program(const std::vector<std::shared_ptr<Node>>& nodes, si
     if (inserted) d.binding.push_back(s);
     return it->second;
   };
-  auto ref = [&](const TensorRef& r) {
+  // field: 2 for an input, 3 for an output (their places in an encoded node).
+  auto ref = [&](const TensorRef& r, int32_t k, int32_t field, int32_t i) {
     h.add(kRef);
-    h.add(static_cast<uint64_t>(loc(r.storage)));
+    hs.add(kRef);
+    auto l = static_cast<uint64_t>(loc(r.storage));
+    h.add(l);
+    hs.add(l);
     h.add(static_cast<uint64_t>(r.dtype));
+    hs.add(static_cast<uint64_t>(r.dtype));
     h.add(r.sizes.size());
-    for (auto x : r.sizes) h.add(static_cast<uint64_t>(x));
-    for (auto x : r.strides) h.add(static_cast<uint64_t>(x));
+    hs.add(r.sizes.size());
+    for (size_t j = 0; j < r.sizes.size(); ++j) {
+      h.add(static_cast<uint64_t>(r.sizes[j]));
+      param(r.sizes[j], k, field, i, 2, static_cast<int32_t>(j));
+    }
+    for (size_t j = 0; j < r.strides.size(); ++j) {
+      h.add(static_cast<uint64_t>(r.strides[j]));
+      param(r.strides[j], k, field, i, 3, static_cast<int32_t>(j));
+    }
     h.add(static_cast<uint64_t>(r.offset));
+    param(r.offset, k, field, i, 4, -1);
     h.add(static_cast<uint64_t>(r.storage_nbytes));
+    param(r.storage_nbytes, k, field, i, 5, -1);
   };
   for (size_t k = 0; k < nodes.size(); ++k) {
-    if (k == prefix_nodes) d.prefix = {h.a, h.b};
+    if (k == prefix_nodes) {
+      d.prefix = {h.a, h.b};
+      d.structure_prefix = {hs.a, hs.b};
+    }
     const Node& n = *nodes[k];
+    const auto kk = static_cast<int32_t>(k);
     h.add(kNode);
+    hs.add(kNode);
     // The operator's registration is unique and lives as long as the process.
     h.add(reinterpret_cast<uint64_t>(&n.op->operator_name()));
-    for (const auto& a : n.args) {
+    hs.add(reinterpret_cast<uint64_t>(&n.op->operator_name()));
+    const auto& schema_args = n.op->schema().arguments();
+    for (size_t ai = 0; ai < n.args.size(); ++ai) {
+      const auto& a = n.args[ai];
+      const auto ii = static_cast<int32_t>(ai);
       switch (a.kind) {
-        case Arg::Kind::Value:
+        case Arg::Kind::Value: {
           h.add(kArgValue);
+          hs.add(kArgValue);
           if (!hash_value(h, a.value)) {
             if (std::getenv("GENIE_DEBUG_DIGEST")) fprintf(stderr, "genie digest: in %s\n", n.name().c_str());
             return d;
           }
+          const int ik = ai < schema_args.size() ? int_kind(schema_args[ai].type()) : 0;
+          const auto& v = a.value;
+          if (ik == 1 && v.isInt()) {
+            hs.add(kInt);
+            param(v.toInt(), kk, 1, ii, 1, -1);
+          } else if (ik == 1 && v.isSymInt() && v.toSymInt().maybe_as_int().has_value()) {
+            hs.add(kInt);
+            param(*v.toSymInt().maybe_as_int(), kk, 1, ii, 1, -1);
+          } else if (v.isTensor() && v.toTensor().defined() &&
+                     v.toTensor().unsafeGetTensorImpl()->is_wrapped_number() &&
+                     v.toTensor().scalar_type() == c10::ScalarType::Long) {
+            // A Python int where the schema wants a tensor (x + past_length): it travels as
+            // an int too.
+            hs.add(kInt);
+            param(*v.toTensor().const_data_ptr<int64_t>(), kk, 1, ii, 1, -1);
+          } else if (ik == 2 && v.isIntList()) {
+            auto l = v.toIntList();
+            hs.add(kIntList);
+            hs.add(l.size());
+            for (size_t j = 0; j < l.size(); ++j) param(l.get(j), kk, 1, ii, 1, static_cast<int32_t>(j));
+          } else {
+            hash_value(hs, v);
+          }
           break;
+        }
         case Arg::Kind::Tensor:
           h.add(kArgTensor);
           h.add(static_cast<uint64_t>(a.refs[0]));
+          hs.add(kArgTensor);
+          hs.add(static_cast<uint64_t>(a.refs[0]));
           break;
         case Arg::Kind::TensorList:
         case Arg::Kind::OptionalTensorList:
           h.add(a.kind == Arg::Kind::TensorList ? kArgTensorList : kArgOptList);
           h.add(a.refs.size());
-          for (auto i : a.refs) h.add(static_cast<uint64_t>(i));
+          hs.add(a.kind == Arg::Kind::TensorList ? kArgTensorList : kArgOptList);
+          hs.add(a.refs.size());
+          for (auto i : a.refs) {
+            h.add(static_cast<uint64_t>(i));
+            hs.add(static_cast<uint64_t>(i));
+          }
           break;
       }
     }
-    for (const auto& r : n.inputs) ref(r);
+    for (size_t i = 0; i < n.inputs.size(); ++i) ref(n.inputs[i], kk, 2, static_cast<int32_t>(i));
     for (size_t i = 0; i < n.outputs.size(); ++i) {
-      if (n.output_alias[i] == kUndefinedOutput) h.add(kNoRef);
-      else ref(n.outputs[i]);
+      if (n.output_alias[i] == kUndefinedOutput) {
+        h.add(kNoRef);
+        hs.add(kNoRef);
+      } else {
+        ref(n.outputs[i], kk, 3, static_cast<int32_t>(i));
+      }
       h.add(static_cast<uint64_t>(n.output_alias[i]));
+      hs.add(static_cast<uint64_t>(n.output_alias[i]));
     }
-    h.add(n.writes.size());
-    for (auto s : n.writes) h.add(static_cast<uint64_t>(loc(s)));
-    h.add(n.fresh.size());
-    for (auto s : n.fresh) h.add(static_cast<uint64_t>(loc(s)));
-    h.add(n.rng_state.has_value());
+    // Writes, creations and randomness: the same in both fingerprints.
+    for (Hasher* x : {&h, &hs}) {
+      x->add(n.writes.size());
+      for (auto s : n.writes) x->add(static_cast<uint64_t>(loc(s)));
+      x->add(n.fresh.size());
+      for (auto s : n.fresh) x->add(static_cast<uint64_t>(loc(s)));
+      x->add(n.rng_state.has_value());
+    }
     if (n.rng_state.has_value()) d.rng.emplace_back(static_cast<int64_t>(k), *n.rng_state);
   }
-  if (nodes.size() <= prefix_nodes) d.prefix = {h.a, h.b};
+  if (nodes.size() <= prefix_nodes) {
+    d.prefix = {h.a, h.b};
+    d.structure_prefix = {hs.a, hs.b};
+  }
   d.fingerprint = {h.a, h.b};
+  // The parameter count is part of the structure (it follows from ranks and list lengths, but
+  // saying so costs nothing).
+  hs.add(d.params.size());
+  d.structure = {hs.a, hs.b};
   d.ok = true;
   return d;
 }

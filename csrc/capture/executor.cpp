@@ -10,8 +10,6 @@
 
 namespace genie {
 
-namespace {
-
 at::Tensor view_of(const c10::Storage& storage, c10::Device device, c10::ScalarType dtype,
                    c10::IntArrayRef sizes, c10::IntArrayRef strides, int64_t offset) {
   auto key = c10::computeDispatchKey(std::nullopt, c10::kStrided, device);
@@ -20,6 +18,8 @@ at::Tensor view_of(const c10::Storage& storage, c10::Device device, c10::ScalarT
   t.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides, offset);
   return t;
 }
+
+namespace {
 
 // A whole storage moved to `device`, byte for byte, so recorded geometries stay valid.
 c10::Storage storage_to(const at::Tensor& t, c10::Device device) {
@@ -86,27 +86,28 @@ at::Tensor LocalExecutor::materialize(const TensorRef& ref) {
   return materialize_locked(ref);
 }
 
-void LocalExecutor::bind_locked(const TensorRef& ref, const at::Tensor& value) {
-  if (value.device() == device_ && value.sizes() == c10::IntArrayRef(ref.sizes) &&
+c10::Storage storage_for(const TensorRef& ref, const at::Tensor& value, c10::Device device) {
+  if (value.device() == device && value.sizes() == c10::IntArrayRef(ref.sizes) &&
       value.strides() == c10::IntArrayRef(ref.strides) && value.storage_offset() == ref.offset &&
-      value.scalar_type() == ref.dtype) {
-    env_[ref.storage] = value.storage();
-    return;
-  }
+      value.scalar_type() == ref.dtype)
+    return value.storage();
   if (value.sizes() != c10::IntArrayRef(ref.sizes) || value.scalar_type() != ref.dtype) {
     // Meta and the real kernel disagree on the shape (CPU batch norm in eval mode returns
     // empty saved statistics that its meta kernel sizes by channel). Such outputs are side
     // results nobody reads by the recorded geometry; keep what the kernel made.
-    env_[ref.storage] = value.storage();
-    return;
+    return value.storage();
   }
   // The kernel chose another layout than meta inference did: keep the recorded one, since
   // later ops address this storage by the recorded geometry.
   int64_t nbytes = std::max<int64_t>(ref.storage_nbytes, 1);
-  auto bytes = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte).device(device_));
-  auto dst = view_of(bytes.storage(), device_, ref.dtype, ref.sizes, ref.strides, ref.offset);
+  auto bytes = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  auto dst = view_of(bytes.storage(), device, ref.dtype, ref.sizes, ref.strides, ref.offset);
   dst.copy_(value);
-  env_[ref.storage] = bytes.storage();
+  return bytes.storage();
+}
+
+void LocalExecutor::bind_locked(const TensorRef& ref, const at::Tensor& value) {
+  env_[ref.storage] = storage_for(ref, value, device_);
 }
 
 void LocalExecutor::bind(const TensorRef& ref, const at::Tensor& value) {
@@ -121,31 +122,16 @@ void LocalExecutor::bind(const TensorRef& ref, const at::Tensor& value) {
 // An op with no kernel for the executor's device (a CPU-only op on a CUDA executor) runs on
 // the host instead, with a warning naming it, and its results are copied back: an explicit,
 // logged fallback rather than a failure.
-std::vector<c10::IValue> LocalExecutor::call(const Node& node) {
-  const bool on_host = node.rng_state.has_value() && device_.type() != c10::DeviceType::CPU;
-  try {
-    try {
-      return call_on(node, on_host);
-    } catch (const c10::NotImplementedError&) {
-      if (on_host || device_.type() == c10::DeviceType::CPU) throw;
-      TORCH_WARN("genie: ", node.name(), " has no kernel for ", device_.str(),
-                 "; running it on the host CPU and copying its results back");
-      return call_on(node, /*host=*/true);
-    }
-  } catch (const std::exception& e) {
-    raise_error(ErrorKind::Execution, "genie: " + node.name() + " failed on " +
-                                          (on_host ? std::string("cpu") : device_.str()) + " for inputs " +
-                                          describe_inputs(node) + ": " + e.what());
-  }
-}
+namespace {
 
-std::vector<c10::IValue> LocalExecutor::call_on(const Node& node, bool host) {
-  const c10::Device run_on = host ? c10::Device(c10::DeviceType::CPU) : device_;
+std::vector<c10::IValue> call_on(const Node& node, c10::Device device, const Materialize& materialize,
+                                 bool host) {
+  const c10::Device run_on = host ? c10::Device(c10::DeviceType::CPU) : device;
   std::vector<at::Tensor> real(node.inputs.size());
   std::vector<at::Tensor> args(node.inputs.size());
   auto make = [&](int32_t i) -> at::Tensor {
     if (!args[i].defined()) {
-      real[i] = materialize_locked(node.inputs[i]);
+      real[i] = materialize(node.inputs[i]);
       args[i] = host ? real[i].cpu() : real[i];
     }
     return args[i];
@@ -195,24 +181,35 @@ std::vector<c10::IValue> LocalExecutor::call_on(const Node& node, bool host) {
   return stack;
 }
 
+}  // namespace
+
+std::vector<c10::IValue> call_node(const Node& node, c10::Device device, const Materialize& materialize) {
+  const bool on_host = node.rng_state.has_value() && device.type() != c10::DeviceType::CPU;
+  try {
+    try {
+      return call_on(node, device, materialize, on_host);
+    } catch (const c10::NotImplementedError&) {
+      if (on_host || device.type() == c10::DeviceType::CPU) throw;
+      TORCH_WARN("genie: ", node.name(), " has no kernel for ", device.str(),
+                 "; running it on the host CPU and copying its results back");
+      return call_on(node, device, materialize, /*host=*/true);
+    }
+  } catch (const std::exception& e) {
+    raise_error(ErrorKind::Execution, "genie: " + node.name() + " failed on " +
+                                          (on_host ? std::string("cpu") : device.str()) + " for inputs " +
+                                          describe_inputs(node) + ": " + e.what());
+  }
+}
+
+std::vector<c10::IValue> LocalExecutor::call(const Node& node) {
+  return call_node(node, device_, [this](const TensorRef& r) { return materialize_locked(r); });
+}
+
 void LocalExecutor::run(const FlushRequest& request) {
   std::lock_guard<std::mutex> lock(mutex_);
   for (const auto& [id, c] : request.constants) env_[id] = storage_to(c.tensor, device_);
-  for (const auto& n : request.nodes) {
-    auto results = call(*n);
-    size_t k = 0;
-    auto bind_out = [&](const at::Tensor& t) {
-      if (k < n->outputs.size()) {
-        if (n->output_alias[k] == -1 && t.defined()) bind_locked(n->outputs[k], t);
-      }
-      ++k;
-    };
-    for (const auto& v : results) {
-      if (v.isTensor()) bind_out(v.toTensor());
-      else if (v.isTensorList())
-        for (const auto& t : v.toTensorList()) bind_out(t);
-    }
-  }
+  for (const auto& n : request.nodes)
+    for_each_fresh_output(*n, call(*n), [&](const TensorRef& ref, const at::Tensor& t) { bind_locked(ref, t); });
 }
 
 std::vector<c10::IValue> LocalExecutor::run_eager(const Node& node) {

@@ -4,6 +4,7 @@
 #include <c10/core/Device.h>
 
 #include <array>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -35,8 +36,8 @@ class Executor {
   // How many freshly recorded nodes the recorder should fingerprint before calling
   // speculate() (0: never). See Note: [Program digests].
   virtual size_t speculation_window() const { return 0; }
-  // The fingerprint of the first speculation_window() nodes recorded since the last flush
-  // that ran. Called without the recorder's lock.
+  // The structural fingerprint (Note: [Program templates]) of the first speculation_window()
+  // nodes recorded since the last flush that ran. Called without the recorder's lock.
   virtual void speculate(const std::array<uint64_t, 2>& /*prefix*/) {}
 };
 
@@ -60,7 +61,6 @@ class LocalExecutor final : public Executor {
 
  private:
   std::vector<c10::IValue> call(const Node& node);
-  std::vector<c10::IValue> call_on(const Node& node, bool host);
   void bind_locked(const TensorRef& ref, const at::Tensor& value);
   at::Tensor materialize_locked(const TensorRef& ref);
   c10::Device device_;
@@ -69,5 +69,35 @@ class LocalExecutor final : public Executor {
 };
 
 std::string describe_inputs(const Node& node);
+
+// A real tensor viewing `storage` on `device` with the given geometry.
+at::Tensor view_of(const c10::Storage& storage, c10::Device device, c10::ScalarType dtype,
+                   c10::IntArrayRef sizes, c10::IntArrayRef strides, int64_t offset);
+
+// The real tensor for one of a node's input references.
+using Materialize = std::function<at::Tensor(const TensorRef&)>;
+
+// Run one recorded node on `device` (Note: [Replaying on the host], Note: [Host fallback]);
+// failures raise genie's execution error naming the op and its inputs.
+std::vector<c10::IValue> call_node(const Node& node, c10::Device device, const Materialize& materialize);
+
+// The storage that makes `value` the content of `ref`'s storage with the recorded geometry.
+c10::Storage storage_for(const TensorRef& ref, const at::Tensor& value, c10::Device device);
+
+// Calls f(output ref, tensor) for each defined output of `node` that the op created (not a
+// view of an input), given what the op returned.
+template <typename F>
+void for_each_fresh_output(const Node& node, const std::vector<c10::IValue>& results, F&& f) {
+  size_t k = 0;
+  auto one = [&](const at::Tensor& t) {
+    if (k < node.outputs.size() && node.output_alias[k] == -1 && t.defined()) f(node.outputs[k], t);
+    ++k;
+  };
+  for (const auto& v : results) {
+    if (v.isTensor()) one(v.toTensor());
+    else if (v.isTensorList())
+      for (const auto& t : v.toTensorList()) one(t);
+  }
+}
 
 }  // namespace genie

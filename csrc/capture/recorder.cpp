@@ -63,7 +63,7 @@ void Recorder::record(std::shared_ptr<Node> node) {
   auto digest = digest_program(window_, window);
   auto executor = executor_;
   lock.unlock();
-  if (digest.ok) executor->speculate(digest.prefix);
+  if (digest.ok) executor->speculate(digest.structure_prefix);
 }
 
 StorageId Recorder::add_constant(const at::Tensor& cpu, c10::DeviceIndex device, bool snapshot) {

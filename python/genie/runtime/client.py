@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from genie import _C
@@ -37,7 +38,7 @@ from genie.errors import (
 )
 from genie.runtime import protocol as P
 from genie.runtime import transports
-from genie.runtime.program import diff_program, encode_program
+from genie.runtime.program import diff_program, encode_program, patch_key
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ _REPLY_MAX_HEADER = 64 << 20
 _OUTBOX_FLUSH = 4096
 _MAX_BASES = 64  # programs kept to patch against (Note: [Program patches])
 _MAX_DIGESTS = 256  # programs known by their digest (Note: [Program digests])
+_MAX_TEMPLATES = 64  # structures whose next programs go as numbers (Note: [Program templates])
 _SPECULATION_WINDOW = 2  # recorded nodes compared before a speculative run is asked for
 
 
@@ -113,6 +115,80 @@ class _Known:
 
 
 
+# Note: [Program templates]
+# A decode loop with HF's DynamicCache records a new program every step: the cache grows by
+# one position, so sizes, strides and byte counts move, and so does the digest. The C++
+# digest also gives the program's structure (everything but those integers) and the integers
+# themselves (Note: [Program templates] in csrc/capture/digest.h). The first program of a
+# structure goes in full and becomes the template's base. Each later program of that
+# structure goes as the base's key plus a patch of the integers that differ from the base's
+# ([path, value] entries), named patch_key(base, patch): no node is converted or encoded on
+# the client, and the server checks only the nodes the patch touches (Note: [Program
+# instances] in program.py). Because the integers of a decode step move by the same amount
+# every step, the next step's are predicted (last + (last - before)), so the server can start
+# it early like a repeated program (Note: [Client speculation]). The paths come from C++; the
+# client checks once per structure that each one names a leaf of its own encoding holding that
+# integer, and never uses a structure that fails the check.
+@dataclass
+class _Template:
+    known: _Known  # the base program; bindings of this structure's last runs
+    params: np.ndarray  # the base's integers
+    paths: list[list[int]]  # where each integer sits in the encoded program
+    fresh: list[tuple[int, int]]  # (local, index of its byte count) for created storages
+    last: np.ndarray | None = None  # integers of this structure's last two runs
+    before: np.ndarray | None = None
+
+    def patch(self, params: np.ndarray) -> list[list]:
+        paths = self.paths
+        return [[paths[i], v] for i, v in zip(*_changed(self.params, params), strict=True)]
+
+    def predict(self) -> np.ndarray | None:
+        if self.last is None or self.before is None:
+            return None
+        return 2 * self.last - self.before
+
+
+def _changed(a: np.ndarray, b: np.ndarray) -> tuple[list[int], list[int]]:
+    idx = np.flatnonzero(a != b)
+    return idx.tolist(), b[idx].tolist()
+
+
+def _leaf(nodes: list, path: list[int]) -> Any:
+    x: Any = nodes
+    for i in path:
+        if type(x) is not list or not 0 <= i < len(x):
+            return None
+        x = x[i]
+    return x
+
+
+def _make_template(known: _Known, params: np.ndarray, paths: list[list[int]]) -> _Template | None:
+    nodes = known.enc.nodes
+    if len(paths) != len(params):
+        return None
+    for path, v in zip(paths, params.tolist(), strict=True):
+        leaf = _leaf(nodes, path)
+        if type(leaf) is not int or leaf != v:
+            return None
+    index = {tuple(p): i for i, p in enumerate(paths)}
+    fresh = []
+    for local, _ in known.created:
+        at = next(
+            (
+                (k, j)
+                for k, n in enumerate(nodes)
+                for j, (r, a) in enumerate(zip(n[3], n[4], strict=True))
+                if r is not None and a == -1 and r[0] == local
+            ),
+            None,
+        )
+        i = index.get((at[0], 3, at[1], 5)) if at is not None else None
+        if i is None:
+            return None
+        fresh.append((local, i))
+    return _Template(known=known, params=params, paths=paths, fresh=fresh)
+
+
 class _RequestFailed(GenieError):
     """A server's error reply, with its kind; raised as the matching genie error."""
 
@@ -161,10 +237,15 @@ class RemoteExecutor:
         self._bases: dict[tuple, tuple[bytes, list]] = {}  # op sequence -> (key, program) sent last
         self.patches = True  # send programs as patches of similar ones (Note: [Program patches])
         self._known: OrderedDict[bytes, _Known] = OrderedDict()  # digest -> program
-        self._by_window: OrderedDict[bytes, _Known] = OrderedDict()  # recording start -> program
+        # structure -> its template, or None for one that cannot be (Note: [Program templates])
+        self._templates: OrderedDict[bytes, _Template | None] = OrderedDict()
+        self.templates = True
+        # recording start -> the program (or template) that followed it last time
+        self._by_window: OrderedDict[bytes, _Known | _Template] = OrderedDict()
         self._window: bytes | None = None  # how the recording being flushed began
         self._last_enc = None
         self._unread = 0  # replies to spec requests not read yet
+        self._ahead = False  # a spec went with the last flush: the next window asks nothing
         self._prefetched: tuple[list, torch.Tensor] | None = None  # Note: [Run then fetch]
         if speculate is None:
             speculate = os.environ.get("GENIE_SPECULATE", "1") not in ("0", "false", "no")
@@ -173,7 +254,7 @@ class RemoteExecutor:
         self.counters = {
             "requests": 0, "runs": 0, "programs_sent": 0, "uploads": 0, "upload_bytes": 0,
             "fetches": 0, "fetch_bytes": 0, "eager": 0, "programs_patched": 0,
-            "runs_by_digest": 0, "spec_sent": 0, "spec_started": 0, "spec_hits": 0,
+            "runs_by_digest": 0, "runs_by_template": 0, "spec_sent": 0, "spec_started": 0, "spec_hits": 0,
             "fetched_with_run": 0,
             "run_seconds": 0.0, "fetch_seconds": 0.0, "speculate_seconds": 0.0,
         }  # fmt: skip
@@ -233,6 +314,7 @@ class RemoteExecutor:
         right behind it and its value is kept for the next fetch (Note: [Run then fetch])."""
         self._check()
         self._prefetched = None
+        self._ahead = False  # this request resolves any speculation the server holds
         self._attach_pre(header)
         body = P.pack(header)
         try:
@@ -398,6 +480,7 @@ class RemoteExecutor:
         rng: list[tuple[int, torch.Tensor]],
         nodes: Callable[[], list[dict]],
         then_fetch: dict | None = None,
+        template: tuple | None = None,
     ) -> None:
         """A flush by its digest (Note: [Program digests]): a known program goes by key and
         binding; an unknown one is converted (``nodes()``) and sent in full once. `then_fetch`
@@ -406,13 +489,33 @@ class RemoteExecutor:
         with self._lock:
             self._check()
             try:
-                self._run_digest(fingerprint, binding, constants, targets, rng, nodes, then_fetch)
+                self._run_digest(
+                    fingerprint, binding, constants, targets, rng, nodes, then_fetch, template
+                )
             finally:
                 self.counters["run_seconds"] += time.perf_counter() - started
 
-    def _run_digest(self, fingerprint, binding, constants, targets, rng, nodes, then_fetch) -> None:
+    def _run_digest(
+        self, fingerprint, binding, constants, targets, rng, nodes, then_fetch, template
+    ) -> None:
         known = self._known.get(fingerprint)
-        if known is None:
+        structure = params = tpl = None
+        if template is not None and self.templates:
+            structure, params = template[0], np.frombuffer(template[1], dtype=np.int64)
+            tpl = self._templates.get(structure)
+            if tpl is not None and len(params) != len(tpl.params):
+                tpl = None
+        follows: _Known | _Template | None = known
+        if known is not None:
+            self._known.move_to_end(fingerprint)
+            enc = known.enc
+            fresh = {binding[s]: n for s, n in known.created if n}
+            wire_rng = [[k, state.numpy().tobytes()] for k, state in rng]
+            self._run_encoded(enc, binding, wire_rng, constants, fresh, then_fetch)
+            self.counters["runs_by_digest"] += 1
+        elif tpl is not None and self._run_instance(structure, tpl, params, binding, constants, rng, then_fetch):
+            known, follows = tpl.known, tpl
+        else:
             self.run(nodes(), constants, targets)
             enc = self._last_enc
             if enc is None or enc.binding != binding:  # the digest and the encoding disagree
@@ -421,7 +524,7 @@ class RemoteExecutor:
             slot_of = {sid: i for i, sid in enumerate(binding)}
             created = {s for d in enc.nodes for s in d[6]}
             created.update(slot_of[sid] for sid in enc.fresh)
-            known = _Known(
+            known = follows = _Known(
                 key=enc.key,
                 enc=enc,
                 created=[(s, enc.fresh.get(binding[s], 0)) for s in sorted(created)],
@@ -431,15 +534,17 @@ class RemoteExecutor:
             self._known[fingerprint] = known
             if len(self._known) > _MAX_DIGESTS:
                 self._known.popitem(last=False)
-        else:
-            self._known.move_to_end(fingerprint)
-            enc = known.enc
-            fresh = {binding[s]: n for s, n in known.created if n}
-            wire_rng = [[k, state.numpy().tobytes()] for k, state in rng]
-            self._run_encoded(enc, binding, wire_rng, constants, fresh, then_fetch)
-            self.counters["runs_by_digest"] += 1
+            if structure is not None and structure not in self._templates:
+                tpl = _make_template(known, params.copy(), template[2]())
+                if tpl is None:
+                    logger.debug("genie: a program's integers do not match its encoding")
+                self._templates[structure] = tpl
+                if len(self._templates) > _MAX_TEMPLATES:
+                    self._templates.popitem(last=False)
+        if tpl is not None:
+            tpl.before, tpl.last = tpl.last, params
         if self._window is not None:  # what the recording began with, for next time
-            self._by_window[self._window] = known
+            self._by_window[self._window] = follows
             self._by_window.move_to_end(self._window)
             if len(self._by_window) > _MAX_DIGESTS:
                 self._by_window.popitem(last=False)
@@ -448,6 +553,52 @@ class RemoteExecutor:
         empties = {sid for sid, t in constants.items() if _storage_span(t) == (0, 0)}
         known.empty_before = known.empty_last
         known.empty_last = frozenset(i for i, sid in enumerate(binding) if sid in empties)
+        if follows is tpl and self.speculation_window and self._send_spec(tpl):
+            # The next step of a decode loop can start now rather than when its recording
+            # begins (Note: [Program templates]); the value fetched with this run stays good,
+            # since it was read before.
+            self._ahead = True
+
+    def _run_instance(
+        self, structure: bytes, tpl: _Template, params, binding, constants, rng, then_fetch
+    ) -> bool:
+        """Run a program of `tpl`'s structure with integers `params` as a patch of its base
+        (Note: [Program templates]); False when the server has no base to patch, so that the
+        caller sends the program in full."""
+        patch = tpl.patch(params)
+        parts = self._upload_parts(constants) if constants else []
+        total = sum(e[3] for e, _ in parts)
+        if parts and total > self.max_message:
+            self._send_uploads(parts)
+            parts = []
+        header = {
+            "t": "run",
+            "key": patch_key(tpl.known.key, patch),
+            "base": tpl.known.key,
+            "patch": patch,
+            "bind": binding,
+            "rng": [[k, state.numpy().tobytes()] for k, state in rng],
+            "up": [e for e, _ in parts],
+        }
+        try:
+            self._request(header, [v for _, v in parts], None, then_fetch)
+        except _RequestFailed as e:
+            if e.kind == "unknown_program":
+                del self._templates[structure]  # the server forgot the base: start again
+                return False
+            if e.kind == "execution":  # the uploads arrived before the program failed
+                for entry in header["up"]:
+                    self._resident[entry[0]] = entry[1]
+            self._raise(e)
+        for entry, _ in parts:
+            self._resident[entry[0]] = entry[1]
+        self.counters["upload_bytes"] += total
+        for local, i in tpl.fresh:
+            if params[i]:
+                self._resident[binding[local]] = int(params[i])
+        self.counters["runs"] += 1
+        self.counters["runs_by_template"] += 1
+        return True
 
     def speculate(self, window: bytes) -> None:
         """The recorder's first nodes since the last flush fingerprint as `window`: if the
@@ -458,27 +609,47 @@ class RemoteExecutor:
             return  # another thread is talking to the server: no guess this time
         started = time.perf_counter()
         try:
-            known = self._by_window.get(window)
-            if known is None or self._broken is not None:
+            follows = self._by_window.get(window)
+            if follows is None or self._broken is not None or self._ahead:
                 return
             # Storages the user dropped since the last flush (last call's outputs) are released
             # with the guess, so that the server need not keep them from being overwritten.
             _C._collect()
-            bind = known.predict(self._resident)
-            if bind is None or self._unread:
-                return
-            header: dict[str, Any] = {"t": "spec", "key": known.key, "bind": bind}
-            self._attach_pre(header)
-            try:
-                self._t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(header), [])
-            except (TransportError, ProtocolError) as e:
-                raise self._lost(e) from None
-            self._outbox, self._released, self._prefetched = [], [], None
-            self._unread += 1
-            self.counters["spec_sent"] += 1
+            if self._send_spec(follows):
+                self._prefetched = None
         finally:
+            self._ahead = False
             self.counters["speculate_seconds"] += time.perf_counter() - started
             self._lock.release()
+
+    def _send_spec(self, follows: _Known | _Template) -> bool:
+        """Ask the server to start `follows` (a program, again; or a template's next
+        program) with its predicted binding, without waiting; False when there is no guess."""
+        header: dict[str, Any] = {"t": "spec"}
+        known = follows
+        if isinstance(follows, _Template):
+            params = follows.predict()
+            if params is None:
+                return False
+            patch = follows.patch(params)
+            header["key"] = patch_key(follows.known.key, patch)
+            header["base"], header["patch"] = follows.known.key, patch
+            known = follows.known
+        else:
+            header["key"] = known.key
+        bind = known.predict(self._resident)
+        if bind is None or self._unread:
+            return False
+        header["bind"] = bind
+        self._attach_pre(header)
+        try:
+            self._t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(header), [])
+        except (TransportError, ProtocolError) as e:
+            raise self._lost(e) from None
+        self._outbox, self._released = [], []
+        self._unread += 1
+        self.counters["spec_sent"] += 1
+        return True
 
     def _describe_program(self, header: dict, enc) -> None:
         """Tell the server a program it has not seen: as a patch of a similar one it has

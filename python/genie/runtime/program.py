@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -23,6 +25,7 @@ from typing import Any
 
 import torch
 
+from genie import _C
 from genie.errors import ExecutionError, GenieError, ProtocolError, RemoteError
 from genie.graph.ir import Node, TensorMeta
 from genie.runtime import protocol as P
@@ -30,15 +33,19 @@ from genie.runtime.replay import Environment, run_node
 
 __all__ = [
     "EncodedProgram",
+    "native_runner",
     "Program",
     "ProgramCache",
     "decode_program",
     "encode_program",
     "apply_patch",
     "diff_program",
+    "patch_key",
     "execute",
     "resolve_op",
 ]
+
+logger = logging.getLogger(__name__)
 
 _KIND_CODES = {"value": 0, "tensor": 1, "tensor_list": 2, "optional_tensor_list": 3}
 _KIND_NAMES = {v: k for k, v in _KIND_CODES.items()}
@@ -132,6 +139,13 @@ def diff_program(base: list, new: list) -> list[list]:
 
     walk(base, new, [])
     return out
+
+
+def patch_key(base_key: bytes, patch: list) -> bytes:
+    """The key of the program `patch` makes of the program keyed `base_key`: what a client
+    names an instance of a template by (Note: [Program templates] in client.py). The server
+    computes it from what it checks, like every key."""
+    return hashlib.blake2b(b"genie.patch" + base_key + P.pack(patch), digest_size=16).digest()
 
 
 def apply_patch(base: list, patch: Any, limits: P.Limits) -> list:
@@ -278,6 +292,7 @@ class Program:
     nbytes: int  # size of the encoded program, for the cache's accounting
     body: bytes = b""
     meta: dict[str, Any] = field(default_factory=dict)
+    native: dict[str, Any] = field(default_factory=dict)  # device -> runner or None (execute)
 
 
 def decode_program(body: bytes, limits: P.Limits, key: bytes | None = None) -> Program:
@@ -308,8 +323,10 @@ def _decode_node(rn: Any, k: int, limits: P.Limits, max_local: int) -> _Step:
     op, schema = resolve_op(op_name)
     if type(ins) is not list or type(outs) is not list or len(ins) > 4096 or len(outs) > 4096:
         _bad(f"node {k} ({op_name}): inputs and outputs must be lists")
-    ins_m = [P.decode_ref(r, limits, max_sid=max_local) for r in ins]
-    outs_m = [None if r is None else P.decode_ref(r, limits, max_sid=max_local) for r in outs]
+    ins_d = [P.decode_ref_extent(r, limits, max_sid=max_local) for r in ins]
+    outs_d = [None if r is None else P.decode_ref_extent(r, limits, max_sid=max_local) for r in outs]
+    ins_m = [d[0] for d in ins_d]
+    outs_m = [None if d is None else d[0] for d in outs_d]
     nin = len(ins_m)
     if (not _small_ints(alias, -2, nin - 1) or len(alias) != len(outs_m)
             or any((a == -2) != (m is None) for a, m in zip(alias, outs_m, strict=True))):
@@ -353,10 +370,7 @@ def _decode_node(rn: Any, k: int, limits: P.Limits, max_local: int) -> _Step:
     )
     step.target = op
     step.plan = _plan(node_args, sargs)
-    step.extents = [
-        P.extent(m.shape, m.stride, m.offset, P.itemsize(m.dtype))
-        for m in ins_m + outs_m if m is not None
-    ]
+    step.extents = [d[1] for d in ins_d + outs_d if d is not None]
     return step
 
 
@@ -439,6 +453,151 @@ def _decode(
     )
 
 
+def _numeric_steps(
+    base: Program, raw: list, entries: list, limits: P.Limits
+) -> list[_Step] | None:
+    """The steps of `base` with `entries` applied, or None unless every entry replaces an int
+    leaf that Note: [Program instances] lets change with an int. Each reference or argument
+    an entry changes is checked again as _decode_node would; the rest of each step is the
+    base's, already checked."""
+    refs: dict[tuple[int, int, int], list] = {}
+    args: dict[tuple[int, int], Any] = {}
+    n = len(raw)
+    try:
+        for path, value in entries:
+            if type(value) is not int or type(path) is not list:
+                return None
+            if len(path) == 5:
+                k, f, i, part, j = path
+                if not 0 <= j:
+                    return None
+            elif len(path) == 4:
+                k, f, i, part = path
+                j = -1
+            else:
+                return None
+            if not (0 <= k < n and 0 <= i):
+                return None
+            if f == 1:
+                arg = raw[k][1][i]
+                if part != 1 or arg[0] != 0:
+                    return None
+                cur = args.get((k, i))
+                if cur is None:
+                    cur = arg[1]
+                    cur = list(cur) if type(cur) is list else cur
+                if j < 0:
+                    if type(cur) is not int:
+                        return None
+                    cur = value
+                elif type(cur) is not list or type(cur[j]) is not int:
+                    return None
+                else:
+                    cur[j] = value
+                args[(k, i)] = cur
+            elif f == 2 or f == 3:
+                r = refs.get((k, f, i))
+                if r is None:
+                    r0 = raw[k][f][i]
+                    if r0 is None:
+                        return None
+                    r = refs[(k, f, i)] = [r0[0], r0[1], list(r0[2]), list(r0[3]), r0[4], r0[5]]
+                if part == 2 or part == 3:
+                    if j < 0:
+                        return None
+                    r[part][j] = value
+                elif (part == 4 or part == 5) and j < 0:
+                    r[part] = value
+                else:
+                    return None
+            else:
+                return None
+    except (TypeError, ValueError, IndexError):  # a path that does not fit the program
+        return None
+    steps = list(base.steps)
+    max_local = 8 * n + 8
+    changed: dict[int, _Step] = {}
+    for (k, f, i), r in refs.items():
+        step = changed.get(k)
+        if step is None:
+            step = changed[k] = _renewed(base.steps[k])
+        m, e = P.decode_ref_extent(r, limits, max_sid=max_local)
+        if f == 2:
+            step.inputs[i] = m
+            step.extents[i] = e
+        else:
+            step.outputs[i] = m
+            step.extents[len(step.inputs) + sum(o is not None for o in step.outputs[:i])] = e
+    for (k, i), v in args.items():
+        step = changed.get(k)
+        if step is None:
+            step = changed[k] = _renewed(base.steps[k])
+        sa = step.target._schema.arguments[i]
+        what = f"node {k} ({step.op}) argument {sa.name}"
+        _check_value(v, sa.type, limits, what)
+        if sa.name == "size":
+            _check_size_arg(v, limits, what)
+        step.args[i] = ("value", v)
+        step.plan[i] = (step.plan[i][0], 0, v)
+    for k, step in changed.items():
+        steps[k] = step
+    return steps
+
+
+def _renewed(step: _Step) -> _Step:
+    """A copy of a checked step whose references and arguments may be replaced."""
+    new = copy.copy(step)
+    new.__dict__.pop("native", None)  # the C++ node has the old numbers
+    new.inputs, new.outputs, new.extents = list(step.inputs), list(step.outputs), list(step.extents)
+    new.args, new.plan = list(step.args), list(step.plan)
+    return new
+
+
+def _sizes(base: Program, steps: list[_Step]) -> tuple[dict[int, int], int]:
+    """The number-decided facts of `steps`, `base`'s steps with some replaced (Note: [Program
+    instances]): each view within its storage's declared size; returns (bytes each input
+    local must hold, bytes the program creates). Only what the replaced steps can change is
+    looked at again."""
+    layout = base.meta.get("layout")
+    if layout is None:
+        creators = []  # (local, step, output) creating each fresh local
+        sites: dict[int, list[tuple[int, int]]] = {}  # local -> (step, ref position) reading it
+        for k, step in enumerate(base.steps):
+            metas = [m for m in step.inputs + step.outputs if m is not None]
+            for pos, m in enumerate(metas):
+                sites.setdefault(m.storage, []).append((k, pos))
+            for j, (m, a) in enumerate(zip(step.outputs, step.output_alias, strict=True)):
+                if m is not None and a < 0 and m.storage in step.fresh:
+                    creators.append((m.storage, k, j))
+        declared = {local: base.steps[k].outputs[j].storage_nbytes for local, k, j in creators}
+        layout = base.meta["layout"] = (creators, sites, declared)
+    creators, sites, base_declared = layout
+    replaced = [k for k, step in enumerate(steps) if step is not base.steps[k]]
+    declared = dict(base_declared)
+    for local, k, j in creators:
+        if steps[k] is not base.steps[k]:
+            declared[local] = steps[k].outputs[j].storage_nbytes
+    extent = dict(base.extent)
+    again: set[int] = set()  # input locals whose needed bytes may have changed
+    for k in replaced:
+        step = steps[k]
+        metas = [m for m in step.inputs + step.outputs if m is not None]
+        for m, need in zip(metas, step.extents, strict=True):
+            size = declared.get(m.storage)
+            if size is None:
+                again.add(m.storage)
+            elif need > size:
+                _bad(f"node {k} ({step.op}): a view of storage {m.storage} exceeds its size")
+    for local, size in declared.items():
+        if size < base_declared[local]:  # untouched steps' views must still fit
+            for k, pos in sites[local]:
+                if steps[k].extents[pos] > size:
+                    _bad(f"node {k} ({steps[k].op}): a view of storage {local} exceeds its size")
+    for local in again:
+        extent[local] = max(steps[k].extents[pos] for k, pos in sites[local])
+    return extent, sum(declared.values())
+
+
 class ProgramCache:
     """Validated programs by key, shared by all sessions of a server (LRU, bounded bytes)."""
 
@@ -492,14 +651,60 @@ class ProgramCache:
         self._remember_raw(key, raw)
         return p
 
-    def _raw(self, program: Program, limits: P.Limits) -> list:
-        """The decoded-but-unchecked program lists, kept for the last few patch bases."""
+    def _raw(self, program: Program, limits: P.Limits) -> list | None:
+        """The decoded-but-unchecked program lists, kept for the last few patch bases; None
+        for an instance (Note: [Program instances]), which keeps no body to patch."""
         with self._lock:
             raw = self._raws.get(program.key)
         if raw is None:
+            if not program.body:
+                return None
             raw = P.unpack(program.body, limits)
             self._remember_raw(program.key, raw)
         return raw
+
+    # Note: [Program instances]
+    # A client that knows a program's structure (Note: [Program templates] in client.py)
+    # names the next decode step as base key + a patch of numbers; its key is
+    # patch_key(base, patch), computed here. When every patch entry replaces an int leaf
+    # that a structure leaves out (a size, stride, offset or storage size of a reference, an
+    # int value argument), the ops, wiring, aliasing and creations are the base's, already
+    # checked: the nodes a patch touches are checked again in full, and then the only
+    # facts of the whole program that numbers decide: every view within its storage's
+    # declared size, the bytes each input must hold, and the bytes the program creates.
+    # Any other patch is checked like a new program. Instances keep no body: they are never
+    # a patch base, and a client that lost track sends its program in full.
+    def instance(self, base: Program, patch: Any, key: bytes, limits: P.Limits) -> Program | None:
+        """The program keyed `key` = patch_key(base.key, patch), checked and cached; None when
+        `base` cannot be patched here (the client then sends its program in full)."""
+        with self._lock:
+            p = self._items.get(key)
+        if p is not None:
+            return p
+        raw_base = self._raw(base, limits)
+        if raw_base is None:
+            return None
+        entries = P.get_list(patch, "patch", limits.max_list)
+        steps = _numeric_steps(base, raw_base, entries, limits)
+        if steps is None:  # not numbers only: checked like a new program
+            raw = apply_patch(raw_base, entries, limits)
+            touched = {e[0][0] for e in entries}
+            reuse = {k: s for k, s in enumerate(base.steps) if k not in touched}
+            return self._insert(_decode(raw, limits, key, b"", reuse))
+        extent, fresh_bytes = _sizes(base, steps)
+        return self._insert(
+            Program(
+                key=key,
+                steps=steps,
+                nlocals=base.nlocals,
+                inputs=base.inputs,
+                produced=base.produced,
+                extent=extent,
+                fresh_bytes=fresh_bytes,
+                random_steps=base.random_steps,
+                nbytes=base.nbytes,
+            )
+        )
 
     def _remember_raw(self, key: bytes, raw: list) -> None:
         with self._lock:
@@ -647,6 +852,54 @@ def run_step(step: _Step, frame: Environment, *, bind: bool = True) -> list[Any]
     return results
 
 
+# Note: [Running programs in C++] (csrc/capture/program_runner.h) says why; GENIE_PY_STEPS=1
+# keeps every run in Python (to compare the two).
+_NATIVE = os.environ.get("GENIE_PY_STEPS", "") != "1"
+
+
+def _native_node(step: _Step):
+    node = getattr(step, "native", None)
+    if node is None:
+
+        def ref(m: TensorMeta | None):
+            if m is None:
+                return None
+            return (m.storage, m.dtype, m.shape, m.stride, m.offset, m.storage_nbytes)
+
+        node = step.native = _C._program_node(
+            step.op,
+            [(_KIND_CODES[kind], v) for kind, v in step.args],
+            [ref(m) for m in step.inputs],
+            [ref(m) for m in step.outputs],
+            step.output_alias,
+        )
+    return node
+
+
+def native_runner(program: Program, device: torch.device):
+    """The C++ runner of `program` on `device` (built once), or None where the program must
+    run in Python: random steps, or a value the C++ conversion does not take."""
+    key = str(device)
+    try:
+        return program.native[key]
+    except KeyError:
+        pass
+    runner = None
+    if _NATIVE and not program.random_steps:
+        try:
+            runner = _C._ProgramRunner(
+                key,
+                [_native_node(step) for step in program.steps],
+                program.nlocals,
+                program.inputs,
+                program.produced,
+            )
+        except Exception as e:  # noqa: BLE001 - the Python steps run it instead
+            logger.debug("genie: program %s runs in Python: %s", program.key.hex()[:12], e)
+    program.native[key] = runner
+    return runner
+
+
 def execute(
     program: Program,
     binding: list[int],
@@ -657,6 +910,15 @@ def execute(
 ) -> list[Any] | None:
     """Run `program` with its storages bound to `env` by `binding` (already checked). With
     `keep_last`, the last step's results are returned unbound (run_eager)."""
+    if not keep_last and not states:
+        runner = native_runner(program, env.device)
+        if runner is not None:
+            storages = env.storages
+            produced = runner.run([storages[binding[local]] for local in program.inputs])
+            for local, st in zip(program.produced, produced, strict=True):
+                if st is not None:
+                    storages[binding[local]] = st
+            return None
     frame = Environment(env.device)
     frame.storages = {local: env.storages[binding[local]] for local in program.inputs}
     results = None

@@ -58,6 +58,7 @@ __all__ = [
     "Limits",
     "client_handshake",
     "decode_ref",
+    "decode_ref_extent",
     "encode_ref",
     "pack",
     "server_handshake",
@@ -285,36 +286,45 @@ def _ints_in(xs: list, hi: int) -> bool:
 
 
 def decode_ref(v: Any, limits: Limits, *, max_sid: int = _MAX_SID) -> TensorMeta:
-    """REF -> TensorMeta, checking that the view lies inside its declared storage. (Written
-    for speed: a program's validation spends most of its time here.)"""
-    need(type(v) is list and len(v) == 6, "a tensor reference must be a list of 6 fields")
+    """REF -> TensorMeta, checking that the view lies inside its declared storage."""
+    return decode_ref_extent(v, limits, max_sid=max_sid)[0]
+
+
+def decode_ref_extent(v: Any, limits: Limits, *, max_sid: int = _MAX_SID) -> tuple[TensorMeta, int]:
+    """decode_ref, and the bytes of storage the view needs (extent()). (Written for speed: a
+    program's validation spends most of its time here; messages are built only on failure.)"""
+    if not (type(v) is list and len(v) == 6):
+        need(False, "a tensor reference must be a list of 6 fields")
     sid, name, shape, stride, offset, nbytes = v
-    need(type(sid) is int and 0 <= sid <= max_sid, f"tensor reference id must be in [0, {max_sid}]")
+    if not (type(sid) is int and 0 <= sid <= max_sid):
+        need(False, f"tensor reference id must be in [0, {max_sid}]")
     dtype = _DTYPES.get(name) if type(name) is str else None
-    need(dtype is not None, f"unknown dtype {name!r}")
-    need(
-        type(shape) is list and type(stride) is list and len(shape) == len(stride) <= _MAX_DIMS,
-        "shape and stride must be lists of the same length",
-    )
-    need(
-        _ints_in(shape, _MAX_EXTENT) and _ints_in(stride, _MAX_EXTENT),
-        "sizes and strides must be in range",
-    )
-    need(type(offset) is int and 0 <= offset <= _MAX_EXTENT, "storage offset out of range")
-    need(
-        type(nbytes) is int and 0 <= nbytes <= limits.max_storage,
-        f"storage size must be in [0, {limits.max_storage}]",
-    )
+    if dtype is None:
+        need(False, f"unknown dtype {name!r}")
+    if not (
+        type(shape) is list and type(stride) is list and len(shape) == len(stride) <= _MAX_DIMS
+    ):
+        need(False, "shape and stride must be lists of the same length")
+    if not (_ints_in(shape, _MAX_EXTENT) and _ints_in(stride, _MAX_EXTENT)):
+        need(False, "sizes and strides must be in range")
+    if not (type(offset) is int and 0 <= offset <= _MAX_EXTENT):
+        need(False, "storage offset out of range")
+    if not (type(nbytes) is int and 0 <= nbytes <= limits.max_storage):
+        need(False, f"storage size must be in [0, {limits.max_storage}]")
     numel, last = 1, offset
-    for s, st in zip(shape, stride, strict=True):
-        numel *= s
-        last += (s - 1) * st
-    need(numel <= _MAX_EXTENT, "a tensor's element count is out of range")
-    need(
-        numel == 0 or (last + 1) * _ITEMSIZE[name] <= nbytes,
-        f"a {name}{shape} view (stride {stride}, offset {offset}) does not fit in its {nbytes}-byte storage",
-    )
-    return TensorMeta(sid, dtype, tuple(shape), tuple(stride), offset, nbytes)
+    for sz, st in zip(shape, stride, strict=True):
+        numel *= sz
+        last += (sz - 1) * st
+    if numel > _MAX_EXTENT:
+        need(False, "a tensor's element count is out of range")
+    used = 0 if numel == 0 else (last + 1) * _ITEMSIZE[name]
+    if used > nbytes:
+        need(
+            False,
+            f"a {name}{shape} view (stride {stride}, offset {offset}) does not fit in its "
+            f"{nbytes}-byte storage",
+        )
+    return TensorMeta(sid, dtype, tuple(shape), tuple(stride), offset, nbytes), used
 
 
 # -- handshake ----------------------------------------------------------------------------

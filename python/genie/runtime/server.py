@@ -30,7 +30,14 @@ import torch
 from genie.errors import ExecutionError, GenieError, ProtocolError, RemoteError, TransportError
 from genie.runtime import protocol as P
 from genie.runtime.graphs import GraphRunner
-from genie.runtime.program import Program, ProgramCache, _key, check_binding, execute
+from genie.runtime.program import (
+    Program,
+    ProgramCache,
+    _key,
+    check_binding,
+    execute,
+    patch_key,
+)
 from genie.runtime.replay import Environment
 from genie.runtime.transports import Listener, Transport, default_spin_us, listen
 from genie.runtime.transports.base import Frame
@@ -340,13 +347,7 @@ class Session:
             program = cache.add(P.get_bytes(body, "program", self.limits.max_header), self.limits)
             P.need(program.key == key, "the program key does not match the program")
         else:
-            program = cache.get(key)
-            if program is None and req.get("base") is not None:
-                base = cache.get(P.get_bytes(req["base"], "base program key", 16))
-                if base is not None:
-                    program = cache.patched(base, req.get("patch"), self.limits)
-                    if program.key != key:
-                        program = None  # the client packs differently; it will send the body
+            program = self._lookup(req, key)
             if program is None:
                 raise _UnknownProgram("genie: unknown program; send it again with its body")
         P.need(not eager or len(program.steps) == 1, "an eager request runs exactly one node")
@@ -362,6 +363,23 @@ class Session:
             return {"ok": True, "res": [self._describe(r) for r in results]}, []
         self.runner.run(program, binding, states, self.env)
         return {"ok": True}, []
+
+    def _lookup(self, req: dict, key: bytes) -> Program | None:
+        """The cached program `key` names, or the one `req` describes as a patch of a cached
+        base: an instance (Note: [Program instances]) when `key` is the patch's key, else a
+        patched program whose bytes hash to `key` (Note: [Program patches])."""
+        cache = self.server.programs
+        program = cache.get(key)
+        if program is not None or req.get("base") is None:
+            return program
+        base = cache.get(P.get_bytes(req["base"], "base program key", 16))
+        if base is None:
+            return None
+        patch = P.get_list(req.get("patch"), "patch", self.limits.max_list)
+        if key == patch_key(base.key, patch):
+            return cache.instance(base, patch, key, self.limits)
+        program = cache.patched(base, patch, self.limits)
+        return program if program.key == key else None  # packed differently: the body follows
 
     def _describe(self, v: Any) -> dict:
         if isinstance(v, torch.Tensor):
@@ -445,7 +463,7 @@ class Session:
         key = P.get_bytes(req.get("key"), "program key", 16)
         P.need(len(key) == 16, "a program key has 16 bytes")
         bind = P.get_list(req.get("bind"), "binding", self.limits.max_list)
-        program = self.server.programs.get(key)
+        program = self._lookup(req, key)
         # The same speculation as the last one (a serving loop's next forward) whose inputs
         # are still the very storages it checked: nothing to check again.
         valid = self._spec_valid

@@ -1,0 +1,195 @@
+"""Decode steps with a growing KV cache as instances of one checked program (Note: [Program
+templates] in genie/runtime/client.py, Note: [Program instances] in program.py), and checked
+programs run by the C++ runner (Note: [Running programs in C++])."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import fakes
+import genie
+import pytest
+import torch
+from genie import _C
+from genie.errors import ExecutionError, ProtocolError
+from genie.runtime import program as PR
+from genie.runtime import protocol as P
+from genie.runtime.client import _Known, _make_template
+from genie.runtime.program import ProgramCache, encode_program, patch_key
+from genie.runtime.replay import Environment
+from remote_fixtures import DEVICE
+
+pytest_plugins = ["remote_fixtures"]
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def two_steps():
+    """Two consecutive DynamicCache decode steps of a small GPT-2: (digest, encoding) each."""
+    genie.configure(local_device="cpu")
+    model = fakes.gpt2().to(DEVICE)
+    steps = []
+    with torch.no_grad():
+        out = model(torch.randint(0, 500, (2, 6)).to(DEVICE), use_cache=True)
+        pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        tok.cpu()
+        for _ in range(2):
+            out = model(tok, past_key_values=pkv, use_cache=True)
+            pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            tok.cpu()
+            steps.append((_C._digest_nodes(), encode_program(_C._last_flushed_nodes())))
+    return steps
+
+
+def _patch(d1, d2) -> list[list]:
+    return [[p, b] for p, a, b in zip(d1[6], d1[5], d2[5], strict=True) if a != b]
+
+
+def _metas(program) -> list:
+    return [(s.op, s.inputs, s.outputs, s.args, s.extents) for s in program.steps]
+
+
+def test_an_instance_is_the_program_its_patch_makes(two_steps):
+    """The numbers-only check of an instance gives the same checked program as decoding the
+    next step's bytes in full."""
+    (d1, e1), (d2, e2) = two_steps
+    limits = P.Limits()
+    cache = ProgramCache()
+    base = cache.add(e1.body, limits)
+    patch = _patch(d1, d2)
+    assert patch and all(len(path) in (4, 5) for path, _ in patch)
+    inst = cache.instance(base, patch, patch_key(base.key, patch), limits)
+    full = ProgramCache().add(e2.body, limits)
+    assert _metas(inst) == _metas(full)
+    assert all(
+        inst.extent.get(k, 0) == full.extent.get(k, 0) for k in set(inst.extent) | set(full.extent)
+    )
+    assert inst.fresh_bytes == full.fresh_bytes
+    assert (inst.inputs, inst.produced, inst.nlocals) == (full.inputs, full.produced, full.nlocals)
+    # the steps no patch entry touches are the base's own, already checked
+    touched = {path[0] for path, _ in patch}
+    assert all(inst.steps[k] is base.steps[k] for k in range(len(base.steps)) if k not in touched)
+    assert cache.instance(base, patch, patch_key(base.key, patch), limits) is inst
+
+
+def _entry(d, e, field: int, part: int, pick=lambda op: "cat" in op):
+    """The first parameter path at (field, part) in a step whose op `pick` likes."""
+    for path in d[6]:
+        if path[1] == field and path[3] == part and pick(e.nodes[path[0]][0]):
+            return path
+    raise AssertionError("no such parameter")
+
+
+def test_an_instance_whose_view_leaves_its_storage_is_refused(two_steps):
+    (d1, e1), _ = two_steps
+    limits = P.Limits()
+    cache = ProgramCache()
+    base = cache.add(e1.body, limits)
+    path = _entry(d1, e1, 3, 2)  # a size of a cat output
+    patch = [[path, 10**6]]
+    with pytest.raises(ProtocolError, match="does not fit"):
+        cache.instance(base, patch, patch_key(base.key, patch), limits)
+    # shrinking the storage a cat creates while later steps read all of it
+    path = _entry(d1, e1, 3, 5)
+    patch = [[path, 4]]
+    with pytest.raises(ProtocolError, match="does not fit|exceeds its size"):
+        cache.instance(base, patch, patch_key(base.key, patch), limits)
+
+
+def test_a_patch_of_more_than_numbers_is_checked_like_a_new_program(two_steps):
+    (d1, e1), _ = two_steps
+    limits = P.Limits()
+    cache = ProgramCache()
+    base = cache.add(e1.body, limits)
+    k = next(i for i, n in enumerate(e1.nodes) if n[2])
+    patch = [[[k, 2, 0, 0], 10**6]]  # an input's storage index: not a number the structure omits
+    with pytest.raises(ProtocolError):
+        cache.instance(base, patch, patch_key(base.key, patch), limits)
+    patch = [[[k, 0], "aten::from_file.default"]]  # the op itself
+    with pytest.raises(ProtocolError):
+        cache.instance(base, patch, patch_key(base.key, patch), limits)
+
+
+def test_a_template_is_refused_when_its_paths_do_not_name_its_integers(two_steps):
+    (d1, e1), _ = two_steps
+    known = _Known(key=e1.key, enc=e1, created=[], external=[], random=False)
+    params = torch.tensor(d1[5]).numpy()
+    assert _make_template(known, params, d1[6]) is not None
+    wrong = [list(p) for p in d1[6]]
+    wrong[0], wrong[1] = wrong[1], wrong[0]
+    if params[0] != params[1]:
+        assert _make_template(known, params, wrong) is None
+    assert _make_template(known, params, d1[6][:-1]) is None
+
+
+def test_decode_with_dynamic_cache_goes_as_numbers_and_starts_early(remote):
+    """A greedy DynamicCache decode through the server equals eager; after the first decode
+    step every step goes as a patch of numbers, and the server has it running before the
+    client asks (speculation hits)."""
+    model = fakes.gpt2()
+    rmodel = type(model)(model.config).eval()
+    rmodel.load_state_dict(model.state_dict())
+    rmodel = rmodel.to(DEVICE)
+    ids = torch.randint(0, 500, (2, 5))
+
+    def decode(m, x, n=12):
+        out = m(x, use_cache=True)
+        pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        toks = [tok.cpu()]
+        for _ in range(n):
+            out = m(tok, past_key_values=pkv, use_cache=True)
+            pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            toks.append(tok.cpu())
+        return torch.cat(toks, 1), out.logits.cpu()
+
+    with torch.no_grad():
+        ref_toks, ref_logits = decode(model, ids)
+        before = dict(remote.counters)
+        toks, logits = decode(rmodel, ids.to(DEVICE))
+    assert torch.equal(toks, ref_toks)
+    assert torch.equal(logits, ref_logits)
+    delta = {k: remote.counters[k] - before.get(k, 0) for k in ("runs_by_template", "spec_hits")}
+    assert delta["runs_by_template"] >= 10
+    assert delta["spec_hits"] >= 8
+
+
+def _program_of(fn):
+    """The checked program of what `fn` records (not run here), with an environment holding
+    its inputs."""
+    genie.configure(local_device="cpu")
+    genie.synchronize()
+    keep = fn()
+    nodes = _C._pending_nodes()
+    constants = _C._pending_constants()
+    del keep
+    _C._collect()  # nobody holds the result: the recorder drops the pending nodes
+    enc = encode_program(nodes)
+    program = ProgramCache().add(enc.body, P.Limits())
+    env = Environment("cpu")
+    for sid, t in constants.items():
+        env.put_constant(sid, t)
+    return program, enc.binding, env
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_cpp_runner_and_the_python_steps_agree(monkeypatch, native):
+    """The same checked program run by the C++ runner and by the Python steps leaves the
+    same bytes, equal to eager."""
+    a, b = torch.randn(6, 5), torch.randn(5, 4)
+    program, binding, env = _program_of(
+        lambda: (torch.relu(a.to(DEVICE) @ b.to(DEVICE)).t().contiguous() + 1).sum(0)
+    )
+    monkeypatch.setattr(PR, "_NATIVE", native)
+    PR.execute(program, binding, {}, env)
+    assert (PR.native_runner(program, env.device) is not None) == native
+    m = program.steps[-1].outputs[0]
+    out = env.view(dataclasses.replace(m, storage=binding[m.storage]))
+    assert torch.equal(out, (torch.relu(a @ b).t().contiguous() + 1).sum(0))
+
+
+def test_a_failing_step_in_the_cpp_runner_names_the_op():
+    table = torch.randn(4, 3)
+    idx = torch.tensor([1, 7])  # 7 is out of range
+    program, binding, env = _program_of(lambda: table.to(DEVICE)[idx.to(DEVICE)])
+    with pytest.raises(ExecutionError, match="aten::index"):
+        PR.execute(program, binding, {}, env)
