@@ -179,6 +179,18 @@ py::bytes fingerprint_bytes(const std::array<uint64_t, 2>& f) {
   return py::bytes(reinterpret_cast<const char*>(f.data()), sizeof(uint64_t) * 2);
 }
 
+// Each parameter's path (Note: [Program templates]) as a list, without the -1 padding.
+py::list paths_to_py(const ProgramDigest& d) {
+  py::list out;
+  for (const auto& p : d.param_paths) {
+    py::list path;
+    for (auto x : p)
+      if (x >= 0) path.append(x);
+    out.append(path);
+  }
+  return out;
+}
+
 py::dict constants_to_py(const FlushRequest& req) {
   py::dict constants;
   for (const auto& [id, c] : req.constants) constants[py::int_(id)] = c.tensor;
@@ -229,15 +241,7 @@ class PyExecutor final : public Executor {
         // Where each parameter sits (Note: [Program templates]): asked for once per structure.
         py::cpp_function paths_fn([&req, alive]() -> py::list {
           if (!*alive) throw std::runtime_error("genie: a flush's paths asked for after the flush");
-          auto full = digest_program(req.nodes, 0, /*paths=*/true);
-          py::list out;
-          for (const auto& p : full.param_paths) {
-            py::list path;
-            for (auto x : p)
-              if (x >= 0) path.append(x);
-            out.append(path);
-          }
-          return out;
+          return paths_to_py(digest_program(req.nodes, 0, /*paths=*/true));
         });
         try {
           py::object then_fetch = py::none();
@@ -454,13 +458,7 @@ PYBIND11_MODULE(_C, m) {
     }
     auto d = digest_program(nodes, prefix_nodes, /*paths=*/true);
     if (!d.ok) return py::none();
-    py::list paths;
-    for (const auto& p : d.param_paths) {
-      py::list path;
-      for (auto x : p)
-        if (x >= 0) path.append(x);
-      paths.append(path);
-    }
+    auto paths = paths_to_py(d);
     return py::make_tuple(fingerprint_bytes(d.fingerprint), fingerprint_bytes(d.prefix), d.binding,
                           fingerprint_bytes(d.structure), fingerprint_bytes(d.structure_prefix),
                           d.params, paths);
