@@ -171,21 +171,14 @@ def _make_template(known: _Known, params: np.ndarray, paths: list[list[int]]) ->
         if type(leaf) is not int or leaf != v:
             return None
     index = {tuple(p): i for i, p in enumerate(paths)}
-    fresh = []
-    for local, _ in known.created:
-        at = next(
-            (
-                (k, j)
-                for k, n in enumerate(nodes)
-                for j, (r, a) in enumerate(zip(n[3], n[4], strict=True))
-                if r is not None and a == -1 and r[0] == local
-            ),
-            None,
-        )
-        i = index.get((at[0], 3, at[1], 5)) if at is not None else None
-        if i is None:
-            return None
-        fresh.append((local, i))
+    made: dict[int, int] = {}  # local -> index of the byte count of the output creating it
+    for k, n in enumerate(nodes):
+        for j, (r, a) in enumerate(zip(n[3], n[4], strict=True)):
+            if r is not None and a == -1 and r[0] not in made:
+                made[r[0]] = index.get((k, 3, j, 5), -1)
+    fresh = [(local, made.get(local, -1)) for local, _ in known.created]
+    if any(i < 0 for _, i in fresh):
+        return None
     return _Template(known=known, params=params, paths=paths, fresh=fresh)
 
 
