@@ -193,3 +193,40 @@ def test_a_failing_step_in_the_cpp_runner_names_the_op():
     program, binding, env = _program_of(lambda: table.to(DEVICE)[idx.to(DEVICE)])
     with pytest.raises(ExecutionError, match="aten::index"):
         PR.execute(program, binding, {}, env)
+
+
+def test_a_template_whose_base_the_server_lost_is_sent_in_full_and_started_again(remote):
+    """When the server no longer has a template's base, the step goes in full, the results
+    still equal eager, and the next steps go as numbers against the new base."""
+    model = fakes.gpt2()
+    rmodel = type(model)(model.config).eval()
+    rmodel.load_state_dict(model.state_dict())
+    rmodel = rmodel.to(DEVICE)
+    ids = torch.randint(0, 500, (2, 5))
+
+    def steps(m, x, n, between=None):
+        out = m(x, use_cache=True)
+        pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        toks = [tok.cpu()]
+        for i in range(n):
+            if between is not None and i == n // 2:
+                between()
+            out = m(tok, past_key_values=pkv, use_cache=True)
+            pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            toks.append(tok.cpu())
+        return torch.cat(toks, 1)
+
+    def forget():  # as if the server had evicted every base: keys it never saw
+        for t in remote._templates.values():
+            if t is not None:
+                t.known.key = bytes(16)
+
+    def described():  # programs sent as bytes: in full, or as a patch of one sent before
+        return remote.counters["programs_sent"] + remote.counters["programs_patched"]
+
+    with torch.no_grad():
+        ref = steps(model, ids, 8)
+        got = steps(rmodel, ids.to(DEVICE), 8, between=forget)
+    assert torch.equal(got, ref)
+    assert described() == 3  # prefill, the first decode step, the one after forget()
+    assert remote.counters["runs_by_template"] == 8 - 2  # every other step, as numbers

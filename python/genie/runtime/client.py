@@ -123,8 +123,8 @@ class _Known:
 # structure goes in full and becomes the template's base. Each later program of that
 # structure goes as the base's key plus a patch of the integers that differ from the base's
 # ([path, value] entries), named patch_key(base, patch): no node is converted or encoded on
-# the client, and the server checks only the nodes the patch touches (Note: [Program
-# instances] in program.py). Because the integers of a decode step move by the same amount
+# the client, and the server checks only the references and arguments the patch changes
+# (Note: [Program instances] in program.py). Because the integers of a decode step move by the same amount
 # every step, the next step's are predicted (last + (last - before)), so the server can start
 # it early like a repeated program (Note: [Client speculation]). The paths come from C++; the
 # client checks once per structure that each one names a leaf of its own encoding holding that
@@ -437,32 +437,45 @@ class RemoteExecutor:
                 del self._bases[next(iter(self._bases))]  # the least recently sent
 
     def _run_encoded(
-        self, enc, binding: list[int], rng: list, constants: dict, fresh: dict, then_fetch=None
-    ) -> None:
+        self,
+        enc,
+        binding: list[int],
+        rng: list,
+        constants: dict,
+        fresh: dict,
+        then_fetch=None,
+        instance: tuple[bytes, list] | None = None,
+    ) -> bool:
         """Send a run of `enc` with `binding` (uploads first when they do not fit in it);
-        `then_fetch`: Note: [Run then fetch]."""
+        `then_fetch`: Note: [Run then fetch]. `instance` (base key, patch) names the program
+        as an instance of a template instead (Note: [Program templates]); False then when the
+        server has no such base, so that the caller sends the program in full."""
         parts = self._upload_parts(constants) if constants else []
         total = sum(e[3] for e, _ in parts)
         if parts and (enc is None or total > self.max_message):
             self._send_uploads(parts)
             parts = []
         if enc is None:
-            return
-        header = {
-            "t": "run",
-            "key": enc.key,
-            "bind": binding,
-            "rng": rng,
-            "up": [e for e, _ in parts],
-        }
-        if enc.key not in self._known_programs:
+            return True
+        header: dict[str, Any] = {"t": "run", "key": enc.key}
+        if instance is not None:
+            header["key"] = patch_key(*instance)
+            header["base"], header["patch"] = instance
+        elif enc.key not in self._known_programs:
             self._describe_program(header, enc)
-        self._exchange(header, [v for _, v in parts], enc, then_fetch=then_fetch)
+        header.update(bind=binding, rng=rng, up=[e for e, _ in parts])
+        try:
+            self._exchange(
+                header, [v for _, v in parts], None if instance else enc, then_fetch=then_fetch
+            )
+        except _RequestFailed:  # an instance whose base the server no longer has
+            return False
         for entry, _ in parts:
             self._resident[entry[0]] = entry[1]
         self.counters["upload_bytes"] += total
         self._resident.update(fresh)
         self.counters["runs"] += 1
+        return True
 
     def run_digest(
         self,
@@ -499,16 +512,28 @@ class RemoteExecutor:
             if tpl is not None and len(params) != len(tpl.params):
                 tpl = None
         follows: _Known | _Template | None = known
+        wire_rng = [[k, state.numpy().tobytes()] for k, state in rng]
         if known is not None:
             self._known.move_to_end(fingerprint)
             enc = known.enc
             fresh = {binding[s]: n for s, n in known.created if n}
-            wire_rng = [[k, state.numpy().tobytes()] for k, state in rng]
             self._run_encoded(enc, binding, wire_rng, constants, fresh, then_fetch)
             self.counters["runs_by_digest"] += 1
-        elif tpl is not None and self._run_instance(structure, tpl, params, binding, constants, rng, then_fetch):
+        elif tpl is not None and self._run_encoded(
+            tpl.known.enc,
+            binding,
+            wire_rng,
+            constants,
+            {binding[local]: int(params[i]) for local, i in tpl.fresh if params[i]},
+            then_fetch,
+            instance=(tpl.known.key, tpl.patch(params)),
+        ):
             known, follows = tpl.known, tpl
+            self.counters["runs_by_template"] += 1
         else:
+            if tpl is not None:  # the server forgot the template's base: start it again
+                del self._templates[structure]
+                tpl = None
             self.run(nodes(), constants, targets)
             enc = self._last_enc
             if enc is None or enc.binding != binding:  # the digest and the encoding disagree
@@ -551,47 +576,6 @@ class RemoteExecutor:
             # begins (Note: [Program templates]); the value fetched with this run stays good,
             # since it was read before.
             self._ahead = True
-
-    def _run_instance(
-        self, structure: bytes, tpl: _Template, params, binding, constants, rng, then_fetch
-    ) -> bool:
-        """Run a program of `tpl`'s structure with integers `params` as a patch of its base
-        (Note: [Program templates]); False when the server has no base to patch, so that the
-        caller sends the program in full."""
-        patch = tpl.patch(params)
-        parts = self._upload_parts(constants) if constants else []
-        total = sum(e[3] for e, _ in parts)
-        if parts and total > self.max_message:
-            self._send_uploads(parts)
-            parts = []
-        header = {
-            "t": "run",
-            "key": patch_key(tpl.known.key, patch),
-            "base": tpl.known.key,
-            "patch": patch,
-            "bind": binding,
-            "rng": [[k, state.numpy().tobytes()] for k, state in rng],
-            "up": [e for e, _ in parts],
-        }
-        try:
-            self._request(header, [v for _, v in parts], None, then_fetch)
-        except _RequestFailed as e:
-            if e.kind == "unknown_program":
-                del self._templates[structure]  # the server forgot the base: start again
-                return False
-            if e.kind == "execution":  # the uploads arrived before the program failed
-                for entry in header["up"]:
-                    self._resident[entry[0]] = entry[1]
-            self._raise(e)
-        for entry, _ in parts:
-            self._resident[entry[0]] = entry[1]
-        self.counters["upload_bytes"] += total
-        for local, i in tpl.fresh:
-            if params[i]:
-                self._resident[binding[local]] = int(params[i])
-        self.counters["runs"] += 1
-        self.counters["runs_by_template"] += 1
-        return True
 
     def speculate(self, window: bytes) -> None:
         """The recorder's first nodes since the last flush fingerprint as `window`: if the
@@ -661,23 +645,26 @@ class RemoteExecutor:
             try:
                 reply = self._request(dict(header), buffers, receive, then_fetch)
             except _RequestFailed as e:
-                if e.kind != "unknown_program":
+                if e.kind != "unknown_program" or enc is None:
                     raise
                 header.pop("base", None)
                 header.pop("patch", None)
                 header["prog"] = enc.body
                 reply = self._request(dict(header), buffers, receive)
         except _RequestFailed as e:
+            if e.kind == "unknown_program" and enc is None:
+                raise  # no body to send: the caller decides (Note: [Program templates])
             if e.kind == "execution":
                 # The uploads arrived before the program failed: they are resident.
                 for entry in header.get("up", ()):
                     self._resident[entry[0]] = entry[1]
             self._raise(e)
-        if "prog" in header:
-            self.counters["programs_sent"] += 1
-        elif "patch" in header:
-            self.counters["programs_patched"] += 1
-        self._known_programs.add(enc.key)
+        if enc is not None:
+            if "prog" in header:
+                self.counters["programs_sent"] += 1
+            elif "patch" in header:
+                self.counters["programs_patched"] += 1
+            self._known_programs.add(enc.key)
         return reply
 
     def fetch(self, ref: dict) -> torch.Tensor:

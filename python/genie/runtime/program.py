@@ -669,9 +669,10 @@ class ProgramCache:
     # patch_key(base, patch), computed here. When every patch entry replaces an int leaf
     # that a structure leaves out (a size, stride, offset or storage size of a reference, an
     # int value argument), the ops, wiring, aliasing and creations are the base's, already
-    # checked: the nodes a patch touches are checked again in full, and then the only
-    # facts of the whole program that numbers decide: every view within its storage's
-    # declared size, the bytes each input must hold, and the bytes the program creates.
+    # checked: each reference or argument a patch changes is checked again in full (as
+    # _decode_node would), and then the only facts of the whole program that numbers
+    # decide: every view within its storage's declared size, the bytes each input must
+    # hold, and the bytes the program creates.
     # Any other patch is checked like a new program. Instances keep no body: they are never
     # a patch base, and a client that lost track sends its program in full.
     def instance(self, base: Program, patch: Any, key: bytes, limits: P.Limits) -> Program | None:
