@@ -94,6 +94,27 @@ def test_dead_code_is_never_run():
     assert after["nodes_dropped"] - before["nodes_dropped"] >= 5
 
 
+def test_results_nobody_can_reach_are_not_kept():
+    """scaled_dot_product_attention drops its kernel's log-sum-exp at once: the executor is
+    never asked to keep it (Note: [Dead outputs]). Called directly, with both results kept,
+    the log-sum-exp is kept and equals eager's."""
+    from genie import _C
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
+    rq, rk, rv = (t.to(REMOTE) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(rq, rk, rv).cpu()
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    (node,) = _C._last_flushed_nodes()
+    assert node["output_alias"] == [-1, -2] and len(node["fresh"]) == 1
+    got = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(rq, rk, rv)
+    want = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    assert torch.equal(got[1].cpu(), want[1])
+    (node,) = _C._last_flushed_nodes()
+    assert node["output_alias"] == [-1, -1]
+    assert torch.equal(got[0].cpu(), want[0])
+
+
 # -- RNG --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [0, 1234])
 def test_manual_seed_reproduces_eager_cpu(seed):

@@ -149,6 +149,50 @@ std::vector<bool> mark_needed(const std::vector<std::shared_ptr<Node>>& nodes,
 }
 }  // namespace
 
+// Note: [Dead outputs]
+// A node that runs may still have results nobody can observe: the user's tensor for them died
+// before the flush (its storage is in released_) and no node of this flush or of what stays
+// pending reads or writes that storage. A composite such as scaled_dot_product_attention drops
+// the log-sum-exp and the philox seed and offset of the kernel it calls at once. Such outputs
+// become undefined (kUndefinedOutput) before any executor sees the nodes: the kernel still
+// runs for its other results, but nothing binds, keeps or moves the dead ones, and their ids
+// are never resident anywhere, so no release is sent for them either. This matters on a GPU:
+// CUDA's memory-efficient attention returns its seed and offset as host tensors, and binding
+// them meant two host-to-device copies per attention call.
+void Recorder::drop_dead_outputs(FlushRequest& req, const std::vector<std::shared_ptr<Node>>& remaining) {
+  if (released_.empty()) return;
+  std::unordered_set<StorageId> touched(req.targets.begin(), req.targets.end());
+  if (req.then_fetch) touched.insert(req.then_fetch->storage);
+  auto touch = [&](const std::vector<std::shared_ptr<Node>>& nodes) {
+    for (const auto& n : nodes) {
+      for (const auto& in : n->inputs) touched.insert(in.storage);
+      for (auto s : n->writes) touched.insert(s);
+    }
+  };
+  touch(req.nodes);
+  touch(remaining);
+  for (auto& n : req.nodes) {
+    if (n->eager) continue;  // ran at capture: its results are bound already
+    for (size_t i = 0; i < n->outputs.size(); ++i) {
+      if (n->output_alias[i] != -1) continue;
+      StorageId s = n->outputs[i].storage;
+      if (!released_.count(s) || touched.count(s)) continue;
+      auto fresh = std::find(n->fresh.begin(), n->fresh.end(), s);
+      if (fresh == n->fresh.end()) continue;
+      // Another output of the same node may view this storage (its fresh entry is shared).
+      bool shared = false;
+      for (size_t j = 0; j < n->outputs.size(); ++j)
+        shared = shared || (j != i && n->output_alias[j] != kUndefinedOutput && n->outputs[j].storage == s);
+      if (shared) continue;
+      n->fresh.erase(fresh);
+      n->outputs[i] = TensorRef();
+      n->output_alias[i] = kUndefinedOutput;
+      released_.erase(s);
+      poisoned_.erase(s);
+    }
+  }
+}
+
 void Recorder::collect() { flush({}); }
 
 void Recorder::flush(const std::vector<StorageId>& targets, std::optional<TensorRef> then_fetch) {
@@ -201,6 +245,7 @@ std::string Recorder::flush_locked(const std::vector<StorageId>& targets, bool a
     if (needed[i]) req.nodes.push_back(pending_[i]);
     else remaining.push_back(pending_[i]);
   }
+  drop_dead_outputs(req, remaining);
   std::unordered_set<StorageId> wanted_constants(targets.begin(), targets.end());
   for (const auto& n : req.nodes)
     for (const auto& in : n->inputs) wanted_constants.insert(in.storage);

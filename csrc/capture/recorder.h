@@ -126,6 +126,8 @@ class Recorder {
   std::string flush_locked(const std::vector<StorageId>& targets, bool all,
                            std::optional<TensorRef> then_fetch = std::nullopt);
   void apply_releases_locked();
+  // Results nobody can observe become undefined (Note: [Dead outputs]).
+  void drop_dead_outputs(FlushRequest& req, const std::vector<std::shared_ptr<Node>>& remaining);
 
   mutable std::mutex mutex_;
   std::vector<std::shared_ptr<Node>> pending_;
