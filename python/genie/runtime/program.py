@@ -455,8 +455,9 @@ def _decode(
 
 def _numeric_steps(
     base: Program, raw: list, entries: list, limits: P.Limits
-) -> list[_Step] | None:
-    """The steps of `base` with `entries` applied, or None unless every entry replaces an int
+) -> tuple[list[_Step], list[int]] | None:
+    """The steps of `base` with `entries` applied and the indices of those replaced, or None
+    unless every entry replaces an int
     leaf that Note: [Program instances] lets change with an int. Each reference or argument
     an entry changes is checked again as _decode_node would; the rest of each step is the
     base's, already checked."""
@@ -541,7 +542,7 @@ def _numeric_steps(
         step.plan[i] = (step.plan[i][0], 0, v)
     for k, step in changed.items():
         steps[k] = step
-    return steps
+    return steps, list(changed)
 
 
 def _renewed(step: _Step) -> _Step:
@@ -553,49 +554,53 @@ def _renewed(step: _Step) -> _Step:
     return new
 
 
-def _sizes(base: Program, steps: list[_Step]) -> tuple[dict[int, int], int]:
-    """The number-decided facts of `steps`, `base`'s steps with some replaced (Note: [Program
-    instances]): each view within its storage's declared size; returns (bytes each input
-    local must hold, bytes the program creates). Only what the replaced steps can change is
-    looked at again."""
+def _sizes(base: Program, steps: list[_Step], replaced: list[int]) -> tuple[dict[int, int], int]:
+    """The number-decided facts of `steps`, `base`'s steps with those at `replaced` swapped
+    (Note: [Program instances]): each view within its storage's declared size; returns (bytes
+    each input local must hold, bytes the program creates). Only what the replaced steps can
+    change is looked at again: a decode step replaces a few dozen of its hundreds."""
     layout = base.meta.get("layout")
     if layout is None:
-        creators = []  # (local, step, output) creating each fresh local
+        created: dict[int, list[tuple[int, int]]] = {}  # step -> (local, output) it creates
         sites: dict[int, list[tuple[int, int]]] = {}  # local -> (step, ref position) reading it
+        declared: dict[int, int] = {}  # fresh local -> bytes its creator declares
         for k, step in enumerate(base.steps):
             metas = [m for m in step.inputs + step.outputs if m is not None]
             for pos, m in enumerate(metas):
                 sites.setdefault(m.storage, []).append((k, pos))
             for j, (m, a) in enumerate(zip(step.outputs, step.output_alias, strict=True)):
                 if m is not None and a < 0 and m.storage in step.fresh:
-                    creators.append((m.storage, k, j))
-        declared = {local: base.steps[k].outputs[j].storage_nbytes for local, k, j in creators}
-        layout = base.meta["layout"] = (creators, sites, declared)
-    creators, sites, base_declared = layout
-    replaced = [k for k, step in enumerate(steps) if step is not base.steps[k]]
-    declared = dict(base_declared)
-    for local, k, j in creators:
-        if steps[k] is not base.steps[k]:
+                    created.setdefault(k, []).append((m.storage, j))
+                    declared[m.storage] = m.storage_nbytes
+        layout = base.meta["layout"] = (created, sites, declared)
+    created, sites, base_declared = layout
+    declared: dict[int, int] = {}  # the fresh locals whose declared bytes the patch sets
+    for k in replaced:
+        for local, j in created.get(k, ()):
             declared[local] = steps[k].outputs[j].storage_nbytes
-    extent = dict(base.extent)
     again: set[int] = set()  # input locals whose needed bytes may have changed
     for k in replaced:
         step = steps[k]
         metas = [m for m in step.inputs + step.outputs if m is not None]
         for m, need in zip(metas, step.extents, strict=True):
-            size = declared.get(m.storage)
+            size = declared.get(m.storage, base_declared.get(m.storage))
             if size is None:
                 again.add(m.storage)
             elif need > size:
                 _bad(f"node {k} ({step.op}): a view of storage {m.storage} exceeds its size")
+    fresh_bytes = base.fresh_bytes
     for local, size in declared.items():
+        fresh_bytes += size - base_declared[local]
         if size < base_declared[local]:  # untouched steps' views must still fit
             for k, pos in sites[local]:
                 if steps[k].extents[pos] > size:
                     _bad(f"node {k} ({steps[k].op}): a view of storage {local} exceeds its size")
-    for local in again:
-        extent[local] = max(steps[k].extents[pos] for k, pos in sites[local])
-    return extent, sum(declared.values())
+    extent = base.extent
+    if again:
+        extent = dict(extent)
+        for local in again:
+            extent[local] = max(steps[k].extents[pos] for k, pos in sites[local])
+    return extent, fresh_bytes
 
 
 class ProgramCache:
@@ -686,13 +691,14 @@ class ProgramCache:
         if raw_base is None:
             return None
         entries = P.get_list(patch, "patch", limits.max_list)
-        steps = _numeric_steps(base, raw_base, entries, limits)
-        if steps is None:  # not numbers only: checked like a new program
+        numeric = _numeric_steps(base, raw_base, entries, limits)
+        if numeric is None:  # not numbers only: checked like a new program
             raw = apply_patch(raw_base, entries, limits)
             touched = {e[0][0] for e in entries}
             reuse = {k: s for k, s in enumerate(base.steps) if k not in touched}
             return self._insert(_decode(raw, limits, key, b"", reuse))
-        extent, fresh_bytes = _sizes(base, steps)
+        steps, replaced = numeric
+        extent, fresh_bytes = _sizes(base, steps, replaced)
         return self._insert(
             Program(
                 key=key,
@@ -743,8 +749,7 @@ def check_binding(
         len(binding) == program.nlocals,
         f"binding has {len(binding)} ids for {program.nlocals} storages",
     )
-    for s in binding:
-        P.get_sid(s)
+    P.get_sids(binding, "binding", program.nlocals)
     P.need(len(set(binding)) == len(binding), "a storage id is bound twice")
     for local in program.inputs:
         sid = binding[local]

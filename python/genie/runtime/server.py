@@ -476,9 +476,12 @@ class Session:
             and all(storages.get(sid) is st for sid, st in valid[2])
         ):
             return self._spec_start(program, bind, valid[3])
-        for b in bind:
-            if b is not None and b != P.EMPTY_UPLOAD:
-                P.get_sid(b)
+        ids = [b for b in bind if type(b) is int]
+        if len(ids) < len(bind):  # the others may only be None or an empty upload
+            for b in bind:
+                if type(b) is not int and b is not None and b != P.EMPTY_UPLOAD:
+                    P.get_sid(b)
+        P.get_sids(ids, "binding", self.limits.max_list)
         if program is None:
             return self._spec_decline("unknown program")
         P.need(
@@ -641,8 +644,7 @@ class Session:
         for op in P.get_list(pre or [], "pre", self.limits.max_list):
             if type(op) is not list or len(op) < 2 or op[0] != "release":
                 return None
-            ids = P.get_list(op[1], "release ids", self.limits.max_list)
-            released.update(P.get_sid(i) for i in ids)
+            released.update(P.get_sids(op[1], "release ids", self.limits.max_list))
         return released
 
     def _spec_abort(self, spec: _Speculation, *, miss: bool = True) -> None:
