@@ -15,8 +15,10 @@ from genie.errors import ExecutionError, ProtocolError
 from genie.runtime import program as PR
 from genie.runtime import protocol as P
 from genie.runtime.client import _Known, _make_template
+from genie.runtime.loopback import LoopbackServer
 from genie.runtime.program import ProgramCache, encode_program, patch_key
 from genie.runtime.replay import Environment
+from genie.runtime.server import Server, ServerConfig
 from remote_fixtures import DEVICE
 
 pytest_plugins = ["remote_fixtures"]
@@ -24,8 +26,8 @@ pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def two_steps():
-    """Two consecutive DynamicCache decode steps of a small GPT-2: (digest, encoding) each."""
+def decode_steps():
+    """Four consecutive DynamicCache decode steps of a small GPT-2: (digest, encoding) each."""
     genie.configure(local_device="cpu")
     model = fakes.gpt2().to(DEVICE)
     steps = []
@@ -33,12 +35,17 @@ def two_steps():
         out = model(torch.randint(0, 500, (2, 6)).to(DEVICE), use_cache=True)
         pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
         tok.cpu()
-        for _ in range(2):
+        for _ in range(4):
             out = model(tok, past_key_values=pkv, use_cache=True)
             pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
             tok.cpu()
             steps.append((_C._digest_nodes(), encode_program(_C._last_flushed_nodes())))
     return steps
+
+
+@pytest.fixture(scope="module")
+def two_steps(decode_steps):
+    return decode_steps[:2]
 
 
 def _patch(d1, d2) -> list[list]:
@@ -122,6 +129,70 @@ def test_a_template_is_refused_when_its_paths_do_not_name_its_integers(two_steps
     assert _make_template(known, params, d1[6][:-1]) is None
 
 
+def test_the_server_prepares_the_instance_the_client_names_next(decode_steps):
+    """From two patches of a base the server guesses the next one (Note: [Preparing the
+    next instance]); the guess is the patch the client sends for the following step, and its
+    instance is checked, cached and has its C++ runner before that step asks for it."""
+    (d1, e1), (d2, _), (d3, _), (d4, e4) = decode_steps
+    server = Server(ServerConfig(token=b"t", prepare_next=True))
+    try:
+        limits = server.config.limits
+        base = server.programs.add(e1.body, limits)
+        p2, p3, p4 = _patch(d1, d2), _patch(d1, d3), _patch(d1, d4)
+        assert PR.next_patch(p2, p3) == p4
+        server.prepare(base, p2, p3)
+        server._helper.submit(lambda: None).result()  # the helper is done
+        prepared = server.programs.get(patch_key(base.key, p4))
+        assert prepared is not None and server.programs.prepared == 1
+        assert prepared.native.get("cpu") is not None
+        assert _metas(prepared) == _metas(ProgramCache().add(e4.body, limits))
+        # A guess that does not check (a view far outside its storage) is dropped quietly,
+        # and the helper goes on preparing.
+        wild = [[path, value + 10**9] for path, value in p2]
+        server.prepare(base, wild, p3)
+        server.prepare(base, p3, p4)
+        server._helper.submit(lambda: None).result()
+        assert server.programs.prepared == 2
+    finally:
+        server.shutdown(grace=0.1)
+
+
+def test_a_decode_finds_its_steps_prepared_by_the_server():
+    """Through a server that prepares instances, a DynamicCache decode still equals eager,
+    and most of its steps find their instance already checked."""
+    model = fakes.gpt2()
+    rmodel = type(model)(model.config).eval()
+    rmodel.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 500, (2, 5))
+    srv = LoopbackServer(threads=torch.get_num_threads(), extra_args=["--prepare-next"])
+    try:
+        client = genie.connect(srv.address, token=srv.token)
+        try:
+            with torch.no_grad():
+                ref = _greedy(model, ids, 12)
+                got = _greedy(rmodel.to(DEVICE), ids.to(DEVICE), 12)
+            server = client.server_stats()["server"]
+        finally:
+            genie.configure(local_device="cpu")
+            client.close()
+    finally:
+        srv.close()
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert server["prepared_hits"] >= 8, server
+
+
+def _greedy(m, x, n):
+    """Tokens of n greedy DynamicCache decode steps after the prompt, and the last logits."""
+    out = m(x, use_cache=True)
+    pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    toks = [tok.cpu()]
+    for _ in range(n):
+        out = m(tok, past_key_values=pkv, use_cache=True)
+        pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        toks.append(tok.cpu())
+    return torch.cat(toks, 1), out.logits.cpu()
+
+
 def test_decode_with_dynamic_cache_goes_as_numbers_and_starts_early(remote):
     """A greedy DynamicCache decode through the server equals eager; after the first decode
     step every step goes as a patch of numbers, and the server has it running before the
@@ -131,21 +202,10 @@ def test_decode_with_dynamic_cache_goes_as_numbers_and_starts_early(remote):
     rmodel.load_state_dict(model.state_dict())
     rmodel = rmodel.to(DEVICE)
     ids = torch.randint(0, 500, (2, 5))
-
-    def decode(m, x, n=12):
-        out = m(x, use_cache=True)
-        pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        toks = [tok.cpu()]
-        for _ in range(n):
-            out = m(tok, past_key_values=pkv, use_cache=True)
-            pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            toks.append(tok.cpu())
-        return torch.cat(toks, 1), out.logits.cpu()
-
     with torch.no_grad():
-        ref_toks, ref_logits = decode(model, ids)
+        ref_toks, ref_logits = _greedy(model, ids, 12)
         before = dict(remote.counters)
-        toks, logits = decode(rmodel, ids.to(DEVICE))
+        toks, logits = _greedy(rmodel, ids.to(DEVICE), 12)
     assert torch.equal(toks, ref_toks)
     assert torch.equal(logits, ref_logits)
     delta = {k: remote.counters[k] - before.get(k, 0) for k in ("runs_by_template", "spec_hits")}

@@ -148,6 +148,24 @@ def patch_key(base_key: bytes, patch: list) -> bytes:
     return hashlib.blake2b(b"genie.patch" + base_key + P.pack(patch), digest_size=16).digest()
 
 
+def next_patch(before: list, last: list) -> list | None:
+    """The patch the step after `last` most likely sends, when `before` and `last` are two
+    consecutive patches of one base (Note: [Preparing the next instance] in server.py): each
+    int moved on by its last change, as the client predicts (Note: [Program templates] in
+    client.py); None unless both patch the same paths with ints."""
+    if len(before) != len(last):
+        return None
+    out = []
+    for e0, e1 in zip(before, last, strict=True):
+        if type(e0) is not list or type(e1) is not list or len(e0) != 2 or len(e1) != 2:
+            return None
+        (p0, v0), (p1, v1) = e0, e1
+        if p0 != p1 or type(v0) is not int or type(v1) is not int:
+            return None
+        out.append([p1, 2 * v1 - v0])
+    return out
+
+
 def apply_patch(base: list, patch: Any, limits: P.Limits) -> list:
     """A copy of `base` with `patch` applied; copies only the lists a patch goes through."""
     root = list(base)
@@ -613,6 +631,7 @@ class ProgramCache:
         self._max = max_bytes
         self._lock = threading.Lock()
         self.hits = 0
+        self.prepared = 0  # instances checked ahead by prepare()
         self.misses = 0
 
     def get(self, key: bytes) -> Program | None:
@@ -680,6 +699,20 @@ class ProgramCache:
     # hold, and the bytes the program creates.
     # Any other patch is checked like a new program. Instances keep no body: they are never
     # a patch base, and a client that lost track sends its program in full.
+    def prepare(self, base: Program, patch: list, limits: P.Limits, device: torch.device) -> None:
+        """Check and cache the instance `patch` makes of `base` and build its C++ runner, so
+        that a request naming it later finds both ready (raises what the check raises)."""
+        key = patch_key(base.key, patch)
+        with self._lock:
+            program = self._items.get(key)
+        if program is None:
+            program = self.instance(base, patch, key, limits)
+            if program is None:
+                return
+            program.meta["prepared"] = True
+            self.prepared += 1
+        native_runner(program, device)
+
     def instance(self, base: Program, patch: Any, key: bytes, limits: P.Limits) -> Program | None:
         """The program keyed `key` = patch_key(base.key, patch), checked and cached; None when
         `base` cannot be patched here (the client then sends its program in full)."""

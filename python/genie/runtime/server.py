@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ from genie.runtime.program import (
     _key,
     check_binding,
     execute,
+    next_patch,
     patch_key,
 )
 from genie.runtime.replay import Environment
@@ -60,6 +62,9 @@ class ServerConfig:
     idle_timeout: float | None = None  # seconds a session may sit silent; None = forever
     max_sessions: int = 256
     spin_us: int | None = None  # poll for the next request before blocking; None: default_spin_us()
+    # check the likely next program instance ahead (Note: [Preparing the next instance]);
+    # None: on CUDA servers only
+    prepare_next: bool | None = None
 
 
 class Session:
@@ -81,6 +86,7 @@ class Session:
         self.spec_misses = 0
         # (key, bind, [(input id, storage)], plan): the speculation checked last
         self._spec_valid: tuple | None = None
+        self._last_patch: dict[bytes, list] = {}  # base key -> the last patch of it named
         self.requests = 0
         self.errors = 0
         self.busy_seconds = 0.0  # handling requests, replies not included
@@ -364,22 +370,49 @@ class Session:
         self.runner.run(program, binding, states, self.env)
         return {"ok": True}, []
 
+    # Note: [Preparing the next instance]
+    # In a decode loop every step is a new instance of one template (Note: [Program
+    # instances]): checking it and building its C++ runner cost about a millisecond of the
+    # server's thread per step on an H200 host, with the GPU waiting. The server can guess
+    # the next instance as well as the client does: each int of the last patch moved on by
+    # its last change (program.next_patch). So when a request names an instance, the session
+    # hands the guess to the server's helper thread, which checks and caches that instance
+    # and its runner while this thread launches the current step in C++ (the GIL is free
+    # then). A right guess is found in the cache; a wrong one costs the helper's time and a
+    # cache entry. The guess is checked like any program, since it is made of the client's
+    # numbers. Only CUDA servers do this: on a CPU server the helper would take a core from
+    # the kernels.
     def _lookup(self, req: dict, key: bytes) -> Program | None:
         """The cached program `key` names, or the one `req` describes as a patch of a cached
         base: an instance (Note: [Program instances]) when `key` is the patch's key, else a
         patched program whose bytes hash to `key` (Note: [Program patches])."""
         cache = self.server.programs
         program = cache.get(key)
-        if program is not None or req.get("base") is None:
+        if req.get("base") is None:
             return program
         base = cache.get(P.get_bytes(req["base"], "base program key", 16))
         if base is None:
-            return None
+            return program
         patch = P.get_list(req.get("patch"), "patch", self.limits.max_list)
+        if program is not None:
+            if program.meta.pop("prepared", False):
+                self.server.prepared_hits += 1
+            self._prepare_next(base, patch)
+            return program
         if key == patch_key(base.key, patch):
-            return cache.instance(base, patch, key, self.limits)
+            program = cache.instance(base, patch, key, self.limits)
+            self._prepare_next(base, patch)
+            return program
         program = cache.patched(base, patch, self.limits)
         return program if program.key == key else None  # packed differently: the body follows
+
+    def _prepare_next(self, base: Program, patch: list) -> None:
+        before = self._last_patch.pop(base.key, None)
+        self._last_patch[base.key] = patch
+        while len(self._last_patch) > 4:
+            del self._last_patch[next(iter(self._last_patch))]
+        if before is not None:
+            self.server.prepare(base, before, patch)
 
     def _describe(self, v: Any) -> dict:
         if isinstance(v, torch.Tensor):
@@ -747,6 +780,14 @@ class Server:
         else:
             raise GenieError(f"genie: a server runs on cpu or cuda, not {config.device}")
         self.programs = ProgramCache()
+        # Note: [Preparing the next instance]
+        self._helper: ThreadPoolExecutor | None = None
+        self.prepared_hits = 0  # requests that found a prepared instance
+        prepare = config.prepare_next
+        if prepare if prepare is not None else self.device.type == "cuda":
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="genie-prepare")
+            # A thread that wants the GIL back from the helper waits at most this long.
+            sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self.stopping = False
         self.exit_code = 0
         self._listener: Listener | None = None
@@ -770,6 +811,26 @@ class Server:
         )
         self._accept_thread.start()
         return self.address
+
+    def prepare(self, base: Program, before: list, last: list) -> None:
+        """Have the helper thread prepare the instance that likely follows the patches
+        `before` and `last` of `base` (Note: [Preparing the next instance])."""
+        if self._helper is None or self.stopping:
+            return
+
+        def job() -> None:
+            guess = next_patch(before, last)
+            if guess is None:
+                return
+            try:
+                self.programs.prepare(base, guess, self.config.limits, self.device)
+            except GenieError as e:  # a guess that does not check: the client will not send it
+                logger.debug("genie: no prepared instance: %s", e)
+            except Exception:  # noqa: BLE001 - the helper must outlive a bad guess
+                logger.exception("genie: preparing the next instance failed")
+
+        with contextlib.suppress(RuntimeError):  # shut down meanwhile
+            self._helper.submit(job)
 
     @property
     def cuda_graphs(self) -> bool:
@@ -872,6 +933,8 @@ class Server:
             th.join(max(0.1, deadline - time.monotonic()))
         if self._accept_thread is not None:
             self._accept_thread.join(2.0)
+        if self._helper is not None:
+            self._helper.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -885,6 +948,8 @@ class Server:
             "programs_cached": len(self.programs),
             "program_cache_hits": self.programs.hits,
             "program_cache_misses": self.programs.misses,
+            "instances_prepared": self.programs.prepared,
+            "prepared_hits": self.prepared_hits,
             "device": str(self.device),
         }
 
@@ -950,6 +1015,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, log_level: bool = Tr
         "--idle-timeout", type=float, default=None, help="close sessions silent this many seconds"
     )
     parser.add_argument(
+        "--prepare-next",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="check the likely next step of a decode loop on a helper thread while the "
+        "current one runs (default: on for CUDA devices, off on cpu)",
+    )
+    parser.add_argument(
         "--spin-us",
         type=int,
         default=None,
@@ -999,6 +1071,7 @@ def serve_main(args: argparse.Namespace) -> int:
         transport=args.transport,
         idle_timeout=args.idle_timeout,
         spin_us=args.spin_us,
+        prepare_next=args.prepare_next,
     )
     try:
         server = Server(config)
