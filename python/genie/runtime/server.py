@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -1079,6 +1080,13 @@ def serve_main(args: argparse.Namespace) -> int:
     except GenieError as e:
         print(str(e), file=sys.stderr)
         return 2
+    # Note: [The server's garbage collector]
+    # Importing torch leaves about 170k Python objects that live as long as the process. A
+    # full collection scanned them all: 50-75 ms, now and then in the middle of a step (a
+    # decode step takes a few ms). Frozen once here, before any client, they are left out of
+    # every later collection, which then looks only at what the server made since (a full
+    # one after a GPT-2 decode: 6 ms instead of 73 on the CI-sized VM).
+    gc.freeze()
     if args.port_file:
         tmp = args.port_file + ".tmp"
         with open(tmp, "w") as f:
