@@ -181,6 +181,41 @@ def test_a_decode_finds_its_steps_prepared_by_the_server():
     assert server["prepared_hits"] >= 8, server
 
 
+def test_a_refused_decode_step_raises_and_the_session_goes_on(remote, monkeypatch):
+    """A decode step the server refuses (its patch makes a view leave its storage), sent as
+    an instance with the next step's guess right behind it, raises its own error; a decode
+    started afterwards still equals eager and goes as numbers again."""
+    from genie.runtime.client import _Template
+
+    model = fakes.gpt2()
+    rmodel = type(model)(model.config).eval()
+    rmodel.load_state_dict(model.state_dict())
+    rmodel = rmodel.to(DEVICE)
+    ids = torch.randint(0, 500, (2, 5))
+    real_patch = _Template.patch
+    with torch.no_grad():
+        out = rmodel(ids.to(DEVICE), use_cache=True)
+        pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(4):
+            out = rmodel(tok, past_key_values=pkv, use_cache=True)
+            pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            tok.cpu()
+        before = dict(remote.counters)
+        monkeypatch.setattr(
+            _Template, "patch", lambda t, p: [[path, 10**9] for path, _ in real_patch(t, p)]
+        )
+        out = rmodel(tok, past_key_values=pkv, use_cache=True)
+        with pytest.raises(ProtocolError, match="does not fit|exceeds"):
+            out.logits[:, -1:].argmax(-1).cpu()
+        monkeypatch.setattr(_Template, "patch", real_patch)
+        assert remote.counters["spec_sent"] == before["spec_sent"] + 1  # the guess went
+        assert remote.counters["runs_by_template"] == before["runs_by_template"]
+        ref = _greedy(model, ids, 8)
+        got = _greedy(rmodel, ids.to(DEVICE), 8)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert remote.counters["runs_by_template"] - before["runs_by_template"] >= 6
+
+
 def _greedy(m, x, n):
     """Tokens of n greedy DynamicCache decode steps after the prompt, and the last logits."""
     out = m(x, use_cache=True)

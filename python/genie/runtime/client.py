@@ -19,8 +19,8 @@ import os
 import sys
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import ChainMap, OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -302,9 +302,11 @@ class RemoteExecutor:
         buffers: list[memoryview] | tuple = (),
         receive: Callable[[dict], list[memoryview]] | None = None,
         then_fetch: dict | None = None,
+        then_spec: Callable[[], None] | None = None,
     ) -> dict:
         """Send one request and read its reply; with `then_fetch`, a fetch of that ref goes
-        right behind it and its value is kept for the next fetch (Note: [Run then fetch])."""
+        right behind it and its value is kept for the next fetch (Note: [Run then fetch]);
+        `then_spec` sends a spec behind those, before their replies are read."""
         self._check()
         self._prefetched = None
         self._ahead = False  # this request resolves any speculation the server holds
@@ -317,7 +319,9 @@ class RemoteExecutor:
             if then_fetch is not None:
                 follow = self._fetch_plan(then_fetch)
                 self._t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(follow[0]), ())
-            self._read_spec_replies()
+            self._read_spec_replies()  # they precede this request's replies
+            if then_spec is not None:
+                then_spec()
             reply = self._read_reply(receive)
             if follow is not None:
                 freply = self._read_reply(follow[1] if reply.get("ok") is True else None)
@@ -445,6 +449,7 @@ class RemoteExecutor:
         fresh: dict,
         then_fetch=None,
         instance: tuple[bytes, list] | None = None,
+        then_spec: Callable[[], None] | None = None,
     ) -> bool:
         """Send a run of `enc` with `binding` (uploads first when they do not fit in it);
         `then_fetch`: Note: [Run then fetch]. `instance` (base key, patch) names the program
@@ -466,7 +471,11 @@ class RemoteExecutor:
         header.update(bind=binding, rng=rng, up=[e for e, _ in parts])
         try:
             self._exchange(
-                header, [v for _, v in parts], None if instance else enc, then_fetch=then_fetch
+                header,
+                [v for _, v in parts],
+                None if instance else enc,
+                then_fetch=then_fetch,
+                then_spec=then_spec,
             )
         except _RequestFailed:  # an instance whose base the server no longer has
             return False
@@ -513,6 +522,13 @@ class RemoteExecutor:
                 tpl = None
         follows: _Known | _Template | None = known
         wire_rng = [[k, state.numpy().tobytes()] for k, state in rng]
+        settled = False
+
+        def spec_behind() -> None:
+            nonlocal settled
+            settled = True
+            self._spec_behind(tpl, binding, params, constants, fresh)
+
         if known is not None:
             self._known.move_to_end(fingerprint)
             enc = known.enc
@@ -524,16 +540,17 @@ class RemoteExecutor:
             binding,
             wire_rng,
             constants,
-            {binding[local]: int(params[i]) for local, i in tpl.fresh if params[i]},
+            fresh := {binding[local]: int(params[i]) for local, i in tpl.fresh if params[i]},
             then_fetch,
             instance=(tpl.known.key, tpl.patch(params)),
+            then_spec=spec_behind,
         ):
             known, follows = tpl.known, tpl
             self.counters["runs_by_template"] += 1
         else:
             if tpl is not None:  # the server forgot the template's base: start it again
                 del self._templates[structure]
-                tpl = None
+                tpl, settled = None, False
             self.run(nodes(), constants, targets)
             enc = self._last_enc
             if enc is None or enc.binding != binding:  # the digest and the encoding disagree
@@ -559,23 +576,34 @@ class RemoteExecutor:
                 self._templates[structure] = tpl
                 if len(self._templates) > _MAX_TEMPLATES:
                     self._templates.popitem(last=False)
-        if tpl is not None:
-            tpl.before, tpl.last = tpl.last, params
         if self._window is not None:  # what the recording began with, for next time
             self._by_window[self._window] = follows
             self._by_window.move_to_end(self._window)
             if len(self._by_window) > _MAX_DIGESTS:
                 self._by_window.popitem(last=False)
             self._window = None
+        if not settled:
+            self._settle(tpl, known, binding, params, constants)
+
+    def _settle(self, tpl, known, binding, params, constants) -> None:
+        """Remember this flush's integers and binding: what the next one is predicted from."""
+        if tpl is not None:
+            tpl.before, tpl.last = tpl.last, params
         known.before, known.last = known.last, list(binding)
         empties = {sid for sid, t in constants.items() if _storage_span(t) == (0, 0)}
         known.empty_before = known.empty_last
         known.empty_last = frozenset(i for i, sid in enumerate(binding) if sid in empties)
-        if follows is tpl and self.speculation_window and self._send_spec(tpl):
-            # The next step of a decode loop can start now rather than when its recording
-            # begins (Note: [Program templates]); the value fetched with this run stays good,
-            # since it was read before.
-            self._ahead = True
+
+    def _spec_behind(self, tpl, binding, params, constants, fresh) -> None:
+        """Sent right behind an instance's run and fetch, before their replies are read: the
+        next step of a decode loop, predicted (Note: [Program templates]), so that the server
+        starts it as soon as it has answered the fetch, while this process goes back to the
+        user's code to record that step. What the run creates counts as resident for the
+        guess; if the run fails, the server declines the guess or the next request undoes it
+        (Note: [Speculative runs] in server.py)."""
+        self._settle(tpl, tpl.known, binding, params, constants)
+        if self.speculation_window and self._send_spec(tpl, ChainMap(fresh, self._resident)):
+            self._ahead = True  # the value fetched with this run was read before it starts
 
     def speculate(self, window: bytes) -> None:
         """The recorder's first nodes since the last flush fingerprint as `window`: if the
@@ -599,7 +627,7 @@ class RemoteExecutor:
             self.counters["speculate_seconds"] += time.perf_counter() - started
             self._lock.release()
 
-    def _send_spec(self, follows: _Known | _Template) -> bool:
+    def _send_spec(self, follows: _Known | _Template, resident: Mapping | None = None) -> bool:
         """Ask the server to start `follows` (a program, again; or a template's next
         program) with its predicted binding, without waiting; False when there is no guess."""
         header: dict[str, Any] = {"t": "spec"}
@@ -614,7 +642,7 @@ class RemoteExecutor:
             known = follows.known
         else:
             header["key"] = known.key
-        bind = known.predict(self._resident)
+        bind = known.predict(self._resident if resident is None else resident)
         if bind is None or self._unread:
             return False
         header["bind"] = bind
@@ -640,10 +668,12 @@ class RemoteExecutor:
                 return
         header["prog"] = enc.body
 
-    def _exchange(self, header: dict, buffers: list, enc, receive=None, then_fetch=None) -> dict:
+    def _exchange(
+        self, header: dict, buffers: list, enc, receive=None, then_fetch=None, then_spec=None
+    ) -> dict:
         try:
             try:
-                reply = self._request(dict(header), buffers, receive, then_fetch)
+                reply = self._request(dict(header), buffers, receive, then_fetch, then_spec)
             except _RequestFailed as e:
                 if e.kind != "unknown_program" or enc is None:
                     raise
