@@ -19,8 +19,8 @@ import os
 import sys
 import threading
 import time
-from collections import ChainMap, OrderedDict
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +141,14 @@ class _Template:
     def patch(self, params: np.ndarray) -> list[list]:
         paths = self.paths
         return [[paths[i], v] for i, v in zip(*_changed(self.params, params), strict=True)]
+
+    def created(self, binding: list[int], params: np.ndarray) -> dict[int, int]:
+        """Storage id -> bytes of each storage a run with `params` creates (none if empty)."""
+        where = self.__dict__.get("_fresh_at")
+        if where is None:
+            where = self._fresh_at = np.array([i for _, i in self.fresh], dtype=np.int64)
+        sizes = params[where].tolist()
+        return {binding[local]: n for (local, _), n in zip(self.fresh, sizes, strict=True) if n}
 
     def predict(self) -> np.ndarray | None:
         if self.last is None or self.before is None:
@@ -540,7 +548,7 @@ class RemoteExecutor:
             binding,
             wire_rng,
             constants,
-            fresh := {binding[local]: int(params[i]) for local, i in tpl.fresh if params[i]},
+            fresh := tpl.created(binding, params),
             then_fetch,
             instance=(tpl.known.key, tpl.patch(params)),
             then_spec=spec_behind,
@@ -602,7 +610,7 @@ class RemoteExecutor:
         guess; if the run fails, the server declines the guess or the next request undoes it
         (Note: [Speculative runs] in server.py)."""
         self._settle(tpl, tpl.known, binding, params, constants)
-        if self.speculation_window and self._send_spec(tpl, ChainMap(fresh, self._resident)):
+        if self.speculation_window and self._send_spec(tpl, {**self._resident, **fresh}):
             self._ahead = True  # the value fetched with this run was read before it starts
 
     def speculate(self, window: bytes) -> None:
@@ -627,7 +635,7 @@ class RemoteExecutor:
             self.counters["speculate_seconds"] += time.perf_counter() - started
             self._lock.release()
 
-    def _send_spec(self, follows: _Known | _Template, resident: Mapping | None = None) -> bool:
+    def _send_spec(self, follows: _Known | _Template, resident: dict | None = None) -> bool:
         """Ask the server to start `follows` (a program, again; or a template's next
         program) with its predicted binding, without waiting; False when there is no guess."""
         header: dict[str, Any] = {"t": "spec"}
