@@ -125,8 +125,9 @@ class _Known:
 # ([path, value] entries), named patch_key(base, patch): no node is converted or encoded on
 # the client, and the server checks only the references and arguments the patch changes
 # (Note: [Program instances] in program.py). Because the integers of a decode step move by the same amount
-# every step, the next step's are predicted (last + (last - before)), so the server can start
-# it early like a repeated program (Note: [Client speculation]). The paths come from C++; the
+# every step, the next step's are predicted (last + (last - before)), and that guess goes right
+# behind the current step's run and fetch (_spec_behind), so the server starts the next step as
+# soon as it has answered, while this process records it (Note: [Client speculation]). The paths come from C++; the
 # client checks once per structure that each one names a leaf of its own encoding holding that
 # integer, and never uses a structure that fails the check.
 @dataclass
