@@ -475,10 +475,9 @@ def _numeric_steps(
     base: Program, raw: list, entries: list, limits: P.Limits
 ) -> tuple[list[_Step], list[int]] | None:
     """The steps of `base` with `entries` applied and the indices of those replaced, or None
-    unless every entry replaces an int
-    leaf that Note: [Program instances] lets change with an int. Each reference or argument
-    an entry changes is checked again as _decode_node would; the rest of each step is the
-    base's, already checked."""
+    unless every entry replaces an int leaf that Note: [Program instances] lets change with an
+    int. Each reference or argument an entry changes is checked again as _decode_node would;
+    the rest of each step is the base's, already checked."""
     refs: dict[tuple[int, int, int], list] = {}
     args: dict[tuple[int, int], Any] = {}
     n = len(raw)
