@@ -290,6 +290,19 @@ def _check_size_arg(v: Any, limits: P.Limits, what: str) -> None:
         P.need(n <= limits.max_storage, f"{what}: {n} elements exceed the server's storage limit")
 
 
+def _check_value_arg(v: Any, sa, limits: P.Limits, what: str) -> None:
+    """A plain (non-tensor) argument value against its schema argument `sa`."""
+    _check_value(v, sa.type, limits, what)
+    if sa.name == "size":
+        _check_size_arg(v, limits, what)
+
+
+def _max_local(nodes: int) -> int:
+    """The largest storage index a program of `nodes` nodes may use (a node mentions at most
+    a few storages)."""
+    return 8 * nodes + 8
+
+
 # -- server side --------------------------------------------------------------------------
 class _Step(Node):
     """A decoded node whose ``target`` was resolved once, at validation."""
@@ -365,9 +378,7 @@ def _decode_node(rn: Any, k: int, limits: P.Limits, max_local: int) -> _Step:
         sa = sargs[i]
         if code == 0:
             if v is not None:
-                _check_value(v, sa.type, limits, f"node {k} ({op_name}) argument {sa.name}")
-                if sa.name == "size":
-                    _check_size_arg(v, limits, f"node {k} ({op_name}) argument {sa.name}")
+                _check_value_arg(v, sa, limits, f"node {k} ({op_name}) argument {sa.name}")
         else:
             if not _is_tensor_type(sa.type):
                 _bad(f"node {k} ({op_name}) argument {sa.name} is not a tensor argument")
@@ -398,7 +409,7 @@ def _decode(
     """Check every node (or take it from `reuse`, nodes already checked with the same
     content), then the dataflow between them."""
     nodes = P.get_list(raw, "program", limits.max_nodes)
-    max_local = 8 * len(nodes) + 8  # a node mentions at most a few storages
+    max_local = _max_local(len(nodes))
     reuse = reuse or {}
     steps = [
         reuse[k] if k in reuse else _decode_node(rn, k, limits, max_local)
@@ -533,7 +544,7 @@ def _numeric_steps(
     except (TypeError, ValueError, IndexError):  # a path that does not fit the program
         return None
     steps = list(base.steps)
-    max_local = 8 * n + 8
+    max_local = _max_local(n)
     changed: dict[int, _Step] = {}
     for (k, f, i), r in refs.items():
         step = changed.get(k)
@@ -551,10 +562,7 @@ def _numeric_steps(
         if step is None:
             step = changed[k] = _renewed(base.steps[k])
         sa = step.target._schema.arguments[i]
-        what = f"node {k} ({step.op}) argument {sa.name}"
-        _check_value(v, sa.type, limits, what)
-        if sa.name == "size":
-            _check_size_arg(v, limits, what)
+        _check_value_arg(v, sa, limits, f"node {k} ({step.op}) argument {sa.name}")
         step.args[i] = ("value", v)
         step.plan[i] = (step.plan[i][0], 0, v)
     for k, step in changed.items():
