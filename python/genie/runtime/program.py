@@ -706,20 +706,6 @@ class ProgramCache:
     # hold, and the bytes the program creates.
     # Any other patch is checked like a new program. Instances keep no body: they are never
     # a patch base, and a client that lost track sends its program in full.
-    def prepare(self, base: Program, patch: list, limits: P.Limits, device: torch.device) -> None:
-        """Check and cache the instance `patch` makes of `base` and build its C++ runner, so
-        that a request naming it later finds both ready (raises what the check raises)."""
-        key = patch_key(base.key, patch)
-        with self._lock:
-            program = self._items.get(key)
-        if program is None:
-            program = self.instance(base, patch, key, limits)
-            if program is None:
-                return
-            program.meta["prepared"] = True
-            self.prepared += 1
-        native_runner(program, device)
-
     def instance(self, base: Program, patch: Any, key: bytes, limits: P.Limits) -> Program | None:
         """The program keyed `key` = patch_key(base.key, patch), checked and cached; None when
         `base` cannot be patched here (the client then sends its program in full)."""
@@ -752,6 +738,20 @@ class ProgramCache:
                 nbytes=base.nbytes,
             )
         )
+
+    def prepare(self, base: Program, patch: list, limits: P.Limits, device: torch.device) -> None:
+        """Check and cache the instance `patch` makes of `base` and build its C++ runner, so
+        that a request naming it later finds both ready (raises what the check raises)."""
+        key = patch_key(base.key, patch)
+        with self._lock:
+            program = self._items.get(key)
+        if program is None:
+            program = self.instance(base, patch, key, limits)
+            if program is None:
+                return
+            program.meta["prepared"] = True
+            self.prepared += 1
+        native_runner(program, device)
 
     def _remember_raw(self, key: bytes, raw: list) -> None:
         with self._lock:
