@@ -36,6 +36,7 @@ import torch
 
 from genie.runtime.program import Program, execute, run_step
 from genie.runtime.replay import Environment
+from genie.runtime.replay import byte_view as _bytes
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +45,6 @@ __all__ = ["GraphRunner"]
 # One capture at a time per process: capture switches the allocator of the capturing stream
 # into a private pool, and concurrent captures from several sessions buy nothing.
 _capture_lock = threading.Lock()
-
-
-def _bytes(st: torch.UntypedStorage) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.uint8, device=st.device).set_(st)
 
 
 def _clone(st: torch.UntypedStorage) -> torch.UntypedStorage:

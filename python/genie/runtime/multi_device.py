@@ -30,7 +30,7 @@ import torch
 
 from genie.errors import ExecutionError
 from genie.graph.ir import Graph, Node, TensorMeta
-from genie.runtime.replay import Environment, run_node
+from genie.runtime.replay import Environment, byte_view, run_node
 from genie.scheduler.cost_model import GraphCostEstimator, is_view
 from genie.scheduler.devices import DeviceSpec
 from genie.scheduler.planner import ExecutionPlan, Planner
@@ -108,7 +108,7 @@ class EnvironmentBackend:
             ) from None
 
     def import_(self, storage, data) -> None:
-        flat = torch.empty(0, dtype=torch.uint8, device=data.device).set_(data)
+        flat = byte_view(data)
         if data.device == self.device:
             copy = flat.clone()
         else:
@@ -201,7 +201,7 @@ class ExecutorBackend:
         return self.executor.fetch(ref).contiguous().untyped_storage()
 
     def import_(self, storage, data) -> None:
-        flat = torch.empty(0, dtype=torch.uint8, device=data.device).set_(data).cpu().clone()
+        flat = byte_view(data).cpu().clone()
         self.put_constant(storage, flat)
 
     def view(self, meta):

@@ -18,9 +18,14 @@ from genie.graph.ir import Node, TensorMeta
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Environment", "run_node", "run_nodes"]
+__all__ = ["Environment", "byte_view", "run_node", "run_nodes"]
 
 _REMOTE = "remote_accelerator"
+
+
+def byte_view(st: torch.UntypedStorage) -> torch.Tensor:
+    """All of a storage's bytes as a flat uint8 tensor on its own device."""
+    return torch.empty(0, dtype=torch.uint8, device=st.device).set_(st)
 
 
 class Environment:
@@ -48,7 +53,7 @@ class Environment:
         """Make a host tensor resident, byte for byte, so its recorded geometry stays valid."""
         st = tensor.untyped_storage()
         if st.device != self.device:
-            st = torch.empty(0, dtype=torch.uint8).set_(st).to(self.device).untyped_storage()
+            st = byte_view(st).to(self.device).untyped_storage()
         self.storages[storage] = st
 
     def bind(self, meta: TensorMeta, value: torch.Tensor) -> None:

@@ -41,7 +41,7 @@ from genie.runtime.program import (
     next_patch,
     patch_key,
 )
-from genie.runtime.replay import Environment
+from genie.runtime.replay import Environment, byte_view
 from genie.runtime.transports import Listener, Transport, default_spin_us, listen
 from genie.runtime.transports.base import Frame
 
@@ -581,7 +581,7 @@ class Session:
         try:
             for sid in written:
                 st = storages.get(sid)
-                spec.saved.append((sid, st, None if st is None else _byte_view(st).clone()))
+                spec.saved.append((sid, st, None if st is None else byte_view(st).clone()))
             started = time.perf_counter()
             self.runner.run(program, binding, {}, self.env)
             self._time("spec_launch", time.perf_counter() - started)
@@ -690,7 +690,7 @@ class Session:
             else:
                 if st.nbytes() != data.numel():  # an op resized it in place
                     st.resize_(data.numel())
-                _byte_view(st).copy_(data)
+                byte_view(st).copy_(data)
                 storages[sid] = st
         for temp in spec.temps.values():
             storages.pop(temp, None)
@@ -740,10 +740,6 @@ class _Speculation:
         ints = [i for i, b in enumerate(self.bind) if type(b) is int]
         taken = set(ints)
         return ints, [i for i in range(len(self.bind)) if i not in taken]
-
-
-def _byte_view(st: torch.UntypedStorage) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.uint8, device=st.device).set_(st)
 
 
 def _resident_bytes(env: Environment) -> int:
