@@ -532,7 +532,7 @@ class Session:
         # check_binding wants real ids: stand-ins that no entry uses for the created storages
         # (none of them is an input, so whether they are resident does not matter) and for
         # the empty uploads (incoming, 0 bytes).
-        taken = {b for b in bind if type(b) is int}
+        taken = set(ids)
         probe, stand_in, incoming = [], P._MAX_SID, {}
         for b in bind:
             if type(b) is not int:
