@@ -192,7 +192,12 @@ def test_a_refused_decode_step_raises_and_the_session_goes_on(remote, monkeypatc
     rmodel.load_state_dict(model.state_dict())
     rmodel = rmodel.to(DEVICE)
     ids = torch.randint(0, 500, (2, 5))
-    real_patch = _Template.patch
+    real_name = _Template.name
+
+    def refused_name(t, params):  # every integer far beyond its storage
+        patch = [[path, 10**9] for path, _ in t.patch(params)]
+        return patch, patch_key(t.known.key, patch)
+
     with torch.no_grad():
         out = rmodel(ids.to(DEVICE), use_cache=True)
         pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -201,13 +206,11 @@ def test_a_refused_decode_step_raises_and_the_session_goes_on(remote, monkeypatc
             pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
             tok.cpu()
         before = dict(remote.counters)
-        monkeypatch.setattr(
-            _Template, "patch", lambda t, p: [[path, 10**9] for path, _ in real_patch(t, p)]
-        )
+        monkeypatch.setattr(_Template, "name", refused_name)
         out = rmodel(tok, past_key_values=pkv, use_cache=True)
         with pytest.raises(ProtocolError, match="does not fit|exceeds"):
             out.logits[:, -1:].argmax(-1).cpu()
-        monkeypatch.setattr(_Template, "patch", real_patch)
+        monkeypatch.setattr(_Template, "name", real_name)
         assert remote.counters["spec_sent"] == before["spec_sent"] + 1  # the guess went
         assert remote.counters["runs_by_template"] == before["runs_by_template"]
         ref = _greedy(model, ids, 8)

@@ -138,10 +138,22 @@ class _Template:
     fresh: list[tuple[int, int]]  # (local, index of its byte count) for created storages
     last: np.ndarray | None = None  # integers of this structure's last two runs
     before: np.ndarray | None = None
+    named: tuple | None = None  # (base key, integers, patch, key) last named: the next run's
 
     def patch(self, params: np.ndarray) -> list[list]:
         paths = self.paths
         return [[paths[i], v] for i, v in zip(*_changed(self.params, params), strict=True)]
+
+    def name(self, params: np.ndarray) -> tuple[list[list], bytes]:
+        """The patch of the base that makes the program with `params`, and its key; a guess
+        names the next run first (Note: [Program templates]), so each is made once."""
+        named, base = self.named, self.known.key
+        if named is not None and named[0] == base and np.array_equal(named[1], params):
+            return named[2], named[3]
+        patch = self.patch(params)
+        key = patch_key(base, patch)
+        self.named = (base, params, patch, key)
+        return patch, key
 
     def created(self, binding: list[int], params: np.ndarray) -> dict[int, int]:
         """Storage id -> bytes of each storage a run with `params` creates (none if empty)."""
@@ -457,11 +469,11 @@ class RemoteExecutor:
         constants: dict,
         fresh: dict,
         then_fetch=None,
-        instance: tuple[bytes, list] | None = None,
+        instance: tuple[bytes, list, bytes] | None = None,
         then_spec: Callable[[], None] | None = None,
     ) -> bool:
         """Send a run of `enc` with `binding` (uploads first when they do not fit in it);
-        `then_fetch`: Note: [Run then fetch]. `instance` (base key, patch) names the program
+        `then_fetch`: Note: [Run then fetch]. `instance` (base key, patch, key) names the program
         as an instance of a template instead (Note: [Program templates]); False then when the
         server has no such base, so that the caller sends the program in full."""
         parts = self._upload_parts(constants) if constants else []
@@ -473,8 +485,7 @@ class RemoteExecutor:
             return True
         header: dict[str, Any] = {"t": "run", "key": enc.key}
         if instance is not None:
-            header["key"] = patch_key(*instance)
-            header["base"], header["patch"] = instance
+            header["base"], header["patch"], header["key"] = instance
         elif enc.key not in self._known_programs:
             self._describe_program(header, enc)
         header.update(bind=binding, rng=rng, up=[e for e, _ in parts])
@@ -551,7 +562,7 @@ class RemoteExecutor:
             constants,
             fresh := tpl.created(binding, params),
             then_fetch,
-            instance=(tpl.known.key, tpl.patch(params)),
+            instance=(tpl.known.key, *tpl.name(params)),
             then_spec=spec_behind,
         ):
             known, follows = tpl.known, tpl
@@ -645,8 +656,7 @@ class RemoteExecutor:
             params = follows.predict()
             if params is None:
                 return False
-            patch = follows.patch(params)
-            header["key"] = patch_key(follows.known.key, patch)
+            patch, header["key"] = follows.name(params)
             header["base"], header["patch"] = follows.known.key, patch
             known = follows.known
         else:
