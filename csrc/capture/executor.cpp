@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/EmptyTensor.h>
 #include <c10/core/TensorImpl.h>
 
 
@@ -12,6 +13,11 @@ namespace genie {
 
 at::Tensor view_of(const c10::Storage& storage, c10::Device device, c10::ScalarType dtype,
                    c10::IntArrayRef sizes, c10::IntArrayRef strides, int64_t offset) {
+  const size_t needed = at::detail::computeStorageNbytes(sizes, strides, c10::elementSize(dtype), offset);
+  if (needed > storage.nbytes() || (needed > 0 && storage.data() == nullptr))
+    raise_error(ErrorKind::Execution, "genie: a " + std::string(c10::toString(dtype)) + c10::str(sizes) +
+                                          " view needs " + std::to_string(needed) + " bytes of a storage that holds " +
+                                          std::to_string(storage.nbytes()) + " (Note: [Checked results])");
   auto key = c10::computeDispatchKey(std::nullopt, c10::kStrided, device);
   auto t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(storage), c10::DispatchKeySet(key),
                                                     c10::scalarTypeToTypeMeta(dtype));
@@ -69,15 +75,47 @@ std::string describe_inputs(const Node& node) {
   return out + "]";
 }
 
+namespace {
+std::string describe_geometry(c10::ScalarType dtype, c10::IntArrayRef sizes) {
+  std::string out = dtype_name(dtype) + "[";
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (d) out += ", ";
+    out += std::to_string(sizes[d]);
+  }
+  return out + "]";
+}
+}  // namespace
+
+std::string result_mismatch(const Node& node, size_t k, const at::Tensor& value, const c10::Device& device) {
+  const TensorRef& ref = node.outputs[k];
+  const std::string head = "genie: " + node.name() + " on " + device.str() + " returned ";
+  const std::string tail = " for its output " + std::to_string(k) + ", where capture recorded " +
+                           describe_geometry(ref.dtype, ref.sizes) +
+                           " (its meta kernel and this kernel disagree); that output cannot be read";
+  if (!value.defined()) return head + "no tensor" + tail;
+  if (value.scalar_type() != ref.dtype || value.sizes() != c10::IntArrayRef(ref.sizes))
+    return head + describe_geometry(value.scalar_type(), value.sizes()) + tail;
+  return {};
+}
+
+std::string result_count_mismatch(const Node& node, size_t got, const c10::Device& device) {
+  return "genie: " + node.name() + " on " + device.str() + " returned " + std::to_string(got) +
+         " tensors where capture recorded " + std::to_string(node.outputs.size()) +
+         " (its meta kernel and this kernel disagree); its results cannot be read";
+}
+
 LocalExecutor::LocalExecutor(c10::Device device) : device_(device) {}
 
 std::string LocalExecutor::name() const { return "local:" + device_.str(); }
 
 at::Tensor LocalExecutor::materialize_locked(const TensorRef& ref) {
   auto it = env_.find(ref.storage);
-  if (it == env_.end())
+  if (it == env_.end()) {
+    auto broken = broken_.find(ref.storage);
+    if (broken != broken_.end()) raise_error(ErrorKind::Execution, broken->second);
     raise_error(ErrorKind::Execution, "genie: storage " + std::to_string(ref.storage) + " is not resident on executor " +
                                           name() + " (it was never produced, or it was released)");
+  }
   return view_of(it->second, device_, ref.dtype, ref.sizes, ref.strides, ref.offset);
 }
 
@@ -91,12 +129,10 @@ c10::Storage storage_for(const TensorRef& ref, const at::Tensor& value, c10::Dev
       value.strides() == c10::IntArrayRef(ref.strides) && value.storage_offset() == ref.offset &&
       value.scalar_type() == ref.dtype)
     return value.storage();
-  if (value.sizes() != c10::IntArrayRef(ref.sizes) || value.scalar_type() != ref.dtype) {
-    // Meta and the real kernel disagree on the shape (CPU batch norm in eval mode returns
-    // empty saved statistics that its meta kernel sizes by channel). Such outputs are side
-    // results nobody reads by the recorded geometry; keep what the kernel made.
-    return value.storage();
-  }
+  if (value.sizes() != c10::IntArrayRef(ref.sizes) || value.scalar_type() != ref.dtype)
+    raise_error(ErrorKind::Execution, "genie: a " + describe_geometry(value.scalar_type(), value.sizes()) +
+                                          " result cannot stand for a recorded " +
+                                          describe_geometry(ref.dtype, ref.sizes) + " (Note: [Checked results])");
   // The kernel chose another layout than meta inference did: keep the recorded one, since
   // later ops address this storage by the recorded geometry.
   int64_t nbytes = std::max<int64_t>(ref.storage_nbytes, 1);
@@ -108,6 +144,7 @@ c10::Storage storage_for(const TensorRef& ref, const at::Tensor& value, c10::Dev
 
 void LocalExecutor::bind_locked(const TensorRef& ref, const at::Tensor& value) {
   env_[ref.storage] = storage_for(ref, value, device_);
+  if (!broken_.empty()) broken_.erase(ref.storage);
 }
 
 void LocalExecutor::bind(const TensorRef& ref, const at::Tensor& value) {
@@ -208,8 +245,53 @@ std::vector<c10::IValue> LocalExecutor::call(const Node& node) {
 void LocalExecutor::run(const FlushRequest& request) {
   std::lock_guard<std::mutex> lock(mutex_);
   for (const auto& [id, c] : request.constants) env_[id] = storage_to(c.tensor, device_);
-  for (const auto& n : request.nodes)
-    for_each_fresh_output(*n, call(*n), [&](const TensorRef& ref, const at::Tensor& t) { bind_locked(ref, t); });
+  for (const auto& n : request.nodes) {
+    auto results = call(*n);
+    check_aliases(*n, results);
+    for_each_fresh_output(
+        *n, results, device_,
+        [&](const TensorRef& ref, const at::Tensor& t) {
+          // A result the kernel returned as one of its inputs while capture recorded a fresh
+          // tensor: give it its own bytes, or later writes to the input would change it too.
+          const auto* impl = t.storage().unsafeGetStorageImpl();
+          for (const auto& in : n->inputs) {
+            auto it = env_.find(in.storage);
+            if (it != env_.end() && it->second.unsafeGetStorageImpl() == impl) {
+              bind_locked(ref, t.clone());
+              return;
+            }
+          }
+          bind_locked(ref, t);
+        },
+        [&](const TensorRef& ref, const std::string& why) {
+          env_.erase(ref.storage);
+          broken_[ref.storage] = why;
+        });
+  }
+}
+
+// A result capture recorded as a view of an input (in-place, out=, a view op) that the kernel
+// returned in other memory: write it where later ops will read it.
+void LocalExecutor::check_aliases(const Node& node, const std::vector<c10::IValue>& results) {
+  size_t k = 0;
+  auto one = [&](const at::Tensor& t) {
+    const size_t i = k++;
+    if (i >= node.outputs.size() || node.output_alias[i] < 0 || !t.defined()) return;
+    const TensorRef& ref = node.outputs[i];
+    auto it = env_.find(ref.storage);
+    if (it == env_.end() || it->second.unsafeGetStorageImpl() == t.storage().unsafeGetStorageImpl()) return;
+    if (!result_mismatch(node, i, t, device_).empty()) {
+      raise_error(ErrorKind::Execution, "genie: " + node.name() + " returned its output " + std::to_string(i) +
+                                            " as " + describe_geometry(t.scalar_type(), t.sizes()) +
+                                            " in new memory where capture recorded a view of its input");
+    }
+    view_of(it->second, device_, ref.dtype, ref.sizes, ref.strides, ref.offset).copy_(t);
+  };
+  for (const auto& v : results) {
+    if (v.isTensor()) one(v.toTensor());
+    else if (v.isTensorList())
+      for (const auto& t : v.toTensorList()) one(t);
+  }
 }
 
 std::vector<c10::IValue> LocalExecutor::run_eager(const Node& node) {
@@ -224,7 +306,10 @@ at::Tensor LocalExecutor::fetch(const TensorRef& ref) {
 
 void LocalExecutor::release(const std::vector<StorageId>& ids) {
   std::lock_guard<std::mutex> lock(mutex_);
-  for (auto id : ids) env_.erase(id);
+  for (auto id : ids) {
+    env_.erase(id);
+    broken_.erase(id);
+  }
 }
 
 bool LocalExecutor::has(StorageId id) const {

@@ -62,15 +62,19 @@ class LocalExecutor final : public Executor {
  private:
   std::vector<c10::IValue> call(const Node& node);
   void bind_locked(const TensorRef& ref, const at::Tensor& value);
+  void check_aliases(const Node& node, const std::vector<c10::IValue>& results);
   at::Tensor materialize_locked(const TensorRef& ref);
   c10::Device device_;
   mutable std::mutex mutex_;
   std::unordered_map<StorageId, c10::Storage> env_;
+  // Outputs whose results could not be bound, and why (Note: [Checked results]).
+  std::unordered_map<StorageId, std::string> broken_;
 };
 
 std::string describe_inputs(const Node& node);
 
-// A real tensor viewing `storage` on `device` with the given geometry.
+// A real tensor viewing `storage` on `device` with the given geometry. Raises genie's
+// execution error when the storage is too small for it (Note: [Checked results]).
 at::Tensor view_of(const c10::Storage& storage, c10::Device device, c10::ScalarType dtype,
                    c10::IntArrayRef sizes, c10::IntArrayRef strides, int64_t offset);
 
@@ -84,20 +88,49 @@ std::vector<c10::IValue> call_node(const Node& node, c10::Device device, const M
 // The storage that makes `value` the content of `ref`'s storage with the recorded geometry.
 c10::Storage storage_for(const TensorRef& ref, const at::Tensor& value, c10::Device device);
 
+// Note: [Checked results]
+// Capture hands the user tensors whose geometry comes from meta inference; the executor's
+// kernel then makes the real results. When the two disagree (CPU batch norm in eval mode
+// returns empty saved statistics that its meta kernel sizes by channel; a kernel returns no
+// tensor, or another count, dtype or shape), binding the real result under the recorded
+// geometry would let a later view read past the end of its storage: a segfault in `.cpu()`.
+// So every result is checked where it is bound. A disagreeing result is never bound; the
+// executor is told why (`broken`), so reading that output raises genie's ExecutionError
+// naming the op and both geometries, while the node's other results stay usable.
+
+// Why `value`, the node's k-th tensor result, cannot stand for `node.outputs[k]`; "" if it can.
+std::string result_mismatch(const Node& node, size_t k, const at::Tensor& value, const c10::Device& device);
+// The message for a kernel that returned `got` tensors where capture recorded another count.
+std::string result_count_mismatch(const Node& node, size_t got, const c10::Device& device);
+
 // Calls f(output ref, tensor) for each defined output of `node` that the op created (not a
-// view of an input), given what the op returned.
+// view of an input), given what the op returned, and broken(output ref, why) for each such
+// output the result cannot stand for (Note: [Checked results]).
+template <typename F, typename B>
+void for_each_fresh_output(const Node& node, const std::vector<c10::IValue>& results, const c10::Device& device,
+                           F&& f, B&& broken) {
+  c10::SmallVector<at::Tensor, 4> flat;
+  for (const auto& v : results) {
+    if (v.isTensor()) flat.push_back(v.toTensor());
+    else if (v.isTensorList())
+      for (const auto& t : v.toTensorList()) flat.push_back(t);
+  }
+  const bool count_ok = flat.size() == node.outputs.size();
+  for (size_t k = 0; k < node.outputs.size(); ++k) {
+    if (node.output_alias[k] != -1) continue;
+    std::string why = count_ok ? result_mismatch(node, k, flat[k], device)
+                               : result_count_mismatch(node, flat.size(), device);
+    if (why.empty()) f(node.outputs[k], flat[k]);
+    else broken(node.outputs[k], why);
+  }
+}
+
+// Without a `broken` callback a disagreeing result is left unbound: reading it fails as a
+// read of a storage nothing produced.
 template <typename F>
 void for_each_fresh_output(const Node& node, const std::vector<c10::IValue>& results, F&& f) {
-  size_t k = 0;
-  auto one = [&](const at::Tensor& t) {
-    if (k < node.outputs.size() && node.output_alias[k] == -1 && t.defined()) f(node.outputs[k], t);
-    ++k;
-  };
-  for (const auto& v : results) {
-    if (v.isTensor()) one(v.toTensor());
-    else if (v.isTensorList())
-      for (const auto& t : v.toTensorList()) one(t);
-  }
+  for_each_fresh_output(node, results, c10::Device(c10::DeviceType::CPU), std::forward<F>(f),
+                        [](const TensorRef&, const std::string&) {});
 }
 
 }  // namespace genie

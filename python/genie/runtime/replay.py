@@ -34,6 +34,9 @@ class Environment:
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.storages: dict[int, torch.UntypedStorage] = {}
+        # Outputs whose results could not be bound, and why (Note: [Checked results] in
+        # csrc/capture/executor.h): reading one raises instead of reading past its storage.
+        self.broken: dict[int, str] = {}
 
     def __contains__(self, storage: int) -> bool:
         return storage in self.storages
@@ -42,10 +45,18 @@ class Environment:
         try:
             st = self.storages[meta.storage]
         except KeyError:
+            if meta.storage in self.broken:
+                raise ExecutionError(self.broken[meta.storage]) from None
             raise ExecutionError(
                 f"genie: storage {meta.storage} is not resident on {self.device} "
                 "(it was never produced, or it was released)"
             ) from None
+        needed = _view_nbytes(meta)
+        if needed > st.nbytes():
+            raise ExecutionError(
+                f"genie: a {_geometry(meta.dtype, meta.shape)} view needs {needed} bytes of storage "
+                f"{meta.storage}, which holds {st.nbytes()} (Note: [Checked results])"
+            )
         t = torch.empty(0, dtype=meta.dtype, device=st.device)
         return t.set_(st, meta.offset, meta.shape, meta.stride)
 
@@ -68,9 +79,10 @@ class Environment:
             self.storages[meta.storage] = value.untyped_storage()
             return
         if tuple(value.shape) != meta.shape or value.dtype != meta.dtype:
-            # Meta and the kernel disagree on a side result's shape (see executor.cpp).
-            self.storages[meta.storage] = value.untyped_storage()
-            return
+            raise ExecutionError(
+                f"genie: a {_geometry(value.dtype, value.shape)} result cannot stand for a "
+                f"recorded {_geometry(meta.dtype, meta.shape)} (Note: [Checked results])"
+            )
         nbytes = max(meta.storage_nbytes, 1)
         st = torch.empty(nbytes, dtype=torch.uint8, device=self.device).untyped_storage()
         dst = torch.empty(0, dtype=meta.dtype, device=self.device).set_(
@@ -79,13 +91,60 @@ class Environment:
         dst.copy_(value)
         self.storages[meta.storage] = st
 
+    def mark_broken(self, storage: int, why: str) -> None:
+        self.storages.pop(storage, None)
+        self.broken[storage] = why
+
     def release(self, ids) -> None:
         pop = self.storages.pop
         for i in ids:
             pop(i, None)
+        if self.broken:
+            for i in ids:
+                self.broken.pop(i, None)
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.storages.values())
+
+
+def _view_nbytes(meta: TensorMeta) -> int:
+    if any(n == 0 for n in meta.shape):
+        return 0
+    last = meta.offset + sum((n - 1) * st for n, st in zip(meta.shape, meta.stride, strict=True))
+    return (last + 1) * meta.dtype.itemsize
+
+
+_SHORT = {
+    torch.float32: "f32",
+    torch.float64: "f64",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.bool: "bool",
+}
+
+
+def _geometry(dtype: torch.dtype, shape) -> str:
+    """As the compiled core writes a geometry in its errors: f32[2, 3]."""
+    return f"{_SHORT.get(dtype, str(dtype).removeprefix('torch.'))}{list(shape)}"
+
+
+def _mismatch(node: Node, k: int, value: torch.Tensor | None, device, got: int) -> str:
+    """Why a kernel's k-th tensor result cannot stand for the recorded output k ("" if it can)."""
+    out = node.outputs[k]
+    head = f"genie: {node.op} on {device} returned "
+    tail = (
+        f" for its output {k}, where capture recorded {_geometry(out.dtype, out.shape)} "
+        "(its meta kernel and this kernel disagree); that output cannot be read"
+    )
+    if got != len(node.outputs):
+        return f"{head}{got} tensors where capture recorded {len(node.outputs)}; its results cannot be read"
+    if value is None:
+        return head + "no tensor" + tail
+    if tuple(value.shape) != out.shape or value.dtype != out.dtype:
+        return f"{head}{_geometry(value.dtype, value.shape)}{tail}"
+    return ""
 
 
 def _swap_device(v: Any, device: torch.device) -> Any:
@@ -168,13 +227,19 @@ def run_node(node: Node, env: Environment, *, bind: bool = True):
             if host or env.device.type == "cpu":
                 raise
             # See Note: [Host fallback] in csrc/capture/executor.cpp.
-            logger.warning("genie: %s has no kernel for %s; running it on the host CPU", node.op, env.device)
+            logger.warning(
+                "genie: %s has no kernel for %s; running it on the host CPU", node.op, env.device
+            )
             host = True
             result = _call_on(node, env, rng_state, host)
     except Exception as e:  # noqa: BLE001 - re-raised with the op and shapes named
         device = "cpu" if host else env.device
-        shapes = ", ".join(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in node.inputs)
-        raise ExecutionError(f"genie: {node.op} failed on {device} for inputs [{shapes}]: {e}") from e
+        shapes = ", ".join(
+            f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in node.inputs
+        )
+        raise ExecutionError(
+            f"genie: {node.op} failed on {device} for inputs [{shapes}]: {e}"
+        ) from e
     results = list(result) if isinstance(result, (tuple, list)) else [result]
     if bind:
         # Tensor returns, flattened in order; None stands for an undefined tensor.
@@ -184,9 +249,16 @@ def run_node(node: Node, env: Environment, *, bind: bool = True):
                 flat.append(r)
             elif isinstance(r, (list, tuple)):
                 flat.extend(x for x in r if x is None or isinstance(x, torch.Tensor))
-        for k, (out, alias) in enumerate(zip(node.outputs, node.output_alias)):
-            if alias == -1 and k < len(flat) and flat[k] is not None:
-                env.bind(out, flat[k])
+        # Note: [Checked results] in csrc/capture/executor.h.
+        for k, (out, alias) in enumerate(zip(node.outputs, node.output_alias, strict=True)):
+            if alias != -1:
+                continue
+            value = flat[k] if k < len(flat) else None
+            why = _mismatch(node, k, value, env.device, len(flat))
+            if why:
+                env.mark_broken(out.storage, why)
+            else:
+                env.bind(out, value)
     return results
 
 
