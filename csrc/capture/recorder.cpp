@@ -19,6 +19,10 @@ std::atomic<int64_t> g_context{0};
 void set_context(int64_t id) { g_context.store(id, std::memory_order_relaxed); }
 int64_t current_context() { return g_context.load(std::memory_order_relaxed); }
 
+// Inference tensors keep no version counter (asking raises); nothing outside inference mode
+// can modify them in place, so they count as never modified.
+static int64_t version_of(const at::Tensor& t) { return t.is_inference() ? 0 : t._version(); }
+
 TensorRef make_ref(const at::Tensor& t, StorageId id) {
   TensorRef r;
   r.storage = id;
@@ -70,7 +74,7 @@ StorageId Recorder::add_constant(const at::Tensor& cpu, c10::DeviceIndex device,
   StorageId id = new_storage_id();
   Constant c;
   c.tensor = snapshot ? cpu.clone() : cpu;
-  c.version = cpu._version();
+  c.version = version_of(cpu);
   c.device = device;
   std::lock_guard<std::mutex> lock(mutex_);
   constants_.emplace(id, std::move(c));
@@ -90,7 +94,7 @@ bool Recorder::replace_empty_with_constant(StorageId storage, const at::Tensor& 
   ++stats_.nodes_dropped;
   Constant c;
   c.tensor = cpu;
-  c.version = cpu._version();
+  c.version = version_of(cpu);
   c.device = node->outputs.empty() ? 0 : node->outputs[0].device;
   constants_[storage] = std::move(c);
   return true;
@@ -252,7 +256,7 @@ std::string Recorder::flush_locked(const std::vector<StorageId>& targets, bool a
   for (auto id : wanted_constants) {
     auto it = constants_.find(id);
     if (it == constants_.end() || !pure_constants_.count(id)) continue;
-    if (it->second.tensor._version() != it->second.version) {
+    if (version_of(it->second.tensor) != it->second.version) {
       // The recorded program would read a value that no longer exists. What depends on it
       // fails (now and whenever it is asked for again); everything else carries on.
       std::string msg =
