@@ -188,6 +188,9 @@ def install() -> None:
         _C._set_error_hook(errors._from_core)
         _set_local(_default_local_device())
         _patch_tensor_methods()
+        from genie import decompositions
+
+        decompositions.install()  # Note: [Ops chosen by device type]
         _installed = True
         logger.debug("genie: %d composite ops captured as single nodes", direct)
 
@@ -196,7 +199,9 @@ def _set_local(device: str) -> None:
     global _local_device
     torch.device(device)  # validates the string
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise errors.GenieError(f"genie: local device {device!r} requested but CUDA is not available")
+        raise errors.GenieError(
+            f"genie: local device {device!r} requested but CUDA is not available"
+        )
     _C._set_local_executor(device)
     _local_device = device
     set_target_type(device)

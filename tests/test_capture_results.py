@@ -1,0 +1,130 @@
+"""Results the executor's kernels make that capture did not foresee (Note: [Checked results]),
+and ops PyTorch chooses by device type (Note: [Ops chosen by device type]); each compared with
+eager CPU or with the error a user would read."""
+
+from __future__ import annotations
+
+import copy
+
+import genie
+import pytest
+import torch
+from fakes import REMOTE
+from torch import nn
+
+
+def _batch_norm_args(dev):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 3, 4), torch.randn(3), torch.randn(3)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    return [t.to(dev) for t in (x, w, b, rm, rv)]
+
+
+@pytest.fixture(params=["compiled", "python"])
+def executor(request):
+    """The compiled embedded executor and the Python replay engine every Python executor uses."""
+    if request.param == "python":
+        from genie.runtime.executor import PythonExecutor, install_executor, use_local
+
+        install_executor(PythonExecutor("cpu"))
+        yield request.param
+        use_local()
+    else:
+        yield request.param
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, w, b, rm, rv: torch.native_batch_norm(x, w, b, rm, rv, False, 0.1, 1e-5),
+        lambda x, w, b, rm, rv: torch.ops.aten._native_batch_norm_legit(
+            x, w, b, rm, rv, False, 0.1, 1e-5
+        ),
+    ],
+    ids=["native_batch_norm", "_native_batch_norm_legit"],
+)
+def test_batch_norm_eval_side_results_raise_instead_of_crashing(call, executor):
+    """Eval-mode batch norm on the CPU returns empty saved statistics where the meta kernel
+    promised one per channel: reading them used to segfault the process in `.cpu()`; now the
+    normalized output equals eager and reading a statistic raises an error naming the op."""
+    ref = call(*_batch_norm_args("cpu"))
+    out = call(*_batch_norm_args(REMOTE))
+    assert torch.equal(out[0].cpu(), ref[0])
+    with pytest.raises(
+        genie.ExecutionError, match=r"native_batch_norm.*returned f32\[0\].*recorded f32\[3\]"
+    ):
+        out[1].cpu()
+    # The failure is the statistic's alone: the process and later work carry on.
+    assert torch.equal((out[0] * 2).cpu(), ref[0] * 2)
+
+
+def test_batch_norm_module_in_eval_mode_with_trainable_parameters(executor):
+    """An eval-mode BatchNorm whose parameters require grad keeps the saved statistics alive
+    for autograd; its forward still equals eager."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    ref = m(x)
+    out = copy.deepcopy(m).to(REMOTE)(x.to(REMOTE))
+    assert torch.equal(out.cpu(), ref)
+
+
+def _flat(o):
+    if isinstance(o, torch.Tensor):
+        return [o]
+    return [t for v in o for t in _flat(v)]
+
+
+RNNS = [
+    ("GRUCell", lambda: nn.GRUCell(5, 7), (3, 5)),
+    ("LSTMCell", lambda: nn.LSTMCell(5, 7), (3, 5)),
+    ("GRU", lambda: nn.GRU(5, 7, num_layers=2), (4, 3, 5)),
+    ("LSTM", lambda: nn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True), (3, 4, 5)),
+    ("LSTM-proj", lambda: nn.LSTM(5, 7, proj_size=3), (4, 3, 5)),
+]
+
+
+@pytest.mark.parametrize("name,make,shape", RNNS, ids=[r[0] for r in RNNS])
+def test_recurrent_modules_match_eager(name, make, shape, executor):
+    """nn.GRU/LSTM/GRUCell/LSTMCell pick CUDA-only fused cells for any non-CPU tensor; on
+    remote_accelerator they run on every executor, forward and backward equal to eager CPU
+    (bitwise for the cells; the full CPU layers run oneDNN, so within float32 rounding)."""
+    torch.manual_seed(0)
+    m = make()
+    x = torch.randn(*shape)
+    ref = m(x)
+    rm = copy.deepcopy(m).to(REMOTE)
+    out = rm(x.to(REMOTE))
+    got = [t.cpu() for t in _flat(out)]
+    for a, b in zip(_flat(ref), got, strict=True):
+        if name.endswith("Cell"):
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(b, a)
+    _flat(ref)[0].sum().backward()
+    _flat(out)[0].sum().backward()
+    for p, q in zip(m.parameters(), rm.parameters(), strict=True):
+        torch.testing.assert_close(q.grad.cpu(), p.grad)
+
+
+def test_recurrent_module_in_inference_mode():
+    """Inference mode skips autograd, where the decomposition is registered first."""
+    torch.manual_seed(0)
+    m = nn.GRU(5, 7)
+    x = torch.randn(4, 3, 5)
+    with torch.inference_mode():
+        ref = m(x)
+        out = copy.deepcopy(m).to(REMOTE)(x.to(REMOTE))
+        for a, b in zip(_flat(ref), _flat(out), strict=True):
+            torch.testing.assert_close(b.cpu(), a)
+
+
+def test_device_chosen_ops_are_found_by_rule():
+    """The decomposed set is every known decomposition the CPU has no kernel for, not a list."""
+    ops = genie.decompositions.decomposed_ops()
+    assert {"aten::_thnn_fused_gru_cell", "aten::_thnn_fused_lstm_cell"} <= set(ops)
+    for name in ops:
+        assert not torch._C._dispatch_has_computed_kernel_for_dispatch_key(name, "CPU")
