@@ -116,3 +116,144 @@ def vqa() -> TinyVQA:
 def mlp() -> PlainMLP:
     torch.manual_seed(0)
     return PlainMLP().eval()
+
+
+# -- recommenders and plain models of the semantic zoo ---------------------------------------
+# Module names are deliberately plain ("towers", "deep", "cross"): the analyzer must tell a
+# recommender by what it computes on (several id tables, dense features), not by names.
+
+
+class TwoTower(nn.Module):
+    """Retrieval: a user tower over user id + dense features, an item tower over item and
+    category ids, a dot product between them."""
+
+    def __init__(self, users: int = 200, items: int = 300, cats: int = 20, dense: int = 8,
+                 dim: int = 16):
+        super().__init__()
+        self.user_ids = nn.Embedding(users, dim)
+        self.user_net = nn.Sequential(nn.Linear(dim + dense, 32), nn.ReLU(), nn.Linear(32, dim))
+        self.item_ids = nn.Embedding(items, dim)
+        self.item_cats = nn.Embedding(cats, dim)
+        self.item_net = nn.Sequential(nn.Linear(2 * dim, 32), nn.ReLU(), nn.Linear(32, dim))
+
+    def forward(self, user, user_feats, item, cat):
+        u = self.user_net(torch.cat([self.user_ids(user), user_feats], dim=1))
+        v = self.item_net(torch.cat([self.item_ids(item), self.item_cats(cat)], dim=1))
+        return (F.normalize(u, dim=-1) * F.normalize(v, dim=-1)).sum(-1)
+
+
+class WideAndDeep(nn.Module):
+    """A wide linear model over sparse crossed ids (an EmbeddingBag of width 1) plus a deep
+    MLP over per-field embeddings and dense features."""
+
+    def __init__(self, fields=(50, 40, 30), crosses: int = 500, dense: int = 6, dim: int = 8):
+        super().__init__()
+        self.wide = nn.EmbeddingBag(crosses, 1, mode="sum")
+        self.fields = nn.ModuleList(nn.Embedding(n, dim) for n in fields)
+        self.deep = nn.Sequential(nn.Linear(len(fields) * dim + dense, 32), nn.ReLU(),
+                                  nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, cross_ids, cross_offsets, field_ids, dense):
+        wide = self.wide(cross_ids, cross_offsets)
+        embs = [emb(field_ids[:, i]) for i, emb in enumerate(self.fields)]
+        deep = self.deep(torch.cat(embs + [dense], dim=1))
+        return torch.sigmoid(wide + deep)
+
+
+class CrossLayer(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.w = nn.Linear(dim, dim)
+
+    def forward(self, x0, x):
+        return x0 * self.w(x) + x
+
+
+class DCN(nn.Module):
+    """Deep & Cross: embeddings of categorical fields and dense features concatenated, an
+    explicit cross network and an MLP side by side, one output layer."""
+
+    def __init__(self, fields=(60, 30, 90, 10), dense: int = 5, dim: int = 8, cross: int = 2):
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(n, dim) for n in fields)
+        width = len(fields) * dim + dense
+        self.cross = nn.ModuleList(CrossLayer(width) for _ in range(cross))
+        self.mlp = nn.Sequential(nn.Linear(width, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
+        self.out = nn.Linear(width + 16, 1)
+
+    def forward(self, ids, dense):
+        x0 = torch.cat([t(ids[:, i]) for i, t in enumerate(self.tables)] + [dense], dim=1)
+        x = x0
+        for layer in self.cross:
+            x = layer(x0, x)
+        return torch.sigmoid(self.out(torch.cat([x, self.mlp(x0)], dim=1)))
+
+
+class PlainCNN(nn.Module):
+    """A small convolutional image classifier without residual connections."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Linear(16 * 8 * 8, classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+class DeepMLP(nn.Module):
+    """A regression MLP over dense features: nothing in it says which workload it is."""
+
+    def __init__(self, width: int = 48):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(12, width), nn.Tanh(), nn.LayerNorm(width),
+                                 nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def recsys_and_plain() -> list[tuple[str, str, object]]:
+    """(name, expected workload, build) of the zoo's models written here; build returns
+    (model, args, kwargs)."""
+    import fakes
+
+    g = torch.Generator().manual_seed(3)
+
+    def ints(n, *shape):
+        return torch.randint(0, n, shape, generator=g)
+
+    def seeded(cls, *a, **kw):
+        torch.manual_seed(0)
+        return cls(*a, **kw).eval()
+
+    def dlrm():
+        return fakes.dlrm(), fakes.dlrm_inputs(), {}
+
+    def two_tower():
+        return seeded(TwoTower), (ints(200, 4), torch.randn(4, 8, generator=g), ints(300, 4),
+                                  ints(20, 4)), {}
+
+    def wide_deep():
+        ids = torch.stack([ints(50, 4), ints(40, 4), ints(30, 4)], 1)
+        return seeded(WideAndDeep), (ints(500, 12), torch.arange(0, 12, 3), ids,
+                                     torch.randn(4, 6, generator=g)), {}
+
+    def dcn():
+        ids = torch.stack([ints(n, 4) for n in (60, 30, 90, 10)], 1)
+        return seeded(DCN), (ids, torch.randn(4, 5, generator=g)), {}
+
+    return [
+        ("DLRM", "recsys", dlrm),
+        ("TwoTower", "recsys", two_tower),
+        ("WideAndDeep", "recsys", wide_deep),
+        ("DCN", "recsys", dcn),
+        ("PlainCNN", "vision", lambda: (seeded(PlainCNN), (torch.randn(2, 3, 32, 32,
+                                                                       generator=g),), {})),
+        ("ResNetStyle", "vision", lambda: (fakes.resnet(), (torch.randn(2, 3, 32, 32,
+                                                                        generator=g),), {})),
+        ("PlainMLP", "unknown", lambda: (mlp(), (torch.randn(4, 20, generator=g),), {})),
+        ("DeepMLP", "unknown", lambda: (seeded(DeepMLP), (torch.randn(4, 12, generator=g),), {})),
+    ]

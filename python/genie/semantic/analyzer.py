@@ -28,6 +28,7 @@ from genie.semantic.classifier import classify
 from genie.semantic.config import AnalyzerConfig
 from genie.semantic.context import ModuleContextTracker, context_table
 from genie.semantic.graph_utils import GraphView
+from genie.semantic.observe import CallObserver
 from genie.semantic.op_stats import OpStreamStats, op_stream_stats
 from genie.semantic.patterns.base import MatchedPattern, PatternContext
 from genie.semantic.patterns.registry import PatternRegistry, default_registry
@@ -153,6 +154,12 @@ class SemanticAnalyzer:
             out = model(*args, **kw)
         profile = self.analyze_graph(genie.get_graph(), model)
         return (profile, out) if return_outputs else profile
+
+    def observe(self, model: torch.nn.Module) -> CallObserver:
+        """A context manager that analyses every top-level forward of ``model`` while it runs
+        (``.profiles``, one per call): prefill then decode steps under ``generate()``. See
+        Note: [Observing calls]."""
+        return CallObserver(self, model)
 
     def track(self, model: torch.nn.Module, name: str | None = None) -> ModuleContextTracker:
         """A ModuleContextTracker for ``model`` (use it as a context manager)."""

@@ -1,8 +1,9 @@
 """What a module is for, from its path and class name: the rules behind ``semantic_role``.
 
-Rules read names the way model code spells them (HF GPT-2's ``c_attn``/``c_fc``, BERT's
-``query``/``intermediate``, Llama's ``q_proj``/``up_proj``, torchvision's ``layer1.0.conv1``,
-DLRM's ``bot_l``/``emb_l``). They are computed once per context id (contexts are interned, see
+Rules read module attribute names the way model code commonly spells them (``c_attn``/``c_fc``,
+``query``/``intermediate``, ``q_proj``/``up_proj``, ``layer1.0.conv1``, ``bot_l``); they name
+roles inside a model, never which model it is -- the workload comes from evidence (see
+genie.semantic.evidence). They are computed once per context id (contexts are interned, see
 Note: [Module context ids]) and cached, so their cost does not grow with the number of ops.
 """
 
@@ -35,10 +36,10 @@ _POOLER = _rx(r"pool")
 _BOTTOM = _rx(r"^(bot|bottom|bot_l|bot_mlp|bottom_mlp|dense_arch|dense_mlp)$")
 _TOP = _rx(r"^(top|top_l|top_mlp|over|over_arch)$")
 _INTERACT = _rx(r"interact")
-_VISION = _rx(r"vision|visual|image|img|vit|pixel|patch|cnn|resnet|backbone|conv|stem")
-_TEXT = _rx(r"text|language|lang|question|token|word|bert|gpt|wte|lm_head|caption")
+_VISION = _rx(r"vision|visual|image|img|pixel|patch|backbone|stem")
+_TEXT = _rx(r"text|language|lang|question|token|word|wte|lm_head|caption")
 _AUDIO = _rx(r"audio|speech|wav|mel")
-_RECSYS = _rx(r"sparse|categorical|emb_l|embedding_bag|tables|dlrm")
+_RECSYS = _rx(r"sparse|categorical|embedding_bag|tables")
 
 # leaf names -> roles (matched against the module's own name)
 _Q = _rx(r"^(q|query|q_proj|wq|to_q|q_lin|query_proj)$")
@@ -285,6 +286,11 @@ def _leaf_role(ctx: ModuleContext, kind: str, pname: str, in_attention: bool, in
     return None
 
 
+_TABLE_ROLES = frozenset({Role.TOKEN_EMBEDDING, Role.POSITION_EMBEDDING, Role.SEGMENT_EMBEDDING,
+                          Role.EMBEDDING, Role.EMBEDDING_BAG})
+_LOOKUP_CLASSES = frozenset({OpClass.EMBEDDING, OpClass.EMBEDDING_BAG, OpClass.VIEW,
+                             OpClass.INDEX})
+
 # op class -> role when no module rule names the op
 _OP_ROLE = {
     OpClass.MATMUL: Role.LINEAR,
@@ -315,8 +321,8 @@ def op_role(cls: str) -> str:
 def role_in_context(info: ContextInfo, cls: str, after_attention_core: bool) -> str:
     """The role of an op of class ``cls`` recorded inside ``info``'s module."""
     leaf = info.leaf_role
-    if leaf is not None:
-        return leaf
+    if leaf is not None and (leaf not in _TABLE_ROLES or cls in _LOOKUP_CLASSES):
+        return leaf  # a table role only for lookups: a RotaryEmbedding's cos/sin are not
     if info.recsys_part is not None:
         return info.recsys_part
     if info.in_attention:

@@ -32,15 +32,15 @@ __all__ = ["ModelStructure", "structure_from_model", "structure_from_contexts",
 ARCHITECTURES = ("transformer_decoder", "transformer_encoder", "vit", "resnet", "cnn", "mlp",
                  "recsys", "multimodal", "unknown")
 
-_CAUSAL = re.compile(r"CausalLM|LMHead|GPT|Decoder|ForConditionalGeneration|Llama|Mistral|Qwen"
-                     r"|Gemma|Phi|Falcon|Bloom|OPT", re.IGNORECASE)
+# HF's task naming convention (``...ForCausalLM``, ``...LMHeadModel``), not model names
+_CAUSAL = re.compile(r"CausalLM|LMHead", re.IGNORECASE)
 _RESIDUAL_TYPES = re.compile(r"Block|Bottleneck|Residual|ResNet", re.IGNORECASE)
-_VISION = re.compile(r"vision|visual|image|img|vit|pixel|cnn|resnet|backbone", re.IGNORECASE)
-_TEXT = re.compile(r"text|language|lang|question|word|bert|gpt|caption|token", re.IGNORECASE)
+_VISION = re.compile(r"vision|visual|image|img|pixel|cnn|backbone", re.IGNORECASE)
+_TEXT = re.compile(r"text|language|lang|question|word|caption|token", re.IGNORECASE)
 _CROSS = re.compile(r"cross|fusion|co_attn|coattn|encoder_attn", re.IGNORECASE)
 _TOKEN = re.compile(r"wte|word|token|tok|embed_tokens|shared|text", re.IGNORECASE)
 _POS = re.compile(r"wpe|pos|token_type|segment", re.IGNORECASE)
-_RECSYS = re.compile(r"sparse|emb_l|bot_l|top_l|dlrm|interaction|embedding_bag|tables",
+_RECSYS = re.compile(r"sparse|interaction|embedding_bag|tables",
                      re.IGNORECASE)
 _PATCH = re.compile(r"patch", re.IGNORECASE)
 _MAX_HIERARCHY = 512
@@ -189,12 +189,12 @@ def structure_from_model(model: torch.nn.Module, try_fx: bool = True) -> ModelSt
         params += n
         if kind == "linear" and isinstance(m, torch.nn.Linear):
             width = max(width, m.in_features, m.out_features)
-        elif kind == "conv":
+        elif kind == "conv" and isinstance(m, torch.nn.modules.conv._ConvNd):
             width = max(width, m.out_channels)
             if m.kernel_size == m.stride and m.kernel_size[0] > 1:
                 patch = True  # non-overlapping windows: a patch embedding
         elif kind in ("embedding", "embedding_bag"):
-            width = max(width, m.embedding_dim)
+            width = max(width, _embedding_dim(m))
         elif kind == "attention" and getattr(m, "is_causal", False) is True:
             causal_attr = True
     st = ModelStructure(source="module_tree", model_type=type(model).__name__)
@@ -206,10 +206,8 @@ def structure_from_model(model: torch.nn.Module, try_fx: bool = True) -> ModelSt
     f["causal"] = f["causal"] or causal_attr
     f["patch_embedding"] = f["patch_embedding"] or patch
     config = getattr(model, "config", None)
-    if config is not None:
-        if getattr(config, "is_decoder", False) or getattr(config, "model_type", "") in (
-                "gpt2", "llama", "mistral", "gpt_neox", "opt", "bloom", "qwen2", "gemma"):
-            f["causal"] = True
+    if config is not None and getattr(config, "is_decoder", False) is True:
+        f["causal"] = True
     st.blocks = _blocks(recs)
     if try_fx and not _is_hf(model):
         _from_fx(model, st, f)
@@ -221,6 +219,9 @@ def structure_from_model(model: torch.nn.Module, try_fx: bool = True) -> ModelSt
 
 
 def _kind(m: torch.nn.Module) -> str:
+    """The module's kind, from what it is where torch says so, else from its class name --
+    but a name alone never makes a lookup table or a convolution: a ``RotaryEmbedding``
+    holds no table, a ``PositionalConvEmbedding`` wraps a convolution (its child says so)."""
     if isinstance(m, torch.nn.EmbeddingBag):
         return "embedding_bag"
     if isinstance(m, torch.nn.Embedding):
@@ -231,7 +232,20 @@ def _kind(m: torch.nn.Module) -> str:
         return "mha"
     if isinstance(m, torch.nn.Linear):
         return "linear"
-    return module_kind(type(m).__name__)
+    kind = module_kind(type(m).__name__)
+    if kind in ("embedding", "embedding_bag", "conv"):
+        w = getattr(m, "weight", None)
+        own_table = isinstance(w, torch.Tensor) and w.dim() == (2 if kind != "conv" else 3)
+        return kind if own_table else "module"
+    return kind
+
+
+def _embedding_dim(m: torch.nn.Module) -> int:
+    d = getattr(m, "embedding_dim", None)
+    if isinstance(d, int):
+        return d
+    w = getattr(m, "weight", None)
+    return int(w.shape[-1]) if isinstance(w, torch.Tensor) and w.dim() == 2 else 0
 
 
 def _from_fx(model: torch.nn.Module, st: ModelStructure, f: dict[str, Any]) -> None:

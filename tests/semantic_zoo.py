@@ -1,0 +1,261 @@
+"""The semantic zoo: small random-weight models the analyzer was not written against, with
+the workload each one is, run through both documented entry points.
+
+Transformers models come from transformers' own auto mappings (genie.semantic.hf_models
+builds each from its config at a tiny size); the expected workload of each is the mapping it
+came from -- ``ZOO_TASKS`` below says which mapping means which workload -- never what the
+analyzer says. Recommenders and plain models are written in semantic_models.py. A model that
+cannot be built tiny, or whose forward fails on CPU with the generic inputs, is skipped with
+the reason; so is one whose forward fails on remote_accelerator (the runtime's business, not
+the analyzer's), and the skips are counted.
+
+Entry points:
+  ``graph``: the model moved to remote_accelerator, one forward, then
+             ``SemanticAnalyzer().analyze_graph(genie.get_graph())`` -- no model, no module
+             hooks: the op stream alone.
+  ``model``: ``SemanticAnalyzer().analyze(model, *args, **kwargs)`` on the CPU model.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import genie
+import semantic_models
+import torch
+from genie.semantic import SemanticAnalyzer
+from genie.semantic import hf_models as hf
+
+REMOTE = "remote_accelerator:0"
+
+#: (auto mapping, expected workload, at most this many models, model types tried first)
+ZOO_TASKS = (
+    (
+        "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+        "llm",
+        18,
+        ("llama", "mistral", "qwen2", "phi", "falcon", "gpt_neox", "opt", "bloom", "gpt2"),
+    ),
+    ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "llm", 8, ("bert", "roberta")),
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "llm", 6, ("t5", "bart")),
+    (
+        "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+        "vision",
+        14,
+        ("vit", "deit", "convnext", "resnet"),
+    ),
+    ("MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES", "vision", 4, ("detr", "yolos")),
+    ("MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES", "multimodal", 6, ("clip", "siglip")),
+    (
+        "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+        "multimodal",
+        4,
+        ("llava", "paligemma", "idefics3", "qwen2_vl", "blip-2"),
+    ),
+    ("MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES", "audio", 3, ()),
+    ("MODEL_FOR_CTC_MAPPING_NAMES", "audio", 3, ()),
+)
+
+
+@dataclass
+class ZooEntry:
+    name: str
+    expected: str
+    source: str  # the auto mapping, or "written here"
+    build: Callable[[], tuple[torch.nn.Module, tuple, dict]]
+    inputs: str = ""  # hf_models input kind
+
+
+@dataclass
+class ZooResult:
+    name: str
+    expected: str
+    source: str
+    got: dict[str, str] = field(default_factory=dict)  # entry point -> workload
+    confidence: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # entry point -> analyzer exception
+    skipped: str | None = None
+    ms: dict[str, float] = field(default_factory=dict)
+
+    def right(self, entry: str) -> bool:
+        return self.got.get(entry) == self.expected
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _candidates(mapping: str, cap: int, required: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The mapping's (model type, class) pairs: the required ones, then the rest spread
+    evenly (every k-th, so the sample is not the alphabet's head), twice the cap because
+    some will not build tiny."""
+    m = hf.mapping(mapping)
+    first = [(t, m[t]) for t in required if t in m]
+    rest = [(t, c) for t, c in m.items() if t not in required]
+    room = max(cap - len(first), 0)
+    step = max(len(rest) // max(room * 2, 1), 1)
+    return first + rest[::step]
+
+
+def zoo_entries() -> tuple[list[ZooEntry], list[tuple[str, str]]]:
+    """(entries, skipped as (name, reason)): every HF candidate is built and run once on CPU
+    here, up to each task's cap; then the models written here."""
+    _quiet()
+    entries: list[ZooEntry] = []
+    skipped: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for mapping, expected, cap, required in ZOO_TASKS:
+        kind = hf.TASK_INPUTS[mapping]
+        taken = 0
+        for model_type, cls in _candidates(mapping, cap, required):
+            if taken >= cap:
+                break
+            if cls in seen:
+                continue
+            seen.add(cls)
+            try:
+                model, args, kwargs = hf.build_hf(model_type, cls, kind)
+                with torch.no_grad():
+                    model(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - a model that cannot be built tiny
+                skipped.append(
+                    (
+                        cls,
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                        if str(exc)
+                        else type(exc).__name__,
+                    )
+                )
+                continue
+            taken += 1
+            entries.append(
+                ZooEntry(
+                    cls,
+                    expected,
+                    mapping.removesuffix("_MAPPING_NAMES"),
+                    lambda t=model_type, c=cls, k=kind: hf.build_hf(t, c, k),
+                    kind,
+                )
+            )
+    for name, expected, build in semantic_models.recsys_and_plain():
+        entries.append(ZooEntry(name, expected, "written here", build))
+    return entries, skipped
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _remote(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(REMOTE)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_remote(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _remote(v) for k, v in obj.items()}
+    return obj
+
+
+def run_entry(
+    entry: ZooEntry, analyzers: dict[str, SemanticAnalyzer], entry_points=("graph", "model")
+) -> ZooResult:
+    """Classify one zoo model through each entry point. Analyzer exceptions are recorded
+    (they are defects); a forward that fails on remote_accelerator skips the model."""
+    res = ZooResult(entry.name, entry.expected, entry.source)
+    for ep in entry_points:
+        model, args, kwargs = entry.build()
+        try:
+            if ep == "graph":
+                model = model.to(REMOTE)
+                with torch.no_grad():
+                    model(*_remote(args), **_remote(kwargs))
+                graph = genie.get_graph()
+                t0 = time.perf_counter()
+                try:
+                    profile = analyzers[ep].analyze_graph(graph)
+                except Exception:  # noqa: BLE001
+                    res.errors[ep] = traceback.format_exc(limit=-3)
+                    continue
+            else:
+                t0 = time.perf_counter()
+                try:
+                    profile = analyzers[ep].analyze(model, *args, **kwargs)
+                except Exception as exc:  # noqa: BLE001
+                    if _in_analyzer(exc):
+                        res.errors[ep] = traceback.format_exc(limit=-3)
+                        continue
+                    raise
+            res.ms[ep] = round((time.perf_counter() - t0) * 1e3, 2)
+            res.got[ep] = str(profile.workload_type.value)
+            res.confidence[ep] = round(float(profile.confidence), 3)
+        except Exception as exc:  # noqa: BLE001 - the forward itself failed on the device
+            res.skipped = f"forward on {REMOTE} failed ({ep}): {type(exc).__name__}: " + (
+                str(exc).splitlines()[0][:160] if str(exc) else ""
+            )
+            return res
+        finally:
+            try:
+                genie.synchronize()
+            except Exception:  # noqa: BLE001 - a pending graph the executor cannot run
+                pass
+    return res
+
+
+def _in_analyzer(exc: BaseException) -> bool:
+    """Whether the exception was raised by genie.semantic (the analysis or a module hook):
+    the deepest frame outside torch itself is there, not in the model's code or the runtime."""
+    for f in reversed(traceback.extract_tb(exc.__traceback__)):
+        if "/torch/" not in f.filename:
+            return "genie/semantic" in f.filename
+    return False
+
+
+def summary(results: list[ZooResult], entry_points=("graph", "model")) -> dict[str, Any]:
+    ran = [r for r in results if r.skipped is None]
+    out: dict[str, Any] = {
+        "architectures": len(results),
+        "ran": len(ran),
+        "skipped": len(results) - len(ran),
+    }
+    for ep in entry_points:
+        right = sum(r.right(ep) for r in ran)
+        out[ep] = {
+            "right": right,
+            "share": round(right / len(ran), 4) if ran else 0.0,
+            "exceptions": sum(ep in r.errors for r in ran),
+            "unknown": sum(r.got.get(ep) == "unknown" and r.expected != "unknown" for r in ran),
+            "wrong": [
+                (r.name, r.expected, r.got.get(ep))
+                for r in ran
+                if not r.right(ep) and ep not in r.errors
+            ],
+        }
+    return out
+
+
+def table(results: list[ZooResult], entry_points=("graph", "model")) -> str:
+    lines = [
+        f"{'architecture':44s} {'expected':10s} "
+        + " ".join(f"{ep + ' got':>12s} {'conf':>5s}" for ep in entry_points)
+    ]
+    for r in results:
+        if r.skipped:
+            lines.append(f"{r.name:44s} {r.expected:10s} skipped: {r.skipped[:80]}")
+            continue
+        cells = []
+        for ep in entry_points:
+            got = "ERROR" if ep in r.errors else r.got.get(ep, "-")
+            mark = "" if r.right(ep) else "*"
+            cells.append(f"{got + mark:>12s} {r.confidence.get(ep, 0.0):5.2f}")
+        lines.append(f"{r.name:44s} {r.expected:10s} " + " ".join(cells))
+    return "\n".join(lines)
