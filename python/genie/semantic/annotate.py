@@ -30,6 +30,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from genie.semantic.graph_utils import GraphView, OpClass, cat_dim
 from genie.semantic.roles import NO_CONTEXT, ContextInfo, op_role, role_in_context
 from genie.semantic.vocab import Modality, Residency, Role
@@ -174,6 +176,9 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
     ann.kv_cache_nodes = list(kv_nodes)
     ann.kv_cache_storages = list(kv_storages)
 
+    # -- what each data input is, from its most telling consumer -----------------------------
+    source = _input_kinds(gv, info_of, residency, constants)
+
     # -- the main pass -----------------------------------------------------------------------
     levels = gv.levels()
     storage_res = dict(residency)
@@ -269,7 +274,7 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
             bits = mask.get(s)
             if bits is None:
                 if not is_view and s in input_set and s not in writer and storage_res.get(s) is None:
-                    bits = _source_bits(n, c, t, info, constants)
+                    bits = source.get(s, 0)
                     mask[s] = bits
                     if bits:
                         ann.input_modalities[s] = _label(bits)
@@ -280,6 +285,9 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
             if bits & PERCEPTUAL and (bits & PERCEPTUAL) & ((bits & PERCEPTUAL) - 1):
                 single = True  # one input already carries a fusion
             m |= bits
+        p = m & PERCEPTUAL
+        if p & (p - 1) and c == OpClass.ADD and not single:
+            m = _positional(gv, n, m, mask, writer, node_mask, ann.input_modalities)
         node_mask[nid] = m
         if not is_view:
             p = m & PERCEPTUAL
@@ -383,14 +391,86 @@ def _label(bits: int) -> str:
     return Modality.NONE
 
 
+# how much a consumer of a data input tells about what the input is
+_TELLING = {OpClass.EMBEDDING_BAG: 5, OpClass.EMBEDDING: 4, OpClass.CONV: 3, OpClass.MATMUL: 2,
+            OpClass.NORM: 1}
+
+
+def _input_kinds(gv: GraphView, info_of, residency: dict[int, str], constants) -> dict[int, int]:
+    """Modality bits of every data input (not a weight, not a cache), read from the consumer
+    that tells most about it: token ids are what an embedding looks up even when a mask is
+    computed from them first, or they are copied and edited before the lookup; pixels are
+    what a convolution reads even after a normalisation. See Note: [Modality by lineage]."""
+    best: dict[int, tuple[int, object, str, object]] = {}
+    origin: dict[int, int] = {}  # integer storage derived from a data input -> that input
+    views = gv.views
+    cls_of = gv.cls
+    inputs = gv.input_set
+    for n in gv.nodes:
+        c = cls_of[n.id]
+        rank = 0 if n.id in views else _TELLING.get(c, 0)
+        sources = set()
+        for t in n.inputs:
+            s = t.storage
+            src = origin.get(s, s if s in inputs and s not in residency else None)
+            if src is None:
+                continue
+            sources.add(src)
+            have = best.get(src)
+            if have is None or rank > have[0]:
+                best[src] = (rank, n, c, t)
+        if sources and n.id not in views:
+            # ids copied, masked or edited keep being the same ids
+            src = min(sources)
+            for o in n.outputs:
+                if not o.dtype.is_floating_point and o.dtype != torch.bool:
+                    origin[o.storage] = src
+            for s in n.writes:
+                origin.setdefault(s, src)
+    out = {}
+    for s, (_, n, c, t) in best.items():
+        info = info_of(n.context) if n.context else NO_CONTEXT
+        out[s] = _source_bits(n, c, t, info, constants)
+    return out
+
+
+def _positional(gv: GraphView, n, m: int, mask: dict[int, int], writer: dict[int, int],
+                node_mask: dict[int, int], input_modalities: dict[int, str]) -> int:
+    """An add of a lookup of ids straight onto another modality's stream is that stream's
+    position (or type) embedding, not a second modality meeting it: the patch embeddings
+    of an image plus ``position_embedding(position_ids)``. Fusion happens in attention,
+    concatenation, products and scatters, not in such an add."""
+    cls_of = gv.cls
+    lookups = []
+    others = 0
+    for t in n.inputs:
+        bits = mask.get(t.storage, 0) & PERCEPTUAL
+        w = writer.get(t.storage)
+        if bits == TEXT and w is not None and cls_of.get(w) == OpClass.EMBEDDING:
+            lookups.append((t.storage, w))
+        else:
+            others |= bits
+    if not lookups or not others or others & (others - 1):
+        return m
+    for s, w in lookups:  # the lookup belongs to the stream it is added to
+        mask[s] = node_mask[w] = (node_mask.get(w, 0) & ~PERCEPTUAL) | others
+        for t in gv.nodes[gv.pos[w]].inputs[1:]:
+            if input_modalities.get(t.storage) == Modality.TEXT:
+                input_modalities[t.storage] = _label(others)
+                mask[t.storage] = others
+    return (m & ~PERCEPTUAL) | others
+
+
 def _source_bits(n, c: str, t, info: ContextInfo, constants) -> int:
-    """Modality of a non-weight graph input from the first op that computes on it."""
+    """Modality of a non-weight graph input from the op that tells most about it."""
     hint = info.modality_hint
     if c == OpClass.EMBEDDING_BAG:
         return CATEGORICAL
     if c == OpClass.EMBEDDING:
         if hint == Modality.CATEGORICAL or info.recsys_part is not None:
             return CATEGORICAL
+        if len(t.shape) <= 1 and hint != Modality.TEXT:
+            return CATEGORICAL  # one id per example: a categorical feature, not a sequence
         if info.leaf_role == Role.EMBEDDING and hint not in (Modality.TEXT, None):
             return MODALITY_BITS.get(hint, CATEGORICAL)
         return TEXT

@@ -30,7 +30,7 @@ __all__ = ["ModelStructure", "structure_from_model", "structure_from_contexts",
            "structure_from_ops", "ARCHITECTURES"]
 
 ARCHITECTURES = ("transformer_decoder", "transformer_encoder", "vit", "resnet", "cnn", "mlp",
-                 "recsys", "multimodal", "unknown")
+                 "recsys", "multimodal", "audio", "unknown")
 
 # HF's task naming convention (``...ForCausalLM``, ``...LMHeadModel``), not model names
 _CAUSAL = re.compile(r"CausalLM|LMHead", re.IGNORECASE)
@@ -106,6 +106,8 @@ def _features(recs: list[_Rec], root_type: str | None) -> dict[str, Any]:
         "norm_modules": kinds["batch_norm"] + kinds["layer_norm"] + kinds["norm"],
         "token_embedding": bool(token),
         "patch_embedding": any(_PATCH.search(r.path) for r in conv_recs),
+        # convolutions over one axis only and no token table: a waveform, not pixels or text
+        "conv_1d_only": bool(conv_recs) and all(r.type.endswith("1d") for r in conv_recs),
         "causal": bool(root_type and _CAUSAL.search(root_type)) or any(
             _CAUSAL.search(r.type) for r in recs if r.kind in ("attention", "module")
             and "Decoder" in r.type),
@@ -126,6 +128,8 @@ def _architecture(f: dict[str, Any]) -> str:
     if f["embedding_bags"] or (f["recsys_names"] and f["embedding_modules"] >= 2
                                and not f["attention_modules"]):
         return "recsys"
+    if f.get("conv_1d_only") and not f["token_embedding"] and not f["vision_branch"]:
+        return "audio"
     if f["attention_modules"]:
         if (f["patch_embedding"] or f["conv_modules"]) and not f["token_embedding"]:
             return "vit"

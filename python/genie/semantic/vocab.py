@@ -132,6 +132,7 @@ class WorkloadType(str, Enum):
     VISION = "vision"
     MULTIMODAL = "multimodal"
     RECSYS = "recsys"
+    AUDIO = "audio"  # waveforms or spectrograms through convolutions / attention
     UNKNOWN = "unknown"
 
     def __str__(self) -> str:

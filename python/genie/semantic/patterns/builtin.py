@@ -8,6 +8,7 @@ from typing import Any
 
 from genie.semantic.graph_utils import OpClass as C
 from genie.semantic.patterns.base import (
+    MatchedPattern,
     PatternContext,
     PredicatePattern,
     Template,
@@ -171,6 +172,15 @@ def _vision_hints(ctx: PatternContext) -> dict[str, Any]:
     }
 
 
+def _audio_hints(ctx: PatternContext) -> dict[str, Any]:
+    return {
+        "conv_ops": ctx.count_class(C.CONV),
+        "audio_nodes": ctx.count_modality(Modality.AUDIO),
+        "attention_ops": ctx.count_class(C.ATTENTION, C.SOFTMAX),
+        "recommendations": ["batch_utterances"],
+    }
+
+
 def _residual_hints(ctx: PatternContext) -> dict[str, Any]:
     kinds = {}
     if not ctx.fast:
@@ -235,7 +245,44 @@ def _two_branches(ctx: PatternContext) -> bool:
 _two_branches.__name__ = "two_modality_branches"
 
 
-def builtin_patterns() -> list[PredicatePattern]:
+# what a model's structure (its module tree: tables, attention, convolutions, branches)
+# says the workload is; a prior, heard only when the op stream decides nothing (see classifier)
+_STRUCTURE_VOTES = {
+    "transformer_decoder": WorkloadType.LLM,
+    "transformer_encoder": WorkloadType.LLM,
+    "vit": WorkloadType.VISION,
+    "resnet": WorkloadType.VISION,
+    "cnn": WorkloadType.VISION,
+    "recsys": WorkloadType.RECSYS,
+    "multimodal": WorkloadType.MULTIMODAL,
+    "audio": WorkloadType.AUDIO,
+}
+
+
+class StructurePrior:
+    """Votes the workload the model's module tree names, at a confidence just over the
+    threshold; the classifier hears it only when no op-stream pattern decided, e.g. when a
+    data-dependent op flushed part of the forward and the pending graph is only its tail."""
+
+    name = "structure_prior"
+    confidence = 0.55
+
+    def match(self, ctx: PatternContext) -> MatchedPattern | None:
+        st = ctx.structure
+        if st.source == "graph":
+            return None  # inferred from these very ops: no independent evidence
+        wt = _STRUCTURE_VOTES.get(st.architecture)
+        if wt is None:
+            return None
+        return MatchedPattern(self.name, self.confidence, {"prior": True, "source": st.source,
+                                                           "architecture": st.architecture},
+                              wt, evidence=[f"structure[{st.source}]={st.architecture}"])
+
+    def __repr__(self) -> str:
+        return "StructurePrior()"
+
+
+def builtin_patterns() -> list:
     return [
         PredicatePattern(
             "llm",
@@ -284,6 +331,21 @@ def builtin_patterns() -> list[PredicatePattern]:
             description="convolutions or patch embeddings over pixels",
         ),
         PredicatePattern(
+            "audio",
+            requires=chain(has_modality(Modality.AUDIO, at_least=3),
+                           any_chain(has_op_class(C.CONV), _attention_ops)),
+            evidence=[
+                (has_op_class(C.CONV, at_least=2), 0.1),
+                (_attention_ops, 0.1),
+                (_mostly(Modality.AUDIO, 0.5), 0.15),
+                (negate(_text_tokens), 0.05),
+            ],
+            base=0.5,
+            workload=WorkloadType.AUDIO,
+            hints=_audio_hints,
+            description="a waveform or spectrogram through convolutions and attention",
+        ),
+        PredicatePattern(
             "residual_block",
             requires=any_chain(_residual_conv, _residual_transformer),
             evidence=[(has_role(Role.RESIDUAL_ADD, at_least=2), 0.2), (_residual_conv, 0.1)],
@@ -329,4 +391,5 @@ def builtin_patterns() -> list[PredicatePattern]:
             hints=_fusion_hints,
             description="two modality branches meeting (cross-attention, concatenation)",
         ),
+        StructurePrior(),
     ]
