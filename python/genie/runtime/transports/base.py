@@ -29,12 +29,31 @@ __all__ = [
     "Transport",
     "TransportStats",
     "pack_prefix",
+    "recv_growing",
     "unpack_prefix",
 ]
 
 FRAME_MAGIC = b"GNIE"
 # magic, protocol version, frame kind, reserved, header length, payload length
 PREFIX = struct.Struct("!4sBBHIQ")
+
+
+_FIRST_CHUNK = 1 << 20
+
+
+def recv_growing(recv_into, n: int, what: str) -> bytes:
+    """`n` bytes read with `recv_into(view, what)` into a buffer that grows as they arrive
+    (doubling from 1 MiB), so a peer that announces a large header and sends nothing holds
+    no more memory than it has sent."""
+    buf = bytearray(min(n, _FIRST_CHUNK))
+    got = 0
+    while True:
+        with memoryview(buf) as view:
+            recv_into(view[got:], what)
+        got = len(buf)
+        if got == n:
+            return bytes(buf)
+        buf.extend(bytes(min(n - got, got)))
 
 
 @dataclass

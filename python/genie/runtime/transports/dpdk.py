@@ -58,6 +58,7 @@ from genie.runtime.transports.base import (
     Frame,
     Transport,
     TransportStats,
+    recv_growing,
 )
 from genie.runtime.transports.tcp import TcpListener, _tune, parse_address
 
@@ -409,10 +410,7 @@ class DpdkTransport(Transport):
         return version, kind, flags, header_len, payload_len
 
     def _read_header(self, n: int, what: str = "reading a message header from") -> bytes:
-        header = bytearray(n)
-        if n:
-            self._recv_tcp(memoryview(header), what)
-        return bytes(header)
+        return recv_growing(self._recv_tcp, n, what)
 
     # -- data-plane set-up (Note: [Data-plane set-up]) -------------------------------------
     def _setup_as_connector(self) -> None:
@@ -685,8 +683,9 @@ class DpdkListener(TcpListener):
         super().__init__(host, port, backlog=backlog, max_message=max_message)
 
     def _transport(self, sock: socket.socket, peer: str) -> DpdkTransport:
-        return DpdkTransport(sock, peer, side="listener", config=self._config,
-                             max_message=self._max_message)
+        return DpdkTransport(
+            sock, peer, side="listener", config=self._config, max_message=self._max_message
+        )
 
 
 def _require_dpdk() -> None:

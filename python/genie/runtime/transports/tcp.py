@@ -21,6 +21,7 @@ from genie.runtime.transports.base import (
     Transport,
     TransportStats,
     pack_prefix,
+    recv_growing,
     unpack_prefix,
 )
 
@@ -198,12 +199,10 @@ class TcpTransport(Transport):
             raise ProtocolError(
                 f"genie: a {header_len}-byte header from {self._peer} exceeds the limit of {max_header} bytes"
             )
-        header = bytearray(header_len)
-        if header_len:
-            self._recv_into(memoryview(header), "reading a message header from")
+        header = recv_growing(self._recv_into, header_len, "reading a message header from")
         self._remaining = payload_len
         self._stats.frames_received += 1
-        return Frame(version=version, kind=kind, header=bytes(header), payload_len=payload_len)
+        return Frame(version=version, kind=kind, header=header, payload_len=payload_len)
 
     def recv_payload(self, buffers: Sequence[memoryview]) -> None:
         self._check_open()
