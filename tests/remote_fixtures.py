@@ -46,6 +46,19 @@ def remote(server):
         client.close()
 
 
+def healthy(server) -> None:
+    """The server still runs a program for a well-behaved client and gets eager's answer."""
+    assert server.alive(), server.log()[-2000:]
+    client = connect(server.address, token=server.token)
+    try:
+        x = torch.randn(5, 7)
+        y = (x.to("remote_accelerator:0") * 3).softmax(-1).cpu()
+        assert torch.equal(y, (x * 3).softmax(-1))
+    finally:
+        genie.configure(local_device="cpu")
+        client.close()
+
+
 class RawClient:
     """Speaks the wire protocol by hand, to send what a well-behaved client never would."""
 

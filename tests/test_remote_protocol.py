@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from remote_fixtures import (
     BytesTransport,
     RawClient,
+    healthy,
     raw_frame,
     run_request,
     small_program,
@@ -42,19 +43,6 @@ def program():
     return small_program()
 
 
-def _healthy(server) -> None:
-    """The server still runs a program for a well-behaved client and gets eager's answer."""
-    assert server.alive(), server.log()[-2000:]
-    client = connect(server.address, token=server.token)
-    try:
-        x = torch.randn(5, 7)
-        y = (x.to("remote_accelerator:0") * 3).softmax(-1).cpu()
-        assert torch.equal(y, (x * 3).softmax(-1))
-    finally:
-        genie.configure(local_device="cpu")
-        client.close()
-
-
 # -- authentication -----------------------------------------------------------------------
 def test_missing_token_is_refused(server, monkeypatch):
     monkeypatch.delenv("GENIE_TOKEN", raising=False)
@@ -68,7 +56,7 @@ def test_missing_token_is_refused(server, monkeypatch):
 def test_wrong_token_is_refused(server):
     with pytest.raises(RemoteError, match="authentication failed"):
         RemoteExecutor(server.address, token=server.token + "x")
-    _healthy(server)
+    healthy(server)
 
 
 def test_nothing_is_read_before_authentication(server):
@@ -99,7 +87,7 @@ def test_bad_magic_closes_the_connection(server):
     assert reply["ok"] is False and reply["fatal"] is True and "magic" in reply["msg"]
     assert c.closed_by_peer()
     c.close()
-    _healthy(server)
+    healthy(server)
 
 
 @pytest.mark.parametrize(
@@ -422,7 +410,13 @@ def test_the_fuzzed_request_is_valid_before_mutation(inproc, valid_run):
 
 def _mutated_request(r, header: dict, raw: list) -> dict:
     header = dict(header)
-    target = r.choice(["prog", "prog", "prog", "prog", "bind", "up", "patch"])
+    target = r.choice(["prog", "prog", "prog", "prog", "bind", "up", "patch", "value"])
+    if target == "value":  # a value argument that validation admits and a kernel refuses
+        raw = copy.deepcopy(raw)
+        node = r.choice([n for n in raw if any(a[0] == 0 for a in n[1])])
+        i = r.choice([i for i, a in enumerate(node[1]) if a[0] == 0])
+        node[1][i] = [0, r.choice([7, -9, [7], [0, 7]])]
+        target = "prog"
     if target == "prog":
         body = P.pack(_mutate(r, raw))
         header["prog"] = body
@@ -492,7 +486,7 @@ def test_fuzz_over_the_socket(server, valid_run, seed):
 
 
 def test_server_still_answers_a_good_client_after_the_abuse(server):
-    _healthy(server)
+    healthy(server)
 
 
 # -- Note: [Spinning for a reply] -------------------------------------------------------------
@@ -526,7 +520,9 @@ def test_spinning_client_and_server_give_eager_results(monkeypatch):
         client = connect(srv.address, token=srv.token)
         try:
             assert client._t.spin_us == 3000
-            model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+            model = torch.nn.Sequential(
+                torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)
+            )
             x = torch.randn(4, 8)
             rmodel = copy.deepcopy(model).to("remote_accelerator:0")
             for _ in range(4):

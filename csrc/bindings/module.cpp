@@ -361,12 +361,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("outputs"), py::arg("alias"));
   py::class_<ProgramRunner, std::shared_ptr<ProgramRunner>>(m, "_ProgramRunner")
       .def(py::init([](const std::string& device, const std::vector<std::shared_ptr<Node>>& nodes,
-                       int64_t nlocals, std::vector<int64_t> inputs, std::vector<int64_t> produced) {
+                       int64_t nlocals, std::vector<int64_t> inputs, std::vector<int64_t> produced,
+                       std::vector<int64_t> zero_steps) {
              std::vector<std::shared_ptr<const Node>> steps(nodes.begin(), nodes.end());
              return std::make_shared<ProgramRunner>(parse_device(device), std::move(steps), nlocals,
-                                                    std::move(inputs), std::move(produced));
+                                                    std::move(inputs), std::move(produced), zero_steps);
            }),
-           py::arg("device"), py::arg("nodes"), py::arg("nlocals"), py::arg("inputs"), py::arg("produced"))
+           py::arg("device"), py::arg("nodes"), py::arg("nlocals"), py::arg("inputs"), py::arg("produced"),
+           py::arg("zero_steps") = std::vector<int64_t>())
       .def("run", [](const ProgramRunner& r, py::list storages) {
         std::vector<c10::Storage> in;
         in.reserve(storages.size());

@@ -29,7 +29,7 @@ from genie import _C
 from genie.errors import ExecutionError, GenieError, ProtocolError, RemoteError
 from genie.graph.ir import Node, TensorMeta
 from genie.runtime import protocol as P
-from genie.runtime.replay import Environment, run_node
+from genie.runtime.replay import Environment, byte_view, run_node
 
 __all__ = [
     "EncodedProgram",
@@ -94,7 +94,10 @@ def encode_program(nodes: list[dict]) -> EncodedProgram:
     for k, d in enumerate(nodes):
         ins = [ref(r) for r in d["inputs"]]
         # An undefined tensor result (alias -2, e.g. a gradient nobody asked for) travels as None.
-        outs = [None if a == -2 else ref(r) for r, a in zip(d["outputs"], d["output_alias"], strict=True)]
+        outs = [
+            None if a == -2 else ref(r)
+            for r, a in zip(d["outputs"], d["output_alias"], strict=True)
+        ]
         args = [[_KIND_CODES[kind], v] for kind, v in d["args"]]
         random = bool(d["random"])
         body_nodes.append(
@@ -197,9 +200,7 @@ def apply_patch(base: list, patch: Any, limits: P.Limits) -> list:
 
 
 # -- ops ----------------------------------------------------------------------------------
-_OP_RE = re.compile(
-    r"^(aten|prims)::([A-Za-z_][A-Za-z0-9_]{0,127})\.([A-Za-z_][A-Za-z0-9_]{0,127})$"
-)
+_OP_RE = re.compile(r"(aten|prims)::([A-Za-z_][A-Za-z0-9_]{0,127})\.([A-Za-z_][A-Za-z0-9_]{0,127})")
 # Ops that reach outside the tensors they are given: the server's files, or device asserts
 # that take the whole CUDA context (every session) down with them.
 _DENIED = {"aten::from_file", "aten::_assert_async"}
@@ -214,7 +215,7 @@ def resolve_op(name: Any) -> tuple[torch._ops.OpOverload, Any]:
     if hit is not None:
         return hit
     P.need(type(name) is str, "an op name must be a string")
-    m = _OP_RE.match(name)
+    m = _OP_RE.fullmatch(name)  # whole: "$" alone would let a trailing newline through
     P.need(m is not None, f"{name[:80]!r} is not an aten or prims op overload name")
     ns, base, overload = m.groups()
     P.need(f"{ns}::{base}" not in _DENIED, f"{ns}::{base} is not allowed on a genie server")
@@ -238,14 +239,41 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 _ENUMS = (torch.dtype, torch.layout, torch.memory_format)
 
 
-def _is_tensor_type(t) -> bool:
-    return "Tensor" in str(t)
+# Note: [Complete argument lists]
+# A node's argument list must name every argument of its op's schema, each of the kind the
+# schema has: a kernel called with a short stack reads past it (the C++ runner crashed on a
+# one-argument aten::add), and one handed a list where it wants a tensor, or None where None
+# is not allowed, dereferences what is not there. The recorder spells out every argument;
+# a shorter list from the wire gets the schema's defaults filled in here, explicitly, and
+# a missing argument without a default is refused. Tensor arguments come as references of
+# the kind their schema type names:
+#   Tensor -> 1 (an input index; -1, meaning None, only for Tensor?), also a plain number
+#   (a wrapped scalar: x + 1) as a value; Tensor[] -> 2 (indices >= 0); Tensor?[] -> 3.
+def _tensor_slot(t) -> tuple[int, bool] | None:
+    """(argument kind code, whether None fits) for a schema type that holds tensors, else
+    None."""
+    optional = t.kind() == "OptionalType"
+    if optional:
+        t = t.getElementType()
+    kind = t.kind()
+    if kind == "TensorType":
+        return 1, optional
+    if kind == "ListType":
+        elem = t.getElementType()
+        if elem.kind() == "TensorType":
+            return 2, optional
+        if elem.kind() == "OptionalType" and elem.getElementType().kind() == "TensorType":
+            return 3, optional
+    return None
 
 
 def _check_value(v: Any, t, limits: P.Limits, what: str, depth: int = 0) -> None:
     kind = t.kind()
     if v is None:
-        return  # optional arguments, and defaults the recorder spelled out
+        # Only where the schema allows None: a kernel handed None for a Tensor or an int
+        # dereferences nothing (Note: [Complete argument lists]).
+        P.need(kind in ("OptionalType", "NoneType"), f"{what}: None does not fit {t}")
+        return
     if kind == "OptionalType":
         return _check_value(v, t.getElementType(), limits, what, depth)
     if kind == "ListType":
@@ -253,6 +281,10 @@ def _check_value(v: Any, t, limits: P.Limits, what: str, depth: int = 0) -> None
             type(v) is list and len(v) <= limits.max_list and depth < 2, f"{what}: expected a list"
         )
         elem = t.getElementType()
+        P.need(
+            _tensor_slot(elem) is None,
+            f"{what}: a list of tensors travels as tensor references, not as values",
+        )
         for x in v:
             _check_value(x, elem, limits, what, depth + 1)
         return
@@ -355,14 +387,21 @@ def _decode_node(rn: Any, k: int, limits: P.Limits, max_local: int) -> _Step:
     if type(ins) is not list or type(outs) is not list or len(ins) > 4096 or len(outs) > 4096:
         _bad(f"node {k} ({op_name}): inputs and outputs must be lists")
     ins_d = [P.decode_ref_extent(r, limits, max_sid=max_local) for r in ins]
-    outs_d = [None if r is None else P.decode_ref_extent(r, limits, max_sid=max_local) for r in outs]
+    outs_d = [
+        None if r is None else P.decode_ref_extent(r, limits, max_sid=max_local) for r in outs
+    ]
     ins_m = [d[0] for d in ins_d]
     outs_m = [None if d is None else d[0] for d in outs_d]
     nin = len(ins_m)
-    if (not _small_ints(alias, -2, nin - 1) or len(alias) != len(outs_m)
-            or any((a == -2) != (m is None) for a, m in zip(alias, outs_m, strict=True))):
-        _bad(f"node {k} ({op_name}): output_alias must name an input, -1 (fresh) or -2 "
-             "(undefined, with a None output) per output")
+    if (
+        not _small_ints(alias, -2, nin - 1)
+        or len(alias) != len(outs_m)
+        or any((a == -2) != (m is None) for a, m in zip(alias, outs_m, strict=True))
+    ):
+        _bad(
+            f"node {k} ({op_name}): output_alias must name an input, -1 (fresh) or -2 "
+            "(undefined, with a None output) per output"
+        )
     if not _small_ints(writes, 0, max_local) or not _small_ints(fresh, 0, max_local):
         _bad(f"node {k} ({op_name}): writes and fresh must list storage indices")
     if type(random) is not bool:
@@ -376,16 +415,31 @@ def _decode_node(rn: Any, k: int, limits: P.Limits, max_local: int) -> _Step:
             _bad(f"node {k} ({op_name}) argument {i} must be [kind, value]")
         code, v = a
         sa = sargs[i]
+        slot = _tensor_slot(sa.type)  # Note: [Complete argument lists]
         if code == 0:
-            if v is not None:
+            if slot is not None and slot[0] == 1 and v is not None:  # a wrapped scalar
+                P.need(
+                    type(v) in (bool, int, float, complex),
+                    f"node {k} ({op_name}) argument {sa.name}: a {type(v).__name__} is not a tensor",
+                )
+            if slot is not None and slot[0] != 1 and v is not None:
+                _bad(f"node {k} ({op_name}) argument {sa.name}: tensors must be references")
+            if slot is None or v is None:
                 _check_value_arg(v, sa, limits, f"node {k} ({op_name}) argument {sa.name}")
         else:
-            if not _is_tensor_type(sa.type):
-                _bad(f"node {k} ({op_name}) argument {sa.name} is not a tensor argument")
-            lo = 0 if code == 2 else -1
+            if slot is None or slot[0] != code:
+                _bad(
+                    f"node {k} ({op_name}) argument {sa.name} ({sa.type}) does not take a "
+                    f"{_KIND_NAMES[code]} reference"
+                )
+            lo = 0 if code == 2 or (code == 1 and not slot[1]) else -1
             if not (_small_ints([v], lo, nin - 1) if code == 1 else _small_ints(v, lo, nin - 1)):
                 _bad(f"node {k} ({op_name}) argument {sa.name}: tensor index out of range")
         node_args.append((_KIND_NAMES[code], v))
+    for sa in sargs[len(node_args) :]:
+        if not sa.has_default_value():
+            _bad(f"node {k} ({op_name}): argument {sa.name} is missing and has no default")
+        node_args.append(("value", sa.default_value))
     step = _Step(
         id=k,
         op=op_name,
@@ -456,7 +510,9 @@ def _decode(
         for f in step.fresh:
             if state.get(f, -1) < 0 or not any(m is not None and m.storage == f for m in outs_m):
                 _bad(f"node {k} ({step.op}): fresh storage {f} is not an output")
-        for m, need_bytes in zip([m for m in ins_m + outs_m if m is not None], step.extents, strict=True):
+        for m, need_bytes in zip(
+            [m for m in ins_m + outs_m if m is not None], step.extents, strict=True
+        ):
             declared = state[m.storage]
             if declared >= 0:
                 if need_bytes > declared:
@@ -842,8 +898,35 @@ def _plan(node_args: list[tuple[str, Any]], sargs) -> list[tuple[str | None, int
 
 def run_step(step: _Step, frame: Environment, *, bind: bool = True) -> list[Any]:
     """One decoded step against `frame` (Note: [Compiled steps]); returns the op's results."""
+    storages = frame.storages
+    grows = [(w, storages[w].nbytes()) for w in step.writes if w in storages]
+    results = _call_step(step, frame)
+    flat: list[Any] = []
+    for r in results:
+        if r is None or isinstance(r, torch.Tensor):
+            flat.append(r)
+        elif isinstance(r, (list, tuple)):
+            flat.extend(x for x in r if x is None or isinstance(x, torch.Tensor))
+    # Note: [No uninitialized bytes]
+    if step.op in _UNINITIALIZED:
+        for t in flat:
+            if t is not None:
+                byte_view(t.untyped_storage()).zero_()
+    for w, before in grows:
+        st = storages.get(w)
+        if st is not None and st.nbytes() > before:
+            byte_view(st)[before:].zero_()
+    if bind:
+        for k, (out, alias) in enumerate(zip(step.outputs, step.output_alias, strict=False)):
+            if alias == -1 and k < len(flat) and flat[k] is not None:
+                bind_result(frame, out, flat[k], step.op)
+    return results
+
+
+def _call_step(step: _Step, frame: Environment) -> list[Any]:
+    """What `step`'s op returns on `frame`, nothing bound."""
     if step.rng_state is not None:
-        return run_node(step, frame, bind=bind)
+        return run_node(step, frame, bind=False)
     storages = frame.storages
     metas = step.inputs
     views: dict[int, torch.Tensor] = {}
@@ -857,6 +940,7 @@ def run_step(step: _Step, frame: Environment, *, bind: bool = True) -> list[Any]
             st = storages.get(m.storage)
             if st is None:
                 frame.view(m)  # raises the executor's "not resident" error
+            # set_ refuses a view past the storage's end.
             t = views[i] = torch.empty(0, dtype=m.dtype, device=st.device).set_(
                 st, m.offset, m.shape, m.stride
             )
@@ -878,24 +962,74 @@ def run_step(step: _Step, frame: Environment, *, bind: bool = True) -> list[Any]
     try:
         result = step.target(*args, **kwargs)
     except NotImplementedError:
-        return run_node(step, frame, bind=bind)  # no kernel here: replay's host fallback
+        return run_node(step, frame, bind=False)  # no kernel here: replay's host fallback
     except Exception as e:  # noqa: BLE001 - the message replay.run_node would give
         shapes = ", ".join(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in metas)
         raise ExecutionError(
             f"genie: {step.op} failed on {frame.device} for inputs [{shapes}]: {e}"
         ) from e
-    results = list(result) if isinstance(result, (tuple, list)) else [result]
-    if bind:
-        flat: list[Any] = []
-        for r in results:
-            if r is None or isinstance(r, torch.Tensor):
-                flat.append(r)
-            elif isinstance(r, (list, tuple)):
-                flat.extend(x for x in r if x is None or isinstance(x, torch.Tensor))
-        for k, (out, alias) in enumerate(zip(step.outputs, step.output_alias, strict=False)):
-            if alias == -1 and k < len(flat) and flat[k] is not None:
-                frame.bind(out, flat[k])
-    return results
+    return list(result) if isinstance(result, (tuple, list)) else [result]
+
+
+# Note: [Binding a result on a server]
+# A server binds what a kernel returned under the geometry the client declared, and later
+# steps, programs and fetches address that storage by declared geometries that validation
+# checked against the *declared* storage size. So the bound storage must really hold the
+# declared bytes, and no byte of it may be one this session did not write:
+# - a result of another shape or dtype than declared is never bound (as Note: [Checked
+#   results] in csrc/capture/executor.h has it for every executor): a client that declares
+#   f32[16384] where the kernel returns f32[] does not get a 4-byte storage that later views
+#   address as 64 KiB; a step or fetch that reads it gets an error reply instead. (CPU batch
+#   norm in eval mode returns empty saved statistics that its meta kernel sizes by channel:
+#   nothing reads them, so honest programs are unaffected.)
+# - a result of the declared shape whose storage is not exactly the declared size or whose
+#   layout differs is copied into a zeroed storage of the declared size.
+# The C++ runner (csrc/capture/program_runner.cpp) follows the same rules.
+def bind_result(env: Environment, meta: TensorMeta, value: torch.Tensor, op: str) -> None:
+    """Make `value` (what `op` returned) the content of `meta.storage` on a server."""
+    if tuple(value.shape) != meta.shape or value.dtype != meta.dtype:
+        logger.debug(
+            "genie: %s returned %s%s for a declared %s%s; left unbound",
+            op,
+            value.dtype,
+            list(value.shape),
+            meta.dtype,
+            list(meta.shape),
+        )
+        return
+    st = value.untyped_storage()
+    if (
+        value.device == env.device
+        and tuple(value.stride()) == meta.stride
+        and value.storage_offset() == meta.offset
+        and st.nbytes() == meta.storage_nbytes
+    ):
+        env.storages[meta.storage] = st
+        return
+    new = torch.zeros(max(meta.storage_nbytes, 1), dtype=torch.uint8, device=env.device)
+    dst = torch.empty(0, dtype=meta.dtype, device=env.device)
+    dst.set_(new.untyped_storage(), meta.offset, meta.shape, meta.stride).copy_(value)
+    env.storages[meta.storage] = new.untyped_storage()
+
+
+# Note: [No uninitialized bytes]
+# Storages on a server are reused memory: what a kernel allocates without writing may hold
+# bytes another session uploaded and released. The ops whose results start uninitialized
+# (the empty family: empty, empty_like, empty_strided, new_empty, ...) get their results
+# zeroed on a server, and a step that grows a storage it writes (resize_, an out= argument
+# too small) has the grown tail zeroed (the C++ runner does the same). Uploads that do not
+# cover their storage are zero-filled (server.py).
+def _uninitialized_ops() -> frozenset[str]:
+    names = set()
+    for name in torch._C._dispatch_get_all_op_names():  # "ns::base" or "ns::base.overload"
+        ns, _, rest = name.partition("::")
+        base, _, overload = rest.partition(".")
+        if ns in ("aten", "prims") and base.lstrip("_").removeprefix("new_").startswith("empty"):
+            names.add(f"{ns}::{base}.{overload or 'default'}")
+    return frozenset(names)
+
+
+_UNINITIALIZED = _uninitialized_ops()
 
 
 # Note: [Running programs in C++] (csrc/capture/program_runner.h) says why; GENIE_PY_STEPS=1
@@ -939,6 +1073,7 @@ def native_runner(program: Program, device: torch.device):
                 program.nlocals,
                 program.inputs,
                 program.produced,
+                [k for k, step in enumerate(program.steps) if step.op in _UNINITIALIZED],
             )
         except Exception as e:  # noqa: BLE001 - the Python steps run it instead
             logger.debug("genie: program %s runs in Python: %s", program.key.hex()[:12], e)

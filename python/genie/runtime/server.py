@@ -59,9 +59,11 @@ class ServerConfig:
     limits: P.Limits = field(default_factory=P.Limits)
     cuda_graphs: bool = True
     transport: str = "tcp"
-    handshake_timeout: float = 10.0
-    idle_timeout: float | None = None  # seconds a session may sit silent; None = forever
-    max_sessions: int = 256
+    # Note: [Connection hygiene]
+    handshake_timeout: float = 5.0  # seconds a new connection has to prove the token
+    max_unauthenticated: int = 32  # connections still in their handshake; the oldest goes
+    idle_timeout: float | None = 1800.0  # seconds a session may sit silent; None = forever
+    max_sessions: int = 256  # authenticated sessions
     spin_us: int | None = None  # poll for the next request before blocking; None: default_spin_us()
     # check the likely next program instance ahead (Note: [Preparing the next instance]);
     # None: on CUDA servers only
@@ -101,6 +103,7 @@ class Session:
         self.last_active = time.monotonic()
         self.state_lock = threading.Lock()
         self.authenticated = False
+        self.opened = time.monotonic()
         self._handlers = {
             "hello": self._hello,
             "upload": self._upload,
@@ -230,6 +233,9 @@ class Session:
 
     def _error_reply(self, e: Exception) -> dict:
         msg = str(e) if str(e).startswith("genie") else f"genie: {type(e).__name__}: {e}"
+        # torch's C++ errors carry a backtrace with the server's library addresses: the
+        # client gets the message, not the server's memory layout.
+        msg = msg.split("\nException raised from ", 1)[0]
         if isinstance(e, ProtocolError):
             kind = "protocol"
         elif isinstance(e, ExecutionError):
@@ -327,7 +333,10 @@ class Session:
         dev = self.server.device
         for sid, nbytes, at, n, new in entries:
             if new:
-                st = torch.empty(nbytes, dtype=torch.uint8, device=dev).untyped_storage()
+                # Note: [No uninitialized bytes] (program.py): an upload that does not cover
+                # its storage in one piece leaves the rest zero, never reused memory.
+                make = torch.empty if at == 0 and n == nbytes else torch.zeros
+                st = make(nbytes, dtype=torch.uint8, device=dev).untyped_storage()
                 self.env.storages[sid] = st
             else:
                 st = self.env.storages[sid]
@@ -364,12 +373,44 @@ class Session:
         self._check_memory(program.fresh_bytes + sum(e[1] for e in uploads if e[4]))
         self._receive_uploads(uploads)
         binding = req["bind"]
+        storages = self.env.storages
+        created = [binding[local] for local in program.produced if binding[local] not in storages]
         if eager:
             self.pending.clear()
             results = execute(program, binding, states, self.env, keep_last=True)
-            return {"ok": True, "res": [self._describe(r) for r in results]}, []
-        self.runner.run(program, binding, states, self.env)
-        return {"ok": True}, []
+            reply = {"ok": True, "res": [self._describe(r) for r in results]}
+        else:
+            self.runner.run(program, binding, states, self.env)
+            reply = {"ok": True}
+        if self._over_limit():
+            self.env.release(created)
+            self.pending.clear()
+            raise MemoryError(
+                f"genie: the run left this session holding {self._held_bytes()} bytes, over the "
+                f"server's limit of {self.limits.memory_limit} bytes per session (genie serve "
+                "--memory-limit); what it created was released"
+            )
+        return reply, []
+
+    # Note: [Real memory accounting]
+    # Validation counts what a program declares; kernels allocate what they allocate. So
+    # after each run the session's real holding is measured: every distinct storage it holds
+    # (ids that share one count it once) and its pending eager results. A run that ends over
+    # the limit loses what it created and gets an "oom" error reply. (A kernel's temporary
+    # workspace during a run is not counted: it is freed before the reply.)
+    def _held_bytes(self) -> int:
+        held: dict[int, int] = {}
+        for st in self.env.storages.values():
+            held[st.data_ptr()] = st.nbytes()
+        for v in self.pending.values():
+            st = v.untyped_storage()
+            held[st.data_ptr()] = st.nbytes()
+        held.pop(0, None)  # empty storages
+        return sum(held.values())
+
+    def _over_limit(self) -> bool:
+        limit = self.limits.memory_limit
+        return bool(limit) and self._held_bytes() > limit
 
     # Note: [Preparing the next instance]
     # In a decode loop every step is a new instance of one template (Note: [Program
@@ -440,8 +481,9 @@ class Session:
         value = self.env.view(meta).contiguous()
         if value.device.type != "cpu":
             value = value.cpu()
+        # Dense, but a size-1 dimension may keep any stride: address the elements directly.
         flat = (
-            value.reshape(-1).view(torch.uint8)
+            value.as_strided((value.numel(),), (1,)).view(torch.uint8)
             if value.numel()
             else torch.empty(0, dtype=torch.uint8)
         )
@@ -569,7 +611,9 @@ class Session:
         storages = self.env.storages
         for local, temp in temps.items():
             if bind[local] is not None:  # an empty upload: an empty storage stands in
-                storages[temp] = torch.empty(0, dtype=torch.uint8, device=self.server.device).untyped_storage()
+                storages[temp] = torch.empty(
+                    0, dtype=torch.uint8, device=self.server.device
+                ).untyped_storage()
         snapshot = sum(storages[sid].nbytes() for sid in written if sid in storages)
         try:
             self._check_memory(program.fresh_bytes + snapshot)
@@ -585,6 +629,9 @@ class Session:
             started = time.perf_counter()
             self.runner.run(program, binding, {}, self.env)
             self._time("spec_launch", time.perf_counter() - started)
+            if self._over_limit():  # Note: [Real memory accounting]
+                self._spec_abort(spec, miss=False)
+                return self._spec_decline("over the session's memory limit")
         except Exception as e:  # noqa: BLE001 - any failure declines; the session is restored
             self._spec_abort(spec, miss=False)
             msg = str(e).removeprefix("genie: ")
@@ -721,7 +768,6 @@ class _UnknownProgram(GenieError):
     pass
 
 
-
 @dataclass
 class _Speculation:
     """A speculative run waiting for the request that adopts or undoes it
@@ -756,6 +802,17 @@ def _version() -> str:
         return "unknown"
 
 
+# Note: [Connection hygiene]
+# A connection is a thread and some memory before it has proved anything. Connections still
+# in their handshake have their own small cap (max_unauthenticated) and a short timeout
+# (handshake_timeout): when the cap is full, a new connection pushes out the oldest one
+# still waiting, so idle unauthenticated sockets cannot lock token holders out (their cap,
+# max_sessions, counts authenticated sessions only). Before the token, only the fixed-size
+# AUTH frame is read (protocol.server_handshake); after it, a header's buffer grows as its
+# bytes arrive (transports.base.recv_growing) and an upload's storage counts against the
+# session's memory limit before its bytes are read. An authenticated session silent for
+# idle_timeout seconds (genie serve --idle-timeout, default 30 minutes; 0: never) is closed
+# and its storages freed.
 class Server:
     """Accepts clients and runs one Session per connection."""
 
@@ -851,10 +908,19 @@ class Server:
                 continue
             with self._lock:
                 self._threads = [th for th in self._threads if th.is_alive()]
-                if len(self._sessions) >= self.config.max_sessions:
+                # Note: [Connection hygiene]
+                waiting = [s for s in self._sessions.values() if not s.authenticated]
+                if len(waiting) >= self.config.max_unauthenticated:
+                    oldest = min(waiting, key=lambda s: s.opened)
                     logger.warning(
-                        "genie: refusing %s: %d sessions already", t.peer, len(self._sessions)
+                        "genie: %d connections without a token yet; dropping the oldest (%s)",
+                        len(waiting),
+                        oldest.transport.peer,
                     )
+                    oldest.transport.shutdown()
+                sessions = len(self._sessions) - len(waiting)
+                if sessions >= self.config.max_sessions:
+                    logger.warning("genie: refusing %s: %d sessions already", t.peer, sessions)
                     t.close()
                     continue
             th = threading.Thread(target=self.serve_connection, args=(t,), daemon=True)
@@ -1009,7 +1075,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, log_level: bool = Tr
     )
     parser.add_argument("--transport", default="tcp", help="transport to listen with (tcp)")
     parser.add_argument(
-        "--idle-timeout", type=float, default=None, help="close sessions silent this many seconds"
+        "--idle-timeout",
+        type=float,
+        default=ServerConfig.idle_timeout,
+        help="close sessions silent this many seconds, freeing what they hold (default 1800; "
+        "0: never)",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=ServerConfig.handshake_timeout,
+        help="seconds a new connection has to present the token (default 5)",
     )
     parser.add_argument(
         "--prepare-next",
@@ -1066,7 +1142,8 @@ def serve_main(args: argparse.Namespace) -> int:
         limits=P.Limits(max_message=args.max_message, memory_limit=args.memory_limit),
         cuda_graphs=not args.no_cuda_graphs,
         transport=args.transport,
-        idle_timeout=args.idle_timeout,
+        idle_timeout=args.idle_timeout or None,
+        handshake_timeout=args.handshake_timeout,
         spin_us=args.spin_us,
         prepare_next=args.prepare_next,
     )
@@ -1083,6 +1160,14 @@ def serve_main(args: argparse.Namespace) -> int:
     # every later collection, which then looks only at what the server made since (a full
     # one after a GPT-2 decode: 6 ms instead of 73 on the CI-sized VM).
     gc.freeze()
+
+    # Installed before the port is announced: a script that reads it may signal at once.
+    def on_signal(signum, _frame):
+        logger.info("genie: signal %d: shutting down", signum)
+        server.request_shutdown()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     if args.port_file:
         tmp = args.port_file + ".tmp"
         with open(tmp, "w") as f:
@@ -1101,12 +1186,6 @@ def serve_main(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    def on_signal(signum, _frame):
-        logger.info("genie: signal %d: shutting down", signum)
-        server.request_shutdown()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     server.wait()
     server.shutdown()
     logger.info("genie: server stopped")
