@@ -70,6 +70,7 @@ def test_causal_lms_generate_prefill_then_decode(built):
     assert len(lms) >= 9
     ran = 0
     failures = {}
+    cut = {}
     for entry in lms:
         model, _, kwargs = entry.build()
         ids = kwargs["input_ids"]
@@ -90,13 +91,17 @@ def test_causal_lms_generate_prefill_then_decode(built):
             continue
         finally:
             genie.synchronize()
+        assert not calls.errors, (entry.name, calls.errors)
+        if any(p.metadata["flushes_in_call"] for p in calls.profiles):
+            cut[entry.name] = [p.metadata["flushes_in_call"] for p in calls.profiles]
+            continue  # a data-dependent op flushed the call part way: only its tail is seen
         ran += 1
-        phases = [p.call_phase for p in calls.profiles]
+        phases = calls.phases
         if phases != [Phase.PREFILL, Phase.DECODE, Phase.DECODE]:
             failures[entry.name] = phases
             continue
         decode = calls.profiles[-1]
         if not decode.kv_cache["present"]:
             failures[entry.name] = "decode without a resident KV cache"
-    assert ran >= 9
+    assert ran >= 9, (failures, cut)
     assert not {k: v for k, v in failures.items() if not str(v).startswith("runtime")}, failures

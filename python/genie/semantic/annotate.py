@@ -97,6 +97,7 @@ class Annotations:
     weight_bytes: int = 0
     weight_count: int = 0
     input_modalities: dict[int, str] = field(default_factory=dict)
+    new_tokens: int | None = None  # length of the token-id inputs: the tokens this call adds
 
 
 def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
@@ -143,9 +144,12 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
     pos_of = gv.pos
     for n in nodes:
         c = cls_of[n.id]
-        if c == OpClass.ATTENTION or (c == OpClass.MATMUL and names[n.id] in ("bmm", "matmul")
+        if c == OpClass.ATTENTION or (c == OpClass.MATMUL and names[n.id] in _SCORE_OPS
                                       and len(n.inputs) >= 2 and _scores(gv, n, info_of)):
-            kv_inputs = n.inputs[1:3] if c == OpClass.ATTENTION else n.inputs[1:2]
+            if c == OpClass.ATTENTION:
+                kv_inputs = n.inputs[1:3]
+            else:  # baddbmm(bias, query, key): the key is the third
+                kv_inputs = n.inputs[2:3] if names[n.id] == "baddbmm" else n.inputs[1:2]
             for t in kv_inputs:
                 w = last_writer.get(t.storage)
                 if w is None:
@@ -261,6 +265,12 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
                 if kind == "value" and isinstance(v, bool):
                     causal = causal or v
                     break
+        elif c == OpClass.MATMUL and names[nid] in _SCORE_OPS and n.outputs and \
+                _feeds_softmax(gv, nid):
+            # eager attention: the scores matmul's output is [..., query, key]
+            out = n.outputs[0].shape
+            if len(out) >= 2:
+                ann.attention.append((nid, out[-2], out[-1]))
         elif c == OpClass.ADD and not is_view and info.leaf_role is None and len(ins) >= 2:
             role = _residual(n, ins, writer, levels, storage_res, role_of, role)
         role_of[nid] = role
@@ -352,6 +362,9 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
     ann.causal = causal
     ann.context_coverage = in_module / computing if computing else 0.0
     ann.batch_size = _batch_size(first_meta, residency)
+    ann.new_tokens = max((first_meta[s].shape[-1] for s, lab in ann.input_modalities.items()
+                          if lab == Modality.TEXT and s in first_meta
+                          and len(first_meta[s].shape) >= 2), default=None)
     return ann
 
 
@@ -363,6 +376,21 @@ def _extends_sequence(wn, cls: str) -> bool:
     rank = len(wn.outputs[0].shape)
     return (rank >= 3 and cat_dim(wn) == rank - 2 and len(wn.inputs) >= 2
             and all(len(t.shape) == rank or t.numel == 0 for t in wn.inputs))
+
+
+_SCORE_OPS = frozenset({"bmm", "matmul", "baddbmm", "einsum"})
+
+
+def _feeds_softmax(gv: GraphView, nid: int) -> bool:
+    """Whether a softmax follows within two steps (scale, mask add)."""
+    cls = gv.cls
+    for s in gv.succs[nid]:
+        if cls[s] == OpClass.SOFTMAX:
+            return True
+        for s2 in gv.succs[s]:
+            if cls[s2] == OpClass.SOFTMAX:
+                return True
+    return False
 
 
 def _scores(gv: GraphView, n, info_of) -> bool:

@@ -191,11 +191,17 @@ def build(name: str) -> tuple[torch.nn.Module, tuple, dict]:
 
 
 def _resolve(model_type: str, class_name: str):
+    """(config class, model class): the class's own config class where it names one (a
+    mapping may list a class under a model type whose config is not the class's)."""
+    import transformers
     from transformers import CONFIG_MAPPING
 
-    cfg_cls = CONFIG_MAPPING[model_type]
-    module = importlib.import_module(cfg_cls.__module__.rsplit(".", 1)[0])
-    return cfg_cls, getattr(module, class_name)
+    model_cls = getattr(transformers, class_name, None)
+    if model_cls is None:
+        module = importlib.import_module(CONFIG_MAPPING[model_type].__module__.rsplit(".", 1)[0])
+        model_cls = getattr(module, class_name)
+    cfg_cls = getattr(model_cls, "config_class", None) or CONFIG_MAPPING[model_type]
+    return cfg_cls, model_cls
 
 
 def build_hf(model_type: str, class_name: str, inputs: str) -> tuple[torch.nn.Module, tuple, dict]:

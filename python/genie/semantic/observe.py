@@ -9,11 +9,14 @@
     [p.call_phase for p in calls.profiles]   # ["prefill", "decode", "decode", ...]
 
 Note: [Observing calls]
-A forward hook on the model's root runs after each top-level call and analyses the pending
-graph, which then holds that call's ops (and any small tail of the previous step that had not
-been flushed, such as the logits processing of generate()). The module-context hooks are
-installed too, so the nodes carry module paths and roles. Analysis never runs the graph: the
-call's results are materialised when the caller reads them, as without the observer.
+A forward pre-hook on the model's root runs what is pending (``genie.synchronize()``), so
+the graph a call records is that call alone -- the runtime may otherwise keep several
+generate() steps pending in one graph when nothing read a value between them. A forward hook
+then analyses the pending graph after each top-level call. The module-context hooks are
+installed too, so the nodes carry module paths and roles. When a data-dependent op inside
+the call needed a value (MoE routing, a mask check), the call was flushed part way and the
+analysed graph holds only its tail: ``metadata["flushes_in_call"]`` says how many flushes.
+The observer costs one flush per call; the results are the same as without it.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ class CallObserver:
         self.profiles: list[WorkloadProfile] = []
         self.errors: list[str] = []
         self._tracker = ModuleContextTracker(model)
-        self._handle = None
+        self._handles: list = []
+        self._flushes = 0
 
     @property
     def phases(self) -> list[str | None]:
@@ -53,21 +57,30 @@ class CallObserver:
         return [p.call_phase for p in self.profiles]
 
     def __enter__(self) -> CallObserver:
+        self._handles = [self.model.register_forward_pre_hook(self._before_call)]
         self._tracker.install()
-        self._handle = self.model.register_forward_hook(self._after_call)
+        self._handles.append(self.model.register_forward_hook(self._after_call))
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for h in self._handles:
+            h.remove()
+        self._handles = []
         self._tracker.remove()
+
+    def _before_call(self, module, args) -> None:
+        import genie
+
+        genie.synchronize()
+        self._flushes = genie.stats()["flushes"]
 
     def _after_call(self, module, args, output) -> None:
         import genie
 
         try:
-            self.profiles.append(self.analyzer.analyze_graph(genie.get_graph(), self.model))
+            profile = self.analyzer.analyze_graph(genie.get_graph(), self.model)
+            profile.metadata["flushes_in_call"] = genie.stats()["flushes"] - self._flushes
+            self.profiles.append(profile)
         except Exception as exc:  # noqa: BLE001 - analysis must not break the user's forward
             logger.warning("genie: analysing a call of %s failed: %s", type(module).__name__, exc)
             self.errors.append(f"{type(exc).__name__}: {exc}")

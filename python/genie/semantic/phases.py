@@ -99,7 +99,12 @@ class PhaseDetector:
             ann.causal and architecture not in _NOT_DECODER_ARCHS)
         kv_present = bool(ann.kv_cache_storages)
         if decoder:
-            decode = text_q == 1 and (kv_present or (text_k or 0) > 1)
+            # decode: a step against a cache -- one new token (the ids the call was given),
+            # or, where no ids say so, a single query position against longer keys
+            if ann.new_tokens is not None and kv_present:
+                decode = ann.new_tokens == 1
+            else:
+                decode = text_q == 1 and (kv_present or (text_k or 0) > 1)
             text_phase = Phase.DECODE if decode else Phase.PREFILL
         else:
             text_phase = Phase.TEXT_ENCODER
