@@ -125,6 +125,10 @@ at::Tensor LocalExecutor::materialize(const TensorRef& ref) {
 }
 
 c10::Storage storage_for(const TensorRef& ref, const at::Tensor& value, c10::Device device) {
+  // A result returned as a conjugate or negative view (linalg_lu_solve's adjoint path): its
+  // storage holds the values without the bit, so bind the resolved values instead (Note:
+  // [Conjugate and negative views] in kernels.cpp).
+  if (value.is_conj() || value.is_neg()) return storage_for(ref, value.resolve_conj().resolve_neg(), device);
   if (value.device() == device && value.sizes() == c10::IntArrayRef(ref.sizes) &&
       value.strides() == c10::IntArrayRef(ref.strides) && value.storage_offset() == ref.offset &&
       value.scalar_type() == ref.dtype)

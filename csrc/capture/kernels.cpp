@@ -126,7 +126,28 @@ struct Scan {
   std::unordered_map<StorageId, int32_t> slot_of;
 };
 
-int32_t scan_tensor(Scan& s, const at::Tensor& t) {
+// Note: [Conjugate and negative views]
+// x.conj() and the negative view are metadata like other views: a bit on the tensor, not in the
+// storage. Recorded references carry no bits, so a view with one reaching a recorded op (the
+// ops PyTorch lets see such views: copy_, mm, dot...) is first resolved into a fresh tensor by
+// recorded ops (conj_physical, neg) on the view without the bit; values read at fetch time get
+// the bits back on the host. A write through such a view is refused.
+at::Tensor resolve_math_bits(const Scan& s, const at::Tensor& t, bool written) {
+  if (written)
+    raise_error(ErrorKind::Unsupported, "genie: " + s.node->name() +
+                                            " writes through a conjugate or negative view; "
+                                            "call resolve_conj() / resolve_neg() on it first");
+  at::Tensor r = t;
+  if (r.is_neg()) r = at::neg(at::_neg_view(r));
+  if (r.is_conj()) r = at::conj_physical(at::_conj(r));
+  return r;
+}
+
+int32_t scan_tensor(Scan& s, const at::Tensor& t_in, bool written = false) {
+  at::Tensor resolved;
+  const at::Tensor& t = is_remote(t_in) && (t_in.is_conj() || t_in.is_neg())
+                            ? (resolved = resolve_math_bits(s, t_in, written))
+                            : t_in;
   if (!t.defined()) {
     s.key.push_back('u');
     return -1;
@@ -185,12 +206,12 @@ Scan scan_args(const c10::OperatorHandle& op, c10::ArrayRef<c10::IValue> args) {
         continue;
       }
       a.kind = Arg::Kind::Tensor;
-      a.refs.push_back(scan_tensor(s, t));
+      a.refs.push_back(scan_tensor(s, t, op_info(op).arg_is_write[i]));
     } else if (v.isTensorList()) {
       a.kind = Arg::Kind::TensorList;
       auto list = v.toTensorList();
       s.key.push_back('[');
-      for (size_t j = 0; j < list.size(); ++j) a.refs.push_back(scan_tensor(s, list.get(j)));
+      for (size_t j = 0; j < list.size(); ++j) a.refs.push_back(scan_tensor(s, list.get(j), op_info(op).arg_is_write[i]));
       s.key.push_back(']');
     } else if (v.isOptionalTensorList()) {
       a.kind = Arg::Kind::OptionalTensorList;
@@ -198,7 +219,7 @@ Scan scan_args(const c10::OperatorHandle& op, c10::ArrayRef<c10::IValue> args) {
       s.key.push_back('{');
       for (size_t j = 0; j < list.size(); ++j) {
         std::optional<at::Tensor> e = list.get(j);
-        a.refs.push_back(e.has_value() ? scan_tensor(s, *e) : (s.key.push_back('n'), -1));
+        a.refs.push_back(e.has_value() ? scan_tensor(s, *e, op_info(op).arg_is_write[i]) : (s.key.push_back('n'), -1));
       }
       s.key.push_back('}');
     } else {
@@ -539,7 +560,11 @@ at::Tensor fetch_remote(const at::Tensor& t) {
   auto ref = make_ref(t, id);
   rec.flush({id}, ref);
   rec.check_not_poisoned(id);
-  return rec.executor()->fetch(ref);
+  auto real = rec.executor()->fetch(ref);
+  // Note: [Conjugate and negative views]: the bits come back as views of the fetched value.
+  if (t.is_neg()) real = at::_neg_view(real);
+  if (t.is_conj()) real = at::_conj(real);
+  return real;
 }
 
 bool covers_storage(const at::Tensor& t) {

@@ -69,6 +69,9 @@ class Environment:
 
     def bind(self, meta: TensorMeta, value: torch.Tensor) -> None:
         """Make `value` the content of `meta.storage`, keeping the recorded geometry."""
+        if value.is_conj() or value.is_neg():
+            # The storage holds the values without the bit (see storage_for in executor.cpp).
+            value = value.resolve_conj().resolve_neg()
         if (
             value.device == self.device
             and tuple(value.shape) == meta.shape
