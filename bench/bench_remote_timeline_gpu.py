@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 _SERVER_STEPS = [  # (class path, method, tag)
     ("genie.runtime.server:Session", "_apply_pre", "server pre"),
     ("genie.runtime.server:Session", "_spec", "server spec"),
-    ("genie.runtime.graphs:GraphRunner", "run", "server GraphRunner.run"),
+    ("genie.runtime.program.graphs:GraphRunner", "run", "server GraphRunner.run"),
     ("genie.runtime.server:Session", "_spec_resolve", "server commit check"),
     ("genie.runtime.server:Session", "_fetch", "server fetch (waits for the GPU)"),
     ("genie.runtime.server:Session", "_send", "server reply"),

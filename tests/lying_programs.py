@@ -20,7 +20,7 @@ import sys
 
 import torch
 from genie.runtime import protocol as P
-from genie.runtime.program import _key
+from genie.runtime.program import program_key as _key
 from genie.runtime.server import Server, ServerConfig, Session
 from genie.runtime.transports.base import Frame
 from remote_fixtures import BytesTransport, run_request, small_program

@@ -181,7 +181,7 @@ def test_failure_in_one_session_leaves_the_others_running(server):
     bad = RawClient(server.address, server.token)
     body = P.pack([["aten::add.Tensor", [[1, 0], [1, 1]], [[0, "float32", [2], [1], 0, 8]] * 2,
                     [[1, "float32", [2], [1], 0, 8]], [-1], [], [1], False]])  # fmt: skip
-    from genie.runtime.program import _key
+    from genie.runtime.program import program_key as _key
 
     reply = bad.request({"t": "run", "key": _key(body), "prog": body, "bind": [10, 11]})
     assert reply["ok"] is False and "not resident" in reply["msg"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from genie.runtime import protocol as P
 from genie.runtime.loopback import LoopbackServer
-from genie.runtime.program import _key
+from genie.runtime.program import program_key as _key
 from genie.runtime.transports.base import pack_prefix
 from remote_fixtures import RawClient, healthy
 

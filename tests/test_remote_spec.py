@@ -452,7 +452,7 @@ def test_random_specs_are_answered_and_change_nothing(small):
 
 
 def test_graph_runner_rename_and_restore():
-    from genie.runtime.graphs import GraphRunner, _Entry, _Slot
+    from genie.runtime.program.graphs import GraphRunner, _Entry, _Slot
 
     runner = GraphRunner(torch.device("cpu"), enabled=False)
     st = torch.empty(4, dtype=torch.uint8).untyped_storage()

@@ -12,11 +12,11 @@ import pytest
 import torch
 from genie import _C
 from genie.errors import ExecutionError, ProtocolError
-from genie.runtime import program as PR
 from genie.runtime import protocol as P
 from genie.runtime.client import _Known, _make_template
 from genie.runtime.loopback import LoopbackServer
-from genie.runtime.program import ProgramCache, encode_program, patch_key
+from genie.runtime.program import ProgramCache, encode_program, next_patch, patch_key
+from genie.runtime.program import run as PR
 from genie.runtime.replay import Environment
 from genie.runtime.server import Server, ServerConfig
 from remote_fixtures import DEVICE
@@ -139,7 +139,7 @@ def test_the_server_prepares_the_instance_the_client_names_next(decode_steps):
         limits = server.config.limits
         base = server.programs.add(e1.body, limits)
         p2, p3, p4 = _patch(d1, d2), _patch(d1, d3), _patch(d1, d4)
-        assert PR.next_patch(p2, p3) == p4
+        assert next_patch(p2, p3) == p4
         server.prepare(base, p2, p3)
         server._helper.submit(lambda: None).result()  # the helper is done
         prepared = server.programs.get(patch_key(base.key, p4))

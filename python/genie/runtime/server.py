@@ -31,16 +31,16 @@ import torch
 
 from genie.errors import ExecutionError, GenieError, ProtocolError, RemoteError, TransportError
 from genie.runtime import protocol as P
-from genie.runtime.graphs import GraphRunner
 from genie.runtime.program import (
     Program,
     ProgramCache,
-    _key,
     check_binding,
     execute,
     next_patch,
     patch_key,
+    program_key,
 )
+from genie.runtime.program.graphs import GraphRunner
 from genie.runtime.replay import Environment, byte_view
 from genie.runtime.transports import Listener, Transport, default_spin_us, listen
 from genie.runtime.transports.base import Frame
@@ -336,18 +336,13 @@ class Session:
                 # Note: [No uninitialized bytes] (program.py): an upload that does not cover
                 # its storage in one piece leaves the rest zero, never reused memory.
                 make = torch.empty if at == 0 and n == nbytes else torch.zeros
-                st = make(nbytes, dtype=torch.uint8, device=dev).untyped_storage()
+                st = self.transport.payload_storage(nbytes, dev, zeroed=make is torch.zeros)
                 self.env.storages[sid] = st
             else:
                 st = self.env.storages[sid]
             if n:
                 dst = torch.empty(0, dtype=torch.uint8, device=dev).set_(st, at, (n,), (1,))
-                if dev.type == "cpu":
-                    self.transport.recv_payload([memoryview(dst.numpy())])
-                else:
-                    staging = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-                    self.transport.recv_payload([memoryview(staging.numpy())])
-                    dst.copy_(staging, non_blocking=True)
+                self.transport.recv_payload_into(dst)  # Note: [Payload memory] (transports/base.py)
 
     def _upload(self, req: dict, frame: Frame) -> tuple[dict, list]:
         self._receive_uploads(self._parse_uploads(req.get("up"), frame))
@@ -691,7 +686,7 @@ class Session:
         key, body = req.get("key"), req.get("prog")
         if type(key) is not bytes or key != program.key:
             return None
-        if body is not None and (type(body) is not bytes or _key(body) != program.key):
+        if body is not None and (type(body) is not bytes or program_key(body) != program.key):
             return None
         binding = req.get("bind")
         if type(binding) is not list or len(binding) != len(spec.bind) or req.get("rng"):

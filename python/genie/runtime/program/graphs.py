@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from genie.runtime.program import Program, execute, run_step
+from genie.runtime.program.decode import Program
+from genie.runtime.program.run import execute, run_step
 from genie.runtime.replay import Environment
 from genie.runtime.replay import byte_view as _bytes
 
