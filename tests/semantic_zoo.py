@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 import traceback
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -84,6 +85,10 @@ class ZooResult:
     # entry point -> the forward flushed part way (a data-dependent op needed a value): the
     # pending graph holds only the ops after the last flush, not the model
     cut: dict[str, int] = field(default_factory=dict)
+    roles: dict[str, dict[str, int]] = field(default_factory=dict)  # entry point -> role counts
+    residency: dict[str, dict[str, int]] = field(default_factory=dict)  # of the graph inputs
+    node_residency: dict[str, dict[str, int]] = field(default_factory=dict)
+    made_cache: bool = False  # the model's output carries a KV cache (past_key_values)
 
     def right(self, entry: str) -> bool:
         return self.got.get(entry) == self.expected
@@ -194,7 +199,10 @@ def run_entry(
             else:
                 t0 = time.perf_counter()
                 try:
-                    profile = analyzers[ep].analyze(model, *args, **kwargs)
+                    profile, out = analyzers[ep].analyze(
+                        model, *args, return_outputs=True, **kwargs
+                    )
+                    res.made_cache = getattr(out, "past_key_values", None) is not None
                 except Exception as exc:  # noqa: BLE001
                     if _in_analyzer(exc):
                         res.errors[ep] = traceback.format_exc(limit=-3)
@@ -205,6 +213,11 @@ def run_entry(
                 res.cut[ep] = genie.stats()["flushes"] - flushes
             res.got[ep] = str(profile.workload_type.value)
             res.confidence[ep] = round(float(profile.confidence), 3)
+            res.roles[ep] = dict(profile.metadata["roles"])
+            res.residency[ep] = dict(Counter(profile.residency.values()))
+            res.node_residency[ep] = dict(
+                Counter(n.meta.get("data_residency") for n in profile.graph.nodes)
+            )
         except Exception as exc:  # noqa: BLE001 - the forward itself failed on the device
             res.skipped = f"forward on {REMOTE} failed ({ep}): {type(exc).__name__}: " + (
                 str(exc).splitlines()[0][:160] if str(exc) else ""

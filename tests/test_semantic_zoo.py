@@ -9,7 +9,7 @@ import genie
 import pytest
 import semantic_zoo as zoo
 import torch
-from genie.semantic import Phase, SemanticAnalyzer
+from genie.semantic import Phase, Residency, Role, SemanticAnalyzer
 
 pytest.importorskip("transformers")
 
@@ -105,3 +105,62 @@ def test_causal_lms_generate_prefill_then_decode(built):
             failures[entry.name] = "decode without a resident KV cache"
     assert ran >= 9, (failures, cut)
     assert not {k: v for k, v in failures.items() if not str(v).startswith("runtime")}, failures
+
+
+def test_zoo_roles_and_residency(results):
+    """Through the model entry point, every zoo model's weights are persistent and its
+    activations ephemeral; every causal LM shows its q/k/v, FFN, token embedding and LM head,
+    and the keys/values it caches (where its output carries a cache) are stateful."""
+    problems = {}
+    for r in results:
+        if r.skipped or "model" in r.cut or "model" not in r.roles:
+            continue
+        roles, inputs, nodes = r.roles["model"], r.residency["model"], r.node_residency["model"]
+        missing = []
+        if not inputs.get(Residency.PERSISTENT_WEIGHT):
+            missing.append("persistent weights")
+        if not nodes.get(Residency.EPHEMERAL_ACTIVATION):
+            missing.append("ephemeral activations")
+        if r.source == "MODEL_FOR_CAUSAL_LM":
+            want = [
+                (Role.Q_PROJECTION, Role.QKV_PROJECTION),
+                (Role.FFN_UP,),
+                (Role.TOKEN_EMBEDDING,),
+                (Role.LM_HEAD,),
+                (Role.ATTENTION,),
+            ]
+            missing += [w[0] for w in want if not any(roles.get(x) for x in w)]
+            if r.made_cache and not nodes.get(Residency.STATEFUL_KV_CACHE):
+                missing.append("stateful kv cache")
+        if missing:
+            problems[r.name] = missing
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("name", ["LlamaForCausalLM", "MistralForCausalLM"])
+def test_static_cache_is_stateful_from_prefill(name):
+    """With a StaticCache the cache is allocated and written in place during prefill: those
+    writes are the stateful KV cache already, and the decode steps read it resident."""
+    from genie.semantic import hf_models
+
+    model, _, kwargs = hf_models.build(name)
+    ids = kwargs["input_ids"].to(zoo.REMOTE)
+    model = model.to(zoo.REMOTE)
+    analyzer = SemanticAnalyzer()
+    with analyzer.observe(model) as calls, torch.no_grad():
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=2,
+            min_new_tokens=2,
+            do_sample=False,
+            pad_token_id=0,
+            cache_implementation="static",
+        )
+    genie.synchronize()
+    assert calls.phases == [Phase.PREFILL, Phase.DECODE]
+    prefill, decode = calls.profiles
+    writes = [n for n in prefill.graph.nodes if n.meta["semantic_role"] == Role.KV_CACHE_UPDATE]
+    assert writes and all(n.meta["data_residency"] == Residency.STATEFUL_KV_CACHE for n in writes)
+    assert decode.kv_cache["present"] and decode.kv_cache["bytes"] > 0
+    assert Residency.STATEFUL_KV_CACHE in decode.residency.values()

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from genie.semantic.graph_utils import GraphView, OpClass, cat_dim
+from genie.semantic.role_evidence import refine_roles
 from genie.semantic.roles import NO_CONTEXT, ContextInfo, op_role, role_in_context
 from genie.semantic.vocab import Modality, Residency, Role
 
@@ -160,9 +161,13 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
                     for ti in wn.inputs:
                         if ti.storage in input_set and ti.storage not in last_writer and ti.numel:
                             kv_storages[ti.storage] = None
-                elif wn.writes and t.storage in input_set and c == OpClass.ATTENTION:
-                    kv_nodes[w] = None  # static cache updated in place
-                    kv_storages[t.storage] = None
+                elif wn.writes and c == OpClass.ATTENTION and (
+                        t.storage in input_set or names[w] in _CACHE_WRITES):
+                    # a static cache updated in place: resident from an earlier call, or
+                    # allocated in this one (prefill) and written by index/copy
+                    kv_nodes[w] = None
+                    if t.storage in input_set:
+                        kv_storages[t.storage] = None
         for s in n.fresh:
             last_writer[s] = n.id
         for s in n.writes:
@@ -317,6 +322,10 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
                 mask[s] = mask.get(s, 0) | m
                 writer[s] = nid
 
+    # -- roles the dataflow shows where names said nothing (genie.semantic.role_evidence) ----
+    refine_roles(gv, role_of, {nid for nid, m in node_mask.items() if m & TEXT},
+                 {s for s, r in residency.items() if r == WEIGHT})
+
     # -- modality labels, back-filled along consumers -----------------------------------------
     succs = gv.succs
     label: dict[int, str | None] = {}
@@ -378,6 +387,8 @@ def _extends_sequence(wn, cls: str) -> bool:
             and all(len(t.shape) == rank or t.numel == 0 for t in wn.inputs))
 
 
+_CACHE_WRITES = frozenset({"index_copy_", "index_copy", "index_put_", "_index_put_impl_", "copy_",
+                           "scatter_", "slice_scatter"})
 _SCORE_OPS = frozenset({"bmm", "matmul", "baddbmm", "einsum"})
 
 
