@@ -9,6 +9,8 @@
 #include <dlfcn.h>
 #include <unistd.h>
 
+#include <ATen/ATen.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/StorageImpl.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/python.h>
@@ -21,6 +23,7 @@
 #include <vector>
 
 #include "dataplane/agent_client.h"
+#include "dataplane/arena.h"
 #include "dataplane/build_config.h"
 #include "dataplane/registration.h"
 
@@ -142,6 +145,18 @@ bool install_free_hook(c10::StorageImpl* impl, const std::shared_ptr<Registratio
   return true;
 }
 
+// A torch storage made of an arena heap block (Note: [Arena heap]).
+struct HeapBlock {
+  std::shared_ptr<Arena> arena;
+  void* p;
+};
+
+void release_heap_block(void* ctx) {
+  auto* b = static_cast<HeapBlock*>(ctx);
+  b->arena->release(b->p);
+  delete b;
+}
+
 py::dict region_dict(const Region& r) {
   py::dict d;
   d["address"] = r.addr;
@@ -221,12 +236,81 @@ void register_dataplane(py::module_& m) {
 
   py::class_<AgentClient>(m, "_DataplaneAgentClient",
                           "The user's side of a genie-dpdk-agent (csrc/dataplane/agent_client.h).")
-      .def(py::init([](int sock, int arena_fd, size_t arena_bytes, size_t slot_bytes) {
-             auto c = std::make_unique<AgentClient>(sock, arena_fd, arena_bytes, slot_bytes);
+      .def(py::init([](int sock, int arena_fd, size_t arena_bytes, size_t slot_bytes,
+                       size_t heap_bytes) {
+             auto c =
+                 std::make_unique<AgentClient>(sock, arena_fd, arena_bytes, slot_bytes, heap_bytes);
              check(c->health());
              return c;
            }),
-           py::arg("sock"), py::arg("arena_fd"), py::arg("arena_bytes"), py::arg("slot_bytes"))
+           py::arg("sock"), py::arg("arena_fd"), py::arg("arena_bytes"), py::arg("slot_bytes"),
+           py::arg("heap_bytes") = 0,
+           "`arena_bytes` of copy slots, then `heap_bytes` of heap (Note: [Arena heap]).")
+      .def(
+          "alloc",
+          [](AgentClient& c, size_t n) -> py::object {
+            const auto& arena = c.shared_arena();
+            void* p = (arena && n) ? arena->allocate(n) : nullptr;
+            if (!p) return py::none();
+            // The block goes back to the heap when the storage dies; the storage keeps the
+            // mapping alive (it may outlive the connection). Resizable through torch's CPU
+            // allocator: a resize moves the bytes to ordinary memory and frees the block.
+            auto* holder = new HeapBlock{arena, p};
+            c10::Storage storage(c10::Storage::use_byte_size_t(), n,
+                                 at::DataPtr(p, holder, &release_heap_block, at::Device(at::kCPU)),
+                                 c10::GetCPUAllocator(), /*resizable=*/true);
+            at::Tensor t = at::empty({0}, at::TensorOptions().dtype(at::kByte).device(at::kCPU));
+            t.set_(storage, 0, {static_cast<int64_t>(n)}, {1});
+            return py::cast(t);
+          },
+          py::arg("nbytes"),
+          "A uint8 CPU tensor of `nbytes` in the arena's heap, which the agent sends from and "
+          "receives into in place; None when the heap has no room.")
+      .def(
+          "counters",
+          [](const AgentClient& c) {
+            py::dict d;
+            const auto& k = c.counters();
+            d["copied_out"] = k.copied_out.load();
+            d["copied_in"] = k.copied_in.load();
+            d["sent_in_place"] = k.sent_in_place.load();
+            d["received_in_place"] = k.received_in_place.load();
+            if (const auto& a = c.shared_arena()) {
+              auto st = a->stats();
+              d["heap_bytes"] = st.heap_bytes;
+              d["heap_used"] = st.heap_used;
+              d["heap_peak"] = st.heap_peak;
+              d["heap_blocks"] = st.blocks;
+              d["heap_allocations"] = st.allocations;
+              d["heap_refused"] = st.refused;
+            }
+            return d;
+          },
+          "Bytes copied and moved in place by this client, and its heap's use.")
+      .def_property_readonly("heap_address",
+                             [](const AgentClient& c) -> uintptr_t {
+                               const auto& a = c.shared_arena();
+                               return a ? reinterpret_cast<uintptr_t>(a->heap()) : 0;
+                             })
+      .def_property_readonly("heap_bytes",
+                             [](const AgentClient& c) -> size_t {
+                               const auto& a = c.shared_arena();
+                               return a ? a->heap_bytes() : 0;
+                             })
+      .def(
+          "invalidate_on_unmap",
+          [](AgentClient& c, std::shared_ptr<RegistrationCache> cache) {
+            const auto& a = c.shared_arena();
+            if (!a) return;
+            std::weak_ptr<RegistrationCache> w = cache;
+            uint8_t* heap = a->heap();
+            size_t n = a->heap_bytes();
+            a->on_unmap([w, heap, n] {
+              if (auto k = w.lock()) k->invalidate(heap, n);
+            });
+          },
+          py::arg("cache"),
+          "Drop `cache`'s registrations of the heap before the arena is unmapped.")
       .def(
           "wait_for",
           [](AgentClient& c, const std::string& what, py::object timeout) {

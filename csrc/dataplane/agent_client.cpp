@@ -1,10 +1,10 @@
 #include "dataplane/agent_client.h"
 
 #include <poll.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -20,24 +20,25 @@ std::string sys_error(const char* what) {
 
 }  // namespace
 
-AgentClient::AgentClient(int sock, int arena_fd, size_t arena_bytes, size_t slot_bytes)
-    : sock_(sock), arena_bytes_(arena_bytes), slot_bytes_(slot_bytes) {
-  if (slot_bytes == 0 || arena_bytes < 2 * slot_bytes) {
+AgentClient::AgentClient(int sock, int arena_fd, size_t copy_bytes, size_t slot_bytes,
+                         size_t heap_bytes)
+    : sock_(sock), arena_bytes_(copy_bytes), slot_bytes_(slot_bytes) {
+  if (slot_bytes == 0 || copy_bytes < 2 * slot_bytes) {
     broken_ = {Code::InvalidArgument,
                "genie: the data-plane arena must hold at least one slot per direction"};
     return;
   }
-  slots_ = (arena_bytes / 2) / slot_bytes;
-  void* p = mmap(nullptr, arena_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, arena_fd, 0);
-  if (p == MAP_FAILED) {
-    broken_ = {Code::NoMemory, sys_error("genie: cannot map the data-plane arena")};
+  slots_ = (copy_bytes / 2) / slot_bytes;
+  shared_ = std::make_shared<Arena>(arena_fd, copy_bytes, heap_bytes);
+  if (!shared_->health()) {
+    broken_ = shared_->health();
+    shared_.reset();
     return;
   }
-  arena_ = static_cast<uint8_t*>(p);
+  arena_ = shared_->base();
 }
 
 AgentClient::~AgentClient() {
-  if (arena_) munmap(arena_, arena_bytes_);
   if (sock_ >= 0) ::close(sock_);
 }
 
@@ -124,16 +125,51 @@ Status AgentClient::wait_for(AgentEventType type, double timeout_ms, uint64_t* v
   return Status::ok();
 }
 
+// Note: [In place or copied]
+// A transfer is planned as pieces in stream order: each buffer inside one live heap block is one
+// direct piece (the agent reads or writes it where it is); runs of other buffers are cut into
+// slot-sized copied pieces. The agent reports pieces done in the order they were handed to it,
+// so one queue of pieces in flight serves both kinds; only copied pieces hold a slot.
+std::vector<AgentClient::Piece> AgentClient::plan(const std::vector<Span>& bufs) const {
+  std::vector<Piece> pieces;
+  for (const Span& b : bufs) {
+    if (b.len == 0) continue;
+    uint64_t off = 0;
+    if (b.data && shared_ && shared_->in_heap(b.data, b.len, &off)) {
+      pieces.push_back({true, off, b.len, {}});
+      continue;
+    }
+    for (uint64_t done = 0; done < b.len;) {
+      if (pieces.empty() || pieces.back().direct || pieces.back().len == slot_bytes_) {
+        pieces.push_back({false, 0, 0, {}});
+      }
+      Piece& p = pieces.back();
+      uint64_t k = std::min<uint64_t>(slot_bytes_ - p.len, b.len - done);
+      p.spans.push_back({b.data ? b.data + done : nullptr, k});
+      p.len += k;
+      done += k;
+    }
+  }
+  return pieces;
+}
+
 Status AgentClient::send(uint64_t msg, const std::vector<ConstBuffer>& bufs, double timeout_ms) {
   std::lock_guard<std::mutex> lock(mu_);
   if (!broken_) return broken_;
   double dl = deadline(timeout_ms);
   uint64_t total = 0;
-  for (const auto& b : bufs) total += b.len;
+  std::vector<Span> spans;
+  for (const auto& b : bufs) {
+    total += b.len;
+    spans.push_back({static_cast<uint8_t*>(const_cast<void*>(b.data)), b.len});
+  }
+  const std::vector<Piece> pieces = plan(spans);
   Status s = command({static_cast<uint32_t>(AgentOp::SendBegin), 0, msg, 0, 0, total, 0});
   if (!s) return s;
-  std::deque<uint64_t> inflight;  // slots in the order they were provided
-  size_t next_slot = 0, bi = 0, boff = 0;
+  // In flight, in order: the cookie is the slot, or kDirect + the piece's index.
+  constexpr uint64_t kDirect = 1ull << 63;
+  std::deque<uint64_t> inflight;
+  size_t slots_used = 0, next_slot = 0;
   uint64_t off = 0;
   AgentEvent ev;
   auto retire = [&]() -> Status {
@@ -142,39 +178,45 @@ Status AgentClient::send(uint64_t msg, const std::vector<ConstBuffer>& bufs, dou
     if (ev.msg != msg || ev.cookie != inflight.front()) {
       return fail({Code::Internal, "genie: the data-plane agent released slots out of order"});
     }
+    if (!(inflight.front() & kDirect)) --slots_used;
     inflight.pop_front();
     return Status::ok();
   };
-  while (off < total) {
-    if (inflight.size() == slots_) {
-      s = retire();
-      if (!s) return s;
-    }
-    size_t slot = next_slot;
-    next_slot = (next_slot + 1) % slots_;
-    uint64_t n = std::min<uint64_t>(slot_bytes_, total - off);
-    uint8_t* dst = arena_ + slot * slot_bytes_;
-    // Gather the next n bytes of the stream into the slot.
-    for (uint64_t got = 0; got < n;) {
-      const auto& b = bufs[bi];
-      uint64_t k = std::min<uint64_t>(n - got, b.len - boff);
-      std::memcpy(dst + got, static_cast<const uint8_t*>(b.data) + boff, k);
-      got += k;
-      boff += k;
-      if (boff == b.len) {
-        ++bi;
-        boff = 0;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const Piece& p = pieces[i];
+    uint64_t arena_offset, cookie;
+    if (p.direct) {
+      arena_offset = p.arena_offset;
+      cookie = kDirect | i;
+    } else {
+      while (slots_used == slots_) {
+        s = retire();
+        if (!s) return s;
       }
+      size_t slot = next_slot;
+      next_slot = (next_slot + 1) % slots_;
+      uint8_t* dst = arena_ + slot * slot_bytes_;
+      for (const Span& sp : p.spans) {  // gather the piece into its slot
+        std::memcpy(dst, sp.data, sp.len);
+        dst += sp.len;
+      }
+      counters_.copied_out += p.len;
+      arena_offset = slot * slot_bytes_;
+      cookie = slot;
+      ++slots_used;
     }
     s = command(
-        {static_cast<uint32_t>(AgentOp::SendProvide), 0, msg, off, slot * slot_bytes_, n, slot});
+        {static_cast<uint32_t>(AgentOp::SendProvide), 0, msg, off, arena_offset, p.len, cookie});
     if (!s) return s;
-    inflight.push_back(slot);
-    off += n;
+    inflight.push_back(cookie);
+    off += p.len;
   }
   while (!inflight.empty()) {
     s = retire();
     if (!s) return s;
+  }
+  for (const Piece& p : pieces) {
+    if (p.direct) counters_.sent_in_place += p.len;
   }
   return Status::ok();
 }
@@ -185,7 +227,11 @@ Status AgentClient::recv(uint64_t msg, uint64_t total, uint64_t offset,
   if (!broken_) return broken_;
   double dl = deadline(timeout_ms);
   uint64_t want = 0;
-  for (const auto& b : bufs) want += b.len;
+  std::vector<Span> spans;
+  for (const auto& b : bufs) {
+    want += b.len;
+    spans.push_back({static_cast<uint8_t*>(b.data), b.len});
+  }
   if (offset + want > total) {
     return {Code::InvalidArgument, "genie: receiving past the end of a data-plane message"};
   }
@@ -194,53 +240,70 @@ Status AgentClient::recv(uint64_t msg, uint64_t total, uint64_t offset,
     s = command({static_cast<uint32_t>(AgentOp::RecvBegin), 0, msg, 0, 0, total, 0});
     if (!s) return s;
   }
+  const std::vector<Piece> pieces = plan(spans);
   const size_t rx_base = (arena_bytes_ / 2);
+  constexpr uint64_t kDirect = 1ull << 63;
   struct Posted {
-    size_t slot;
-    uint64_t len;
+    uint64_t cookie;
+    size_t piece;
   };
   std::deque<Posted> posted;
-  size_t next_slot = 0, bi = 0, boff = 0;
-  uint64_t post_off = 0, done = 0;  // relative to `offset`
+  size_t slots_used = 0, next_slot = 0, next_piece = 0;
+  uint64_t post_off = 0;  // relative to `offset`
   auto post = [&]() -> Status {
-    size_t slot = next_slot;
-    next_slot = (next_slot + 1) % slots_;
-    uint64_t n = std::min<uint64_t>(slot_bytes_, want - post_off);
+    const Piece& p = pieces[next_piece];
+    uint64_t arena_offset, cookie;
+    if (p.direct) {
+      arena_offset = p.arena_offset;
+      cookie = kDirect | next_piece;
+    } else {
+      size_t slot = next_slot;
+      next_slot = (next_slot + 1) % slots_;
+      arena_offset = rx_base + slot * slot_bytes_;
+      cookie = slot;
+      ++slots_used;
+    }
     Status r = command({static_cast<uint32_t>(AgentOp::RecvPost), 0, msg, offset + post_off,
-                        rx_base + slot * slot_bytes_, n, slot});
+                        arena_offset, p.len, cookie});
     if (!r) return r;
-    posted.push_back({slot, n});
-    post_off += n;
+    posted.push_back({cookie, next_piece});
+    post_off += p.len;
+    ++next_piece;
     return Status::ok();
   };
-  while (post_off < want && posted.size() < slots_) {
+  auto can_post = [&]() {
+    return next_piece < pieces.size() && (pieces[next_piece].direct || slots_used < slots_);
+  };
+  while (can_post()) {
     s = post();
     if (!s) return s;
   }
   AgentEvent ev;
-  while (done < want) {
+  while (!posted.empty()) {
     s = expect(AgentEventType::Received, dl, &ev);
     if (!s) return s.code() == Code::Timeout ? fail(s) : s;
-    if (ev.msg != msg || ev.cookie != posted.front().slot) {
+    if (ev.msg != msg || ev.cookie != posted.front().cookie) {
       return fail({Code::Internal, "genie: the data-plane agent filled slots out of order"});
     }
-    Posted p = posted.front();
+    Posted done = posted.front();
     posted.pop_front();
-    const uint8_t* src = arena_ + rx_base + p.slot * slot_bytes_;
-    // Scatter the slot into the caller's buffers.
-    for (uint64_t put = 0; put < p.len;) {
-      const auto& b = bufs[bi];
-      uint64_t k = std::min<uint64_t>(p.len - put, b.len - boff);
-      if (b.data) std::memcpy(static_cast<uint8_t*>(b.data) + boff, src + put, k);
-      put += k;
-      boff += k;
-      if (boff == b.len) {
-        ++bi;
-        boff = 0;
+    const Piece& p = pieces[done.piece];
+    if (p.direct) {
+      counters_.received_in_place += p.len;
+    } else {
+      const uint8_t* src = arena_ + rx_base + done.cookie * slot_bytes_;
+      bool kept = false;
+      for (const Span& sp : p.spans) {  // scatter the slot into the caller's buffers
+        if (sp.data) {
+          std::memcpy(sp.data, src, sp.len);
+          kept = true;
+        }
+        src += sp.len;
       }
+      if (kept) counters_.copied_in += p.len;
+      --slots_used;
     }
-    done += p.len;
-    if (post_off < want) {
+    while (can_post()) {
       s = post();
       if (!s) return s;
     }

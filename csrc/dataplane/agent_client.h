@@ -1,17 +1,22 @@
 #pragma once
 // The user's side of a data-plane agent (Note: [Data-plane agent] in agent_protocol.h): sends
-// and receives messages through the agent, copying between the caller's buffers and the shared
-// arena slot by slot. No DPDK in here: it is linked into genie._C, which never starts an EAL.
+// and receives messages through the agent. A buffer that lies in a live block of the arena's
+// heap (Note: [Arena heap] in arena.h) is handed to the agent in place; any other buffer is
+// copied through the arena's slots, slot by slot, and counted as copied. No DPDK in here: it is
+// linked into genie._C, which never starts an EAL.
 //
 // Calls are serialised by one mutex; each blocks until its message (or its part of one) is done,
 // the deadline passes, the agent reports an error or the agent exits. Errors are sticky.
 #include <cstddef>
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
 #include "dataplane/agent_protocol.h"
+#include "dataplane/arena.h"
 #include "dataplane/status.h"
 
 namespace genie::dataplane {
@@ -25,12 +30,20 @@ struct MutableBuffer {
   size_t len;
 };
 
+// Bytes that went through this client, by path (the copy path or in place).
+struct AgentCounters {
+  std::atomic<uint64_t> copied_out{0};         // caller's memory -> a send slot
+  std::atomic<uint64_t> copied_in{0};          // a receive slot -> caller's memory
+  std::atomic<uint64_t> sent_in_place{0};      // heap blocks the agent read directly
+  std::atomic<uint64_t> received_in_place{0};  // heap blocks the agent wrote directly
+};
+
 class AgentClient {
  public:
   // Takes ownership of `sock` (the client's end of the socket pair) and maps `arena_fd`
-  // (`arena_bytes`, shared with the agent): the first half holds send slots, the second half
-  // receive slots, each `slot_bytes`.
-  AgentClient(int sock, int arena_fd, size_t arena_bytes, size_t slot_bytes);
+  // (`copy_bytes + heap_bytes`, shared with the agent): the first half of `copy_bytes` holds
+  // send slots, the second half receive slots, each `slot_bytes`; the heap follows.
+  AgentClient(int sock, int arena_fd, size_t copy_bytes, size_t slot_bytes, size_t heap_bytes = 0);
   ~AgentClient();
   AgentClient(const AgentClient&) = delete;
   AgentClient& operator=(const AgentClient&) = delete;
@@ -50,6 +63,9 @@ class AgentClient {
   const Status& health() const { return broken_; }
   uint8_t* arena() const { return arena_; }
   size_t arena_bytes() const { return arena_bytes_; }
+  // The mapping, shared with the storages made from its heap (they may outlive this client).
+  const std::shared_ptr<Arena>& shared_arena() const { return shared_; }
+  const AgentCounters& counters() const { return counters_; }
   size_t slot_bytes() const { return slot_bytes_; }
   size_t slots() const { return slots_; }
 
@@ -62,10 +78,25 @@ class AgentClient {
   double now_ms() const;
   double deadline(double timeout_ms) const;
 
+  // One step of a transfer: a heap block in place, or one slot's worth of copied bytes.
+  struct Span {
+    uint8_t* data;  // nullptr: discarded (a skip)
+    uint64_t len;
+  };
+  struct Piece {
+    bool direct;
+    uint64_t arena_offset;  // direct pieces
+    uint64_t len;
+    std::vector<Span> spans;  // copied pieces: where the slot's bytes come from / go to
+  };
+  std::vector<Piece> plan(const std::vector<Span>& bufs) const;
+
   std::mutex mu_;
   int sock_ = -1;
+  std::shared_ptr<Arena> shared_;
+  AgentCounters counters_;
   uint8_t* arena_ = nullptr;
-  size_t arena_bytes_ = 0;
+  size_t arena_bytes_ = 0;  // the copy part: slots
   size_t slot_bytes_ = 0;
   size_t slots_ = 0;
   Status broken_;

@@ -5,7 +5,8 @@
 # (genie._C._dpdk_unavailable_reason()).
 #
 #   genie_dataplane_common  no DPDK: status/config, the registration LRU (+ the CUDA host
-#                           backend), the client of the data-plane agent. Linked into _C.
+#                           backend), the client of the data-plane agent and its arena.
+#                           Linked into _C.
 #   genie_dataplane         DPDK: EAL, port, wire format, endpoint, DPDK/gpudev registration.
 #   genie-dpdk-agent        the process that owns the DPDK endpoint (installed next to _C).
 
@@ -63,6 +64,7 @@ add_library(genie_dataplane_common STATIC
   ${_dp}/config.cpp
   ${_dp}/registration.cpp
   ${_dp}/agent_client.cpp
+  ${_dp}/arena.cpp
 )
 configure_file(${_dp}/build_config.h.in ${CMAKE_CURRENT_BINARY_DIR}/generated/dataplane/build_config.h)
 target_include_directories(genie_dataplane_common PUBLIC csrc ${CMAKE_CURRENT_BINARY_DIR}/generated)
