@@ -7,6 +7,13 @@ fresh processes). Not a test module: ``python tests/dataplane_peer.py ROLE ...``
                            the echo
   hold PORT_FILE           accept one client, then receive frames until the connection breaks
   stream PORT SIZE         connect and send SIZE-byte frames until the connection breaks
+  arena-server PORT_FILE SIZES
+                           as server, but each payload lands in a buffer from the transport's
+                           arena (host_buffer), is kept, and is echoed from where it landed
+  arena-client PORT SIZES MEMORY
+                           as client; MEMORY "arena" sends from and receives into host_buffer
+                           tensors, "torch" from and into torch.empty ones; keeps every echo,
+                           checks them after all, frees them, and reads one after closing
 
 Each prints one JSON line per event on stdout; a TransportError is printed as
 {"error": ..., "kind": "TransportError", "seconds": time since the last event} and exits 3.
@@ -113,6 +120,62 @@ def stream(port: int, n: int) -> None:
         say(event="sent", bytes=n)
 
 
+def arena_serve(port_file: str, sizes: list[int]) -> None:
+    t = accept(port_file)
+    kept = []
+    for n in sizes:
+        t.recv_frame(1024)
+        buf = t.host_buffer(n)
+        t.recv_payload([memoryview(buf.numpy())])
+        kept.append((buf, digest(buf)))
+        say(event="received", bytes=n, sha256=kept[-1][1], plane=t.data_plane)
+        t.send_frame(1, REPLY, kept[-1][1].encode(), [memoryview(buf.numpy())])
+    say(
+        event="arena",
+        stats=t.stats.as_dict(),
+        arena=t.arena_stats(),
+        kept_intact=all(digest(b) == d for b, d in kept),
+    )
+    t.recv_frame(64)
+    t.close()
+
+
+def arena_client(port: int, sizes: list[int], memory: str) -> None:
+    t = DpdkTransport.connect(("127.0.0.1", port), timeout=30)
+    t.recv_frame(64)
+    alloc = t.host_buffer if memory == "arena" else (lambda n: torch.empty(n, dtype=torch.uint8))
+    kept = []
+    for i, n in enumerate(sizes):
+        x = alloc(n)
+        x.copy_(tensor(n, seed=i))
+        t.send_frame(1, REQUEST, b"x", [memoryview(x.numpy())])
+        frame = t.recv_frame(1024)
+        y = alloc(frame.payload_len)
+        t.recv_payload([memoryview(y.numpy())])
+        kept.append((x, y))
+        say(
+            event="echo",
+            bytes=n,
+            sha256=digest(x),
+            server_sha256=frame.header.decode(),
+            echo_equal=bool(torch.equal(x, y)),
+            plane=t.data_plane,
+        )
+    del x, y  # only `kept` holds them
+    # Every echo was received while the earlier ones were still held: none was overwritten.
+    intact = all(torch.equal(y, tensor(x.numel(), seed=i)) for i, (x, y) in enumerate(kept))
+    held = t.arena_stats()["heap_used"]
+    last = kept[-1][1]
+    kept.clear()
+    freed = t.arena_stats()["heap_used"]
+    say(event="arena", stats=t.stats.as_dict(), arena=t.arena_stats(), kept_intact=intact,
+        heap_used_held=held, heap_used_freed=freed)  # fmt: skip
+    t.send_frame(1, REQUEST, b"bye")
+    t.close()
+    # The storage outlives the connection that delivered it.
+    say(event="closed", last_equal=bool(torch.equal(last, tensor(sizes[-1], seed=len(sizes) - 1))))
+
+
 def main(argv: list[str]) -> int:
     role = argv[0]
     try:
@@ -124,6 +187,10 @@ def main(argv: list[str]) -> int:
             hold(argv[1])
         elif role == "stream":
             stream(int(argv[1]), int(argv[2]))
+        elif role == "arena-server":
+            arena_serve(argv[1], [int(s) for s in argv[2].split(",")])
+        elif role == "arena-client":
+            arena_client(int(argv[1]), [int(s) for s in argv[2].split(",")], argv[3])
         else:
             raise SystemExit(f"unknown role {role}")
     except GenieError as e:

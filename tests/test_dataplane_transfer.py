@@ -172,3 +172,45 @@ def test_a_killed_peer_is_a_transport_error_in_bounded_time(env, victim):
     assert "data plane" in error["error"] or "closed the connection" in error["error"], error
     assert waited < 15, waited
     assert agent_gone(accepted["agent"]) and agent_gone(connected["agent"])
+
+
+@pytest.mark.parametrize("memory", ["arena", "torch"])
+def test_payloads_in_arena_memory_travel_without_a_copy(env, memory):
+    """Tensors from the transport's arena (host_buffer) are sent from and received into where
+    they are: the stats count 0 bytes copied on either side. Each received tensor keeps its
+    bytes while later payloads arrive, its block goes back to the heap when it dies, and it stays
+    readable after the connection closes. Ordinary torch memory takes the one copy per side,
+    and the stats say so."""
+    sizes = [1 * MB, 16 * MB, 64 * MB]
+    arg = ",".join(map(str, sizes))
+    server, client = start_pair(["arena-server", arg], ["arena-client", arg, memory], env, env)
+    try:
+        assert client.finish(180) == 0, client.stderr()
+        assert server.finish(30) == 0, server.stderr()
+    finally:
+        client.kill()
+        server.kill()
+    echoes = [e for e in client.events if e.get("event") == "echo"]
+    assert [e["bytes"] for e in echoes] == sizes
+    for echo in echoes:
+        assert echo["plane"] == "up" and echo["echo_equal"]
+        assert echo["sha256"] == echo["server_sha256"]
+    total = sum(sizes)
+    srv = next(e for e in server.events if e.get("event") == "arena")
+    # The server receives into its arena and echoes from there: nothing copied either way.
+    assert srv["kept_intact"]
+    assert srv["stats"]["bytes_copied"] == 0
+    assert srv["arena"]["received_in_place"] == srv["arena"]["sent_in_place"] == total
+    cli = next(e for e in client.events if e.get("event") == "arena")
+    assert cli["kept_intact"]
+    assert next(e for e in client.events if e.get("event") == "closed")["last_equal"]
+    if memory == "arena":
+        assert cli["stats"]["bytes_copied_sending"] == 0
+        assert cli["stats"]["bytes_copied_receiving"] == 0
+        assert cli["arena"]["sent_in_place"] == cli["arena"]["received_in_place"] == total
+        assert cli["heap_used_held"] >= 2 * total  # every sent and received tensor still held
+        assert cli["heap_used_freed"] == sizes[-1]  # only the one still referenced
+    else:
+        assert cli["stats"]["bytes_copied_sending"] == total
+        assert cli["stats"]["bytes_copied_receiving"] == total
+        assert cli["arena"]["sent_in_place"] == cli["arena"]["received_in_place"] == 0

@@ -82,6 +82,24 @@ def test_gpt2_forward_and_greedy_decode_match_eager_over_dpdk(remote):
     assert plane["chunks_retransmitted"] == 0
 
 
+def test_uploads_and_fetched_results_arrive_without_a_copy(remote):
+    """Over memif, an upload lands in the server's arena and stays there as the storage the
+    program reads, and a fetched result lands in the client's: both sides count 0 bytes copied
+    on receipt. (Ordinary memory that is sent still takes one copy, and is counted.)"""
+    x = torch.randn(1 << 20)  # 4 MB
+    t = remote._t
+    before_client = t.stats.bytes_copied_receiving
+    before_server = remote.server_stats()["session"]["bytes_copied_receiving"]
+    got = (x.to(DEVICE) * 2).cpu()
+    assert torch.equal(got, x * 2)
+    client = t.stats.as_dict()
+    server = remote.server_stats()["session"]
+    assert server["bytes_copied_receiving"] == before_server  # the upload: in place
+    assert client["bytes_copied_receiving"] == before_client  # the fetched result: in place
+    assert t.arena_stats()["received_in_place"] >= x.numel() * 4
+    assert client["bytes_copied_sending"] >= x.numel() * 4  # x is torch memory: copied once
+
+
 @pytest.mark.parametrize(
     "name", ["test_gpt2_kv_cache_steps", "test_bert_bit_exact", "test_resnet_cnn_bit_exact"]
 )

@@ -731,7 +731,7 @@ class RemoteExecutor:
         for s in shape:
             numel *= s
         expected = numel * P.itemsize(dtype)
-        out = torch.empty(expected, dtype=torch.uint8)
+        out = self._t.host_buffer(expected)  # Note: [Payload memory] (transports/base.py)
 
         def receive(reply: dict) -> list[memoryview]:
             if reply.get("n") != expected:

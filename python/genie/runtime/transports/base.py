@@ -69,12 +69,29 @@ class Frame:
 
 @dataclass
 class TransportStats:
-    """Bytes that crossed this transport, counted at the transport (prefixes included)."""
+    """Bytes that crossed this transport, counted at the transport (prefixes included), and
+    what it cost to move them.
+
+    ``bytes_copied_sending`` / ``bytes_copied_receiving``: payload bytes genie copied in user
+    space between tensor memory and the transport's own buffers (the DPDK agent's arena slots,
+    Note: [In place or copied] in csrc/dataplane/agent_client.cpp); 0 where a payload went from
+    or into its tensor in place. Copies the kernel (a TCP socket) or a DPDK driver makes into
+    its own rings are not genie's and are not counted. ``registrations_hit`` /
+    ``registrations_missed``: lookups of this transport's memory registrations (Note:
+    [Registration cache]); a miss is a registration paid for."""
 
     bytes_sent: int = 0
     bytes_received: int = 0
     frames_sent: int = 0
     frames_received: int = 0
+    bytes_copied_sending: int = 0
+    bytes_copied_receiving: int = 0
+    registrations_hit: int = 0
+    registrations_missed: int = 0
+
+    @property
+    def bytes_copied(self) -> int:
+        return self.bytes_copied_sending + self.bytes_copied_receiving
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -82,6 +99,11 @@ class TransportStats:
             "bytes_received": self.bytes_received,
             "frames_sent": self.frames_sent,
             "frames_received": self.frames_received,
+            "bytes_copied": self.bytes_copied,
+            "bytes_copied_sending": self.bytes_copied_sending,
+            "bytes_copied_receiving": self.bytes_copied_receiving,
+            "registrations_hit": self.registrations_hit,
+            "registrations_missed": self.registrations_missed,
         }
 
 
@@ -163,6 +185,40 @@ class Transport(ABC):
     @abstractmethod
     def skip_payload(self, nbytes: int) -> None:
         """Read and drop `nbytes` of payload (a refused request keeps the stream in step)."""
+
+    # Note: [Payload memory]
+    # Where a payload's bytes live decides whether they are copied. A transport whose data plane
+    # can send from and receive into memory of its own (the DPDK arena) hands that memory out
+    # here; everything else gets ordinary memory and the transport copies as it must. Callers
+    # use these instead of torch.empty for buffers that travel, and lose nothing on TCP.
+    def host_buffer(self, nbytes: int):
+        """A 1-D uint8 CPU tensor of `nbytes` to receive a payload into or to send from, in the
+        memory this transport moves without copying where it has such memory (it may outlive
+        the transport). Its bytes are undefined until written."""
+        import torch
+
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def payload_storage(self, nbytes: int, device, *, zeroed: bool = False):
+        """A ``torch.UntypedStorage`` of `nbytes` on `device` for a payload about to arrive
+        (``recv_payload_into`` a view of it); zero-filled when `zeroed`, else undefined until
+        the payload covers it."""
+        import torch
+
+        make = torch.zeros if zeroed else torch.empty
+        return make(nbytes, dtype=torch.uint8, device=device).untyped_storage()
+
+    def recv_payload_into(self, dst) -> None:
+        """Receive the next ``dst.numel()`` payload bytes into `dst`, a contiguous uint8 tensor
+        on any device: in place on the CPU; through pinned host memory to a GPU."""
+        if dst.device.type == "cpu":
+            self.recv_payload([memoryview(dst.numpy())])
+            return
+        import torch
+
+        staging = torch.empty(dst.numel(), dtype=torch.uint8, pin_memory=True)
+        self.recv_payload([memoryview(staging.numpy())])
+        dst.copy_(staging, non_blocking=True)  # the host allocator keeps staging until done
 
     @abstractmethod
     def set_timeout(self, seconds: float | None) -> None: ...

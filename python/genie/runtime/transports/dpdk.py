@@ -31,8 +31,21 @@ EAL is then allowed that device only), usually with ``GENIE_DPDK_OPTIONS="eal_no
 hugepage memory; peers learn each other's MAC address from their hello. One agent owns a NIC
 port, so a second connection on the same port falls back to TCP (with a warning saying why).
 
+Note: [Zero copy through the arena]
+The agent can only touch memory it maps: the arena, a memfd both processes map (Note: [Arena
+heap] in csrc/dataplane/arena.h). Its heap is handed out as torch storages: ``host_buffer``
+(fetched results on the client, ``pin_memory()``-style buffers) and ``payload_storage`` (uploads
+on a CPU server) give arena memory for payloads of at least ``min_payload`` bytes, so a payload
+received into them is written there by the agent and stays there as the tensor's storage, and
+one sent from them is read by the agent in place. Any other memory takes one pipelined copy
+through the arena's slots, and ``stats.bytes_copied_sending`` / ``bytes_copied_receiving`` say
+how many bytes did. A storage keeps its block (and the mapping) alive after the connection
+closes; when the heap is full, memory comes from torch and is copied. On a CUDA server an upload
+lands in the heap and goes to the GPU from there, the heap registered with CUDA once through
+the registration cache (``registrations_hit`` / ``registrations_missed``).
+
 Configuration: ``DpdkConfig`` fields, each also read from the environment (``GENIE_DPDK_PORT``,
-``GENIE_DPDK_ARENA``, ``GENIE_DPDK_SLOT``, ``GENIE_DPDK_MIN_PAYLOAD``, ``GENIE_DPDK_PEER_TIMEOUT``,
+``GENIE_DPDK_ARENA``, ``GENIE_DPDK_HEAP``, ``GENIE_DPDK_SLOT``, ``GENIE_DPDK_MIN_PAYLOAD``, ``GENIE_DPDK_PEER_TIMEOUT``,
 ``GENIE_DPDK_CONNECT_TIMEOUT``, ``GENIE_DPDK_OPTIONS`` = extra ``key=value`` agent options
 separated by spaces, e.g. ``"chunk_bytes=8000 eal_pci=0000:17:00.0"``).
 """
@@ -116,8 +129,12 @@ class DpdkConfig:
 
     #: "memif" (a socket chosen per connection), "memif:ARGS", "vdev:NAME,ARGS", "pci:ADDRESS"
     port: str = "memif"
-    #: shared memory between this process and its agent; half for sending, half for receiving
+    #: shared memory between this process and its agent for copied payloads: half for
+    #: sending, half for receiving, in slots
     arena_bytes: int = 64 << 20
+    #: shared memory handed out as tensor storages that travel without a copy (Note: [Zero
+    #: copy through the arena]); virtual until used, resident up to its high-water mark
+    heap_bytes: int = 1 << 30
     #: one pipelined copy step: the agent moves one slot while the next is copied
     slot_bytes: int = 512 << 10
     #: payloads smaller than this go over TCP: below ~1 MiB the agents' round trips cost more
@@ -143,6 +160,7 @@ class DpdkConfig:
         return cls(
             port=os.environ.get("GENIE_DPDK_PORT", "memif"),
             arena_bytes=_env_size("GENIE_DPDK_ARENA", 64 << 20),
+            heap_bytes=_env_size("GENIE_DPDK_HEAP", 1 << 30),
             slot_bytes=_env_size("GENIE_DPDK_SLOT", 512 << 10),
             min_payload=_env_size("GENIE_DPDK_MIN_PAYLOAD", 1 << 20),
             peer_timeout=float(os.environ.get("GENIE_DPDK_PEER_TIMEOUT", "3.0")),
@@ -164,11 +182,15 @@ class _Agent:
                 "genie: GENIE_DPDK_ARENA must hold at least two GENIE_DPDK_SLOT slots"
             )
         path = _C._dataplane_agent_path()
+        page = os.sysconf("SC_PAGESIZE")
+        copy_bytes = -(-config.arena_bytes // page) * page
+        heap_bytes = -(-max(0, config.heap_bytes) // page) * page
+        total = copy_bytes + heap_bytes
         arena_fd = os.memfd_create("genie-dpdk-arena", os.MFD_CLOEXEC)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._log = tempfile.TemporaryFile(prefix="genie-dpdk-agent-")  # noqa: SIM115
         try:
-            os.ftruncate(arena_fd, config.arena_bytes)
+            os.ftruncate(arena_fd, total)
             port = config.port
             options = dict(config.options)
             if port.startswith("pci:"):
@@ -182,7 +204,7 @@ class _Agent:
                 path,
                 f"--sock-fd={child.fileno()}",
                 f"--arena-fd={arena_fd}",
-                f"--arena-bytes={config.arena_bytes}",
+                f"--arena-bytes={total}",
                 f"port={port}",
                 f"peer_timeout_ms={int(config.peer_timeout * 1000)}",
                 f"connect_timeout_ms={int(config.connect_timeout * 1000)}",
@@ -200,7 +222,7 @@ class _Agent:
             )
             child.close()
             self.client = _C._DataplaneAgentClient(
-                parent.detach(), arena_fd, config.arena_bytes, config.slot_bytes
+                parent.detach(), arena_fd, copy_bytes, config.slot_bytes, heap_bytes
             )
         except BaseException:
             child.close()
@@ -232,6 +254,15 @@ class _Agent:
 
     def wait(self, what: str, timeout: float) -> int:
         return int(self.client.wait_for(what, timeout))
+
+    def registrations(self) -> tuple[int, int]:
+        """(hits, misses) of the agent's registration cache. It registers the arena once,
+        before it reports ready, and nothing after: one answer holds for the connection."""
+        try:
+            st = self.client.stats(2.0)
+        except GenieError:
+            return 0, 0
+        return int(st.get("registration_hits", 0)), int(st.get("registration_misses", 0))
 
     def close(self) -> None:
         try:
@@ -277,6 +308,10 @@ class DpdkTransport(Transport):
         self._in_on_plane = False
         self._in_total = 0
         self._in_offset = 0
+        # Counters of agents that are gone (Note: [Zero copy through the arena])
+        self._copied_base = (0, 0)
+        self._agent_registrations = (0, 0)
+        self._cuda_cache = None  # RegistrationCache("cuda-host") for the heap, on first use
 
     @classmethod
     def connect(
@@ -294,9 +329,9 @@ class DpdkTransport(Transport):
     # -- capabilities ---------------------------------------------------------------------
     @property
     def zero_copy(self) -> bool:
-        # Inside the agent chunks point at arena memory; between the caller's buffers and the
-        # arena there is one pipelined copy per side (Note: [Data-plane agent]).
-        return False
+        # Buffers from host_buffer / payload_storage travel in place; other memory takes one
+        # pipelined copy per side (Note: [Zero copy through the arena]).
+        return self._plane == "up" and self._heap_room() > 0
 
     @property
     def max_message(self) -> int:
@@ -308,7 +343,88 @@ class DpdkTransport(Transport):
 
     @property
     def stats(self) -> TransportStats:
-        return self._stats
+        st = self._stats
+        out, into = self._copied_base
+        if self._agent is not None:
+            c = self._agent.client.counters()
+            out += int(c["copied_out"])
+            into += int(c["copied_in"])
+        st.bytes_copied_sending, st.bytes_copied_receiving = out, into
+        hits, misses = self._agent_registrations
+        if self._cuda_cache is not None:
+            cs = self._cuda_cache.stats()
+            hits, misses = hits + int(cs["hits"]), misses + int(cs["misses"])
+        st.registrations_hit, st.registrations_missed = hits, misses
+        return st
+
+    def arena_stats(self) -> dict[str, int]:
+        """This side's arena: bytes copied and moved in place, the heap's size and use; {}
+        without a data plane."""
+        return dict(self._agent.client.counters()) if self._agent is not None else {}
+
+    # -- payload memory (Note: [Payload memory] in base.py) --------------------------------
+    def _heap_room(self) -> int:
+        return int(self._agent.client.heap_bytes) if self._agent is not None else 0
+
+    def _arena_tensor(self, nbytes: int):
+        """A heap block of `nbytes` as a uint8 tensor, or None where the data plane would not
+        carry it or the heap has no room."""
+        if (
+            self._plane not in ("up", "pending")
+            or self._agent is None
+            or nbytes < max(1, self._config.min_payload)
+        ):
+            return None
+        return self._agent.client.alloc(nbytes)
+
+    def host_buffer(self, nbytes: int):
+        t = self._arena_tensor(nbytes)
+        return t if t is not None else super().host_buffer(nbytes)
+
+    def host_tensor(self, shape, dtype):
+        """``torch.empty(shape, dtype=dtype)`` in this connection's arena where it fits: the
+        ``pin_memory()`` of the DPDK path, a tensor that is uploaded without a copy."""
+        import torch
+
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        return self.host_buffer(nbytes).view(dtype).reshape(tuple(shape))
+
+    def payload_storage(self, nbytes: int, device, *, zeroed: bool = False):
+        import torch
+
+        if torch.device(device).type == "cpu":
+            t = self._arena_tensor(nbytes)
+            if t is not None:
+                if zeroed:
+                    t.zero_()
+                return t.untyped_storage()
+        return super().payload_storage(nbytes, device, zeroed=zeroed)
+
+    def recv_payload_into(self, dst) -> None:
+        if dst.device.type == "cpu":
+            self.recv_payload([memoryview(dst.numpy())])
+            return
+        staging = self._arena_tensor(dst.numel())
+        if staging is None:
+            super().recv_payload_into(dst)
+            return
+        self.recv_payload([memoryview(staging.numpy())])  # in place, into the heap
+        self._register_heap_with_cuda()
+        # Synchronous: the block goes back to the heap when `staging` dies, right after.
+        dst.copy_(staging)
+
+    def _register_heap_with_cuda(self) -> None:
+        """The heap is registered with CUDA (pinned, so a copy to the GPU is one DMA from the
+        pages the agent wrote) through a registration cache: the first upload misses and pays
+        cudaHostRegister, later ones hit. The registration ends before the arena is unmapped."""
+        client = self._agent.client
+        if self._cuda_cache is None:
+            self._cuda_cache = _C.RegistrationCache("cuda-host", capacity=4, max_age=1e9)
+            client.invalidate_on_unmap(self._cuda_cache)
+        self._cuda_cache.acquire(client.heap_address, client.heap_bytes)
 
     @property
     def closed(self) -> bool:
@@ -435,6 +551,7 @@ class DpdkTransport(Transport):
                 self._agent = _Agent(self._config, "client", reply.get("socket"))
                 self._agent.wait("ready", self._config.connect_timeout)
                 self._agent.ready = True
+                self._agent_registrations = self._agent.registrations()
             except GenieError as e:
                 error = self._start_error(e)
         self._send_internal(_SETUP_DONE, {"ok": not error, "error": error})
@@ -464,11 +581,17 @@ class DpdkTransport(Transport):
         else:
             self._fall_back(reply["error"])
 
+    def _drop_agent(self) -> None:
+        c = self._agent.client.counters()
+        out, into = self._copied_base
+        self._copied_base = (out + int(c["copied_out"]), into + int(c["copied_in"]))
+        self._agent.close()
+        self._agent = None
+
     def _start_error(self, e: GenieError) -> str:
         died = self._agent.describe_exit() if self._agent is not None else ""
         if self._agent is not None:
-            self._agent.close()
-            self._agent = None
+            self._drop_agent()
         return died or str(e).removeprefix("genie: ")
 
     def _parse_internal(self, header: bytes) -> dict:
@@ -485,8 +608,7 @@ class DpdkTransport(Transport):
     def _fall_back(self, why: str) -> None:
         self._plane = "tcp"
         if self._agent is not None:
-            self._agent.close()
-            self._agent = None
+            self._drop_agent()
         logger.warning(
             "genie: no DPDK data plane to %s (%s); payloads go over TCP", self._peer, why
         )
@@ -618,6 +740,7 @@ class DpdkTransport(Transport):
             except GenieError as e:
                 raise self._plane_failed("opening the data plane to", e) from None
             self._agent.ready = True
+            self._agent_registrations = self._agent.registrations()
 
     def skip_payload(self, nbytes: int) -> None:
         self._check_open()
@@ -660,8 +783,7 @@ class DpdkTransport(Transport):
         except OSError:
             pass
         if self._agent is not None:
-            self._agent.close()
-            self._agent = None
+            self._drop_agent()
 
 
 class DpdkListener(TcpListener):
