@@ -164,3 +164,21 @@ def test_static_cache_is_stateful_from_prefill(name):
     assert writes and all(n.meta["data_residency"] == Residency.STATEFUL_KV_CACHE for n in writes)
     assert decode.kv_cache["present"] and decode.kv_cache["bytes"] > 0
     assert Residency.STATEFUL_KV_CACHE in decode.residency.values()
+
+
+def test_analyze_hf_prints_profile_and_draws(tmp_path, capsys):
+    """``genie analyze --hf MistralForCausalLM --draw x.svg`` builds a tiny random-weight
+    Mistral (no download), prints an LLM profile in prefill, and draws one column per layer
+    with a legend of the phases and the KV-cache writes marked."""
+    import xml.etree.ElementTree as ET
+
+    from genie.semantic.cli import main
+
+    svg = tmp_path / "mistral.svg"
+    assert main(["--hf", "MistralForCausalLM", "--draw", str(svg)]) == 0
+    out = capsys.readouterr().out
+    assert "workload      llm" in out and "call phase    prefill" in out
+    texts = [e.text for e in ET.parse(svg).getroot().iter("{http://www.w3.org/2000/svg}text")]
+    assert {"layer 0", "layer 1", "prefill", "embedding", "KV", "q_projection"} <= set(texts)
+    assert main(["--hf", "NoSuchModelForCausalLM"]) == 2
+    assert "neither a model class nor a config name" in capsys.readouterr().err

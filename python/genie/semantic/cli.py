@@ -2,7 +2,14 @@
 
     genie analyze examples/gpt2.py              # the file's build() returns (model, inputs)
     genie analyze my_pkg.models:make_vqa --json vqa.json --dot vqa.dot
+    genie analyze --hf MistralForCausalLM --draw mistral.svg   # a tiny random-weight model
     python -m genie.semantic.cli path.py:make_model
+
+``--hf NAME`` takes a transformers model class (``MistralForCausalLM``) or config name
+(``mistral``) instead of a target: the model is built from its config at a tiny size with
+random weights (nothing is downloaded; genie.semantic.hf_models) and called on generic inputs
+of its task. ``--draw PATH`` writes the annotated graph as an SVG picture (genie.semantic.draw;
+with ``--schedule`` the scheduler's charts are drawn instead).
 
 The target is a Python file (``path.py`` or ``path.py:callable``) or ``module:callable``.
 The callable takes no arguments and returns ``(model, example_inputs)``: a tensor, a
@@ -32,13 +39,19 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     """Add ``genie analyze``'s arguments to ``parser`` (a subcommand parser)."""
     parser.add_argument(
         "target",
+        nargs="?",
         help="path.py[:callable] or module:callable returning (model, example_inputs)",
     )
+    parser.add_argument("--hf", metavar="NAME",
+                        help="a transformers model class or config name, built tiny with random "
+                        "weights (no download), instead of a target")
     parser.add_argument("--json", metavar="PATH", help="write the profile and annotated graph as JSON")
     parser.add_argument("--dot", metavar="PATH", help="write the annotated graph as Graphviz DOT")
     parser.add_argument("--fast-patterns", action="store_true",
                         help="skip NetworkX subgraph matching (as GENIE_FAST_PATTERNS=1)")
     parser.add_argument("--hints", action="store_true", help="print every pattern's hints")
+    parser.add_argument("--color-by", choices=("phase", "role"), default="phase",
+                        help="what the colours of --draw's picture show")
     return parser
 
 
@@ -102,18 +115,32 @@ def analyze_command(args: argparse.Namespace, then: Any = None) -> int:
     from genie.semantic.analyzer import SemanticAnalyzer
     from genie.semantic.config import AnalyzerConfig
 
+    hf_name = getattr(args, "hf", None)
+    if bool(hf_name) == bool(args.target):
+        print("genie analyze: give a target or --hf NAME (one of them)", file=sys.stderr)
+        return 2
     try:
-        model, call_args, call_kwargs = load_target(args.target)
+        if hf_name:
+            from genie.semantic import hf_models
+
+            model, call_args, call_kwargs = hf_models.build(hf_name)
+        else:
+            model, call_args, call_kwargs = load_target(args.target)
     except (OSError, LookupError, ValueError, TypeError, ImportError, AttributeError) as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a transformers model that cannot be built tiny
+        print(f"genie analyze: cannot build {hf_name or args.target}: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    label = f"--hf {hf_name}" if hf_name else args.target
     config = AnalyzerConfig.from_env()
     if getattr(args, "fast_patterns", False):
         config.fast_patterns = True
     analyzer = SemanticAnalyzer(config)
     profile = analyzer.analyze(model, *call_args, **call_kwargs)
     graph = profile.graph
-    print(f"genie analyze {args.target}: {type(model).__name__}")
+    print(f"genie analyze {label}: {type(model).__name__}")
     print(profile.format())
     if getattr(args, "hints", False):
         for p in profile.patterns:
@@ -129,6 +156,13 @@ def analyze_command(args: argparse.Namespace, then: Any = None) -> int:
         with open(args.dot, "w") as f:
             f.write(graph.to_dot(label=type(model).__name__))
         print(f"wrote {args.dot}")
+    draw = getattr(args, "draw", None)
+    if draw and not getattr(args, "schedule", False):
+        from genie.semantic.draw import write_svg
+
+        write_svg(profile, draw, title=f"{type(model).__name__}: {profile.workload_type}",
+                  color_by=getattr(args, "color_by", "phase"))
+        print(f"wrote {draw}")
     status = then(graph, profile) if then is not None else 0
     genie.synchronize()
     return status
@@ -147,6 +181,7 @@ def _jsonable(v: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = add_analyze_arguments(argparse.ArgumentParser(
         prog="genie analyze", description="Profile a model's recorded graph."))
+    parser.add_argument("--draw", metavar="SVG", help="write a picture of the annotated graph")
     return analyze_command(parser.parse_args(argv))
 
 
