@@ -31,12 +31,12 @@ import torch
 T = time.perf_counter
 ROOT = Path(__file__).resolve().parent.parent
 _SERVER_STEPS = [  # (class path, method, tag)
-    ("genie.runtime.server:Session", "_apply_pre", "server pre"),
-    ("genie.runtime.server:Session", "_spec", "server spec"),
+    ("genie.runtime.server.session:Session", "_apply_pre", "server pre"),
+    ("genie.runtime.server.speculation:SpeculationSlot", "start", "server spec"),
     ("genie.runtime.program.graphs:GraphRunner", "run", "server GraphRunner.run"),
-    ("genie.runtime.server:Session", "_spec_resolve", "server commit check"),
-    ("genie.runtime.server:Session", "_fetch", "server fetch (waits for the GPU)"),
-    ("genie.runtime.server:Session", "_send", "server reply"),
+    ("genie.runtime.server.speculation:SpeculationSlot", "resolve", "server commit check"),
+    ("genie.runtime.server.session:Session", "_fetch", "server fetch (waits for the GPU)"),
+    ("genie.runtime.server.session:Session", "_send", "server reply"),
 ]
 _CLIENT_STEPS = [
     ("speculate", "client speculate"),

@@ -1,4 +1,4 @@
-"""Speculative runs ("spec" requests, Note: [Speculative runs] in genie/runtime/server.py): a
+"""Speculative runs ("spec" requests, Note: [Speculative runs] in genie/runtime/server/speculation.py): a
 run that matches the speculation adopts its results without running again, anything else
 undoes it, and whatever the server declines or undoes leaves the session as it was."""
 
@@ -349,7 +349,7 @@ class InProcess:
 
     def clean(self) -> None:
         """No temporaries in the session, none in what the graph runner may copy away."""
-        assert self.session.speculation is None
+        assert self.session.spec.pending is None
         assert all(sid >= 0 for sid in self.session.env.storages)
         for e in self.session.runner._entries.values():
             assert all(sid >= 0 for slot in e.slots for sid, _ in slot.handed)

@@ -140,8 +140,8 @@ def test_the_server_prepares_the_instance_the_client_names_next(decode_steps):
         base = server.programs.add(e1.body, limits)
         p2, p3, p4 = _patch(d1, d2), _patch(d1, d3), _patch(d1, d4)
         assert next_patch(p2, p3) == p4
-        server.prepare(base, p2, p3)
-        server._helper.submit(lambda: None).result()  # the helper is done
+        server.preparer.submit(base, p2, p3)
+        server.preparer.wait()  # the helper is done
         prepared = server.programs.get(patch_key(base.key, p4))
         assert prepared is not None and server.programs.prepared == 1
         assert prepared.native.get("cpu") is not None
@@ -149,9 +149,9 @@ def test_the_server_prepares_the_instance_the_client_names_next(decode_steps):
         # A guess that does not check (a view far outside its storage) is dropped quietly,
         # and the helper goes on preparing.
         wild = [[path, value + 10**9] for path, value in p2]
-        server.prepare(base, wild, p3)
-        server.prepare(base, p3, p4)
-        server._helper.submit(lambda: None).result()
+        server.preparer.submit(base, wild, p3)
+        server.preparer.submit(base, p3, p4)
+        server.preparer.wait()
         assert server.programs.prepared == 2
     finally:
         server.shutdown(grace=0.1)

@@ -25,7 +25,7 @@ alternate, one reply per request:
   {"t": "stats", "pre"}  -> {"session": {...}, "server": {...}}
   {"t": "spec", "pre", "key": bin16, "bind": [sid or None...]}
         -> {"spec": true} or {"spec": false, "why": str}; the next request resolves it: the
-        run it predicted -> {"spec": "hit"} (Note: [Speculative runs] in genie/runtime/server.py)
+        run it predicted -> {"spec": "hit"} (Note: [Speculative runs] in genie/runtime/server/speculation.py)
   {"t": "bye"}
 ``pre`` is a list of deferred control operations applied first: ``["release", [sid...]]`` and
 ``["bind", pending, REF]``. ``REF`` = ``[sid, dtype, shape, stride, offset, storage_nbytes]``.

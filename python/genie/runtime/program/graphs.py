@@ -234,7 +234,7 @@ class GraphRunner:
         storages.update(slot.handed)
         return True
 
-    # -- speculative runs (Note: [Speculative runs] in genie/runtime/server.py) --------------
+    # -- speculative runs (Note: [Speculative runs] in genie/runtime/server/speculation.py) --------------
     def rename(self, mapping: dict[int, int]) -> None:
         """Storages handed out under the ids in `mapping` are now held under the ids it maps
         them to (a speculative run's temporaries adopted by the run that confirmed it)."""

@@ -45,7 +45,7 @@ def patch_key(base_key: bytes, patch: list) -> bytes:
 
 def next_patch(before: list, last: list) -> list | None:
     """The patch the step after `last` most likely sends, when `before` and `last` are two
-    consecutive patches of one base (Note: [Preparing the next instance] in server.py): each
+    consecutive patches of one base (Note: [Preparing the next instance] in server/resolver.py): each
     int moved on by its last change, as the client predicts (Note: [Program templates] in
     client.py); None unless both patch the same paths with ints."""
     if len(before) != len(last):

@@ -198,7 +198,7 @@ def bind_result(env: Environment, meta: TensorMeta, value: torch.Tensor, op: str
 # (the empty family: empty, empty_like, empty_strided, new_empty, ...) get their results
 # zeroed on a server, and a step that grows a storage it writes (resize_, an out= argument
 # too small) has the grown tail zeroed (the C++ runner does the same). Uploads that do not
-# cover their storage are zero-filled (server.py).
+# cover their storage are zero-filled (server/session.py).
 def _uninitialized_ops() -> frozenset[str]:
     names = set()
     for name in torch._C._dispatch_get_all_op_names():  # "ns::base" or "ns::base.overload"

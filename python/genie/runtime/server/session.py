@@ -1,0 +1,438 @@
+"""One client's session on a genie server: a dispatcher of typed requests (Note: [Wire
+format] in genie/runtime/protocol.py) over the session's resident storages.
+
+A bad request gets an error reply and the session goes on; a request that breaks framing
+closes this connection only. Program lookup is the resolver's (resolver.py), speculative runs
+are the slot's (speculation.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from genie.errors import ExecutionError, GenieError, ProtocolError, RemoteError, TransportError
+from genie.runtime import protocol as P
+from genie.runtime.program import check_binding, execute
+from genie.runtime.program.graphs import GraphRunner
+from genie.runtime.replay import Environment
+from genie.runtime.server.resolver import ProgramResolver, UnknownProgram
+from genie.runtime.server.speculation import SpeculationSlot
+from genie.runtime.transports import Transport, default_spin_us
+from genie.runtime.transports.base import Frame
+
+if TYPE_CHECKING:
+    from genie.runtime.server.server import Server
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Session", "resident_bytes"]
+
+
+class Session:
+    """One client's state on the server."""
+
+    def __init__(self, server: Server, transport: Transport, number: int):
+        self.server = server
+        self.transport = transport
+        self.number = number
+        self.limits = server.config.limits
+        self.env = Environment(server.device)
+        self.pending: dict[int, torch.Tensor] = {}
+        self._next_pending = 0
+        self.runner = GraphRunner(server.device, enabled=server.config.cuda_graphs)
+        self.resolver = ProgramResolver(server.programs, self.limits, server.preparer)
+        self.spec = SpeculationSlot(self)  # Note: [Speculative runs]
+        self.requests = 0
+        self.errors = 0
+        self.busy_seconds = 0.0  # handling requests, replies not included
+        self.timings: dict[str, list] = {}  # what -> [count, seconds]: where a session's time goes
+        self._kind = "?"
+        # Note: [Graceful shutdown] The server closes a session only while it is idle, and
+        # only once it has been idle for a moment: a materialization is a run request then a
+        # fetch request, and the fetch must not find the connection gone.
+        self.busy = False
+        self.closing = False
+        self.last_active = time.monotonic()
+        self.state_lock = threading.Lock()
+        self.authenticated = False
+        self.opened = time.monotonic()
+        self._handlers = {
+            "hello": self._hello,
+            "upload": self._upload,
+            "run": self._run,
+            "eager": self._run,
+            "fetch": self._fetch,
+            "release": self._release,
+            "stats": self._stats,
+            "spec": self.spec.start,
+            "bye": self._bye,
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def serve(self) -> None:
+        t = self.transport
+        try:
+            t.set_timeout(self.server.config.handshake_timeout)
+            if not P.server_handshake(t, self.server.config.token):
+                logger.warning("genie: refused %s: authentication failed", t.peer)
+                return
+            self.authenticated = True
+            t.set_timeout(self.server.config.idle_timeout)
+            spin = self.server.config.spin_us
+            t.spin_us = default_spin_us() if spin is None else spin
+            logger.info("genie: session %d opened for %s", self.number, t.peer)
+            self.last_active = time.monotonic()
+            while True:
+                try:
+                    frame = t.recv_frame(self.limits.max_header)
+                except ProtocolError as e:
+                    reply, _, _ = self._fatal("protocol", str(e).removeprefix("genie: "))
+                    self._send(reply, [])
+                    return
+                with self.state_lock:
+                    if self.closing:
+                        return
+                    self.busy = True
+                started = time.perf_counter()
+                try:
+                    self._kind = "?"
+                    reply, buffers, close = self.handle_frame(frame)
+                    elapsed = time.perf_counter() - started
+                    self.busy_seconds += elapsed
+                    self.time(self._kind, elapsed)
+                    self._send(reply, buffers)
+                finally:
+                    self.last_active = time.monotonic()
+                    self.busy = False
+                if close:
+                    return
+        except TransportError as e:
+            logger.info("genie: session %d (%s) ended: %s", self.number, t.peer, e)
+        except Exception:  # noqa: BLE001 - one session's bug must not take the server down
+            logger.exception("genie: session %d (%s) failed", self.number, t.peer)
+        finally:
+            self.close()
+
+    def _send(self, reply: dict, buffers: list[memoryview]) -> None:
+        self.transport.send_frame(P.PROTOCOL_VERSION, P.REPLY, P.pack(reply), buffers)
+
+    def close(self) -> None:
+        """Free everything this session holds."""
+        self.spec.pending = None  # its temporaries and snapshots go with the storages
+        self.env.storages.clear()
+        self.pending.clear()
+        self.runner.clear()
+        self.transport.close()
+        if self.server.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- dispatch -------------------------------------------------------------------------
+    def handle_frame(self, frame: Frame) -> tuple[dict, list[memoryview], bool]:
+        """Answer one request frame: (reply, payload buffers, close the connection after)."""
+        self.requests += 1
+        if frame.version != P.PROTOCOL_VERSION or frame.kind != P.REQUEST:
+            return self._fatal(
+                "protocol", f"expected a protocol {P.PROTOCOL_VERSION} request frame"
+            )
+        if frame.payload_len > self.limits.max_message:
+            return self._fatal(
+                "protocol",
+                f"a {frame.payload_len}-byte payload exceeds the server's limit of {self.limits.max_message} bytes",
+            )
+        try:
+            with self.server.device_context(self):
+                spec = self.spec.take()
+                try:
+                    req = P.get_map(P.unpack(frame.header, self.limits), "request")
+                except Exception:
+                    if spec is not None:
+                        self.spec.abort(spec)
+                    raise
+                # Resolve a pending speculation before "pre" (Note: [Speculative runs]).
+                hit = spec is not None and self.spec.resolve(spec, req, frame)
+                kind = req.get("t")
+                self._kind = "commit" if hit else str(kind)[:16]
+                handler = self._handlers.get(kind) if type(kind) is str else None
+                P.need(handler is not None, f"unknown request type {str(kind)[:40]!r}")
+                if kind not in ("upload", "run", "eager"):
+                    P.need(frame.payload_len == 0, "this request carries no payload")
+                self._apply_pre(req.get("pre"))
+                if hit:
+                    reply, buffers = {"ok": True, "spec": "hit"}, []
+                else:
+                    reply, buffers = handler(req, frame)
+                close = kind == "bye"
+        except TransportError:
+            raise
+        except Exception as e:  # noqa: BLE001 - answered, logged, and the session goes on
+            self.errors += 1
+            reply, buffers, close = self._error_reply(e), [], False
+            if self.transport.payload_remaining:  # keep the stream in step: drop the payload
+                self.transport.skip_payload(self.transport.payload_remaining)
+        if self.transport.payload_remaining:
+            # A handler that did not consume the payload it was sent: the stream is out of step.
+            return self._fatal("protocol", "the request's payload did not match its header")
+        return reply, buffers, close
+
+    def _fatal(self, kind: str, message: str) -> tuple[dict, list, bool]:
+        self.errors += 1
+        logger.warning(
+            "genie: session %d (%s): %s; closing", self.number, self.transport.peer, message
+        )
+        reply = P.error_reply(kind, f"genie: {message}; the server closed this connection")
+        reply["fatal"] = True
+        return reply, [], True
+
+    def _error_reply(self, e: Exception) -> dict:
+        msg = str(e) if str(e).startswith("genie") else f"genie: {type(e).__name__}: {e}"
+        # torch's C++ errors carry a backtrace with the server's library addresses: the
+        # client gets the message, not the server's memory layout.
+        msg = msg.split("\nException raised from ", 1)[0]
+        if isinstance(e, ProtocolError):
+            kind = "protocol"
+        elif isinstance(e, ExecutionError):
+            kind = "execution"
+        elif isinstance(e, UnknownProgram):
+            kind = "unknown_program"
+        elif isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+            kind = "oom"
+        elif isinstance(e, GenieError):
+            kind = "remote"
+        else:
+            kind = "internal"
+            logger.exception("genie: session %d: internal error", self.number)
+        if kind != "unknown_program":
+            logger.info("genie: session %d: %s error: %s", self.number, kind, msg[:300])
+        self.after_failure(msg, kind == "oom")
+        return P.error_reply(kind, msg)
+
+    def after_failure(self, msg: str, oom: bool) -> None:
+        """What a failed request means for the device: a corrupted CUDA context stops the
+        server; an out-of-memory error returns the cached blocks."""
+        if "device-side assert" in msg or "illegal memory access" in msg:
+            self.server.fatal(f"the CUDA context is corrupted ({msg[:200]})")
+        if self.server.device.type == "cuda" and ("out of memory" in msg or oom):
+            torch.cuda.empty_cache()
+
+    def _apply_pre(self, pre: Any) -> None:
+        if pre is None:
+            return
+        for op in P.get_list(pre, "pre", self.limits.max_list):
+            P.need(type(op) is list and len(op) >= 2, "a deferred operation must be a list")
+            if op[0] == "release":
+                self.env.release(P.get_sids(op[1], "release ids", self.limits.max_list))
+            elif op[0] == "bind" and len(op) == 3:
+                pid = P.get_int(op[1], 0, P._MAX_SID, "pending result")
+                meta = P.decode_ref(op[2], self.limits)
+                value = self.pending.pop(pid, None)
+                P.need(value is not None, f"no pending result {pid} to bind")
+                self.env.bind(meta, value)
+            else:
+                raise ProtocolError(
+                    f"genie: invalid request: unknown deferred operation {str(op[0])[:40]!r}"
+                )
+
+    # -- requests -------------------------------------------------------------------------
+    def _hello(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        dev = self.server.device
+        return {
+            "ok": True,
+            "device": str(dev),
+            "device_type": dev.type,
+            "device_name": self.server.device_name,
+            "protocol": P.PROTOCOL_VERSION,
+            "cuda_graphs": self.runner.enabled,
+            "session": self.number,
+            "server": _version(),
+            **self.limits.as_dict(),
+        }, []
+
+    def parse_uploads(self, up: Any, frame: Frame) -> list[tuple[int, int, int, int, bool]]:
+        entries = []
+        started: dict[int, int] = {}
+        total = 0
+        for e in P.get_list(up or [], "uploads", self.limits.max_list):
+            P.need(type(e) is list and len(e) == 5, "an upload must be [id, nbytes, at, n, new]")
+            sid = P.get_sid(e[0])
+            nbytes = P.get_int(e[1], 0, self.limits.max_storage, "upload storage size")
+            at = P.get_int(e[2], 0, nbytes, "upload offset")
+            n = P.get_int(e[3], 0, nbytes - at, "upload length")
+            new = P.get_bool(e[4], "upload new")
+            if new:
+                started[sid] = nbytes
+            else:  # a later piece of a storage this request or an earlier one started
+                st = self.env.storages.get(sid)
+                size = started.get(sid, st.nbytes() if st is not None else -1)
+                P.need(size == nbytes, f"upload continues storage {sid}, which is not resident")
+            entries.append((sid, nbytes, at, n, new))
+            total += n
+        P.need(
+            total == frame.payload_len,
+            f"uploads announce {total} bytes, the frame carries {frame.payload_len}",
+        )
+        self.check_memory(sum(e[1] for e in entries if e[4]))
+        return entries
+
+    def check_memory(self, extra: int) -> None:
+        limit = self.limits.memory_limit
+        if limit and self.env.nbytes() + extra > limit:
+            raise RemoteError(
+                f"genie: this session would hold {self.env.nbytes() + extra} bytes, over the server's "
+                f"limit of {limit} bytes per session (genie serve --memory-limit)"
+            )
+
+    def _receive_uploads(self, entries: list[tuple[int, int, int, int, bool]]) -> None:
+        dev = self.server.device
+        for sid, nbytes, at, n, new in entries:
+            if new:
+                # Note: [No uninitialized bytes] (program.py): an upload that does not cover
+                # its storage in one piece leaves the rest zero, never reused memory.
+                make = torch.empty if at == 0 and n == nbytes else torch.zeros
+                st = self.transport.payload_storage(nbytes, dev, zeroed=make is torch.zeros)
+                self.env.storages[sid] = st
+            else:
+                st = self.env.storages[sid]
+            if n:
+                dst = torch.empty(0, dtype=torch.uint8, device=dev).set_(st, at, (n,), (1,))
+                self.transport.recv_payload_into(dst)  # Note: [Payload memory] (transports/base.py)
+
+    def _upload(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        self._receive_uploads(self.parse_uploads(req.get("up"), frame))
+        return {"ok": True}, []
+
+    def _run(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        eager = req["t"] == "eager"
+        uploads = self.parse_uploads(req.get("up"), frame)
+        key = P.get_bytes(req.get("key"), "program key", 16)
+        program = self.resolver.resolve(req, key)
+        if program is None:
+            raise UnknownProgram("genie: unknown program; send it again with its body")
+        P.need(not eager or len(program.steps) == 1, "an eager request runs exactly one node")
+        # Everything is checked before the payload is read; what follows changes state.
+        incoming = {sid: nbytes for sid, nbytes, *_ in uploads}
+        states = check_binding(program, req.get("bind"), req.get("rng"), self.env, incoming)
+        self.check_memory(program.fresh_bytes + sum(e[1] for e in uploads if e[4]))
+        self._receive_uploads(uploads)
+        binding = req["bind"]
+        storages = self.env.storages
+        created = [binding[local] for local in program.produced if binding[local] not in storages]
+        if eager:
+            self.pending.clear()
+            results = execute(program, binding, states, self.env, keep_last=True)
+            reply = {"ok": True, "res": [self._describe(r) for r in results]}
+        else:
+            self.runner.run(program, binding, states, self.env)
+            reply = {"ok": True}
+        if self.over_limit():
+            self.env.release(created)
+            self.pending.clear()
+            raise MemoryError(
+                f"genie: the run left this session holding {self._held_bytes()} bytes, over the "
+                f"server's limit of {self.limits.memory_limit} bytes per session (genie serve "
+                "--memory-limit); what it created was released"
+            )
+        return reply, []
+
+    # Note: [Real memory accounting]
+    # Validation counts what a program declares; kernels allocate what they allocate. So
+    # after each run the session's real holding is measured: every distinct storage it holds
+    # (ids that share one count it once) and its pending eager results. A run that ends over
+    # the limit loses what it created and gets an "oom" error reply. (A kernel's temporary
+    # workspace during a run is not counted: it is freed before the reply.)
+    def _held_bytes(self) -> int:
+        held: dict[int, int] = {}
+        for st in self.env.storages.values():
+            held[st.data_ptr()] = st.nbytes()
+        for v in self.pending.values():
+            st = v.untyped_storage()
+            held[st.data_ptr()] = st.nbytes()
+        held.pop(0, None)  # empty storages
+        return sum(held.values())
+
+    def over_limit(self) -> bool:
+        limit = self.limits.memory_limit
+        return bool(limit) and self._held_bytes() > limit
+
+    def _describe(self, v: Any) -> dict:
+        if isinstance(v, torch.Tensor):
+            pid = self._next_pending
+            self._next_pending += 1
+            self.pending[pid] = v
+            return {
+                "p": pid,
+                "dtype": P.dtype_name(v.dtype),
+                "shape": list(v.shape),
+                "stride": list(v.stride()),
+            }
+        if isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in v):
+            return {"l": [self._describe(x) for x in v]}
+        return {"v": v}
+
+    def _fetch(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        meta = P.decode_ref(req.get("ref"), self.limits)
+        st = self.env.storages.get(meta.storage)
+        if st is None:
+            raise RemoteError(f"genie: storage {meta.storage} is not resident in this session")
+        need = P.extent(meta.shape, meta.stride, meta.offset, P.itemsize(meta.dtype))
+        P.need(need <= st.nbytes(), f"the view reads {need} bytes of a {st.nbytes()}-byte storage")
+        value = self.env.view(meta).contiguous()
+        if value.device.type != "cpu":
+            value = value.cpu()
+        # Dense, but a size-1 dimension may keep any stride: address the elements directly.
+        flat = (
+            value.as_strided((value.numel(),), (1,)).view(torch.uint8)
+            if value.numel()
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        return {"ok": True, "n": flat.numel()}, [memoryview(flat.numpy())]
+
+    def _release(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        self.env.release(P.get_sids(req.get("ids"), "release ids", self.limits.max_list))
+        return {"ok": True}, []
+
+    def _stats(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        return {"ok": True, "session": self.stats(), "server": self.server.stats()}, []
+
+    def _bye(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        return {"ok": True}, []
+
+    def time(self, what: str, seconds: float) -> None:
+        t = self.timings.get(what)
+        if t is None:
+            t = self.timings[what] = [0, 0.0]
+        t[0] += 1
+        t[1] += seconds
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "resident_count": len(self.env.storages),
+            "resident_bytes": resident_bytes(self.env),
+            "pending": len(self.pending),
+            "requests": self.requests,
+            "errors": self.errors,
+            "busy_seconds": self.busy_seconds,
+            **self.spec.stats(),
+            "timings_ms": {k: [n, round(t * 1e3, 3)] for k, (n, t) in self.timings.items()},
+            **self.transport.stats.as_dict(),
+            **self.runner.stats(),
+        }
+
+
+def resident_bytes(env: Environment) -> int:
+    # Another session's thread may be changing its storages: copy them in one step first.
+    return sum(st.nbytes() for st in list(env.storages.values()))
+
+
+def _version() -> str:
+    try:
+        import genie
+
+        return getattr(genie, "__version__", "unknown")
+    except ImportError:
+        return "unknown"
