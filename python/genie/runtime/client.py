@@ -61,7 +61,7 @@ _SPECULATION_WINDOW = 2  # recorded nodes compared before a speculative run is a
 # client remembers which program the recording that began that way became. When a window
 # fingerprints like one seen before, the client predicts that program's binding and sends a
 # "spec" request without waiting for its answer; the server runs it while the user's Python records
-# the rest (Note: [Speculative runs] in server.py). The run request at flush then finds its
+# the rest (Note: [Speculative runs] in server/speculation.py). The run request at flush then finds its
 # work done, or, if the program or its binding turned out different, the server undoes the
 # speculative run and runs the real one: correctness never rests on the guess.
 # The binding is predicted from the last two runs of the program: an input bound to the same
@@ -620,7 +620,7 @@ class RemoteExecutor:
         starts it as soon as it has answered the fetch, while this process goes back to the
         user's code to record that step. What the run creates counts as resident for the
         guess; if the run fails, the server declines the guess or the next request undoes it
-        (Note: [Speculative runs] in server.py)."""
+        (Note: [Speculative runs] in server/speculation.py)."""
         self._settle(tpl, tpl.known, binding, params, constants)
         if self.speculation_window and self._send_spec(tpl, {**self._resident, **fresh}):
             self._ahead = True  # the value fetched with this run was read before it starts
@@ -940,7 +940,7 @@ def _is_server_process() -> bool:
     argv = sys.argv
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name == "genie.runtime.server":
+    if spec is not None and spec.name.startswith("genie.runtime.server"):
         return True
     return (
         len(argv) > 1 and os.path.basename(argv[0]) in ("genie", "genie.exe") and argv[1] == "serve"
