@@ -128,3 +128,73 @@ def test_device_chosen_ops_are_found_by_rule():
     assert {"aten::_thnn_fused_gru_cell", "aten::_thnn_fused_lstm_cell"} <= set(ops)
     for name in ops:
         assert not torch._C._dispatch_has_computed_kernel_for_dispatch_key(name, "CPU")
+
+
+def test_eval_batch_norm_backward_reads_the_kernels_own_statistics(executor):
+    """Backward of eval-mode batch norm reads the saved statistics the CPU kernel made (empty),
+    not the per-channel ones meta inference promised: gradients equal eager."""
+
+    def grads(dev):
+        x, w, b, rm, rv = (t.requires_grad_(i < 3) for i, t in enumerate(_batch_norm_args(dev)))
+        y = torch.nn.functional.batch_norm(x, rm, rv, w, b, training=False)
+        return [g.cpu() for g in torch.autograd.grad(y.sin().sum(), [x, w, b])]
+
+    for a, b in zip(grads("cpu"), grads(REMOTE), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_embedding_bag_backward_matches_eager(executor):
+    """embedding_bag's CPU kernel returns an empty offset2bag where meta sizes it by index;
+    the backward that reads it still equals eager (the DLRM training step)."""
+
+    def grads(dev):
+        torch.manual_seed(0)
+        bag = nn.EmbeddingBag(10, 4, mode="sum").to(dev)
+        idx = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9]).to(dev)
+        offsets = torch.tensor([0, 4]).to(dev)
+        bag(idx, offsets).pow(2).sum().backward()
+        return bag.weight.grad.cpu()
+
+    assert torch.equal(grads("cpu"), grads(REMOTE))
+
+
+def test_zero_gradient_is_real_zeros(executor):
+    """Autograd's efficient zero tensors (sgn's gradient) have no memory behind them: they
+    arrive as zeros instead of a read through a null pointer."""
+    x = torch.randn(5, 5).to(REMOTE).requires_grad_()
+    (g,) = torch.autograd.grad(torch.sgn(x), [x], torch.ones(5, 5).to(REMOTE))
+    assert torch.equal(g.cpu(), torch.zeros(5, 5))
+
+
+def test_conjugate_views_match_eager(executor):
+    """x.conj(), .mH and the fft ops that conjugate internally equal eager (the conjugate bit
+    used to be dropped: fft.ifft/hfft2/hfftn/ihfft differed)."""
+    torch.manual_seed(0)
+    z = torch.randn(4, 6, dtype=torch.complex64)
+    r = torch.randn(4, 6)
+    cases = [
+        lambda t, u: t.conj(),
+        lambda t, u: t.mH @ t,
+        lambda t, u: torch._neg_view(t) + 1,
+        lambda t, u: torch.fft.ifft(u),
+        lambda t, u: torch.fft.hfft2(t),
+        lambda t, u: torch.fft.hfftn(t),
+        lambda t, u: torch.fft.ihfft(u),
+    ]
+    for f in cases:
+        assert torch.equal(f(z.to(REMOTE), r.to(REMOTE)).cpu(), f(z, r))
+
+
+def test_tensor_split_with_device_indices_is_refused_as_on_cuda():
+    """Eager CUDA refuses device-resident split indices; so does remote_accelerator, in the
+    same words."""
+    x = torch.arange(10.0).to(REMOTE)
+    idx = torch.tensor([2, 5]).to(REMOTE)
+    with pytest.raises(
+        RuntimeError, match="tensor_split expected tensor_indices_or_sections to be on cpu"
+    ):
+        torch.tensor_split(x, idx)
+    parts = torch.tensor_split(x, torch.tensor([2, 5]))  # host indices work as in eager
+    assert [p.cpu().tolist() for p in parts] == [
+        list(map(float, r)) for r in (range(2), range(2, 5), range(5, 10))
+    ]

@@ -67,8 +67,14 @@ class LocalExecutor final : public Executor {
   c10::Device device_;
   mutable std::mutex mutex_;
   std::unordered_map<StorageId, c10::Storage> env_;
-  // Outputs whose results could not be bound, and why (Note: [Checked results]).
-  std::unordered_map<StorageId, std::string> broken_;
+  // Outputs whose results could not be bound (Note: [Checked results]).
+  struct Broken {
+    std::string why;
+    at::Tensor value;  // what the kernel returned (undefined if nothing usable)
+    TensorRef recorded;
+  };
+  std::unordered_map<StorageId, Broken> broken_;
+  at::Tensor input_locked(const TensorRef& ref);
 };
 
 std::string describe_inputs(const Node& node);
@@ -94,9 +100,12 @@ c10::Storage storage_for(const TensorRef& ref, const at::Tensor& value, c10::Dev
 // returns empty saved statistics that its meta kernel sizes by channel; a kernel returns no
 // tensor, or another count, dtype or shape), binding the real result under the recorded
 // geometry would let a later view read past the end of its storage: a segfault in `.cpu()`.
-// So every result is checked where it is bound. A disagreeing result is never bound; the
-// executor is told why (`broken`), so reading that output raises genie's ExecutionError
-// naming the op and both geometries, while the node's other results stay usable.
+// So every result is checked where it is bound. A disagreeing result is never bound under the
+// recorded geometry; the executor is told why (`broken`). Fetching that output raises genie's
+// ExecutionError naming the op and both geometries, while the node's other results stay
+// usable. A later op that reads the whole output, as recorded (eval-mode batch norm's backward
+// reading its saved statistics, embedding_bag's backward reading offset2bag), gets the kernel's
+// own tensor, as it would in eager mode on that device.
 
 // Why `value`, the node's k-th tensor result, cannot stand for `node.outputs[k]`; "" if it can.
 std::string result_mismatch(const Node& node, size_t k, const at::Tensor& value, const c10::Device& device);
@@ -105,7 +114,7 @@ std::string result_count_mismatch(const Node& node, size_t got, const c10::Devic
 
 // Calls f(output ref, tensor) for each defined output of `node` that the op created (not a
 // view of an input), given what the op returned, and broken(output ref, why) for each such
-// output the result cannot stand for (Note: [Checked results]).
+// output the result cannot stand for, with that result (Note: [Checked results]).
 template <typename F, typename B>
 void for_each_fresh_output(const Node& node, const std::vector<c10::IValue>& results, const c10::Device& device,
                            F&& f, B&& broken) {
@@ -121,7 +130,7 @@ void for_each_fresh_output(const Node& node, const std::vector<c10::IValue>& res
     std::string why = count_ok ? result_mismatch(node, k, flat[k], device)
                                : result_count_mismatch(node, flat.size(), device);
     if (why.empty()) f(node.outputs[k], flat[k]);
-    else broken(node.outputs[k], why);
+    else broken(node.outputs[k], why, count_ok ? flat[k] : at::Tensor());
   }
 }
 
@@ -130,7 +139,7 @@ void for_each_fresh_output(const Node& node, const std::vector<c10::IValue>& res
 template <typename F>
 void for_each_fresh_output(const Node& node, const std::vector<c10::IValue>& results, F&& f) {
   for_each_fresh_output(node, results, c10::Device(c10::DeviceType::CPU), std::forward<F>(f),
-                        [](const TensorRef&, const std::string&) {});
+                        [](const TensorRef&, const std::string&, const at::Tensor&) {});
 }
 
 }  // namespace genie

@@ -667,7 +667,9 @@ int64_t sdp_choice(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   if (target != c10::DeviceType::CPU && target != c10::DeviceType::CUDA)
     return static_cast<int64_t>(at::SDPBackend::math);
   auto like = [target](const at::Tensor& t) {
-    return at::empty_strided(t.sizes(), t.strides(), t.options().device(target));
+    // requires_grad too: a backend is not chosen for inputs it cannot differentiate.
+    auto e = at::empty_strided(t.sizes(), t.strides(), t.options().device(target));
+    return t.requires_grad() ? e.requires_grad_() : e;
   };
   std::optional<at::Tensor> m;
   if (mask.has_value() && mask->defined()) m = like(*mask);

@@ -383,7 +383,7 @@ def _grads(fn, args, kwargs, device: str):
     if not outs:
         return None
     gen = torch.Generator().manual_seed(7)
-    ups = [torch.randn(t.shape, dtype=t.dtype, generator=gen).to(device) for t in outs]
+    ups = [torch.randn(t.shape, dtype=t.dtype, generator=gen).to(t.device) for t in outs]
     leaves = [t for t in _tensors((a, k)) if t.requires_grad]
     grads = torch.autograd.grad(outs, leaves, ups, allow_unused=True)
     return [None if g is None else g.cpu() for g in grads]

@@ -34,9 +34,9 @@ class Environment:
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.storages: dict[int, torch.UntypedStorage] = {}
-        # Outputs whose results could not be bound, and why (Note: [Checked results] in
-        # csrc/capture/executor.h): reading one raises instead of reading past its storage.
-        self.broken: dict[int, str] = {}
+        # Outputs whose results could not be bound (Note: [Checked results] in
+        # csrc/capture/executor.h): why, the kernel's own result, the recorded output.
+        self.broken: dict[int, tuple[str, torch.Tensor | None, TensorMeta]] = {}
 
     def __contains__(self, storage: int) -> bool:
         return storage in self.storages
@@ -46,7 +46,7 @@ class Environment:
             st = self.storages[meta.storage]
         except KeyError:
             if meta.storage in self.broken:
-                raise ExecutionError(self.broken[meta.storage]) from None
+                raise ExecutionError(self.broken[meta.storage][0]) from None
             raise ExecutionError(
                 f"genie: storage {meta.storage} is not resident on {self.device} "
                 "(it was never produced, or it was released)"
@@ -69,6 +69,9 @@ class Environment:
 
     def bind(self, meta: TensorMeta, value: torch.Tensor) -> None:
         """Make `value` the content of `meta.storage`, keeping the recorded geometry."""
+        if value._is_zerotensor():
+            # No memory behind it (see storage_for in executor.cpp): bind real zeros.
+            value = torch.zeros(value.shape, dtype=value.dtype, device=self.device)
         if value.is_conj() or value.is_neg():
             # The storage holds the values without the bit (see storage_for in executor.cpp).
             value = value.resolve_conj().resolve_neg()
@@ -94,9 +97,24 @@ class Environment:
         dst.copy_(value)
         self.storages[meta.storage] = st
 
-    def mark_broken(self, storage: int, why: str) -> None:
-        self.storages.pop(storage, None)
-        self.broken[storage] = why
+    def input_view(self, meta: TensorMeta) -> torch.Tensor:
+        """What an op reads: as view(), except that an op reading a whole disagreeing output,
+        as recorded, gets the kernel's own result (Note: [Checked results])."""
+        if self.broken and meta.storage in self.broken:
+            _, value, recorded = self.broken[meta.storage]
+            same = (meta.dtype, meta.shape, meta.stride, meta.offset) == (
+                recorded.dtype,
+                recorded.shape,
+                recorded.stride,
+                recorded.offset,
+            )
+            if value is not None and same:
+                return value
+        return self.view(meta)
+
+    def mark_broken(self, out: TensorMeta, why: str, value: torch.Tensor | None) -> None:
+        self.storages.pop(out.storage, None)
+        self.broken[out.storage] = (why, value, out)
 
     def release(self, ids) -> None:
         pop = self.storages.pop
@@ -166,7 +184,7 @@ def _build_args(node: Node, env: Environment, device: torch.device, host: bool):
         if i < 0:
             return None
         if i not in cache:
-            real[i] = env.view(node.inputs[i])
+            real[i] = env.input_view(node.inputs[i])
             cache[i] = real[i].cpu() if host else real[i]
         return cache[i]
 
@@ -259,7 +277,7 @@ def run_node(node: Node, env: Environment, *, bind: bool = True):
             value = flat[k] if k < len(flat) else None
             why = _mismatch(node, k, value, env.device, len(flat))
             if why:
-                env.mark_broken(out.storage, why)
+                env.mark_broken(out, why, value if len(flat) == len(node.outputs) else None)
             else:
                 env.bind(out, value)
     return results
