@@ -2,6 +2,7 @@
 cached, next to the time to capture it.
 
     python bench/bench_semantic.py [--repeat 15] [--layers 12] [--batch 8] [--seq 128]
+    python bench/bench_semantic.py --zoo        # the semantic zoo's table instead
 
 Rows (median and best wall-clock, and median CPU time of this process, over --repeat runs, ms):
   capture forward       recording model(ids) on remote_accelerator with the module-context hooks
@@ -14,6 +15,12 @@ Rows (median and best wall-clock, and median CPU time of this process, over --re
   cached, same graph    analyze_graph on a graph already analysed (hash memoised by the Graph)
   cached, re-captured   a new Graph of the same program: structural hash + cache replay
 Writes bench/results/semantic.json.
+
+``--zoo`` runs the semantic zoo (tests/semantic_zoo.py: tiny random-weight models from
+transformers' auto mappings, recommenders, plain models) through both entry points and, for
+every causal LM, generate() under ``SemanticAnalyzer.observe``; prints the table
+(architecture, expected, got, confidence per entry point, generate() phases) and writes
+bench/results/semantic_zoo.json.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -46,14 +54,82 @@ def _time(fn, repeat: int) -> tuple[float, float, float, list[float]]:
     return statistics.median(xs), min(xs), statistics.median(cpu), xs
 
 
+def zoo_main(out_path: str) -> None:
+    # the zoo lives with the tests (its models and expected labels are test data)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import semantic_zoo as zoo
+
+    t0 = time.perf_counter()
+    entries, skipped = zoo.zoo_entries()
+    analyzers = {"graph": SemanticAnalyzer(), "model": SemanticAnalyzer()}
+    results = [zoo.run_entry(e, analyzers) for e in entries]
+    phases = {e.name: zoo.generate_phases(e) for e in entries if e.source == "MODEL_FOR_CAUSAL_LM"}
+    genie.synchronize()
+    summary = zoo.summary(results)
+    print(zoo.table(results))
+    print(
+        f"\n{len(entries)} architectures built ({len(skipped)} candidates could not be "
+        f"built tiny), {summary['ran']} ran on remote_accelerator, "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
+    for ep in ("graph", "model"):
+        s = summary[ep]
+        print(
+            f"{ep:>5} entry point: {s['right']}/{s['judged']} right ({s['share']:.1%}), "
+            f"{s['exceptions']} exceptions, {s['unknown']} unknown, "
+            f"{len(s['cut_by_flush'])} forwards cut by a flush; wrong: {s['wrong']}"
+        )
+    print("generate() call phases per causal LM:")
+    for name, ph in phases.items():
+        print(f"  {name:44s} {ph}")
+    for name, why in skipped:
+        print(f"  not built: {name}: {why}")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "semantic_zoo",
+                "summary": summary,
+                "results": [r.to_dict() for r in results],
+                "generate_phases": phases,
+                "not_built": skipped,
+                "machine": {
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "transformers": _version("transformers"),
+                },
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    print(f"wrote {out}")
+
+
+def _version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "semantic.json"))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--zoo", action="store_true", help="run the semantic zoo instead")
     args = ap.parse_args()
+    results = Path(__file__).parent / "results"
+    if args.zoo:
+        zoo_main(args.out or str(results / "semantic_zoo.json"))
+        return
+    args.out = args.out or str(results / "semantic.json")
 
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
@@ -123,16 +199,20 @@ def main() -> None:
     cached = SemanticAnalyzer(cfg)
     same = Graph(nodes, constants)
     cached.analyze_graph(same, model)
-    rows["analyze: cached, same graph"] = _time(lambda: cached.analyze_graph(same, model),
-                                                 args.repeat * 4)
+    rows["analyze: cached, same graph"] = _time(
+        lambda: cached.analyze_graph(same, model), args.repeat * 4
+    )
     rows["analyze: cached, re-captured"] = _time(
-        lambda: cached.analyze_graph(Graph(nodes, constants), model), args.repeat)
+        lambda: cached.analyze_graph(Graph(nodes, constants), model), args.repeat
+    )
     tracker.remove()
     genie.synchronize()
 
     tiers = SemanticAnalyzer(cfg).analyze_graph(Graph(nodes, constants), model).metadata["tier_ms"]
-    print(f"GPT-2 {args.layers} layers, batch {args.batch}, seq {args.seq}: {len(nodes)} nodes, "
-          f"workload {profile.workload_type}, phase {profile.call_phase}")
+    print(
+        f"GPT-2 {args.layers} layers, batch {args.batch}, seq {args.seq}: {len(nodes)} nodes, "
+        f"workload {profile.workload_type}, phase {profile.call_phase}"
+    )
     print(f"{'step':<32}{'median ms':>12}{'best ms':>12}{'median CPU ms':>15}")
     for name, (med, best, cpu, _) in rows.items():
         print(f"{name:<32}{med:>12.3f}{best:>12.3f}{cpu:>15.3f}")
@@ -147,13 +227,24 @@ def main() -> None:
         "nodes": len(nodes),
         "workload_type": str(profile.workload_type),
         "call_phase": profile.call_phase,
-        "rows": {k: {"median_ms": round(m, 4), "best_ms": round(b, 4), "median_cpu_ms": round(c, 4),
-                     "runs_ms": [round(x, 4) for x in xs]} for k, (m, b, c, xs) in rows.items()},
+        "rows": {
+            k: {
+                "median_ms": round(m, 4),
+                "best_ms": round(b, 4),
+                "median_cpu_ms": round(c, 4),
+                "runs_ms": [round(x, 4) for x in xs],
+            }
+            for k, (m, b, c, xs) in rows.items()
+        },
         "tiers_ms": tiers,
         "goal": goal,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "cpus": os.cpu_count(), "platform": platform.platform(),
-                    "load_average_1min": load},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_1min": load,
+        },
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

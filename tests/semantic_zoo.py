@@ -130,14 +130,7 @@ def zoo_entries() -> tuple[list[ZooEntry], list[tuple[str, str]]]:
                 with torch.no_grad():
                     model(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - a model that cannot be built tiny
-                skipped.append(
-                    (
-                        cls,
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-                        if str(exc)
-                        else type(exc).__name__,
-                    )
-                )
+                skipped.append((cls, _reason(exc)))
                 continue
             taken += 1
             entries.append(
@@ -152,6 +145,12 @@ def zoo_entries() -> tuple[list[ZooEntry], list[tuple[str, str]]]:
     for name, expected, build in semantic_models.recsys_and_plain():
         entries.append(ZooEntry(name, expected, "written here", build))
     return entries, skipped
+
+
+def _reason(exc: BaseException) -> str:
+    """The exception's type and first non-empty line of its message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0][:120]}" if lines else type(exc).__name__
 
 
 def _quiet() -> None:
@@ -229,6 +228,39 @@ def run_entry(
             except Exception:  # noqa: BLE001 - a pending graph the executor cannot run
                 pass
     return res
+
+
+def generate_phases(entry: ZooEntry, new_tokens: int = 3, **generate_kwargs) -> dict[str, Any]:
+    """Greedy generate() of a causal LM on remote_accelerator under
+    ``SemanticAnalyzer.observe``: the call phase of each forward, the flushes inside each
+    call (a data-dependent op cut it), whether the last call read a resident KV cache, or
+    the runtime error that stopped it."""
+    model, _, kwargs = entry.build()
+    ids = kwargs["input_ids"].to(REMOTE)
+    model = model.to(REMOTE)
+    analyzer = SemanticAnalyzer()
+    out: dict[str, Any] = {}
+    try:
+        with analyzer.observe(model) as calls, torch.no_grad():
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                **generate_kwargs,
+            )
+    except Exception as exc:  # noqa: BLE001 - the runtime's business: report it
+        out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        return out
+    finally:
+        genie.synchronize()
+    out["phases"] = calls.phases
+    out["flushes_in_call"] = [p.metadata["flushes_in_call"] for p in calls.profiles]
+    out["kv_resident_last"] = bool(calls.profiles and calls.profiles[-1].kv_cache["present"])
+    out["analyzer_errors"] = list(calls.errors)
+    return out
 
 
 def _in_analyzer(exc: BaseException) -> bool:

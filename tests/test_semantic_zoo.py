@@ -65,46 +65,25 @@ def _causal_lms(built):
 
 def test_causal_lms_generate_prefill_then_decode(built):
     """Every causal LM of the zoo that generates on remote_accelerator shows prefill on the
-    prompt, then one decode step per new token, each against a resident KV cache."""
+    prompt, then one decode step per new token, each against a resident KV cache. Models
+    the runtime cannot run, or whose calls a data-dependent op flushed part way (only the
+    tail is then seen), are reported, not judged."""
     lms = _causal_lms(built)
     assert len(lms) >= 9
-    ran = 0
-    failures = {}
-    cut = {}
+    judged, failures, not_judged = 0, {}, {}
     for entry in lms:
-        model, _, kwargs = entry.build()
-        ids = kwargs["input_ids"]
-        model = model.to(zoo.REMOTE)
-        analyzer = SemanticAnalyzer()
-        try:
-            with analyzer.observe(model) as calls, torch.no_grad():
-                model.generate(
-                    ids.to(zoo.REMOTE),
-                    attention_mask=torch.ones_like(ids).to(zoo.REMOTE),
-                    max_new_tokens=3,
-                    min_new_tokens=3,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
-        except genie.ExecutionError as exc:  # the runtime's business: say so, go on
-            failures[entry.name] = f"runtime: {exc}".splitlines()[0]
+        got = zoo.generate_phases(entry)
+        assert not got.get("analyzer_errors"), (entry.name, got)
+        if "error" in got or any(got["flushes_in_call"]):
+            not_judged[entry.name] = got
             continue
-        finally:
-            genie.synchronize()
-        assert not calls.errors, (entry.name, calls.errors)
-        if any(p.metadata["flushes_in_call"] for p in calls.profiles):
-            cut[entry.name] = [p.metadata["flushes_in_call"] for p in calls.profiles]
-            continue  # a data-dependent op flushed the call part way: only its tail is seen
-        ran += 1
-        phases = calls.phases
-        if phases != [Phase.PREFILL, Phase.DECODE, Phase.DECODE]:
-            failures[entry.name] = phases
-            continue
-        decode = calls.profiles[-1]
-        if not decode.kv_cache["present"]:
+        judged += 1
+        if got["phases"] != [Phase.PREFILL, Phase.DECODE, Phase.DECODE]:
+            failures[entry.name] = got["phases"]
+        elif not got["kv_resident_last"]:
             failures[entry.name] = "decode without a resident KV cache"
-    assert ran >= 9, (failures, cut)
-    assert not {k: v for k, v in failures.items() if not str(v).startswith("runtime")}, failures
+    assert judged >= 9, (failures, not_judged)
+    assert not failures, failures
 
 
 def test_zoo_roles_and_residency(results):
