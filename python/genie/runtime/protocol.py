@@ -56,11 +56,13 @@ from genie.runtime.transports.base import Transport
 __all__ = [
     "PROTOCOL_VERSION",
     "Limits",
+    "ProgramRef",
     "client_handshake",
     "decode_ref",
     "decode_ref_extent",
     "encode_ref",
     "pack",
+    "resolve_token",
     "server_handshake",
     "unpack",
 ]
@@ -384,6 +386,63 @@ def client_handshake(t: Transport, token: bytes) -> None:
             f"genie: the server at {t.peer} refused this client ({reason}); set GENIE_TOKEN "
             "(or pass token= to genie.connect) to the token the server was started with"
         )
+
+
+def resolve_token(token: str | bytes | None = None, token_file: str | None = None) -> bytes | None:
+    """The one token resolver, for clients, topologies and ``genie serve``: `token` as given,
+    else the contents of `token_file`, else ``$GENIE_TOKEN``, else the contents of the file
+    ``$GENIE_TOKEN_FILE``; None when none is set."""
+    if token is not None:
+        return token.encode() if isinstance(token, str) else bytes(token)
+    path = token_file
+    if path is None:
+        env = os.environ.get("GENIE_TOKEN")
+        if env:
+            return env.encode()
+        path = os.environ.get("GENIE_TOKEN_FILE")
+    if path:
+        with open(path, "rb") as f:
+            return f.read().strip()
+    return None
+
+
+# -- naming a program ---------------------------------------------------------------------
+# Note: [Program refs]
+# A run (or eager, or spec) request names its program in one of three ways, all carried by
+# the same header fields: by its key alone ("key": a program the server has), by its body
+# ("key" + "prog": the server checks it and keeps it), or as a patch of a base the server has
+# ("key" + "base" + "patch": Note: [Program patches], or an instance of a template, Note:
+# [Program instances]). A ProgramRef is that naming, built by the client's ProgramNamer and
+# resolved by the server's ProgramResolver; the rest of a request does not care which it is.
+@dataclass(frozen=True)
+class ProgramRef:
+    key: bytes
+    body: bytes | None = None
+    base: bytes | None = None
+    patch: list | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The header fields that name the program."""
+        out: dict[str, Any] = {"key": self.key}
+        if self.body is not None:
+            out["prog"] = self.body
+        if self.base is not None:
+            out["base"], out["patch"] = self.base, self.patch
+        return out
+
+    @classmethod
+    def of(cls, req: dict, limits: Limits) -> ProgramRef:
+        """The program a request names, its fields checked for type and size."""
+        key = get_bytes(req.get("key"), "program key", 16)
+        need(len(key) == 16, "a program key has 16 bytes")
+        body = req.get("prog")
+        if body is not None:
+            body = get_bytes(body, "program", limits.max_header)
+        base = req.get("base")
+        if base is not None:
+            return cls(key, body, get_bytes(base, "base program key", 16),
+                       get_list(req.get("patch"), "patch", limits.max_list))  # fmt: skip
+        return cls(key, body)
 
 
 # -- replies ------------------------------------------------------------------------------

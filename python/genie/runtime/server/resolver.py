@@ -95,31 +95,29 @@ class ProgramResolver:
         self._preparer = preparer
         self._last_patch: dict[bytes, list] = {}  # base key -> the last patch of it named
 
-    def resolve(self, req: dict, key: bytes) -> Program | None:
-        """The program `req` names by `key`: its body when it carries one, else the cached
-        program `key` names, or the one `req` describes as a patch of a cached base: an
-        instance (Note: [Program instances]) when `key` is the patch's key, else a patched
-        program whose bytes hash to `key` (Note: [Program patches]). None when the server
-        does not have it (the client then sends the body)."""
-        body = req.get("prog")
-        if body is not None:
-            program = self._programs.add(
-                P.get_bytes(body, "program", self._limits.max_header), self._limits
-            )
-            P.need(program.key == key, "the program key does not match the program")
+    def resolve(self, ref: P.ProgramRef) -> Program | None:
+        """The program `ref` names (Note: [Program refs]): its body when it carries one, else
+        the cached program its key names, or the one it describes as a patch of a cached
+        base: an instance (Note: [Program instances]) when the key is the patch's key, else a
+        patched program whose bytes hash to the key (Note: [Program patches]). None when the
+        server does not have it (the client then sends the body)."""
+        if ref.body is not None:
+            program = self._programs.add(ref.body, self._limits)
+            P.need(program.key == ref.key, "the program key does not match the program")
             return program
-        return self.lookup(req, key)
+        return self.lookup(ref)
 
-    def lookup(self, req: dict, key: bytes) -> Program | None:
-        """resolve() for a request that carries no body (a spec names only cached programs)."""
+    def lookup(self, ref: P.ProgramRef) -> Program | None:
+        """resolve() without the body (a spec names only programs the server has)."""
         cache = self._programs
+        key = ref.key
         program = cache.get(key)
-        if req.get("base") is None:
+        if ref.base is None:
             return program
-        base = cache.get(P.get_bytes(req["base"], "base program key", 16))
+        base = cache.get(ref.base)
         if base is None:
             return program
-        patch = P.get_list(req.get("patch"), "patch", self._limits.max_list)
+        patch = ref.patch
         if program is not None:
             if program.meta.pop("prepared", False):
                 self._preparer.hits += 1

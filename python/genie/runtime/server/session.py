@@ -308,8 +308,7 @@ class Session:
     def _run(self, req: dict, frame: Frame) -> tuple[dict, list]:
         eager = req["t"] == "eager"
         uploads = self.parse_uploads(req.get("up"), frame)
-        key = P.get_bytes(req.get("key"), "program key", 16)
-        program = self.resolver.resolve(req, key)
+        program = self.resolver.resolve(P.ProgramRef.of(req, self.limits))
         if program is None:
             raise UnknownProgram("genie: unknown program; send it again with its body")
         P.need(not eager or len(program.steps) == 1, "an eager request runs exactly one node")

@@ -107,10 +107,10 @@ class SpeculationSlot:
     # The price of a speculation is the snapshot: a copy of every written storage the client
     # holds (a KV cache updated in place is copied whole), and the memory for it.
     def start(self, req: dict, frame: Frame) -> tuple[dict, list]:
-        key = P.get_bytes(req.get("key"), "program key", 16)
-        P.need(len(key) == 16, "a program key has 16 bytes")
+        ref = P.ProgramRef.of(req, self._session.limits)
+        key = ref.key
         bind = P.get_list(req.get("bind"), "binding", self._session.limits.max_list)
-        program = self._session.resolver.lookup(req, key)
+        program = self._session.resolver.lookup(ref)
         # The same speculation as the last one (a serving loop's next forward) whose inputs
         # are still the very storages it checked: nothing to check again.
         valid = self._valid
