@@ -14,6 +14,9 @@ fresh processes). Not a test module: ``python tests/dataplane_peer.py ROLE ...``
                            as client; MEMORY "arena" sends from and receives into host_buffer
                            tensors, "torch" from and into torch.empty ones; keeps every echo,
                            checks them after all, frees them, and reads one after closing
+  inproc-client PORT SIZES with GENIE_DPDK_IN_PROCESS=1: sends one torch tensor per distinct size
+                           (a repeated size resends the same tensor), receives each echo into
+                           torch memory, then frees the sent tensors
 
 Each prints one JSON line per event on stdout; a TransportError is printed as
 {"error": ..., "kind": "TransportError", "seconds": time since the last event} and exits 3.
@@ -176,6 +179,32 @@ def arena_client(port: int, sizes: list[int], memory: str) -> None:
     say(event="closed", last_equal=bool(torch.equal(last, tensor(sizes[-1], seed=len(sizes) - 1))))
 
 
+def inproc_client(port: int, sizes: list[int]) -> None:
+    t = DpdkTransport.connect(("127.0.0.1", port), timeout=30)
+    t.recv_frame(64)
+    sent: dict[int, torch.Tensor] = {}
+    for n in sizes:
+        x = sent.setdefault(n, tensor(n, seed=n))
+        t.send_frame(1, REQUEST, b"x", [memoryview(x.numpy())])
+        frame = t.recv_frame(1024)
+        y = torch.empty(frame.payload_len, dtype=torch.uint8)
+        t.recv_payload([memoryview(y.numpy())])
+        say(event="echo", bytes=n, echo_equal=bool(torch.equal(x, y)), plane=t.data_plane)
+    held = t.data_plane_stats()["registered_bytes"]
+    del x
+    sent.clear()  # freeing the storages drops their registrations
+    say(
+        event="inproc",
+        in_process=t.in_process,
+        agent_pid=t.agent_pid,
+        stats=t.stats.as_dict(),
+        registered_bytes_held=held,
+        registered_bytes_freed=t.data_plane_stats()["registered_bytes"],
+    )
+    t.send_frame(1, REQUEST, b"bye")
+    t.close()
+
+
 def main(argv: list[str]) -> int:
     role = argv[0]
     try:
@@ -189,6 +218,8 @@ def main(argv: list[str]) -> int:
             stream(int(argv[1]), int(argv[2]))
         elif role == "arena-server":
             arena_serve(argv[1], [int(s) for s in argv[2].split(",")])
+        elif role == "inproc-client":
+            inproc_client(int(argv[1]), [int(s) for s in argv[2].split(",")])
         elif role == "arena-client":
             arena_client(int(argv[1]), [int(s) for s in argv[2].split(",")], argv[3])
         else:

@@ -214,3 +214,36 @@ def test_payloads_in_arena_memory_travel_without_a_copy(env, memory):
         assert cli["stats"]["bytes_copied_sending"] == total
         assert cli["stats"]["bytes_copied_receiving"] == total
         assert cli["arena"]["sent_in_place"] == cli["arena"]["received_in_place"] == 0
+
+
+@pytest.mark.parametrize("server_mode", ["agent", "in-process"])
+def test_in_process_endpoint_sends_torch_memory_in_place(env, server_mode):
+    """With GENIE_DPDK_IN_PROCESS=1 the client's endpoint runs on a thread of its own process
+    (no agent process): ordinary torch tensors travel both ways with 0 bytes copied, each sent
+    tensor is registered on its first send and hits on the next, and freeing it drops the
+    registration. The server runs either mode: the two meet on the wire."""
+    sizes = [1 * MB, 1 * MB, 16 * MB, 16 * MB]
+    arg = ",".join(map(str, sizes))
+    env_client = {**env, "GENIE_DPDK_IN_PROCESS": "1"}
+    env_server = {**env, "GENIE_DPDK_IN_PROCESS": "1" if server_mode == "in-process" else "0"}
+    server, client = start_pair(
+        ["arena-server", arg], ["inproc-client", arg], env_server, env_client
+    )
+    try:
+        assert client.finish(120) == 0, client.stderr()
+        assert server.finish(30) == 0, server.stderr()
+    finally:
+        client.kill()
+        server.kill()
+    echoes = [e for e in client.events if e.get("event") == "echo"]
+    assert [e["bytes"] for e in echoes] == sizes
+    assert all(e["echo_equal"] and e["plane"] == "up" for e in echoes)
+    srv = next(e for e in server.events if e.get("event") == "arena")
+    assert srv["kept_intact"] and srv["stats"]["bytes_copied"] == 0
+    done = next(e for e in client.events if e.get("event") == "inproc")
+    assert done["in_process"] and done["agent_pid"] is None
+    assert done["stats"]["bytes_copied"] == 0  # torch memory, sent and received in place
+    # One miss for the arena, one per distinct tensor; every resend hits.
+    assert done["stats"]["registrations_missed"] == 1 + len(set(sizes))
+    assert done["stats"]["registrations_hit"] == len(sizes) - len(set(sizes))
+    assert done["registered_bytes_held"] >= done["registered_bytes_freed"] + sum(set(sizes))

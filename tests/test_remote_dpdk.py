@@ -14,8 +14,8 @@ import time
 import genie
 import pytest
 import torch
-from genie.runtime.client import connect
 from genie.runtime.loopback import LoopbackServer
+from genie.runtime.remote import connect
 
 pytestmark = pytest.mark.dpdk
 
@@ -100,6 +100,29 @@ def test_uploads_and_fetched_results_arrive_without_a_copy(remote):
     assert client["bytes_copied_sending"] >= x.numel() * 4  # x is torch memory: copied once
 
 
+def test_in_process_endpoints_run_a_program_copying_nothing(dpdk_env, monkeypatch):
+    """`genie serve` and a client both with GENIE_DPDK_IN_PROCESS=1: no agent processes, the
+    result equals eager, and neither side copied a byte of any payload."""
+    monkeypatch.setenv("GENIE_DPDK_IN_PROCESS", "1")
+    srv = LoopbackServer(threads=1, extra_args=["--transport", "dpdk"])
+    try:
+        client = connect(srv.address, token=srv.token, transport="dpdk")
+        try:
+            x = torch.randn(512, 512)
+            got = (x.to(DEVICE) @ x.to(DEVICE)).cpu()
+            assert torch.equal(got, x @ x)
+            t = client._t
+            assert t.data_plane == "up" and t.in_process and t.agent_pid is None
+            session = client.server_stats()["session"]
+            assert t.stats.bytes_copied == 0 and session["bytes_copied"] == 0
+            assert t.stats.registrations_missed >= 2  # the arena, then x's upload
+        finally:
+            genie.configure(local_device="cpu")
+            client.close()
+    finally:
+        srv.close()
+
+
 @pytest.mark.parametrize(
     "name", ["test_gpt2_kv_cache_steps", "test_bert_bit_exact", "test_resnet_cnn_bit_exact"]
 )
@@ -117,7 +140,7 @@ def test_server_survives_a_client_killed_mid_upload(server):
     env = {**os.environ, "GENIE_SERVER": server.address, "GENIE_TOKEN": server.token}
     code = """
         import torch, genie
-        from genie.runtime.client import connect
+        from genie.runtime.remote import connect
         c = connect(transport="dpdk")
         print("connected", flush=True)
         x = torch.randn(64 << 20)  # 256 MB, uploaded with the first flush

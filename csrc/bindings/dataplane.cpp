@@ -93,11 +93,14 @@ std::string unavailable_reason() {
 // storage's range in every cache that registered it, then calls the original deleter: freeing
 // the storage drops the registration before the allocator can hand the address out again.
 
+using InvalidateFn = void (*)(const void*, size_t);
+
 struct FreeHook {
   c10::DeleterFnPtr original = nullptr;
   uintptr_t base = 0;
   size_t nbytes = 0;
   std::vector<std::weak_ptr<RegistrationCache>> caches;
+  InvalidateFn in_process = nullptr;  // in-process agents' caches (Note: [In-process endpoint])
 };
 
 std::mutex& hook_mutex() {
@@ -122,27 +125,59 @@ void invalidating_delete(void* ctx) {
   for (auto& w : hook.caches) {
     if (auto c = w.lock()) c->invalidate(reinterpret_cast<void*>(hook.base), hook.nbytes);
   }
+  if (hook.in_process) hook.in_process(reinterpret_cast<void*>(hook.base), hook.nbytes);
   hook.original(ctx);
 }
 
-// True when the storage now invalidates `cache` on free.
-bool install_free_hook(c10::StorageImpl* impl, const std::shared_ptr<RegistrationCache>& cache) {
+// True when the storage now invalidates `cache` (or, with `in_process`, the in-process
+// agents' caches) on free.
+bool install_free_hook(c10::StorageImpl* impl, const std::shared_ptr<RegistrationCache>& cache,
+                       InvalidateFn in_process = nullptr) {
   at::DataPtr& dp = impl->mutable_data_ptr();
   void* ctx = dp.get_context();
   c10::DeleterFnPtr deleter = dp.get_deleter();
   if (!ctx || !deleter) return false;  // memory torch will never free (from_blob without deleter)
   std::lock_guard<std::mutex> lock(hook_mutex());
-  if (deleter == &invalidating_delete) {
-    hooks()[ctx].caches.push_back(cache);
-    return true;
+  if (deleter != &invalidating_delete) {
+    if (!dp.compare_exchange_deleter(deleter, &invalidating_delete)) return false;
+    FreeHook& h = hooks()[ctx];
+    h.original = deleter;
+    h.base = reinterpret_cast<uintptr_t>(dp.get());
+    h.nbytes = impl->nbytes();
   }
-  if (!dp.compare_exchange_deleter(deleter, &invalidating_delete)) return false;
   FreeHook& h = hooks()[ctx];
-  h.original = deleter;
-  h.base = reinterpret_cast<uintptr_t>(dp.get());
-  h.nbytes = impl->nbytes();
-  h.caches.push_back(cache);
+  if (cache) h.caches.push_back(cache);
+  if (in_process) h.in_process = in_process;
   return true;
+}
+
+// -- the in-process endpoint (Note: [In-process endpoint]) -------------------------------------
+
+struct InProcessLib {
+  int (*start)(int, int, uint64_t, const char* const*, int, char*, size_t) = nullptr;
+  InvalidateFn invalidate = nullptr;
+  std::string error;
+};
+
+const InProcessLib& in_process_lib() {
+  static InProcessLib* lib = [] {
+    auto* l = new InProcessLib;
+#if GENIE_DPDK_ENABLED
+    std::string path = module_dir() + "/libgenie_dpdk_inprocess.so";
+    void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+      l->error = std::string("cannot load ") + path + ": " + dlerror();
+      return l;
+    }
+    l->start = reinterpret_cast<decltype(l->start)>(dlsym(h, "genie_dataplane_start_in_process"));
+    l->invalidate = reinterpret_cast<InvalidateFn>(dlsym(h, "genie_dataplane_invalidate"));
+    if (!l->start || !l->invalidate) l->error = path + " lacks its entry points (reinstall genie)";
+#else
+    l->error = "genie was built without DPDK: " GENIE_DPDK_REASON;
+#endif
+    return l;
+  }();
+  return *lib;
 }
 
 // A torch storage made of an arena heap block (Note: [Arena heap]).
@@ -407,8 +442,37 @@ void register_dataplane(py::module_& m) {
                                if (c.health().is_ok()) return py::none();
                                return py::str(c.health().to_string());
                              })
+      .def_property("in_process", &AgentClient::in_process, &AgentClient::set_in_process)
       .def_property_readonly("slots", &AgentClient::slots)
       .def_property_readonly("slot_bytes", &AgentClient::slot_bytes);
+
+  m.def(
+      "_dataplane_start_in_process",
+      [](int sock, int arena_fd, uint64_t arena_bytes, const std::vector<std::string>& items) {
+        const auto& lib = in_process_lib();
+        if (!lib.start) {
+          raise_status({Code::Unavailable, "genie: no in-process DPDK endpoint: " + lib.error});
+        }
+        std::vector<const char*> argv;
+        for (const auto& s : items) argv.push_back(s.c_str());
+        char err[512] = {0};
+        if (lib.start(sock, arena_fd, arena_bytes, argv.data(), static_cast<int>(argv.size()), err,
+                      sizeof(err)) != 0) {
+          raise_status({Code::Internal, std::string("genie: in-process endpoint: ") + err});
+        }
+      },
+      py::arg("sock"), py::arg("arena_fd"), py::arg("arena_bytes"), py::arg("items"),
+      "Run the data-plane agent's loop on a thread of this process; it owns `sock` and "
+      "`arena_fd` (Note: [In-process endpoint]).");
+  m.def(
+      "_dataplane_track_storage",
+      [](const at::Tensor& t) {
+        const auto& lib = in_process_lib();
+        if (!lib.invalidate) return false;
+        return install_free_hook(t.storage().unsafeGetStorageImpl(), nullptr, lib.invalidate);
+      },
+      py::arg("tensor"),
+      "Freeing `tensor`'s storage drops its registrations in in-process endpoints' caches.");
 
   py::class_<RegistrationCache, std::shared_ptr<RegistrationCache>>(
       m, "RegistrationCache",

@@ -139,6 +139,10 @@ std::vector<AgentClient::Piece> AgentClient::plan(const std::vector<Span>& bufs)
       pieces.push_back({true, off, b.len, {}});
       continue;
     }
+    if (b.data && in_process_) {
+      pieces.push_back({true, reinterpret_cast<uintptr_t>(b.data), b.len, {}, true});
+      continue;
+    }
     for (uint64_t done = 0; done < b.len;) {
       if (pieces.empty() || pieces.back().direct || pieces.back().len == slot_bytes_) {
         pieces.push_back({false, 0, 0, {}});
@@ -205,8 +209,8 @@ Status AgentClient::send(uint64_t msg, const std::vector<ConstBuffer>& bufs, dou
       cookie = slot;
       ++slots_used;
     }
-    s = command(
-        {static_cast<uint32_t>(AgentOp::SendProvide), 0, msg, off, arena_offset, p.len, cookie});
+    s = command({static_cast<uint32_t>(AgentOp::SendProvide), p.pointer ? kAgentPointer : 0, msg,
+                 off, arena_offset, p.len, cookie});
     if (!s) return s;
     inflight.push_back(cookie);
     off += p.len;
@@ -263,8 +267,8 @@ Status AgentClient::recv(uint64_t msg, uint64_t total, uint64_t offset,
       cookie = slot;
       ++slots_used;
     }
-    Status r = command({static_cast<uint32_t>(AgentOp::RecvPost), 0, msg, offset + post_off,
-                        arena_offset, p.len, cookie});
+    Status r = command({static_cast<uint32_t>(AgentOp::RecvPost), p.pointer ? kAgentPointer : 0,
+                        msg, offset + post_off, arena_offset, p.len, cookie});
     if (!r) return r;
     posted.push_back({cookie, next_piece});
     post_off += p.len;

@@ -66,6 +66,10 @@ class AgentClient {
   // The mapping, shared with the storages made from its heap (they may outlive this client).
   const std::shared_ptr<Arena>& shared_arena() const { return shared_; }
   const AgentCounters& counters() const { return counters_; }
+  // The agent runs in this process (Note: [In-process endpoint]): every buffer goes to it in
+  // place, by address.
+  void set_in_process(bool on) { in_process_ = on; }
+  bool in_process() const { return in_process_; }
   size_t slot_bytes() const { return slot_bytes_; }
   size_t slots() const { return slots_; }
 
@@ -85,9 +89,10 @@ class AgentClient {
   };
   struct Piece {
     bool direct;
-    uint64_t arena_offset;  // direct pieces
+    uint64_t arena_offset;  // direct pieces: an arena offset, or an address when `pointer`
     uint64_t len;
     std::vector<Span> spans;  // copied pieces: where the slot's bytes come from / go to
+    bool pointer = false;
   };
   std::vector<Piece> plan(const std::vector<Span>& bufs) const;
 
@@ -95,6 +100,7 @@ class AgentClient {
   int sock_ = -1;
   std::shared_ptr<Arena> shared_;
   AgentCounters counters_;
+  bool in_process_ = false;
   uint8_t* arena_ = nullptr;
   size_t arena_bytes_ = 0;  // the copy part: slots
   size_t slot_bytes_ = 0;

@@ -5,138 +5,24 @@
 //
 // key=value options are EalConfig / PortConfig / EndpointConfig fields (config.h). It exits when
 // its client closes the socket or asks it to close; errors go to the client as events.
-#include <poll.h>
-#include <sched.h>
 #include <signal.h>
-#include <sys/mman.h>
-#include <sys/socket.h>
-#include <time.h>
-#include <unistd.h>
 
-#include <cerrno>
 #include <cstdio>
-#include <cstring>
-#include <deque>
-#include <memory>
+#include <cstdlib>
 #include <string>
+#include <vector>
 
-#include <rte_cycles.h>
-
-#include "dataplane/agent_protocol.h"
-#include "dataplane/config.h"
-#include "dataplane/eal.h"
-#include "dataplane/endpoint.h"
-#include "dataplane/registration_dpdk.h"
-
-using namespace genie::dataplane;
-
-namespace {
-
-int g_sock = -1;
-
-void emit(AgentEventType type, uint64_t msg = 0, uint64_t value = 0, uint64_t cookie = 0,
-          const Status& st = Status::ok(), const std::string& text = "") {
-  AgentEvent ev;
-  std::memset(&ev, 0, sizeof(ev));
-  ev.type = static_cast<uint32_t>(type);
-  ev.code = static_cast<int32_t>(st.code());
-  ev.msg = msg;
-  ev.value = value;
-  ev.cookie = cookie;
-  const std::string& t = text.empty() ? st.message() : text;
-  std::snprintf(ev.text, sizeof(ev.text), "%s", t.c_str());
-  while (::send(g_sock, &ev, sizeof(ev), MSG_NOSIGNAL) < 0 && errno == EINTR) {
-  }
-}
-
-// 1: a command was read; 0: none waiting; -1: the client is gone.
-int read_command(AgentCommand* c, int wait_ms) {
-  if (wait_ms != 0) {
-    pollfd pfd{g_sock, POLLIN, 0};
-    int r = ::poll(&pfd, 1, wait_ms);
-    if (r == 0) return 0;
-    if (r < 0) return errno == EINTR ? 0 : -1;
-  }
-  ssize_t n = ::recv(g_sock, c, sizeof(*c), MSG_DONTWAIT);
-  if (n == static_cast<ssize_t>(sizeof(*c))) return 1;
-  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return 0;
-  return -1;
-}
-
-bool g_gpudev = false;  // a gpudev driver reported a GPU (GPU memory could be registered)
-
-std::string stats_text(const Endpoint* ep, const RegistrationCache* cache) {
-  std::string s;
-  auto add = [&](const char* k, uint64_t v) {
-    s += std::string(k) + "=" + std::to_string(v) + " ";
-  };
-  if (ep) {
-    const auto& st = ep->stats();
-    add("messages_sent", st.messages_sent);
-    add("messages_received", st.messages_received);
-    add("bytes_sent", st.bytes_sent);
-    add("bytes_received", st.bytes_received);
-    add("chunks_sent", st.chunks_sent);
-    add("chunks_received", st.chunks_received);
-    add("chunks_retransmitted", st.chunks_retransmitted);
-    add("chunks_dropped", st.chunks_dropped);
-    add("duplicates", st.duplicates);
-    add("checksum_errors", st.checksum_errors);
-    add("bad_packets", st.bad_packets);
-    add("nacks_sent", st.nacks_sent);
-    add("nack_ranges_received", st.nack_ranges_received);
-    add("probes_sent", st.probes_sent);
-    add("tx_full", st.tx_full);
-    add("drained_while_tx_full", st.drained_while_tx_full);
-    add("chunk_bytes", ep->chunk_bytes());
-  }
-  if (cache) {
-    auto cs = cache->stats();
-    add("registration_hits", cs.hits);
-    add("registration_misses", cs.misses);
-    add("registered_bytes", cs.registered_bytes);
-  }
-  add("eal_init_us", static_cast<uint64_t>(Eal::init_seconds() * 1e6));
-  add("gpudev_available", g_gpudev ? 1 : 0);
-  return s;
-}
-
-// After a fatal error: keep answering Stats/Close until the client leaves.
-int serve_until_closed(const Endpoint* ep, const RegistrationCache* cache) {
-  while (true) {
-    AgentCommand c;
-    int r = read_command(&c, 1000);
-    if (r < 0) return 1;
-    if (r == 0) continue;
-    if (c.op == static_cast<uint32_t>(AgentOp::Stats)) {
-      emit(AgentEventType::Stats, 0, 0, 0, Status::ok(), stats_text(ep, cache));
-    } else if (c.op == static_cast<uint32_t>(AgentOp::Close)) {
-      emit(AgentEventType::Closed);
-      return 1;
-    } else {
-      emit(AgentEventType::Error, c.msg, 0, c.cookie,
-           ep ? ep->health() : Status(Code::Closed, "genie: the data-plane agent failed"));
-    }
-  }
-}
-
-struct Pending {
-  uint64_t msg;
-  uint64_t end;
-  uint64_t cookie;
-};
-
-}  // namespace
+#include "dataplane/agent_loop.h"
 
 int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
-  int arena_fd = -1;
+  int sock = -1, arena_fd = -1;
   uint64_t arena_bytes = 0;
   std::vector<std::string> items;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a.rfind("--sock-fd=", 0) == 0)
-      g_sock = std::atoi(a.c_str() + 10);
+      sock = std::atoi(a.c_str() + 10);
     else if (a.rfind("--arena-fd=", 0) == 0)
       arena_fd = std::atoi(a.c_str() + 11);
     else if (a.rfind("--arena-bytes=", 0) == 0)
@@ -144,183 +30,9 @@ int main(int argc, char** argv) {
     else
       items.push_back(a);
   }
-  if (g_sock < 0 || arena_fd < 0 || arena_bytes == 0) {
+  if (sock < 0 || arena_fd < 0 || arena_bytes == 0) {
     std::fprintf(stderr, "genie-dpdk-agent: started by genie's DPDK transport, not by hand\n");
     return 2;
   }
-  Options opts;
-  EalConfig ecfg;
-  PortConfig pcfg;
-  EndpointConfig cfg;
-  Status s = parse_options(items, &opts);
-  if (s) s = EalConfig::from_options(opts, &ecfg);
-  if (s) s = PortConfig::from_options(opts, &pcfg);
-  if (s) s = EndpointConfig::from_options(opts, &cfg);
-  if (!s) {
-    emit(AgentEventType::Error, 0, 0, 0, s);
-    return serve_until_closed(nullptr, nullptr);
-  }
-  auto* arena = static_cast<uint8_t*>(
-      mmap(nullptr, arena_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, arena_fd, 0));
-  if (arena == MAP_FAILED) {
-    emit(AgentEventType::Error, 0, 0, 0,
-         Status(Code::NoMemory,
-                std::string("genie: agent cannot map the arena: ") + std::strerror(errno)));
-    return serve_until_closed(nullptr, nullptr);
-  }
-  ::close(arena_fd);
-
-  s = Eal::ensure(ecfg);
-  if (!s) {
-    emit(AgentEventType::Error, 0, 0, 0, s);
-    return serve_until_closed(nullptr, nullptr);
-  }
-  std::unique_ptr<Endpoint> ep;
-  s = Endpoint::create(cfg, pcfg, &ep);
-  if (!s) {
-    emit(AgentEventType::Error, 0, 0, 0, s);
-    return serve_until_closed(nullptr, nullptr);
-  }
-  emit(AgentEventType::PortUp, 0, ep->chunk_bytes());
-  {
-    Status why;
-    g_gpudev = make_gpudev_backend({ep->port().device()}, &why) != nullptr;
-  }
-
-  // The arena is the only payload memory the endpoint touches: register it once (Note:
-  // [Registration cache]); ports that DMA need it, memif does not.
-  std::unique_ptr<RegistrationCache> cache;
-  uint64_t arena_iova = kNoIova;
-  {
-    Status why;
-    auto backend = make_dpdk_extmem_backend({ep->port().device()}, &why);
-    if (backend) {
-      cache = std::make_unique<RegistrationCache>(std::move(backend),
-                                                  RegistrationCache::Options{16, 1e12});
-      Region r;
-      why = cache->acquire(arena, arena_bytes, &r, /*pin=*/true);
-      if (why) arena_iova = r.iova;
-    }
-    if (!why && ep->port().needs_iova()) {
-      emit(AgentEventType::Error, 0, 0, 0, why);
-      return serve_until_closed(ep.get(), cache.get());
-    }
-  }
-
-  // Connect, watching for the client leaving meanwhile.
-  double connect_deadline = cfg.connect_timeout_ms;
-  uint64_t t0 = rte_get_tsc_cycles();
-  const double tsc_ms = static_cast<double>(rte_get_tsc_hz()) / 1000.0;
-  while (true) {
-    s = ep->connect(50);
-    if (s) break;
-    if (s.code() != Code::PeerTimeout) break;
-    char probe;
-    if (::recv(g_sock, &probe, 1, MSG_PEEK | MSG_DONTWAIT) == 0) return 0;  // client gone
-    if ((rte_get_tsc_cycles() - t0) / tsc_ms > connect_deadline) break;
-  }
-  if (!s) {
-    emit(AgentEventType::Error, 0, 0, 0, s);
-    return serve_until_closed(ep.get(), cache.get());
-  }
-  emit(AgentEventType::Ready, 0, ep->chunk_bytes());
-
-  std::deque<Pending> sends, recvs;
-  bool reported = false;
-  uint64_t quiet = 0;        // polls without progress
-  uint64_t quiet_since = 0;  // TSC when the quiet stretch began
-  uint32_t iteration = 0;
-  while (true) {
-    bool worked = ep->poll();
-    // Commands: every few iterations while busy, at once when quiet.
-    if (!worked || (++iteration & 31) == 0) {
-      AgentCommand c;
-      int r;
-      while ((r = read_command(&c, 0)) == 1) {
-        worked = true;
-        Status cs;
-        bool in_arena = c.arena_offset <= arena_bytes && c.len <= arena_bytes - c.arena_offset;
-        switch (static_cast<AgentOp>(c.op)) {
-          case AgentOp::SendBegin: cs = ep->send_begin(c.msg, c.len); break;
-          case AgentOp::SendProvide:
-            if (!in_arena) {
-              cs = {Code::InvalidArgument, "genie: agent command outside the arena"};
-              break;
-            }
-            cs = ep->send_provide(c.msg, c.offset, arena + c.arena_offset, c.len,
-                                  arena_iova == kNoIova ? kNoIova : arena_iova + c.arena_offset);
-            if (cs) sends.push_back({c.msg, c.offset + c.len, c.cookie});
-            break;
-          case AgentOp::RecvBegin: cs = ep->recv_begin(c.msg, c.len); break;
-          case AgentOp::RecvPost:
-            if (!in_arena) {
-              cs = {Code::InvalidArgument, "genie: agent command outside the arena"};
-              break;
-            }
-            cs = ep->recv_post(c.msg, c.offset, arena + c.arena_offset, c.len);
-            if (cs) recvs.push_back({c.msg, c.offset + c.len, c.cookie});
-            break;
-          case AgentOp::Stats:
-            emit(AgentEventType::Stats, 0, 0, 0, Status::ok(), stats_text(ep.get(), cache.get()));
-            break;
-          case AgentOp::Ping: {
-            double rtt = 0;
-            cs = ep->ping(static_cast<uint32_t>(c.len), 1000.0, &rtt);
-            if (cs) emit(AgentEventType::Pong, 0, static_cast<uint64_t>(rtt * 1000.0));
-            break;
-          }
-          case AgentOp::Close:
-            ep->close();
-            emit(AgentEventType::Closed);
-            return 0;
-          default: cs = {Code::InvalidArgument, "genie: unknown agent command"};
-        }
-        if (!cs) {
-          emit(AgentEventType::Error, c.msg, 0, c.cookie, cs);
-          return serve_until_closed(ep.get(), cache.get());
-        }
-      }
-      if (r < 0) {
-        ep->close(Endpoint::CloseReason::OwnerExited);
-        return 0;  // the client exited: nobody to serve
-      }
-    }
-    while (!sends.empty() && ep->send_released(sends.front().msg) >= sends.front().end) {
-      emit(AgentEventType::Sent, sends.front().msg, sends.front().end, sends.front().cookie);
-      sends.pop_front();
-      worked = true;
-    }
-    while (!recvs.empty() && ep->recv_done(recvs.front().msg) >= recvs.front().end) {
-      emit(AgentEventType::Received, recvs.front().msg, recvs.front().end, recvs.front().cookie);
-      recvs.pop_front();
-      worked = true;
-    }
-    if (!ep->health().is_ok() && !reported) {
-      reported = true;
-      emit(AgentEventType::Error, 0, 0, 0, ep->health());
-      return serve_until_closed(ep.get(), cache.get());
-    }
-    // Back off when nothing moves: spin briefly (a peer answering takes microseconds), then
-    // sleep in short steps while a transfer waits on the peer's user, and block on the command
-    // socket when there is nothing in flight at all. Two cores are shared with torch.
-    if (worked) {
-      quiet = 0;
-      continue;
-    }
-    if (quiet++ == 0) quiet_since = rte_get_tsc_cycles();
-    double quiet_ms = (rte_get_tsc_cycles() - quiet_since) / tsc_ms;
-    if (quiet_ms < 0.05) continue;
-    if (ep->idle() && sends.empty() && recvs.empty() && quiet_ms > 2.0) {
-      // Nothing in flight: block on the command socket (a command wakes it at once). Only the
-      // peer's keepalives and a link going down wait for the timeout: 1 ms at first, 10 ms
-      // once idle for a while (well inside the peer's timeout of seconds).
-      pollfd pfd{g_sock, POLLIN, 0};
-      ::poll(&pfd, 1, quiet_ms > 100.0 ? 10 : 1);
-    } else if (quiet_ms < 1.0) {
-      sched_yield();
-    } else {
-      timespec ts{0, 50 * 1000};
-      nanosleep(&ts, nullptr);
-    }
-  }
+  return genie::dataplane::run_agent(sock, arena_fd, arena_bytes, items, /*in_process=*/false);
 }

@@ -19,6 +19,17 @@
 // DPDK external memory. (Tensors allocated in a shared mapping the agent can see, e.g. a
 // memfd-backed allocator, would remove the copy; not built.)
 //
+// Note: [In-process endpoint]
+// For a real NIC the last copy matters and the isolation may not: with `in_process=1`
+// (GENIE_DPDK_IN_PROCESS=1) the same loop runs on a thread of the user's process
+// (inprocess.cpp, a library genie._C loads only then), still driven through the socket pair and
+// still with an arena, but commands may name the caller's own memory (kAgentPointer): nothing
+// is copied on either side. A buffer sent is registered (DPDK external memory + DMA mapping)
+// on first send through a registration cache and hits on later sends; freeing its storage
+// invalidates the entry. What is given up: a crash in the PMD or the EAL takes the user's
+// process down, EAL is initialised once in that process (the first connection's EAL options
+// win), and a process that forked after that cannot use DPDK again.
+//
 // Commands (client -> agent) and events (agent -> client) are fixed-size structs; one message
 // per datagram.
 #include <cstdint>
@@ -36,6 +47,10 @@ enum class AgentOp : uint32_t {
   Ping = 6,         // len = payload bytes -> Pong (value = round trip, ns)
   Close = 7,        // graceful close -> Closed, then the agent exits
 };
+
+// AgentCommand::reserved flag: arena_offset is the address of the caller's memory (in-process
+// agents only; a process agent refuses what lies outside its arena).
+constexpr uint32_t kAgentPointer = 1;
 
 struct AgentCommand {
   uint32_t op;

@@ -9,6 +9,7 @@
 #                           Linked into _C.
 #   genie_dataplane         DPDK: EAL, port, wire format, endpoint, DPDK/gpudev registration.
 #   genie-dpdk-agent        the process that owns the DPDK endpoint (installed next to _C).
+#   genie_dpdk_inprocess    the same loop as a library, for the opt-in in-process mode.
 
 set(GENIE_WITH_DPDK AUTO CACHE STRING "DPDK data plane: AUTO, ON or OFF")
 set(GENIE_WITH_CUDA AUTO CACHE STRING "CUDA host registration in the data plane: AUTO, ON or OFF")
@@ -91,9 +92,21 @@ if(GENIE_DPDK_ENABLED)
   # DPDK's inline helpers type-pun packet memory freely.
   target_compile_options(genie_dataplane PRIVATE -Wall -Wno-unused-parameter -fno-strict-aliasing)
 
-  add_executable(genie-dpdk-agent ${_dp}/agent_main.cpp)
+  set_target_properties(genie_dataplane genie_dataplane_common PROPERTIES
+                        POSITION_INDEPENDENT_CODE ON)
+
+  add_executable(genie-dpdk-agent ${_dp}/agent_main.cpp ${_dp}/agent_loop.cpp)
   target_link_libraries(genie-dpdk-agent PRIVATE genie_dataplane)
   install(TARGETS genie-dpdk-agent RUNTIME DESTINATION genie)
+
+  # The agent's loop on a thread of the user's process (Note: [In-process endpoint]); genie._C
+  # dlopens it only when asked, so that importing genie needs no DPDK library.
+  add_library(genie_dpdk_inprocess SHARED ${_dp}/inprocess.cpp ${_dp}/agent_loop.cpp)
+  target_link_libraries(genie_dpdk_inprocess PRIVATE genie_dataplane)
+  target_compile_options(genie_dpdk_inprocess PRIVATE -fvisibility=hidden)
+  # Its copies of the data-plane classes stay its own, apart from genie._C's.
+  target_link_options(genie_dpdk_inprocess PRIVATE -Wl,--exclude-libs,ALL -Wl,-Bsymbolic)
+  install(TARGETS genie_dpdk_inprocess LIBRARY DESTINATION genie)
 endif()
 
 if(GENIE_BUILD_TESTS)

@@ -44,8 +44,16 @@ closes; when the heap is full, memory comes from torch and is copied. On a CUDA 
 lands in the heap and goes to the GPU from there, the heap registered with CUDA once through
 the registration cache (``registrations_hit`` / ``registrations_missed``).
 
+In-process mode (opt-in, ``GENIE_DPDK_IN_PROCESS=1``; Note: [In-process endpoint] in
+csrc/dataplane/agent_protocol.h): the endpoint runs on a thread of this process instead of in
+``genie-dpdk-agent``, so it reads and writes every tensor where it is, registering user memory
+on first send (``registrations_missed``) and hitting on later sends (``registrations_hit``).
+It trades the agent's crash isolation for zero copy of any memory: a fault in the PMD or the
+EAL then takes this process down, EAL is initialised once per process (the first connection's
+options win), and a process that forked after that cannot use DPDK. Meant for a real NIC.
+
 Configuration: ``DpdkConfig`` fields, each also read from the environment (``GENIE_DPDK_PORT``,
-``GENIE_DPDK_ARENA``, ``GENIE_DPDK_HEAP``, ``GENIE_DPDK_SLOT``, ``GENIE_DPDK_MIN_PAYLOAD``, ``GENIE_DPDK_PEER_TIMEOUT``,
+``GENIE_DPDK_ARENA``, ``GENIE_DPDK_HEAP``, ``GENIE_DPDK_IN_PROCESS``, ``GENIE_DPDK_SLOT``, ``GENIE_DPDK_MIN_PAYLOAD``, ``GENIE_DPDK_PEER_TIMEOUT``,
 ``GENIE_DPDK_CONNECT_TIMEOUT``, ``GENIE_DPDK_OPTIONS`` = extra ``key=value`` agent options
 separated by spaces, e.g. ``"chunk_bytes=8000 eal_pci=0000:17:00.0"``).
 """
@@ -146,6 +154,9 @@ class DpdkConfig:
     connect_timeout: float = 20.0
     #: extra agent options, key -> value (csrc/dataplane/config.h)
     options: dict[str, str] = field(default_factory=dict)
+    #: run the endpoint on a thread of this process, not in a helper process: zero copy of any
+    #: memory, no crash isolation (Note: [In-process endpoint])
+    in_process: bool = False
 
     @classmethod
     def from_env(cls) -> DpdkConfig:
@@ -166,6 +177,8 @@ class DpdkConfig:
             peer_timeout=float(os.environ.get("GENIE_DPDK_PEER_TIMEOUT", "3.0")),
             connect_timeout=float(os.environ.get("GENIE_DPDK_CONNECT_TIMEOUT", "20.0")),
             options=options,
+            in_process=os.environ.get("GENIE_DPDK_IN_PROCESS", "0").strip().lower()
+            in ("1", "true", "yes", "on"),
         )
 
     @property
@@ -174,7 +187,9 @@ class DpdkConfig:
 
 
 class _Agent:
-    """One genie-dpdk-agent process and the client that drives it."""
+    """One genie-dpdk-agent process and the client that drives it; with
+    ``config.in_process``, the same loop on a thread of this process (Note: [In-process
+    endpoint]) and no process."""
 
     def __init__(self, config: DpdkConfig, role: str, socket_name: str | None):
         if config.slot_bytes <= 0 or config.arena_bytes < 2 * config.slot_bytes:
@@ -210,20 +225,27 @@ class _Agent:
                 f"connect_timeout_ms={int(config.connect_timeout * 1000)}",
                 *(f"{k}={v}" for k, v in options.items()),
             ]
-            # A session of its own: a terminal's Ctrl-C is for the user's process, which then
-            # closes the socket; the agent exits on that EOF.
-            self.proc = subprocess.Popen(
-                args,
-                pass_fds=(child.fileno(), arena_fd),
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=self._log,
-                start_new_session=True,
-            )
-            child.close()
+            self.in_process = config.in_process
+            if self.in_process:
+                self.proc = None
+                # The thread owns its end of the socket pair and its own arena descriptor.
+                _C._dataplane_start_in_process(child.detach(), os.dup(arena_fd), total, args[4:])
+            else:
+                # A session of its own: a terminal's Ctrl-C is for the user's process, which
+                # then closes the socket; the agent exits on that EOF.
+                self.proc = subprocess.Popen(
+                    args,
+                    pass_fds=(child.fileno(), arena_fd),
+                    stdin=subprocess.DEVNULL,
+                    stdout=self._log,
+                    stderr=self._log,
+                    start_new_session=True,
+                )
+                child.close()
             self.client = _C._DataplaneAgentClient(
                 parent.detach(), arena_fd, copy_bytes, config.slot_bytes, heap_bytes
             )
+            self.client.in_process = self.in_process
         except BaseException:
             child.close()
             parent.close()
@@ -242,6 +264,8 @@ class _Agent:
 
     def describe_exit(self, wait: float = 0.2) -> str:
         """'' while the agent runs; how it ended otherwise."""
+        if self.proc is None:
+            return ""  # in process: its errors arrive as events
         try:
             code = self.proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
@@ -256,8 +280,9 @@ class _Agent:
         return int(self.client.wait_for(what, timeout))
 
     def registrations(self) -> tuple[int, int]:
-        """(hits, misses) of the agent's registration cache. It registers the arena once,
-        before it reports ready, and nothing after: one answer holds for the connection."""
+        """(hits, misses) of the agent's registration caches. A process agent registers the
+        arena once, before it reports ready, and nothing after; an in-process one also
+        registers the user memory it sends, so it is asked again after each send."""
         try:
             st = self.client.stats(2.0)
         except GenieError:
@@ -269,11 +294,12 @@ class _Agent:
             self.client.close(0.5)
         except GenieError:
             pass
-        try:
-            self.proc.wait(timeout=2.0)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self._log.close()
 
 
@@ -437,8 +463,16 @@ class DpdkTransport(Transport):
 
     @property
     def agent_pid(self) -> int | None:
-        """The process id of this side's data-plane agent, if one runs."""
-        return self._agent.proc.pid if self._agent is not None else None
+        """The process id of this side's data-plane agent, if one runs (None in process)."""
+        if self._agent is None or self._agent.proc is None:
+            return None
+        return self._agent.proc.pid
+
+    @property
+    def in_process(self) -> bool:
+        """Whether this side's endpoint runs on a thread of this process (Note: [In-process
+        endpoint]) rather than in genie-dpdk-agent."""
+        return self._agent is not None and self._agent.in_process
 
     def data_plane_stats(self) -> dict[str, int]:
         """The agent's counters (chunks, retransmits, ...); {} without a data plane."""
@@ -636,10 +670,14 @@ class DpdkTransport(Transport):
         if on_plane:
             self._wait_plane_ready()
             self._out_msg += 1
+            if self._agent.in_process:
+                _track_storages(views)
             try:
                 self._agent.client.send(self._out_msg, views, self._timeout)
             except GenieError as e:
                 raise self._plane_failed("sending to", e) from None
+            if self._agent.in_process:  # user memory was registered (or hit) on the way
+                self._agent_registrations = self._agent.registrations()
         total = len(prefix) + len(header) + payload
         self._stats.bytes_sent += total
         self._stats.frames_sent += 1
@@ -808,6 +846,17 @@ class DpdkListener(TcpListener):
         return DpdkTransport(
             sock, peer, side="listener", config=self._config, max_message=self._max_message
         )
+
+
+def _track_storages(views: list[memoryview]) -> None:
+    """In process, a tensor's memory is registered where it is: make freeing its storage drop
+    that registration (a tensor's ``.numpy()`` keeps the tensor as the array's base)."""
+    import torch
+
+    for v in views:
+        base = getattr(v.obj, "base", None)
+        if isinstance(base, torch.Tensor):
+            _C._dataplane_track_storage(base)
 
 
 def _require_dpdk() -> None:
