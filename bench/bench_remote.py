@@ -19,7 +19,7 @@ from pathlib import Path
 
 import genie
 import torch
-from genie.runtime.client import connect
+from genie.runtime.remote import connect
 from genie.runtime.loopback import LoopbackServer
 
 ROOT = Path(__file__).resolve().parent.parent

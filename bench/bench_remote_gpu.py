@@ -280,7 +280,7 @@ def main() -> int:
         )
         return 0
 
-    from genie.runtime.client import connect, disconnect
+    from genie.runtime.remote import connect, disconnect
     from genie.runtime.loopback import LoopbackServer
 
     rows: list[dict] = []

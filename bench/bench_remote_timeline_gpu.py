@@ -136,7 +136,7 @@ def eager_figures(model, x, pick, repeats: int) -> dict:
 def remote_timeline(build, inputs, pick, dtype, repeats: int, spin: int) -> dict:
     import genie
     from bench_remote_gpu import REMOTE, to
-    from genie.runtime import client as C
+    from genie.runtime.remote import client as C
 
     workdir = Path(tempfile.mkdtemp(prefix="genie-timeline-"))
     token = secrets.token_hex(16)

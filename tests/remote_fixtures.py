@@ -18,8 +18,8 @@ import pytest
 import torch
 from genie.errors import TransportError
 from genie.runtime import protocol as P
-from genie.runtime.client import connect
 from genie.runtime.loopback import LoopbackServer
+from genie.runtime.remote import connect
 from genie.runtime.transports.base import Frame, Transport, TransportStats, pack_prefix
 from genie.runtime.transports.tcp import TcpTransport
 
@@ -237,8 +237,8 @@ def small_program():
 
 def run_request(nodes, constants, *, body: bytes | None = None) -> tuple[dict, bytes]:
     """A complete, valid "run" request for `nodes` (uploading `constants`) and its payload."""
-    from genie.runtime.client import _storage_span
     from genie.runtime.program import encode_program
+    from genie.runtime.remote.namer import storage_span as _storage_span
 
     enc = encode_program(nodes)
     up, payload = [], b""

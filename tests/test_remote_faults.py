@@ -18,8 +18,8 @@ import pytest
 import torch
 from genie.errors import ExecutionError, RemoteError, TransportError
 from genie.runtime import protocol as P
-from genie.runtime.client import connect, connect_from_env, disconnect, servers_from_topology
 from genie.runtime.loopback import LoopbackServer
+from genie.runtime.remote import connect, connect_from_env, disconnect, servers_from_topology
 from remote_fixtures import RawClient, free_port
 
 pytest_plugins = ["remote_fixtures"]

@@ -123,7 +123,7 @@ def test_two_clients_at_once_with_different_models(server):
     env.pop("GENIE_SERVER", None)
     common = """
         import os, time, torch, genie
-        from genie.runtime.client import connect
+        from genie.runtime.remote import connect
         c = connect(os.environ["GENIE_TEST_SERVER"])
         torch.set_num_threads(1)
         deadline = time.time() + 60
@@ -207,8 +207,8 @@ def test_cuda_server_replays_cuda_graphs_and_matches_eager_cuda():
     """On a CUDA server, a repeated program is captured as a CUDA graph and replayed; results
     equal eager on the same GPU, and a decode loop (shapes change every step, no graphs) too."""
     from fakes import bert, gpt2
-    from genie.runtime.client import connect
     from genie.runtime.loopback import LoopbackServer
+    from genie.runtime.remote import connect
 
     with LoopbackServer(device="cuda:0") as srv:
         client = connect(srv.address, token=srv.token)
@@ -241,8 +241,8 @@ def test_cuda_graph_outputs_held_by_the_user_keep_their_values():
     """A loop that keeps the last run's output while it runs the next (a decode loop's logits)
     gets a second graph that takes turns with the first, so nothing is copied; outputs held
     longer are copied away before a replay would overwrite them. Every value equals eager."""
-    from genie.runtime.client import connect
     from genie.runtime.loopback import LoopbackServer
+    from genie.runtime.remote import connect
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))

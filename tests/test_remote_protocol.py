@@ -16,10 +16,10 @@ import pytest
 import torch
 from genie.errors import GenieError, RemoteError, TransportError
 from genie.runtime import protocol as P
-from genie.runtime.client import RemoteExecutor, connect
 from genie.runtime.loopback import LoopbackServer
 from genie.runtime.program import encode_program
 from genie.runtime.program import program_key as _key
+from genie.runtime.remote import RemoteExecutor, connect
 from genie.runtime.server import Server, ServerConfig, Session
 from genie.runtime.transports.base import Frame
 from hypothesis import HealthCheck, given, settings

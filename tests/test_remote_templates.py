@@ -1,5 +1,5 @@
 """Decode steps with a growing KV cache as instances of one checked program (Note: [Program
-templates] in genie/runtime/client.py, Note: [Program instances] in program.py), and checked
+templates] in genie/runtime/remote/namer.py, Note: [Program instances] in program.py), and checked
 programs run by the C++ runner (Note: [Running programs in C++])."""
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import torch
 from genie import _C
 from genie.errors import ExecutionError, ProtocolError
 from genie.runtime import protocol as P
-from genie.runtime.client import _Known, _make_template
 from genie.runtime.loopback import LoopbackServer
 from genie.runtime.program import ProgramCache, encode_program, next_patch, patch_key
 from genie.runtime.program import run as PR
+from genie.runtime.remote.namer import Known as _Known
+from genie.runtime.remote.namer import make_template as _make_template
 from genie.runtime.replay import Environment
 from genie.runtime.server import Server, ServerConfig
 from remote_fixtures import DEVICE
@@ -185,7 +186,7 @@ def test_a_refused_decode_step_raises_and_the_session_goes_on(remote, monkeypatc
     """A decode step the server refuses (its patch makes a view leave its storage), sent as
     an instance with the next step's guess right behind it, raises its own error; a decode
     started afterwards still equals eager and goes as numbers again."""
-    from genie.runtime.client import _Template
+    from genie.runtime.remote.namer import Template as _Template
 
     model = fakes.gpt2()
     rmodel = type(model)(model.config).eval()
@@ -315,9 +316,8 @@ def test_a_template_whose_base_the_server_lost_is_sent_in_full_and_started_again
         return torch.cat(toks, 1)
 
     def forget():  # as if the server had evicted every base: keys it never saw
-        for t in remote._templates.values():
-            if t is not None:
-                t.known.key = bytes(16)
+        for t in remote.namer.templates_known():
+            t.known.key = bytes(16)
 
     def described():  # programs sent as bytes: in full, or as a patch of one sent before
         return remote.counters["programs_sent"] + remote.counters["programs_patched"]

@@ -60,8 +60,8 @@ _LAZY = {
     "SemanticOptimizer": "genie.scheduler",
     # runtime
     "MultiDeviceExecutor": "genie.runtime.multi_device",
-    "connect": "genie.runtime.client",
-    "disconnect": "genie.runtime.client",
+    "connect": "genie.runtime.remote",
+    "disconnect": "genie.runtime.remote",
 }
 
 __all__ = [
@@ -119,7 +119,7 @@ def _select_executor_from_env() -> None:
     import os
 
     if os.environ.get("GENIE_SERVER") or os.environ.get("GENIE_TOPOLOGY"):
-        from genie.runtime.client import connect_from_env
+        from genie.runtime.remote import connect_from_env
 
         connect_from_env()
 

@@ -121,7 +121,7 @@ class LoopbackServer:
 def loopback_session(device: str = "cpu", **server_options) -> Iterator:
     """Start a loopback server, route this process's flushes to it, and undo both on exit:
     what ``genie demo --remote`` runs its demo inside."""
-    from genie.runtime.client import connect, disconnect
+    from genie.runtime.remote import connect, disconnect
 
     with LoopbackServer(device, **server_options) as srv:
         client = connect(srv.address, token=srv.token)

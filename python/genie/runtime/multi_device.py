@@ -19,7 +19,6 @@ Executor, such as a ``genie serve`` session (RemoteExecutor), so two servers are
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +29,7 @@ import torch
 
 from genie.errors import ExecutionError
 from genie.graph.ir import Graph, Node, TensorMeta
+from genie.runtime import protocol as P
 from genie.runtime.replay import Environment, byte_view, run_node
 from genie.scheduler.cost_model import GraphCostEstimator, is_view
 from genie.scheduler.devices import DeviceSpec
@@ -196,8 +196,16 @@ class ExecutorBackend:
         nbytes = self._nbytes.get(storage)
         if nbytes is None:
             raise ExecutionError(f"genie: storage {storage} is not resident on device {self.name}")
-        ref = {"storage": storage, "dtype": torch.uint8, "shape": [nbytes], "stride": [1], "offset": 0,
-               "storage_nbytes": nbytes, "device": 0, "requires_grad": False}
+        ref = {
+            "storage": storage,
+            "dtype": torch.uint8,
+            "shape": [nbytes],
+            "stride": [1],
+            "offset": 0,
+            "storage_nbytes": nbytes,
+            "device": 0,
+            "requires_grad": False,
+        }
         return self.executor.fetch(ref).contiguous().untyped_storage()
 
     def import_(self, storage, data) -> None:
@@ -244,9 +252,14 @@ def topology_for(backends: Mapping[str, DeviceBackend]) -> NetworkTopology:
     names = list(backends)
     for i, a in enumerate(names):
         da = backends[a].device
-        topo.add_link(topo.client, a, kind="pcie5" if da.type == "cuda" else None,
-                      bandwidth=None if da.type == "cuda" else 20e9, latency=None if da.type == "cuda" else 1e-6)
-        for b in names[i + 1:]:
+        topo.add_link(
+            topo.client,
+            a,
+            kind="pcie5" if da.type == "cuda" else None,
+            bandwidth=None if da.type == "cuda" else 20e9,
+            latency=None if da.type == "cuda" else 1e-6,
+        )
+        for b in names[i + 1 :]:
             db = backends[b].device
             if da.type == "cuda" and db.type == "cuda":
                 topo.add_link(a, b, kind="nvlink4")
@@ -294,11 +307,14 @@ class MultiDeviceExecutor:
                 self.backends[name] = d
         if not self.backends:
             raise ValueError("genie: MultiDeviceExecutor needs at least one device")
-        self.topology = topology or (scheduler.topology if scheduler else None) or topology_for(self.backends)
+        self.topology = (
+            topology or (scheduler.topology if scheduler else None) or topology_for(self.backends)
+        )
         for name in self.backends:
             self.topology.device(name)
         self.scheduler = scheduler or Scheduler(
-            GraphCostEstimator(), self.topology, devices=list(self.backends))
+            GraphCostEstimator(), self.topology, devices=list(self.backends)
+        )
         self.planner = planner or Planner(self.scheduler.estimator, self.topology)
         if profiler == "semantic":
             profiler = _semantic_profiler()
@@ -313,8 +329,14 @@ class MultiDeviceExecutor:
         self._lock = threading.RLock()
         self.last_schedule = None
         self.last_plan: ExecutionPlan | None = None
-        self.stats = {"flushes": 0, "fragments": 0, "transfers": 0, "transfer_bytes": 0,
-                      "schedule_s": 0.0, "execute_s": 0.0}
+        self.stats = {
+            "flushes": 0,
+            "fragments": 0,
+            "transfers": 0,
+            "transfer_bytes": 0,
+            "schedule_s": 0.0,
+            "execute_s": 0.0,
+        }
 
     @classmethod
     def local(cls, **kwargs) -> MultiDeviceExecutor:
@@ -322,8 +344,9 @@ class MultiDeviceExecutor:
         return cls(_local_devices(), **kwargs)
 
     @classmethod
-    def from_topology(cls, topology: NetworkTopology, *, token: str | bytes | None = None,
-                      **kwargs) -> MultiDeviceExecutor:
+    def from_topology(
+        cls, topology: NetworkTopology, *, token: str | bytes | None = None, **kwargs
+    ) -> MultiDeviceExecutor:
         """Every device of `topology`: one with an ``endpoint`` is a ``genie serve`` session
         (token from its ``token_file``, else `token`, else ``$GENIE_TOKEN``); the others run in
         this process on their ``torch_device`` (default cpu)."""
@@ -336,8 +359,15 @@ class MultiDeviceExecutor:
         return cls(devices, topology=topology, **kwargs)
 
     @classmethod
-    def from_servers(cls, servers: list, *, token: str | bytes | None = None, spec: str = "H100",
-                     link: str = "eth100", **kwargs) -> MultiDeviceExecutor:
+    def from_servers(
+        cls,
+        servers: list,
+        *,
+        token: str | bytes | None = None,
+        spec: str = "H100",
+        link: str = "eth100",
+        **kwargs,
+    ) -> MultiDeviceExecutor:
         """Several ``genie serve`` endpoints (``"host:port"`` or ``{"address", "token" |
         "token_file", "type"}`` entries, as ``servers_from_topology`` reads them) as devices
         ``server0``, ``server1``... of a uniform topology."""
@@ -347,30 +377,42 @@ class MultiDeviceExecutor:
             entry = {"address": entry} if isinstance(entry, str) else dict(entry)
             name = str(entry.get("name", f"server{i}"))
             client = _session(entry["address"], entry.get("token_file"), entry.get("token", token))
-            kind = "cpu" if getattr(client, "device_type", "cuda") == "cpu" else entry.get("type", spec)
+            kind = (
+                "cpu"
+                if getattr(client, "device_type", "cuda") == "cpu"
+                else entry.get("type", spec)
+            )
             topo.add_device(name, kind, endpoint=entry["address"])
             topo.add_link(topo.client, name, kind=link)
             devices[name] = ExecutorBackend(name, client)
         names = list(devices)
         for i, a in enumerate(names):
-            for b in names[i + 1:]:
+            for b in names[i + 1 :]:
                 topo.add_link(a, b, kind=link)
         return cls(devices, topology=topo, **kwargs)
 
     # -- the Executor protocol ---------------------------------------------------------------
-    def run(self, nodes: list[dict], constants: dict[int, torch.Tensor], targets: list[int]) -> None:
+    def run(
+        self, nodes: list[dict], constants: dict[int, torch.Tensor], targets: list[int]
+    ) -> None:
         with self._lock:
             t0 = time.perf_counter()
-            graph = Graph((Node.from_core(d) for d in nodes), {int(k): v for k, v in constants.items()})
+            graph = Graph(
+                (Node.from_core(d) for d in nodes), {int(k): v for k, v in constants.items()}
+            )
             if not graph.nodes:
                 for s, t in graph.constants.items():
                     self._upload(s, t, next(iter(self.backends)))
                 return
-            resident = {s: self._home[s] for s in graph.input_storages
-                        if s in self._home and s not in graph.constants}
+            resident = {
+                s: self._home[s]
+                for s in graph.input_storages
+                if s in self._home and s not in graph.constants
+            }
             profile = self.profiler(graph) if callable(self.profiler) else None
             schedule = self.scheduler.create_schedule(
-                graph, profile, resident=resident, reserved=self._reserved(graph))
+                graph, profile, resident=resident, reserved=self._reserved(graph)
+            )
             plan = self.planner.generate_plan(graph, profile, schedule)
             t1 = time.perf_counter()
             self._execute(graph, plan)
@@ -404,8 +446,10 @@ class MultiDeviceExecutor:
     def run_eager(self, node: dict) -> list[Any]:
         with self._lock:
             n = Node.from_core(node)
-            dev = next((self._home[t.storage] for t in n.inputs if t.storage in self._home),
-                       next(iter(self.backends)))
+            dev = next(
+                (self._home[t.storage] for t in n.inputs if t.storage in self._home),
+                next(iter(self.backends)),
+            )
             backend = self.backends[dev]
             for t in n.inputs:
                 self._ensure(t.storage, dev)
@@ -446,9 +490,14 @@ class MultiDeviceExecutor:
         for dev, sids in plan.uploads.items():
             for s in sids:
                 self._upload(s, graph.constants[s], dev)
-        runs = {f.id: [by_id[i] for i in f.node_ids if not is_view(by_id[i])] for f in plan.fragments}
-        parallel = (self.concurrent and plan.flags.get("overlap_io")
-                    and len({f.device for f in plan.fragments}) > 1)
+        runs = {
+            f.id: [by_id[i] for i in f.node_ids if not is_view(by_id[i])] for f in plan.fragments
+        }
+        parallel = (
+            self.concurrent
+            and plan.flags.get("overlap_io")
+            and len({f.device for f in plan.fragments}) > 1
+        )
         if parallel:
             self._execute_concurrent(plan, runs)
         else:
@@ -473,19 +522,25 @@ class MultiDeviceExecutor:
         into: dict[int, list[int]] = {}
         for t in plan.transfers:
             into.setdefault(t.dst_fragment, []).append(t.id)
-        pools = {d: ThreadPoolExecutor(1, thread_name_prefix=f"genie-{d}") for d in
-                 {f.device for f in plan.fragments}}
+        pools = {
+            d: ThreadPoolExecutor(1, thread_name_prefix=f"genie-{d}")
+            for d in {f.device for f in plan.fragments}
+        }
         xfer_pool = ThreadPoolExecutor(2, thread_name_prefix="genie-transfer")
         try:
             for kind, i in plan.steps:
                 if kind == "transfer":
                     t = plan.transfers[i]
                     src = done.get(t.src_fragment) if t.src_fragment is not None else None
-                    moved[i] = xfer_pool.submit(self._after, [src] if src else [], self._transfer, t)
+                    moved[i] = xfer_pool.submit(
+                        self._after, [src] if src else [], self._transfer, t
+                    )
                 else:
                     f = plan.fragments[i]
                     waits = [done[d] for d in f.deps] + [moved[t] for t in into.get(i, ())]
-                    done[i] = pools[f.device].submit(self._after, waits, self._run_fragment, plan, i, runs[i])
+                    done[i] = pools[f.device].submit(
+                        self._after, waits, self._run_fragment, plan, i, runs[i]
+                    )
             for fut in list(done.values()) + list(moved.values()):
                 fut.result()
         finally:
@@ -509,7 +564,9 @@ class MultiDeviceExecutor:
         t0 = time.perf_counter()
         backend.run(nodes)
         backend.synchronize()
-        self.scheduler.estimator.observe_nodes(nodes, self.topology.spec(f.device), time.perf_counter() - t0)
+        self.scheduler.estimator.observe_nodes(
+            nodes, self.topology.spec(f.device), time.perf_counter() - t0
+        )
 
     def _transfer(self, t) -> None:
         if t.version == -1 and t.dst_device in self._copies.get(t.storage, ()):
@@ -548,8 +605,9 @@ class MultiDeviceExecutor:
         for b in self.backends.values():
             if b.has(storage):
                 return b
-        raise ExecutionError(f"genie: storage {storage} is not resident on any device "
-                             f"({', '.join(self.backends)})")
+        raise ExecutionError(
+            f"genie: storage {storage} is not resident on any device ({', '.join(self.backends)})"
+        )
 
     def _ensure(self, storage: int, dev: str) -> None:
         """Make `storage` available on `dev` (a copy from its home)."""
@@ -571,20 +629,15 @@ class MultiDeviceExecutor:
 
 
 def _session(endpoint: str, token_file: str | None, token):
-    from genie.runtime.client import RemoteExecutor
+    from genie.runtime.remote.client import RemoteExecutor
 
     address = endpoint.removeprefix("tcp://")
-    if token_file:
-        with open(token_file, "rb") as f:
-            token = f.read().strip()
+    token = P.resolve_token(None, token_file) if token_file else P.resolve_token(token)
     if token is None:
-        token = os.environ.get("GENIE_TOKEN")
-        if token is None and os.environ.get("GENIE_TOKEN_FILE"):
-            with open(os.environ["GENIE_TOKEN_FILE"], "rb") as f:
-                token = f.read().strip()
-    if token is None:
-        raise ExecutionError(f"genie: no token for the genie server at {address}: set token_file "
-                             "in the topology, pass token=, or set GENIE_TOKEN")
+        raise ExecutionError(
+            f"genie: no token for the genie server at {address}: set token_file "
+            "in the topology, pass token=, or set GENIE_TOKEN"
+        )
     return RemoteExecutor(address, token)
 
 

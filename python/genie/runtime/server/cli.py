@@ -114,17 +114,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, log_level: bool = Tr
 
 
 def _load_token(args: argparse.Namespace) -> tuple[bytes, bool]:
-    if args.token_file:
-        with open(args.token_file, "rb") as f:
-            token = f.read().strip()
+    """(token, whether it was generated here): --token, --token-file, GENIE_TOKEN or
+    GENIE_TOKEN_FILE (protocol.resolve_token), else a fresh one to print."""
+    token = (
+        P.resolve_token(None, args.token_file) if args.token_file else P.resolve_token(args.token)
+    )
+    if token is not None:
         if not token:
             raise GenieError(f"genie: the token file {args.token_file} is empty")
         return token, False
-    if args.token:
-        return args.token.encode(), False
-    env = os.environ.get("GENIE_TOKEN")
-    if env:
-        return env.encode(), False
     return secrets.token_urlsafe(24).encode(), True
 
 

@@ -1,0 +1,84 @@
+"""What the client asks the server to start early (Note: [Client speculation]); the client
+only sends what the Speculator decides."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from genie.runtime.remote.namer import MAX_DIGESTS, Known, Template
+
+__all__ = ["Speculator", "SPECULATION_WINDOW"]
+
+SPECULATION_WINDOW = 2  # recorded nodes compared before a speculative run is asked for
+
+
+# Note: [Client speculation]
+# A program recorded again (the next forward of a serving loop, the next step of a decode loop
+# with a static KV cache) is known by its digest, computed in C++ at flush
+# (Note: [Program digests] in csrc/capture/digest.h): the client sends its key and binding and
+# never converts its nodes. Better still, the server can start it before the recording ends.
+# The recorder fingerprints the first few nodes recorded after each flush (the "window"); the
+# client remembers which program the recording that began that way became. When a window
+# fingerprints like one seen before, the client predicts that program's binding and sends a
+# "spec" request without waiting for its answer; the server runs it while the user's Python
+# records the rest (Note: [Speculative runs] in server/speculation.py). The run request at
+# flush then finds its work done, or, if the program or its binding turned out different, the
+# server undoes the speculative run and runs the real one: correctness never rests on the
+# guess. The binding is predicted from the last two runs of the program: an input bound to
+# the same storage both times (a weight, a static KV cache) keeps it; an input bound to what
+# a created storage of the run before held (this step's token, from last step's argmax)
+# takes what that storage's counterpart in the last run holds. Anything else (a fresh upload)
+# means no guess.
+class Speculator:
+    """Remembers which program followed each recording start and turns that into guesses."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._by_window: OrderedDict[bytes, Known | Template] = OrderedDict()
+        self.window: bytes | None = None  # how the recording being flushed began
+        self.ahead = False  # a guess went behind the last flush: the next window asks nothing
+
+    @property
+    def window_nodes(self) -> int:
+        """How many recorded nodes the recorder fingerprints (0: never)."""
+        return SPECULATION_WINDOW if self.enabled else 0
+
+    def on_window(self, window: bytes) -> Known | Template | None:
+        """The recording began like `window`: what followed such a start last time, if a
+        guess should go now."""
+        self.window = window
+        if self.ahead:
+            return None
+        return self._by_window.get(window)
+
+    def ran(self, follows: Known | Template) -> None:
+        """The flush that just ran is what the current recording start leads to."""
+        if self.window is None:
+            return
+        self._by_window[self.window] = follows
+        self._by_window.move_to_end(self.window)
+        if len(self._by_window) > MAX_DIGESTS:
+            self._by_window.popitem(last=False)
+        self.window = None
+
+    @staticmethod
+    def guess(follows: Known | Template, resident: dict[int, int]) -> dict[str, Any] | None:
+        """A "spec" request's fields for `follows` (a program, again; or a template's next
+        program) with its predicted binding; None when there is no guess."""
+        header: dict[str, Any] = {"t": "spec"}
+        known = follows
+        if isinstance(follows, Template):
+            params = follows.predict()
+            if params is None:
+                return None
+            patch, header["key"] = follows.name(params)
+            header["base"], header["patch"] = follows.known.key, patch
+            known = follows.known
+        else:
+            header["key"] = known.key
+        bind = known.predict(resident)
+        if bind is None:
+            return None
+        header["bind"] = bind
+        return header
