@@ -14,6 +14,10 @@ fresh processes). Not a test module: ``python tests/dataplane_peer.py ROLE ...``
                            as client; MEMORY "arena" sends from and receives into host_buffer
                            tensors, "torch" from and into torch.empty ones; keeps every echo,
                            checks them after all, frees them, and reads one after closing
+  device-server PORT_FILE N
+                           accept one client, receive N frames with recv_payload_into a tensor
+                           on a device other than the CPU ("meta": the CUDA path's steps on a
+                           CPU-only machine, the heap registered through the "null" backend)
   inproc-client PORT SIZES with GENIE_DPDK_IN_PROCESS=1: sends one torch tensor per distinct size
                            (a repeated size resends the same tensor), receives each echo into
                            torch memory, then frees the sent tensors
@@ -179,6 +183,17 @@ def arena_client(port: int, sizes: list[int], memory: str) -> None:
     say(event="closed", last_equal=bool(torch.equal(last, tensor(sizes[-1], seed=len(sizes) - 1))))
 
 
+def device_serve(port_file: str, n: int) -> None:
+    t = accept(port_file)
+    t.heap_registration_backend = "null"
+    for _ in range(n):
+        frame = t.recv_frame(1024)
+        dst = torch.empty(frame.payload_len, dtype=torch.uint8, device="meta")
+        t.recv_payload_into(dst)
+    say(event="device", stats=t.stats.as_dict(), arena=t.arena_stats(), frames=n)
+    t.close()
+
+
 def inproc_client(port: int, sizes: list[int]) -> None:
     t = DpdkTransport.connect(("127.0.0.1", port), timeout=30)
     t.recv_frame(64)
@@ -218,6 +233,8 @@ def main(argv: list[str]) -> int:
             stream(int(argv[1]), int(argv[2]))
         elif role == "arena-server":
             arena_serve(argv[1], [int(s) for s in argv[2].split(",")])
+        elif role == "device-server":
+            device_serve(argv[1], int(argv[2]))
         elif role == "inproc-client":
             inproc_client(int(argv[1]), [int(s) for s in argv[2].split(",")])
         elif role == "arena-client":

@@ -247,3 +247,25 @@ def test_in_process_endpoint_sends_torch_memory_in_place(env, server_mode):
     assert done["stats"]["registrations_missed"] == 1 + len(set(sizes))
     assert done["stats"]["registrations_hit"] == len(sizes) - len(set(sizes))
     assert done["registered_bytes_held"] >= done["registered_bytes_freed"] + sum(set(sizes))
+
+
+def test_uploads_to_a_device_go_from_the_heap_registered_once(env):
+    """The CUDA server's upload path, run on a CPU-only machine: each payload bound for a
+    non-CPU tensor lands in the arena heap in place (0 bytes copied on receipt), the heap is
+    registered once through the registration cache (one miss, then hits; the "null" backend
+    stands in for cudaHostRegister), and every staging block goes back to the heap."""
+    frames = 3
+    server, client = start_pair(["device-server", str(frames)], ["stream", str(4 * MB)], env, env)
+    try:
+        assert server.finish(120) == 0, server.stderr()
+        client.finish(30)  # the stream ends when the server closes
+    finally:
+        client.kill()
+        server.kill()
+    done = next(e for e in server.events if e.get("event") == "device")
+    assert done["stats"]["bytes_copied_receiving"] == 0
+    assert done["arena"]["received_in_place"] == frames * 4 * MB
+    agent_misses = 1  # the agent's registration of the arena
+    assert done["stats"]["registrations_missed"] == agent_misses + 1
+    assert done["stats"]["registrations_hit"] == frames - 1
+    assert done["arena"]["heap_used"] == 0

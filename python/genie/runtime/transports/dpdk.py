@@ -338,6 +338,7 @@ class DpdkTransport(Transport):
         self._copied_base = (0, 0)
         self._agent_registrations = (0, 0)
         self._cuda_cache = None  # RegistrationCache("cuda-host") for the heap, on first use
+        self._heap_registration_error: str | None = None
 
     @classmethod
     def connect(
@@ -438,19 +439,38 @@ class DpdkTransport(Transport):
             super().recv_payload_into(dst)
             return
         self.recv_payload([memoryview(staging.numpy())])  # in place, into the heap
-        self._register_heap_with_cuda()
+        self._register_heap_for_devices()
         # Synchronous: the block goes back to the heap when `staging` dies, right after.
         dst.copy_(staging)
 
-    def _register_heap_with_cuda(self) -> None:
+    #: the registration cache backend that pins the heap for copies to a device
+    heap_registration_backend = "cuda-host"
+
+    def _register_heap_for_devices(self) -> None:
         """The heap is registered with CUDA (pinned, so a copy to the GPU is one DMA from the
         pages the agent wrote) through a registration cache: the first upload misses and pays
-        cudaHostRegister, later ones hit. The registration ends before the arena is unmapped."""
+        cudaHostRegister for the whole heap, later ones hit; the registration ends before the
+        arena is unmapped. Where it cannot be registered the copy still works, from pageable
+        memory (slower), and a warning says why once."""
         client = self._agent.client
         if self._cuda_cache is None:
-            self._cuda_cache = _C.RegistrationCache("cuda-host", capacity=4, max_age=1e9)
+            if self._heap_registration_error is not None:
+                return
+            try:
+                self._cuda_cache = _C.RegistrationCache(
+                    self.heap_registration_backend, capacity=4, max_age=1e9
+                )
+            except GenieError as e:
+                self._heap_registration_error = str(e)
+                logger.warning("genie: uploads to the device go from unregistered memory: %s", e)
+                return
             client.invalidate_on_unmap(self._cuda_cache)
-        self._cuda_cache.acquire(client.heap_address, client.heap_bytes)
+        try:
+            self._cuda_cache.acquire(client.heap_address, client.heap_bytes)
+        except GenieError as e:
+            if self._heap_registration_error is None:
+                logger.warning("genie: registering the data-plane heap failed: %s", e)
+            self._heap_registration_error = str(e)
 
     @property
     def closed(self) -> bool:
