@@ -161,3 +161,21 @@ def test_analyze_hf_prints_profile_and_draws(tmp_path, capsys):
     assert {"layer 0", "layer 1", "prefill", "embedding", "KV", "q_projection"} <= set(texts)
     assert main(["--hf", "NoSuchModelForCausalLM"]) == 2
     assert "neither a model class nor a config name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["T5ForConditionalGeneration", "BartForConditionalGeneration"])
+def test_seq2seq_encoder_then_decoder_phases(built, name):
+    """A seq2seq model's forward is the encoder (``text_encoder``) and the decoder
+    (``prefill``) in one graph; under generate() the encoder runs once as a call of its own,
+    then every new token is a decode step."""
+    from genie.semantic import hf_models
+
+    model, args, kwargs = hf_models.build(name)
+    profile = SemanticAnalyzer().analyze(model, *args, **kwargs)
+    genie.synchronize()
+    assert profile.structure.architecture == "transformer_seq2seq"
+    assert Phase.TEXT_ENCODER in profile.phases and Phase.PREFILL in profile.phases
+    entries, _ = built
+    entry = next(e for e in entries if e.name == name)
+    got = zoo.generate_phases(entry, decoder_start_token_id=0)
+    assert got["phases"] == [Phase.TEXT_ENCODER, Phase.DECODE, Phase.DECODE, Phase.DECODE], got

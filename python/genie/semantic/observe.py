@@ -10,7 +10,9 @@
 
 Note: [Observing calls]
 A forward pre-hook on the model's root runs what is pending (``genie.synchronize()``), so
-the graph a call records is that call alone -- the runtime may otherwise keep several
+the graph a call records is that call alone (what is pending and was recorded inside the
+model's submodules -- a seq2seq encoder generate() runs through ``get_encoder()`` -- is
+analysed first, as a call of its own) -- the runtime may otherwise keep several
 generate() steps pending in one graph when nothing read a value between them. A forward hook
 then analyses the pending graph after each top-level call. The module-context hooks are
 installed too, so the nodes carry module paths and roles. When a data-dependent op inside
@@ -50,6 +52,7 @@ class CallObserver:
         self._tracker = ModuleContextTracker(model)
         self._handles: list = []
         self._flushes = 0
+        self._seen: set[int] = set()  # node ids of the graph analysed last
 
     @property
     def phases(self) -> list[str | None]:
@@ -71,15 +74,25 @@ class CallObserver:
     def _before_call(self, module, args) -> None:
         import genie
 
+        pending = genie.get_graph()
+        mine, seen = self._tracker.contexts, self._seen
+        if any(n.context in mine and n.id not in seen for n in pending.nodes):
+            # a submodule ran outside a top-level call (generate() runs a seq2seq encoder
+            # through get_encoder()): that is a call too
+            self._analyze(pending, module, flushes=0)
         genie.synchronize()
         self._flushes = genie.stats()["flushes"]
 
     def _after_call(self, module, args, output) -> None:
         import genie
 
+        self._analyze(genie.get_graph(), module, genie.stats()["flushes"] - self._flushes)
+
+    def _analyze(self, graph, module, flushes: int) -> None:
         try:
-            profile = self.analyzer.analyze_graph(genie.get_graph(), self.model)
-            profile.metadata["flushes_in_call"] = genie.stats()["flushes"] - self._flushes
+            self._seen = {n.id for n in graph.nodes}
+            profile = self.analyzer.analyze_graph(graph, self.model)
+            profile.metadata["flushes_in_call"] = flushes
             self.profiles.append(profile)
         except Exception as exc:  # noqa: BLE001 - analysis must not break the user's forward
             logger.warning("genie: analysing a call of %s failed: %s", type(module).__name__, exc)

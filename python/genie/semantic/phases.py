@@ -30,7 +30,7 @@ _EMBED_ROLES = {Role.TOKEN_EMBEDDING, Role.POSITION_EMBEDDING, Role.SEGMENT_EMBE
                 Role.EMBEDDING, Role.EMBEDDING_BAG}
 _HEAD_ROLES = {Role.CLASSIFIER_HEAD, Role.POOLER}
 _BACKBONE_CLASSES = {OpClass.CONV, OpClass.ATTENTION, OpClass.NORM}
-_DECODER_ARCHS = {"transformer_decoder"}
+_DECODER_ARCHS = {"transformer_decoder", "transformer_seq2seq"}
 _NOT_DECODER_ARCHS = {"transformer_encoder", "vit", "multimodal"}
 # call phases, most specific first, that name what a call as a whole was doing
 _CALL_ORDER = (Phase.DECODE, Phase.PREFILL, Phase.MULTIMODAL_FUSION, Phase.TEXT_ENCODER,
@@ -97,6 +97,8 @@ class PhaseDetector:
         # cache or a decoder architecture does; a causal graph of unknown make counts too
         decoder = bool(ann.kv_cache_nodes) or architecture in _DECODER_ARCHS or (
             ann.causal and architecture not in _NOT_DECODER_ARCHS)
+        if architecture == "transformer_seq2seq" and not ann.kv_cache_nodes and not ann.causal:
+            decoder = False  # the encoder alone (generate() runs it as a call of its own)
         kv_present = bool(ann.kv_cache_storages)
         if decoder:
             # decode: a step against a cache -- one new token (the ids the call was given),
@@ -119,6 +121,7 @@ class PhaseDetector:
             ):
                 last_backbone = i
 
+        encoder = _encoder_nodes(gv, ann) if decoder else set()
         positions: dict[str, list[int]] = {}
         for i, n in enumerate(nodes):
             meta = n.meta
@@ -135,7 +138,7 @@ class PhaseDetector:
             elif role in _EMBED_ROLES and mod != Modality.VISION:
                 phase = Phase.EMBEDDING
             elif mod == Modality.TEXT:
-                phase = text_phase
+                phase = Phase.TEXT_ENCODER if n.id in encoder else text_phase
             elif mod == Modality.VISION:
                 phase = (Phase.VISION_HEAD if role in _HEAD_ROLES or i > last_backbone
                          else Phase.VISION_BACKBONE)
@@ -209,3 +212,42 @@ class PhaseDetector:
             self.transitions.clear()
             self._stats.clear()
             self.current_phase = None
+
+
+def _encoder_nodes(gv: GraphView, ann: Annotations) -> set[int]:
+    """The nodes of an encoder that a decoder attends to, in one graph (seq2seq).
+
+    Note: [Encoder and decoder streams]
+    Each token-id input is a stream; every node carries the set of streams it derives from
+    (a bit per input). Where an attention's keys derive from a stream its queries do not,
+    that stream is an encoder the queries' stream cross-attends to. Nodes deriving only from
+    encoder streams are ``text_encoder``; the decoder's are prefill or decode. One stream
+    (a decoder-only model, a decode step against a resident encoder output) finds none."""
+    sources = [s for s, lab in ann.input_modalities.items() if lab == Modality.TEXT]
+    if len(sources) < 2 or not ann.attention:
+        return set()
+    bit = {s: 1 << i for i, s in enumerate(sources)}
+    node_bits: dict[int, int] = {}
+    writer: dict[int, int] = {}
+    for n in gv.nodes:
+        b = 0
+        for t in n.inputs:
+            w = writer.get(t.storage)
+            b |= node_bits.get(w, 0) if w is not None else bit.get(t.storage, 0)
+        node_bits[n.id] = b
+        for o in n.outputs:
+            writer[o.storage] = n.id
+        for s in n.writes:
+            writer[s] = n.id
+    nodes, pos, names = gv.nodes, gv.pos, gv.names
+    enc = 0
+    for nid, _, _ in ann.attention:
+        n = nodes[pos[nid]]
+        qk = n.inputs[1:3] if names[nid] == "baddbmm" else n.inputs[0:2]
+        if len(qk) < 2:
+            continue
+        q, k = (node_bits.get(writer.get(t.storage, -1), bit.get(t.storage, 0)) for t in qk)
+        enc |= k & ~q
+    if not enc:
+        return set()
+    return {nid for nid, b in node_bits.items() if b and not (b & ~enc)}

@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["ModelStructure", "structure_from_model", "structure_from_contexts",
            "structure_from_ops", "ARCHITECTURES"]
 
-ARCHITECTURES = ("transformer_decoder", "transformer_encoder", "vit", "resnet", "cnn", "mlp",
-                 "recsys", "multimodal", "audio", "unknown")
+ARCHITECTURES = ("transformer_decoder", "transformer_encoder", "transformer_seq2seq", "vit",
+                 "resnet", "cnn", "mlp", "recsys", "multimodal", "audio", "unknown")
 
 # HF's task naming convention (``...ForCausalLM``, ``...LMHeadModel``), not model names
 _CAUSAL = re.compile(r"CausalLM|LMHead", re.IGNORECASE)
@@ -133,6 +133,8 @@ def _architecture(f: dict[str, Any]) -> str:
     if f["attention_modules"]:
         if (f["patch_embedding"] or f["conv_modules"]) and not f["token_embedding"]:
             return "vit"
+        if f.get("encoder_decoder") and f["token_embedding"]:
+            return "transformer_seq2seq"
         return "transformer_decoder" if f["causal"] else "transformer_encoder"
     if f["conv_modules"]:
         return "resnet" if f["residual_types"] or f.get("residual_adds", 0) else "cnn"
@@ -212,6 +214,10 @@ def structure_from_model(model: torch.nn.Module, try_fx: bool = True) -> ModelSt
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "is_decoder", False) is True:
         f["causal"] = True
+    # an encoder and a decoder stack: the config says so, or top-level modules named so
+    tops = {r.path for r in recs if r.path and "." not in r.path}
+    f["encoder_decoder"] = getattr(config, "is_encoder_decoder", False) is True or (
+        any("encoder" in t for t in tops) and any("decoder" in t for t in tops))
     st.blocks = _blocks(recs)
     if try_fx and not _is_hf(model):
         _from_fx(model, st, f)

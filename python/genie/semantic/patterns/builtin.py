@@ -131,7 +131,8 @@ def _mostly(modality: str, share: float):
 def _llm_hints(ctx: PatternContext) -> dict[str, Any]:
     ann = ctx.annotations
     layers = len(ann.attention) or ctx.count_class(C.SOFTMAX)
-    decoder = bool(ann.kv_cache_nodes) or ann.causal or ctx.architecture == "transformer_decoder"
+    decoder = bool(ann.kv_cache_nodes) or ann.causal or ctx.architecture in (
+        "transformer_decoder", "transformer_seq2seq")
     q = max((q for _, q, _ in ann.attention), default=None)
     k = max((k for _, _, k in ann.attention), default=None)
     rec = ["keep_weights_resident"]
@@ -250,6 +251,7 @@ _two_branches.__name__ = "two_modality_branches"
 _STRUCTURE_VOTES = {
     "transformer_decoder": WorkloadType.LLM,
     "transformer_encoder": WorkloadType.LLM,
+    "transformer_seq2seq": WorkloadType.LLM,
     "vit": WorkloadType.VISION,
     "resnet": WorkloadType.VISION,
     "cnn": WorkloadType.VISION,
@@ -293,7 +295,7 @@ def builtin_patterns() -> list:
                 (_ffn, 0.08),
                 (_residual_transformer, 0.08),
                 (_attention_shape, 0.05),
-                (architecture_in("transformer_decoder", "transformer_encoder"), 0.1),
+                (architecture_in("transformer_decoder", "transformer_encoder", "transformer_seq2seq"), 0.1),
                 (_kv, 0.04),
                 (negate(has_op_class(C.CONV)), 0.04),
             ],
