@@ -198,3 +198,13 @@ def test_tensor_split_with_device_indices_is_refused_as_on_cuda():
     assert [p.cpu().tolist() for p in parts] == [
         list(map(float, r)) for r in (range(2), range(2, 5), range(5, 10))
     ]
+
+
+def test_result_differing_only_by_unit_dims_is_bound(executor):
+    """multilabel_margin_loss's meta kernel says [1] where the CPU kernel returns a 0-dim
+    loss: the same single element, so the loss is readable and equals eager."""
+    torch.manual_seed(0)
+    x, t = torch.randn(4), torch.tensor([3, 0, -1, 1])
+    ref = nn.MultiLabelMarginLoss(reduction="none")(x, t)
+    out = nn.MultiLabelMarginLoss(reduction="none")(x.to(REMOTE), t.to(REMOTE))
+    assert out.cpu().item() == ref.item()

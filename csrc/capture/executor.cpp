@@ -86,6 +86,19 @@ std::string describe_geometry(c10::ScalarType dtype, c10::IntArrayRef sizes) {
 }
 }  // namespace
 
+// The same elements in the same order: sizes equal but for dims of size 1 (a meta kernel that
+// says [1] where the kernel returns a 0-dim tensor, as multilabel_margin_loss's does).
+static bool same_but_unit_dims(c10::IntArrayRef a, c10::IntArrayRef b) {
+  if (a == b) return true;
+  size_t i = 0, j = 0;
+  while (true) {
+    while (i < a.size() && a[i] == 1) ++i;
+    while (j < b.size() && b[j] == 1) ++j;
+    if (i == a.size() || j == b.size()) return i == a.size() && j == b.size();
+    if (a[i++] != b[j++]) return false;
+  }
+}
+
 std::string result_mismatch(const Node& node, size_t k, const at::Tensor& value, const c10::Device& device) {
   const TensorRef& ref = node.outputs[k];
   const std::string head = "genie: " + node.name() + " on " + device.str() + " returned ";
@@ -93,7 +106,7 @@ std::string result_mismatch(const Node& node, size_t k, const at::Tensor& value,
                            describe_geometry(ref.dtype, ref.sizes) +
                            " (its meta kernel and this kernel disagree); that output cannot be read";
   if (!value.defined()) return head + "no tensor" + tail;
-  if (value.scalar_type() != ref.dtype || value.sizes() != c10::IntArrayRef(ref.sizes))
+  if (value.scalar_type() != ref.dtype || !same_but_unit_dims(value.sizes(), ref.sizes))
     return head + describe_geometry(value.scalar_type(), value.sizes()) + tail;
   return {};
 }
@@ -136,6 +149,9 @@ c10::Storage storage_for(const TensorRef& ref, const at::Tensor& value, c10::Dev
       value.strides() == c10::IntArrayRef(ref.strides) && value.storage_offset() == ref.offset &&
       value.scalar_type() == ref.dtype)
     return value.storage();
+  if (value.sizes() != c10::IntArrayRef(ref.sizes) && value.scalar_type() == ref.dtype &&
+      same_but_unit_dims(value.sizes(), ref.sizes))
+    return storage_for(ref, value.reshape(ref.sizes), device);
   if (value.sizes() != c10::IntArrayRef(ref.sizes) || value.scalar_type() != ref.dtype)
     raise_error(ErrorKind::Execution, "genie: a " + describe_geometry(value.scalar_type(), value.sizes()) +
                                           " result cannot stand for a recorded " +

@@ -105,7 +105,8 @@ c10::Storage storage_for(const TensorRef& ref, const at::Tensor& value, c10::Dev
 // ExecutionError naming the op and both geometries, while the node's other results stay
 // usable. A later op that reads the whole output, as recorded (eval-mode batch norm's backward
 // reading its saved statistics, embedding_bag's backward reading offset2bag), gets the kernel's
-// own tensor, as it would in eager mode on that device.
+// own tensor, as it would in eager mode on that device. A result that differs from the recorded
+// geometry only by dims of size 1 (the same elements in the same order) is bound reshaped.
 
 // Why `value`, the node's k-th tensor result, cannot stand for `node.outputs[k]`; "" if it can.
 std::string result_mismatch(const Node& node, size_t k, const at::Tensor& value, const c10::Device& device);

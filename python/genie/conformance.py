@@ -306,13 +306,21 @@ class _Verdicts:
         if o.status == "pass":
             o.status, o.reason = "fail", verdict
 
-    def refused(self, why: str) -> None:
-        self.outcome.details.append("refused as eager CUDA refuses it: " + why)
+    def error(self, e: BaseException) -> None:
+        if _REFUSED_AS_ON_CUDA in str(e):
+            # An argument eager wants on the host was moved to the device by this check;
+            # eager CUDA refuses the same call with the same words: not a sample to compare.
+            self.outcome.details.append("refused as eager CUDA refuses it: " + _first_line(e))
+        else:
+            self.add(_first_line(e))
 
     def done(self) -> Outcome:
         o = self.outcome
         if o.samples == 0 and o.status == "pass":
-            o.status, o.reason = "skip", o.reason or "no sample eager CPU runs deterministically"
+            o.status, o.reason = (
+                "skip",
+                o.reason or "eager CPU runs no sample of it, or none deterministically",
+            )
         o.details = o.details[:5]
         return o
 
@@ -349,12 +357,7 @@ def _check_op(entry: Entry) -> Outcome:
         try:
             got = _cpu(_seeded(op, *remote))
         except Exception as e:  # noqa: BLE001 - a failure, with its reason
-            if _REFUSED_AS_ON_CUDA in str(e):
-                # An argument eager wants on the host was moved to the device by this check;
-                # eager CUDA refuses the same call with the same words.
-                v.refused(_first_line(e))
-            else:
-                v.add(_first_line(e))
+            v.error(e)
             continue
         v.add(_compare(ref, got))
     return v.done()
@@ -406,7 +409,7 @@ def _check_grad(entry: Entry) -> Outcome:
         try:
             got = _grads(op, args, sample.kwargs, REMOTE)
         except Exception as e:  # noqa: BLE001
-            v.add(_first_line(e))
+            v.error(e)
             continue
         v.add(_compare(ref, got))
     return v.done()
@@ -442,7 +445,7 @@ def _check_module(entry: Entry) -> Outcome:
             rm = rm.to(REMOTE)
             got = _cpu(_seeded(rm, _to(f.args, REMOTE), _to(f.kwargs, REMOTE)))
         except Exception as e:  # noqa: BLE001
-            v.add(_first_line(e))
+            v.error(e)
             continue
         v.add(_compare(ref, got))
     return v.done()

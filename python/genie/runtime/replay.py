@@ -84,6 +84,8 @@ class Environment:
         ):
             self.storages[meta.storage] = value.untyped_storage()
             return
+        if tuple(value.shape) != meta.shape and _same_but_unit_dims(tuple(value.shape), meta.shape):
+            value = value.reshape(meta.shape)
         if tuple(value.shape) != meta.shape or value.dtype != meta.dtype:
             raise ExecutionError(
                 f"genie: a {_geometry(value.dtype, value.shape)} result cannot stand for a "
@@ -151,6 +153,11 @@ def _geometry(dtype: torch.dtype, shape) -> str:
     return f"{_SHORT.get(dtype, str(dtype).removeprefix('torch.'))}{list(shape)}"
 
 
+def _same_but_unit_dims(a: tuple, b: tuple) -> bool:
+    """The same elements in the same order (see same_but_unit_dims in executor.cpp)."""
+    return a == b or [n for n in a if n != 1] == [n for n in b if n != 1]
+
+
 def _mismatch(node: Node, k: int, value: torch.Tensor | None, device, got: int) -> str:
     """Why a kernel's k-th tensor result cannot stand for the recorded output k ("" if it can)."""
     out = node.outputs[k]
@@ -163,7 +170,7 @@ def _mismatch(node: Node, k: int, value: torch.Tensor | None, device, got: int) 
         return f"{head}{got} tensors where capture recorded {len(node.outputs)}; its results cannot be read"
     if value is None:
         return head + "no tensor" + tail
-    if tuple(value.shape) != out.shape or value.dtype != out.dtype:
+    if value.dtype != out.dtype or not _same_but_unit_dims(tuple(value.shape), out.shape):
         return f"{head}{_geometry(value.dtype, value.shape)}{tail}"
     return ""
 
