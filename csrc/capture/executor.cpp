@@ -291,13 +291,16 @@ void LocalExecutor::run(const FlushRequest& request) {
           // A result the kernel returned as one of its inputs while capture recorded a fresh
           // tensor: give it its own bytes, or later writes to the input would change it too.
           const auto* impl = t.storage().unsafeGetStorageImpl();
-          for (const auto& in : n->inputs) {
-            auto it = env_.find(in.storage);
-            if (it != env_.end() && it->second.unsafeGetStorageImpl() == impl) {
-              bind_locked(ref, t.clone());
-              return;
+          // Only a storage someone else holds too can be an input's (the common fresh result
+          // is held by its tensor alone: no lookups).
+          if (t.storage().use_count() > 1)
+            for (const auto& in : n->inputs) {
+              auto it = env_.find(in.storage);
+              if (it != env_.end() && it->second.unsafeGetStorageImpl() == impl) {
+                bind_locked(ref, t.clone());
+                return;
+              }
             }
-          }
           bind_locked(ref, t);
         },
         [&](const TensorRef& ref, const std::string& why, const at::Tensor& value) {
