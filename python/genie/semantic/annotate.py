@@ -526,8 +526,10 @@ def _source_bits(n, c: str, t, info: ContextInfo, constants) -> int:
             return MODALITY_BITS[hint]
     if floating and c == OpClass.MATMUL:
         return TABULAR
-    if floating and rank >= 4 and t.shape[1] in (1, 3, 4):
-        return VISION  # an NCHW image that meets a non-conv op first (normalisation)
+    if floating and rank == 4 and t.shape[1] in (3, 4) and min(t.shape[2:]) >= 8:
+        # an RGB(A) NCHW image no convolution reads (patches cut by reshapes); a 1-channel
+        # 4-d float is as often rotary cos/sin tables as a grey image: no evidence
+        return VISION
     return 0
 
 

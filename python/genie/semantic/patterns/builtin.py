@@ -232,10 +232,17 @@ def _fusion_hints(ctx: PatternContext) -> dict[str, Any]:
 
 
 def _fusion_points(ctx: PatternContext) -> bool:
-    return bool(ctx.annotations.fusion_points)
+    """Two computed streams meet: some fusion point's inputs come from nodes of two
+    perceptual modalities (not a graph input of one meeting the other's stream)."""
+    nodes = ctx.graph
+    for fid in ctx.annotations.fusion_points:
+        lin = nodes.node(fid).meta.get("lineage", {})
+        if len(lin.get("fusion_of", ())) >= 2:
+            return True
+    return False
 
 
-_fusion_points.__name__ = "fusion_points>=1"
+_fusion_points.__name__ = "two_streams_meet"
 _kv.__name__ = "kv_cache"
 
 
