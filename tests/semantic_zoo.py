@@ -88,7 +88,10 @@ class ZooResult:
     roles: dict[str, dict[str, int]] = field(default_factory=dict)  # entry point -> role counts
     residency: dict[str, dict[str, int]] = field(default_factory=dict)  # of the graph inputs
     node_residency: dict[str, dict[str, int]] = field(default_factory=dict)
-    made_cache: bool = False  # the model's output carries a KV cache (past_key_values)
+    phases: dict[str, list[str]] = field(default_factory=dict)  # entry point -> phases seen
+    fusion_points: dict[str, int] = field(default_factory=dict)
+    made_cache: bool = False
+    encoder_decoder: bool = False  # the model's config says it is an encoder-decoder  # the model's output carries a KV cache (past_key_values)
 
     def right(self, entry: str) -> bool:
         return self.got.get(entry) == self.expected
@@ -179,6 +182,8 @@ def run_entry(
     """Classify one zoo model through each entry point. Analyzer exceptions are recorded
     (they are defects); a forward that fails on remote_accelerator skips the model."""
     res = ZooResult(entry.name, entry.expected, entry.source)
+    config = getattr(entry.build()[0], "config", None)
+    res.encoder_decoder = getattr(config, "is_encoder_decoder", False) is True
     for ep in entry_points:
         model, args, kwargs = entry.build()
         genie.synchronize()
@@ -213,6 +218,8 @@ def run_entry(
             res.got[ep] = str(profile.workload_type.value)
             res.confidence[ep] = round(float(profile.confidence), 3)
             res.roles[ep] = dict(profile.metadata["roles"])
+            res.phases[ep] = sorted(profile.phases)
+            res.fusion_points[ep] = len(profile.metadata["fusion_points"])
             res.residency[ep] = dict(Counter(profile.residency.values()))
             res.node_residency[ep] = dict(
                 Counter(n.meta.get("data_residency") for n in profile.graph.nodes)

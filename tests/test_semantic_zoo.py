@@ -179,3 +179,42 @@ def test_seq2seq_encoder_then_decoder_phases(built, name):
     entry = next(e for e in entries if e.name == name)
     got = zoo.generate_phases(entry, decoder_start_token_id=0)
     assert got["phases"] == [Phase.TEXT_ENCODER, Phase.DECODE, Phase.DECODE, Phase.DECODE], got
+
+
+_PHASES_OF = {  # the phases a forward of each kind of zoo model must show
+    "MODEL_FOR_MASKED_LM": {Phase.EMBEDDING, Phase.TEXT_ENCODER},
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM": {Phase.TEXT_ENCODER, Phase.PREFILL},
+    "MODEL_FOR_IMAGE_CLASSIFICATION": {Phase.VISION_BACKBONE, Phase.VISION_HEAD},
+    "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION": {
+        Phase.VISION_BACKBONE,
+        Phase.TEXT_ENCODER,
+        Phase.MULTIMODAL_FUSION,
+    },
+    "MODEL_FOR_IMAGE_TEXT_TO_TEXT": {Phase.MULTIMODAL_FUSION},
+    "MODEL_FOR_AUDIO_CLASSIFICATION": {Phase.AUDIO_ENCODER},
+    "MODEL_FOR_CTC": {Phase.AUDIO_ENCODER},
+    "recsys": {Phase.EMBEDDING, Phase.DENSE_MLP, Phase.INTERACTION},
+}
+
+
+@pytest.mark.parametrize("entry_point", ["graph", "model"])
+def test_zoo_phases_by_kind(results, entry_point):
+    """Encoders, vision backbone then head, where modalities meet (with a fusion point),
+    audio encoders, recommender embeddings / dense MLPs / interaction: each zoo model's
+    forward shows the phases of its kind (forwards a flush cut part way are not judged)."""
+    problems = {}
+    judged = 0
+    for r in results:
+        if r.skipped or entry_point in r.cut:
+            continue
+        want = _PHASES_OF.get(r.source) or _PHASES_OF.get(r.expected)
+        if want is None or (r.source.startswith("MODEL_FOR_SEQ_TO_SEQ") and not r.encoder_decoder):
+            continue  # listed as seq2seq, but a decoder-only LM (with an audio tower)
+        judged += 1
+        got = set(r.phases[entry_point])
+        if not want <= got:
+            problems[r.name] = sorted(want - got)
+        if Phase.MULTIMODAL_FUSION in want and not r.fusion_points[entry_point]:
+            problems[r.name] = "no fusion point"
+    assert judged >= 35
+    assert not problems, problems

@@ -524,8 +524,8 @@ def _source_bits(n, c: str, t, info: ContextInfo, constants) -> int:
     if hint is not None and hint in MODALITY_BITS:
         if floating or hint == Modality.TEXT:
             return MODALITY_BITS[hint]
-    if floating and c == OpClass.MATMUL:
-        return TABULAR
+    if floating and (c == OpClass.MATMUL or (rank <= 2 and c in (OpClass.CAT, OpClass.NORM))):
+        return TABULAR  # dense features: into a linear layer, or joined/normalised first
     if floating and rank == 4 and t.shape[1] in (3, 4) and min(t.shape[2:]) >= 8:
         # an RGB(A) NCHW image no convolution reads (patches cut by reshapes); a 1-channel
         # 4-d float is as often rotary cos/sin tables as a grey image: no evidence

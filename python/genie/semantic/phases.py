@@ -34,7 +34,8 @@ _DECODER_ARCHS = {"transformer_decoder", "transformer_seq2seq"}
 _NOT_DECODER_ARCHS = {"transformer_encoder", "vit", "multimodal"}
 # call phases, most specific first, that name what a call as a whole was doing
 _CALL_ORDER = (Phase.DECODE, Phase.PREFILL, Phase.MULTIMODAL_FUSION, Phase.TEXT_ENCODER,
-               Phase.VISION_BACKBONE, Phase.INTERACTION, Phase.DENSE_MLP, Phase.FORWARD)
+               Phase.VISION_BACKBONE, Phase.AUDIO_ENCODER, Phase.INTERACTION, Phase.DENSE_MLP,
+               Phase.FORWARD)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,8 @@ class PhaseDetector:
             elif mod == Modality.VISION:
                 phase = (Phase.VISION_HEAD if role in _HEAD_ROLES or i > last_backbone
                          else Phase.VISION_BACKBONE)
+            elif mod == Modality.AUDIO:
+                phase = Phase.AUDIO_ENCODER
             elif mod in (Modality.TABULAR, Modality.CATEGORICAL) and recsys:
                 phase = Phase.INTERACTION if role == Role.FEATURE_INTERACTION else Phase.DENSE_MLP
             else:

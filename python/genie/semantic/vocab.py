@@ -35,6 +35,7 @@ class Phase:
     TEXT_ENCODER = "text_encoder"  # bidirectional text encoding (BERT, a VQA question branch)
     VISION_BACKBONE = "vision_backbone"  # convolutions / patch embedding + encoder over pixels
     VISION_HEAD = "vision_head"  # pooling and classifier after the backbone
+    AUDIO_ENCODER = "audio_encoder"  # convolutions / attention over a waveform or spectrogram
     MULTIMODAL_FUSION = "multimodal_fusion"  # where modalities meet, and everything after
     DENSE_MLP = "dense_mlp"  # recommender bottom/top MLPs
     INTERACTION = "interaction"  # recommender feature interaction
@@ -48,6 +49,7 @@ class Phase:
         TEXT_ENCODER,
         VISION_BACKBONE,
         VISION_HEAD,
+        AUDIO_ENCODER,
         MULTIMODAL_FUSION,
         DENSE_MLP,
         INTERACTION,
