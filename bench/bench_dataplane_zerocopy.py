@@ -6,7 +6,9 @@ to the cost of the registration it saves.
 An exchange: the client sends N bytes, the server receives them and sends them back, the client
 receives them; GB/s counts both directions (2N / time). Each side uses one buffer per size,
 allocated once: `host_buffer` (the arena) for "memif zero copy", `torch.empty` for the others.
-The copy counters of both sides are reported next to each rate.
+The copy counters of both sides are reported next to each rate. The variants run in turns,
+several rounds (a shared machine's load moves during a run; FIELD-NOTES.md); each figure is the
+median over rounds of each round's median exchange.
 
 Goal: memif zero copy >= 2x TCP at >= 16 MB; LRU hit <= 100 ns.
 
@@ -38,6 +40,12 @@ VARIANTS = {  # name -> (transport, where payloads live)
 }
 
 
+def reps(n: int, iters: int) -> int:
+    """Timed exchanges at size `n`: more for small sizes, whose few milliseconds a shared
+    machine's scheduler can double."""
+    return iters * max(1, (64 * MB) // n)
+
+
 def peer(role: str, kind: str, memory: str, port: int, sizes: list[int], iters: int) -> None:
     """One side of the exchange (run as a fresh process)."""
     import torch
@@ -55,7 +63,7 @@ def peer(role: str, kind: str, memory: str, port: int, sizes: list[int], iters: 
         t.send_frame(1, AUTH_OK, b"")
         for n in sizes:
             buf = view = None
-            for _ in range(iters + 1):
+            for _ in range(reps(n, iters) + 1):
                 t.recv_frame(1024)  # the first one also brings the data plane up
                 if buf is None:
                     buf = buffer(t, n)
@@ -74,7 +82,7 @@ def peer(role: str, kind: str, memory: str, port: int, sizes: list[int], iters: 
         x.copy_(torch.randint(0, 255, (n,), dtype=torch.uint8))
         xv, yv = memoryview(x.numpy()), memoryview(y.numpy())
         times = []
-        for i in range(iters + 1):  # the first one touches every page: not timed
+        for i in range(reps(n, iters) + 1):  # the first one touches every page: not timed
             t0 = time.perf_counter()
             t.send_frame(1, REQUEST, b"x", [xv])
             t.recv_frame(64)
@@ -115,7 +123,8 @@ def run_variant(name: str, sizes: list[int], iters: int) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="16 MB and 256 MB, 2 exchanges each")
+    ap.add_argument("--quick", action="store_true", help="16 MB and 256 MB, 2 exchanges, 1 round")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--peer", nargs=6, metavar=("ROLE", "KIND", "MEMORY", "PORT", "SIZES", "N"))
     args = ap.parse_args()
     if args.peer:
@@ -130,9 +139,11 @@ def main() -> int:
         return 0
     sizes = [16 * MB, 256 * MB] if args.quick else [16 * MB, 64 * MB, 256 * MB, 1024 * MB]
     iters = 2 if args.quick else 3
+    rounds = 1 if args.quick else args.rounds
     raw = []
-    for name in VARIANTS:
-        raw += run_variant(name, sizes, iters)
+    for i in range(rounds):
+        for name in VARIANTS:
+            raw += [{**r, "round": i} for r in run_variant(name, sizes, iters)]
     exe = build()
     reg_sizes = ",".join(f"{n // MB}M" for n in sizes)
     reg = json_lines(
@@ -144,8 +155,12 @@ def main() -> int:
     for n in sizes:
         row = {"bytes": n}
         for name in VARIANTS:
-            r = next(r for r in raw if r["variant"] == name and r.get("bytes") == n)
-            row[name] = {"gbps": r["gbps"], "identical": r["identical"]}
+            rs = [r for r in raw if r["variant"] == name and r.get("bytes") == n]
+            row[name] = {
+                "gbps": statistics.median(r["gbps"] for r in rs),
+                "rounds_gbps": [r["gbps"] for r in rs],
+                "identical": all(r["identical"] for r in rs),
+            }
         tcp = row["tcp loopback"]["gbps"]
         row["zero_copy_over_tcp"] = row["memif zero copy"]["gbps"] / tcp
         row["copies_over_tcp"] = row["memif with copies"]["gbps"] / tcp
@@ -154,7 +169,7 @@ def main() -> int:
         rows.append(row)
     copied = {
         name: {
-            role: next(
+            role: sum(
                 r["bytes_copied"] for r in raw
                 if r["variant"] == name and r["bench"] == "stats" and r["role"] == role
             )
@@ -180,13 +195,16 @@ def main() -> int:
               f"{r['register_us']:>8.0f}us | {r['hit_ns']:>6.1f}ns")  # fmt: skip
     print("bytes copied (client / server): " + "; ".join(
         f"{k} {v['client']} / {v['server']}" for k, v in copied.items()))  # fmt: skip
-    print(f"LRU hit with 500 entries resident: {hit500['hit_ns']:.1f} ns")
+    print(f"LRU hit with 500 entries resident: {hit500['hit_ns']:.1f} ns; {rounds} round(s); "
+          "load average %.1f %.1f %.1f" % os.getloadavg())  # fmt: skip
     print("goals:", ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in goals.items()))
 
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "note": "shared 2-core VM; other work ran at the same time"},
         "exchange": "client sends N bytes, server echoes them; GB/s = 2N / median time",
+        "rounds": rounds,
+        "load_average": os.getloadavg(),
         "rows": rows,
         "bytes_copied": copied,
         "registration_hit_500_ns": hit500["hit_ns"],
