@@ -299,12 +299,47 @@ std::shared_ptr<const ShapeResult> infer_meta(const c10::OperatorHandle& op, con
   return result;
 }
 
+OutSpec contiguous_spec(c10::ScalarType dtype, std::vector<int64_t> sizes) {
+  OutSpec o;
+  o.geo.dtype = dtype;
+  auto strides = c10::contiguous_strides(sizes);
+  o.geo.strides.assign(strides.begin(), strides.end());
+  int64_t numel = 1;
+  for (auto v : sizes) numel *= v;
+  o.geo.nbytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
+  o.geo.sizes = std::move(sizes);
+  return o;
+}
+
+// PyTorch's meta for multilabel_margin_loss_forward (its decomposition) says [1] for a 1-D input
+// with reduction='none'; the CPU and CUDA kernels both return a 0-dim loss.
+std::shared_ptr<const ShapeResult> multilabel_margin_shape(const Scan& s) {
+  const Node& n = *s.node;
+  if (n.args.size() != 3 || n.args[0].kind != Arg::Kind::Tensor || n.args[1].kind != Arg::Kind::Tensor ||
+      n.args[0].refs[0] < 0 || n.args[1].refs[0] < 0 || !n.args[2].value.isInt() || n.args[2].value.toInt() != 0)
+    return nullptr;
+  const TensorRef& x = n.inputs[n.args[0].refs[0]];
+  const TensorRef& t = n.inputs[n.args[1].refs[0]];
+  if (x.sizes.size() != 1 || x.sizes[0] == 0 || t.sizes != x.sizes || t.dtype != at::kLong) return nullptr;
+  auto result = std::make_shared<ShapeResult>();
+  for (auto sizes : {std::vector<int64_t>{}, std::vector<int64_t>{x.sizes[0]}}) {
+    ReturnSpec r;
+    r.kind = ReturnSpec::Kind::Tensor;
+    r.tensors.push_back(contiguous_spec(x.dtype, sizes));
+    result->returns.push_back(std::move(r));
+  }
+  return result;
+}
+
 // Note: [C++ shape functions]
 // The hottest ops whose meta kernels torch registers from Python (~300 us for layer norm, and
 // absent when no interpreter is loaded) get their output geometry here, mirroring the CPU
-// kernel's allocation. Anything outside the cases handled returns nullptr and goes to meta.
+// kernel's allocation, and so do the cases where PyTorch's meta disagrees with every kernel.
+// Anything outside the cases handled returns nullptr and goes to meta.
 std::shared_ptr<const ShapeResult> cpp_shape(const c10::OperatorHandle& op, const Scan& s) {
   static const c10::OperatorName layer_norm("aten::native_layer_norm", "");
+  static const c10::OperatorName multilabel_margin("aten::multilabel_margin_loss_forward", "");
+  if (op.operator_name() == multilabel_margin) return multilabel_margin_shape(s);
   if (op.operator_name() != layer_norm) return nullptr;
   const Node& n = *s.node;
   if (n.args.size() != 5 || n.args[0].kind != Arg::Kind::Tensor || n.args[0].refs[0] < 0) return nullptr;
@@ -326,17 +361,7 @@ std::shared_ptr<const ShapeResult> cpp_shape(const c10::OperatorHandle& op, cons
     int64_t want = v.isInt() ? v.toInt() : v.isSymInt() ? v.toSymInt().expect_int() : -1;
     if (want != x.sizes[axis + i]) return nullptr;  // let meta raise the eager error
   }
-  auto contiguous = [&](std::vector<int64_t> sizes) {
-    OutSpec o;
-    o.geo.dtype = x.dtype;
-    auto strides = c10::contiguous_strides(sizes);
-    o.geo.strides.assign(strides.begin(), strides.end());
-    int64_t numel = 1;
-    for (auto v : sizes) numel *= v;
-    o.geo.nbytes = numel * static_cast<int64_t>(c10::elementSize(x.dtype));
-    o.geo.sizes = std::move(sizes);
-    return o;
-  };
+  auto contiguous = [&](std::vector<int64_t> sizes) { return contiguous_spec(x.dtype, std::move(sizes)); };
   std::vector<int64_t> stat(x.sizes.begin(), x.sizes.begin() + axis);
   stat.resize(dim, 1);
   auto result = std::make_shared<ShapeResult>();
