@@ -22,7 +22,7 @@ import weakref
 from dataclasses import dataclass
 
 from genie.graph.ir import Graph, Node
-from genie.scheduler.cost_model import (
+from genie.graph.ops import (
     ATTENTION,
     CONV,
     MATRIX_FAMILIES,

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from genie.graph.ir import Graph
+from genie.graph.ops import CONV, NORMALIZATION
 from genie.scheduler.analysis import META_BRANCH, META_FUSION_POINT, META_PHASE, GraphAnalysis
-from genie.scheduler.cost_model import CONV, NORMALIZATION
 from genie.scheduler.placement import META_COLOCATE, META_EARLY, META_FUSION_GROUP, META_PARALLEL
 
 logger = logging.getLogger(__name__)
