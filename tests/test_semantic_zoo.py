@@ -218,3 +218,49 @@ def test_zoo_phases_by_kind(results, entry_point):
             problems[r.name] = "no fusion point"
     assert judged >= 35
     assert not problems, problems
+
+
+class _RotaryEmbedding(torch.nn.Module):
+    """Named like an embedding table, holds none (as HF's rotary embeddings)."""
+
+    def forward(self, x):
+        return x.sin(), x.cos()
+
+
+class _HostileAttention(torch.nn.Module):
+    """Named like attention; reading any attribute it lacks raises something odd."""
+
+    def __getattr__(self, name):
+        if name.startswith("_") or name in ("training",):
+            return super().__getattr__(name)
+        raise RuntimeError(f"no {name} here")
+
+    def forward(self, x):
+        return x * 2
+
+
+class _OddModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tokens = torch.nn.Embedding(50, 16)
+        self.rotary_embedding = _RotaryEmbedding()
+        self.attention_thing = _HostileAttention()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, ids):
+        x = self.tokens(ids)
+        s, c = self.rotary_embedding(x)
+        return self.proj(self.attention_thing(x * c + s))
+
+
+def test_unknown_module_classes_never_raise_and_are_reported():
+    """Module classes named like what they are not (an Embedding without a table, an Attention
+    that raises on attribute access) do not make the analyzer raise; the profile names
+    what it skipped."""
+    model = _OddModel().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    profile = SemanticAnalyzer().analyze(model, ids)
+    genie.synchronize()
+    skipped = "\n".join(profile.metadata["skipped"])
+    assert "rotary_embedding" in skipped and "attention_thing" in skipped
+    assert "not read" in profile.format()

@@ -1,6 +1,12 @@
 """SemanticAnalyzer: runs the three tiers, the phase detector, the patterns and the
 classifier over a Graph, writes ``node.meta`` and returns a WorkloadProfile.
 
+Note: [Never raise]
+The analyzer meets model code it was not written for. A tier that fails on it (a module
+class whose attributes are not what its name suggests, a context it cannot read) is skipped
+for that graph and named in ``profile.metadata["skipped"]``; the other tiers still answer,
+down to an honest UNKNOWN.
+
 Note: [Analysis cache]
 Results are cached by the graph's structural hash together with the column of module
 context ids (interned, so the same model recorded the same way repeats it) and whether a
@@ -34,7 +40,7 @@ from genie.semantic.patterns.base import MatchedPattern, PatternContext
 from genie.semantic.patterns.registry import PatternRegistry, default_registry
 from genie.semantic.phases import CallPhase, PhaseDetector
 from genie.semantic.profile import WorkloadProfile
-from genie.semantic.roles import ContextInfo, context_info
+from genie.semantic.roles import NO_CONTEXT, ContextInfo, context_info
 from genie.semantic.structure import (
     ModelStructure,
     structure_from_contexts,
@@ -214,10 +220,15 @@ class SemanticAnalyzer:
         stats = op_stream_stats(gv, topology=cfg.topology)
         t, tiers["tier1_ops"] = _lap(t)
 
-        structure = self._structure(graph, model)
+        skipped: list[str] = []  # what the analysis could not read (see Note: [Never raise])
+        try:
+            structure = self._structure(graph, model)
+        except Exception as exc:  # noqa: BLE001
+            skipped.append(f"structure: {type(exc).__name__}: {exc}")
+            structure = None
         t, tiers["tier2_structure"] = _lap(t)
 
-        ann = annotate(gv, self._info, params)
+        ann = annotate(gv, self._safe_info(skipped), params)
         if structure is None:
             structure = structure_from_ops(stats.class_histogram, ann, *self._weights(gv, ann))
         elif structure.source == "contexts":
@@ -229,7 +240,11 @@ class SemanticAnalyzer:
         graph_hash = graph.structural_hash()
         phase_result = None
         if cfg.phase_detection:
-            phase_result = self.phase_detector.detect(gv, ann, structure.architecture, graph_hash)
+            try:
+                phase_result = self.phase_detector.detect(gv, ann, structure.architecture,
+                                                          graph_hash)
+            except Exception as exc:  # noqa: BLE001
+                skipped.append(f"phases: {type(exc).__name__}: {exc}")
         t, tiers["phases"] = _lap(t)
 
         ctx = PatternContext(graph, gv, stats, structure, ann, fast=cfg.fast_patterns)
@@ -242,6 +257,8 @@ class SemanticAnalyzer:
                                 phase_result, graph_hash)
         t, tiers["classify"] = _lap(t)
         profile.metadata["tier_ms"] = {k: round(v, 4) for k, v in tiers.items()}
+        skipped.extend(structure.features.get("unread_modules", ()))
+        profile.metadata["skipped"] = skipped
         if cfg.debug:
             profile.metadata["debug"] = {
                 "pattern_ms": {k: round(v, 4) for k, v in (timings or {}).items()},
@@ -325,6 +342,18 @@ class SemanticAnalyzer:
         )
 
     # -- tiers' inputs ----------------------------------------------------------------------------
+    def _safe_info(self, skipped: list[str]):
+        """``_info`` that answers NO_CONTEXT for a context it cannot read, and says so."""
+
+        def info(cid: int) -> ContextInfo:
+            try:
+                return self._info(cid)
+            except Exception as exc:  # noqa: BLE001
+                skipped.append(f"module context {cid}: {type(exc).__name__}: {exc}")
+                return NO_CONTEXT
+
+        return info
+
     def _info(self, cid: int) -> ContextInfo:
         info = self._infos.get(cid)
         if info is None:

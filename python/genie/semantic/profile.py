@@ -95,6 +95,10 @@ class WorkloadProfile:
         lines.append("phases")
         for ph, ids in self.phases.items():
             lines.append(f"  {ph:<18} {len(ids)} nodes")
+        skipped = self.metadata.get("skipped") or ()
+        if skipped:
+            lines.append(f"not read      {len(skipped)} (skipped, see metadata['skipped'])")
+            lines.extend(f"  {x}" for x in skipped[:8])
         return "\n".join(lines)
 
     def __str__(self) -> str:

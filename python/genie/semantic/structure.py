@@ -187,22 +187,31 @@ def structure_from_model(model: torch.nn.Module, try_fx: bool = True) -> ModelSt
     params = 0
     width = 0
     causal_attr = patch = False
+    unread: list[str] = []  # modules named like a kind they are not, or that could not be read
     for path, m in model.named_modules():
-        kind = _kind(m)
+        kind, n = "module", 0
+        try:
+            kind = _kind(m)
+            if kind == "module" and module_kind(type(m).__name__) != "module":
+                unread.append(f"{path or '<root>'}: a {type(m).__name__} is named like a "
+                              f"{module_kind(type(m).__name__)} but holds no such weight")
+            n = sum(p.numel() for p in m._parameters.values() if p is not None)
+            if kind == "linear" and isinstance(m, torch.nn.Linear):
+                width = max(width, m.in_features, m.out_features)
+            elif kind == "conv" and isinstance(m, torch.nn.modules.conv._ConvNd):
+                width = max(width, m.out_channels)
+                if m.kernel_size == m.stride and m.kernel_size[0] > 1:
+                    patch = True  # non-overlapping windows: a patch embedding
+            elif kind in ("embedding", "embedding_bag"):
+                width = max(width, _embedding_dim(m))
+            elif kind == "attention" and getattr(m, "is_causal", False) is True:
+                causal_attr = True
+        except Exception as exc:  # noqa: BLE001 - a module class we cannot read: skip it
+            unread.append(f"{path or '<root>'}: {type(m).__name__} not read: "
+                          f"{type(exc).__name__}: {exc}")
         recs.append(_Rec(path, type(m).__name__, kind, 0 if not path else path.count(".") + 1))
-        n = sum(p.numel() for p in m._parameters.values() if p is not None)
         own[path] = n
         params += n
-        if kind == "linear" and isinstance(m, torch.nn.Linear):
-            width = max(width, m.in_features, m.out_features)
-        elif kind == "conv" and isinstance(m, torch.nn.modules.conv._ConvNd):
-            width = max(width, m.out_channels)
-            if m.kernel_size == m.stride and m.kernel_size[0] > 1:
-                patch = True  # non-overlapping windows: a patch embedding
-        elif kind in ("embedding", "embedding_bag"):
-            width = max(width, _embedding_dim(m))
-        elif kind == "attention" and getattr(m, "is_causal", False) is True:
-            causal_attr = True
     st = ModelStructure(source="module_tree", model_type=type(model).__name__)
     st.num_modules = len(recs)
     st.module_types = Counter(r.type for r in recs)
@@ -211,6 +220,7 @@ def structure_from_model(model: torch.nn.Module, try_fx: bool = True) -> ModelSt
     f = _features(recs, st.model_type)
     f["causal"] = f["causal"] or causal_attr
     f["patch_embedding"] = f["patch_embedding"] or patch
+    f["unread_modules"] = unread[:32]
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "is_decoder", False) is True:
         f["causal"] = True
