@@ -209,3 +209,31 @@ def test_multilabel_margin_loss_of_one_sample_matches_eager(executor):
     out = nn.MultiLabelMarginLoss(reduction="none")(x.to(REMOTE), t.to(REMOTE))
     assert out.shape == ref.shape
     assert torch.equal(out.cpu(), ref)
+
+
+class _GruVqa(nn.Module):
+    """A VQA-style model: a small CNN over the image, a GRU over the question's tokens, fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.cnn = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+        )
+        self.embed = nn.Embedding(50, 16)
+        self.gru = nn.GRU(16, 8, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, image, question):
+        v = self.cnn(image).flatten(1)
+        _, h = self.gru(self.embed(question))
+        return self.head(torch.cat([v, h[-1]], 1))
+
+
+def test_vqa_model_with_a_gru_question_encoder_matches_eager(executor):
+    """The model issue 15 could not run at all: its answer logits equal eager's."""
+    torch.manual_seed(0)
+    m = _GruVqa().eval()
+    image, question = torch.randn(2, 3, 16, 16), torch.randint(0, 50, (2, 7))
+    ref = m(image, question)
+    out = copy.deepcopy(m).to(REMOTE)(image.to(REMOTE), question.to(REMOTE))
+    torch.testing.assert_close(out.cpu(), ref)
