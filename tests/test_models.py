@@ -1,13 +1,15 @@
-"""Real models captured on remote_accelerator and run on the embedded executor give the bits
-eager CPU gives."""
+"""Real models captured on remote_accelerator give the bits eager CPU gives, on every executor:
+the embedded one, a loopback server over TCP and over DPDK, and two devices at once
+(tests/executors.py)."""
 
 from __future__ import annotations
 
+import genie
 import pytest
 import torch
-
-import genie
 from fakes import REMOTE, bert, clip, dlrm, dlrm_inputs, gpt2, resnet, to_cpu, to_remote, vit
+
+pytest_plugins = ["executors"]
 
 
 def _ids(batch=2, seq=12, vocab=500, seed=1):
@@ -15,7 +17,7 @@ def _ids(batch=2, seq=12, vocab=500, seed=1):
 
 
 @torch.no_grad()
-def test_gpt2_forward_bit_exact():
+def test_gpt2_forward_bit_exact(executor):
     model = gpt2()
     ids = _ids()
     ref = model(ids).logits
@@ -27,7 +29,7 @@ def test_gpt2_forward_bit_exact():
 
 
 @torch.no_grad()
-def test_gpt2_with_attention_mask():
+def test_gpt2_with_attention_mask(executor):
     model = gpt2()
     ids = _ids()
     mask = torch.ones_like(ids)
@@ -38,7 +40,7 @@ def test_gpt2_with_attention_mask():
 
 
 @torch.no_grad()
-def test_gpt2_kv_cache_steps():
+def test_gpt2_kv_cache_steps(executor):
     model = gpt2()
     ids = _ids(seq=8)
     ref = model(ids, use_cache=True)
@@ -54,7 +56,7 @@ def test_gpt2_kv_cache_steps():
 
 
 @torch.no_grad()
-def test_gpt2_greedy_generation_8_tokens():
+def test_gpt2_greedy_generation_8_tokens(executor):
     model = gpt2()
     ids = _ids(batch=2, seq=6)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -67,7 +69,7 @@ def test_gpt2_greedy_generation_8_tokens():
 
 
 @torch.no_grad()
-def test_bert_bit_exact():
+def test_bert_bit_exact(executor):
     model = bert()
     ids = _ids()
     mask = torch.ones_like(ids)
@@ -79,7 +81,7 @@ def test_bert_bit_exact():
 
 
 @torch.no_grad()
-def test_vit_bit_exact():
+def test_vit_bit_exact(executor):
     model = vit()
     px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     ref = model(px).last_hidden_state
@@ -88,7 +90,7 @@ def test_vit_bit_exact():
 
 
 @torch.no_grad()
-def test_clip_vision_text_bit_exact():
+def test_clip_vision_text_bit_exact(executor):
     model = clip()
     ids = _ids(seq=10)
     px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -99,7 +101,7 @@ def test_clip_vision_text_bit_exact():
 
 
 @torch.no_grad()
-def test_resnet_cnn_bit_exact():
+def test_resnet_cnn_bit_exact(executor):
     model = resnet()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     ref = model(x)
@@ -108,7 +110,7 @@ def test_resnet_cnn_bit_exact():
 
 
 @torch.no_grad()
-def test_dlrm_embedding_bag_mlp_bit_exact():
+def test_dlrm_embedding_bag_mlp_bit_exact(executor):
     model = dlrm()
     inputs = dlrm_inputs()
     ref = model(*inputs)
@@ -117,7 +119,7 @@ def test_dlrm_embedding_bag_mlp_bit_exact():
 
 
 @torch.no_grad()
-def test_capture_context_mixes_cpu_model_and_lazy_inputs():
+def test_capture_context_mixes_cpu_model_and_lazy_inputs(executor):
     """Inside genie.capture(), tensors made without a device are lazy and CPU parameters that
     meet them become graph inputs rather than device-mismatch errors."""
     model = resnet()
@@ -133,7 +135,7 @@ def test_capture_context_mixes_cpu_model_and_lazy_inputs():
 
 
 @torch.no_grad()
-def test_capture_context_cpu_index_tensor_becomes_input():
+def test_capture_context_cpu_index_tensor_becomes_input(executor):
     table = torch.randn(50, 8)
     idx = torch.tensor([3, 1, 4, 1, 5])
     with genie.capture():
@@ -145,11 +147,15 @@ def test_capture_context_cpu_index_tensor_becomes_input():
 
 @pytest.mark.parametrize("make", [gpt2, bert])
 @torch.no_grad()
-def test_outputs_stay_lazy_until_needed(make):
+def test_outputs_stay_lazy_until_needed(executor, make):
     model = make().to(REMOTE)
     before = genie.stats()["nodes_executed"]
     out = model(_ids().to(REMOTE))
-    first = out[0] if isinstance(out, tuple) else (out.logits if hasattr(out, "logits") else out.last_hidden_state)
+    first = (
+        out[0]
+        if isinstance(out, tuple)
+        else (out.logits if hasattr(out, "logits") else out.last_hidden_state)
+    )
     assert genie.stats()["nodes_executed"] == before
     to_cpu(first)
     assert genie.stats()["nodes_executed"] > before

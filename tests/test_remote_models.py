@@ -4,7 +4,6 @@ bit, and only what the host asks for crosses the wire."""
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import textwrap
 
 import genie
 import pytest
-import test_models
 import torch
 
 pytest_plugins = ["remote_fixtures"]
@@ -175,31 +173,6 @@ def test_two_clients_at_once_with_different_models(server):
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert "mlp ok" in outs[0][0] and "cnn ok" in outs[1][0]
-
-
-# The capture issue's model tests (tests/test_models.py: GPT-2 with and without KV cache,
-# greedy generation, BERT, ViT, CLIP, a ResNet, DLRM...), unchanged, through the remote executor.
-_CAPTURE_MODEL_TESTS = sorted(
-    name
-    for name, fn in vars(test_models).items()
-    if name.startswith("test_") and callable(fn) and not inspect.signature(fn).parameters
-)
-
-
-def test_capture_model_tests_are_found():
-    assert {
-        "test_gpt2_kv_cache_steps",
-        "test_gpt2_greedy_generation_8_tokens",
-        "test_bert_bit_exact",
-        "test_resnet_cnn_bit_exact",
-    } <= set(_CAPTURE_MODEL_TESTS)
-
-
-@pytest.mark.parametrize("name", _CAPTURE_MODEL_TESTS)
-def test_capture_model_tests_through_remote(remote, name):
-    runs = remote.counters["runs"]
-    getattr(test_models, name)()
-    assert remote.counters["runs"] > runs  # it really ran on the server
 
 
 @pytest.mark.gpu
