@@ -215,6 +215,35 @@ class DeepMLP(nn.Module):
         return self.net(x)
 
 
+class MessagePassing(nn.Module):
+    """A graph network: node features transformed, gathered along edges, summed into the
+    destination nodes (index_add), transformed again. None of the named workloads."""
+
+    def __init__(self, features: int = 8, hidden: int = 16, out: int = 4):
+        super().__init__()
+        self.lin1 = nn.Linear(features, hidden)
+        self.lin2 = nn.Linear(hidden, out)
+
+    def forward(self, x, src, dst):
+        h = self.lin1(x).relu()
+        return self.lin2(torch.zeros_like(h).index_add(0, dst, h[src]))
+
+
+class SeriesTransformer(nn.Module):
+    """A transformer encoder over a multivariate float time series: attention, but over no
+    tokens and no pixels."""
+
+    def __init__(self, channels: int = 3, dim: int = 16):
+        super().__init__()
+        self.inp = nn.Linear(channels, dim)
+        layer = nn.TransformerEncoderLayer(dim, 2, 32, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.out = nn.Linear(dim, 1)
+
+    def forward(self, x):
+        return self.out(self.encoder(self.inp(x)))
+
+
 def recsys_and_plain() -> list[tuple[str, str, object]]:
     """(name, expected workload, build) of the zoo's models written here; build returns
     (model, args, kwargs)."""
@@ -256,4 +285,8 @@ def recsys_and_plain() -> list[tuple[str, str, object]]:
                                                                         generator=g),), {})),
         ("PlainMLP", "unknown", lambda: (mlp(), (torch.randn(4, 20, generator=g),), {})),
         ("DeepMLP", "unknown", lambda: (seeded(DeepMLP), (torch.randn(4, 12, generator=g),), {})),
+        ("MessagePassing", "unknown", lambda: (seeded(MessagePassing), (
+            torch.randn(10, 8, generator=g), ints(10, 20), ints(10, 20)), {})),
+        ("SeriesTransformer", "unknown", lambda: (seeded(SeriesTransformer), (
+            torch.randn(2, 12, 3, generator=g),), {})),
     ]

@@ -2,7 +2,8 @@
 semantic zoo: the class comes from transformers' own auto mappings, the config is the class's
 default with every size shrunk (hidden 32, two layers, vocabulary 256, 32-pixel images), the
 weights are random -- nothing is downloaded. ``make_inputs`` makes the generic inputs of the
-mapping's task (token ids, encoder and decoder ids, pixels, pixels with text, a waveform).
+mapping's task (token ids, encoder and decoder ids, pixels, pixels with text, a waveform, a
+multivariate time series).
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ TASK_INPUTS = {
     "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES": "image_text",
     "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES": "audio",
     "MODEL_FOR_CTC_MAPPING_NAMES": "audio",
+    "MODEL_FOR_TIME_SERIES_CLASSIFICATION_MAPPING_NAMES": "time_series",
+    "MODEL_FOR_TIME_SERIES_REGRESSION_MAPPING_NAMES": "time_series",
 }
 
 
@@ -253,6 +256,10 @@ def make_inputs(model, cfg, kind: str) -> tuple[tuple, dict]:
             n = _image_tokens(model, cfg, pixels)
             kw["input_ids"] = torch.cat([torch.full((1, n), token), ids], 1)
         return (), kw
+    if kind == "time_series":
+        length = getattr(cfg, "context_length", 32) or 32
+        channels = getattr(cfg, "num_input_channels", 1) or 1
+        return (), {"past_values": torch.randn(1, length, channels, generator=g)}
     if kind == "audio":
         return (), {"input_values": torch.randn(1, 1600, generator=g)}
     raise ValueError(kind)

@@ -283,6 +283,8 @@ class StructurePrior:
         wt = _STRUCTURE_VOTES.get(st.architecture)
         if wt is None:
             return None
+        if wt == WorkloadType.LLM and not st.features.get("token_embedding"):
+            return None  # attention over something other than tokens (a time series)
         return MatchedPattern(self.name, self.confidence, {"prior": True, "source": st.source,
                                                            "architecture": st.architecture},
                               wt, evidence=[f"structure[{st.source}]={st.architecture}"])
