@@ -125,3 +125,17 @@ def _select_executor_from_env() -> None:
 
 
 _select_executor_from_env()
+
+
+def _register_dynamo_backend() -> None:
+    """torch.compile(backend="genie") finds the backend through its entry point; when
+    torch._dynamo is already loaded, register it now as well (never import it here: slow)."""
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        from genie.compile import register
+
+        register()
+
+
+_register_dynamo_backend()

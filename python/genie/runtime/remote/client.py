@@ -611,3 +611,82 @@ class RemoteExecutor:
 
     def __repr__(self) -> str:
         return f"RemoteExecutor({self.address!r}, device={self.device!r})"
+
+    # -- programs run by their owner (torch.compile) ----------------------------------------
+    def run_program(
+        self,
+        enc,
+        binding: list[int],
+        constants: dict[int, torch.Tensor],
+        refs: list[dict],
+        release: list[int] = (),
+    ) -> list[torch.Tensor]:
+        """Run the encoded program `enc` with `binding` (storage ids chosen by the caller, not
+        the recorder), upload `constants` (storage id -> tensor) with the run, and fetch each
+        of `refs` (core ref dicts) in the same exchange: the fetches are sent right behind the
+        run, before its answer is read (Note: [Run then fetch]). The body goes once; afterwards
+        the 16-byte key. `release` ids ride on the run. Returns the fetched values, in order.
+        Used by genie.compile (Note: [Compiled programs] in compile/__init__.py)."""
+        started = time.perf_counter()
+        with self._lock:
+            self._check()
+            try:
+                return self._run_program(enc, binding, constants, refs, list(release))
+            finally:
+                self.counters["run_seconds"] += time.perf_counter() - started
+
+    def _run_program(self, enc, binding, constants, refs, release) -> list[torch.Tensor]:
+        parts = self._upload_parts(constants) if constants else []
+        if sum(e[3] for e, _ in parts) > self.max_message:
+            self._send_uploads(parts)
+            parts = []
+        self._released.extend(release)
+        ref = self.namer.ref(enc)
+        header: dict[str, Any] = {"t": "run", **ref.fields(), "bind": binding, "rng": []}
+        header["up"] = [e for e, _ in parts]
+        plans = [self._fetch_plan(r) for r in refs]
+        for _ in range(2):  # once more with the body if the server forgot the program
+            self._check()
+            self._prefetched = None
+            self.speculator.ahead = False
+            self._attach_pre(header)
+            try:
+                self._t.send_frame(
+                    P.PROTOCOL_VERSION, P.REQUEST, P.pack(header), [v for _, v in parts]
+                )
+                self._outbox, self._released = [], []
+                for fetch, _, _ in plans:
+                    self._t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(fetch), ())
+                self._read_spec_replies()
+                reply = self._read_reply(None)
+                ok = reply.get("ok") is True
+                values, failed = [], None
+                for _, receive, result in plans:
+                    freply = self._read_reply(receive if ok and failed is None else None)
+                    if freply.get("ok") is not True and failed is None:
+                        failed = freply
+                    values.append(result() if ok and failed is None else None)
+            except (TransportError, ProtocolError) as e:
+                raise self._lost(e) from None
+            self.counters["requests"] += 1 + len(plans)
+            if not ok and reply.get("kind") == "unknown_program" and "prog" not in header:
+                header.pop("base", None)
+                header.pop("patch", None)
+                header["prog"] = enc.body
+                continue
+            break
+        if not ok:
+            if reply.get("fatal"):
+                self._broken = str(reply.get("msg"))
+                self._t.close()
+            self._raise(_RequestFailed(str(reply.get("kind", "remote")), str(reply.get("msg"))))
+        if "prog" in header:
+            self.counters["programs_sent"] += 1
+        self.namer.checked(enc.key)
+        self.counters["runs"] += 1
+        self.counters["upload_bytes"] += sum(e[3] for e, _ in parts)
+        for entry, _ in parts:
+            self._resident[entry[0]] = entry[1]
+        if failed is not None:
+            self._raise(_RequestFailed(str(failed.get("kind", "remote")), str(failed.get("msg"))))
+        return values

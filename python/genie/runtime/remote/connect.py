@@ -14,7 +14,7 @@ from genie.errors import GenieError
 from genie.runtime import protocol as P
 from genie.runtime.remote.client import RemoteExecutor
 
-__all__ = ["connect", "connect_from_env", "disconnect", "servers_from_topology"]
+__all__ = ["active", "connect", "connect_from_env", "disconnect", "servers_from_topology"]
 
 _active: RemoteExecutor | None = None  # the client genie.connect installed, for disconnect()
 
@@ -61,6 +61,11 @@ def connect(
         if previous is not None:
             previous.close()
     return client
+
+
+def active() -> RemoteExecutor | None:
+    """The session ``genie.connect`` installed, or None while flushes run locally."""
+    return _active
 
 
 def disconnect() -> None:

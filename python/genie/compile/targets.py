@@ -1,0 +1,236 @@
+"""Where compiled programs run: in this process (``LocalTarget``) or on a genie server
+(``RemoteTarget``); a ``Placed`` program is one lowered program on one target.
+
+Note: [Compiled residency]
+A program's storages on a target get ids of the compile path's own (``_SIDS``, far above the
+recorder's), one per local, chosen once. Each call binds the program to them, so a call
+re-creates the same storages in place of the last call's: a program keeps one call's results
+and intermediates resident, and they go when the compiled graph is dropped. A tensor argument
+is uploaded unless the target already holds it: ``Residency`` remembers, per target, which
+storage holds which of the caller's tensors at which version (``Tensor._version``, bumped by
+every in-place write, an optimizer step included). Parameters and buffers are therefore uploaded
+at the first call and are bound by id afterwards, by every program that reads them (forward and
+backward, each side of a graph break, each shape); an input that is a new tensor each call
+is uploaded each call. A write through ``.data`` does not bump the version, so it is not seen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import weakref
+from typing import Any
+
+import torch
+
+from genie.compile.lower import Lowered, dense_copy
+from genie.runtime.program import execute
+from genie.runtime.replay import Environment, byte_view
+
+__all__ = ["LocalTarget", "Placed", "RemoteTarget", "Residency"]
+
+logger = logging.getLogger(__name__)
+
+_SIDS = itertools.count(1 << 48)  # Note: [Compiled residency]
+
+
+class Residency:
+    """Which storage on a target holds which tensor of the caller (Note: [Compiled residency])."""
+
+    def __init__(self) -> None:
+        self._by_tensor: dict[int, tuple[weakref.ref, int, int]] = {}
+        self._by_sid: dict[int, int] = {}
+
+    @staticmethod
+    def _version(t: torch.Tensor) -> int | None:
+        try:
+            return t._version
+        except RuntimeError:  # an inference tensor keeps no version: never assumed unchanged
+            return None
+
+    def lookup(self, t: torch.Tensor) -> int | None:
+        e = self._by_tensor.get(id(t))
+        if e is None or e[0]() is not t or e[1] != self._version(t) or e[1] is None:
+            return None
+        return e[2]
+
+    def remember(self, t: torch.Tensor, sid: int) -> None:
+        self.forget(sid)
+        version = self._version(t)
+        if version is not None:
+            self._by_tensor[id(t)] = (weakref.ref(t), version, sid)
+            self._by_sid[sid] = id(t)
+
+    def forget(self, sid: int) -> None:
+        tid = self._by_sid.pop(sid, None)
+        if tid is not None:
+            self._by_tensor.pop(tid, None)
+
+
+class Placed:
+    """A lowered program on a target, with the storage ids it owns there."""
+
+    def __init__(self, target: LocalTarget | RemoteTarget, lowered: Lowered):
+        self.target = target
+        self.low = lowered
+        self.sids = [next(_SIDS) for _ in range(lowered.program.nlocals)]
+        self.own = frozenset(self.sids)
+        self.constants_sent = False
+        weakref.finalize(self, target.drop, list(self.sids))
+
+    def bind(self, args: list[Any]) -> tuple[list[int], list[tuple[int, Any]]]:
+        """The binding of this call and the (storage id, argument index) to upload: arguments
+        the target does not hold (Note: [Compiled residency])."""
+        binding = list(self.sids)
+        residency = self.target.residency
+        bound: set[int] = set()
+        uploads = []
+        for i, k, _, _ in self.low.inputs:
+            sid = residency.lookup(args[i])
+            if sid is None or sid in bound or (sid in self.own and sid != self.sids[k]):
+                sid = self.sids[k]
+                uploads.append((sid, i))
+            binding[k] = sid
+            bound.add(sid)
+        return binding, uploads
+
+    def results(self, args: list[Any], fetched: list[torch.Tensor]):
+        """The graph's outputs from the fetched values, in its container."""
+        values = iter(fetched)
+        out = []
+        for o in self.low.outputs:
+            if o.kind == "ref":
+                v = next(values)
+                stride = tuple(o.ref["stride"])
+                if v.dim() > 1 and tuple(v.stride()) != stride:
+                    v = torch.empty_strided(v.shape, stride, dtype=v.dtype).copy_(v)
+                out.append(v)
+            elif o.kind == "arg":
+                r = o.ref
+                out.append(args[o.arg].as_strided(r["shape"], r["stride"], r["offset"]))
+            elif o.kind == "cpu":
+                out.append(o.value.clone())
+            else:
+                out.append(o.value)
+        with torch.no_grad():
+            for (i, _), v in zip(self.low.writes, values, strict=True):
+                args[i].copy_(v)
+        if self.low.container is None:
+            return out[0]
+        return self.low.container(out)
+
+    def refs(self, binding: list[int]) -> list[dict]:
+        """What to fetch: the outputs the program computes, then the arguments it writes."""
+        refs = [{**o.ref, "storage": binding[o.local]} for o in self.low.outputs if o.kind == "ref"]
+        arg_local = {i: k for i, k, _, _ in self.low.inputs}
+        refs += [{**r, "storage": binding[arg_local[i]]} for i, r in self.low.writes]
+        return refs
+
+    def __call__(self, args: list[Any]):
+        return self.target.run(self, args)
+
+
+def _upload_value(
+    low: Lowered, i: int, t: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, bool]:
+    """`t` as the program reads it on `device`, and whether that is `t`'s own memory: as it is
+    where its layout fits, else a copy."""
+    for j, _, spec, nbytes in low.inputs:
+        if j == i:
+            if t.device == device and spec.fits(t, nbytes) and not t.is_conj() and not t.is_neg():
+                return t.detach(), True
+            return dense_copy(t, spec, device), False
+    raise AssertionError(f"argument {i} is not an input of the program")
+
+
+class LocalTarget:
+    """Runs programs in this process on `device`, checked as a server checks them, with the C++
+    program runner. CPU arguments on a CPU target are read where they are, never copied."""
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.env = Environment(self.device)
+        self.residency = Residency()
+        self.name = f"local:{self.device}"
+        self.counters = {"runs": 0, "programs": 0, "uploads": 0, "upload_bytes": 0}
+
+    def place(self, lowered: Lowered) -> Placed:
+        self.counters["programs"] += 1
+        return Placed(self, lowered)
+
+    def run(self, placed: Placed, args: list[Any]):
+        low, storages = placed.low, self.env.storages
+        if not placed.constants_sent:
+            for k, value in low.constants:
+                storages[placed.sids[k]] = (
+                    byte_view(value.untyped_storage()).to(self.device, copy=True).untyped_storage()
+                )
+            placed.constants_sent = True
+        binding, uploads = placed.bind(args)
+        borrowed = []
+        for sid, i in uploads:
+            t, own = _upload_value(low, i, args[i], self.device)
+            storages[sid] = t.untyped_storage()
+            if own:
+                borrowed.append(sid)  # the caller's own memory: not kept after the call
+            else:
+                self.residency.remember(args[i], sid)
+                self.counters["uploads"] += 1
+                self.counters["upload_bytes"] += t.untyped_storage().nbytes()
+        execute(low.program, binding, {}, self.env)
+        self.counters["runs"] += 1
+        fetched = []
+        for r in placed.refs(binding):
+            st = storages[r["storage"]]
+            v = torch.empty(0, dtype=r["dtype"], device=st.device)
+            v = v.set_(st, r["offset"], r["shape"], r["stride"])
+            fetched.append(v if self.device.type == "cpu" else v.cpu())
+        out = placed.results(args, fetched)
+        for sid in borrowed:
+            storages.pop(sid, None)
+        return out
+
+    def drop(self, sids: list[int]) -> None:
+        for sid in sids:
+            self.env.storages.pop(sid, None)
+            self.residency.forget(sid)
+
+
+class RemoteTarget:
+    """Runs programs on a genie server through a RemoteExecutor session: the program goes once,
+    then each call is its key, its binding, the uploads it needs and the fetches of its
+    outputs, in one exchange (RemoteExecutor.run_program)."""
+
+    def __init__(self, executor):
+        self.executor = executor
+        self.residency = Residency()
+        self.name = executor.name
+        self.device = torch.device("cpu")  # where arguments are uploaded from
+
+    @property
+    def counters(self) -> dict:
+        return self.executor.counters
+
+    def place(self, lowered: Lowered) -> Placed:
+        return Placed(self, lowered)
+
+    def run(self, placed: Placed, args: list[Any]):
+        low = placed.low
+        constants: dict[int, torch.Tensor] = {}
+        if not placed.constants_sent:
+            constants = {placed.sids[k]: value for k, value in low.constants}
+        binding, uploads = placed.bind(args)
+        for sid, i in uploads:
+            constants[sid] = _upload_value(low, i, args[i], self.device)[0]
+            self.residency.remember(args[i], sid)
+        fetched = self.executor.run_program(low.enc, binding, constants, placed.refs(binding))
+        placed.constants_sent = True
+        return placed.results(args, fetched)
+
+    def drop(self, sids: list[int]) -> None:
+        for sid in sids:
+            self.residency.forget(sid)
+        try:
+            self.executor.release(sids)
+        except Exception as e:  # noqa: BLE001 - a closed session holds nothing any more
+            logger.debug("genie.compile: releasing a dropped program's storages: %s", e)
