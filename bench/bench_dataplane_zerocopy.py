@@ -15,6 +15,16 @@ Goal: memif zero copy >= 2x TCP at >= 16 MB; LRU hit <= 100 ns.
     python bench/bench_dataplane_zerocopy.py [--quick]
 
 Prints a table and writes bench/results/dataplane_zerocopy.json.
+
+Uploads to a CUDA server (`--gpu`, on a GPU machine with DPDK): the client sends N bytes, the
+server receives them into a CUDA tensor with `Transport.recv_payload_into` (memif: in place
+into the arena heap, registered with CUDA once, one copy to the GPU; TCP: pinned staging) and
+acknowledges once the GPU has them; GB/s = N / median time. `--gpu --device meta` runs the
+same steps on a CPU-only machine (no bytes reach a device: a dry run of the code path).
+
+    python bench/bench_dataplane_zerocopy.py --gpu [--device cuda]
+
+Prints a table and writes bench/results/dataplane_zerocopy_gpu.json.
 """
 
 from __future__ import annotations
@@ -99,21 +109,130 @@ def peer(role: str, kind: str, memory: str, port: int, sizes: list[int], iters: 
     t.close()
 
 
-def run_variant(name: str, sizes: list[int], iters: int) -> list[dict]:
+def seeded(n: int):
+    import torch
+
+    g = torch.Generator().manual_seed(n)
+    return torch.randint(0, 255, (n,), dtype=torch.uint8, generator=g)
+
+
+def upload_peer(
+    role: str, kind: str, memory: str, device: str, port: int, sizes: list[int], iters: int
+) -> None:
+    """One side of the upload benchmark (run as a fresh process)."""
+    import torch
+    from genie.runtime import transports
+    from genie.runtime.protocol import AUTH_OK, REPLY, REQUEST
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    if role == "server":
+        listener = transports.listen("127.0.0.1", port, kind=kind)
+        t = listener.accept(60)
+        t.send_frame(1, AUTH_OK, b"")
+        for n in sizes:
+            dst = torch.empty(n, dtype=torch.uint8, device=device)
+            for _ in range(reps(n, iters) + 1):
+                t.recv_frame(1024)
+                t.recv_payload_into(dst)  # Note: [Payload memory] (transports/base.py)
+                sync()
+                t.send_frame(1, REPLY, b"k")
+            same = None if device == "meta" else bool(torch.equal(dst.cpu(), seeded(n)))
+            print(json.dumps({"bench": "upload_check", "bytes": n, "identical": same}), flush=True)
+            del dst
+        t.recv_frame(64)
+        print(json.dumps({"bench": "stats", "role": "server", **t.stats.as_dict()}), flush=True)
+        t.close()
+        return
+    t = transports.connect(f"127.0.0.1:{port}", kind=kind, timeout=30)
+    t.recv_frame(64)
+    for n in sizes:
+        x = t.host_buffer(n) if memory == "arena" else torch.empty(n, dtype=torch.uint8)
+        x.copy_(seeded(n))
+        xv = memoryview(x.numpy())
+        times = []
+        for i in range(reps(n, iters) + 1):
+            t0 = time.perf_counter()
+            t.send_frame(1, REQUEST, b"x", [xv])
+            t.recv_frame(64)
+            if i:
+                times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        row = {"bench": "upload", "bytes": n, "seconds": med, "gbps": n / med / 1e9}
+        print(json.dumps(row), flush=True)
+        del xv, x
+    t.send_frame(1, REQUEST, b"bye")
+    print(json.dumps({"bench": "stats", "role": "client", **t.stats.as_dict()}), flush=True)
+    t.close()
+
+
+def gpu_main(device: str, sizes: list[int], iters: int, rounds: int) -> int:
+    raw = []
+    for i in range(rounds):
+        for name in VARIANTS:
+            raw += [{**r, "round": i} for r in run_variant(name, sizes, iters, device)]
+    rows = []
+    for n in sizes:
+        row = {"bytes": n}
+        for name in VARIANTS:
+            rs = [r for r in raw if r["variant"] == name and r.get("bytes") == n]
+            up = [r["gbps"] for r in rs if r["bench"] == "upload"]
+            checks = [r["identical"] for r in rs if r["bench"] == "upload_check"]
+            row[name] = {"gbps": statistics.median(up), "rounds_gbps": up, "identical": checks}
+        row["zero_copy_over_tcp"] = row["memif zero copy"]["gbps"] / row["tcp loopback"]["gbps"]
+        rows.append(row)
+    server = {
+        name: next(r for r in raw if r["variant"] == name and r.get("role") == "server")
+        for name in VARIANTS
+    }
+    print(f"uploads to {device}: GB/s (client buffer -> server tensor on {device})")
+    print(f"{'size':>7} | {'memif zero copy':>15} | {'memif copies':>12} | {'TCP':>6} | "
+          f"{'zc/TCP':>7}")  # fmt: skip
+    for r in rows:
+        print(f"{r['bytes'] // MB:>5}MB | {r['memif zero copy']['gbps']:>15.2f} | "
+              f"{r['memif with copies']['gbps']:>12.2f} | {r['tcp loopback']['gbps']:>6.2f} | "
+              f"{r['zero_copy_over_tcp']:>6.2f}x")  # fmt: skip
+    for name, st in server.items():
+        print(
+            f"server, {name}: bytes copied receiving {st['bytes_copied_receiving']}, "
+            f"registrations hit {st['registrations_hit']} / missed {st['registrations_missed']}"
+        )
+    result = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": device},
+        "upload": "client sends N bytes; server receives them into a tensor on the device and "
+                  "acknowledges once the device has them; GB/s = N / median time",
+        "rounds": rounds,
+        "rows": rows,
+        "server_stats": server,
+        "raw": raw,
+    }  # fmt: skip
+    out = ROOT / "bench" / "results" / "dataplane_zerocopy_gpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
+def run_variant(name: str, sizes: list[int], iters: int, device: str | None = None) -> list[dict]:
     kind, memory = VARIANTS[name]
     heap = 2 * max(sizes) + 64 * MB  # the client holds a sent and a received buffer
     env = {**os.environ, "GENIE_DPDK_MIN_PAYLOAD": "0", "GENIE_DPDK_HEAP": str(heap)}
     port = str(free_port())
     arg = ",".join(map(str, sizes))
-    cmd = [sys.executable, __file__, "--peer"]
+    if device is None:
+        cmd, extra = [sys.executable, __file__, "--peer"], []
+    else:
+        cmd, extra = [sys.executable, __file__, "--upload-peer"], [device]
     server = subprocess.Popen(
-        [*cmd, "server", kind, memory, port, arg, str(iters)],
+        [*cmd, "server", kind, memory, *extra, port, arg, str(iters)],
         env=env, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     time.sleep(1.5)
     client = subprocess.run(
-        [*cmd, "client", kind, memory, port, arg, str(iters)], env=env, capture_output=True,
-        text=True, timeout=1800,
+        [*cmd, "client", kind, memory, *extra, port, arg, str(iters)], env=env,
+        capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     out, _ = server.communicate(timeout=120)
     if client.returncode or server.returncode:
@@ -125,11 +244,21 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="16 MB and 256 MB, 2 exchanges, 1 round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--gpu", action="store_true", help="uploads to a tensor on --device")
+    ap.add_argument("--device", default="cuda", help="with --gpu: cuda[:N], or meta (dry run)")
     ap.add_argument("--peer", nargs=6, metavar=("ROLE", "KIND", "MEMORY", "PORT", "SIZES", "N"))
+    ap.add_argument(
+        "--upload-peer", nargs=7, metavar=("ROLE", "KIND", "MEMORY", "DEV", "PORT", "SIZES", "N")
+    )
     args = ap.parse_args()
     if args.peer:
         role, kind, memory, port, sizes, iters = args.peer
         peer(role, kind, memory, int(port), [int(s) for s in sizes.split(",")], int(iters))
+        return 0
+    if args.upload_peer:
+        role, kind, memory, device, port, sizes, iters = args.upload_peer
+        split = [int(s) for s in sizes.split(",")]
+        upload_peer(role, kind, memory, device, int(port), split, int(iters))
         return 0
 
     import genie
@@ -140,6 +269,8 @@ def main() -> int:
     sizes = [16 * MB, 256 * MB] if args.quick else [16 * MB, 64 * MB, 256 * MB, 1024 * MB]
     iters = 2 if args.quick else 3
     rounds = 1 if args.quick else args.rounds
+    if args.gpu:
+        return gpu_main(args.device, sizes, iters, rounds)
     raw = []
     for i in range(rounds):
         for name in VARIANTS:
