@@ -93,6 +93,47 @@ def test_one_storage_in_two_caches_is_dropped_from_both():
     assert c1.stats()["entries"] == c2.stats()["entries"] == 0
 
 
+def heap_client(heap_bytes: int, slot_bytes: int = 1 << 16):
+    """An agent client with no agent behind it: enough to allocate from its arena's heap."""
+    import os
+    import socket
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.close()
+    fd = os.memfd_create("genie-test-arena")
+    try:
+        os.ftruncate(fd, 4 * slot_bytes + heap_bytes)
+        return _C._DataplaneAgentClient(ours.detach(), fd, 4 * slot_bytes, slot_bytes, heap_bytes)
+    finally:
+        os.close(fd)
+
+
+def test_arena_heap_blocks_are_storages_that_return_when_they_die():
+    """A heap block is a uint8 CPU tensor; freeing the last reference to its storage gives
+    the block back (a freed neighbour merges, so the whole heap fits again), a full heap
+    answers None instead of failing, and a tensor stays readable after its client is gone."""
+    mb = 1 << 20
+    c = heap_client(8 * mb)
+    a, b, d = c.alloc(2 * mb), c.alloc(2 * mb), c.alloc(3 * mb)
+    assert a.dtype == torch.uint8 and a.device.type == "cpu" and a.numel() == 2 * mb
+    assert c.alloc(2 * mb) is None  # 7 of 8 MB taken: no room
+    view = b[10:20]
+    del b
+    assert c.counters()["heap_used"] == 7 * mb  # the view keeps b's storage alive
+    del view
+    assert c.counters()["heap_used"] == 5 * mb
+    del a
+    e = c.alloc(4 * mb)  # a's and b's blocks merged
+    assert e is not None and c.counters()["heap_used"] == 7 * mb
+    d.fill_(7)
+    del c
+    gc.collect()
+    assert bool((d == 7).all())  # the mapping lives as long as a storage from it
+    del e
+    d.untyped_storage().resize_(4 * mb)  # a resize moves the bytes to torch's memory
+    assert bool((d == 7).all())
+
+
 def test_unknown_backends_and_unavailable_ones_say_why():
     with pytest.raises(genie.errors.GenieError, match="unknown registration backend"):
         _C.RegistrationCache("rdma")
@@ -117,9 +158,13 @@ def _page_locked(t: torch.Tensor) -> bool:
     class Attributes(ctypes.Structure):
         # cudaPointerAttributes, with room to spare: newer CUDA releases append reserved words,
         # and a struct shorter than the runtime's lets it write past the end of this one.
-        _fields_ = [("type", ctypes.c_int), ("device", ctypes.c_int),
-                    ("device_pointer", ctypes.c_void_p), ("host_pointer", ctypes.c_void_p),
-                    ("reserved", ctypes.c_long * 32)]
+        _fields_ = [
+            ("type", ctypes.c_int),
+            ("device", ctypes.c_int),
+            ("device_pointer", ctypes.c_void_p),
+            ("host_pointer", ctypes.c_void_p),
+            ("reserved", ctypes.c_long * 32),
+        ]
 
     a = Attributes()
     err = rt.cudaPointerGetAttributes(ctypes.byref(a), ctypes.c_void_p(t.data_ptr()))
