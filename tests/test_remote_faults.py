@@ -5,6 +5,7 @@ as a hang, and one client's failure never stops the server serving the others.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -275,3 +276,57 @@ def test_uploads_bigger_than_a_message_are_split():
         finally:
             genie.configure(local_device="cpu")
             client.close()
+
+
+# -- Note: [Large uploads] --------------------------------------------------------------------
+def test_a_large_upload_reports_progress_and_equals_eager(server, monkeypatch, caplog):
+    """Uploads past GENIE_UPLOAD_PROGRESS say how far they are (a log line at INFO when stderr
+    is not a terminal) and go in GENIE_UPLOAD_CHUNK pieces; the result is eager's."""
+    monkeypatch.setenv("GENIE_UPLOAD_CHUNK", str(1 << 18))
+    monkeypatch.setenv("GENIE_UPLOAD_PROGRESS", str(1 << 20))
+    client = connect(server.address, token=server.token)
+    try:
+        x = torch.randn(1 << 19)  # 2 MiB: 8 pieces
+        with caplog.at_level(logging.INFO, logger="genie.runtime.remote.uploads"):
+            y = (x.to("remote_accelerator:0") * 2).sum().cpu()
+        assert torch.equal(y, (x * 2).sum())
+        lines = [r.getMessage() for r in caplog.records if "uploaded" in r.getMessage()]
+        assert lines and "100%" in lines[-1], caplog.text
+        assert client.counters["uploads"] >= 8
+    finally:
+        genie.configure(local_device="cpu")
+        client.close()
+
+
+def test_ctrl_c_during_a_large_upload_leaves_the_session_working(server, monkeypatch):
+    """SIGINT arriving while an upload's pieces are on their way is held until the frame in
+    flight is answered; the partly sent tensor is released on the server, KeyboardInterrupt
+    reaches the user, and the next computation in the same session equals eager."""
+    monkeypatch.setenv("GENIE_UPLOAD_CHUNK", str(1 << 18))
+    client = connect(server.address, token=server.token)
+    try:
+        real = client._upload_batch
+        sent = []
+
+        def interrupting(batch, progress=None):
+            real(batch, progress)
+            sent.append(len(batch))
+            if len(sent) == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C now
+
+        monkeypatch.setattr(client, "_upload_batch", interrupting)
+        monkeypatch.setattr(client, "max_message", 1 << 18)  # one piece per frame
+        x = torch.randn(1 << 19)
+        with pytest.raises(KeyboardInterrupt):
+            (x.to("remote_accelerator:0") + 1).cpu()
+        assert len(sent) == 1  # nothing more was sent after the interrupt
+        monkeypatch.setattr(client, "_upload_batch", real)
+        genie.synchronize()
+        z = torch.randn(64, 8)
+        assert torch.equal(
+            (z.to("remote_accelerator:0") @ z.t().to("remote_accelerator:0")).cpu(), z @ z.t()
+        )
+        assert client.server_stats()["session"]["resident_bytes"] < x.nbytes
+    finally:
+        genie.configure(local_device="cpu")
+        client.close()

@@ -34,8 +34,9 @@ from genie.errors import (
 from genie.runtime import protocol as P
 from genie.runtime import transports
 from genie.runtime.program import encode_program
-from genie.runtime.remote.namer import Known, ProgramNamer, Template, storage_span
+from genie.runtime.remote.namer import Known, ProgramNamer, Template
 from genie.runtime.remote.speculator import Speculator
+from genie.runtime.remote.uploads import Progress, interrupt_deferred, upload_parts
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +63,6 @@ class _RequestFailed(GenieError):
 
 
 _KINDS = {"execution": ExecutionError, "protocol": ProtocolError}
-
-
-def _bytes_of(st: torch.UntypedStorage, lo: int, hi: int) -> memoryview:
-    return memoryview(torch.empty(0, dtype=torch.uint8).set_(st, lo, (hi - lo,), (1,)).numpy())
 
 
 class RemoteExecutor:
@@ -237,44 +234,56 @@ class RemoteExecutor:
 
     # -- uploads --------------------------------------------------------------------------
     def _upload_parts(self, constants: dict[int, torch.Tensor]):
-        """[(entry, view)] covering every constant, pieces no larger than max_message."""
-        parts = []
-        for sid, t in constants.items():
-            if t.device.type != "cpu":
-                t = t.cpu()
-            lo, hi = storage_span(t)
-            st = t.untyped_storage()
-            step = max(self.max_message, 1)
-            at = lo
-            first = True
-            while first or at < hi:
-                n = min(step, hi - at)
-                view = _bytes_of(st, at, at + n) if n else memoryview(b"")
-                parts.append(([int(sid), hi, at, n, first], view))
-                at += n
-                first = False
-        return parts
+        """[(entry, view)] covering every constant in pieces (Note: [Large uploads])."""
+        return upload_parts(constants, self.max_message)
 
     def _send_uploads(self, parts) -> None:
-        batch, size = [], 0
-        for entry, view in parts:
-            if batch and size + entry[3] > self.max_message:
-                self._upload_batch(batch)
+        """Upload requests of at most max_message bytes each, with progress and Ctrl-C held
+        between frames (Note: [Large uploads])."""
+        progress = Progress(sum(e[3] for e, _ in parts))
+        started = {e[0] for e, _ in parts}
+        try:
+            with interrupt_deferred() as interrupted:
                 batch, size = [], 0
-            batch.append((entry, view))
-            size += entry[3]
-        if batch:
-            self._upload_batch(batch)
+                for entry, view in parts:
+                    if batch and size + entry[3] > self.max_message:
+                        self._upload_batch(batch, progress)
+                        batch, size = [], 0
+                        if interrupted():
+                            raise KeyboardInterrupt
+                    batch.append((entry, view))
+                    size += entry[3]
+                if batch:
+                    self._upload_batch(batch, progress)
+                if interrupted():
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            # Storages whose last piece did not arrive hold zeros where it would have gone.
+            partial = [sid for sid in started if sid not in self._resident]
+            self.release(partial)
+            logger.warning(
+                "genie: upload interrupted after %.1f of %.1f MiB; %d partly sent tensor(s) "
+                "released, the session goes on",
+                progress.done / 2**20,
+                progress.total / 2**20,
+                len(partial),
+            )
+            raise
+        finally:
+            progress.close()
 
-    def _upload_batch(self, batch) -> None:
+    def _upload_batch(self, batch, progress: Progress | None = None) -> None:
         try:
             self._request({"t": "upload", "up": [e for e, _ in batch]}, [v for _, v in batch])
         except _RequestFailed as e:
             self._raise(e)
         for entry, _ in batch:
-            self._resident[entry[0]] = entry[1]
+            if entry[2] + entry[3] == entry[1]:  # the storage's last piece: it is whole
+                self._resident[entry[0]] = entry[1]
         self.counters["uploads"] += len(batch)
         self.counters["upload_bytes"] += sum(e[3] for e, _ in batch)
+        if progress is not None:
+            progress.advance(sum(e[3] for e, _ in batch))
 
     # -- the Executor protocol ------------------------------------------------------------
     def run(
@@ -307,8 +316,8 @@ class RemoteExecutor:
         base, so that the caller sends the program in full."""
         parts = self._upload_parts(constants) if constants else []
         total = sum(e[3] for e, _ in parts)
-        if parts and (enc is None or total > self.max_message):
-            self._send_uploads(parts)
+        if parts and (enc is None or total > self.max_message or len(parts) > len(constants)):
+            self._send_uploads(parts)  # large ones on their own (Note: [Large uploads])
             parts = []
         if enc is None:
             return True
@@ -619,28 +628,28 @@ class RemoteExecutor:
         binding: list[int],
         constants: dict[int, torch.Tensor],
         refs: list[dict],
-        release: list[int] = (),
-    ) -> list[torch.Tensor]:
+    ) -> list[torch.Tensor | None]:
         """Run the encoded program `enc` with `binding` (storage ids chosen by the caller, not
         the recorder), upload `constants` (storage id -> tensor) with the run, and fetch each
         of `refs` (core ref dicts) in the same exchange: the fetches are sent right behind the
         run, before its answer is read (Note: [Run then fetch]). The body goes once; afterwards
-        the 16-byte key. `release` ids ride on the run. Returns the fetched values, in order.
+        the 16-byte key. Returns the fetched values, in order;
+        None for a ref the run left without a storage (a kernel result of another shape than
+        declared is not bound: Note: [Binding a result on a server]).
         Used by genie.compile (Note: [Compiled programs] in compile/__init__.py)."""
         started = time.perf_counter()
         with self._lock:
             self._check()
             try:
-                return self._run_program(enc, binding, constants, refs, list(release))
+                return self._run_program(enc, binding, constants, refs)
             finally:
                 self.counters["run_seconds"] += time.perf_counter() - started
 
-    def _run_program(self, enc, binding, constants, refs, release) -> list[torch.Tensor]:
+    def _run_program(self, enc, binding, constants, refs) -> list[torch.Tensor | None]:
         parts = self._upload_parts(constants) if constants else []
         if sum(e[3] for e, _ in parts) > self.max_message:
             self._send_uploads(parts)
             parts = []
-        self._released.extend(release)
         ref = self.namer.ref(enc)
         header: dict[str, Any] = {"t": "run", **ref.fields(), "bind": binding, "rng": []}
         header["up"] = [e for e, _ in parts]
@@ -660,12 +669,10 @@ class RemoteExecutor:
                 self._read_spec_replies()
                 reply = self._read_reply(None)
                 ok = reply.get("ok") is True
-                values, failed = [], None
+                values = []
                 for _, receive, result in plans:
-                    freply = self._read_reply(receive if ok and failed is None else None)
-                    if freply.get("ok") is not True and failed is None:
-                        failed = freply
-                    values.append(result() if ok and failed is None else None)
+                    freply = self._read_reply(receive if ok else None)
+                    values.append(result() if ok and freply.get("ok") is True else None)
             except (TransportError, ProtocolError) as e:
                 raise self._lost(e) from None
             self.counters["requests"] += 1 + len(plans)
@@ -687,6 +694,4 @@ class RemoteExecutor:
         self.counters["upload_bytes"] += sum(e[3] for e, _ in parts)
         for entry, _ in parts:
             self._resident[entry[0]] = entry[1]
-        if failed is not None:
-            self._raise(_RequestFailed(str(failed.get("kind", "remote")), str(failed.get("msg"))))
         return values
