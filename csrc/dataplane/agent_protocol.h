@@ -13,11 +13,11 @@
 //     open any number of connections.
 //   - The agent answers the peer (keepalives, acknowledgements) while the user's process is
 //     busy computing, so liveness never depends on Python being scheduled.
-// The price is one copy per side between the caller's buffers and the arena, pipelined in
-// slots (a slot is copied while the agent moves the previous one). Inside the agent the
-// endpoint is zero-copy: chunks are mbufs attached to arena memory, which is registered once as
-// DPDK external memory. (Tensors allocated in a shared mapping the agent can see, e.g. a
-// memfd-backed allocator, would remove the copy; not built.)
+// Inside the agent the endpoint is zero-copy: chunks are mbufs attached to arena memory, which
+// is registered once as DPDK external memory. Tensors whose storage is a block of the arena's
+// heap (Note: [Arena heap] in arena.h) travel as they are; any other memory costs one copy per
+// side between the caller's buffers and the arena's slots, pipelined (a slot is copied while
+// the agent moves the previous one) and counted (Note: [In place or copied]).
 //
 // Note: [In-process endpoint]
 // For a real NIC the last copy matters and the isolation may not: with `in_process=1`
