@@ -140,9 +140,10 @@ class CompiledGraph:
     """One aten graph compiled for one target: one program per input shape (a graph Dynamo
     traced with static shapes has one), recorded at its first call."""
 
-    _boxed_call = True  # AOT autograd passes the arguments as one list
-
     def __init__(self, gm: torch.fx.GraphModule, example_inputs: list[Any], target):
+        # AOT autograd passes the arguments as one list; an attribute of the instance, so that
+        # wrappers (functools.wraps copies __dict__) keep it.
+        self._boxed_call = True
         self.gm = gm
         self.target = target
         self.dynamic = _symbolic(example_inputs)

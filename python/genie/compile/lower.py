@@ -108,6 +108,15 @@ def _on_remote(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _remote_input(t: torch.Tensor) -> torch.Tensor:
+    """`t` (offset 0, its storage exactly its extent) on the remote device as one recorder
+    constant: its storage moved as a flat tensor, then viewed with `t`'s strides. (``.to()``
+    of a strided tensor would record a copy out of a contiguous constant instead.)"""
+    n = t.untyped_storage().nbytes() // t.element_size()
+    flat = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (n,), (1,))
+    return flat.to(REMOTE).as_strided(t.shape, t.stride(), 0)
+
+
 def _refs(nodes: list[dict]):
     for d in nodes:
         yield from d["inputs"]
@@ -127,7 +136,7 @@ def lower(gm: torch.fx.GraphModule, args: list[Any]) -> Lowered:
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
                 specs[i] = InputSpec.of(a)
-                r = dense_copy(a, specs[i]).to(REMOTE)
+                r = _remote_input(dense_copy(a, specs[i]))
                 arg_of[_C._storage_id(r)] = i
                 remote_args.append(r)
             else:

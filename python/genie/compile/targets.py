@@ -67,6 +67,13 @@ class Residency:
             self._by_tensor.pop(tid, None)
 
 
+# Note: [Unbound results]
+# A kernel whose result has another shape than its meta kernel declared leaves that result
+# unbound on every executor (Note: [Binding a result on a server] in program/run.py). The one
+# known case is CPU batch norm outside training, whose saved statistics are empty where the
+# meta kernel sizes them by channel; AOT autograd still returns them from a forward graph, to
+# be saved for backward, which does not read them. Such an output comes back as zeros of the
+# declared shape.
 class Placed:
     """A lowered program on a target, with the storage ids it owns there."""
 
@@ -101,6 +108,8 @@ class Placed:
         for o in self.low.outputs:
             if o.kind == "ref":
                 v = next(values)
+                if v is None:  # Note: [Unbound results]
+                    v = torch.zeros(o.ref["shape"], dtype=o.ref["dtype"])
                 stride = tuple(o.ref["stride"])
                 if v.dim() > 1 and tuple(v.stride()) != stride:
                     v = torch.empty_strided(v.shape, stride, dtype=v.dtype).copy_(v)
@@ -181,7 +190,10 @@ class LocalTarget:
         self.counters["runs"] += 1
         fetched = []
         for r in placed.refs(binding):
-            st = storages[r["storage"]]
+            st = storages.get(r["storage"])
+            if st is None:  # Note: [Unbound results]
+                fetched.append(None)
+                continue
             v = torch.empty(0, dtype=r["dtype"], device=st.device)
             v = v.set_(st, r["offset"], r["shape"], r["stride"])
             fetched.append(v if self.device.type == "cpu" else v.cpu())

@@ -633,9 +633,9 @@ class RemoteExecutor:
         the recorder), upload `constants` (storage id -> tensor) with the run, and fetch each
         of `refs` (core ref dicts) in the same exchange: the fetches are sent right behind the
         run, before its answer is read (Note: [Run then fetch]). The body goes once; afterwards
-        the 16-byte key. Returns the fetched values, in order;
-        None for a ref the run left without a storage (a kernel result of another shape than
-        declared is not bound: Note: [Binding a result on a server]).
+        the 16-byte key. Returns the fetched values, in order; None for a ref the run left
+        without a storage (a kernel result of another shape than declared is not bound:
+        Note: [Binding a result on a server]).
         Used by genie.compile (Note: [Compiled programs] in compile/__init__.py)."""
         started = time.perf_counter()
         with self._lock:
@@ -658,6 +658,7 @@ class RemoteExecutor:
             self._check()
             self._prefetched = None
             self.speculator.ahead = False
+            header.pop("pre", None)  # a retry: the server applied them with the first try
             self._attach_pre(header)
             try:
                 self._t.send_frame(

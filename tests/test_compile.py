@@ -1,0 +1,190 @@
+"""torch.compile(model, backend="genie"): compiled models give eager's bits, in this process and
+through a loopback server; the program crosses the wire once and parameters are uploaded once."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import genie
+import pytest
+import torch
+from fakes import bert, gpt2, resnet, vit
+from genie.runtime.loopback import LoopbackServer
+from genie.runtime.remote import connect
+from torch import nn
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A loopback `genie serve` with this process's thread count (the same reduction order)."""
+    srv = LoopbackServer(threads=torch.get_num_threads())
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(params=["local", "loopback"])
+def where(request):
+    """(compile options, the session or None): each test runs in process and on a server."""
+    torch._dynamo.reset()
+    if request.param == "local":
+        yield None, None
+    else:
+        srv = request.getfixturevalue("server")
+        client = connect(srv.address, token=srv.token, install=False)
+        try:
+            yield {"server": client}, client
+        finally:
+            client.close()
+    torch._dynamo.reset()
+
+
+def _ids(batch=2, seq=12, seed=1):
+    return torch.randint(0, 500, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _images(seed=1):
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _first(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    return out[0]
+
+
+MODELS = {
+    "gpt2": (gpt2, _ids, {"use_cache": False}),
+    "bert": (bert, _ids, {}),
+    "vit": (vit, _images, {}),
+    "resnet": (resnet, _images, {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@torch.no_grad()
+def test_inference_equals_eager(where, name):
+    """Two calls with fresh inputs give eager's bits; through a server the program is sent
+    once and the second call uploads only its input (the weights stay resident)."""
+    options, client = where
+    build, make_input, kwargs = MODELS[name]
+    model = build()
+    compiled = torch.compile(model, backend="genie", options=options)
+    x1, x2 = make_input(seed=1), make_input(seed=2)
+    assert torch.equal(_first(compiled(x1, **kwargs)), _first(model(x1, **kwargs)))
+    if client is not None:
+        sent, uploaded = client.counters["programs_sent"], client.counters["upload_bytes"]
+        assert sent == 1
+    assert torch.equal(_first(compiled(x2, **kwargs)), _first(model(x2, **kwargs)))
+    if client is not None:
+        assert client.counters["programs_sent"] == sent, "the program was sent again"
+        assert client.counters["upload_bytes"] - uploaded == x2.numel() * x2.element_size()
+
+
+class _Breaky(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.a(x).relu()
+        print("a graph break", end="")  # noqa: T201 - Dynamo cannot trace print: two graphs
+        return self.b(h).softmax(-1)
+
+
+@torch.no_grad()
+def test_graph_break_runs_each_subgraph(where, capsys):
+    """A graph break splits the model into two programs; the result is eager's."""
+    options, client = where
+    torch.manual_seed(0)
+    model = _Breaky().eval()
+    compiled = torch.compile(model, backend="genie", options=options)
+    for seed in (1, 2):
+        x = torch.randn(3, 8, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(compiled(x), model(x))
+    assert "a graph break" in capsys.readouterr().out
+    if client is not None:
+        assert client.counters["programs_sent"] == 2
+
+
+def test_training_steps_equal_eager(where):
+    """Three SGD steps of a ResNet-style CNN in training mode (batch norm statistics
+    updated): losses, gradients, parameters and running statistics equal eager's bits; the
+    forward and backward graphs run as programs, the optimizer step runs eagerly."""
+    options, client = where
+    ref = resnet().train()
+    model = copy.deepcopy(ref)
+    compiled = torch.compile(model, backend="genie", options=options)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x, y = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+        losses = []
+        for m, o in ((ref, opt_ref), (compiled, opt)):
+            loss = nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            o.step()
+            o.zero_grad()
+            losses.append(loss)
+        assert torch.equal(losses[0], losses[1])
+    for a, b in zip(ref.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    if client is not None:
+        assert client.counters["programs_sent"] == 2  # forward and backward, once each
+
+
+@torch.no_grad()
+def test_dynamic_shapes_one_program_per_shape(where):
+    """dynamic=True: each new batch size records one program; a size seen before reuses it."""
+    options, client = where
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.LayerNorm(8)).eval()
+    compiled = torch.compile(model, backend="genie", options=options, dynamic=True)
+    for n in (2, 3, 5, 3, 2):
+        x = torch.randn(n, 8)
+        assert torch.equal(compiled(x), model(x))
+    if client is not None:
+        assert client.counters["programs_sent"] == 3
+
+
+@torch.no_grad()
+def test_generate_with_static_cache(where):
+    """HF generate() on a compiled forward with StaticCache gives eager's tokens."""
+    options, _ = where
+    model = gpt2()
+    ids = _ids(batch=1, seq=6)
+    kw = {"max_new_tokens": 5, "do_sample": False, "cache_implementation": "static"}
+    ref = model.generate(ids, pad_token_id=0, **kw)
+    model.forward = torch.compile(model.forward, backend="genie", options=options)
+    assert torch.equal(model.generate(ids, pad_token_id=0, **kw), ref)
+
+
+def test_random_ops_are_refused():
+    """Dropout in training mode would need fresh generator states each call: it is refused
+    with the reason, not run with stale randomness."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train()
+    compiled = torch.compile(model, backend="genie")
+    with pytest.raises(NotImplementedError, match="random ops"):
+        compiled(torch.randn(2, 4))
+
+
+def test_unknown_option_is_named():
+    torch._dynamo.reset()
+    compiled = torch.compile(nn.Linear(2, 2), backend="genie", options={"sever": "x"})
+    with pytest.raises(Exception, match="unknown option.*sever"):
+        compiled(torch.randn(1, 2))
+
+
+def test_backend_found_by_name_without_importing_dynamo_at_import():
+    """`import genie` leaves torch._dynamo unloaded; torch.compile finds "genie" by name
+    (the torch_dynamo_backends entry point)."""
+    code = (
+        "import sys, genie; assert 'torch._dynamo' not in sys.modules; "
+        "import torch._dynamo; assert 'genie' in torch._dynamo.list_backends()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert "genie" in torch._dynamo.list_backends()
+    assert genie.compile.genie_backend is not None
