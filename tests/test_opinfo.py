@@ -57,3 +57,14 @@ def test_a_crashing_entry_fails_alone():
     assert first.status == "crash"
     (second,) = conformance.run(todo[1:], jobs=1, timeout=120)
     assert second.status == "pass" and second.samples > 0
+
+
+def test_an_entry_that_overruns_is_a_timeout():
+    """An entry with no answer in time is reported as a timeout and its worker is stopped."""
+    worker = conformance._Worker()
+    try:
+        outcome = worker.ask(conformance.Entry("op", "add", "", "float32"), timeout=0.05)
+    finally:
+        worker.kill()
+    assert outcome.status == "timeout"
+    assert not worker.alive()

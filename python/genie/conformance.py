@@ -108,18 +108,18 @@ class _Worker:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             env=env,
-            text=True,
-            bufsize=1,
         )
+        self._buf = b""
 
     def ask(self, entry: Entry, timeout: float) -> Outcome:
         start = time.monotonic()
         try:
-            self.proc.stdin.write(json.dumps(asdict(entry)) + "\n")
+            self.proc.stdin.write((json.dumps(asdict(entry)) + "\n").encode())
             self.proc.stdin.flush()
         except BrokenPipeError:
             return self._died(entry, start)
-        while True:
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
             left = timeout - (time.monotonic() - start)
             if left <= 0:
                 self.kill()
@@ -129,16 +129,17 @@ class _Worker:
                     reason=f"no answer within {timeout:.0f} s",
                     seconds=time.monotonic() - start,
                 )
-            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            ready, _, _ = select.select([fd], [], [], left)
             if not ready:
                 continue
-            line = self.proc.stdout.readline()
-            if not line:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
                 return self._died(entry, start)
-            if line.startswith("{"):
-                d = json.loads(line)
-                d["entry"] = entry
-                return Outcome(**d)
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        d = json.loads(line)
+        d["entry"] = entry
+        return Outcome(**d)
 
     def _died(self, entry: Entry, start: float) -> Outcome:
         rc = self.proc.wait()
@@ -464,6 +465,10 @@ def _serve(lines: Iterator[str]) -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)
+    # Answers go to the original stdout alone; anything a kernel prints goes to stderr.
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     for line in lines:
         entry = Entry(**json.loads(line))
         start = time.monotonic()
@@ -474,8 +479,8 @@ def _serve(lines: Iterator[str]) -> None:
         outcome.seconds = time.monotonic() - start
         d = outcome.to_json()
         del d["entry"]
-        sys.stdout.write(json.dumps(d) + "\n")
-        sys.stdout.flush()
+        answers.write(json.dumps(d) + "\n")
+        answers.flush()
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
