@@ -189,6 +189,42 @@ class DCN(nn.Module):
         return torch.sigmoid(self.out(torch.cat([x, self.mlp(x0)], dim=1)))
 
 
+class DeepFM(nn.Module):
+    """A factorisation machine plus an MLP over categorical fields, all in one shared table
+    indexed with per-field offsets; first-order weights in a second table."""
+
+    def __init__(self, fields=(10, 20, 30, 40), dim: int = 8):
+        super().__init__()
+        starts = torch.tensor((0, *fields[:-1])).cumsum(0)
+        self.register_buffer("offsets", starts, persistent=False)
+        self.embed = nn.Embedding(sum(fields), dim)
+        self.first_order = nn.Embedding(sum(fields), 1)
+        self.mlp = nn.Sequential(nn.Linear(len(fields) * dim, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def forward(self, x):
+        x = x + self.offsets
+        e = self.embed(x)
+        fm = 0.5 * (e.sum(1) ** 2 - (e**2).sum(1)).sum(1, keepdim=True)
+        return torch.sigmoid(self.first_order(x).sum(1) + fm + self.mlp(e.flatten(1)))
+
+
+class BehaviourAttention(nn.Module):
+    """A deep-interest-style ranker: the user's history of item ids attended with the
+    candidate item (a small MLP scores each past item), then an MLP."""
+
+    def __init__(self, items: int = 100, dim: int = 8):
+        super().__init__()
+        self.items = nn.Embedding(items, dim)
+        self.score = nn.Sequential(nn.Linear(4 * dim, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, history, item):
+        h = self.items(history)
+        t = self.items(item).unsqueeze(1).expand_as(h)
+        w = torch.softmax(self.score(torch.cat([h, t, h - t, h * t], -1)).squeeze(-1), -1)
+        return torch.sigmoid(self.mlp(torch.cat([(w.unsqueeze(-1) * h).sum(1), t[:, 0]], -1)))
+
+
 class PlainCNN(nn.Module):
     """A small convolutional image classifier without residual connections."""
 
@@ -270,6 +306,13 @@ def recsys_and_plain() -> list[tuple[str, str, object]]:
         return seeded(WideAndDeep), (ints(500, 12), torch.arange(0, 12, 3), ids,
                                      torch.randn(4, 6, generator=g)), {}
 
+    def deepfm():
+        ids = torch.stack([ints(n, 4) for n in (10, 20, 30, 40)], 1)
+        return seeded(DeepFM), (ids,), {}
+
+    def behaviour():
+        return seeded(BehaviourAttention), (ints(100, 4, 6), ints(100, 4)), {}
+
     def dcn():
         ids = torch.stack([ints(n, 4) for n in (60, 30, 90, 10)], 1)
         return seeded(DCN), (ids, torch.randn(4, 5, generator=g)), {}
@@ -279,6 +322,8 @@ def recsys_and_plain() -> list[tuple[str, str, object]]:
         ("TwoTower", "recsys", two_tower),
         ("WideAndDeep", "recsys", wide_deep),
         ("DCN", "recsys", dcn),
+        ("DeepFM", "recsys", deepfm),
+        ("BehaviourAttention", "recsys", behaviour),
         ("PlainCNN", "vision", lambda: (seeded(PlainCNN), (torch.randn(2, 3, 32, 32,
                                                                        generator=g),), {})),
         ("ResNetStyle", "vision", lambda: (fakes.resnet(), (torch.randn(2, 3, 32, 32,

@@ -99,6 +99,7 @@ class Annotations:
     weight_count: int = 0
     input_modalities: dict[int, str] = field(default_factory=dict)
     new_tokens: int | None = None  # length of the token-id inputs: the tokens this call adds
+    sequence_mixing: bool = False  # something mixes positions (attention, token+position)
 
 
 def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
@@ -186,7 +187,8 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
     ann.kv_cache_storages = list(kv_storages)
 
     # -- what each data input is, from its most telling consumer -----------------------------
-    source = _input_kinds(gv, info_of, residency, constants)
+    ann.sequence_mixing = _mixes_positions(gv, residency)
+    source = _input_kinds(gv, info_of, residency, constants, ann.sequence_mixing)
 
     # -- the main pass -----------------------------------------------------------------------
     levels = gv.levels()
@@ -308,10 +310,11 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
             p = m & PERCEPTUAL
             if p & (p - 1) and not single:
                 fusion_points.append(nid)
-            if (m & TABULAR and m & CATEGORICAL and role in _GENERIC_ROLES
-                    and not (c == OpClass.MATMUL and any(storage_res.get(t.storage) == WEIGHT
-                                                         for t in ins))):
-                # dense and sparse features meeting outside an MLP layer: the interaction
+            reads_weight = any(storage_res.get(t.storage) == WEIGHT for t in ins)
+            if role in _GENERIC_ROLES and not reads_weight and m & CATEGORICAL and not p and (
+                    m & TABULAR or _two_lookups(ins, mask, writer)):
+                # dense and sparse features, or two lookups' values, meeting outside an MLP
+                # layer (a concatenation, a product): the feature interaction
                 role = Role.FEATURE_INTERACTION
                 role_of[nid] = role
                 meta["semantic_role"] = role
@@ -430,12 +433,14 @@ def _label(bits: int) -> str:
     return Modality.NONE
 
 
+_SEQUENCE_MIXING = frozenset({OpClass.ATTENTION, OpClass.SOFTMAX, OpClass.CONV})
 # how much a consumer of a data input tells about what the input is
 _TELLING = {OpClass.EMBEDDING_BAG: 5, OpClass.EMBEDDING: 4, OpClass.CONV: 3, OpClass.MATMUL: 2,
             OpClass.NORM: 1}
 
 
-def _input_kinds(gv: GraphView, info_of, residency: dict[int, str], constants) -> dict[int, int]:
+def _input_kinds(gv: GraphView, info_of, residency: dict[int, str], constants,
+                 mixing: bool) -> dict[int, int]:
     """Modality bits of every data input (not a weight, not a cache), read from the consumer
     that tells most about it: token ids are what an embedding looks up even when a mask is
     computed from them first, or they are copied and edited before the lookup; pixels are
@@ -467,10 +472,62 @@ def _input_kinds(gv: GraphView, info_of, residency: dict[int, str], constants) -
             for s in n.writes:
                 origin.setdefault(s, src)
     out = {}
+    # nothing mixes the positions of a sequence (no attention, convolution): looked-up ids
+    # are a set of categorical fields, not tokens (a factorisation machine's shared table)
     for s, (_, n, c, t) in best.items():
         info = info_of(n.context) if n.context else NO_CONTEXT
         out[s] = _source_bits(n, c, t, info, constants)
+        if out[s] == TEXT and c == OpClass.EMBEDDING and not mixing:
+            out[s] = CATEGORICAL
+    # ids looked up in a table that categorical ids also index are categorical too (a
+    # user's history of item ids next to the candidate item's id)
+    by_table: dict[int, set[int]] = {}
+    for n in gv.nodes:
+        if cls_of[n.id] == OpClass.EMBEDDING and len(n.inputs) > 1:
+            ids = n.inputs[1].storage
+            src = origin.get(ids, ids)
+            if src in out:
+                by_table.setdefault(_table_key(n.inputs[0].storage, constants), set()).add(src)
+    for srcs in by_table.values():
+        if len(srcs) > 1 and any(out[x] == CATEGORICAL for x in srcs):
+            for x in srcs:
+                out[x] = CATEGORICAL
     return out
+
+
+def _mixes_positions(gv: GraphView, residency: dict[int, str]) -> bool:
+    """Whether anything mixes the positions of a sequence: attention, a softmax, a
+    convolution, a product of two activations (scores without a softmax), or lookups added
+    together (token plus position embeddings)."""
+    cls_of = gv.cls
+    writer: dict[int, int] = {}
+    for n in gv.nodes:
+        c = cls_of[n.id]
+        if c in _SEQUENCE_MIXING:
+            return True
+        if c == OpClass.MATMUL and len(n.inputs) >= 2 and n.id not in gv.views and not any(
+                t.storage in residency for t in n.inputs):
+            return True
+        if c == OpClass.ADD and len(n.inputs) >= 2 and all(
+                cls_of.get(writer.get(t.storage, -1)) == OpClass.EMBEDDING for t in n.inputs[:2]):
+            return True
+        for o in n.outputs:
+            writer.setdefault(o.storage, n.id)
+    return False
+
+
+def _two_lookups(ins, mask: dict[int, int], writer: dict[int, int]) -> bool:
+    """Two inputs of categorical values from different producers (a product of two fields'
+    embeddings, a factorisation machine's square of sums minus sum of squares)."""
+    producers = {writer.get(t.storage) for t in ins if mask.get(t.storage, 0) & CATEGORICAL}
+    producers.discard(None)
+    return len(producers) >= 2
+
+
+def _table_key(storage: int, constants) -> int:
+    """One key per table: a CPU weight uploaded as a constant for each use is one table."""
+    c = constants.get(storage)
+    return c.untyped_storage().data_ptr() if c is not None else storage
 
 
 def _positional(gv: GraphView, n, m: int, mask: dict[int, int], writer: dict[int, int],

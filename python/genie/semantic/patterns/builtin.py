@@ -246,6 +246,28 @@ _fusion_points.__name__ = "two_streams_meet"
 _kv.__name__ = "kv_cache"
 
 
+def _lookups_into_mlp(ctx: PatternContext) -> bool:
+    """Id lookups and linear layers, with nothing that mixes the positions of a sequence
+    (see annotate's ``sequence_mixing``) and no weight applied step after step (recurrence):
+    the ids are a set of categorical fields (one shared table with per-field offsets, as
+    factorisation machines use), not a token sequence."""
+    if not ctx.count_class(C.EMBEDDING) or not ctx.count_class(C.MATMUL):
+        return False
+    if ctx.annotations.sequence_mixing:
+        return False
+    uses: dict[int, int] = {}
+    residency = ctx.annotations.residency
+    for n in ctx.graph.nodes:
+        if ctx.view.cls[n.id] == C.MATMUL:
+            for t in n.inputs:
+                if t.storage in residency:
+                    uses[t.storage] = uses.get(t.storage, 0) + 1
+    return max(uses.values(), default=0) < 3
+
+
+_lookups_into_mlp.__name__ = "lookups_into_mlp_without_sequence_mixing"
+
+
 def _two_branches(ctx: PatternContext) -> bool:
     return sum(1 for m in Modality.PERCEPTUAL if ctx.count_modality(m) >= 3) >= 2
 
@@ -371,7 +393,8 @@ def builtin_patterns() -> list:
             "recsys",
             requires=any_chain(has_op_class(C.EMBEDDING_BAG),
                                chain(has_modality(Modality.CATEGORICAL),
-                                     has_op_class(C.EMBEDDING, at_least=2))),
+                                     has_op_class(C.EMBEDDING, at_least=2)),
+                               _lookups_into_mlp),
             evidence=[
                 (has_op_class(C.MATMUL, at_least=2), 0.1),
                 (has_subgraph(RECSYS_INTERACTION, fallback=has_role(Role.FEATURE_INTERACTION)),
