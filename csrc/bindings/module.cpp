@@ -207,15 +207,29 @@ py::list request_nodes_to_py(const FlushRequest& req) {
   return nodes;
 }
 
+// Note: [Flush digests in Python]
+// A client that digests flushes (it has run_digest()) gets one FlushDigest per flush: the
+// fingerprint and binding computed in C++ (Note: [Program digests]), the uploads, the random
+// states, the value fetched right after (Note: [Run then fetch] in remote/client.py) and the
+// template fingerprint and integers (Note: [Program templates]). The node dicts and the
+// template's paths are built only if the client asks for them (a program it has not seen, a
+// structure it has not met), and only during the call: the request dies with it.
+struct FlushDigest {
+  const FlushRequest* req = nullptr;
+  ProgramDigest digest;
+  std::shared_ptr<bool> alive = std::make_shared<bool>(true);
+
+  const FlushRequest& request() const {
+    if (!*alive) throw std::runtime_error("genie: a flush's digest used after the flush");
+    return *req;
+  }
+};
+
 class PyExecutor final : public Executor {
  public:
-  // An object with run_digest() gets flushes as digests first (Note: [Program digests]); one
-  // with speculate() and a positive `speculation_window` is told early what is being recorded.
-  explicit PyExecutor(py::object obj) : obj_(std::move(obj)) {
-    digests_ = py::hasattr(obj_, "run_digest");
-    if (py::hasattr(obj_, "speculate") && py::hasattr(obj_, "speculation_window"))
-      window_ = obj_.attr("speculation_window").cast<size_t>();
-  }
+  // An object with run_digest() gets flushes as digests first (Note: [Flush digests in
+  // Python]); any other gets them as node dicts (run()).
+  explicit PyExecutor(py::object obj) : obj_(std::move(obj)) { digests_ = py::hasattr(obj_, "run_digest"); }
   ~PyExecutor() override {
     py::gil_scoped_acquire gil;
     obj_ = py::object();
@@ -227,48 +241,21 @@ class PyExecutor final : public Executor {
   void run(const FlushRequest& req) override {
     py::gil_scoped_acquire gil;
     if (digests_ && !req.nodes.empty()) {
-      auto d = digest_program(req.nodes, 0);
-      if (d.ok) {
-        py::list rng;
-        for (const auto& [k, state] : d.rng) rng.append(py::make_tuple(k, state));
-        // The node dicts are built only if the executor asks (a program it has not seen),
-        // and only during this call: the request dies with it.
-        auto alive = std::make_shared<bool>(true);
-        py::cpp_function nodes_fn([&req, alive]() -> py::list {
-          if (!*alive) throw std::runtime_error("genie: a flush's nodes asked for after the flush");
-          return request_nodes_to_py(req);
-        });
-        // Where each parameter sits (Note: [Program templates]): asked for once per structure.
-        py::cpp_function paths_fn([&req, alive]() -> py::list {
-          if (!*alive) throw std::runtime_error("genie: a flush's paths asked for after the flush");
-          return paths_to_py(digest_program(req.nodes, 0, /*paths=*/true));
-        });
+      auto d = std::make_shared<FlushDigest>();
+      d->req = &req;
+      d->digest = digest_program(req.nodes, 0);
+      if (d->digest.ok) {
         try {
-          py::object then_fetch = py::none();
-          if (req.then_fetch.has_value()) then_fetch = ref_to_py(*req.then_fetch);
-          py::bytes params(reinterpret_cast<const char*>(d.params.data()), d.params.size() * sizeof(int64_t));
-          obj_.attr("run_digest")(fingerprint_bytes(d.fingerprint), d.binding, constants_to_py(req),
-                                  req.targets, rng, nodes_fn, then_fetch,
-                                  py::make_tuple(fingerprint_bytes(d.structure), params, paths_fn));
+          obj_.attr("run_digest")(d);
         } catch (...) {
-          *alive = false;
+          *d->alive = false;
           throw;
         }
-        *alive = false;
+        *d->alive = false;
         return;
       }
     }
     obj_.attr("run")(request_nodes_to_py(req), constants_to_py(req), req.targets);
-  }
-  size_t speculation_window() const override { return window_; }
-  void speculate(const std::array<uint64_t, 2>& prefix) override {
-    py::gil_scoped_acquire gil;
-    try {
-      obj_.attr("speculate")(fingerprint_bytes(prefix));
-    } catch (py::error_already_set& e) {
-      // A guess that could not be sent costs nothing but the guess.
-      e.discard_as_unraisable("genie: speculate");
-    }
   }
   at::Tensor fetch(const TensorRef& ref) override {
     py::gil_scoped_acquire gil;
@@ -307,6 +294,30 @@ class PyExecutor final : public Executor {
  private:
   py::object obj_;
   bool digests_ = false;
+};
+
+// A Python object with `window` (an int) and on_window(bytes) as the recorder's speculation
+// hook (Note: [Speculation hook]).
+class PySpeculationHook final : public SpeculationHook {
+ public:
+  explicit PySpeculationHook(py::object obj) : obj_(std::move(obj)) { window_ = obj_.attr("window").cast<size_t>(); }
+  ~PySpeculationHook() override {
+    py::gil_scoped_acquire gil;
+    obj_ = py::object();
+  }
+  size_t window() const override { return window_; }
+  void on_window(const std::array<uint64_t, 2>& prefix) override {
+    py::gil_scoped_acquire gil;
+    try {
+      obj_.attr("on_window")(fingerprint_bytes(prefix));
+    } catch (py::error_already_set& e) {
+      // A guess that could not be sent costs nothing but the guess.
+      e.discard_as_unraisable("genie: speculation hook");
+    }
+  }
+
+ private:
+  py::object obj_;
   size_t window_ = 0;
 };
 
@@ -403,12 +414,41 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     recorder().set_executor(std::make_shared<LocalExecutor>(d));
   }, "Run flushes in this process on `device` (\"cpu\", \"cuda:0\").");
+  py::class_<FlushDigest, std::shared_ptr<FlushDigest>>(m, "_FlushDigest",
+                                                       "One flush as a digesting client gets it (Note: [Flush digests in Python]).")
+      .def_property_readonly("fingerprint", [](const FlushDigest& d) { return fingerprint_bytes(d.digest.fingerprint); })
+      .def_property_readonly("binding", [](const FlushDigest& d) { return d.digest.binding; })
+      .def_property_readonly("constants", [](const FlushDigest& d) { return constants_to_py(d.request()); })
+      .def_property_readonly("targets", [](const FlushDigest& d) { return d.request().targets; })
+      .def_property_readonly("rng", [](const FlushDigest& d) {
+        py::list rng;
+        for (const auto& [k, state] : d.digest.rng) rng.append(py::make_tuple(k, state));
+        return rng;
+      })
+      .def_property_readonly("then_fetch", [](const FlushDigest& d) -> py::object {
+        const auto& req = d.request();
+        return req.then_fetch.has_value() ? py::object(ref_to_py(*req.then_fetch)) : py::none();
+      })
+      .def_property_readonly("structure", [](const FlushDigest& d) { return fingerprint_bytes(d.digest.structure); })
+      .def_property_readonly("params", [](const FlushDigest& d) {
+        return py::bytes(reinterpret_cast<const char*>(d.digest.params.data()), d.digest.params.size() * sizeof(int64_t));
+      }, "The integers the structure leaves out, as int64 bytes (Note: [Program templates]).")
+      .def("nodes", [](const FlushDigest& d) { return request_nodes_to_py(d.request()); },
+           "The flush's node dicts (built now, at a cost of ~10 us a node).")
+      .def("paths", [](const FlushDigest& d) { return paths_to_py(digest_program(d.request().nodes, 0, /*paths=*/true)); },
+           "Where each of `params` sits in the encoded program.");
+  m.def("_set_speculation_hook", [](py::object obj) {
+    std::shared_ptr<SpeculationHook> hook;
+    if (!obj.is_none()) hook = std::make_shared<PySpeculationHook>(std::move(obj));
+    py::gil_scoped_release nogil;
+    recorder().set_speculation_hook(std::move(hook));
+  }, "Install the recorder's speculation hook (an object with `window` and on_window(bytes)), or None.");
   m.def("_set_python_executor", [](py::object obj, const std::string& target_device_type) {
     auto e = std::make_shared<PyExecutor>(std::move(obj));
     set_target_device_type(parse_device(target_device_type).type());
     py::gil_scoped_release nogil;
     recorder().set_executor(std::move(e));
-  }, "Run flushes through a Python object with run/fetch/release/has/run_eager/bind methods.");
+  }, "Run flushes through a Python object with run/fetch/release/has/run_eager/bind methods\n(and run_digest(FlushDigest), if it digests flushes).");
   m.def("_executor_name", [] {
     auto e = recorder().executor();
     return e ? e->name() : std::string("none");

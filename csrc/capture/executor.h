@@ -33,12 +33,6 @@ class Executor {
   virtual void bind(const TensorRef& ref, const at::Tensor& value) = 0;
   virtual int64_t resident_count() const = 0;
   virtual int64_t resident_bytes() const = 0;
-  // How many freshly recorded nodes the recorder should fingerprint before calling
-  // speculate() (0: never). See Note: [Program digests].
-  virtual size_t speculation_window() const { return 0; }
-  // The structural fingerprint (Note: [Program templates]) of the first speculation_window()
-  // nodes recorded since the last flush that ran. Called without the recorder's lock.
-  virtual void speculate(const std::array<uint64_t, 2>& /*prefix*/) {}
 };
 
 // Runs nodes in this process on a CPU or CUDA device (the embedded default).

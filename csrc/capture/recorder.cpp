@@ -58,16 +58,16 @@ void Recorder::record(std::shared_ptr<Node> node) {
   if (node->empty_factory)
     for (auto s : node->fresh) empty_producer_[s] = node;
   ++stats_.nodes_recorded;
-  const size_t window = executor_ != nullptr ? executor_->speculation_window() : 0;
+  const size_t window = hook_ != nullptr ? hook_->window() : 0;
   if (window_.size() < window) window_.push_back(node);
   pending_.push_back(std::move(node));
   if (window == 0 || window_.size() != window || window_.back() != pending_.back()) return;
-  // The window just filled: let the executor guess what is being recorded (outside the lock:
-  // it may take the GIL and talk to a server).
+  // The window just filled: let the hook guess what is being recorded (outside the lock: it
+  // may take the GIL and talk to a server). Note: [Speculation hook]
   auto digest = digest_program(window_, window);
-  auto executor = executor_;
+  auto hook = hook_;
   lock.unlock();
-  if (digest.ok) executor->speculate(digest.structure_prefix);
+  if (digest.ok) hook->on_window(digest.structure_prefix);
 }
 
 StorageId Recorder::add_constant(const at::Tensor& cpu, c10::DeviceIndex device, bool snapshot) {
@@ -369,6 +369,13 @@ size_t Recorder::pending_count() const {
 void Recorder::set_executor(std::shared_ptr<Executor> executor) {
   std::lock_guard<std::mutex> lock(mutex_);
   executor_ = std::move(executor);
+  hook_.reset();
+  window_.clear();
+}
+
+void Recorder::set_speculation_hook(std::shared_ptr<SpeculationHook> hook) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  hook_ = std::move(hook);
   window_.clear();
 }
 

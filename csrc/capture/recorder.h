@@ -14,6 +14,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "capture/speculation_hook.h"
 #include "capture/storage.h"
 
 namespace genie {
@@ -114,8 +115,10 @@ class Recorder {
   RecorderStats stats() const;
   size_t pending_count() const;
 
+  // Installing an executor removes the speculation hook (Note: [Speculation hook]).
   void set_executor(std::shared_ptr<Executor> executor);
   std::shared_ptr<Executor> executor() const;
+  void set_speculation_hook(std::shared_ptr<SpeculationHook> hook);
 
   std::mutex& mutex() { return mutex_; }
   // Throws the original error if the flush that should have produced this storage failed.
@@ -138,9 +141,10 @@ class Recorder {
   std::unordered_set<StorageId> pure_constants_;  // constant ids no remote tensor refers to
   std::unordered_map<StorageId, std::string> poisoned_;  // storages whose producing flush failed
   std::shared_ptr<Executor> executor_;
+  std::shared_ptr<SpeculationHook> hook_;  // Note: [Speculation hook]
   RecorderStats stats_;
   int64_t next_node_id_ = 1;
-  // The first nodes recorded since the last flush that ran, for Executor::speculate.
+  // The first nodes recorded since the last flush that ran, for the speculation hook.
   std::vector<std::shared_ptr<Node>> window_;
 };
 

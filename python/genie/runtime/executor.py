@@ -95,6 +95,9 @@ def install_executor(executor: Executor, target_device_type: str = "cpu") -> Non
     from genie import device as _device
 
     _C._set_python_executor(executor, target_device_type)
+    hook = getattr(executor, "speculation_hook", None)
+    if hook is not None:  # Note: [Speculation hook] in csrc/capture/speculation_hook.h
+        _C._set_speculation_hook(hook)
     _device.set_target_type(target_device_type)
 
 

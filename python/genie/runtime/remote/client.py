@@ -35,7 +35,7 @@ from genie.runtime import protocol as P
 from genie.runtime import transports
 from genie.runtime.program import encode_program
 from genie.runtime.remote.namer import Known, ProgramNamer, Template
-from genie.runtime.remote.speculator import Speculator
+from genie.runtime.remote.speculator import SPECULATION_WINDOW, Speculator
 from genie.runtime.remote.uploads import Progress, interrupt_deferred, upload_parts
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,19 @@ class _RequestFailed(GenieError):
 _KINDS = {"execution": ExecutionError, "protocol": ProtocolError}
 
 
+class SpeculationHook:
+    """The recorder's hook into a client (Note: [Speculation hook] in
+    csrc/capture/speculation_hook.h): how many nodes to fingerprint, and what to do then."""
+
+    window = SPECULATION_WINDOW
+
+    def __init__(self, client: RemoteExecutor):
+        self._client = client
+
+    def on_window(self, prefix: bytes) -> None:
+        self._client.speculate(prefix)
+
+
 class RemoteExecutor:
     """A client session with one genie server; install it with ``genie.connect``."""
 
@@ -92,8 +105,8 @@ class RemoteExecutor:
         if speculate is None:
             speculate = os.environ.get("GENIE_SPECULATE", "1") not in ("0", "false", "no")
         self.speculator = Speculator(speculate)  # Note: [Client speculation]
-        # Read by the recorder when the executor is installed.
-        self.speculation_window = self.speculator.window_nodes
+        # What install_executor gives the recorder (Note: [Speculation hook]).
+        self.speculation_hook = SpeculationHook(self) if speculate else None
         self.counters = {
             "requests": 0, "runs": 0, "programs_sent": 0, "uploads": 0, "upload_bytes": 0,
             "fetches": 0, "fetch_bytes": 0, "eager": 0, "programs_patched": 0,
@@ -341,26 +354,24 @@ class RemoteExecutor:
         self.counters["runs"] += 1
         return True
 
-    def run_digest(
-        self,
-        fingerprint: bytes,
-        binding: list[int],
-        constants: dict[int, torch.Tensor],
-        targets: list[int],
-        rng: list[tuple[int, torch.Tensor]],
-        nodes: Callable[[], list[dict]],
-        then_fetch: dict | None = None,
-        template: tuple | None = None,
-    ) -> None:
-        """A flush by its digest (Note: [Program digests]): a known program goes by key and
-        binding; an unknown one is converted (``nodes()``) and sent in full once. `then_fetch`
-        is the value the host fetches next, if any (Note: [Run then fetch])."""
+    def run_digest(self, flush) -> None:
+        """A flush by its digest (a ``genie._C._FlushDigest``, Note: [Flush digests in Python]
+        in csrc/bindings/module.cpp): a known program goes by key and binding; an unknown one
+        is converted (``flush.nodes()``) and sent in full once; ``flush.then_fetch`` is the
+        value the host fetches next, if any (Note: [Run then fetch])."""
         started = time.perf_counter()
         with self._lock:
             self._check()
             try:
                 self._run_digest(
-                    fingerprint, binding, constants, targets, rng, nodes, then_fetch, template
+                    flush.fingerprint,
+                    flush.binding,
+                    flush.constants,
+                    flush.targets,
+                    flush.rng,
+                    flush.nodes,
+                    flush.then_fetch,
+                    (flush.structure, flush.params, flush.paths),
                 )
             finally:
                 self.counters["run_seconds"] += time.perf_counter() - started

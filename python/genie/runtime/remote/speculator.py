@@ -39,11 +39,6 @@ class Speculator:
         self.window: bytes | None = None  # how the recording being flushed began
         self.ahead = False  # a guess went behind the last flush: the next window asks nothing
 
-    @property
-    def window_nodes(self) -> int:
-        """How many recorded nodes the recorder fingerprints (0: never)."""
-        return SPECULATION_WINDOW if self.enabled else 0
-
     def on_window(self, window: bytes) -> Known | Template | None:
         """The recording began like `window`: what followed such a start last time, if a
         guess should go now."""
