@@ -2,7 +2,7 @@
 // Note: [Program digests]
 // A remote executor sends a flush as a program (storage ids replaced by local indices, in order
 // of first appearance) plus a binding (the real ids by local index); see
-// python/genie/runtime/program.py, Note: [Programs and bindings]. Building that from Python
+// python/genie/runtime/program/__init__.py, Note: [Programs and bindings]. Building that from Python
 // dicts costs ~10 us a node, which on a GPU is longer than the node runs. The digest computes
 // the same canonical form here, in one pass: a 128-bit fingerprint of everything the program
 // bytes encode (op, argument values, references, aliasing, writes, creations, randomness) and
@@ -10,8 +10,8 @@
 // this binding, and never builds the dicts again.
 //
 // The recorder also fingerprints the first few nodes recorded after each flush (the "window",
-// Executor::speculate): a client that saw a recording begin that way before guesses, early,
-// which program it will become (Note: [Client speculation] in python/genie/runtime/client.py).
+// Note: [Speculation hook]): a client that saw a recording begin that way before guesses, early,
+// which program it will become (Note: [Client speculation] in python/genie/runtime/remote/speculator.py).
 //
 // Note: [Program templates]
 // A decode step with a growing KV cache records the same ops every step; only integers move
@@ -21,10 +21,10 @@
 // argument the op's schema types as int or int[], or that is a Python int standing for a tensor.
 // Everything else (ops, dtypes, ranks, list
 // lengths, wiring, other values) stays in the structure. `param_paths` says where each
-// parameter sits in the encoded program (python/genie/runtime/program.py), as
+// parameter sits in the encoded program (python/genie/runtime/program/encode.py), as
 // [node, field, index, part, element] with -1 for a missing last level, so a client can send
 // the next step as a patch of numbers against a program the server checked
-// (Note: [Program templates] in client.py).
+// (Note: [Program templates] in python/genie/runtime/remote/namer.py).
 #include <array>
 #include <cstdint>
 #include <memory>

@@ -1,6 +1,6 @@
 #pragma once
 // Note: [Running programs in C++]
-// A genie server checks each program once in Python (python/genie/runtime/program.py) and then
+// A genie server checks each program once in Python (python/genie/runtime/program/) and then
 // runs it many times. Running it step by step in Python costs 10-40 us of interpreter per op,
 // which on a GPU is longer than most decode-step kernels take, and a program with new shapes
 // (a KV cache that grows every step) cannot be a CUDA graph. A ProgramRunner holds the checked
@@ -22,7 +22,7 @@ class ProgramRunner {
   // `inputs`: locals read before the program writes them, in the order run() gets them;
   // `produced`: locals run() returns, in that order.
   // `zero_steps`: steps whose results start uninitialized and are zeroed
-  // (Note: [No uninitialized bytes] in python/genie/runtime/program.py).
+  // (Note: [No uninitialized bytes] in python/genie/runtime/program/run.py).
   ProgramRunner(c10::Device device, std::vector<std::shared_ptr<const Node>> nodes, int64_t nlocals,
                 std::vector<int64_t> inputs, std::vector<int64_t> produced,
                 const std::vector<int64_t>& zero_steps = {});

@@ -80,7 +80,7 @@ struct FlushRequest {
   std::vector<StorageId> targets;                           // storages the host asked for
   std::vector<StorageId> keep;                              // outputs still referenced afterwards
   // The value the host fetches as soon as this flush returns (a materialization), so an
-  // executor may ask for it together with the run (Note: [Run then fetch] in client.py).
+  // executor may ask for it together with the run (Note: [Run then fetch] in python/genie/runtime/remote/client.py).
   std::optional<TensorRef> then_fetch;
 };
 

@@ -84,7 +84,7 @@ class ProgramCache:
         return raw
 
     # Note: [Program instances]
-    # A client that knows a program's structure (Note: [Program templates] in client.py)
+    # A client that knows a program's structure (Note: [Program templates] in remote/namer.py)
     # names the next decode step as base key + a patch of numbers; its key is
     # patch_key(base, patch), computed here. When every patch entry replaces an int leaf
     # that a structure leaves out (a size, stride, offset or storage size of a reference, an

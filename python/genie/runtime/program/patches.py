@@ -38,7 +38,7 @@ def diff_program(base: list, new: list) -> list[list]:
 
 def patch_key(base_key: bytes, patch: list) -> bytes:
     """The key of the program `patch` makes of the program keyed `base_key`: what a client
-    names an instance of a template by (Note: [Program templates] in client.py). The server
+    names an instance of a template by (Note: [Program templates] in remote/namer.py). The server
     computes it from what it checks, like every key."""
     return hashlib.blake2b(b"genie.patch" + base_key + P.pack(patch), digest_size=16).digest()
 
