@@ -101,8 +101,9 @@ class TinyVQA(nn.Module):
 class PlainMLP(nn.Module):
     def __init__(self):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                                    nn.Linear(64, 5))
+        self.layers = nn.Sequential(
+            nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)
+        )
 
     def forward(self, x):
         return self.layers(x)
@@ -127,8 +128,9 @@ class TwoTower(nn.Module):
     """Retrieval: a user tower over user id + dense features, an item tower over item and
     category ids, a dot product between them."""
 
-    def __init__(self, users: int = 200, items: int = 300, cats: int = 20, dense: int = 8,
-                 dim: int = 16):
+    def __init__(
+        self, users: int = 200, items: int = 300, cats: int = 20, dense: int = 8, dim: int = 16
+    ):
         super().__init__()
         self.user_ids = nn.Embedding(users, dim)
         self.user_net = nn.Sequential(nn.Linear(dim + dense, 32), nn.ReLU(), nn.Linear(32, dim))
@@ -150,8 +152,13 @@ class WideAndDeep(nn.Module):
         super().__init__()
         self.wide = nn.EmbeddingBag(crosses, 1, mode="sum")
         self.fields = nn.ModuleList(nn.Embedding(n, dim) for n in fields)
-        self.deep = nn.Sequential(nn.Linear(len(fields) * dim + dense, 32), nn.ReLU(),
-                                  nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.deep = nn.Sequential(
+            nn.Linear(len(fields) * dim + dense, 32),
+            nn.ReLU(),
+            nn.Linear(32, 16),
+            nn.ReLU(),
+            nn.Linear(16, 1),
+        )
 
     def forward(self, cross_ids, cross_offsets, field_ids, dense):
         wide = self.wide(cross_ids, cross_offsets)
@@ -231,8 +238,13 @@ class PlainCNN(nn.Module):
     def __init__(self, classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
         self.classifier = nn.Linear(16 * 8 * 8, classes)
 
     def forward(self, x):
@@ -244,8 +256,14 @@ class DeepMLP(nn.Module):
 
     def __init__(self, width: int = 48):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(12, width), nn.Tanh(), nn.LayerNorm(width),
-                                 nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1))
+        self.net = nn.Sequential(
+            nn.Linear(12, width),
+            nn.Tanh(),
+            nn.LayerNorm(width),
+            nn.Linear(width, width),
+            nn.Tanh(),
+            nn.Linear(width, 1),
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -298,13 +316,19 @@ def recsys_and_plain() -> list[tuple[str, str, object]]:
         return fakes.dlrm(), fakes.dlrm_inputs(), {}
 
     def two_tower():
-        return seeded(TwoTower), (ints(200, 4), torch.randn(4, 8, generator=g), ints(300, 4),
-                                  ints(20, 4)), {}
+        return (
+            seeded(TwoTower),
+            (ints(200, 4), torch.randn(4, 8, generator=g), ints(300, 4), ints(20, 4)),
+            {},
+        )
 
     def wide_deep():
         ids = torch.stack([ints(50, 4), ints(40, 4), ints(30, 4)], 1)
-        return seeded(WideAndDeep), (ints(500, 12), torch.arange(0, 12, 3), ids,
-                                     torch.randn(4, 6, generator=g)), {}
+        return (
+            seeded(WideAndDeep),
+            (ints(500, 12), torch.arange(0, 12, 3), ids, torch.randn(4, 6, generator=g)),
+            {},
+        )
 
     def deepfm():
         ids = torch.stack([ints(n, 4) for n in (10, 20, 30, 40)], 1)
@@ -324,14 +348,30 @@ def recsys_and_plain() -> list[tuple[str, str, object]]:
         ("DCN", "recsys", dcn),
         ("DeepFM", "recsys", deepfm),
         ("BehaviourAttention", "recsys", behaviour),
-        ("PlainCNN", "vision", lambda: (seeded(PlainCNN), (torch.randn(2, 3, 32, 32,
-                                                                       generator=g),), {})),
-        ("ResNetStyle", "vision", lambda: (fakes.resnet(), (torch.randn(2, 3, 32, 32,
-                                                                        generator=g),), {})),
+        (
+            "PlainCNN",
+            "vision",
+            lambda: (seeded(PlainCNN), (torch.randn(2, 3, 32, 32, generator=g),), {}),
+        ),
+        (
+            "ResNetStyle",
+            "vision",
+            lambda: (fakes.resnet(), (torch.randn(2, 3, 32, 32, generator=g),), {}),
+        ),
         ("PlainMLP", "unknown", lambda: (mlp(), (torch.randn(4, 20, generator=g),), {})),
         ("DeepMLP", "unknown", lambda: (seeded(DeepMLP), (torch.randn(4, 12, generator=g),), {})),
-        ("MessagePassing", "unknown", lambda: (seeded(MessagePassing), (
-            torch.randn(10, 8, generator=g), ints(10, 20), ints(10, 20)), {})),
-        ("SeriesTransformer", "unknown", lambda: (seeded(SeriesTransformer), (
-            torch.randn(2, 12, 3, generator=g),), {})),
+        (
+            "MessagePassing",
+            "unknown",
+            lambda: (
+                seeded(MessagePassing),
+                (torch.randn(10, 8, generator=g), ints(10, 20), ints(10, 20)),
+                {},
+            ),
+        ),
+        (
+            "SeriesTransformer",
+            "unknown",
+            lambda: (seeded(SeriesTransformer), (torch.randn(2, 12, 3, generator=g),), {}),
+        ),
     ]

@@ -93,9 +93,12 @@ class SemanticAnalyzer:
     pattern registry; each analyzer owns its phase detector and caches.
     """
 
-    def __init__(self, config: AnalyzerConfig | None = None,
-                 registry: PatternRegistry | None = None,
-                 phase_detector: PhaseDetector | None = None):
+    def __init__(
+        self,
+        config: AnalyzerConfig | None = None,
+        registry: PatternRegistry | None = None,
+        phase_detector: PhaseDetector | None = None,
+    ):
         self.config = config or AnalyzerConfig.from_env()
         self.registry = registry or default_registry()
         self.phase_detector = phase_detector or PhaseDetector()
@@ -141,8 +144,14 @@ class SemanticAnalyzer:
         self._account(ms, hit=False, profile=profile, tiers=tiers)
         return profile
 
-    def analyze(self, model: torch.nn.Module, *inputs: Any, return_outputs: bool = False,
-                grad: bool = False, **kwargs: Any) -> WorkloadProfile | tuple[WorkloadProfile, Any]:
+    def analyze(
+        self,
+        model: torch.nn.Module,
+        *inputs: Any,
+        return_outputs: bool = False,
+        grad: bool = False,
+        **kwargs: Any,
+    ) -> WorkloadProfile | tuple[WorkloadProfile, Any]:
         """Record ``model(*inputs, **kwargs)`` with module hooks and analyze what is pending.
 
         CPU tensors among the inputs are moved to the model's ``remote_accelerator`` device
@@ -199,7 +208,8 @@ class SemanticAnalyzer:
                 "cold_median_ms": round(_median(cold), 4),
                 "hit_median_ms": round(_median(hot), 4),
                 "tier_avg_ms": {k: round(v / p.misses, 4) for k, v in p.tiers.items()}
-                if p.misses else {},
+                if p.misses
+                else {},
                 "slow_threshold_ms": self.config.slow_ms,
                 "slow_analyses": list(p.slow),
                 "plugin_errors": [str(e) for e in self.registry.plugin_errors],
@@ -241,8 +251,9 @@ class SemanticAnalyzer:
         phase_result = None
         if cfg.phase_detection:
             try:
-                phase_result = self.phase_detector.detect(gv, ann, structure.architecture,
-                                                          graph_hash)
+                phase_result = self.phase_detector.detect(
+                    gv, ann, structure.architecture, graph_hash
+                )
             except Exception as exc:  # noqa: BLE001
                 skipped.append(f"phases: {type(exc).__name__}: {exc}")
         t, tiers["phases"] = _lap(t)
@@ -253,8 +264,19 @@ class SemanticAnalyzer:
         t, tiers["patterns"] = _lap(t)
 
         wt, conf, decided_by = classify(patterns)
-        profile = self._profile(graph, gv, stats, structure, ann, patterns, wt, conf, decided_by,
-                                phase_result, graph_hash)
+        profile = self._profile(
+            graph,
+            gv,
+            stats,
+            structure,
+            ann,
+            patterns,
+            wt,
+            conf,
+            decided_by,
+            phase_result,
+            graph_hash,
+        )
         t, tiers["classify"] = _lap(t)
         profile.metadata["tier_ms"] = {k: round(v, 4) for k, v in tiers.items()}
         skipped.extend(structure.features.get("unread_modules", ()))
@@ -263,27 +285,46 @@ class SemanticAnalyzer:
             profile.metadata["debug"] = {
                 "pattern_ms": {k: round(v, 4) for k, v in (timings or {}).items()},
                 "matched": [p.name for p in patterns],
-                "not_matched": [n for n in self.registry.names()
-                                if n not in {p.name for p in patterns}],
+                "not_matched": [
+                    n for n in self.registry.names() if n not in {p.name for p in patterns}
+                ],
                 "plugin_errors": [str(e) for e in self.registry.plugin_errors],
             }
-            logger.info("genie: analyzed %s: %s (%.2f) tiers %s patterns %s", graph_hash[:12], wt,
-                        conf, profile.metadata["tier_ms"], profile.metadata["debug"]["pattern_ms"])
+            logger.info(
+                "genie: analyzed %s: %s (%.2f) tiers %s patterns %s",
+                graph_hash[:12],
+                wt,
+                conf,
+                profile.metadata["tier_ms"],
+                profile.metadata["debug"]["pattern_ms"],
+            )
         if phase_result is not None:
             self.phase_detector.observe(phase_result.call)
         entry = _Entry(
             profile=profile,
             metas=[{k: n.meta[k] for k in META_KEYS if k in n.meta} for n in graph.nodes]
-            if cfg.cache else [],
+            if cfg.cache
+            else [],
             node_ids=[n.id for n in graph.nodes],
             inputs=list(gv.inputs),
             call=phase_result.call if phase_result is not None else None,
         )
         return profile, entry, tiers
 
-    def _profile(self, graph, gv: GraphView, stats: OpStreamStats, structure: ModelStructure,
-                 ann: Annotations, patterns: list[MatchedPattern], wt: WorkloadType, conf: float,
-                 decided_by: str, phase_result, graph_hash: str) -> WorkloadProfile:
+    def _profile(
+        self,
+        graph,
+        gv: GraphView,
+        stats: OpStreamStats,
+        structure: ModelStructure,
+        ann: Annotations,
+        patterns: list[MatchedPattern],
+        wt: WorkloadType,
+        conf: float,
+        decided_by: str,
+        phase_result,
+        graph_hash: str,
+    ) -> WorkloadProfile:
         call_phase = phase_result.call.phase if phase_result is not None else None
         branches = sum(1 for m in Modality.PERCEPTUAL if ann.modalities.get(m, 0) >= 3)
         parallelism = {
@@ -394,8 +435,11 @@ class SemanticAnalyzer:
         seen = set()
         for n in gv.nodes:
             for t in n.inputs:
-                if t.storage in ann.residency and t.storage not in seen and \
-                        ann.residency[t.storage] == Residency.PERSISTENT_WEIGHT:
+                if (
+                    t.storage in ann.residency
+                    and t.storage not in seen
+                    and ann.residency[t.storage] == Residency.PERSISTENT_WEIGHT
+                ):
                     seen.add(t.storage)
                     shapes.append(t.shape)
                     count += t.numel
@@ -430,8 +474,13 @@ class SemanticAnalyzer:
         # model was given is all the key needs about it.
         ctx_sig = hash(tuple([n.context for n in graph.nodes]))
         cfg = self.config
-        return (graph.structural_hash(), ctx_sig, with_model, cfg.fast_patterns,
-                cfg.phase_detection)
+        return (
+            graph.structural_hash(),
+            ctx_sig,
+            with_model,
+            cfg.fast_patterns,
+            cfg.phase_detection,
+        )
 
     def _replay(self, entry: _Entry, graph) -> WorkloadProfile:
         nodes = graph.nodes
@@ -449,8 +498,10 @@ class SemanticAnalyzer:
                 n = nodes[entry.node_ids.index(fid)]
                 lin = n.meta.get("lineage")
                 if lin is not None:
-                    n.meta["lineage"] = dict(lin, sources={
-                        k: [nid.get(i, i) for i in v] for k, v in lin["sources"].items()})
+                    n.meta["lineage"] = dict(
+                        lin,
+                        sources={k: [nid.get(i, i) for i in v] for k, v in lin["sources"].items()},
+                    )
 
         def ids(xs):
             return list(xs) if nid is None else [nid.get(i, i) for i in xs]
@@ -465,19 +516,26 @@ class SemanticAnalyzer:
         md["fusion_points"] = ids(md.get("fusion_points", ()))
         return dataclasses.replace(
             old,
-            patterns=[dataclasses.replace(p, nodes=ids(p.nodes), hints=dict(p.hints))
-                      for p in old.patterns],
+            patterns=[
+                dataclasses.replace(p, nodes=ids(p.nodes), hints=dict(p.hints))
+                for p in old.patterns
+            ],
             phases={k: ids(v) for k, v in old.phases.items()},
             metadata=md,
-            residency=old.residency if sid is None else
-            {sid.get(s, s): r for s, r in old.residency.items()},
-            kv_cache=dict(old.kv_cache, nodes=ids(old.kv_cache["nodes"]),
-                          storages=sids(old.kv_cache["storages"])),
+            residency=old.residency
+            if sid is None
+            else {sid.get(s, s): r for s, r in old.residency.items()},
+            kv_cache=dict(
+                old.kv_cache,
+                nodes=ids(old.kv_cache["nodes"]),
+                storages=sids(old.kv_cache["storages"]),
+            ),
             graph=graph,
         )
 
-    def _account(self, ms: float, hit: bool, profile: WorkloadProfile,
-                 tiers: dict[str, float] | None) -> None:
+    def _account(
+        self, ms: float, hit: bool, profile: WorkloadProfile, tiers: dict[str, float] | None
+    ) -> None:
         p = self._perf
         with self._lock:
             p.analyses += 1
@@ -492,22 +550,34 @@ class SemanticAnalyzer:
                 for k, v in (tiers or {}).items():
                     p.tiers[k] = p.tiers.get(k, 0.0) + v
         if ms > self.config.slow_ms:
-            rec = {"graph_hash": profile.graph_hash[:16], "ms": round(ms, 3),
-                   "nodes": profile.metadata.get("nodes"), "cache_hit": hit,
-                   "tier_ms": profile.metadata.get("tier_ms")}
+            rec = {
+                "graph_hash": profile.graph_hash[:16],
+                "ms": round(ms, 3),
+                "nodes": profile.metadata.get("nodes"),
+                "cache_hit": hit,
+                "tier_ms": profile.metadata.get("tier_ms"),
+            }
             with self._lock:
                 _push(p.slow, rec, 64)
             logger.warning(
                 "genie: semantic analysis of graph %s (%s nodes) took %.1f ms, over "
-                "GENIE_ANALYZER_SLOW_MS=%g; tiers: %s", rec["graph_hash"], rec["nodes"], ms,
-                self.config.slow_ms, rec["tier_ms"])
+                "GENIE_ANALYZER_SLOW_MS=%g; tiers: %s",
+                rec["graph_hash"],
+                rec["nodes"],
+                ms,
+                self.config.slow_ms,
+                rec["tier_ms"],
+            )
 
     def __repr__(self) -> str:
-        return (f"SemanticAnalyzer(cache={'on' if self.config.cache else 'off'}, "
-                f"entries={len(self._cache)}, patterns={self.registry!r})")
+        return (
+            f"SemanticAnalyzer(cache={'on' if self.config.cache else 'off'}, "
+            f"entries={len(self._cache)}, patterns={self.registry!r})"
+        )
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+
 
 def _lap(t: float) -> tuple[float, float]:
     now = time.perf_counter()

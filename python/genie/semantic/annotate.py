@@ -43,8 +43,13 @@ __all__ = ["Annotations", "annotate", "MODALITY_BITS"]
 
 TEXT, VISION, AUDIO, TABULAR, CATEGORICAL = 1, 2, 4, 8, 16
 PERCEPTUAL = TEXT | VISION | AUDIO
-MODALITY_BITS = {Modality.TEXT: TEXT, Modality.VISION: VISION, Modality.AUDIO: AUDIO,
-                 Modality.TABULAR: TABULAR, Modality.CATEGORICAL: CATEGORICAL}
+MODALITY_BITS = {
+    Modality.TEXT: TEXT,
+    Modality.VISION: VISION,
+    Modality.AUDIO: AUDIO,
+    Modality.TABULAR: TABULAR,
+    Modality.CATEGORICAL: CATEGORICAL,
+}
 _SINGLE = {TEXT: Modality.TEXT, VISION: Modality.VISION, AUDIO: Modality.AUDIO}
 
 # which positions of node.inputs are weights for ops that take weights
@@ -72,10 +77,14 @@ _WEIGHT_POS = {
     "rms_norm": (1,),
     "_fused_rms_norm": (1,),
 }
-_GENERIC_ROLES = {Role.LINEAR, Role.ELEMENTWISE, Role.OTHER, Role.REDUCTION, Role.VIEW,
-                  Role.MLP}
-_WEIGHT_ROLES = {Role.TOKEN_EMBEDDING, Role.POSITION_EMBEDDING, Role.SEGMENT_EMBEDDING,
-                 Role.EMBEDDING, Role.EMBEDDING_BAG}
+_GENERIC_ROLES = {Role.LINEAR, Role.ELEMENTWISE, Role.OTHER, Role.REDUCTION, Role.VIEW, Role.MLP}
+_WEIGHT_ROLES = {
+    Role.TOKEN_EMBEDDING,
+    Role.POSITION_EMBEDDING,
+    Role.SEGMENT_EMBEDDING,
+    Role.EMBEDDING,
+    Role.EMBEDDING_BAG,
+}
 
 
 @dataclass
@@ -102,8 +111,11 @@ class Annotations:
     sequence_mixing: bool = False  # something mixes positions (attention, token+position)
 
 
-def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
-             param_storages: set[int] | frozenset = frozenset()) -> Annotations:
+def annotate(
+    gv: GraphView,
+    info_of: Callable[[int], ContextInfo],
+    param_storages: set[int] | frozenset = frozenset(),
+) -> Annotations:
     """Write module context, role, modality and residency into every node of ``gv.graph``."""
     ann = Annotations()
     graph = gv.graph
@@ -128,8 +140,10 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
                 first_meta[s] = t
             if s in residency:
                 continue
-            if s in param_storages or (t.requires_grad and t.dtype.is_floating_point) or (
-                pos is not None and i in pos and t.dtype.is_floating_point
+            if (
+                s in param_storages
+                or (t.requires_grad and t.dtype.is_floating_point)
+                or (pos is not None and i in pos and t.dtype.is_floating_point)
             ):
                 residency[s] = Residency.PERSISTENT_WEIGHT
         written.update(n.fresh)
@@ -146,8 +160,12 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
     pos_of = gv.pos
     for n in nodes:
         c = cls_of[n.id]
-        if c == OpClass.ATTENTION or (c == OpClass.MATMUL and names[n.id] in _SCORE_OPS
-                                      and len(n.inputs) >= 2 and _scores(gv, n, info_of)):
+        if c == OpClass.ATTENTION or (
+            c == OpClass.MATMUL
+            and names[n.id] in _SCORE_OPS
+            and len(n.inputs) >= 2
+            and _scores(gv, n, info_of)
+        ):
             if c == OpClass.ATTENTION:
                 kv_inputs = n.inputs[1:3]
             else:  # baddbmm(bias, query, key): the key is the third
@@ -162,8 +180,11 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
                     for ti in wn.inputs:
                         if ti.storage in input_set and ti.storage not in last_writer and ti.numel:
                             kv_storages[ti.storage] = None
-                elif wn.writes and c == OpClass.ATTENTION and (
-                        t.storage in input_set or names[w] in _CACHE_WRITES):
+                elif (
+                    wn.writes
+                    and c == OpClass.ATTENTION
+                    and (t.storage in input_set or names[w] in _CACHE_WRITES)
+                ):
                     # a static cache updated in place: resident from an earlier call, or
                     # allocated in this one (prefill) and written by index/copy
                     kv_nodes[w] = None
@@ -272,8 +293,12 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
                 if kind == "value" and isinstance(v, bool):
                     causal = causal or v
                     break
-        elif c == OpClass.MATMUL and names[nid] in _SCORE_OPS and n.outputs and \
-                _feeds_softmax(gv, nid):
+        elif (
+            c == OpClass.MATMUL
+            and names[nid] in _SCORE_OPS
+            and n.outputs
+            and _feeds_softmax(gv, nid)
+        ):
             # eager attention: the scores matmul's output is [..., query, key]
             out = n.outputs[0].shape
             if len(out) >= 2:
@@ -290,7 +315,12 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
             s = t.storage
             bits = mask.get(s)
             if bits is None:
-                if not is_view and s in input_set and s not in writer and storage_res.get(s) is None:
+                if (
+                    not is_view
+                    and s in input_set
+                    and s not in writer
+                    and storage_res.get(s) is None
+                ):
                     bits = source.get(s, 0)
                     mask[s] = bits
                     if bits:
@@ -311,8 +341,13 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
             if p & (p - 1) and not single:
                 fusion_points.append(nid)
             reads_weight = any(storage_res.get(t.storage) == WEIGHT for t in ins)
-            if role in _GENERIC_ROLES and not reads_weight and m & CATEGORICAL and not p and (
-                    m & TABULAR or _two_lookups(ins, mask, writer)):
+            if (
+                role in _GENERIC_ROLES
+                and not reads_weight
+                and m & CATEGORICAL
+                and not p
+                and (m & TABULAR or _two_lookups(ins, mask, writer))
+            ):
                 # dense and sparse features, or two lookups' values, meeting outside an MLP
                 # layer (a concatenation, a product): the feature interaction
                 role = Role.FEATURE_INTERACTION
@@ -326,8 +361,12 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
                 writer[s] = nid
 
     # -- roles the dataflow shows where names said nothing (genie.semantic.role_evidence) ----
-    refine_roles(gv, role_of, {nid for nid, m in node_mask.items() if m & TEXT},
-                 {s for s, r in residency.items() if r == WEIGHT})
+    refine_roles(
+        gv,
+        role_of,
+        {nid for nid, m in node_mask.items() if m & TEXT},
+        {s for s, r in residency.items() if r == WEIGHT},
+    )
 
     # -- modality labels, back-filled along consumers -----------------------------------------
     succs = gv.succs
@@ -374,9 +413,14 @@ def annotate(gv: GraphView, info_of: Callable[[int], ContextInfo],
     ann.causal = causal
     ann.context_coverage = in_module / computing if computing else 0.0
     ann.batch_size = _batch_size(first_meta, residency)
-    ann.new_tokens = max((first_meta[s].shape[-1] for s, lab in ann.input_modalities.items()
-                          if lab == Modality.TEXT and s in first_meta
-                          and len(first_meta[s].shape) >= 2), default=None)
+    ann.new_tokens = max(
+        (
+            first_meta[s].shape[-1]
+            for s, lab in ann.input_modalities.items()
+            if lab == Modality.TEXT and s in first_meta and len(first_meta[s].shape) >= 2
+        ),
+        default=None,
+    )
     return ann
 
 
@@ -386,12 +430,25 @@ def _extends_sequence(wn, cls: str) -> bool:
     if cls != OpClass.CAT or wn.name not in ("cat", "concat", "concatenate") or not wn.outputs:
         return False
     rank = len(wn.outputs[0].shape)
-    return (rank >= 3 and cat_dim(wn) == rank - 2 and len(wn.inputs) >= 2
-            and all(len(t.shape) == rank or t.numel == 0 for t in wn.inputs))
+    return (
+        rank >= 3
+        and cat_dim(wn) == rank - 2
+        and len(wn.inputs) >= 2
+        and all(len(t.shape) == rank or t.numel == 0 for t in wn.inputs)
+    )
 
 
-_CACHE_WRITES = frozenset({"index_copy_", "index_copy", "index_put_", "_index_put_impl_", "copy_",
-                           "scatter_", "slice_scatter"})
+_CACHE_WRITES = frozenset(
+    {
+        "index_copy_",
+        "index_copy",
+        "index_put_",
+        "_index_put_impl_",
+        "copy_",
+        "scatter_",
+        "slice_scatter",
+    }
+)
 _SCORE_OPS = frozenset({"bmm", "matmul", "baddbmm", "einsum"})
 
 
@@ -435,12 +492,18 @@ def _label(bits: int) -> str:
 
 _SEQUENCE_MIXING = frozenset({OpClass.ATTENTION, OpClass.SOFTMAX, OpClass.CONV})
 # how much a consumer of a data input tells about what the input is
-_TELLING = {OpClass.EMBEDDING_BAG: 5, OpClass.EMBEDDING: 4, OpClass.CONV: 3, OpClass.MATMUL: 2,
-            OpClass.NORM: 1}
+_TELLING = {
+    OpClass.EMBEDDING_BAG: 5,
+    OpClass.EMBEDDING: 4,
+    OpClass.CONV: 3,
+    OpClass.MATMUL: 2,
+    OpClass.NORM: 1,
+}
 
 
-def _input_kinds(gv: GraphView, info_of, residency: dict[int, str], constants,
-                 mixing: bool) -> dict[int, int]:
+def _input_kinds(
+    gv: GraphView, info_of, residency: dict[int, str], constants, mixing: bool
+) -> dict[int, int]:
     """Modality bits of every data input (not a weight, not a cache), read from the consumer
     that tells most about it: token ids are what an embedding looks up even when a mask is
     computed from them first, or they are copied and edited before the lookup; pixels are
@@ -505,11 +568,20 @@ def _mixes_positions(gv: GraphView, residency: dict[int, str]) -> bool:
         c = cls_of[n.id]
         if c in _SEQUENCE_MIXING:
             return True
-        if c == OpClass.MATMUL and len(n.inputs) >= 2 and n.id not in gv.views and not any(
-                t.storage in residency for t in n.inputs):
+        if (
+            c == OpClass.MATMUL
+            and len(n.inputs) >= 2
+            and n.id not in gv.views
+            and not any(t.storage in residency for t in n.inputs)
+        ):
             return True
-        if c == OpClass.ADD and len(n.inputs) >= 2 and all(
-                cls_of.get(writer.get(t.storage, -1)) == OpClass.EMBEDDING for t in n.inputs[:2]):
+        if (
+            c == OpClass.ADD
+            and len(n.inputs) >= 2
+            and all(
+                cls_of.get(writer.get(t.storage, -1)) == OpClass.EMBEDDING for t in n.inputs[:2]
+            )
+        ):
             return True
         for o in n.outputs:
             writer.setdefault(o.storage, n.id)
@@ -530,8 +602,15 @@ def _table_key(storage: int, constants) -> int:
     return c.untyped_storage().data_ptr() if c is not None else storage
 
 
-def _positional(gv: GraphView, n, m: int, mask: dict[int, int], writer: dict[int, int],
-                node_mask: dict[int, int], input_modalities: dict[int, str]) -> int:
+def _positional(
+    gv: GraphView,
+    n,
+    m: int,
+    mask: dict[int, int],
+    writer: dict[int, int],
+    node_mask: dict[int, int],
+    input_modalities: dict[int, str],
+) -> int:
     """An add of a lookup of ids straight onto another modality's stream is that stream's
     position (or type) embedding, not a second modality meeting it: the patch embeddings
     of an image plus ``position_embedding(position_ids)``. Fusion happens in attention,

@@ -42,16 +42,28 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         nargs="?",
         help="path.py[:callable] or module:callable returning (model, example_inputs)",
     )
-    parser.add_argument("--hf", metavar="NAME",
-                        help="a transformers model class or config name, built tiny with random "
-                        "weights (no download), instead of a target")
-    parser.add_argument("--json", metavar="PATH", help="write the profile and annotated graph as JSON")
+    parser.add_argument(
+        "--hf",
+        metavar="NAME",
+        help="a transformers model class or config name, built tiny with random "
+        "weights (no download), instead of a target",
+    )
+    parser.add_argument(
+        "--json", metavar="PATH", help="write the profile and annotated graph as JSON"
+    )
     parser.add_argument("--dot", metavar="PATH", help="write the annotated graph as Graphviz DOT")
-    parser.add_argument("--fast-patterns", action="store_true",
-                        help="skip NetworkX subgraph matching (as GENIE_FAST_PATTERNS=1)")
+    parser.add_argument(
+        "--fast-patterns",
+        action="store_true",
+        help="skip NetworkX subgraph matching (as GENIE_FAST_PATTERNS=1)",
+    )
     parser.add_argument("--hints", action="store_true", help="print every pattern's hints")
-    parser.add_argument("--color-by", choices=("phase", "role"), default="phase",
-                        help="what the colours of --draw's picture show")
+    parser.add_argument(
+        "--color-by",
+        choices=("phase", "role"),
+        default="phase",
+        help="what the colours of --draw's picture show",
+    )
     return parser
 
 
@@ -73,7 +85,8 @@ def load_target(spec: str) -> tuple[Any, tuple, dict]:
         else:
             raise LookupError(
                 f"genie analyze: {path} defines neither build() nor model and example_inputs; "
-                f"name a callable as {path}:callable")
+                f"name a callable as {path}:callable"
+            )
     else:
         if not name:
             raise ValueError(f"genie analyze: expected path.py or module:callable, got {spec!r}")
@@ -98,8 +111,12 @@ def _split_inputs(inputs: Any) -> tuple[tuple, dict]:
         return (inputs,), {}
     if isinstance(inputs, dict):
         return (), dict(inputs)
-    if (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], (tuple, list))
-            and isinstance(inputs[1], dict)):
+    if (
+        isinstance(inputs, tuple)
+        and len(inputs) == 2
+        and isinstance(inputs[0], (tuple, list))
+        and isinstance(inputs[1], dict)
+    ):
         return tuple(inputs[0]), dict(inputs[1])
     if isinstance(inputs, (tuple, list)):
         return tuple(inputs), {}
@@ -130,8 +147,10 @@ def analyze_command(args: argparse.Namespace, then: Any = None) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - a transformers model that cannot be built tiny
-        print(f"genie analyze: cannot build {hf_name or args.target}: "
-              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        print(
+            f"genie analyze: cannot build {hf_name or args.target}: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
         return 2
     label = f"--hf {hf_name}" if hf_name else args.target
     config = AnalyzerConfig.from_env()
@@ -160,8 +179,12 @@ def analyze_command(args: argparse.Namespace, then: Any = None) -> int:
     if draw and not getattr(args, "schedule", False):
         from genie.semantic.draw import write_svg
 
-        write_svg(profile, draw, title=f"{type(model).__name__}: {profile.workload_type}",
-                  color_by=getattr(args, "color_by", "phase"))
+        write_svg(
+            profile,
+            draw,
+            title=f"{type(model).__name__}: {profile.workload_type}",
+            color_by=getattr(args, "color_by", "phase"),
+        )
         print(f"wrote {draw}")
     status = then(graph, profile) if then is not None else 0
     genie.synchronize()
@@ -179,8 +202,11 @@ def _jsonable(v: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_analyze_arguments(argparse.ArgumentParser(
-        prog="genie analyze", description="Profile a model's recorded graph."))
+    parser = add_analyze_arguments(
+        argparse.ArgumentParser(
+            prog="genie analyze", description="Profile a model's recorded graph."
+        )
+    )
     parser.add_argument("--draw", metavar="SVG", help="write a picture of the annotated graph")
     return analyze_command(parser.parse_args(argv))
 

@@ -69,8 +69,9 @@ class ContextTable:
         self._by_key: dict[tuple, int] = {}
         self._by_id: dict[int, ModuleContext] = {}
 
-    def intern(self, root: str, path: str, type_name: str, depth: int, call_index: int,
-               parent: int) -> int:
+    def intern(
+        self, root: str, path: str, type_name: str, depth: int, call_index: int, parent: int
+    ) -> int:
         key = (root, path, type_name, depth, call_index, parent)
         cid = self._by_key.get(key)
         if cid is not None:
@@ -79,8 +80,9 @@ class ContextTable:
             cid = self._by_key.get(key)
             if cid is None:
                 cid = len(self._by_id) + 1
-                self._by_id[cid] = ModuleContext(cid, path, type_name, depth, call_index,
-                                                 parent, root)
+                self._by_id[cid] = ModuleContext(
+                    cid, path, type_name, depth, call_index, parent, root
+                )
                 self._by_key[key] = cid
         return cid
 
@@ -126,8 +128,9 @@ class ModuleContextTracker:
     forwards concurrently on different threads.
     """
 
-    def __init__(self, model: torch.nn.Module, name: str | None = None,
-                 table: ContextTable | None = None):
+    def __init__(
+        self, model: torch.nn.Module, name: str | None = None, table: ContextTable | None = None
+    ):
         self.model = model
         self.root = name or type(model).__name__
         self.table = table or _TABLE
@@ -146,8 +149,9 @@ class ModuleContextTracker:
             pre, post = self._make_hooks(path, type(module).__name__, depth)
             self._handles.append(module.register_forward_pre_hook(pre))
             self._handles.append(module.register_forward_hook(post, always_call=True))
-        logger.debug("context tracker: hooks on %d modules of %s", len(self._handles) // 2,
-                     self.root)
+        logger.debug(
+            "context tracker: hooks on %d modules of %s", len(self._handles) // 2, self.root
+        )
         return self
 
     def remove(self) -> None:

@@ -26,16 +26,29 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PhaseDetector", "PhaseResult", "CallPhase"]
 
-_EMBED_ROLES = {Role.TOKEN_EMBEDDING, Role.POSITION_EMBEDDING, Role.SEGMENT_EMBEDDING,
-                Role.EMBEDDING, Role.EMBEDDING_BAG}
+_EMBED_ROLES = {
+    Role.TOKEN_EMBEDDING,
+    Role.POSITION_EMBEDDING,
+    Role.SEGMENT_EMBEDDING,
+    Role.EMBEDDING,
+    Role.EMBEDDING_BAG,
+}
 _HEAD_ROLES = {Role.CLASSIFIER_HEAD, Role.POOLER}
 _BACKBONE_CLASSES = {OpClass.CONV, OpClass.ATTENTION, OpClass.NORM}
 _DECODER_ARCHS = {"transformer_decoder", "transformer_seq2seq"}
 _NOT_DECODER_ARCHS = {"transformer_encoder", "vit", "multimodal"}
 # call phases, most specific first, that name what a call as a whole was doing
-_CALL_ORDER = (Phase.DECODE, Phase.PREFILL, Phase.MULTIMODAL_FUSION, Phase.TEXT_ENCODER,
-               Phase.VISION_BACKBONE, Phase.AUDIO_ENCODER, Phase.INTERACTION, Phase.DENSE_MLP,
-               Phase.FORWARD)
+_CALL_ORDER = (
+    Phase.DECODE,
+    Phase.PREFILL,
+    Phase.MULTIMODAL_FUSION,
+    Phase.TEXT_ENCODER,
+    Phase.VISION_BACKBONE,
+    Phase.AUDIO_ENCODER,
+    Phase.INTERACTION,
+    Phase.DENSE_MLP,
+    Phase.FORWARD,
+)
 
 
 @dataclass(frozen=True)
@@ -84,8 +97,9 @@ class PhaseDetector:
         self.current_phase: str | None = None
 
     # -- per graph --------------------------------------------------------------------------
-    def detect(self, gv: GraphView, ann: Annotations, architecture: str | None = None,
-               graph_hash: str = "") -> PhaseResult:
+    def detect(
+        self, gv: GraphView, ann: Annotations, architecture: str | None = None, graph_hash: str = ""
+    ) -> PhaseResult:
         """Write ``execution_phase`` into every node and return the phases of this call.
         Does not touch the history; ``observe`` does."""
         nodes = gv.nodes
@@ -96,8 +110,11 @@ class PhaseDetector:
                 text_k = k if text_k is None else max(text_k, k)
         # a causal mask alone does not make a decoder (CLIP's text tower is causal): a KV
         # cache or a decoder architecture does; a causal graph of unknown make counts too
-        decoder = bool(ann.kv_cache_nodes) or architecture in _DECODER_ARCHS or (
-            ann.causal and architecture not in _NOT_DECODER_ARCHS)
+        decoder = (
+            bool(ann.kv_cache_nodes)
+            or architecture in _DECODER_ARCHS
+            or (ann.causal and architecture not in _NOT_DECODER_ARCHS)
+        )
         if architecture == "transformer_seq2seq" and not ann.kv_cache_nodes and not ann.causal:
             decoder = False  # the encoder alone (generate() runs it as a call of its own)
         kv_present = bool(ann.kv_cache_storages)
@@ -118,7 +135,8 @@ class PhaseDetector:
         last_backbone = len(nodes) if ann.fusion_points else -1
         for i, n in enumerate(nodes if not ann.fusion_points else ()):
             if n.meta.get("modality") == Modality.VISION and (
-                gv.cls[n.id] in _BACKBONE_CLASSES or n.meta.get("semantic_role") == Role.RESIDUAL_ADD
+                gv.cls[n.id] in _BACKBONE_CLASSES
+                or n.meta.get("semantic_role") == Role.RESIDUAL_ADD
             ):
                 last_backbone = i
 
@@ -129,8 +147,11 @@ class PhaseDetector:
             role = meta.get("semantic_role")
             mod = meta.get("modality")
             path = meta.get("module_path")
-            if role == Role.WEIGHT or (path is None and meta.get("data_residency") ==
-                                       Residency.PERSISTENT_WEIGHT and n.id in gv.views):
+            if role == Role.WEIGHT or (
+                path is None
+                and meta.get("data_residency") == Residency.PERSISTENT_WEIGHT
+                and n.id in gv.views
+            ):
                 phase = Phase.SETUP
             elif mod == Modality.FUSION or (
                 fusion_modules and path is not None and path.startswith(fusion_modules)
@@ -141,8 +162,11 @@ class PhaseDetector:
             elif mod == Modality.TEXT:
                 phase = Phase.TEXT_ENCODER if n.id in encoder else text_phase
             elif mod == Modality.VISION:
-                phase = (Phase.VISION_HEAD if role in _HEAD_ROLES or i > last_backbone
-                         else Phase.VISION_BACKBONE)
+                phase = (
+                    Phase.VISION_HEAD
+                    if role in _HEAD_ROLES or i > last_backbone
+                    else Phase.VISION_BACKBONE
+                )
             elif mod == Modality.AUDIO:
                 phase = Phase.AUDIO_ENCODER
             elif mod in (Modality.TABULAR, Modality.CATEGORICAL) and recsys:

@@ -85,9 +85,11 @@ class WorkloadProfile:
             f"module ({self.context.get('modules', 0)} modules)",
         ]
         if self.kv_cache.get("nodes"):
-            lines.append(f"kv cache      {len(self.kv_cache['nodes'])} updates, "
-                         f"{len(self.kv_cache.get('storages', []))} resident storages, "
-                         f"{self.kv_cache.get('bytes', 0):,} bytes")
+            lines.append(
+                f"kv cache      {len(self.kv_cache['nodes'])} updates, "
+                f"{len(self.kv_cache.get('storages', []))} resident storages, "
+                f"{self.kv_cache.get('bytes', 0):,} bytes"
+            )
         lines.append("patterns")
         for p in self.patterns:
             wl = f" -> {p.workload}" if p.workload is not None else ""

@@ -30,8 +30,10 @@ _FFN = _rx(r"mlp|ffn|feed_?forward|intermediate|fc_block|dense_block")
 _BLOCK = _rx(r"(block|layer|bottleneck|residual)$|^(basicblock|bottleneck)")
 _EMBEDDINGS = _rx(r"embed")
 _FUSION = _rx(r"fusion|fuse|cross|merge|bridge|co_attn|coattn")
-_HEAD = _rx(r"^(head|heads|classifier|cls|fc|score|logits|out|output_layer|predictions|answer\w*|"
-            r"qa_outputs|decoder_head|linear_head)$")
+_HEAD = _rx(
+    r"^(head|heads|classifier|cls|fc|score|logits|out|output_layer|predictions|answer\w*|"
+    r"qa_outputs|decoder_head|linear_head)$"
+)
 _POOLER = _rx(r"pool")
 _BOTTOM = _rx(r"^(bot|bottom|bot_l|bot_mlp|bottom_mlp|dense_arch|dense_mlp)$")
 _TOP = _rx(r"^(top|top_l|top_mlp|over|over_arch)$")
@@ -47,10 +49,14 @@ _K = _rx(r"^(k|key|k_proj|wk|to_k|k_lin|key_proj)$")
 _V = _rx(r"^(v|value|v_proj|wv|to_v|v_lin|value_proj)$")
 _QKV = _rx(r"^(c_attn|qkv|qkv_proj|in_proj|wqkv|query_key_value|to_qkv|attn_qkv)$")
 _OUT = _rx(r"^(o_proj|out_proj|c_proj|dense|proj|wo|to_out|out_lin|o)$")
-_UP = _rx(r"^(c_fc|fc1|up_proj|gate_proj|w1|w3|wi|wi_0|wi_1|fc_in|lin1|dense_h_to_4h|gate_up_proj)$")
+_UP = _rx(
+    r"^(c_fc|fc1|up_proj|gate_proj|w1|w3|wi|wi_0|wi_1|fc_in|lin1|dense_h_to_4h|gate_up_proj)$"
+)
 _DOWN = _rx(r"^(c_proj|fc2|down_proj|w2|wo|fc_out|lin2|dense_4h_to_h)$")
-_TOKEN = _rx(r"^(wte|word_embeddings|embed_tokens|tok_embeddings|token_embedding|tok_emb|"
-             r"shared|embeddings|word_emb|token_emb|embed)$")
+_TOKEN = _rx(
+    r"^(wte|word_embeddings|embed_tokens|tok_embeddings|token_embedding|tok_emb|"
+    r"shared|embeddings|word_emb|token_emb|embed)$"
+)
 _POSITION = _rx(r"wpe|pos")
 _SEGMENT = _rx(r"token_type|segment|tte")
 _PATCH = _rx(r"patch|projection|to_patch")
@@ -60,8 +66,17 @@ _PATCH = _rx(r"patch|projection|to_patch")
 def module_kind(type_name: str) -> str:
     """Coarse kind of a module class from its name (works without the module object)."""
     t = type_name
-    if t in ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-             "LazyConv1d", "LazyConv2d", "LazyConv3d"):
+    if t in (
+        "Conv1d",
+        "Conv2d",
+        "Conv3d",
+        "ConvTranspose1d",
+        "ConvTranspose2d",
+        "ConvTranspose3d",
+        "LazyConv1d",
+        "LazyConv2d",
+        "LazyConv3d",
+    ):
         return "conv"
     if t == "EmbeddingBag":
         return "embedding_bag"
@@ -81,10 +96,24 @@ def module_kind(type_name: str) -> str:
         return "attention"
     if "Pool" in t:
         return "pool"
-    if t in ("ReLU", "ReLU6", "GELU", "SiLU", "Tanh", "Sigmoid", "LeakyReLU", "ELU", "Mish",
-             "Hardswish", "Hardsigmoid", "Softplus", "PReLU", "SELU", "CELU", "GLU") or (
-        "Activation" in t or t.endswith("GELU") or t.endswith("Act")
-    ):
+    if t in (
+        "ReLU",
+        "ReLU6",
+        "GELU",
+        "SiLU",
+        "Tanh",
+        "Sigmoid",
+        "LeakyReLU",
+        "ELU",
+        "Mish",
+        "Hardswish",
+        "Hardsigmoid",
+        "Softplus",
+        "PReLU",
+        "SELU",
+        "CELU",
+        "GLU",
+    ) or ("Activation" in t or t.endswith("GELU") or t.endswith("Act")):
         return "act"
     if t in ("Dropout", "Dropout1d", "Dropout2d", "Identity", "Flatten", "Unflatten"):
         return "passthrough"
@@ -119,8 +148,26 @@ class ContextInfo:
     embeddings_named: bool = False  # some module name on the path says embeddings
 
 
-NO_CONTEXT = ContextInfo(0, "", "", 0, None, "none", None, False, False, False, False, False,
-                         False, None, None, None, None, "")
+NO_CONTEXT = ContextInfo(
+    0,
+    "",
+    "",
+    0,
+    None,
+    "none",
+    None,
+    False,
+    False,
+    False,
+    False,
+    False,
+    False,
+    None,
+    None,
+    None,
+    None,
+    "",
+)
 
 
 @lru_cache(maxsize=8192)
@@ -134,16 +181,25 @@ def _name_flags(name: str) -> tuple[bool, bool, bool, bool, bool, str | None, st
         recsys = Role.TOP_MLP
     elif _INTERACT.search(name):
         recsys = Role.FEATURE_INTERACTION
-    return (bool(_ATTENTION.search(name)), bool(_CROSS.search(name)), bool(_FFN.search(name)),
-            bool(_FUSION.search(name)), bool(_EMBEDDINGS.search(name)), recsys,
-            _modality_hint([name]))
+    return (
+        bool(_ATTENTION.search(name)),
+        bool(_CROSS.search(name)),
+        bool(_FFN.search(name)),
+        bool(_FUSION.search(name)),
+        bool(_EMBEDDINGS.search(name)),
+        recsys,
+        _modality_hint([name]),
+    )
 
 
 @lru_cache(maxsize=4096)
 def _type_flags(type_name: str) -> tuple[bool, bool, bool]:
     """(cross, ffn, block) of one module class name."""
-    return (bool(_CROSS.search(type_name)), bool(_FFN.search(type_name)),
-            bool(_BLOCK.search(type_name)))
+    return (
+        bool(_CROSS.search(type_name)),
+        bool(_FFN.search(type_name)),
+        bool(_BLOCK.search(type_name)),
+    )
 
 
 def _modality_hint(names: list[str]) -> str | None:
@@ -159,8 +215,9 @@ def _modality_hint(names: list[str]) -> str | None:
     return None
 
 
-def context_info(table: ContextTable, cid: int,
-                 memo: dict[int, ContextInfo] | None = None) -> ContextInfo:
+def context_info(
+    table: ContextTable, cid: int, memo: dict[int, ContextInfo] | None = None
+) -> ContextInfo:
     """Derive a ContextInfo for ``cid`` from its own module and its parent's ContextInfo
     (looked up in, and added to, ``memo``), so each context costs a few regex searches."""
     if memo is not None:
@@ -176,7 +233,8 @@ def context_info(table: ContextTable, cid: int,
     kind = module_kind(type_name)
     named = bool(ctx.path)
     attn_n, cross_n, ffn_n, fusion_n, emb_n, recsys_n, hint_n = (
-        _name_flags(name) if named else (False, False, False, False, False, None, None))
+        _name_flags(name) if named else (False, False, False, False, False, None, None)
+    )
     cross_t, ffn_t, block_t = _type_flags(type_name)
     own_attention = named and (attn_n or kind in ("attention", "mha"))
     p = parent
@@ -185,13 +243,19 @@ def context_info(table: ContextTable, cid: int,
     in_cross = (p is not None and p.in_cross_attention) or (own_attention and (cross_n or cross_t))
     grand_ctx = table.get(parent_ctx.parent) if parent_ctx is not None else None
     ffn_named = (p is not None and p.ffn_named) or ffn_n
-    in_ffn = ffn_named or ffn_t or any(_type_flags(c.type)[1] for c in (parent_ctx, grand_ctx)
-                                       if c is not None)
+    in_ffn = (
+        ffn_named
+        or ffn_t
+        or any(_type_flags(c.type)[1] for c in (parent_ctx, grand_ctx) if c is not None)
+    )
     in_block = (p is not None and p.in_block) or block_t
     fusion_path = (p.fusion_path if p is not None else None) or (ctx.path if fusion_n else None)
     pname = parent_ctx.name if parent_ctx is not None and parent_ctx.path else ""
-    in_head = name == "lm_head" or (named and bool(_HEAD.search(name))) or bool(
-        pname and _HEAD.search(pname))
+    in_head = (
+        name == "lm_head"
+        or (named and bool(_HEAD.search(name)))
+        or bool(pname and _HEAD.search(pname))
+    )
     recsys = recsys_n if recsys_n is not None else (p.recsys_part if p is not None else None)
     in_embeddings = (p is not None and p.embeddings_named) or emb_n
     hint = hint_n if named else _modality_hint([ctx.root])
@@ -225,8 +289,16 @@ def context_info(table: ContextTable, cid: int,
     return info
 
 
-def _leaf_role(ctx: ModuleContext, kind: str, pname: str, in_attention: bool, in_ffn: bool,
-               in_head: bool, recsys: str | None, in_embeddings: bool) -> str | None:
+def _leaf_role(
+    ctx: ModuleContext,
+    kind: str,
+    pname: str,
+    in_attention: bool,
+    in_ffn: bool,
+    in_head: bool,
+    recsys: str | None,
+    in_embeddings: bool,
+) -> str | None:
     name = ctx.name
     if kind == "embedding_bag":
         return Role.EMBEDDING_BAG
@@ -286,10 +358,16 @@ def _leaf_role(ctx: ModuleContext, kind: str, pname: str, in_attention: bool, in
     return None
 
 
-_TABLE_ROLES = frozenset({Role.TOKEN_EMBEDDING, Role.POSITION_EMBEDDING, Role.SEGMENT_EMBEDDING,
-                          Role.EMBEDDING, Role.EMBEDDING_BAG})
-_LOOKUP_CLASSES = frozenset({OpClass.EMBEDDING, OpClass.EMBEDDING_BAG, OpClass.VIEW,
-                             OpClass.INDEX})
+_TABLE_ROLES = frozenset(
+    {
+        Role.TOKEN_EMBEDDING,
+        Role.POSITION_EMBEDDING,
+        Role.SEGMENT_EMBEDDING,
+        Role.EMBEDDING,
+        Role.EMBEDDING_BAG,
+    }
+)
+_LOOKUP_CLASSES = frozenset({OpClass.EMBEDDING, OpClass.EMBEDDING_BAG, OpClass.VIEW, OpClass.INDEX})
 
 # op class -> role when no module rule names the op
 _OP_ROLE = {
@@ -329,8 +407,16 @@ def role_in_context(info: ContextInfo, cls: str, after_attention_core: bool) -> 
         if cls == OpClass.MATMUL and info.kind == "mha":
             # nn.MultiheadAttention calls its projections functionally: order tells them apart
             return Role.ATTENTION_OUTPUT if after_attention_core else Role.QKV_PROJECTION
-        if cls in (OpClass.ATTENTION, OpClass.SOFTMAX, OpClass.MATMUL, OpClass.VIEW,
-                   OpClass.ELEMENTWISE, OpClass.COPY, OpClass.CAT, OpClass.OTHER):
+        if cls in (
+            OpClass.ATTENTION,
+            OpClass.SOFTMAX,
+            OpClass.MATMUL,
+            OpClass.VIEW,
+            OpClass.ELEMENTWISE,
+            OpClass.COPY,
+            OpClass.CAT,
+            OpClass.OTHER,
+        ):
             return Role.CROSS_ATTENTION if info.in_cross_attention else Role.ATTENTION
     if info.in_ffn and cls in (OpClass.ACT, OpClass.ELEMENTWISE, OpClass.ADD):
         return Role.FFN_ACTIVATION

@@ -26,11 +26,27 @@ from genie.semantic.roles import module_kind
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelStructure", "structure_from_model", "structure_from_contexts",
-           "structure_from_ops", "ARCHITECTURES"]
+__all__ = [
+    "ModelStructure",
+    "structure_from_model",
+    "structure_from_contexts",
+    "structure_from_ops",
+    "ARCHITECTURES",
+]
 
-ARCHITECTURES = ("transformer_decoder", "transformer_encoder", "transformer_seq2seq", "vit",
-                 "resnet", "cnn", "mlp", "recsys", "multimodal", "audio", "unknown")
+ARCHITECTURES = (
+    "transformer_decoder",
+    "transformer_encoder",
+    "transformer_seq2seq",
+    "vit",
+    "resnet",
+    "cnn",
+    "mlp",
+    "recsys",
+    "multimodal",
+    "audio",
+    "unknown",
+)
 
 # HF's task naming convention (``...ForCausalLM``, ``...LMHeadModel``), not model names
 _CAUSAL = re.compile(r"CausalLM|LMHead", re.IGNORECASE)
@@ -40,8 +56,7 @@ _TEXT = re.compile(r"text|language|lang|question|word|caption|token", re.IGNOREC
 _CROSS = re.compile(r"cross|fusion|co_attn|coattn|encoder_attn", re.IGNORECASE)
 _TOKEN = re.compile(r"wte|word|token|tok|embed_tokens|shared|text", re.IGNORECASE)
 _POS = re.compile(r"wpe|pos|token_type|segment", re.IGNORECASE)
-_RECSYS = re.compile(r"sparse|interaction|embedding_bag|tables",
-                     re.IGNORECASE)
+_RECSYS = re.compile(r"sparse|interaction|embedding_bag|tables", re.IGNORECASE)
 _PATCH = re.compile(r"patch", re.IGNORECASE)
 _MAX_HIERARCHY = 512
 
@@ -88,13 +103,19 @@ class _Rec:
 
 # -- shared inference over module records --------------------------------------------------
 
+
 def _features(recs: list[_Rec], root_type: str | None) -> dict[str, Any]:
     kinds = Counter(r.kind for r in recs)
     attention = kinds["attention"] + kinds["mha"]
     conv_recs = [r for r in recs if r.kind == "conv"]
     emb_recs = [r for r in recs if r.kind == "embedding"]
-    token = [r for r in emb_recs if _TOKEN.search(r.path.rsplit(".", 1)[-1]) and
-             not _POS.search(r.path.rsplit(".", 1)[-1]) and not _RECSYS.search(r.path)]
+    token = [
+        r
+        for r in emb_recs
+        if _TOKEN.search(r.path.rsplit(".", 1)[-1])
+        and not _POS.search(r.path.rsplit(".", 1)[-1])
+        and not _RECSYS.search(r.path)
+    ]
     top = {r.path.split(".", 1)[0] for r in recs if r.path}
     names = " ".join(r.path for r in recs) + " " + " ".join(r.type for r in recs)
     return {
@@ -108,15 +129,17 @@ def _features(recs: list[_Rec], root_type: str | None) -> dict[str, Any]:
         "patch_embedding": any(_PATCH.search(r.path) for r in conv_recs),
         # convolutions over one axis only and no token table: a waveform, not pixels or text
         "conv_1d_only": bool(conv_recs) and all(r.type.endswith("1d") for r in conv_recs),
-        "causal": bool(root_type and _CAUSAL.search(root_type)) or any(
-            _CAUSAL.search(r.type) for r in recs if r.kind in ("attention", "module")
-            and "Decoder" in r.type),
+        "causal": bool(root_type and _CAUSAL.search(root_type))
+        or any(
+            _CAUSAL.search(r.type)
+            for r in recs
+            if r.kind in ("attention", "module") and "Decoder" in r.type
+        ),
         "cross_attention": bool(_CROSS.search(names)),
         "vision_branch": sorted(t for t in top if _VISION.search(t)),
         "text_branch": sorted(t for t in top if _TEXT.search(t)),
         "recsys_names": bool(_RECSYS.search(names)),
-        "residual_types": any(_RESIDUAL_TYPES.search(r.type) for r in recs
-                              if r.kind == "module"),
+        "residual_types": any(_RESIDUAL_TYPES.search(r.type) for r in recs if r.kind == "module"),
     }
 
 
@@ -125,8 +148,9 @@ def _architecture(f: dict[str, Any]) -> str:
     text = f["token_embedding"] or bool(f["text_branch"])
     if vision and text and (f["cross_attention"] or (f["vision_branch"] and f["text_branch"])):
         return "multimodal"
-    if f["embedding_bags"] or (f["recsys_names"] and f["embedding_modules"] >= 2
-                               and not f["attention_modules"]):
+    if f["embedding_bags"] or (
+        f["recsys_names"] and f["embedding_modules"] >= 2 and not f["attention_modules"]
+    ):
         return "recsys"
     if f.get("conv_1d_only") and not f["token_embedding"] and not f["vision_branch"]:
         return "audio"
@@ -177,6 +201,7 @@ def _hierarchy(recs: Iterable[_Rec], params: dict[str, int] | None = None) -> li
 
 # -- from a model ------------------------------------------------------------------------------
 
+
 def _is_hf(model: torch.nn.Module) -> bool:
     return type(model).__module__.startswith("transformers.")
 
@@ -193,8 +218,10 @@ def structure_from_model(model: torch.nn.Module, try_fx: bool = True) -> ModelSt
         try:
             kind = _kind(m)
             if kind == "module" and module_kind(type(m).__name__) != "module":
-                unread.append(f"{path or '<root>'}: a {type(m).__name__} is named like a "
-                              f"{module_kind(type(m).__name__)} but holds no such weight")
+                unread.append(
+                    f"{path or '<root>'}: a {type(m).__name__} is named like a "
+                    f"{module_kind(type(m).__name__)} but holds no such weight"
+                )
             n = sum(p.numel() for p in m._parameters.values() if p is not None)
             if kind == "linear" and isinstance(m, torch.nn.Linear):
                 width = max(width, m.in_features, m.out_features)
@@ -207,8 +234,9 @@ def structure_from_model(model: torch.nn.Module, try_fx: bool = True) -> ModelSt
             elif kind == "attention" and getattr(m, "is_causal", False) is True:
                 causal_attr = True
         except Exception as exc:  # noqa: BLE001 - a module class we cannot read: skip it
-            unread.append(f"{path or '<root>'}: {type(m).__name__} not read: "
-                          f"{type(exc).__name__}: {exc}")
+            unread.append(
+                f"{path or '<root>'}: {type(m).__name__} not read: {type(exc).__name__}: {exc}"
+            )
         recs.append(_Rec(path, type(m).__name__, kind, 0 if not path else path.count(".") + 1))
         own[path] = n
         params += n
@@ -227,7 +255,8 @@ def structure_from_model(model: torch.nn.Module, try_fx: bool = True) -> ModelSt
     # an encoder and a decoder stack: the config says so, or top-level modules named so
     tops = {r.path for r in recs if r.path and "." not in r.path}
     f["encoder_decoder"] = getattr(config, "is_encoder_decoder", False) is True or (
-        any("encoder" in t for t in tops) and any("decoder" in t for t in tops))
+        any("encoder" in t for t in tops) and any("decoder" in t for t in tops)
+    )
     st.blocks = _blocks(recs)
     if try_fx and not _is_hf(model):
         _from_fx(model, st, f)
@@ -288,18 +317,26 @@ def _from_fx(model: torch.nn.Module, st: ModelStructure, f: dict[str, Any]) -> N
     for n in gm.graph.nodes:
         ins = [a for a in n.all_input_nodes]
         d = max((layer_depth.get(a, 0) for a in ins), default=0)
-        if n.op == "call_module" and _kind(modules[n.target]) in ("linear", "conv", "mha",
-                                                                     "embedding", "embedding_bag"):
+        if n.op == "call_module" and _kind(modules[n.target]) in (
+            "linear",
+            "conv",
+            "mha",
+            "embedding",
+            "embedding_bag",
+        ):
             d += 1
         layer_depth[n] = d
-        is_add = (n.op == "call_function" and n.target in (operator.add, torch.add, operator.iadd)) \
-            or (n.op == "call_method" and n.target in ("add", "add_"))
+        is_add = (
+            n.op == "call_function" and n.target in (operator.add, torch.add, operator.iadd)
+        ) or (n.op == "call_method" and n.target in ("add", "add_"))
         if is_add and len(ins) >= 2:
             a, b = ins[0], ins[1]
             if abs(order[a] - order[b]) >= 3 and abs(layer_depth[a] - layer_depth[b]) >= 1:
                 residual += 1
         if n.op == "call_function" and getattr(n.target, "__name__", "") in (
-                "scaled_dot_product_attention", "softmax"):
+            "scaled_dot_product_attention",
+            "softmax",
+        ):
             sdpa += 1
     f["residual_adds"] = residual
     f["fx_nodes"] = len(order)
@@ -326,8 +363,10 @@ def _config_width(config) -> int:
 
 # -- without a model ---------------------------------------------------------------------------
 
-def structure_from_contexts(contexts: Iterable, weight_shapes: Iterable[tuple[int, ...]] = (),
-                            parameter_count: int = 0) -> ModelStructure | None:
+
+def structure_from_contexts(
+    contexts: Iterable, weight_shapes: Iterable[tuple[int, ...]] = (), parameter_count: int = 0
+) -> ModelStructure | None:
     """Structure from the ModuleContexts stamped on a graph: the module tree as far as it ran."""
     seen: dict[str, _Rec] = {}
     root = None
@@ -355,8 +394,12 @@ def structure_from_contexts(contexts: Iterable, weight_shapes: Iterable[tuple[in
     return st
 
 
-def structure_from_ops(class_histogram: Counter, ann, parameter_count: int = 0,
-                       weight_shapes: Iterable[tuple[int, ...]] = ()) -> ModelStructure:
+def structure_from_ops(
+    class_histogram: Counter,
+    ann,
+    parameter_count: int = 0,
+    weight_shapes: Iterable[tuple[int, ...]] = (),
+) -> ModelStructure:
     """Last resort: infer the architecture from the op stream and tier-3 annotations."""
     from genie.semantic.vocab import Modality, Role
 
@@ -369,7 +412,9 @@ def structure_from_ops(class_histogram: Counter, ann, parameter_count: int = 0,
     elif class_histogram.get("embedding_bag", 0) or mods.get(Modality.CATEGORICAL, 0):
         arch = "recsys"
     elif attention and mods.get(Modality.TEXT, 0):
-        arch = "transformer_decoder" if (ann.kv_cache_nodes or ann.causal) else "transformer_encoder"
+        arch = (
+            "transformer_decoder" if (ann.kv_cache_nodes or ann.causal) else "transformer_encoder"
+        )
     elif attention and mods.get(Modality.VISION, 0):
         arch = "vit"
     elif conv:

@@ -73,7 +73,9 @@ class Modality:
     TEXT = "text"  # token ids through an embedding
     VISION = "vision"  # pixels (4-D float input into a convolution)
     AUDIO = "audio"
-    TABULAR = "tabular"  # dense features (recommenders), and anything mixing only non-perceptual inputs
+    TABULAR = (
+        "tabular"  # dense features (recommenders), and anything mixing only non-perceptual inputs
+    )
     CATEGORICAL = "categorical"  # sparse ids into embedding bags / tables (recommenders)
     FUSION = "fusion"  # derived from two or more of text, vision, audio
     NONE = "none"  # constants and weights used by no modality branch

@@ -42,8 +42,12 @@ ATTENTION_EAGER = Template(
 )
 ATTENTION_EAGER_MASKED = Template(
     "attention_eager_masked",
-    {"scores": C.MATMUL, "scale": frozenset({C.ELEMENTWISE, C.ADD}), "softmax": C.SOFTMAX,
-     "mix": C.MATMUL},
+    {
+        "scores": C.MATMUL,
+        "scale": frozenset({C.ELEMENTWISE, C.ADD}),
+        "softmax": C.SOFTMAX,
+        "mix": C.MATMUL,
+    },
     (("scores", "scale"), ("scale", "softmax"), ("softmax", "mix")),
     anchor="softmax",
 )
@@ -55,26 +59,70 @@ FFN = Template(
 )
 RESIDUAL_BASIC = Template(
     "residual_basic",
-    {"src": _ANY_ACT, "c1": C.CONV, "n1": C.NORM, "a1": C.ACT, "c2": C.CONV, "n2": C.NORM,
-     "add": C.ADD},
-    (("src", "c1"), ("c1", "n1"), ("n1", "a1"), ("a1", "c2"), ("c2", "n2"), ("n2", "add"),
-     ("src", "add")),
+    {
+        "src": _ANY_ACT,
+        "c1": C.CONV,
+        "n1": C.NORM,
+        "a1": C.ACT,
+        "c2": C.CONV,
+        "n2": C.NORM,
+        "add": C.ADD,
+    },
+    (
+        ("src", "c1"),
+        ("c1", "n1"),
+        ("n1", "a1"),
+        ("a1", "c2"),
+        ("c2", "n2"),
+        ("n2", "add"),
+        ("src", "add"),
+    ),
     anchor="add",
 )
 RESIDUAL_PROJECTION = Template(
     "residual_projection",
-    {"src": _ANY_ACT, "c1": C.CONV, "n1": C.NORM, "a1": C.ACT, "c2": C.CONV, "n2": C.NORM,
-     "add": C.ADD, "cd": C.CONV, "nd": C.NORM},
-    (("src", "c1"), ("c1", "n1"), ("n1", "a1"), ("a1", "c2"), ("c2", "n2"), ("n2", "add"),
-     ("src", "cd"), ("cd", "nd"), ("nd", "add")),
+    {
+        "src": _ANY_ACT,
+        "c1": C.CONV,
+        "n1": C.NORM,
+        "a1": C.ACT,
+        "c2": C.CONV,
+        "n2": C.NORM,
+        "add": C.ADD,
+        "cd": C.CONV,
+        "nd": C.NORM,
+    },
+    (
+        ("src", "c1"),
+        ("c1", "n1"),
+        ("n1", "a1"),
+        ("a1", "c2"),
+        ("c2", "n2"),
+        ("n2", "add"),
+        ("src", "cd"),
+        ("cd", "nd"),
+        ("nd", "add"),
+    ),
     anchor="add",
 )
 RESIDUAL_ATTENTION_PRENORM = Template(
     "residual_attention_prenorm",
-    {"src": _SRC, "norm": C.NORM, "proj": C.MATMUL, "core": C.ATTENTION, "out": C.MATMUL,
-     "add": C.ADD},
-    (("src", "norm"), ("norm", "proj"), ("proj", "core"), ("core", "out"), ("out", "add"),
-     ("src", "add")),
+    {
+        "src": _SRC,
+        "norm": C.NORM,
+        "proj": C.MATMUL,
+        "core": C.ATTENTION,
+        "out": C.MATMUL,
+        "add": C.ADD,
+    },
+    (
+        ("src", "norm"),
+        ("norm", "proj"),
+        ("proj", "core"),
+        ("core", "out"),
+        ("out", "add"),
+        ("src", "add"),
+    ),
     anchor="add",
 )
 RESIDUAL_ATTENTION_POSTNORM = Template(
@@ -85,8 +133,11 @@ RESIDUAL_ATTENTION_POSTNORM = Template(
 )
 RECSYS_INTERACTION = Template(
     "recsys_interaction",
-    {"emb": frozenset({C.EMBEDDING_BAG, C.EMBEDDING}), "dense": frozenset({C.MATMUL, C.ACT}),
-     "join": C.CAT},
+    {
+        "emb": frozenset({C.EMBEDDING_BAG, C.EMBEDDING}),
+        "dense": frozenset({C.MATMUL, C.ACT}),
+        "join": C.CAT,
+    },
     (("emb", "join"), ("dense", "join")),
     anchor="join",
 )
@@ -98,21 +149,35 @@ CROSS_MODAL_ATTENTION = Template(
     modality={"q": Modality.TEXT, "kv": Modality.VISION},
 )
 
-TEMPLATES = (ATTENTION_FUSED, ATTENTION_EAGER, ATTENTION_EAGER_MASKED, FFN, RESIDUAL_BASIC,
-             RESIDUAL_PROJECTION, RESIDUAL_ATTENTION_PRENORM, RESIDUAL_ATTENTION_POSTNORM,
-             RECSYS_INTERACTION, CROSS_MODAL_ATTENTION)
+TEMPLATES = (
+    ATTENTION_FUSED,
+    ATTENTION_EAGER,
+    ATTENTION_EAGER_MASKED,
+    FFN,
+    RESIDUAL_BASIC,
+    RESIDUAL_PROJECTION,
+    RESIDUAL_ATTENTION_PRENORM,
+    RESIDUAL_ATTENTION_POSTNORM,
+    RECSYS_INTERACTION,
+    CROSS_MODAL_ATTENTION,
+)
 
 _attention_ops = has_op_class(C.ATTENTION, C.SOFTMAX)
-_attention_shape = has_subgraph(ATTENTION_FUSED, ATTENTION_EAGER, ATTENTION_EAGER_MASKED,
-                                fallback=_attention_ops)
+_attention_shape = has_subgraph(
+    ATTENTION_FUSED, ATTENTION_EAGER, ATTENTION_EAGER_MASKED, fallback=_attention_ops
+)
 _ffn = any_chain(has_role(Role.FFN_UP), has_subgraph(FFN))
-_text_tokens = any_chain(has_role(Role.TOKEN_EMBEDDING), chain(has_op_class(C.EMBEDDING),
-                                                               has_modality(Modality.TEXT)))
-_residual_transformer = has_subgraph(RESIDUAL_ATTENTION_PRENORM, RESIDUAL_ATTENTION_POSTNORM,
-                                     fallback=has_role(Role.RESIDUAL_ADD))
-_residual_conv = has_subgraph(RESIDUAL_BASIC, RESIDUAL_PROJECTION,
-                              fallback=chain(has_op_class(C.CONV, at_least=2),
-                                             has_role(Role.RESIDUAL_ADD)))
+_text_tokens = any_chain(
+    has_role(Role.TOKEN_EMBEDDING), chain(has_op_class(C.EMBEDDING), has_modality(Modality.TEXT))
+)
+_residual_transformer = has_subgraph(
+    RESIDUAL_ATTENTION_PRENORM, RESIDUAL_ATTENTION_POSTNORM, fallback=has_role(Role.RESIDUAL_ADD)
+)
+_residual_conv = has_subgraph(
+    RESIDUAL_BASIC,
+    RESIDUAL_PROJECTION,
+    fallback=chain(has_op_class(C.CONV, at_least=2), has_role(Role.RESIDUAL_ADD)),
+)
 
 
 def _kv(ctx: PatternContext) -> bool:
@@ -122,7 +187,9 @@ def _kv(ctx: PatternContext) -> bool:
 def _mostly(modality: str, share: float):
     def p(ctx: PatternContext) -> bool:
         computing = ctx.stats.compute_nodes or 1
-        return ctx.count_modality(modality) / max(len(ctx.graph.nodes), 1) >= share and computing > 0
+        return (
+            ctx.count_modality(modality) / max(len(ctx.graph.nodes), 1) >= share and computing > 0
+        )
 
     p.__name__ = f"modality[{modality}]>={share:.0%}"
     return p
@@ -131,8 +198,11 @@ def _mostly(modality: str, share: float):
 def _llm_hints(ctx: PatternContext) -> dict[str, Any]:
     ann = ctx.annotations
     layers = len(ann.attention) or ctx.count_class(C.SOFTMAX)
-    decoder = bool(ann.kv_cache_nodes) or ann.causal or ctx.architecture in (
-        "transformer_decoder", "transformer_seq2seq")
+    decoder = (
+        bool(ann.kv_cache_nodes)
+        or ann.causal
+        or ctx.architecture in ("transformer_decoder", "transformer_seq2seq")
+    )
     q = max((q for _, q, _ in ann.attention), default=None)
     k = max((k for _, _, k in ann.attention), default=None)
     rec = ["keep_weights_resident"]
@@ -169,7 +239,8 @@ def _vision_hints(ctx: PatternContext) -> dict[str, Any]:
         "patch_embedding": ctx.count_role(Role.PATCH_EMBEDDING) > 0,
         "batch_size": ctx.annotations.batch_size,
         "recommendations": ["batch_images", "fuse_conv_bn", "channels_last"]
-        if ctx.count_class(C.CONV) > 1 else ["batch_images"],
+        if ctx.count_class(C.CONV) > 1
+        else ["batch_images"],
     }
 
 
@@ -185,8 +256,12 @@ def _audio_hints(ctx: PatternContext) -> dict[str, Any]:
 def _residual_hints(ctx: PatternContext) -> dict[str, Any]:
     kinds = {}
     if not ctx.fast:
-        for t in (RESIDUAL_BASIC, RESIDUAL_PROJECTION, RESIDUAL_ATTENTION_PRENORM,
-                  RESIDUAL_ATTENTION_POSTNORM):
+        for t in (
+            RESIDUAL_BASIC,
+            RESIDUAL_PROJECTION,
+            RESIDUAL_ATTENTION_PRENORM,
+            RESIDUAL_ATTENTION_POSTNORM,
+        ):
             c, _ = ctx.find(t)
             if c:
                 kinds[t.name] = c
@@ -203,7 +278,8 @@ def _recsys_hints(ctx: PatternContext) -> dict[str, Any]:
     return {
         "embedding_tables": tables,
         "table_bytes": sum(
-            n.inputs[0].storage_nbytes for n in ctx.graph.nodes
+            n.inputs[0].storage_nbytes
+            for n in ctx.graph.nodes
             if ctx.view.cls[n.id] in (C.EMBEDDING_BAG, C.EMBEDDING) and n.inputs
         ),
         "mlp_layers": ctx.count_class(C.MATMUL),
@@ -224,10 +300,10 @@ def _fusion_hints(ctx: PatternContext) -> dict[str, Any]:
         "fusion_points": ann.fusion_points[:16],
         "fusion_modules": ann.fusion_modules,
         "branches": branches,
-        "branch_nodes": {m: ctx.count_modality(m) for m in Modality.PERCEPTUAL
-                         if ctx.count_modality(m)},
-        "recommendations": ["run_modality_branches_in_parallel",
-                            "place_fusion_with_larger_branch"],
+        "branch_nodes": {
+            m: ctx.count_modality(m) for m in Modality.PERCEPTUAL if ctx.count_modality(m)
+        },
+        "recommendations": ["run_modality_branches_in_parallel", "place_fusion_with_larger_branch"],
     }
 
 
@@ -307,9 +383,13 @@ class StructurePrior:
             return None
         if wt == WorkloadType.LLM and not st.features.get("token_embedding"):
             return None  # attention over something other than tokens (a time series)
-        return MatchedPattern(self.name, self.confidence, {"prior": True, "source": st.source,
-                                                           "architecture": st.architecture},
-                              wt, evidence=[f"structure[{st.source}]={st.architecture}"])
+        return MatchedPattern(
+            self.name,
+            self.confidence,
+            {"prior": True, "source": st.source, "architecture": st.architecture},
+            wt,
+            evidence=[f"structure[{st.source}]={st.architecture}"],
+        )
 
     def __repr__(self) -> str:
         return "StructurePrior()"
@@ -326,7 +406,12 @@ def builtin_patterns() -> list:
                 (_ffn, 0.08),
                 (_residual_transformer, 0.08),
                 (_attention_shape, 0.05),
-                (architecture_in("transformer_decoder", "transformer_encoder", "transformer_seq2seq"), 0.1),
+                (
+                    architecture_in(
+                        "transformer_decoder", "transformer_encoder", "transformer_seq2seq"
+                    ),
+                    0.1,
+                ),
                 (_kv, 0.04),
                 (negate(has_op_class(C.CONV)), 0.04),
             ],
@@ -339,8 +424,10 @@ def builtin_patterns() -> list:
         PredicatePattern(
             "attention",
             requires=_attention_ops,
-            evidence=[(_attention_shape, 0.25), (has_role(Role.Q_PROJECTION, Role.QKV_PROJECTION),
-                                                 0.1)],
+            evidence=[
+                (_attention_shape, 0.25),
+                (has_role(Role.Q_PROJECTION, Role.QKV_PROJECTION), 0.1),
+            ],
             base=0.6,
             templates=[ATTENTION_FUSED, ATTENTION_EAGER, ATTENTION_EAGER_MASKED],
             hints=_attention_hints,
@@ -348,8 +435,10 @@ def builtin_patterns() -> list:
         ),
         PredicatePattern(
             "vision",
-            requires=chain(any_chain(has_op_class(C.CONV), has_role(Role.PATCH_EMBEDDING)),
-                           has_modality(Modality.VISION)),
+            requires=chain(
+                any_chain(has_op_class(C.CONV), has_role(Role.PATCH_EMBEDDING)),
+                has_modality(Modality.VISION),
+            ),
             evidence=[
                 (has_op_class(C.CONV, at_least=3), 0.1),
                 (_mostly(Modality.VISION, 0.5), 0.15),
@@ -365,8 +454,10 @@ def builtin_patterns() -> list:
         ),
         PredicatePattern(
             "audio",
-            requires=chain(has_modality(Modality.AUDIO, at_least=3),
-                           any_chain(has_op_class(C.CONV), _attention_ops)),
+            requires=chain(
+                has_modality(Modality.AUDIO, at_least=3),
+                any_chain(has_op_class(C.CONV), _attention_ops),
+            ),
             evidence=[
                 (has_op_class(C.CONV, at_least=2), 0.1),
                 (_attention_ops, 0.1),
@@ -383,22 +474,29 @@ def builtin_patterns() -> list:
             requires=any_chain(_residual_conv, _residual_transformer),
             evidence=[(has_role(Role.RESIDUAL_ADD, at_least=2), 0.2), (_residual_conv, 0.1)],
             base=0.6,
-            templates=[RESIDUAL_BASIC, RESIDUAL_PROJECTION, RESIDUAL_ATTENTION_PRENORM,
-                       RESIDUAL_ATTENTION_POSTNORM],
+            templates=[
+                RESIDUAL_BASIC,
+                RESIDUAL_PROJECTION,
+                RESIDUAL_ATTENTION_PRENORM,
+                RESIDUAL_ATTENTION_POSTNORM,
+            ],
             anchor_roles=(Role.RESIDUAL_ADD,),
             hints=_residual_hints,
             description="a skip connection around a conv or attention block",
         ),
         PredicatePattern(
             "recsys",
-            requires=any_chain(has_op_class(C.EMBEDDING_BAG),
-                               chain(has_modality(Modality.CATEGORICAL),
-                                     has_op_class(C.EMBEDDING, at_least=2)),
-                               _lookups_into_mlp),
+            requires=any_chain(
+                has_op_class(C.EMBEDDING_BAG),
+                chain(has_modality(Modality.CATEGORICAL), has_op_class(C.EMBEDDING, at_least=2)),
+                _lookups_into_mlp,
+            ),
             evidence=[
                 (has_op_class(C.MATMUL, at_least=2), 0.1),
-                (has_subgraph(RECSYS_INTERACTION, fallback=has_role(Role.FEATURE_INTERACTION)),
-                 0.15),
+                (
+                    has_subgraph(RECSYS_INTERACTION, fallback=has_role(Role.FEATURE_INTERACTION)),
+                    0.15,
+                ),
                 (has_op_class(C.EMBEDDING_BAG, C.EMBEDDING, at_least=2), 0.1),
                 (architecture_in("recsys"), 0.1),
                 (negate(_attention_ops), 0.05),
