@@ -7,17 +7,11 @@ class whose attributes are not what its name suggests, a context it cannot read)
 for that graph and named in ``profile.metadata["skipped"]``; the other tiers still answer,
 down to an honest UNKNOWN.
 
-Note: [Analysis cache]
-Results are cached by the graph's structural hash together with the column of module
-context ids (interned, so the same model recorded the same way repeats it) and whether a
-model was given (which inputs are its parameters follows from the structure). A hit replays the cached node annotations onto
-the new graph's nodes by position and maps node and storage ids from the cached graph to the
-new one, so the profile names the new graph's ids; the phase detector still sees the call.
+The result cache: genie.semantic.analysis_cache (Note: [Analysis cache]).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -29,6 +23,7 @@ from typing import Any
 import torch
 
 from genie.graph import Graph
+from genie.semantic.analysis_cache import CacheEntry, cache_key, replay
 from genie.semantic.annotate import Annotations, annotate
 from genie.semantic.classifier import classify
 from genie.semantic.config import AnalyzerConfig
@@ -38,7 +33,7 @@ from genie.semantic.observe import CallObserver
 from genie.semantic.op_stats import OpStreamStats, op_stream_stats
 from genie.semantic.patterns.base import MatchedPattern, PatternContext
 from genie.semantic.patterns.registry import PatternRegistry, default_registry
-from genie.semantic.phases import CallPhase, PhaseDetector
+from genie.semantic.phases import PhaseDetector
 from genie.semantic.profile import WorkloadProfile
 from genie.semantic.roles import NO_CONTEXT, ContextInfo, context_info
 from genie.semantic.structure import (
@@ -54,17 +49,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["SemanticAnalyzer"]
 
 _BACKEND = "remote_accelerator"
-
-
-@dataclass
-class _Entry:
-    """A cached analysis: the profile and annotations as computed for one graph."""
-
-    profile: WorkloadProfile
-    metas: list[dict[str, Any]]
-    node_ids: list[int]
-    inputs: list[int]
-    call: CallPhase | None
 
 
 @dataclass
@@ -103,7 +87,7 @@ class SemanticAnalyzer:
         self.registry = registry or default_registry()
         self.phase_detector = phase_detector or PhaseDetector()
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._cache: OrderedDict[tuple, CacheEntry] = OrderedDict()
         self._structures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._infos: dict[int, ContextInfo] = {}
         self._perf = _Perf()
@@ -217,7 +201,9 @@ class SemanticAnalyzer:
             }
 
     # -- the analysis ---------------------------------------------------------------------------
-    def _analyze(self, graph, model, params) -> tuple[WorkloadProfile, _Entry, dict[str, float]]:
+    def _analyze(
+        self, graph, model, params
+    ) -> tuple[WorkloadProfile, CacheEntry, dict[str, float]]:
         cfg = self.config
         tiers: dict[str, float] = {}
         if any("semantic_role" in n.meta for n in graph.nodes[:1]):
@@ -300,7 +286,7 @@ class SemanticAnalyzer:
             )
         if phase_result is not None:
             self.phase_detector.observe(phase_result.call)
-        entry = _Entry(
+        entry = CacheEntry(
             profile=profile,
             metas=[{k: n.meta[k] for k in META_KEYS if k in n.meta} for n in graph.nodes]
             if cfg.cache
@@ -469,69 +455,13 @@ class SemanticAnalyzer:
 
     # -- the cache ----------------------------------------------------------------------------------
     def _key(self, graph, with_model: bool) -> tuple:
-        # Which inputs are parameters follows from the program's structure (the same model
-        # recorded the same way puts its weights at the same input positions), so whether a
-        # model was given is all the key needs about it.
-        ctx_sig = hash(tuple([n.context for n in graph.nodes]))
         cfg = self.config
-        return (
-            graph.structural_hash(),
-            ctx_sig,
-            with_model,
-            cfg.fast_patterns,
-            cfg.phase_detection,
-        )
+        return cache_key(graph, with_model, cfg.fast_patterns, cfg.phase_detection)
 
-    def _replay(self, entry: _Entry, graph) -> WorkloadProfile:
-        nodes = graph.nodes
-        new_ids = [n.id for n in nodes]
-        same = new_ids == entry.node_ids
-        for n, m in zip(nodes, entry.metas, strict=True):
-            n.meta.update(m)
-        old = entry.profile
-        if same:
-            nid = sid = None
-        else:
-            nid = dict(zip(entry.node_ids, new_ids, strict=True))
-            sid = dict(zip(entry.inputs, graph.input_storages, strict=True))
-            for fid in old.metadata.get("fusion_points", ()):
-                n = nodes[entry.node_ids.index(fid)]
-                lin = n.meta.get("lineage")
-                if lin is not None:
-                    n.meta["lineage"] = dict(
-                        lin,
-                        sources={k: [nid.get(i, i) for i in v] for k, v in lin["sources"].items()},
-                    )
-
-        def ids(xs):
-            return list(xs) if nid is None else [nid.get(i, i) for i in xs]
-
-        def sids(xs):
-            return list(xs) if sid is None else [sid.get(s, s) for s in xs]
-
+    def _replay(self, entry: CacheEntry, graph) -> WorkloadProfile:
         if entry.call is not None:
             self.phase_detector.observe(entry.call)
-        md = dict(old.metadata)
-        md["cache_hit"] = True
-        md["fusion_points"] = ids(md.get("fusion_points", ()))
-        return dataclasses.replace(
-            old,
-            patterns=[
-                dataclasses.replace(p, nodes=ids(p.nodes), hints=dict(p.hints))
-                for p in old.patterns
-            ],
-            phases={k: ids(v) for k, v in old.phases.items()},
-            metadata=md,
-            residency=old.residency
-            if sid is None
-            else {sid.get(s, s): r for s, r in old.residency.items()},
-            kv_cache=dict(
-                old.kv_cache,
-                nodes=ids(old.kv_cache["nodes"]),
-                storages=sids(old.kv_cache["storages"]),
-            ),
-            graph=graph,
-        )
+        return replay(entry, graph)
 
     def _account(
         self, ms: float, hit: bool, profile: WorkloadProfile, tiers: dict[str, float] | None

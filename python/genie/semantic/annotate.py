@@ -13,14 +13,8 @@ norm's affine -- or by requiring grad), a stateful KV cache (concatenated along 
 dimension into the keys/values of an attention, or written in place before attention reads
 it), or an ephemeral input (token ids, pixels). Views inherit the residency of what they view.
 
-Note: [Modality by lineage]
-Non-weight inputs are sources: token ids into an embedding are text, 4-D floats into a
-convolution are vision, ids into an embedding bag are categorical, other floats into a
-linear layer are tabular; module names break ties. A node's modality is the union of its
-inputs' (a bit mask, so one integer OR per input). A node whose inputs carry two perceptual
-modalities (text, vision, audio) while no single input does is a fusion point; everything
-downstream of it is ``fusion``. Nodes no source reaches (weights, ``arange`` positions) take the
-modality of the first node that consumes them.
+Modalities of data inputs and their lineage bits: genie.semantic.input_kinds (Note:
+[Modality by lineage]).
 """
 
 from __future__ import annotations
@@ -30,9 +24,21 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from genie.semantic.graph_utils import GraphView, OpClass, cat_dim
+from genie.semantic.input_kinds import (
+    CATEGORICAL,
+    MODALITY_BITS,
+    PERCEPTUAL,
+    TABULAR,
+    TEXT,
+    input_kinds,
+    mixes_positions,
+    positional,
+    two_lookups,
+)
+from genie.semantic.input_kinds import (
+    label as modality_label,
+)
 from genie.semantic.role_evidence import refine_roles
 from genie.semantic.roles import NO_CONTEXT, ContextInfo, op_role, role_in_context
 from genie.semantic.vocab import Modality, Residency, Role
@@ -41,16 +47,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Annotations", "annotate", "MODALITY_BITS"]
 
-TEXT, VISION, AUDIO, TABULAR, CATEGORICAL = 1, 2, 4, 8, 16
-PERCEPTUAL = TEXT | VISION | AUDIO
-MODALITY_BITS = {
-    Modality.TEXT: TEXT,
-    Modality.VISION: VISION,
-    Modality.AUDIO: AUDIO,
-    Modality.TABULAR: TABULAR,
-    Modality.CATEGORICAL: CATEGORICAL,
-}
-_SINGLE = {TEXT: Modality.TEXT, VISION: Modality.VISION, AUDIO: Modality.AUDIO}
 
 # which positions of node.inputs are weights for ops that take weights
 _WEIGHT_POS = {
@@ -208,8 +204,8 @@ def annotate(
     ann.kv_cache_storages = list(kv_storages)
 
     # -- what each data input is, from its most telling consumer -----------------------------
-    ann.sequence_mixing = _mixes_positions(gv, residency)
-    source = _input_kinds(gv, info_of, residency, constants, ann.sequence_mixing)
+    ann.sequence_mixing = mixes_positions(gv, residency)
+    source = input_kinds(gv, info_of, residency, constants, ann.sequence_mixing)
 
     # -- the main pass -----------------------------------------------------------------------
     levels = gv.levels()
@@ -324,7 +320,7 @@ def annotate(
                     bits = source.get(s, 0)
                     mask[s] = bits
                     if bits:
-                        ann.input_modalities[s] = _label(bits)
+                        ann.input_modalities[s] = modality_label(bits)
                 else:
                     bits = 0
                     if not is_view and s not in first_reader:
@@ -334,7 +330,7 @@ def annotate(
             m |= bits
         p = m & PERCEPTUAL
         if p & (p - 1) and c == OpClass.ADD and not single:
-            m = _positional(gv, n, m, mask, writer, node_mask, ann.input_modalities)
+            m = positional(gv, n, m, mask, writer, node_mask, ann.input_modalities)
         node_mask[nid] = m
         if not is_view:
             p = m & PERCEPTUAL
@@ -346,7 +342,7 @@ def annotate(
                 and not reads_weight
                 and m & CATEGORICAL
                 and not p
-                and (m & TABULAR or _two_lookups(ins, mask, writer))
+                and (m & TABULAR or two_lookups(ins, mask, writer))
             ):
                 # dense and sparse features, or two lookups' values, meeting outside an MLP
                 # layer (a concatenation, a product): the feature interaction
@@ -375,7 +371,7 @@ def annotate(
         nid = n.id
         m = node_mask[nid]
         if m:
-            label[nid] = _label(m)
+            label[nid] = modality_label(m)
             continue
         got = None
         for sc in succs[nid]:
@@ -479,196 +475,6 @@ def _scores(gv: GraphView, n, info_of) -> bool:
     return False
 
 
-def _label(bits: int) -> str:
-    p = bits & PERCEPTUAL
-    if p:
-        return _SINGLE.get(p, Modality.FUSION)
-    if bits & TABULAR:
-        return Modality.TABULAR
-    if bits & CATEGORICAL:
-        return Modality.CATEGORICAL
-    return Modality.NONE
-
-
-_SEQUENCE_MIXING = frozenset({OpClass.ATTENTION, OpClass.SOFTMAX, OpClass.CONV})
-# how much a consumer of a data input tells about what the input is
-_TELLING = {
-    OpClass.EMBEDDING_BAG: 5,
-    OpClass.EMBEDDING: 4,
-    OpClass.CONV: 3,
-    OpClass.MATMUL: 2,
-    OpClass.NORM: 1,
-}
-
-
-def _input_kinds(
-    gv: GraphView, info_of, residency: dict[int, str], constants, mixing: bool
-) -> dict[int, int]:
-    """Modality bits of every data input (not a weight, not a cache), read from the consumer
-    that tells most about it: token ids are what an embedding looks up even when a mask is
-    computed from them first, or they are copied and edited before the lookup; pixels are
-    what a convolution reads even after a normalisation. See Note: [Modality by lineage]."""
-    best: dict[int, tuple[int, object, str, object]] = {}
-    origin: dict[int, int] = {}  # integer storage derived from a data input -> that input
-    views = gv.views
-    cls_of = gv.cls
-    inputs = gv.input_set
-    for n in gv.nodes:
-        c = cls_of[n.id]
-        rank = 0 if n.id in views else _TELLING.get(c, 0)
-        sources = set()
-        for t in n.inputs:
-            s = t.storage
-            src = origin.get(s, s if s in inputs and s not in residency else None)
-            if src is None:
-                continue
-            sources.add(src)
-            have = best.get(src)
-            if have is None or rank > have[0]:
-                best[src] = (rank, n, c, t)
-        if sources and n.id not in views:
-            # ids copied, masked or edited keep being the same ids
-            src = min(sources)
-            for o in n.outputs:
-                if not o.dtype.is_floating_point and o.dtype != torch.bool:
-                    origin[o.storage] = src
-            for s in n.writes:
-                origin.setdefault(s, src)
-    out = {}
-    # nothing mixes the positions of a sequence (no attention, convolution): looked-up ids
-    # are a set of categorical fields, not tokens (a factorisation machine's shared table)
-    for s, (_, n, c, t) in best.items():
-        info = info_of(n.context) if n.context else NO_CONTEXT
-        out[s] = _source_bits(n, c, t, info, constants)
-        if out[s] == TEXT and c == OpClass.EMBEDDING and not mixing:
-            out[s] = CATEGORICAL
-    # ids looked up in a table that categorical ids also index are categorical too (a
-    # user's history of item ids next to the candidate item's id)
-    by_table: dict[int, set[int]] = {}
-    for n in gv.nodes:
-        if cls_of[n.id] == OpClass.EMBEDDING and len(n.inputs) > 1:
-            ids = n.inputs[1].storage
-            src = origin.get(ids, ids)
-            if src in out:
-                by_table.setdefault(_table_key(n.inputs[0].storage, constants), set()).add(src)
-    for srcs in by_table.values():
-        if len(srcs) > 1 and any(out[x] == CATEGORICAL for x in srcs):
-            for x in srcs:
-                out[x] = CATEGORICAL
-    return out
-
-
-def _mixes_positions(gv: GraphView, residency: dict[int, str]) -> bool:
-    """Whether anything mixes the positions of a sequence: attention, a softmax, a
-    convolution, a product of two activations (scores without a softmax), or lookups added
-    together (token plus position embeddings)."""
-    cls_of = gv.cls
-    writer: dict[int, int] = {}
-    for n in gv.nodes:
-        c = cls_of[n.id]
-        if c in _SEQUENCE_MIXING:
-            return True
-        if (
-            c == OpClass.MATMUL
-            and len(n.inputs) >= 2
-            and n.id not in gv.views
-            and not any(t.storage in residency for t in n.inputs)
-        ):
-            return True
-        if (
-            c == OpClass.ADD
-            and len(n.inputs) >= 2
-            and all(
-                cls_of.get(writer.get(t.storage, -1)) == OpClass.EMBEDDING for t in n.inputs[:2]
-            )
-        ):
-            return True
-        for o in n.outputs:
-            writer.setdefault(o.storage, n.id)
-    return False
-
-
-def _two_lookups(ins, mask: dict[int, int], writer: dict[int, int]) -> bool:
-    """Two inputs of categorical values from different producers (a product of two fields'
-    embeddings, a factorisation machine's square of sums minus sum of squares)."""
-    producers = {writer.get(t.storage) for t in ins if mask.get(t.storage, 0) & CATEGORICAL}
-    producers.discard(None)
-    return len(producers) >= 2
-
-
-def _table_key(storage: int, constants) -> int:
-    """One key per table: a CPU weight uploaded as a constant for each use is one table."""
-    c = constants.get(storage)
-    return c.untyped_storage().data_ptr() if c is not None else storage
-
-
-def _positional(
-    gv: GraphView,
-    n,
-    m: int,
-    mask: dict[int, int],
-    writer: dict[int, int],
-    node_mask: dict[int, int],
-    input_modalities: dict[int, str],
-) -> int:
-    """An add of a lookup of ids straight onto another modality's stream is that stream's
-    position (or type) embedding, not a second modality meeting it: the patch embeddings
-    of an image plus ``position_embedding(position_ids)``. Fusion happens in attention,
-    concatenation, products and scatters, not in such an add."""
-    cls_of = gv.cls
-    lookups = []
-    others = 0
-    for t in n.inputs:
-        bits = mask.get(t.storage, 0) & PERCEPTUAL
-        w = writer.get(t.storage)
-        if bits == TEXT and w is not None and cls_of.get(w) == OpClass.EMBEDDING:
-            lookups.append((t.storage, w))
-        else:
-            others |= bits
-    if not lookups or not others or others & (others - 1):
-        return m
-    for s, w in lookups:  # the lookup belongs to the stream it is added to
-        mask[s] = node_mask[w] = (node_mask.get(w, 0) & ~PERCEPTUAL) | others
-        for t in gv.nodes[gv.pos[w]].inputs[1:]:
-            if input_modalities.get(t.storage) == Modality.TEXT:
-                input_modalities[t.storage] = _label(others)
-                mask[t.storage] = others
-    return (m & ~PERCEPTUAL) | others
-
-
-def _source_bits(n, c: str, t, info: ContextInfo, constants) -> int:
-    """Modality of a non-weight graph input from the op that tells most about it."""
-    hint = info.modality_hint
-    if c == OpClass.EMBEDDING_BAG:
-        return CATEGORICAL
-    if c == OpClass.EMBEDDING:
-        if hint == Modality.CATEGORICAL or info.recsys_part is not None:
-            return CATEGORICAL
-        if len(t.shape) <= 1 and hint != Modality.TEXT:
-            return CATEGORICAL  # one id per example: a categorical feature, not a sequence
-        if info.leaf_role == Role.EMBEDDING and hint not in (Modality.TEXT, None):
-            return MODALITY_BITS.get(hint, CATEGORICAL)
-        return TEXT
-    floating = t.dtype.is_floating_point
-    rank = len(t.shape)
-    if c == OpClass.CONV and floating:
-        if hint in (Modality.AUDIO, Modality.TEXT):
-            return MODALITY_BITS[hint]
-        return VISION if rank >= 4 else AUDIO
-    if hint == Modality.CATEGORICAL or info.recsys_part is not None:
-        return TABULAR if floating else CATEGORICAL
-    if hint is not None and hint in MODALITY_BITS:
-        if floating or hint == Modality.TEXT:
-            return MODALITY_BITS[hint]
-    if floating and (c == OpClass.MATMUL or (rank <= 2 and c in (OpClass.CAT, OpClass.NORM))):
-        return TABULAR  # dense features: into a linear layer, or joined/normalised first
-    if floating and rank == 4 and t.shape[1] in (3, 4) and min(t.shape[2:]) >= 8:
-        # an RGB(A) NCHW image no convolution reads (patches cut by reshapes); a 1-channel
-        # 4-d float is as often rotary cos/sin tables as a grey image: no evidence
-        return VISION
-    return 0
-
-
 def _residual(n, ins, writer, levels, storage_res, role_of, role: str) -> str:
     """An add of two activations of one shape whose producers sit at least three levels apart
     is a skip connection; embedding sums (token + position) are not."""
@@ -692,7 +498,7 @@ def _lineage(gv: GraphView, fn, node_mask: dict[int, int], infos, own_branch: st
     the top-level modules its ancestors ran in and how many ancestor nodes it has."""
     sources: dict[str, list[int]] = {}
     for p in gv.preds[fn.id]:
-        lab = _label(node_mask[p])
+        lab = modality_label(node_mask[p])
         sources.setdefault(lab, []).append(p)
     nodes = gv.nodes
     pos = gv.pos
