@@ -4,9 +4,20 @@
 
     analyzer = genie.SemanticAnalyzer()
     profile = analyzer.analyze_graph(genie.get_graph(), model)   # or analyzer.analyze(model, x)
-    profile.workload_type        # WorkloadType.LLM / VISION / MULTIMODAL / RECSYS / UNKNOWN
+    profile.workload_type        # LLM / VISION / AUDIO / MULTIMODAL / RECSYS / UNKNOWN
     profile.patterns             # [MatchedPattern("llm", 0.94, {...hints}), ...]
     profile.phases               # {"prefill": [node ids], "embedding": [...], ...}
+    profile.metadata["skipped"]  # what the analysis could not read (it never raises on it)
+
+    with analyzer.observe(model) as calls:     # one profile per call
+        model.generate(ids, max_new_tokens=8)
+    calls.phases                 # ["prefill", "decode", "decode", ...]
+
+The workload is read from evidence that generalises -- what the data inputs are (token ids,
+NCHW pixels, waveforms, dense and categorical features), the op families, how streams meet
+-- never from model names (genie.semantic.input_kinds, patterns). ``genie.semantic.hf_models``
+builds tiny random-weight transformers models by name (``genie analyze --hf``);
+``genie.semantic.draw`` draws an annotated graph (``genie analyze --draw``).
 
 Three tiers feed one WorkloadProfile: (1) op-stream statistics (genie.semantic.op_stats),
 (2) model structure from torch.fx or the nn.Module tree (structure), (3) module contexts
@@ -37,7 +48,7 @@ Vocabulary written into ``node.meta`` (constants in genie.semantic.vocab):
     (derived from two or more of text/vision/audio), none.
 ``execution_phase`` (str)
     setup, embedding, prefill, decode, text_encoder, vision_backbone, vision_head,
-    multimodal_fusion, dense_mlp, interaction, forward.
+    audio_encoder, multimodal_fusion, dense_mlp, interaction, forward.
 ``data_residency`` (str; of the node's output storage)
     persistent_weight (parameters, buffers and views of them), ephemeral_activation,
     stateful_kv_cache (keys/values kept across decode steps; the cat that extends them).
@@ -54,6 +65,7 @@ from genie.semantic.analyzer import SemanticAnalyzer
 from genie.semantic.classifier import classify
 from genie.semantic.config import AnalyzerConfig
 from genie.semantic.context import ContextTable, ModuleContext, ModuleContextTracker, context_table
+from genie.semantic.observe import CallObserver
 from genie.semantic.op_stats import OpStreamStats
 from genie.semantic.patterns import (
     FunctionPattern,
@@ -77,6 +89,7 @@ from genie.semantic.vocab import META_KEYS, Modality, Phase, Residency, Role, Wo
 __all__ = [
     "META_KEYS",
     "AnalyzerConfig",
+    "CallObserver",
     "CallPhase",
     "ContextTable",
     "FunctionPattern",
