@@ -43,19 +43,31 @@ def executor(request):
     ],
     ids=["native_batch_norm", "_native_batch_norm_legit"],
 )
-def test_batch_norm_eval_side_results_raise_instead_of_crashing(call, executor):
-    """Eval-mode batch norm on the CPU returns empty saved statistics where the meta kernel
-    promised one per channel: reading them used to segfault the process in `.cpu()`; now the
-    normalized output equals eager and reading a statistic raises an error naming the op."""
-    ref = call(*_batch_norm_args("cpu"))
-    out = call(*_batch_norm_args(REMOTE))
-    assert torch.equal(out[0].cpu(), ref[0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_batch_norm_eval_results_match_eager(call, dtype, executor):
+    """Eval-mode batch norm on the CPU returns empty saved statistics (in the input's dtype)
+    where its meta kernel promised float32 ones per channel: reading them used to segfault the
+    process in `.cpu()`. Every result now has eager's dtype, shape and values."""
+    ref = call(*(t.to(dtype) for t in _batch_norm_args("cpu")))
+    out = call(*(t.to(dtype) for t in _batch_norm_args(REMOTE)))
+    for a, b in zip(ref, out, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(b.cpu(), a)
+
+
+def test_a_result_meta_did_not_foresee_raises_naming_the_op(executor):
+    """_embedding_bag's CPU kernel returns an empty offset2bag where meta sizes it by index (a
+    view past the end of a 0-byte storage, before): reading it raises an error naming the op
+    and both geometries, and the op's other results stay readable and equal eager."""
+    w, idx, off = torch.randn(10, 4), torch.tensor([1, 2, 4, 5, 4, 3, 2, 9]), torch.tensor([0, 4])
+    ref = torch.ops.aten._embedding_bag(w, idx, off, False, 0)
+    out = torch.ops.aten._embedding_bag(w.to(REMOTE), idx.to(REMOTE), off.to(REMOTE), False, 0)
     with pytest.raises(
-        genie.ExecutionError, match=r"native_batch_norm.*returned f32\[0\].*recorded f32\[3\]"
+        genie.ExecutionError, match=r"_embedding_bag.*returned i64\[0\].*recorded i64\[8\]"
     ):
         out[1].cpu()
-    # The failure is the statistic's alone: the process and later work carry on.
-    assert torch.equal((out[0] * 2).cpu(), ref[0] * 2)
+    assert torch.equal(out[0].cpu(), ref[0])
+    assert torch.equal((out[0] * 2).cpu(), ref[0] * 2)  # later work carries on
 
 
 def test_batch_norm_module_in_eval_mode_with_trainable_parameters(executor):

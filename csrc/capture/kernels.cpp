@@ -375,6 +375,52 @@ std::shared_ptr<const ShapeResult> cpp_shape(const c10::OperatorHandle& op, cons
   return result;
 }
 
+// Note: [CPU kernels' saved statistics]
+// PyTorch's meta kernels for the normalisation ops type and size their saved statistics as the
+// CUDA kernels allocate them (float32, one per channel). The CPU kernels keep them in the
+// parameters' dtype (the input's, unless a float32 parameter makes the op mixed) and, for batch
+// norm in eval mode, empty. When flushes run on a CPU, capture gives these two outputs the CPU
+// kernels' geometry, so the user's tensors are eager's; the shape cache is cleared whenever the
+// target device type changes (set_target_device_type).
+std::shared_ptr<const ShapeResult> cpu_saved_stats(const c10::OperatorHandle& op, const Scan& s,
+                                                   std::shared_ptr<const ShapeResult> shapes) {
+  if (g_target_type.load() != c10::DeviceType::CPU || shapes->eager) return shapes;
+  static const c10::OperatorName batch_norm("aten::native_batch_norm", "");
+  static const c10::OperatorName legit("aten::_native_batch_norm_legit", "");
+  static const c10::OperatorName legit_no_stats("aten::_native_batch_norm_legit", "no_stats");
+  static const c10::OperatorName with_update("aten::_batch_norm_with_update", "");
+  static const c10::OperatorName layer_norm("aten::native_layer_norm", "");
+  const auto& name = op.operator_name();
+  int training_arg = -1;  // -1: always training (or layer norm)
+  if (name == batch_norm || name == legit) training_arg = 5;
+  else if (name == legit_no_stats) training_arg = 3;
+  else if (name != with_update && name != layer_norm) return shapes;
+  const Node& n = *s.node;
+  if (n.args.empty() || n.args[0].kind != Arg::Kind::Tensor || n.args[0].refs[0] < 0) return shapes;
+  const auto x = n.inputs[n.args[0].refs[0]].dtype;
+  const bool reduced = x == at::kHalf || x == at::kBFloat16;
+  bool mixed = false;
+  for (size_t i = 1; i < n.args.size(); ++i) {
+    const Arg& a = n.args[i];
+    if (a.kind == Arg::Kind::Tensor && a.refs[0] >= 0) mixed = mixed || (reduced && n.inputs[a.refs[0]].dtype == at::kFloat);
+  }
+  bool empty = false;
+  if (training_arg >= 0) {
+    const auto& t = n.args[training_arg].value;
+    if (!t.isBool()) return shapes;
+    if (!t.toBool() && name == legit_no_stats) return shapes;  // eval without statistics: eager fails
+    empty = !t.toBool();
+  }
+  auto out = std::make_shared<ShapeResult>(*shapes);
+  for (size_t r : {size_t{1}, size_t{2}}) {
+    if (r >= out->returns.size() || out->returns[r].kind != ReturnSpec::Kind::Tensor) return shapes;
+    OutSpec& o = out->returns[r].tensors[0];
+    if (o.undefined || o.alias >= 0) return shapes;
+    o = contiguous_spec(mixed ? at::kFloat : x, empty ? std::vector<int64_t>{0} : o.geo.sizes);
+  }
+  return out;
+}
+
 // Note: [Backend RNG]
 // Random ops record the generator state they start from and advance the generator exactly
 // as eager CPU would, by running the op once on dummy CPU inputs of the same geometry. Replay
@@ -485,7 +531,10 @@ void capture_eager(const c10::OperatorHandle& op, Scan& s, torch::jit::Stack* st
 
 }  // namespace
 
-void set_target_device_type(c10::DeviceType type) { g_target_type = type; }
+void set_target_device_type(c10::DeviceType type) {
+  // Some shapes follow the target (Note: [CPU kernels' saved statistics]).
+  if (g_target_type.exchange(type) != type) shape_cache().clear();
+}
 
 void capture_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
   const auto& info = op_info(op);
@@ -499,6 +548,7 @@ void capture_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::j
   if (!shapes) {
     shapes = cpp_shape(op, s);
     if (!shapes) shapes = infer_meta(op, s);
+    shapes = cpu_saved_stats(op, s, std::move(shapes));
     if (s.cacheable) shape_cache().insert(s.key, shapes);
   }
   if (shapes->eager) {
