@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from genie import _C
 from genie.compile.lower import lower
 from genie.compile.targets import LocalTarget, Placed, RemoteTarget
 from genie.errors import GenieError
@@ -160,6 +161,10 @@ class CompiledGraph:
                 if placed is None:
                     placed = self.target.place(lower(self.gm, args))
                     self.programs[key] = placed
+                    # The recording's nodes and its copies of the arguments are dead now: a
+                    # flush drops them (and runs nothing of them) rather than keeping them
+                    # pending (Note: [Lowering by recording]).
+                    _C._flush_all()
                     logger.debug(
                         "genie.compile: program %s (%d steps) for %s",
                         placed.low.enc.key.hex()[:12],

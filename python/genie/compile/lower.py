@@ -10,8 +10,8 @@ recorder constant with a storage of its own; the program reads it as an input. C
 graph makes itself (constants AOT lifted) become constants of the program, uploaded once.
 Devices named in the graph (``device=cpu`` of a factory, ``_assert_tensor_metadata``) are
 rewritten to the remote device first, so that factories are recorded rather than run here.
-Nothing of the recording runs: its nodes are dead once the remote tensors go out of scope and
-the recorder drops them at its next flush.
+Nothing of the recording runs: its nodes are dead once the remote tensors go out of scope, and
+the flush that follows the lowering drops them with their constants.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import weakref
 from typing import Any
 
@@ -136,7 +137,8 @@ class Placed:
         return refs
 
     def __call__(self, args: list[Any]):
-        return self.target.run(self, args)
+        with self.target.lock:  # a backward runs on autograd's thread
+            return self.target.run(self, args)
 
 
 def _upload_value(
@@ -160,6 +162,7 @@ class LocalTarget:
         self.device = torch.device(device)
         self.env = Environment(self.device)
         self.residency = Residency()
+        self.lock = threading.RLock()
         self.name = f"local:{self.device}"
         self.counters = {"runs": 0, "programs": 0, "uploads": 0, "upload_bytes": 0}
 
@@ -216,6 +219,7 @@ class RemoteTarget:
     def __init__(self, executor):
         self.executor = executor
         self.residency = Residency()
+        self.lock = threading.RLock()
         self.name = executor.name
         self.device = torch.device("cpu")  # where arguments are uploaded from
 
