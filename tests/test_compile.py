@@ -111,7 +111,10 @@ def test_graph_break_runs_each_subgraph(where, capsys):
 def test_training_steps_equal_eager(where):
     """Three SGD steps of a ResNet-style CNN in training mode (batch norm statistics
     updated): losses, gradients, parameters and running statistics equal eager's bits; the
-    forward and backward graphs run as programs, the optimizer step runs eagerly."""
+    forward and backward graphs run as programs, the optimizer step runs eagerly. Through a
+    server the activations saved for backward stay there: a step brings back the gradients
+    and little else, and the session holds no more after the third step than after the
+    second."""
     options, client = where
     ref = resnet().train()
     model = copy.deepcopy(ref)
@@ -119,8 +122,11 @@ def test_training_steps_equal_eager(where):
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     gen = torch.Generator().manual_seed(3)
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    held = []
     for _ in range(3):
         x, y = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+        fetched = client.counters["fetch_bytes"] if client is not None else 0
         losses = []
         for m, o in ((ref, opt_ref), (compiled, opt)):
             loss = nn.functional.cross_entropy(m(x), y)
@@ -129,6 +135,11 @@ def test_training_steps_equal_eager(where):
             o.zero_grad()
             losses.append(loss)
         assert torch.equal(losses[0], losses[1])
+        if client is not None:
+            assert client.counters["fetch_bytes"] - fetched < state_bytes + (16 << 10)
+            held.append(client.server_stats()["session"]["resident_bytes"])
+    if client is not None:
+        assert held[2] == held[1], "saved activations of finished steps are still held"
     for a, b in zip(ref.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     if client is not None:

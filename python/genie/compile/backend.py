@@ -141,13 +141,20 @@ class CompiledGraph:
     """One aten graph compiled for one target: one program per input shape (a graph Dynamo
     traced with static shapes has one), recorded at its first call."""
 
-    def __init__(self, gm: torch.fx.GraphModule, example_inputs: list[Any], target):
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        example_inputs: list[Any],
+        target,
+        keep_from: int | None = None,
+    ):
         # AOT autograd passes the arguments as one list; an attribute of the instance, so that
         # wrappers (functools.wraps copies __dict__) keep it.
         self._boxed_call = True
         self.gm = gm
         self.target = target
         self.dynamic = _symbolic(example_inputs)
+        self.keep_from = keep_from  # outputs saved for backward start here (a forward)
         self.programs: dict[tuple | None, Placed] = {}
         self._lock = threading.Lock()
 
@@ -159,7 +166,13 @@ class CompiledGraph:
             with self._lock:
                 placed = self.programs.get(key)
                 if placed is None:
-                    placed = self.target.place(lower(self.gm, args))
+                    kept = frozenset(
+                        i
+                        for i, a in enumerate(args)
+                        if isinstance(a, torch.Tensor) and self.target.saved_sid(a) is not None
+                    )
+                    low = lower(self.gm, args, kept)
+                    placed = self.target.place(low, self.keep_from)
                     self.programs[key] = placed
                     # The recording's nodes and its copies of the arguments are dead now: a
                     # flush drops them (and runs nothing of them) rather than keeping them
@@ -182,16 +195,24 @@ def genie_backend(
     mode: str | None = None,
 ):
     """The Dynamo backend registered as "genie" (Note: [Compiled programs])."""
+    from functorch.compile import default_partition
     from torch._dynamo.backends.common import aot_autograd
 
     if mode not in (None, "default"):
         logger.info("genie.compile: mode=%r has no effect on this backend", mode)
     target = target_for(CompileOptions.parse(options))
 
-    def compiler(graph: torch.fx.GraphModule, inputs: list[Any]) -> CompiledGraph:
-        return CompiledGraph(graph, inputs, target)
+    def partition(joint, joint_inputs, *, num_fwd_outputs: int, **kwargs):
+        fw, bw = default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+        fw.meta["genie_fwd_outputs"] = num_fwd_outputs  # the rest is saved for backward
+        return fw, bw
 
-    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler)(gm, example_inputs)
+    def compiler(graph: torch.fx.GraphModule, inputs: list[Any]) -> CompiledGraph:
+        return CompiledGraph(graph, inputs, target, graph.meta.get("genie_fwd_outputs"))
+
+    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler, partition_fn=partition)(
+        gm, example_inputs
+    )
 
 
 def register() -> None:

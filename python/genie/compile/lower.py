@@ -33,11 +33,16 @@ _LIMITS = P.Limits()
 
 @dataclass(frozen=True)
 class InputSpec:
-    """The layout a tensor argument is recorded with: storage offset 0, `stride` dense."""
+    """The layout a tensor argument is recorded with: storage offset 0, `stride` dense; or,
+    for a tensor a target keeps (Note: [Saved tensors stay on the server] in targets.py), its
+    own view of its own storage (`offset`, `storage` bytes)."""
 
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: torch.dtype
+    offset: int = 0
+    storage: int = 0  # bytes of a kept tensor's storage; 0: the view's extent
+    kept: bool = False
 
     @classmethod
     def of(cls, t: torch.Tensor) -> InputSpec:
@@ -46,10 +51,21 @@ class InputSpec:
             stride = tuple(torch.empty(t.shape, device="meta").stride())
         return cls(tuple(t.shape), stride, t.dtype)
 
+    @classmethod
+    def kept_view(cls, t: torch.Tensor) -> InputSpec:
+        return cls(
+            tuple(t.shape),
+            tuple(t.stride()),
+            t.dtype,
+            t.storage_offset(),
+            t.untyped_storage().nbytes(),
+            kept=True,
+        )
+
     def fits(self, t: torch.Tensor, nbytes: int) -> bool:
         """`t` can be used as it is (no copy): same layout, offset 0, storage large enough."""
         return (
-            t.storage_offset() == 0
+            t.storage_offset() == self.offset
             and tuple(t.stride()) == self.stride
             and t.untyped_storage().nbytes() >= nbytes
         )
@@ -109,12 +125,12 @@ def _on_remote(gm: torch.fx.GraphModule) -> None:
 
 
 def _remote_input(t: torch.Tensor) -> torch.Tensor:
-    """`t` (offset 0, its storage exactly its extent) on the remote device as one recorder
-    constant: its storage moved as a flat tensor, then viewed with `t`'s strides. (``.to()``
-    of a strided tensor would record a copy out of a contiguous constant instead.)"""
+    """`t`'s view of its storage on the remote device, the storage one recorder constant:
+    moved as a flat tensor, then viewed with `t`'s strides and offset. (``.to()`` of a
+    strided tensor would record a copy out of a contiguous constant instead.)"""
     n = t.untyped_storage().nbytes() // t.element_size()
     flat = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (n,), (1,))
-    return flat.to(REMOTE).as_strided(t.shape, t.stride(), 0)
+    return flat.to(REMOTE).as_strided(t.shape, t.stride(), t.storage_offset())
 
 
 def _refs(nodes: list[dict]):
@@ -123,9 +139,10 @@ def _refs(nodes: list[dict]):
         yield from d["outputs"]
 
 
-def lower(gm: torch.fx.GraphModule, args: list[Any]) -> Lowered:
+def lower(gm: torch.fx.GraphModule, args: list[Any], kept: frozenset[int] = frozenset()) -> Lowered:
     """Record `gm` on `args` (real tensors: their shapes, strides and dtypes are what the
-    program is for) and encode it (Note: [Lowering by recording])."""
+    program is for) and encode it (Note: [Lowering by recording]). `kept`: the arguments a
+    target holds as they are (their own geometry is recorded)."""
     _on_remote(gm)
     before = {d["id"] for d in _C._pending_nodes()}
     flushes = _C._stats()["flushes"]
@@ -135,8 +152,12 @@ def lower(gm: torch.fx.GraphModule, args: list[Any]) -> Lowered:
     with torch.no_grad():
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
-                specs[i] = InputSpec.of(a)
-                r = _remote_input(dense_copy(a, specs[i]))
+                if i in kept:
+                    specs[i] = InputSpec.kept_view(a)
+                    r = _remote_input(a)
+                else:
+                    specs[i] = InputSpec.of(a)
+                    r = _remote_input(dense_copy(a, specs[i]))
                 arg_of[_C._storage_id(r)] = i
                 remote_args.append(r)
             else:

@@ -22,9 +22,11 @@ import threading
 import weakref
 from typing import Any
 
+import numpy as np
 import torch
 
 from genie.compile.lower import Lowered, dense_copy
+from genie.errors import ExecutionError
 from genie.runtime.program import execute
 from genie.runtime.replay import Environment, byte_view
 
@@ -68,6 +70,18 @@ class Residency:
             self._by_tensor.pop(tid, None)
 
 
+# Note: [Saved tensors stay on the server]
+# A training forward returns, after the user's outputs, the activations AOT autograd saves for
+# backward. On a server target those are not fetched: each call gives them storages of their own
+# (fresh ids, so that a second forward before the first backward cannot overwrite them), and the
+# forward returns stand-ins: host tensors of the right geometry over memory never written, whose
+# data pointer names the server's storage. The backward program records a stand-in's own view of
+# its storage and binds the server's storage in its place; when autograd frees the saved tensors
+# the stand-in's memory goes and the server's storage is released with the next request. A
+# saved tensor read on the host (a saved-tensor hook that offloads it) would see garbage: such
+# hooks are not supported with a server target.
+
+
 # Note: [Unbound results]
 # A kernel whose result has another shape than its meta kernel declared leaves that result
 # unbound on every executor (Note: [Binding a result on a server] in program/run.py). The one
@@ -78,12 +92,23 @@ class Residency:
 class Placed:
     """A lowered program on a target, with the storage ids it owns there."""
 
-    def __init__(self, target: LocalTarget | RemoteTarget, lowered: Lowered):
+    def __init__(
+        self, target: LocalTarget | RemoteTarget, lowered: Lowered, keep_from: int | None = None
+    ):
         self.target = target
         self.low = lowered
         self.sids = [next(_SIDS) for _ in range(lowered.program.nlocals)]
         self.own = frozenset(self.sids)
         self.constants_sent = False
+        # Outputs saved for backward that stay on the target (Note: [Saved tensors stay on
+        # the server]): from `keep_from` on, where the target keeps them.
+        self.kept = frozenset(
+            j
+            for j, o in enumerate(lowered.outputs)
+            if keep_from is not None and j >= keep_from and o.kind == "ref"
+        )
+        self.kept_locals = sorted({lowered.outputs[j].local for j in self.kept})
+        self.keep_from = keep_from
         weakref.finalize(self, target.drop, list(self.sids))
 
     def bind(self, args: list[Any]) -> tuple[list[int], list[tuple[int, Any]]]:
@@ -93,7 +118,17 @@ class Placed:
         residency = self.target.residency
         bound: set[int] = set()
         uploads = []
-        for i, k, _, _ in self.low.inputs:
+        for i, k, spec, _ in self.low.inputs:
+            if spec.kept:
+                sid = self.target.saved_sid(args[i])
+                if sid is None or sid in bound:
+                    raise ExecutionError(
+                        "genie.compile: a tensor a compiled forward saved for backward is not "
+                        f"held by {self.target.name} any more (argument {i} of the backward)"
+                    )
+                binding[k] = sid
+                bound.add(sid)
+                continue
             sid = residency.lookup(args[i])
             if sid is None or sid in bound or (sid in self.own and sid != self.sids[k]):
                 sid = self.sids[k]
@@ -102,22 +137,44 @@ class Placed:
             bound.add(sid)
         return binding, uploads
 
-    def results(self, args: list[Any], fetched: list[torch.Tensor]):
-        """The graph's outputs from the fetched values, in its container."""
+    def results(self, args: list[Any], fetched: list[torch.Tensor], kept: dict | None = None):
+        """The graph's outputs from the fetched values and the kept ones, in its container."""
         values = iter(fetched)
         out = []
-        for o in self.low.outputs:
-            if o.kind == "ref":
+        for j, o in enumerate(self.low.outputs):
+            if j in self.kept:
+                out.append(kept[j])
+            elif o.kind == "ref":
                 v = next(values)
-                if v is None:  # Note: [Unbound results]
+                if v is None:  # Note: [Saved tensors stay on the server]
+                    # A training forward returns, after the user's outputs, the activations AOT autograd saves for
+                    # backward. On a server target those are not fetched: each call gives them storages of their own
+                    # (fresh ids, so that a second forward before the first backward cannot overwrite them), and the
+                    # forward returns stand-ins: host tensors of the right geometry over memory never written, whose
+                    # data pointer names the server's storage. The backward program records a stand-in's own view of
+                    # its storage and binds the server's storage in its place; when autograd frees the saved tensors
+                    # the stand-in's memory goes and the server's storage is released with the next request. A
+                    # saved tensor read on the host (a saved-tensor hook that offloads it) would see garbage: such
+                    # hooks are not supported with a server target.
+
+                    # Note: [Unbound results]
                     v = torch.zeros(o.ref["shape"], dtype=o.ref["dtype"])
                 stride = tuple(o.ref["stride"])
                 if v.dim() > 1 and tuple(v.stride()) != stride:
                     v = torch.empty_strided(v.shape, stride, dtype=v.dtype).copy_(v)
                 out.append(v)
             elif o.kind == "arg":
-                r = o.ref
-                out.append(args[o.arg].as_strided(r["shape"], r["stride"], r["offset"]))
+                r, a = o.ref, args[o.arg]
+                if (
+                    self.keep_from is not None
+                    and j >= self.keep_from
+                    and list(a.shape) == r["shape"]
+                    and list(a.stride()) == r["stride"]
+                    and a.storage_offset() == r["offset"]
+                ):
+                    out.append(a)  # an argument saved for backward as it is: still resident
+                else:
+                    out.append(a.as_strided(r["shape"], r["stride"], r["offset"]))
             elif o.kind == "cpu":
                 out.append(o.value.clone())
             else:
@@ -131,7 +188,11 @@ class Placed:
 
     def refs(self, binding: list[int]) -> list[dict]:
         """What to fetch: the outputs the program computes, then the arguments it writes."""
-        refs = [{**o.ref, "storage": binding[o.local]} for o in self.low.outputs if o.kind == "ref"]
+        refs = [
+            {**o.ref, "storage": binding[o.local]}
+            for j, o in enumerate(self.low.outputs)
+            if o.kind == "ref" and j not in self.kept
+        ]
         arg_local = {i: k for i, k, _, _ in self.low.inputs}
         refs += [{**r, "storage": binding[arg_local[i]]} for i, r in self.low.writes]
         return refs
@@ -166,9 +227,13 @@ class LocalTarget:
         self.name = f"local:{self.device}"
         self.counters = {"runs": 0, "programs": 0, "uploads": 0, "upload_bytes": 0}
 
-    def place(self, lowered: Lowered) -> Placed:
+    def place(self, lowered: Lowered, keep_from: int | None = None) -> Placed:
+        """`lowered` on this target; outputs saved for backward are views here anyway."""
         self.counters["programs"] += 1
         return Placed(self, lowered)
+
+    def saved_sid(self, t: torch.Tensor) -> int | None:
+        return None
 
     def run(self, placed: Placed, args: list[Any]):
         low, storages = placed.low, self.env.storages
@@ -194,7 +259,18 @@ class LocalTarget:
         fetched = []
         for r in placed.refs(binding):
             st = storages.get(r["storage"])
-            if st is None:  # Note: [Unbound results]
+            if st is None:  # Note: [Saved tensors stay on the server]
+                # A training forward returns, after the user's outputs, the activations AOT autograd saves for
+                # backward. On a server target those are not fetched: each call gives them storages of their own
+                # (fresh ids, so that a second forward before the first backward cannot overwrite them), and the
+                # forward returns stand-ins: host tensors of the right geometry over memory never written, whose
+                # data pointer names the server's storage. The backward program records a stand-in's own view of
+                # its storage and binds the server's storage in its place; when autograd frees the saved tensors
+                # the stand-in's memory goes and the server's storage is released with the next request. A
+                # saved tensor read on the host (a saved-tensor hook that offloads it) would see garbage: such
+                # hooks are not supported with a server target.
+
+                # Note: [Unbound results]
                 fetched.append(None)
                 continue
             v = torch.empty(0, dtype=r["dtype"], device=st.device)
@@ -220,6 +296,7 @@ class RemoteTarget:
         self.executor = executor
         self.residency = Residency()
         self.lock = threading.RLock()
+        self._saved: dict[int, int] = {}  # stand-in's data pointer -> storage id on the server
         self.name = executor.name
         self.device = torch.device("cpu")  # where arguments are uploaded from
 
@@ -227,8 +304,30 @@ class RemoteTarget:
     def counters(self) -> dict:
         return self.executor.counters
 
-    def place(self, lowered: Lowered) -> Placed:
-        return Placed(self, lowered)
+    def place(self, lowered: Lowered, keep_from: int | None = None) -> Placed:
+        """`lowered` on this target; its outputs from `keep_from` on (a forward's tensors saved
+        for backward) stay here (Note: [Saved tensors stay on the server])."""
+        return Placed(self, lowered, keep_from)
+
+    def saved_sid(self, t: torch.Tensor) -> int | None:
+        """The storage on the server that stands behind `t`, a stand-in made by ``_keep``."""
+        return self._saved.get(t.untyped_storage().data_ptr())
+
+    def _keep(self, ref: dict, sid: int) -> torch.Tensor:
+        """A stand-in for the server's storage `sid` under `ref`'s geometry: host memory never
+        written (so never touched), whose end releases `sid` (Note: [Saved tensors stay on
+        the server])."""
+        arr = np.empty(max(int(ref["storage_nbytes"]), 1), dtype=np.uint8)
+        st = torch.from_numpy(arr).untyped_storage()
+        ptr = st.data_ptr()
+        self._saved[ptr] = sid
+        weakref.finalize(arr, self._unkeep, ptr, sid)
+        t = torch.empty(0, dtype=ref["dtype"])
+        return t.set_(st, ref["offset"], ref["shape"], ref["stride"])
+
+    def _unkeep(self, ptr: int, sid: int) -> None:
+        self._saved.pop(ptr, None)
+        self.drop([sid])
 
     def run(self, placed: Placed, args: list[Any]):
         low = placed.low
@@ -239,9 +338,15 @@ class RemoteTarget:
         for sid, i in uploads:
             constants[sid] = _upload_value(low, i, args[i], self.device)[0]
             self.residency.remember(args[i], sid)
+        for k in placed.kept_locals:  # a storage of their own per call, until backward
+            binding[k] = next(_SIDS)
         fetched = self.executor.run_program(low.enc, binding, constants, placed.refs(binding))
         placed.constants_sent = True
-        return placed.results(args, fetched)
+        kept = {}
+        for j in placed.kept:
+            o = low.outputs[j]
+            kept[j] = self._keep(o.ref, binding[o.local])
+        return placed.results(args, fetched, kept)
 
     def drop(self, sids: list[int]) -> None:
         for sid in sids:
