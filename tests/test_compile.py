@@ -199,3 +199,23 @@ def test_backend_found_by_name_without_importing_dynamo_at_import():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     assert "genie" in torch._dynamo.list_backends()
     assert genie.compile.genie_backend is not None
+
+
+@torch.no_grad()
+def test_server_option_and_connected_session(server):
+    """options={"server": "host:port", "token": ...} opens a session of its own; with no
+    options, programs go to the session genie.connect installed."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh()).eval()
+    x = torch.randn(2, 8)
+    options = {"server": server.address, "token": server.token}
+    assert torch.equal(torch.compile(model, backend="genie", options=options)(x), model(x))
+    torch._dynamo.reset()
+    client = genie.connect(server.address, token=server.token)
+    try:
+        assert torch.equal(torch.compile(model, backend="genie")(x), model(x))
+        assert client.counters["programs_sent"] == 1
+    finally:
+        genie.disconnect()
+        torch._dynamo.reset()
