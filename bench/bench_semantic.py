@@ -34,8 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-import genie
 import torch
+
+import genie
 from genie.graph import Graph
 from genie.semantic import AnalyzerConfig, ModuleContextTracker, SemanticAnalyzer
 

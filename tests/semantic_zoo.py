@@ -26,9 +26,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import genie
 import semantic_models
 import torch
+
+import genie
 from genie.semantic import SemanticAnalyzer
 from genie.semantic import hf_models as hf
 
@@ -39,8 +40,9 @@ ZOO_TASKS = (
     (
         "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
         "llm",
-        18,
-        ("llama", "mistral", "qwen2", "phi", "falcon", "gpt_neox", "opt", "bloom", "gpt2"),
+        19,
+        # the issue's list, then a state-space LM (no attention at all)
+        ("llama", "mistral", "qwen2", "phi", "falcon", "gpt_neox", "opt", "bloom", "gpt2", "mamba"),
     ),
     ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "llm", 8, ("bert", "roberta")),
     ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "llm", 6, ("t5", "bart")),
@@ -94,7 +96,8 @@ class ZooResult:
     phases: dict[str, list[str]] = field(default_factory=dict)  # entry point -> phases seen
     fusion_points: dict[str, int] = field(default_factory=dict)
     made_cache: bool = False
-    encoder_decoder: bool = False  # the model's config says it is an encoder-decoder  # the model's output carries a KV cache (past_key_values)
+    encoder_decoder: bool = False  # the model's config says it is an encoder-decoder
+    attention: bool = False  # the model has attention modules (ground truth for role checks)  # the model's output carries a KV cache (past_key_values)
 
     def right(self, entry: str) -> bool:
         return self.got.get(entry) == self.expected
@@ -185,8 +188,10 @@ def run_entry(
     """Classify one zoo model through each entry point. Analyzer exceptions are recorded
     (they are defects); a forward that fails on remote_accelerator skips the model."""
     res = ZooResult(entry.name, entry.expected, entry.source)
-    config = getattr(entry.build()[0], "config", None)
+    built = entry.build()[0]
+    config = getattr(built, "config", None)
     res.encoder_decoder = getattr(config, "is_encoder_decoder", False) is True
+    res.attention = any("Attention" in type(m).__name__ for m in built.modules())
     for ep in entry_points:
         model, args, kwargs = entry.build()
         genie.synchronize()

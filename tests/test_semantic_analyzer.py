@@ -10,10 +10,11 @@ import math
 from pathlib import Path
 
 import fakes
-import genie
 import pytest
 import semantic_models
 import torch
+
+import genie
 from genie import _C
 from genie.semantic import (
     AnalyzerConfig,
@@ -96,8 +97,11 @@ def test_structure_from_fx_module_tree_or_contexts():
         out = model(torch.randint(0, 500, (1, 4)).to(REMOTE))
     profile = SemanticAnalyzer().analyze_graph(genie.get_graph())
     st = profile.structure
-    assert (st.source, st.architecture, st.model_type) == ("contexts", "transformer_decoder",
-                                                          "GPT2LMHeadModel")
+    assert (st.source, st.architecture, st.model_type) == (
+        "contexts",
+        "transformer_decoder",
+        "GPT2LMHeadModel",
+    )
     assert st.depth == 2 and st.blocks == ["transformer.h.0", "transformer.h.1"]
     # counted from the weights the graph reads (lm_head's tied view is uploaded on its own)
     assert st.parameter_count >= sum(p.numel() for p in model.parameters())
@@ -157,7 +161,12 @@ def test_environment_switches(monkeypatch, caplog):
     monkeypatch.setenv("GENIE_PHASE_DETECTION", "0")
     cfg = AnalyzerConfig.from_env()
     assert (cfg.cache, cfg.slow_ms, cfg.debug, cfg.fast_patterns, cfg.phase_detection) == (
-        False, 0.0, True, True, False)
+        False,
+        0.0,
+        True,
+        True,
+        False,
+    )
     analyzer = SemanticAnalyzer()
     model = fakes.resnet()
     with caplog.at_level(logging.INFO, logger="genie.semantic"):
@@ -182,8 +191,9 @@ def test_environment_switches(monkeypatch, caplog):
 
 
 def test_profile_serialises():
-    profile = SemanticAnalyzer().analyze(semantic_models.vqa(), torch.randn(1, 3, 16, 16),
-                                         torch.randint(0, 300, (1, 4)))
+    profile = SemanticAnalyzer().analyze(
+        semantic_models.vqa(), torch.randn(1, 3, 16, 16), torch.randint(0, 300, (1, 4))
+    )
     doc = json.loads(profile.to_json())
     assert doc["workload_type"] == "multimodal"
     assert doc["patterns"][0]["name"] in {p.name for p in profile.patterns}
@@ -193,7 +203,7 @@ def test_profile_serialises():
     assert text.startswith("workload      multimodal") and "multimodal_fusion" in text
 
 
-GPT2_SCRIPT = '''
+GPT2_SCRIPT = """
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -201,7 +211,7 @@ def build():
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=32)
     return GPT2LMHeadModel(cfg).eval(), {"input_ids": torch.randint(0, 100, (1, 5))}
-'''
+"""
 
 
 def _run_cli(argv):
@@ -235,7 +245,8 @@ def test_genie_analyze_module_target_and_errors(tmp_path, capsys):
     assert _run_cli([str(tmp_path / "missing.py")]) == 2
     assert "no such file" in capsys.readouterr().err
     (tmp_path / "mlp_example.py").write_text(
-        "import torch\nmodel = torch.nn.Linear(3, 2)\nexample_inputs = torch.randn(2, 3)\n")
+        "import torch\nmodel = torch.nn.Linear(3, 2)\nexample_inputs = torch.randn(2, 3)\n"
+    )
     assert _run_cli([str(tmp_path / "mlp_example.py")]) == 0
     assert "workload      unknown" in capsys.readouterr().out
 

@@ -4,9 +4,10 @@ BERT as an encoder."""
 from __future__ import annotations
 
 import fakes
-import genie
 import pytest
 import torch
+
+import genie
 from genie.semantic import Phase, Residency, Role, SemanticAnalyzer, WorkloadType
 
 REMOTE = fakes.REMOTE
@@ -36,9 +37,18 @@ def test_gpt2_prefill_then_decode_with_kv_cache(analyzer):
     assert prefill.structure.architecture == "transformer_decoder"
     g = prefill.graph
     # fused q/k/v projection and FFN roles, from HF GPT-2's own module names
-    assert {Role.QKV_PROJECTION, Role.ATTENTION, Role.ATTENTION_OUTPUT, Role.FFN_UP,
-            Role.FFN_DOWN, Role.TOKEN_EMBEDDING, Role.POSITION_EMBEDDING, Role.LM_HEAD,
-            Role.LAYER_NORM, Role.RESIDUAL_ADD} <= _roles(g)
+    assert {
+        Role.QKV_PROJECTION,
+        Role.ATTENTION,
+        Role.ATTENTION_OUTPUT,
+        Role.FFN_UP,
+        Role.FFN_DOWN,
+        Role.TOKEN_EMBEDDING,
+        Role.POSITION_EMBEDDING,
+        Role.LM_HEAD,
+        Role.LAYER_NORM,
+        Role.RESIDUAL_ADD,
+    } <= _roles(g)
     qkv = _nodes(g, Role.QKV_PROJECTION)[0]
     assert qkv.meta["module_path"] == "transformer.h.0.attn.c_attn"
     assert qkv.meta["module_type"] == "Conv1D" and qkv.meta["layer_index"] == 0
@@ -116,8 +126,14 @@ def test_bert_is_a_text_encoder(analyzer):
     assert profile.call_phase == Phase.TEXT_ENCODER
     assert Phase.PREFILL not in profile.phases and Phase.DECODE not in profile.phases
     roles = _roles(profile.graph)
-    assert {Role.Q_PROJECTION, Role.K_PROJECTION, Role.V_PROJECTION, Role.FFN_UP,
-            Role.FFN_DOWN, Role.POOLER} <= roles
+    assert {
+        Role.Q_PROJECTION,
+        Role.K_PROJECTION,
+        Role.V_PROJECTION,
+        Role.FFN_UP,
+        Role.FFN_DOWN,
+        Role.POOLER,
+    } <= roles
     assert Role.KV_CACHE_UPDATE not in roles
     assert profile.pattern("llm").hints["decoder"] is False
     key = _nodes(profile.graph, Role.K_PROJECTION)[0]

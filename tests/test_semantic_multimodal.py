@@ -6,6 +6,7 @@ from __future__ import annotations
 import fakes
 import semantic_models
 import torch
+
 from genie.semantic import Modality, Phase, Role, SemanticAnalyzer, WorkloadType
 
 
@@ -35,21 +36,26 @@ def test_vqa_is_multimodal_with_both_branches_and_the_fusion_point():
     lineage = node.meta["lineage"]
     assert lineage["fusion_of"] == ["text", "vision"]
     assert lineage["branches"] == {"text": ["text_encoder"], "vision": ["vision_encoder"]}
-    assert all(g.node(i).meta["modality"] == m for m, ids in lineage["sources"].items()
-               for i in ids)
+    assert all(
+        g.node(i).meta["modality"] == m for m, ids in lineage["sources"].items() for i in ids
+    )
     assert fusion.hints["fusion_modules"] == ["fusion.cross_attn"]
     # everything from the fusion module on is the fusion phase, answer head included
     after = [n for n in g.nodes if n.meta.get("module_path", "").startswith(("fusion", "answer"))]
     assert all(n.meta["execution_phase"] == Phase.MULTIMODAL_FUSION for n in after)
     assert profile.parallelism["branches"] == 2
-    assert set(profile.phases) >= {Phase.VISION_BACKBONE, Phase.TEXT_ENCODER,
-                                   Phase.MULTIMODAL_FUSION}
+    assert set(profile.phases) >= {
+        Phase.VISION_BACKBONE,
+        Phase.TEXT_ENCODER,
+        Phase.MULTIMODAL_FUSION,
+    }
 
 
 def test_clip_dual_encoder_is_multimodal():
     model = fakes.clip()
-    profile = SemanticAnalyzer().analyze(model, input_ids=torch.randint(0, 500, (2, 7)),
-                                         pixel_values=torch.randn(2, 3, 32, 32))
+    profile = SemanticAnalyzer().analyze(
+        model, input_ids=torch.randint(0, 500, (2, 7)), pixel_values=torch.randn(2, 3, 32, 32)
+    )
     assert profile.workload_type == WorkloadType.MULTIMODAL
     [point] = profile.metadata["fusion_points"]  # image-text similarity logits
     lineage = profile.graph.node(point).meta["lineage"]

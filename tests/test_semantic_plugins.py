@@ -9,6 +9,7 @@ import textwrap
 import fakes
 import pytest
 import torch
+
 from genie.semantic import (
     FunctionPattern,
     MatchedPattern,
@@ -22,7 +23,7 @@ from genie.semantic import (
 )
 from genie.semantic.patterns import has_op_class, has_role, negate
 
-PLUGIN = '''
+PLUGIN = """
 from genie.semantic import MatchedPattern
 
 class ActivationCount:
@@ -45,12 +46,14 @@ class NamedLLM:
 
     def match(self, ctx):
         return None
-'''
+"""
 
 
 def _mlp_graph_profile(analyzer):
-    return analyzer.analyze(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
-                                                torch.nn.Linear(8, 2)), torch.randn(3, 4))
+    return analyzer.analyze(
+        torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)),
+        torch.randn(3, 4),
+    )
 
 
 @pytest.fixture
@@ -134,15 +137,20 @@ def test_registry_refuses_duplicate_names():
 
 def test_predicates_compose_like_operator_support():
     registry = PatternRegistry(builtins=False, plugins=False)
-    registry.register(PredicatePattern(
-        "conv_no_attention",
-        requires=chain(has_op_class("conv", at_least=2), negate(has_op_class("attention"))),
-        evidence=[(any_chain(has_role("residual_add"), has_role("no_such_role")), 0.3)],
-        base=0.5,
-        workload=WorkloadType.VISION,
-    ))
-    registry.register(PredicatePattern("never", requires=chain(has_op_class("conv"),
-                                                               has_op_class("embedding_bag"))))
+    registry.register(
+        PredicatePattern(
+            "conv_no_attention",
+            requires=chain(has_op_class("conv", at_least=2), negate(has_op_class("attention"))),
+            evidence=[(any_chain(has_role("residual_add"), has_role("no_such_role")), 0.3)],
+            base=0.5,
+            workload=WorkloadType.VISION,
+        )
+    )
+    registry.register(
+        PredicatePattern(
+            "never", requires=chain(has_op_class("conv"), has_op_class("embedding_bag"))
+        )
+    )
     analyzer = SemanticAnalyzer(registry=registry)
     cnn = analyzer.analyze(fakes.resnet(), torch.randn(1, 3, 16, 16))
     [m] = cnn.patterns

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import fakes
-import genie
 import torch
+
+import genie
 from genie.semantic import Modality, Phase, Role, SemanticAnalyzer, WorkloadType
 
 
@@ -28,8 +29,9 @@ def test_vit_is_vision_with_transformer_blocks():
     head = [g.node(i) for i in profile.phases[Phase.VISION_HEAD]]
     assert head and all(n.meta["module_path"].startswith("pooler") for n in head)
     assert patch[0].id in profile.phases[Phase.VISION_BACKBONE]
-    assert {Role.Q_PROJECTION, Role.FFN_UP, Role.RESIDUAL_ADD} <= {n.meta["semantic_role"]
-                                                                  for n in g.nodes}
+    assert {Role.Q_PROJECTION, Role.FFN_UP, Role.RESIDUAL_ADD} <= {
+        n.meta["semantic_role"] for n in g.nodes
+    }
 
 
 def test_resnet_residual_blocks_backbone_and_head():
@@ -53,7 +55,10 @@ def test_resnet_residual_blocks_backbone_and_head():
     fc = _role_nodes(g, Role.CLASSIFIER_HEAD)
     assert [n.meta["module_path"] for n in fc] == ["fc"]
     assert fc[0].meta["execution_phase"] == Phase.VISION_HEAD
-    assert profile.pattern("vision").hints["recommendations"][:2] == ["batch_images", "fuse_conv_bn"]
+    assert profile.pattern("vision").hints["recommendations"][:2] == [
+        "batch_images",
+        "fuse_conv_bn",
+    ]
 
 
 def test_resnet_graph_only_still_finds_residual_blocks():

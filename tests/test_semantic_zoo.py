@@ -5,10 +5,11 @@ the analyzer, and prefill then decode phases while a causal LM generates."""
 
 from __future__ import annotations
 
-import genie
 import pytest
 import semantic_zoo as zoo
 import torch
+
+import genie
 from genie.semantic import Phase, Residency, Role, SemanticAnalyzer
 
 pytest.importorskip("transformers")
@@ -88,7 +89,8 @@ def test_causal_lms_generate_prefill_then_decode(built):
 
 def test_zoo_roles_and_residency(results):
     """Through the model entry point, every zoo model's weights are persistent and its
-    activations ephemeral; every causal LM shows its q/k/v, FFN, token embedding and LM head,
+    activations ephemeral; every attention causal LM shows its q/k/v, FFN, token embedding
+    and LM head,
     and the keys/values it caches (where its output carries a cache) are stateful."""
     problems = {}
     for r in results:
@@ -100,7 +102,7 @@ def test_zoo_roles_and_residency(results):
             missing.append("persistent weights")
         if not nodes.get(Residency.EPHEMERAL_ACTIVATION):
             missing.append("ephemeral activations")
-        if r.source == "MODEL_FOR_CAUSAL_LM":
+        if r.source == "MODEL_FOR_CAUSAL_LM" and r.attention:
             want = [
                 (Role.Q_PROJECTION, Role.QKV_PROJECTION),
                 (Role.FFN_UP,),

@@ -195,6 +195,19 @@ def annotate(
         wn = nodes[pos_of[w]]
         kv_out.update(o.storage for o in wn.outputs)
         kv_out.update(wn.writes)
+    # state a call updates in place and the next call reads (a state-space model's conv and
+    # SSM states, a recurrent state): stateful like a KV cache
+    for n in nodes:
+        for s in n.writes:
+            if (
+                s in input_set
+                and s not in residency
+                and s in first_meta
+                and names[n.id] in (_CACHE_WRITES)
+            ):
+                kv_storages[s] = None
+                kv_nodes[n.id] = None
+                kv_out.add(s)
     for s in kv_storages:
         residency[s] = Residency.STATEFUL_KV_CACHE
         t = first_meta.get(s)

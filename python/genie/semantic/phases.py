@@ -35,7 +35,7 @@ _EMBED_ROLES = {
 }
 _HEAD_ROLES = {Role.CLASSIFIER_HEAD, Role.POOLER}
 _BACKBONE_CLASSES = {OpClass.CONV, OpClass.ATTENTION, OpClass.NORM}
-_DECODER_ARCHS = {"transformer_decoder", "transformer_seq2seq"}
+_DECODER_ARCHS = {"transformer_decoder", "transformer_seq2seq", "language_model"}
 _NOT_DECODER_ARCHS = {"transformer_encoder", "vit", "multimodal"}
 # call phases, most specific first, that name what a call as a whole was doing
 _CALL_ORDER = (

@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 ARCHITECTURES = (
+    "language_model",
     "transformer_decoder",
     "transformer_encoder",
     "transformer_seq2seq",
@@ -129,6 +130,7 @@ def _features(recs: list[_Rec], root_type: str | None) -> dict[str, Any]:
         "patch_embedding": any(_PATCH.search(r.path) for r in conv_recs),
         # convolutions over one axis only and no token table: a waveform, not pixels or text
         "conv_1d_only": bool(conv_recs) and all(r.type.endswith("1d") for r in conv_recs),
+        "conv_1d": sum(r.type.endswith("1d") for r in conv_recs),
         "causal": bool(root_type and _CAUSAL.search(root_type))
         or any(
             _CAUSAL.search(r.type)
@@ -160,6 +162,8 @@ def _architecture(f: dict[str, Any]) -> str:
         if f.get("encoder_decoder") and f["token_embedding"]:
             return "transformer_seq2seq"
         return "transformer_decoder" if f["causal"] else "transformer_encoder"
+    if f["token_embedding"] and not f["conv_modules"] - f.get("conv_1d", 0):
+        return "language_model"  # a token table without attention: a state-space or RNN LM
     if f["conv_modules"]:
         return "resnet" if f["residual_types"] or f.get("residual_adds", 0) else "cnn"
     if f["linear_modules"]:
@@ -213,6 +217,8 @@ def structure_from_model(model: torch.nn.Module, try_fx: bool = True) -> ModelSt
     width = 0
     causal_attr = patch = False
     unread: list[str] = []  # modules named like a kind they are not, or that could not be read
+    rows: set[int] = set()  # embedding tables' row counts
+    outs: set[int] = set()  # linear layers' output widths
     for path, m in model.named_modules():
         kind, n = "module", 0
         try:
@@ -225,12 +231,15 @@ def structure_from_model(model: torch.nn.Module, try_fx: bool = True) -> ModelSt
             n = sum(p.numel() for p in m._parameters.values() if p is not None)
             if kind == "linear" and isinstance(m, torch.nn.Linear):
                 width = max(width, m.in_features, m.out_features)
+                outs.add(m.out_features)
             elif kind == "conv" and isinstance(m, torch.nn.modules.conv._ConvNd):
                 width = max(width, m.out_channels)
                 if m.kernel_size == m.stride and m.kernel_size[0] > 1:
                     patch = True  # non-overlapping windows: a patch embedding
             elif kind in ("embedding", "embedding_bag"):
                 width = max(width, _embedding_dim(m))
+                if kind == "embedding" and isinstance(getattr(m, "weight", None), torch.Tensor):
+                    rows.add(int(m.weight.shape[0]))
             elif kind == "attention" and getattr(m, "is_causal", False) is True:
                 causal_attr = True
         except Exception as exc:  # noqa: BLE001 - a module class we cannot read: skip it
@@ -250,6 +259,10 @@ def structure_from_model(model: torch.nn.Module, try_fx: bool = True) -> ModelSt
     f["patch_embedding"] = f["patch_embedding"] or patch
     f["unread_modules"] = unread[:32]
     config = getattr(model, "config", None)
+    # a table with as many rows as the vocabulary (the config's, or a linear layer's outputs:
+    # logits over it) holds tokens, whatever it is called
+    vocab = {getattr(config, "vocab_size", None)} | outs
+    f["token_embedding"] = f["token_embedding"] or any(r > 1 and r in vocab for r in rows)
     if config is not None and getattr(config, "is_decoder", False) is True:
         f["causal"] = True
     # an encoder and a decoder stack: the config says so, or top-level modules named so

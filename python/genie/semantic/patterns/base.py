@@ -87,6 +87,7 @@ class Pattern(Protocol):
 
 # -- templates: NetworkX subgraph matches ------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Template:
     """A small dataflow shape to find: vertices carry the op classes they accept (and
@@ -122,12 +123,20 @@ def _in_domain(g_attrs: dict, t_attrs: dict) -> bool:
 
 # -- what patterns see ---------------------------------------------------------------------------
 
+
 class PatternContext:
     """The analysed graph as patterns see it: tiers 1-3 results plus cached helpers."""
 
-    def __init__(self, graph: Graph, view: GraphView, stats: OpStreamStats,
-                 structure: ModelStructure, annotations: Annotations, fast: bool = False,
-                 max_matches: int = 256):
+    def __init__(
+        self,
+        graph: Graph,
+        view: GraphView,
+        stats: OpStreamStats,
+        structure: ModelStructure,
+        annotations: Annotations,
+        fast: bool = False,
+        max_matches: int = 256,
+    ):
         self.graph = graph
         self.view = view
         self.stats = stats
@@ -257,6 +266,7 @@ def _template_graph(t: Template):
 
 # -- predicates and combinators ------------------------------------------------------------------
 
+
 def chain(*preds: Predicate) -> Predicate:
     """All of ``preds`` hold (short-circuits, like operator_support.chain)."""
 
@@ -317,8 +327,9 @@ def architecture_in(*archs: str) -> Predicate:
     return p
 
 
-def has_subgraph(*templates: Template, at_least: int = 1,
-                 fallback: Predicate | None = None) -> Predicate:
+def has_subgraph(
+    *templates: Template, at_least: int = 1, fallback: Predicate | None = None
+) -> Predicate:
     """Some template matches at least ``at_least`` times. Under GENIE_FAST_PATTERNS the
     ``fallback`` predicate answers instead (False when there is none)."""
 
@@ -333,19 +344,26 @@ def has_subgraph(*templates: Template, at_least: int = 1,
 
 # -- pattern classes ---------------------------------------------------------------------------
 
+
 class PredicatePattern:
     """A pattern made of predicates: ``requires`` must hold; each satisfied ``evidence``
     (predicate, weight) adds its weight to ``base``; confidence is capped at 0.99.
     ``templates`` are matched (outside fast mode) to report where the pattern occurs;
     ``hints`` maps the context to scheduler hints."""
 
-    def __init__(self, name: str, requires: Predicate,
-                 evidence: Iterable[tuple[Predicate, float]] = (), base: float = 0.5,
-                 workload: WorkloadType | None = None, templates: Iterable[Template] = (),
-                 hints: Callable[[PatternContext], dict[str, Any]] | None = None,
-                 anchor_roles: Iterable[str] = (),
-                 anchors: Callable[[PatternContext], list[int]] | None = None,
-                 description: str = ""):
+    def __init__(
+        self,
+        name: str,
+        requires: Predicate,
+        evidence: Iterable[tuple[Predicate, float]] = (),
+        base: float = 0.5,
+        workload: WorkloadType | None = None,
+        templates: Iterable[Template] = (),
+        hints: Callable[[PatternContext], dict[str, Any]] | None = None,
+        anchor_roles: Iterable[str] = (),
+        anchors: Callable[[PatternContext], list[int]] | None = None,
+        description: str = "",
+    ):
         self.name = name
         self.requires = requires
         self.evidence = list(evidence)
@@ -379,8 +397,9 @@ class PredicatePattern:
             nodes = ctx.nodes_with_role(*self.anchor_roles)
             count = count or len(nodes)
         hints = self.hints(ctx) if self.hints is not None else {}
-        return MatchedPattern(self.name, min(conf, 0.99), hints, self.workload, sorted(nodes),
-                              count, held)
+        return MatchedPattern(
+            self.name, min(conf, 0.99), hints, self.workload, sorted(nodes), count, held
+        )
 
     def __repr__(self) -> str:
         return f"PredicatePattern({self.name!r})"
@@ -390,8 +409,9 @@ class FunctionPattern:
     """Wraps ``fn(ctx) -> MatchedPattern | float | None`` as a pattern (a float is the
     confidence; 0 or None means no match)."""
 
-    def __init__(self, name: str, fn: Callable[[PatternContext], Any],
-                 workload: WorkloadType | None = None):
+    def __init__(
+        self, name: str, fn: Callable[[PatternContext], Any], workload: WorkloadType | None = None
+    ):
         self.name = name
         self.fn = fn
         self.workload = workload

@@ -355,7 +355,11 @@ def builtin_patterns() -> list:
     return [
         PredicatePattern(
             "llm",
-            requires=chain(_attention_ops, _text_tokens),
+            # attention over tokens, or tokens in and logits over their vocabulary out (a
+            # state-space or recurrent language model has no attention)
+            requires=any_chain(
+                chain(_attention_ops, _text_tokens), chain(_text_tokens, has_role(Role.LM_HEAD))
+            ),
             evidence=[
                 (has_role(Role.TOKEN_EMBEDDING), 0.1),
                 (has_op_class(C.NORM, at_least=2), 0.05),

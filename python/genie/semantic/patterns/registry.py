@@ -25,8 +25,14 @@ from genie.semantic.vocab import WorkloadType
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PatternRegistry", "PluginError", "default_registry", "register_pattern",
-           "ENTRY_POINT_GROUP", "PLUGINS_ENV"]
+__all__ = [
+    "PatternRegistry",
+    "PluginError",
+    "default_registry",
+    "register_pattern",
+    "ENTRY_POINT_GROUP",
+    "PLUGINS_ENV",
+]
 
 ENTRY_POINT_GROUP = "genie.patterns"
 PLUGINS_ENV = "GENIE_PATTERN_PLUGINS"
@@ -51,8 +57,9 @@ class PatternRegistry:
     ``os.environ``) is where ``GENIE_PATTERN_PLUGINS`` is read.
     """
 
-    def __init__(self, builtins: bool = True, plugins: bool = True,
-                 env: dict[str, str] | None = None):
+    def __init__(
+        self, builtins: bool = True, plugins: bool = True, env: dict[str, str] | None = None
+    ):
         self._lock = threading.RLock()
         self._patterns: dict[str, Any] = {}
         self._origin: dict[str, str] = {}
@@ -161,8 +168,9 @@ class PatternRegistry:
         logger.warning("genie: pattern plugin skipped: %s", err)
 
     # -- matching ---------------------------------------------------------------------------------
-    def match_all(self, ctx: PatternContext,
-                  timings: dict[str, float] | None = None) -> list[MatchedPattern]:
+    def match_all(
+        self, ctx: PatternContext, timings: dict[str, float] | None = None
+    ) -> list[MatchedPattern]:
         """Run every pattern; sorted by confidence. A pattern that raises is reported in
         ``plugin_errors`` (source "match") and skipped. ``timings``, when given, receives
         each pattern's time in ms."""
@@ -173,8 +181,10 @@ class PatternRegistry:
                 m = p.match(ctx)
             except Exception as exc:  # noqa: BLE001 - one bad pattern must not stop analysis
                 err = f"{type(exc).__name__}: {exc}"
-                if not any(e.source == "match" and e.target == p.name and e.error == err
-                           for e in self.plugin_errors):
+                if not any(
+                    e.source == "match" and e.target == p.name and e.error == err
+                    for e in self.plugin_errors
+                ):
                     self._skip("match", p.name, err)
                 continue
             finally:
@@ -240,9 +250,13 @@ def default_registry() -> PatternRegistry:
     return _DEFAULT
 
 
-def register_pattern(pattern: Any = None, *, name: str | None = None,
-                     workload: WorkloadType | None = None,
-                     registry: PatternRegistry | None = None) -> Any:
+def register_pattern(
+    pattern: Any = None,
+    *,
+    name: str | None = None,
+    workload: WorkloadType | None = None,
+    registry: PatternRegistry | None = None,
+) -> Any:
     """Register a pattern in the default registry (or ``registry``).
 
     Accepts a pattern instance, a pattern class (instantiated without arguments) or a plain

@@ -14,6 +14,7 @@ __all__ = ["StructurePrior"]
 # what a model's structure (its module tree: tables, attention, convolutions, branches)
 # says the workload is; a prior, heard only when the op stream decides nothing (see classifier)
 _STRUCTURE_VOTES = {
+    "language_model": WorkloadType.LLM,
     "transformer_decoder": WorkloadType.LLM,
     "transformer_encoder": WorkloadType.LLM,
     "transformer_seq2seq": WorkloadType.LLM,
