@@ -105,13 +105,14 @@ class GraphAnalysis:
         readers_since: dict[int, list[int]] = {}
         sbytes = self.storage_bytes
         for pos, n in enumerate(nodes):
+            # Every storage gets an entry, empty ones too (eval-mode batch norm's statistics).
             for t in n.inputs:
                 nb = t.storage_nbytes or t.numel * t.dtype.itemsize
-                if nb > sbytes.get(t.storage, 0):
+                if nb > sbytes.get(t.storage, -1):
                     sbytes[t.storage] = nb
             for t in n.outputs:
                 nb = t.storage_nbytes or t.numel * t.dtype.itemsize
-                if nb > sbytes.get(t.storage, 0):
+                if nb > sbytes.get(t.storage, -1):
                     sbytes[t.storage] = nb
             if is_view(n):
                 s = n.inputs[0].storage if n.inputs else n.outputs[0].storage
