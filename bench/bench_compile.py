@@ -27,11 +27,12 @@ import statistics
 import time
 from pathlib import Path
 
-import genie
 import torch
+from torch import nn
+
+import genie
 from genie.runtime.loopback import LoopbackServer
 from genie.runtime.remote import connect
-from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 REMOTE = "remote_accelerator:0"

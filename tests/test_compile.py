@@ -7,13 +7,14 @@ import copy
 import subprocess
 import sys
 
-import genie
 import pytest
 import torch
 from fakes import bert, gpt2, resnet, vit
+from torch import nn
+
+import genie
 from genie.runtime.loopback import LoopbackServer
 from genie.runtime.remote import connect
-from torch import nn
 
 
 @pytest.fixture(scope="module")
@@ -162,14 +163,22 @@ def test_dynamic_shapes_one_program_per_shape(where):
 
 @torch.no_grad()
 def test_generate_with_static_cache(where):
-    """HF generate() on a compiled forward with StaticCache gives eager's tokens."""
-    options, _ = where
+    """HF generate() on a compiled forward with StaticCache gives eager's tokens, twice (the
+    cache is reset in between). Through a server the cache is written in place there: a
+    generation uploads it about once, not once per token."""
+    options, client = where
     model = gpt2()
     ids = _ids(batch=1, seq=6)
     kw = {"max_new_tokens": 5, "do_sample": False, "cache_implementation": "static"}
     ref = model.generate(ids, pad_token_id=0, **kw)
     model.forward = torch.compile(model.forward, backend="genie", options=options)
     assert torch.equal(model.generate(ids, pad_token_id=0, **kw), ref)
+    uploaded = client.counters["upload_bytes"] if client is not None else 0
+    assert torch.equal(model.generate(ids, pad_token_id=0, **kw), ref)
+    if client is not None:
+        cfg = model.config
+        cache_bytes = 2 * cfg.n_layer * (6 + 5) * cfg.n_embd * 4  # keys and values, float32
+        assert client.counters["upload_bytes"] - uploaded < 2 * cache_bytes
 
 
 def test_random_ops_are_refused():

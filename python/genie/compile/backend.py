@@ -155,6 +155,7 @@ class CompiledGraph:
         self.target = target
         self.dynamic = _symbolic(example_inputs)
         self.keep_from = keep_from  # outputs saved for backward start here (a forward)
+        self.bumped: frozenset[int] = frozenset()  # set by the backend
         self.programs: dict[tuple | None, Placed] = {}
         self._lock = threading.Lock()
 
@@ -173,6 +174,7 @@ class CompiledGraph:
                     )
                     low = lower(self.gm, args, kept)
                     placed = self.target.place(low, self.keep_from)
+                    placed.bumped = self.bumped
                     self.programs[key] = placed
                     # The recording's nodes and its copies of the arguments are dead now: a
                     # flush drops them (and runs nothing of them) rather than keeping them
@@ -208,11 +210,24 @@ def genie_backend(
         return fw, bw
 
     def compiler(graph: torch.fx.GraphModule, inputs: list[Any]) -> CompiledGraph:
-        return CompiledGraph(graph, inputs, target, graph.meta.get("genie_fwd_outputs"))
+        compiled = CompiledGraph(graph, inputs, target, graph.meta.get("genie_fwd_outputs"))
+        # The arguments whose version AOT autograd bumps after a call, for the writes the
+        # graph keeps (Note: [Compiled residency]); inductor reads the same metadata.
+        ctx = torch._guards.TracingContext.try_get()
+        meta = getattr(ctx, "fw_metadata", None)
+        if meta is not None:
+            compiled.bumped = frozenset(meta.mutated_graph_handled_indices_seen_by_autograd)
+        return compiled
 
-    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler, partition_fn=partition)(
-        gm, example_inputs
-    )
+    # An inference graph that writes an argument (a StaticCache's index_copy_) keeps the write
+    # as a step of its program: the server's copy is updated in place and stays resident,
+    # rather than the new value coming back as an output to be uploaded again next call.
+    return aot_autograd(
+        fw_compiler=compiler,
+        bw_compiler=compiler,
+        partition_fn=partition,
+        keep_inference_input_mutations=True,
+    )(gm, example_inputs)
 
 
 def register() -> None:

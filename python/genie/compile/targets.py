@@ -8,7 +8,9 @@ re-creates the same storages in place of the last call's: a program keeps one ca
 and intermediates resident, and they go when the compiled graph is dropped. A tensor argument
 is uploaded unless the target already holds it: ``Residency`` remembers, per target, which
 storage holds which of the caller's tensors at which version (``Tensor._version``, bumped by
-every in-place write, an optimizer step included). Parameters and buffers are therefore uploaded
+every in-place write, an optimizer step included; a write the program made itself, which AOT
+autograd bumps the version for after the call, is remembered with that bump). Parameters and
+buffers are therefore uploaded
 at the first call and are bound by id afterwards, by every program that reads them (forward and
 backward, each side of a graph break, each shape); an input that is a new tensor each call
 is uploaded each call. A write through ``.data`` does not bump the version, so it is not seen.
@@ -57,11 +59,13 @@ class Residency:
             return None
         return e[2]
 
-    def remember(self, t: torch.Tensor, sid: int) -> None:
+    def remember(self, t: torch.Tensor, sid: int, bumps: int = 0) -> None:
+        """`sid` holds `t`'s values; `bumps`: version bumps still to come that change nothing
+        (AOT autograd's, after a graph wrote `t` and the same values were copied back)."""
         self.forget(sid)
         version = self._version(t)
         if version is not None:
-            self._by_tensor[id(t)] = (weakref.ref(t), version, sid)
+            self._by_tensor[id(t)] = (weakref.ref(t), version + bumps, sid)
             self._by_sid[sid] = id(t)
 
     def forget(self, sid: int) -> None:
@@ -100,6 +104,7 @@ class Placed:
         self.sids = [next(_SIDS) for _ in range(lowered.program.nlocals)]
         self.own = frozenset(self.sids)
         self.constants_sent = False
+        self.bumped: frozenset[int] = frozenset()  # see CompiledGraph.bumped
         # Outputs saved for backward that stay on the target (Note: [Saved tensors stay on
         # the server]): from `keep_from` on, where the target keeps them.
         self.kept = frozenset(
@@ -346,7 +351,11 @@ class RemoteTarget:
         for j in placed.kept:
             o = low.outputs[j]
             kept[j] = self._keep(o.ref, binding[o.local])
-        return placed.results(args, fetched, kept)
+        out = placed.results(args, fetched, kept)
+        arg_local = {i: k for i, k, _, _ in low.inputs}
+        for i, _ in low.writes:  # written here and there alike: the server's copy is current
+            self.residency.remember(args[i], binding[arg_local[i]], int(i in placed.bumped))
+        return out
 
     def drop(self, sids: list[int]) -> None:
         for sid in sids:
