@@ -181,14 +181,24 @@ def test_generate_with_static_cache(where):
         assert client.counters["upload_bytes"] - uploaded < 2 * cache_bytes
 
 
-def test_random_ops_are_refused():
-    """Dropout in training mode would need fresh generator states each call: it is refused
-    with the reason, not run with stale randomness."""
-    torch._dynamo.reset()
-    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train()
-    compiled = torch.compile(model, backend="genie")
-    with pytest.raises(NotImplementedError, match="random ops"):
-        compiled(torch.randn(2, 4))
+def test_dropout_draws_fresh_numbers_each_call(where):
+    """Dropout in training mode: each call draws a fresh mask (about half the values zeroed,
+    the rest scaled by 2), the same one again after torch.manual_seed; gradients flow."""
+    options, _ = where
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Dropout(0.5)).train()
+    compiled = torch.compile(model, backend="genie", options=options)
+    x = torch.randn(32, 64)
+    torch.manual_seed(5)
+    a = compiled(x)
+    torch.manual_seed(5)
+    assert torch.equal(compiled(x), a)
+    assert not torch.equal(compiled(x), a)
+    assert 0.4 < (a == 0).float().mean().item() < 0.6
+    kept = a != 0
+    assert torch.allclose(a[kept], (model[0](x) * 2)[kept])
+    a.sum().backward()
+    assert model[0].weight.grad.abs().sum() > 0
 
 
 def test_unknown_option_is_named():

@@ -10,6 +10,8 @@ recorder constant with a storage of its own; the program reads it as an input. C
 graph makes itself (constants AOT lifted) become constants of the program, uploaded once.
 Devices named in the graph (``device=cpu`` of a factory, ``_assert_tensor_metadata``) are
 rewritten to the remote device first, so that factories are recorded rather than run here.
+Random steps (dropout in training) get fresh generator states at each call, drawn from
+torch's default generator (Note: [Random steps of compiled programs] in targets.py).
 Nothing of the recording runs: its nodes are dead once the remote tensors go out of scope, and
 the flush that follows the lowering drops them with their constants.
 """
@@ -171,13 +173,6 @@ def lower(gm: torch.fx.GraphModule, args: list[Any], kept: frozenset[int] = froz
             "capture (.to('remote_accelerator:0')) for this model"
         )
     nodes = [d for d in _C._pending_nodes() if d["id"] not in before]
-    randoms = [d["op"] for d in nodes if d["random"]]
-    if randoms:
-        raise NotImplementedError(
-            f"genie.compile: random ops ({', '.join(sorted(set(randoms)))}) in a compiled graph "
-            "are not supported yet: each call would need fresh generator states. Use "
-            "model.eval() or dropout p=0, or lazy capture, which reproduces eager's randomness"
-        )
     pending = _C._pending_constants()
     enc = encode_program(nodes)
     program = decode_program(enc.body, _LIMITS, enc.key)  # the allow-list, checked here first

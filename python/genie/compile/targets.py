@@ -86,6 +86,22 @@ class Residency:
 # hooks are not supported with a server target.
 
 
+# Note: [Random steps of compiled programs]
+# A recorded random step (dropout, bernoulli, rand) carries the generator state it drew from at
+# recording. A compiled program runs many times, so each call gives each random step a fresh
+# CPU generator state, seeded from torch's default generator: results are random from call to
+# call and reproducible after torch.manual_seed, but not the numbers eager draws (AOT autograd
+# and eager consume the generator differently). Programs with random steps run step by step in
+# Python on the server (Note: [Running programs in C++]).
+def fresh_states(steps: list[int]) -> dict[int, torch.Tensor]:
+    """A generator state for each random step, drawn from torch's default generator."""
+    seeds = torch.randint(0, 1 << 62, (len(steps),)).tolist()
+    states = {}
+    for k, seed in zip(steps, seeds, strict=True):
+        states[k] = torch.Generator().manual_seed(seed).get_state()
+    return states
+
+
 # Note: [Unbound results]
 # A kernel whose result has another shape than its meta kernel declared leaves that result
 # unbound on every executor (Note: [Binding a result on a server] in program/run.py). The one
@@ -151,18 +167,7 @@ class Placed:
                 out.append(kept[j])
             elif o.kind == "ref":
                 v = next(values)
-                if v is None:  # Note: [Saved tensors stay on the server]
-                    # A training forward returns, after the user's outputs, the activations AOT autograd saves for
-                    # backward. On a server target those are not fetched: each call gives them storages of their own
-                    # (fresh ids, so that a second forward before the first backward cannot overwrite them), and the
-                    # forward returns stand-ins: host tensors of the right geometry over memory never written, whose
-                    # data pointer names the server's storage. The backward program records a stand-in's own view of
-                    # its storage and binds the server's storage in its place; when autograd frees the saved tensors
-                    # the stand-in's memory goes and the server's storage is released with the next request. A
-                    # saved tensor read on the host (a saved-tensor hook that offloads it) would see garbage: such
-                    # hooks are not supported with a server target.
-
-                    # Note: [Unbound results]
+                if v is None:  # Note: [Unbound results]
                     v = torch.zeros(o.ref["shape"], dtype=o.ref["dtype"])
                 stride = tuple(o.ref["stride"])
                 if v.dim() > 1 and tuple(v.stride()) != stride:
@@ -259,23 +264,12 @@ class LocalTarget:
                 self.residency.remember(args[i], sid)
                 self.counters["uploads"] += 1
                 self.counters["upload_bytes"] += t.untyped_storage().nbytes()
-        execute(low.program, binding, {}, self.env)
+        execute(low.program, binding, fresh_states(low.program.random_steps), self.env)
         self.counters["runs"] += 1
         fetched = []
         for r in placed.refs(binding):
             st = storages.get(r["storage"])
-            if st is None:  # Note: [Saved tensors stay on the server]
-                # A training forward returns, after the user's outputs, the activations AOT autograd saves for
-                # backward. On a server target those are not fetched: each call gives them storages of their own
-                # (fresh ids, so that a second forward before the first backward cannot overwrite them), and the
-                # forward returns stand-ins: host tensors of the right geometry over memory never written, whose
-                # data pointer names the server's storage. The backward program records a stand-in's own view of
-                # its storage and binds the server's storage in its place; when autograd frees the saved tensors
-                # the stand-in's memory goes and the server's storage is released with the next request. A
-                # saved tensor read on the host (a saved-tensor hook that offloads it) would see garbage: such
-                # hooks are not supported with a server target.
-
-                # Note: [Unbound results]
+            if st is None:  # Note: [Unbound results]
                 fetched.append(None)
                 continue
             v = torch.empty(0, dtype=r["dtype"], device=st.device)
@@ -345,7 +339,10 @@ class RemoteTarget:
             self.residency.remember(args[i], sid)
         for k in placed.kept_locals:  # a storage of their own per call, until backward
             binding[k] = next(_SIDS)
-        fetched = self.executor.run_program(low.enc, binding, constants, placed.refs(binding))
+        states = fresh_states(low.program.random_steps)
+        rng = [[k, st.numpy().tobytes()] for k, st in states.items()]
+        refs = placed.refs(binding)
+        fetched = self.executor.run_program(low.enc, binding, constants, refs, rng)
         placed.constants_sent = True
         kept = {}
         for j in placed.kept:

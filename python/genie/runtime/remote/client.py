@@ -639,30 +639,32 @@ class RemoteExecutor:
         binding: list[int],
         constants: dict[int, torch.Tensor],
         refs: list[dict],
+        rng: list | None = None,
     ) -> list[torch.Tensor | None]:
         """Run the encoded program `enc` with `binding` (storage ids chosen by the caller, not
         the recorder), upload `constants` (storage id -> tensor) with the run, and fetch each
         of `refs` (core ref dicts) in the same exchange: the fetches are sent right behind the
         run, before its answer is read (Note: [Run then fetch]). The body goes once; afterwards
-        the 16-byte key. Returns the fetched values, in order; None for a ref the run left
-        without a storage (a kernel result of another shape than declared is not bound:
-        Note: [Binding a result on a server]).
-        Used by genie.compile (Note: [Compiled programs] in compile/__init__.py)."""
+        the 16-byte key. `rng`: [step, generator state bytes] for each random step, as
+        ``encode_program`` gives them. Returns the fetched values, in order; None for a ref
+        the run left without a storage (a kernel result of another shape than declared is not
+        bound: Note: [Binding a result on a server]). Used by genie.compile (Note: [Compiled
+        programs] in compile/__init__.py)."""
         started = time.perf_counter()
         with self._lock:
             self._check()
             try:
-                return self._run_program(enc, binding, constants, refs)
+                return self._run_program(enc, binding, constants, refs, rng or [])
             finally:
                 self.counters["run_seconds"] += time.perf_counter() - started
 
-    def _run_program(self, enc, binding, constants, refs) -> list[torch.Tensor | None]:
+    def _run_program(self, enc, binding, constants, refs, rng) -> list[torch.Tensor | None]:
         parts = self._upload_parts(constants) if constants else []
         if sum(e[3] for e, _ in parts) > self.max_message:
             self._send_uploads(parts)
             parts = []
         ref = self.namer.ref(enc)
-        header: dict[str, Any] = {"t": "run", **ref.fields(), "bind": binding, "rng": []}
+        header: dict[str, Any] = {"t": "run", **ref.fields(), "bind": binding, "rng": rng}
         header["up"] = [e for e, _ in parts]
         plans = [self._fetch_plan(r) for r in refs]
         for _ in range(2):  # once more with the body if the server forgot the program
