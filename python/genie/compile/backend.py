@@ -83,6 +83,12 @@ def target_for(opts: CompileOptions) -> LocalTarget | RemoteTarget:
             server = _sessions[server]
         elif server is None:
             server = active()
+            installed = _C._executor_name()
+            if server is None and installed.startswith("multi:"):
+                raise NotImplementedError(
+                    f"genie.compile: flushes run on several devices ({installed}); compiled "
+                    "programs run on one: pass options={'server': 'host:port'} or 'local'"
+                )
         if isinstance(server, RemoteExecutor):
             if opts.device is not None:
                 raise GenieError(
