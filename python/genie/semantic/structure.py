@@ -131,12 +131,9 @@ def _features(recs: list[_Rec], root_type: str | None) -> dict[str, Any]:
         # convolutions over one axis only and no token table: a waveform, not pixels or text
         "conv_1d_only": bool(conv_recs) and all(r.type.endswith("1d") for r in conv_recs),
         "conv_1d": sum(r.type.endswith("1d") for r in conv_recs),
-        "causal": bool(root_type and _CAUSAL.search(root_type))
-        or any(
-            _CAUSAL.search(r.type)
-            for r in recs
-            if r.kind in ("attention", "module") and "Decoder" in r.type
-        ),
+        # the task's naming convention here; attention modules' ``is_causal`` and the
+        # config's ``is_decoder`` where the model is given (structure_from_model)
+        "causal": bool(root_type and _CAUSAL.search(root_type)),
         "cross_attention": bool(_CROSS.search(names)),
         "vision_branch": sorted(t for t in top if _VISION.search(t)),
         "text_branch": sorted(t for t in top if _TEXT.search(t)),
