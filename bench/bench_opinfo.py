@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from genie import conformance
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import copy
 
-import genie
 import pytest
 import torch
 from fakes import REMOTE
 from torch import nn
+
+import genie
 
 
 def _batch_norm_args(dev):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from genie import conformance
 
 # Every STRIDE-th entry of (OpInfo op x dtype, ModuleInfo module x eval/train, OpInfo grad):
