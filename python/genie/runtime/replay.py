@@ -215,7 +215,7 @@ def _call(node: Node, args: list, rng_state: torch.Tensor | None):
         gen.set_state(rng_state)
     positional, kwargs = [], {}
     has_slot = False
-    for a, v in zip(schema_args, args):
+    for a, v in zip(schema_args, args, strict=False):
         if gen is not None and "Generator" in str(a.type):
             v, has_slot = gen, True
         if a.kwarg_only:
