@@ -238,3 +238,34 @@ def test_server_option_and_connected_session(server):
     finally:
         genie.disconnect()
         torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_server_without_the_program_gets_its_body_again(server):
+    """A server that does not have a program the client believes it sent (another server
+    behind the same name, a cache that evicted it) is sent the body again; the result is
+    still eager's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval()
+    x = torch.randn(2, 8)
+    with LoopbackServer(threads=torch.get_num_threads()) as other:
+        client = connect(other.address, token=other.token, install=False)
+        try:
+            compiled = torch.compile(model, backend="genie", options={"server": client})
+            assert torch.equal(compiled(x), model(x))
+            first = connect(server.address, token=server.token, install=False)
+            try:
+                # The first server is told nothing: its client only believes it has the
+                # programs the other server checked.
+                for key in client.namer.sent:
+                    first.namer.checked(key)
+                torch._dynamo.reset()
+                compiled = torch.compile(model, backend="genie", options={"server": first})
+                assert torch.equal(compiled(x), model(x))
+                assert first.counters["programs_sent"] == 1
+            finally:
+                first.close()
+        finally:
+            client.close()
+            torch._dynamo.reset()
