@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from genie.compile.lower import Lowered, dense_copy
+from genie.compile.lower import InputSpec, Lowered, dense_copy
 from genie.errors import ExecutionError
 from genie.runtime.program import execute
 from genie.runtime.replay import Environment, byte_view
@@ -132,14 +132,14 @@ class Placed:
         self.keep_from = keep_from
         weakref.finalize(self, target.drop, list(self.sids))
 
-    def bind(self, args: list[Any]) -> tuple[list[int], list[tuple[int, Any]]]:
-        """The binding of this call and the (storage id, argument index) to upload: arguments
-        the target does not hold (Note: [Compiled residency])."""
+    def bind(self, args: list[Any]) -> tuple[list[int], list[tuple]]:
+        """The binding of this call and the (storage id, argument index, layout, bytes) to
+        upload: arguments the target does not hold (Note: [Compiled residency])."""
         binding = list(self.sids)
         residency = self.target.residency
         bound: set[int] = set()
         uploads = []
-        for i, k, spec, _ in self.low.inputs:
+        for i, k, spec, nbytes in self.low.inputs:
             if spec.kept:
                 sid = self.target.saved_sid(args[i])
                 if sid is None or sid in bound:
@@ -153,7 +153,7 @@ class Placed:
             sid = residency.lookup(args[i])
             if sid is None or sid in bound or (sid in self.own and sid != self.sids[k]):
                 sid = self.sids[k]
-                uploads.append((sid, i))
+                uploads.append((sid, i, spec, nbytes))
             binding[k] = sid
             bound.add(sid)
         return binding, uploads
@@ -213,16 +213,13 @@ class Placed:
 
 
 def _upload_value(
-    low: Lowered, i: int, t: torch.Tensor, device: torch.device
+    t: torch.Tensor, spec: InputSpec, nbytes: int, device: torch.device
 ) -> tuple[torch.Tensor, bool]:
     """`t` as the program reads it on `device`, and whether that is `t`'s own memory: as it is
     where its layout fits, else a copy."""
-    for j, _, spec, nbytes in low.inputs:
-        if j == i:
-            if t.device == device and spec.fits(t, nbytes) and not t.is_conj() and not t.is_neg():
-                return t.detach(), True
-            return dense_copy(t, spec, device), False
-    raise AssertionError(f"argument {i} is not an input of the program")
+    if t.device == device and spec.fits(t, nbytes) and not t.is_conj() and not t.is_neg():
+        return t.detach(), True
+    return dense_copy(t, spec, device), False
 
 
 class LocalTarget:
@@ -255,8 +252,8 @@ class LocalTarget:
             placed.constants_sent = True
         binding, uploads = placed.bind(args)
         borrowed = []
-        for sid, i in uploads:
-            t, own = _upload_value(low, i, args[i], self.device)
+        for sid, i, spec, nbytes in uploads:
+            t, own = _upload_value(args[i], spec, nbytes, self.device)
             storages[sid] = t.untyped_storage()
             if own:
                 borrowed.append(sid)  # the caller's own memory: not kept after the call
@@ -334,8 +331,8 @@ class RemoteTarget:
         if not placed.constants_sent:
             constants = {placed.sids[k]: value for k, value in low.constants}
         binding, uploads = placed.bind(args)
-        for sid, i in uploads:
-            constants[sid] = _upload_value(low, i, args[i], self.device)[0]
+        for sid, i, spec, nbytes in uploads:
+            constants[sid] = _upload_value(args[i], spec, nbytes, self.device)[0]
             self.residency.remember(args[i], sid)
         for k in placed.kept_locals:  # a storage of their own per call, until backward
             binding[k] = next(_SIDS)
