@@ -8,10 +8,12 @@ remote_accelerator included, and those ops have CUDA kernels only. Recorded as t
 cannot run on a CPU executor, and not in the host fallback either (Note: [Host fallback] in
 csrc/capture/executor.cpp), since the host is a CPU.
 
-The rule is general: every aten op that the CPU cannot run (no CPU kernel, not even a composite
-one: the CPU is the floor every executor has, through its host fallback) and for which a
-decomposition is known runs, on remote_accelerator, as that decomposition. It is registered
-twice: on AutogradPrivateUse1, so autograd differentiates the decomposed ops and no backward
+The rule is general: every aten op that the executor's device cannot run (no kernel for it, not
+even a composite one, and none for the CPU either, the host fallback of every executor) and for
+which a decomposition is known runs, on remote_accelerator, as that decomposition. On a CPU
+target that is every op without a CPU kernel; on a CUDA target, where this process's torch has
+CUDA kernels, the fused cells keep their CUDA kernels. The set follows the target device type
+(``set_target_type`` re-installs it). Each decomposition is registered twice: on AutogradPrivateUse1, so autograd differentiates the decomposed ops and no backward
 kernel of the fused op is ever needed, and on PrivateUse1, for calls that skip autograd
 (inference mode). Decompositions come from PyTorch's own table (``torch._decomp``) first; genie's
 table below fills the gaps PyTorch leaves, written to compute what the CPU path of the calling
@@ -32,6 +34,7 @@ __all__ = ["install", "decomposed_ops"]
 aten = torch.ops.aten
 
 _lib: torch.library.Library | None = None
+_target: str | None = None
 _decomposed: list[str] = []
 
 
@@ -71,8 +74,13 @@ _GENIE_TABLE: dict[str, Callable] = {
 }
 
 
-def _cpu_cannot_run(name: str) -> bool:
-    return not torch._C._dispatch_has_computed_kernel_for_dispatch_key(name, "CPU")
+def _cannot_run(name: str, target: str) -> bool:
+    def has(key: str) -> bool:
+        return torch._C._dispatch_has_computed_kernel_for_dispatch_key(name, key)
+
+    if has("CPU"):
+        return False
+    return not (target == "cuda" and has("CUDA"))
 
 
 def _known_decompositions() -> dict[str, Callable]:
@@ -88,15 +96,19 @@ def _known_decompositions() -> dict[str, Callable]:
     return table
 
 
-def install() -> list[str]:
-    """Register the decompositions (Note: [Ops chosen by device type]); idempotent. Returns the
-    overload names decomposed on remote_accelerator."""
-    global _lib
-    if _lib is not None:
+def install(target: str = "cpu") -> list[str]:
+    """Register the decompositions for flushes that run on `target` ("cpu", "cuda"...): see
+    Note: [Ops chosen by device type]. Idempotent per target; returns the overload names
+    decomposed on remote_accelerator."""
+    global _lib, _target
+    if _lib is not None and target == _target:
         return list(_decomposed)
+    if _lib is not None:
+        _lib._destroy()
+        _decomposed.clear()
     lib = torch.library.Library("aten", "IMPL")
     for name, fn in sorted(_known_decompositions().items()):
-        if not _cpu_cannot_run(name):
+        if not _cannot_run(name, target):
             continue
         short = name[len("aten::") :]
         for key in ("AutogradPrivateUse1", "PrivateUse1"):
@@ -107,8 +119,10 @@ def install() -> list[str]:
                 break
         else:
             _decomposed.append(name)
-    _lib = lib
-    logger.debug("genie: decomposing %d ops the CPU cannot run: %s", len(_decomposed), _decomposed)
+    _lib, _target = lib, target
+    logger.debug(
+        "genie: decomposing %d ops %s cannot run: %s", len(_decomposed), target, _decomposed
+    )
     return list(_decomposed)
 
 

@@ -168,6 +168,9 @@ def set_target_type(device_type: str) -> None:
     """Record which kind of device flushes run on (set by executors when installed)."""
     global _target_type
     _target_type = torch.device(device_type).type
+    from genie import decompositions
+
+    decompositions.install(_target_type)  # Note: [Ops chosen by device type]
 
 
 def install() -> None:
@@ -188,9 +191,6 @@ def install() -> None:
         _C._set_error_hook(errors._from_core)
         _set_local(_default_local_device())
         _patch_tensor_methods()
-        from genie import decompositions
-
-        decompositions.install()  # Note: [Ops chosen by device type]
         _installed = True
         logger.debug("genie: %d composite ops captured as single nodes", direct)
 
