@@ -302,6 +302,8 @@ def annotate(
                 if kind == "value" and isinstance(v, bool):
                     causal = causal or v
                     break
+        elif names[nid] in ("tril", "triu") and n.outputs and _square(n.outputs[0].shape):
+            causal = True  # a triangular mask over query x key positions (decomposed SDPA)
         elif (
             c == OpClass.MATMUL
             and names[nid] in _SCORE_OPS
@@ -431,6 +433,10 @@ def annotate(
         default=None,
     )
     return ann
+
+
+def _square(shape) -> bool:
+    return len(shape) >= 2 and shape[-1] == shape[-2] > 1
 
 
 def _extends_sequence(wn, cls: str) -> bool:
