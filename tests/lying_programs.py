@@ -25,7 +25,7 @@ from genie.runtime.server import Server, ServerConfig, Session
 from genie.runtime.transports.base import Frame
 from remote_fixtures import BytesTransport, run_request, small_program
 
-KINDS = {"protocol", "execution", "remote", "oom", "unknown_program", "internal"}
+KINDS = {"protocol", "execution", "remote", "oom", "unknown_program", "peer", "internal"}
 LIMITS = P.Limits(
     max_header=1 << 20, max_message=16 << 20, max_storage=16 << 20, memory_limit=64 << 20
 )

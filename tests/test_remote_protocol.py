@@ -36,7 +36,7 @@ from remote_fixtures import (
 pytest_plugins = ["remote_fixtures"]
 
 # What an error reply may say; "internal" would mean an input reached code that did not expect it.
-_ERROR_KINDS = {"protocol", "execution", "remote", "oom", "unknown_program"}
+_ERROR_KINDS = {"protocol", "execution", "remote", "oom", "unknown_program", "peer"}
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ Executor, such as a ``genie serve`` session (RemoteExecutor), so two servers are
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +31,7 @@ import torch
 from genie.errors import ExecutionError
 from genie.graph.ir import Graph, Node, TensorMeta
 from genie.runtime import protocol as P
+from genie.runtime.remote.peers import PeerLinks
 from genie.runtime.replay import Environment, byte_view, run_node
 from genie.scheduler.cost_model import GraphCostEstimator, is_view
 from genie.scheduler.devices import DeviceSpec
@@ -168,12 +170,9 @@ def node_to_core(node: Node) -> dict:
 
 class ExecutorBackend:
     """A device behind any Executor (a ``genie serve`` session: RemoteExecutor, or a
-    PythonExecutor). Storages cross between devices through this process: the bytes of the
-    whole storage are fetched as uint8 and uploaded to the other device.
-
-    Note: the design has servers exchange tensors directly (torch.distributed); until the
-    server offers that, this host relay is the transfer path for remote devices.
-    """
+    PythonExecutor). Between two genie servers a storage moves directly (Note: [Server-to-
+    server moves] in runtime/server/peers.py); to or from any other device its bytes are
+    fetched as uint8 through this process and uploaded to the other side."""
 
     def __init__(self, name: str, executor, device: str | torch.device = "cpu"):
         self.name = name
@@ -211,6 +210,10 @@ class ExecutorBackend:
     def import_(self, storage, data) -> None:
         flat = byte_view(data).cpu().clone()
         self.put_constant(storage, flat)
+
+    def imported(self, storage: int, nbytes: int) -> None:
+        """`storage` arrived on this device from another server directly."""
+        self._nbytes[storage] = nbytes
 
     def view(self, meta):
         return self.executor.fetch(meta_to_core(meta))
@@ -296,6 +299,7 @@ class MultiDeviceExecutor:
         profiler: Callable[[Graph], Any] | str | None = None,
         measure: bool = False,
         concurrent: bool = True,
+        direct: bool | None = None,
     ):
         if devices is None:
             devices = _local_devices()
@@ -336,7 +340,15 @@ class MultiDeviceExecutor:
             "transfer_bytes": 0,
             "schedule_s": 0.0,
             "execute_s": 0.0,
+            "direct_transfers": 0,
+            "direct_bytes": 0,
         }
+        # Servers move tensors between themselves (Note: [Server-to-server moves]);
+        # GENIE_DIRECT_MOVES=0 (or direct=False) relays them through this process instead.
+        if direct is None:
+            direct = os.environ.get("GENIE_DIRECT_MOVES", "1") not in ("0", "false", "no")
+        self.direct = direct
+        self._links = PeerLinks()
 
     @classmethod
     def local(cls, **kwargs) -> MultiDeviceExecutor:
@@ -571,8 +583,19 @@ class MultiDeviceExecutor:
     def _transfer(self, t) -> None:
         if t.version == -1 and t.dst_device in self._copies.get(t.storage, ()):
             return  # a valid copy of this input is already there
-        src = self.backends[t.src_device]
-        self.backends[t.dst_device].import_(t.storage, src.export(t.storage))
+        src, dst = self.backends[t.src_device], self.backends[t.dst_device]
+        nbytes = src.storage_nbytes(t.storage)
+        if (
+            self.direct
+            and _served(src)
+            and _served(dst)
+            and self._links.move(src.executor, dst.executor, t.storage, nbytes)
+        ):
+            dst.imported(t.storage, nbytes)
+            self.stats["direct_transfers"] += 1
+            self.stats["direct_bytes"] += nbytes
+        else:
+            dst.import_(t.storage, src.export(t.storage))
         if t.version == -1:
             self._copies.setdefault(t.storage, set()).add(t.dst_device)
 
@@ -639,6 +662,11 @@ def _session(endpoint: str, token_file: str | None, token):
             "in the topology, pass token=, or set GENIE_TOKEN"
         )
     return RemoteExecutor(address, token)
+
+
+def _served(backend) -> bool:
+    """A device that is a genie server able to move tensors to and from other servers."""
+    return isinstance(backend, ExecutorBackend) and PeerLinks.supported(backend.executor)
 
 
 def _local_devices() -> dict[str, Any]:

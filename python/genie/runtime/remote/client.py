@@ -62,7 +62,7 @@ class _RequestFailed(GenieError):
         self.kind = kind
 
 
-_KINDS = {"execution": ExecutionError, "protocol": ProtocolError}
+_KINDS = {"execution": ExecutionError, "protocol": ProtocolError, "peer": TransportError}
 
 
 class SpeculationHook:
@@ -631,6 +631,19 @@ class RemoteExecutor:
 
     def __repr__(self) -> str:
         return f"RemoteExecutor({self.address!r}, device={self.device!r})"
+
+    # -- moves between servers (Note: [Server-to-server moves] in server/peers.py) ---------
+    def peer_request(self, header: dict) -> dict:
+        """One peer_open / peer_send / peer_recv / peer_close request; the server's error is
+        raised as genie's."""
+        with self._lock:
+            try:
+                reply = self._request(header)
+            except _RequestFailed as e:
+                self._raise(e)
+            if header["t"] == "peer_recv":
+                self._resident[int(header["id"])] = int(header["nbytes"])
+            return reply
 
     # -- programs run by their owner (torch.compile) ----------------------------------------
     def run_program(

@@ -87,6 +87,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, log_level: bool = Tr
         "0: never)",
     )
     parser.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=ServerConfig.peer_timeout,
+        help="seconds a direct move from or to another genie server may take before it fails "
+        "naming that server (default 30)",
+    )
+    parser.add_argument(
         "--handshake-timeout",
         type=float,
         default=ServerConfig.handshake_timeout,
@@ -147,6 +154,7 @@ def serve_main(args: argparse.Namespace) -> int:
         transport=args.transport,
         idle_timeout=args.idle_timeout or None,
         handshake_timeout=args.handshake_timeout,
+        peer_timeout=args.peer_timeout,
         spin_us=args.spin_us,
         prepare_next=args.prepare_next,
     )

@@ -43,6 +43,9 @@ class ServerConfig:
     # check the likely next program instance ahead (Note: [Preparing the next instance]);
     # None: on CUDA servers only
     prepare_next: bool | None = None
+    # seconds a server-to-server group may take to form or a move to finish
+    # (Note: [Server-to-server moves])
+    peer_timeout: float = 30.0
 
 
 # Note: [Connection hygiene]

@@ -9,6 +9,7 @@ are the slot's (speculation.py).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,8 @@ from genie.errors import ExecutionError, GenieError, ProtocolError, RemoteError,
 from genie.runtime import protocol as P
 from genie.runtime.program import check_binding, execute
 from genie.runtime.program.graphs import GraphRunner
-from genie.runtime.replay import Environment
+from genie.runtime.replay import Environment, byte_view
+from genie.runtime.server.peers import PeerError, PeerGroups
 from genie.runtime.server.resolver import ProgramResolver, UnknownProgram
 from genie.runtime.server.speculation import SpeculationSlot
 from genie.runtime.transports import Transport, default_spin_us
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from genie.runtime.server.server import Server
 
 logger = logging.getLogger(__name__)
+
+_GROUP_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 __all__ = ["Session", "resident_bytes"]
 
@@ -71,7 +75,12 @@ class Session:
             "stats": self._stats,
             "spec": self.spec.start,
             "bye": self._bye,
+            "peer_open": self._peer_open,
+            "peer_send": self._peer_send,
+            "peer_recv": self._peer_recv,
+            "peer_close": self._peer_close,
         }
+        self._peers: PeerGroups | None = None  # Note: [Server-to-server moves]
 
     # -- lifecycle ------------------------------------------------------------------------
     def serve(self) -> None:
@@ -127,6 +136,8 @@ class Session:
         self.env.storages.clear()
         self.pending.clear()
         self.runner.clear()
+        if self._peers is not None:
+            self._peers.close()
         self.transport.close()
         if self.server.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -199,6 +210,8 @@ class Session:
             kind = "execution"
         elif isinstance(e, UnknownProgram):
             kind = "unknown_program"
+        elif isinstance(e, PeerError):
+            kind = "peer"
         elif isinstance(e, (MemoryError, torch.OutOfMemoryError)):
             kind = "oom"
         elif isinstance(e, GenieError):
@@ -398,6 +411,52 @@ class Session:
         return {"ok": True, "session": self.stats(), "server": self.server.stats()}, []
 
     def _bye(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        return {"ok": True}, []
+
+    # -- server-to-server moves (Note: [Server-to-server moves] in peers.py) ----------------
+    def _peer_group(self, req: dict) -> str:
+        name = req.get("group")
+        P.need(
+            type(name) is str and _GROUP_NAME.fullmatch(name) is not None,
+            "a peer group name is 1-64 letters, digits, '-' or '_'",
+        )
+        return name
+
+    def _peer_open(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        name = self._peer_group(req)
+        peer = req.get("peer")
+        P.need(peer is None or (type(peer) is str and len(peer) <= 256), "peer must be host:port")
+        if self._peers is None:
+            config = self.server.config
+            self._peers = PeerGroups(
+                config.host, config.token, self.server.device, config.peer_timeout
+            )
+        return {"ok": True, **self._peers.open(name, req.get("role"), peer, req.get("backend"))}, []
+
+    def _peer_send(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        name = self._peer_group(req)
+        sid = P.get_sid(req.get("id"))
+        tag = P.get_int(req.get("tag"), 0, (1 << 31) - 1, "tag")
+        st = self.env.storages.get(sid)
+        if st is None:
+            raise RemoteError(f"genie: storage {sid} is not resident in this session")
+        P.need(self._peers is not None, "no peer group is open in this session")
+        self._peers.send(name, byte_view(st), tag)
+        return {"ok": True, "n": st.nbytes()}, []
+
+    def _peer_recv(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        name = self._peer_group(req)
+        sid = P.get_sid(req.get("id"))
+        nbytes = P.get_int(req.get("nbytes"), 0, self.limits.max_storage, "nbytes")
+        tag = P.get_int(req.get("tag"), 0, (1 << 31) - 1, "tag")
+        P.need(self._peers is not None, "no peer group is open in this session")
+        self.check_memory(nbytes)
+        self.env.storages[sid] = self._peers.recv(name, nbytes, tag).untyped_storage()
+        return {"ok": True}, []
+
+    def _peer_close(self, req: dict, frame: Frame) -> tuple[dict, list]:
+        if self._peers is not None:
+            self._peers.close(self._peer_group(req))
         return {"ok": True}, []
 
     def time(self, what: str, seconds: float) -> None:

@@ -1,0 +1,179 @@
+"""Plans over several `genie serve` servers move tensors between the servers directly
+(Note: [Server-to-server moves]): results equal eager, the activations a plan moves do not
+cross the client's links, a server without the shared token cannot join a group, and a group
+that cannot form falls back to moving through the client."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import secrets
+import time
+
+import pytest
+import torch
+from fakes import REMOTE, gpt2
+from remote_fixtures import RawClient, healthy
+
+import genie
+from genie.errors import TransportError
+from genie.runtime.executor import install_executor, use_local
+from genie.runtime.loopback import LoopbackServer
+from genie.runtime.multi_device import ExecutorBackend, MultiDeviceExecutor
+from genie.runtime.remote import RemoteExecutor
+from genie.scheduler import DeviceSpec, NetworkTopology, Scheduler
+
+pytest_plugins = ["remote_fixtures"]
+
+
+def _ids():
+    return torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Two servers that share one token (a cluster's), same threads as this process."""
+    token = secrets.token_hex(16)
+    threads = torch.get_num_threads()
+    with (
+        LoopbackServer(token=token, threads=threads) as s0,
+        LoopbackServer(token=token, threads=threads) as s1,
+    ):
+        yield s0, s1
+
+
+def _split_over(servers, *, direct: bool) -> MultiDeviceExecutor:
+    topo = NetworkTopology()
+    names = [f"s{i}" for i in range(len(servers))]
+    for name in names:
+        topo.add_device(name, DeviceSpec.cpu(cores=2, memory_bytes=8 << 30))
+        topo.add_link("client", name, bandwidth_gbps=10.0, latency_us=20)
+    topo.add_link(names[0], names[1], bandwidth_gbps=10.0, latency_us=20)
+    backends = {
+        # No speculative runs: their requests depend on timing, and bytes are compared here.
+        name: ExecutorBackend(name, RemoteExecutor(srv.address, srv.token, speculate=False))
+        for name, srv in zip(names, servers, strict=True)
+    }
+    ex = MultiDeviceExecutor(
+        backends,
+        topology=topo,
+        scheduler=Scheduler(network_topology=topo, strategy="pipeline"),
+        direct=direct,
+    )
+    install_executor(ex)
+    return ex
+
+
+def _client_bytes(ex: MultiDeviceExecutor) -> int:
+    total = 0
+    for b in ex.backends.values():
+        stats = b.executor.stats()
+        total += stats["bytes_sent"] + stats["bytes_received"]
+    return total
+
+
+def _forward_twice(ex, model, ids):
+    """The second forward of a split GPT-2 with a new input: (logits, bytes over the client's
+    links during it, bytes the servers moved directly during it, the input)."""
+    rmodel = copy.deepcopy(model).to(REMOTE)
+    rmodel(ids.to(REMOTE)).logits.cpu()
+    before, direct_before = _client_bytes(ex), ex.stats["direct_bytes"]
+    ids2 = ids.flip(1)
+    out = rmodel(ids2.to(REMOTE)).logits.cpu()
+    return out, _client_bytes(ex) - before, ex.stats["direct_bytes"] - direct_before, ids2
+
+
+@torch.no_grad()
+def test_a_split_model_moves_activations_between_servers_not_through_the_client(pair):
+    model = gpt2()
+    ids = _ids()
+    results = {}
+    for direct in (False, True):
+        ex = _split_over(pair, direct=direct)
+        try:
+            out, client_bytes, moved, ids2 = _forward_twice(ex, model, ids)
+            assert torch.equal(out, model(ids2).logits)
+            assert {f.device for f in ex.last_plan.fragments} == {"s0", "s1"}
+            results[direct] = (client_bytes, moved)
+        finally:
+            genie.synchronize()
+            use_local()
+            for b in ex.backends.values():
+                b.executor.close()
+    (relayed, _), (direct, moved) = results[False], results[True]
+    assert moved > 0  # the second forward moved its activations between the servers
+    # The relay carried each moved storage through the client twice (down, then up); the
+    # direct plan does not carry it at all: at least twice the moved bytes are saved (less
+    # the few hundred bytes of the move requests themselves).
+    assert relayed - direct >= 2 * moved - 1024, (relayed, direct, moved)
+
+
+def test_a_server_without_the_shared_token_cannot_join_a_group(pair):
+    s0, _ = pair
+    with LoopbackServer(token=secrets.token_hex(16)) as stranger:
+        a = RawClient(s0.address, s0.token)
+        b = RawClient(stranger.address, stranger.token)
+        port = a.request({"t": "peer_open", "group": "g1", "role": "listen", "backend": "gloo"})
+        assert port["ok"] is True
+        reply = b.request(
+            {"t": "peer_open", "group": "g1", "role": "join", "backend": "gloo",
+             "peer": f"127.0.0.1:{port['port']}"}
+        )  # fmt: skip
+        assert reply["ok"] is False and reply["kind"] == "peer", reply
+        assert "token" in reply["msg"]
+        # the listener's session says so too when asked to move, and both servers go on
+        moved = a.request({"t": "peer_send", "group": "g1", "id": 1, "tag": 1})
+        assert moved["ok"] is False
+        assert a.request({"t": "stats"})["ok"] and b.request({"t": "stats"})["ok"]
+        a.close()
+        b.close()
+
+
+@torch.no_grad()
+def test_servers_that_cannot_form_a_group_move_through_the_client(caplog):
+    """Two servers with different tokens: the plan still runs, moving through the client, and
+    a warning says why."""
+    model = gpt2()
+    ids = _ids()
+    threads = torch.get_num_threads()
+    with LoopbackServer(threads=threads) as s0, LoopbackServer(threads=threads) as s1:
+        ex = _split_over((s0, s1), direct=True)
+        try:
+            with caplog.at_level(logging.WARNING, logger="genie.runtime.remote.peers"):
+                out = copy.deepcopy(model).to(REMOTE)(ids.to(REMOTE)).logits.cpu()
+        finally:
+            genie.synchronize()
+            use_local()
+            for b in ex.backends.values():
+                b.executor.close()
+    assert torch.equal(out, model(ids).logits)
+    assert ex.stats["direct_transfers"] == 0 and ex.last_plan.transfers
+    assert "through this process" in caplog.text
+
+
+@torch.no_grad()
+def test_a_server_killed_mid_plan_is_a_clear_error_and_the_other_goes_on():
+    """Kill one of two servers between forwards: the next forward raises a TransportError
+    naming what to do within seconds, and the surviving server still serves a new session."""
+    model = gpt2()
+    ids = _ids()
+    token = secrets.token_hex(16)
+    threads = torch.get_num_threads()
+    with LoopbackServer(token=token, threads=threads, extra_args=["--peer-timeout", "5"]) as s0:
+        s1 = LoopbackServer(token=token, threads=threads, extra_args=["--peer-timeout", "5"])
+        ex = _split_over((s0, s1), direct=True)
+        try:
+            rmodel = copy.deepcopy(model).to(REMOTE)
+            assert torch.equal(rmodel(ids.to(REMOTE)).logits.cpu(), model(ids).logits)
+            s1.kill()
+            started = time.monotonic()
+            with pytest.raises(TransportError):
+                rmodel(ids.to(REMOTE)).logits.cpu()
+            assert time.monotonic() - started < 20
+        finally:
+            genie.synchronize()
+            use_local()
+            for b in ex.backends.values():
+                b.executor.close()
+            s1.close()
+        healthy(s0)
