@@ -3,6 +3,7 @@ cached, next to the time to capture it.
 
     python bench/bench_semantic.py [--repeat 15] [--layers 12] [--batch 8] [--seq 128]
     python bench/bench_semantic.py --zoo        # the semantic zoo's table instead
+    python bench/bench_semantic.py --heldout    # models the zoo does not hold
 
 Rows (median and best wall-clock, and median CPU time of this process, over --repeat runs, ms):
   capture forward       recording model(ids) on remote_accelerator with the module-context hooks
@@ -55,16 +56,22 @@ def _time(fn, repeat: int) -> tuple[float, float, float, list[float]]:
     return statistics.median(xs), min(xs), statistics.median(cpu), xs
 
 
-def zoo_main(out_path: str) -> None:
+def zoo_main(out_path: str, held_out: bool = False) -> None:
     # the zoo lives with the tests (its models and expected labels are test data)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     import semantic_zoo as zoo
 
     t0 = time.perf_counter()
     entries, skipped = zoo.zoo_entries()
+    if held_out:
+        entries, skipped = zoo.held_out_entries({e.name for e in entries}), []
     analyzers = {"graph": SemanticAnalyzer(), "model": SemanticAnalyzer()}
     results = [zoo.run_entry(e, analyzers) for e in entries]
-    phases = {e.name: zoo.generate_phases(e) for e in entries if e.source == "MODEL_FOR_CAUSAL_LM"}
+    phases = {
+        e.name: zoo.generate_phases(e)
+        for e in entries
+        if e.source == "MODEL_FOR_CAUSAL_LM" and not held_out
+    }
     genie.synchronize()
     summary = zoo.summary(results)
     print(zoo.table(results))
@@ -125,10 +132,16 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--out", default=None)
     ap.add_argument("--zoo", action="store_true", help="run the semantic zoo instead")
+    ap.add_argument(
+        "--heldout",
+        action="store_true",
+        help="run models the zoo does not hold (other mappings, far ends)",
+    )
     args = ap.parse_args()
     results = Path(__file__).parent / "results"
-    if args.zoo:
-        zoo_main(args.out or str(results / "semantic_zoo.json"))
+    if args.zoo or args.heldout:
+        name = "semantic_heldout.json" if args.heldout else "semantic_zoo.json"
+        zoo_main(args.out or str(results / name), held_out=args.heldout)
         return
     args.out = args.out or str(results / "semantic.json")
 
