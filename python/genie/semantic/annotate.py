@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from genie.semantic.graph_utils import GraphView, OpClass, cat_dim
+from genie.semantic.graph_utils import GraphView, OpClass
 from genie.semantic.input_kinds import (
     CATEGORICAL,
     MODALITY_BITS,
@@ -39,6 +39,7 @@ from genie.semantic.input_kinds import (
 from genie.semantic.input_kinds import (
     label as modality_label,
 )
+from genie.semantic.kv_cache import SCORE_OPS, feeds_softmax, find_state
 from genie.semantic.role_evidence import refine_roles
 from genie.semantic.roles import NO_CONTEXT, ContextInfo, op_role, role_in_context
 from genie.semantic.vocab import Modality, Residency, Role
@@ -149,65 +150,9 @@ def annotate(
             ann.weight_count += 1
             ann.weight_bytes += t.storage_nbytes or t.nbytes
 
-    # -- KV caches: cats along the sequence dim feeding attention keys/values --------------
-    last_writer: dict[int, int] = {}
-    kv_nodes: dict[int, None] = {}
-    kv_storages: dict[int, None] = {}
+    # -- KV caches and other state kept across calls (genie.semantic.kv_cache) -------------
+    kv_nodes, kv_storages, kv_out = find_state(gv, info_of, residency, first_meta)
     pos_of = gv.pos
-    for n in nodes:
-        c = cls_of[n.id]
-        if c == OpClass.ATTENTION or (
-            c == OpClass.MATMUL
-            and names[n.id] in _SCORE_OPS
-            and len(n.inputs) >= 2
-            and _scores(gv, n, info_of)
-        ):
-            if c == OpClass.ATTENTION:
-                kv_inputs = n.inputs[1:3]
-            else:  # baddbmm(bias, query, key): the key is the third
-                kv_inputs = n.inputs[2:3] if names[n.id] == "baddbmm" else n.inputs[1:2]
-            for t in kv_inputs:
-                w = last_writer.get(t.storage)
-                if w is None:
-                    continue
-                wn = nodes[pos_of[w]]
-                if _extends_sequence(wn, cls_of[w]):
-                    kv_nodes[w] = None
-                    for ti in wn.inputs:
-                        if ti.storage in input_set and ti.storage not in last_writer and ti.numel:
-                            kv_storages[ti.storage] = None
-                elif (
-                    wn.writes
-                    and c == OpClass.ATTENTION
-                    and (t.storage in input_set or names[w] in _CACHE_WRITES)
-                ):
-                    # a static cache updated in place: resident from an earlier call, or
-                    # allocated in this one (prefill) and written by index/copy
-                    kv_nodes[w] = None
-                    if t.storage in input_set:
-                        kv_storages[t.storage] = None
-        for s in n.fresh:
-            last_writer[s] = n.id
-        for s in n.writes:
-            last_writer[s] = n.id
-    kv_out: set[int] = set()
-    for w in kv_nodes:
-        wn = nodes[pos_of[w]]
-        kv_out.update(o.storage for o in wn.outputs)
-        kv_out.update(wn.writes)
-    # state a call updates in place and the next call reads (a state-space model's conv and
-    # SSM states, a recurrent state): stateful like a KV cache
-    for n in nodes:
-        for s in n.writes:
-            if (
-                s in input_set
-                and s not in residency
-                and s in first_meta
-                and names[n.id] in (_CACHE_WRITES)
-            ):
-                kv_storages[s] = None
-                kv_nodes[n.id] = None
-                kv_out.add(s)
     for s in kv_storages:
         residency[s] = Residency.STATEFUL_KV_CACHE
         t = first_meta.get(s)
@@ -305,10 +250,7 @@ def annotate(
         elif names[nid] in ("tril", "triu") and n.outputs and _square(n.outputs[0].shape):
             causal = True  # a triangular mask over query x key positions (decomposed SDPA)
         elif (
-            c == OpClass.MATMUL
-            and names[nid] in _SCORE_OPS
-            and n.outputs
-            and _feeds_softmax(gv, nid)
+            c == OpClass.MATMUL and names[nid] in SCORE_OPS and n.outputs and feeds_softmax(gv, nid)
         ):
             # eager attention: the scores matmul's output is [..., query, key]
             out = n.outputs[0].shape
@@ -437,61 +379,6 @@ def annotate(
 
 def _square(shape) -> bool:
     return len(shape) >= 2 and shape[-1] == shape[-2] > 1
-
-
-def _extends_sequence(wn, cls: str) -> bool:
-    """A cat of past and new keys/values: two inputs of the output's rank (>= 3), joined
-    along the sequence dimension (second to last)."""
-    if cls != OpClass.CAT or wn.name not in ("cat", "concat", "concatenate") or not wn.outputs:
-        return False
-    rank = len(wn.outputs[0].shape)
-    return (
-        rank >= 3
-        and cat_dim(wn) == rank - 2
-        and len(wn.inputs) >= 2
-        and all(len(t.shape) == rank or t.numel == 0 for t in wn.inputs)
-    )
-
-
-_CACHE_WRITES = frozenset(
-    {
-        "index_copy_",
-        "index_copy",
-        "index_put_",
-        "_index_put_impl_",
-        "copy_",
-        "scatter_",
-        "slice_scatter",
-    }
-)
-_SCORE_OPS = frozenset({"bmm", "matmul", "baddbmm", "einsum"})
-
-
-def _feeds_softmax(gv: GraphView, nid: int) -> bool:
-    """Whether a softmax follows within two steps (scale, mask add)."""
-    cls = gv.cls
-    for s in gv.succs[nid]:
-        if cls[s] == OpClass.SOFTMAX:
-            return True
-        for s2 in gv.succs[s]:
-            if cls[s2] == OpClass.SOFTMAX:
-                return True
-    return False
-
-
-def _scores(gv: GraphView, n, info_of) -> bool:
-    """A batched matmul computing attention scores: recorded inside an attention module, or
-    followed by a softmax within two steps."""
-    if n.context and info_of(n.context).in_attention:
-        return True
-    cls = gv.cls
-    for s in gv.succs[n.id]:
-        if cls[s] == OpClass.SOFTMAX:
-            return True
-        for s2 in gv.succs[s]:
-            if cls[s2] == OpClass.SOFTMAX:
-                return True
-    return False
 
 
 def _residual(n, ins, writer, levels, storage_res, role_of, role: str) -> str:
