@@ -250,3 +250,9 @@ def test_vqa_model_with_a_gru_question_encoder_matches_eager(executor):
     ref = m(image, question)
     out = copy.deepcopy(m).to(REMOTE)(image.to(REMOTE), question.to(REMOTE))
     torch.testing.assert_close(out.cpu(), ref)
+
+
+def test_sparse_tensors_are_refused_in_genies_words():
+    """A sparse tensor moved to the device is refused with genie's error, naming the op."""
+    with pytest.raises(genie.UnsupportedOperationError, match="dense strided tensors only"):
+        torch.randn(3, 3).to_sparse().to(REMOTE)

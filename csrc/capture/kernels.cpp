@@ -793,6 +793,23 @@ int64_t register_direct_kernels() {
 
 TORCH_LIBRARY_IMPL(_, PrivateUse1, m) { m.fallback(torch::CppFunction::makeFromBoxedFunction<&capture_kernel>()); }
 
+namespace {
+// Sparse layouts reach their own dispatch keys; refuse them in genie's words, naming the op,
+// instead of PyTorch's "Could not run ... from the 'Sparseremote_accelerator' backend".
+void refuse_sparse(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack*) {
+  const auto& n = op.operator_name();
+  raise_error(ErrorKind::Unsupported,
+              "genie: " + n.name + (n.overload_name.empty() ? "" : "." + n.overload_name) +
+                  " needs a sparse tensor on remote_accelerator, which captures dense strided tensors only; "
+                  "call .to_dense() before moving it to the device");
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(_, SparsePrivateUse1, m) { m.fallback(torch::CppFunction::makeFromBoxedFunction<&refuse_sparse>()); }
+TORCH_LIBRARY_IMPL(_, SparseCsrPrivateUse1, m) {
+  m.fallback(torch::CppFunction::makeFromBoxedFunction<&refuse_sparse>());
+}
+
 // Note: [Views are metadata]
 // A view changes only which part of a storage a tensor describes, and replay addresses every
 // tensor as (storage, dtype, sizes, strides, offset) anyway (Note: [Storage identity]). So
