@@ -29,6 +29,7 @@ from genie.semantic.classifier import classify
 from genie.semantic.config import AnalyzerConfig
 from genie.semantic.context import ModuleContextTracker, context_table
 from genie.semantic.graph_utils import GraphView
+from genie.semantic.model_io import param_storages, remote_device, to_device
 from genie.semantic.observe import CallObserver
 from genie.semantic.op_stats import OpStreamStats, op_stream_stats
 from genie.semantic.patterns.base import MatchedPattern, PatternContext
@@ -47,8 +48,6 @@ from genie.semantic.vocab import META_KEYS, Modality, Phase, Residency, Workload
 logger = logging.getLogger(__name__)
 
 __all__ = ["SemanticAnalyzer"]
-
-_BACKEND = "remote_accelerator"
 
 
 @dataclass
@@ -116,7 +115,7 @@ class SemanticAnalyzer:
                 profile.metadata["analysis_ms"] = round(ms, 4)
                 self._account(ms, hit=True, profile=profile, tiers=None)
                 return profile
-        params = self._param_storages(graph, model) if model is not None else frozenset()
+        params = param_storages(graph, model) if model is not None else frozenset()
         profile, entry, tiers = self._analyze(graph, model, params)
         ms = (time.perf_counter() - t0) * 1e3
         profile.metadata["analysis_ms"] = round(ms, 4)
@@ -146,9 +145,9 @@ class SemanticAnalyzer:
         """
         import genie
 
-        device = _remote_device(model)
-        args = _to_device(inputs, device)
-        kw = _to_device(kwargs, device)
+        device = remote_device(model)
+        args = to_device(inputs, device)
+        kw = to_device(kwargs, device)
         with torch.set_grad_enabled(grad), ModuleContextTracker(model):
             out = model(*args, **kw)
         profile = self.analyze_graph(genie.get_graph(), model)
@@ -431,28 +430,6 @@ class SemanticAnalyzer:
                     count += t.numel
         return count, shapes
 
-    def _param_storages(self, graph, model: torch.nn.Module) -> frozenset[int]:
-        """Storage ids of the model's parameters and buffers among the graph's inputs: by
-        ``genie._C._storage_id`` for tensors on remote_accelerator, by data pointer for CPU
-        tensors uploaded as graph constants."""
-        from genie import _C
-
-        out: set[int] = set()
-        cpu_ptrs: set[int] = set()
-        for t in _tensors(model):
-            if t.device.type == _BACKEND:
-                try:
-                    out.add(int(_C._storage_id(t)))
-                except Exception:  # noqa: BLE001 - a tensor the recorder does not know
-                    continue
-            elif t.device.type == "cpu":
-                cpu_ptrs.add(t.untyped_storage().data_ptr())
-        if cpu_ptrs:
-            for s, c in graph.constants.items():
-                if c.untyped_storage().data_ptr() in cpu_ptrs:
-                    out.add(s)
-        return frozenset(out)
-
     # -- the cache ----------------------------------------------------------------------------------
     def _key(self, graph, with_model: bool) -> tuple:
         cfg = self.config
@@ -535,27 +512,3 @@ def _latency(call_phase: str | None, wt: WorkloadType, batch: int | None) -> str
     if batch is None or batch <= 1:
         return "high"
     return "medium" if batch <= 8 else "low"
-
-
-def _tensors(model: torch.nn.Module):
-    yield from model.parameters()
-    yield from model.buffers()
-
-
-def _remote_device(model: torch.nn.Module) -> torch.device:
-    for t in _tensors(model):
-        if t.device.type == _BACKEND:
-            return t.device
-    return torch.device(_BACKEND, 0)
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device) if obj.device.type == "cpu" else obj
-    if isinstance(obj, tuple):
-        return tuple(_to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
