@@ -116,7 +116,13 @@ def shrink_config(cfg: Any, _depth: int = 0) -> Any:
     from transformers import PretrainedConfig
 
     for key, value in list(vars(cfg).items()):
-        if isinstance(value, PretrainedConfig) and _depth < 3:
+        if isinstance(value, PretrainedConfig) and type(value).__name__.startswith("Timm"):
+            # a timm backbone needs the timm package: transformers' own ResNet instead
+            from transformers import ResNetConfig
+
+            stages = [f"stage{i}" for i in range(1, 5)]
+            _set(cfg, key, shrink_config(ResNetConfig(out_features=stages), _depth + 1))
+        elif isinstance(value, PretrainedConfig) and _depth < 3:
             shrink_config(value, _depth + 1)
         elif isinstance(value, dict) and key.endswith("_config") and _depth < 3:
             continue
