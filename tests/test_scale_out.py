@@ -214,3 +214,20 @@ def test_a_greedy_decode_split_over_two_servers_equals_eager(pair):
         for b in ex.backends.values():
             b.executor.close()
     assert torch.equal(torch.cat(got, 1), torch.cat(ref, 1))
+
+
+@torch.no_grad()
+def test_connect_to_several_servers_schedules_over_what_they_report(pair):
+    """genie.connect([a, b]) opens a session with each server and schedules every flush over
+    them, each server described by what it reports (its device and memory)."""
+    s0, s1 = pair
+    model = gpt2(n_layer=4)
+    ids = _ids()
+    ex = genie.connect([s0.address, s1.address], token=s0.token)
+    try:
+        specs = [ex.topology.spec(name) for name in ex.backends]
+        assert all(spec.kind == "cpu" and spec.memory_bytes > 0 for spec in specs)
+        out = copy.deepcopy(model).to(REMOTE)(ids.to(REMOTE)).logits.cpu()
+    finally:
+        genie.disconnect()
+    assert torch.equal(out, model(ids).logits)

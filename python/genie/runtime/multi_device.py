@@ -389,10 +389,11 @@ class MultiDeviceExecutor:
             entry = {"address": entry} if isinstance(entry, str) else dict(entry)
             name = str(entry.get("name", f"server{i}"))
             client = _session(entry["address"], entry.get("token_file"), entry.get("token", token))
+            # What the server says it runs on (its device, memory, session limit), unless the
+            # entry names a type.
+            info = getattr(client, "info", None)
             kind = (
-                "cpu"
-                if getattr(client, "device_type", "cuda") == "cpu"
-                else entry.get("type", spec)
+                entry["type"] if "type" in entry else DeviceSpec.from_server(info) if info else spec
             )
             topo.add_device(name, kind, endpoint=entry["address"])
             topo.add_link(topo.client, name, kind=link)
@@ -486,6 +487,14 @@ class MultiDeviceExecutor:
         return sum(b.nbytes() for b in self.backends.values())
 
     # -- plans by hand ------------------------------------------------------------------------
+    def close(self) -> None:
+        """End the sessions this executor opened with servers."""
+        for b in self.backends.values():
+            close = getattr(getattr(b, "executor", None), "close", None)
+            if close is not None:
+                close()
+        self._links.close()
+
     def execute(self, graph: Graph, plan: ExecutionPlan) -> None:
         """Run a given plan of `graph` (uploading ``graph.constants`` as it says)."""
         with self._lock:

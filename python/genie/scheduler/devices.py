@@ -204,7 +204,13 @@ class DeviceSpec:
         return cls(
             name=name,
             kind="cpu",
-            peak_flops={"fp64": rate / 2, "fp32": rate, "bf16": rate, "fp16": rate / 2, "int8": rate * 2},
+            peak_flops={
+                "fp64": rate / 2,
+                "fp32": rate,
+                "bf16": rate,
+                "fp16": rate / 2,
+                "int8": rate * 2,
+            },
             vector_flops=rate,
             memory_bandwidth=memory_bandwidth_gb_s * GIGA,
             memory_bytes=memory_bytes if memory_bytes is not None else _host_memory(),
@@ -228,6 +234,24 @@ class DeviceSpec:
             if key.startswith(prefix):
                 return make()
         raise ValueError(f"genie: unknown device preset {name!r}; known: H100, H200, A100, L4, CPU")
+
+    @classmethod
+    def from_server(cls, info: dict) -> DeviceSpec:
+        """What a ``genie serve`` answers to "hello" (its device, the device's name and
+        memory, the per-session memory limit) as a DeviceSpec: a preset by the device's name,
+        with the memory a session may really use."""
+        memory = int(info.get("device_memory") or 0) or None
+        limit = int(info.get("memory_limit") or 0)
+        if limit:
+            memory = min(memory, limit) if memory else limit
+        if info.get("device_type") != "cuda":
+            return cls.cpu(cores=info.get("device_cores"), memory_bytes=memory)
+        name = str(info.get("device_name") or "GPU")
+        try:
+            spec = cls.preset(name)
+        except ValueError:
+            spec = cls.a100().with_(name=name)  # an unknown GPU: A100-like figures
+        return spec.with_(memory_bytes=memory) if memory else spec
 
     @classmethod
     def detect(cls, device: str | torch.device) -> DeviceSpec:

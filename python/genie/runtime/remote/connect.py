@@ -20,7 +20,7 @@ _active: RemoteExecutor | None = None  # the client genie.connect installed, for
 
 
 def connect(
-    address: str | None = None,
+    address: str | list | None = None,
     token: str | bytes | None = None,
     *,
     timeout: float | None = None,
@@ -34,8 +34,24 @@ def connect(
     or 600; `transport` to ``$GENIE_TRANSPORT`` or "tcp"; `speculate` (start a program on the
     server before its recording ends when it looks like the last one, Note: [Client
     speculation]) to ``$GENIE_SPECULATE`` or on. Connect before creating remote
-    tensors: what the previous executor held is dropped. ``disconnect()`` goes back to local."""
+    tensors: what the previous executor held is dropped. ``disconnect()`` goes back to local.
+
+    A list of addresses (``["gpu1:7070", "gpu2:7070"]``, or entries as a topology file's
+    ``servers`` has them) connects to every server and schedules each flush over them (a
+    MultiDeviceExecutor, each server's device and memory as it reports them); the servers
+    move tensors between themselves (Note: [Server-to-server moves])."""
     global _active
+    if isinstance(address, (list, tuple)):
+        from genie.runtime.executor import install_executor
+        from genie.runtime.multi_device import MultiDeviceExecutor
+
+        ex = MultiDeviceExecutor.from_servers(list(address), token=P.resolve_token(token))
+        if install:
+            install_executor(ex, ex.device_type)
+            previous, _active = _active, ex
+            if previous is not None:
+                previous.close()
+        return ex
     if timeout is None:
         timeout = float(os.environ.get("GENIE_TIMEOUT", "600"))
     transport = transport or os.environ.get("GENIE_TRANSPORT", "tcp")

@@ -29,6 +29,7 @@ class PeerError(GenieError):
     """A peer server could not be reached, did not prove the token, or died mid-move; the
     session that asked goes on (its reply's kind is "peer", a PeerError on the client)."""
 
+
 _CONTEXT = b"genie-peer-1"
 _MAX_GROUPS = 16  # per session: each is a store, a socket and a thread
 
@@ -159,9 +160,7 @@ class PeerGroups:
         try:
             group.pg.send([wire], 1 - group.rank, tag).wait()
         except RuntimeError as e:
-            raise PeerError(
-                f"genie: sending to the peer server at {group.peer}: {e}"
-            ) from None
+            raise PeerError(f"genie: sending to the peer server at {group.peer}: {e}") from None
 
     def recv(self, name: str, nbytes: int, tag: int) -> torch.Tensor:
         group = self._group(name)
@@ -170,9 +169,7 @@ class PeerGroups:
         try:
             group.pg.recv([buf], 1 - group.rank, tag).wait()
         except RuntimeError as e:
-            raise PeerError(
-                f"genie: receiving from the peer server at {group.peer}: {e}"
-            ) from None
+            raise PeerError(f"genie: receiving from the peer server at {group.peer}: {e}") from None
         return buf.to(self._device)
 
     def close(self, name: str | None = None) -> None:

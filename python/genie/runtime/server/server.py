@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -75,8 +76,10 @@ class Server:
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             self.device_name = torch.cuda.get_device_name(self.device)
+            self.device_memory = int(torch.cuda.get_device_properties(self.device).total_memory)
         elif self.device.type == "cpu":
             self.device_name = "cpu"
+            self.device_memory = _host_memory()
         else:
             raise GenieError(f"genie: a server runs on cpu or cuda, not {config.device}")
         self.programs = ProgramCache()
@@ -239,3 +242,10 @@ class Server:
             "prepared_hits": self.preparer.hits,
             "device": str(self.device),
         }
+
+
+def _host_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0

@@ -9,6 +9,7 @@ are the slot's (speculation.py).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -258,6 +259,8 @@ class Session:
             "device": str(dev),
             "device_type": dev.type,
             "device_name": self.server.device_name,
+            "device_memory": self.server.device_memory,
+            "device_cores": os.cpu_count() or 1,
             "protocol": P.PROTOCOL_VERSION,
             "cuda_graphs": self.runner.enabled,
             "session": self.number,
