@@ -85,7 +85,8 @@ class ZooResult:
     got: dict[str, str] = field(default_factory=dict)  # entry point -> workload
     confidence: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # entry point -> analyzer exception
-    skipped: str | None = None
+    skipped: str | None = None  # no entry point could run the model
+    failed: dict[str, str] = field(default_factory=dict)  # entry point -> runtime failure
     ms: dict[str, float] = field(default_factory=dict)
     # entry point -> the forward flushed part way (a data-dependent op needed a value): the
     # pending graph holds only the ops after the last flush, not the model
@@ -282,10 +283,11 @@ def run_entry(
                 Counter(n.meta.get("data_residency") for n in profile.graph.nodes)
             )
         except Exception as exc:  # noqa: BLE001 - the forward itself failed on the device
-            res.skipped = f"forward on {REMOTE} failed ({ep}): {type(exc).__name__}: " + (
+            res.failed[ep] = f"forward on {REMOTE} failed ({ep}): {type(exc).__name__}: " + (
                 str(exc).splitlines()[0][:160] if str(exc) else ""
             )
-            return res
+            if len(res.failed) == len(entry_points):
+                res.skipped = res.failed[ep]
         finally:
             try:
                 genie.synchronize()
@@ -337,10 +339,10 @@ def _in_analyzer(exc: BaseException) -> bool:
 
 
 def judged(results: list[ZooResult], ep: str) -> list[ZooResult]:
-    """The results an entry point is judged on: every model that ran. Those whose forward
+    """The results an entry point is judged on: every model that ran through it. Those whose forward
     was cut by a flush (``cut``) are judged too: the analyzer must then say what it can, or
     UNKNOWN, from the tail it sees."""
-    return [r for r in results if r.skipped is None]
+    return [r for r in results if ep not in r.failed]
 
 
 def summary(results: list[ZooResult], entry_points=("graph", "model")) -> dict[str, Any]:
@@ -348,6 +350,7 @@ def summary(results: list[ZooResult], entry_points=("graph", "model")) -> dict[s
         "architectures": len(results),
         "ran": sum(r.skipped is None for r in results),
         "skipped": [(r.name, r.skipped) for r in results if r.skipped],
+        "failed_in_runtime": [(r.name, r.failed) for r in results if r.failed and not r.skipped],
     }
     for ep in entry_points:
         ran = judged(results, ep)
@@ -379,8 +382,8 @@ def table(results: list[ZooResult], entry_points=("graph", "model")) -> str:
             continue
         cells = []
         for ep in entry_points:
-            got = "ERROR" if ep in r.errors else r.got.get(ep, "-")
-            mark = "~" if ep in r.cut else "" if r.right(ep) else "*"
+            got = "ERROR" if ep in r.errors else "runtime" if ep in r.failed else r.got.get(ep, "-")
+            mark = "~" if ep in r.cut else "" if r.right(ep) or ep in r.failed else "*"
             cells.append(f"{got + mark:>12s} {r.confidence.get(ep, 0.0):5.2f}")
         lines.append(f"{r.name:44s} {r.expected:10s} " + " ".join(cells))
     return "\n".join(lines)
