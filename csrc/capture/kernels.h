@@ -12,7 +12,9 @@ void capture_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch
 // Registers the direct kernels for composite ops (idempotent). Returns how many.
 int64_t register_direct_kernels();
 
-// Target device type that shape-dependent choices (SDPA backend) should answer for.
+// Target device type that shape-dependent choices (SDPA backend, Note: [CPU kernels' saved
+// statistics]) should answer for.
 void set_target_device_type(c10::DeviceType type);
+c10::DeviceType target_device_type();
 
 }  // namespace genie
