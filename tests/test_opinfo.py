@@ -69,3 +69,29 @@ def test_an_entry_that_overruns_is_a_timeout():
         worker.kill()
     assert outcome.status == "timeout"
     assert not worker.alive()
+
+
+@pytest.mark.slow
+def test_opinfo_stride_through_a_loopback_server_never_takes_the_server_down(capsys, monkeypatch):
+    """The OpInfo programs sent through `genie serve` (every worker connects to one loopback
+    server): no entry crashes its worker or the server, at least 99% equal eager CPU, and the
+    server still answers afterwards."""
+    from genie.runtime.loopback import LoopbackServer
+
+    with LoopbackServer(threads=1) as srv:
+        monkeypatch.setenv("GENIE_SERVER", srv.address)
+        monkeypatch.setenv("GENIE_TOKEN", srv.token)
+        todo = conformance.entries(("op",))[::25]
+        outcomes = conformance.run(todo, jobs=min(2, os.cpu_count() or 1), timeout=240)
+        alive = srv.alive()
+    tried = [o for o in outcomes if o.status != "skip"]
+    passed = [o for o in tried if o.status == "pass"]
+    rate = len(passed) / max(len(tried), 1)
+    with capsys.disabled():
+        print(f"\nOpInfo through a server: {len(passed)}/{len(tried)} entries match ({rate:.1%})")
+    assert alive, "the server died"
+    assert len(tried) >= 100
+    assert not [o for o in tried if o.status in ("crash", "timeout")]
+    assert rate >= PASS_RATE_FLOOR, [
+        f"{o.entry.label}: {o.reason}" for o in tried if o.status != "pass"
+    ]

@@ -531,3 +531,13 @@ def test_spinning_client_and_server_give_eager_results(monkeypatch):
         finally:
             genie.configure(local_device="cpu")
             client.close()
+
+
+def test_an_eager_op_returning_one_tensor_list_comes_back_as_one_list(remote):
+    """histogramdd runs at capture (its bins depend on data) and returns Tensor[] edges: the
+    server answers one list, not one result per tensor, and the values are eager's."""
+    x = torch.randn(20, 2)
+    ref = torch.histogramdd(x, bins=[3, 4])
+    out = torch.histogramdd(x.to("remote_accelerator:0"), bins=[3, 4])
+    assert torch.equal(out.hist.cpu(), ref.hist)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(out.bin_edges, ref.bin_edges, strict=True))

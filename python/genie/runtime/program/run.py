@@ -148,6 +148,9 @@ def _call_step(step: Step, frame: Environment) -> list[Any]:
         raise ExecutionError(
             f"genie: {step.op} failed on {frame.device} for inputs [{shapes}]: {e}"
         ) from e
+    # One result per schema return: an op that returns one Tensor[] gives one list.
+    if len(step.target._schema.returns) == 1:
+        return [result]
     return list(result) if isinstance(result, (tuple, list)) else [result]
 
 
