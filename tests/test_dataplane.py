@@ -10,9 +10,10 @@ import logging
 import threading
 import time
 
-import genie
 import pytest
 import torch
+
+import genie
 from genie import _C
 from genie.errors import TransportError, UnsupportedOperationError
 from genie.runtime import transports
@@ -327,7 +328,7 @@ def test_memif_between_two_hosts_falls_back_to_tcp(monkeypatch, caplog):
 
     main = threading.main_thread()
     monkeypatch.setattr(
-        dpdk, "_host_id", lambda: "host-a" if threading.current_thread() is main else "host-b"
+        dpdk, "host_id", lambda: "host-a" if threading.current_thread() is main else "host-b"
     )
     caplog.set_level(logging.WARNING, logger="genie.runtime.transports.dpdk")
     server, client, first_frame = _pair(monkeypatch, {})

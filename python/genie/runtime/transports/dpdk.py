@@ -65,13 +65,10 @@ import logging
 import os
 import secrets
 import socket
-import subprocess
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from genie import _C
-from genie.errors import GenieError, ProtocolError, TransportError, UnsupportedOperationError
+from genie.errors import GenieError, ProtocolError, TransportError
 from genie.runtime.protocol import AUTH_OK
 from genie.runtime.transports.base import (
     FRAME_MAGIC,
@@ -80,6 +77,15 @@ from genie.runtime.transports.base import (
     Transport,
     TransportStats,
     recv_growing,
+)
+from genie.runtime.transports.dpdk_agent import (
+    Agent,
+    DpdkConfig,
+    available,
+    host_id,
+    require_dpdk,
+    track_storages,
+    unavailable_reason,
 )
 from genie.runtime.transports.tcp import TcpListener, _tune, parse_address
 
@@ -93,214 +99,6 @@ _ON_DATA_PLANE = 1  # prefix reserved-field flag: this frame's payload is on the
 _SETUP, _SETUP_OK, _SETUP_DONE = 0xD0, 0xD1, 0xD2
 _INTERNAL = (_SETUP, _SETUP_OK, _SETUP_DONE)
 _MAX_INTERNAL_HEADER = 4096
-
-
-def available() -> bool:
-    """Whether this build can run the DPDK transport."""
-    return bool(_C._dpdk_available())
-
-
-def unavailable_reason() -> str:
-    """Why the DPDK transport cannot run here ('' when it can)."""
-    return str(_C._dpdk_unavailable_reason())
-
-
-def _env_size(name: str, default: int) -> int:
-    text = os.environ.get(name)
-    if not text:
-        return default
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    scale = units.get(t[-1:], 1)
-    try:
-        return int(float(t[:-1] if t[-1:] in units else t) * scale)
-    except ValueError:
-        raise UnsupportedOperationError(f"genie: {name}={text!r} is not a size") from None
-
-
-def _host_id() -> str:
-    """Identifies this host (memif connects processes of one host only)."""
-    for path in ("/etc/machine-id", "/proc/sys/kernel/random/boot_id"):
-        try:
-            with open(path) as f:
-                value = f.read().strip()
-            if value:
-                return f"{value}:{socket.gethostname()}"
-        except OSError:
-            continue
-    return socket.gethostname()
-
-
-@dataclass
-class DpdkConfig:
-    """How this side's data-plane agent is set up (defaults: memif on one host)."""
-
-    #: "memif" (a socket chosen per connection), "memif:ARGS", "vdev:NAME,ARGS", "pci:ADDRESS"
-    port: str = "memif"
-    #: shared memory between this process and its agent for copied payloads: half for
-    #: sending, half for receiving, in slots
-    arena_bytes: int = 64 << 20
-    #: shared memory handed out as tensor storages that travel without a copy (Note: [Zero
-    #: copy through the arena]); virtual until used, resident up to its high-water mark
-    heap_bytes: int = 1 << 30
-    #: one pipelined copy step: the agent moves one slot while the next is copied
-    slot_bytes: int = 512 << 10
-    #: payloads smaller than this go over TCP: below ~1 MiB the agents' round trips cost more
-    #: than TCP's copy (bench/bench_dataplane.py, "py dpdk" vs "py tcp")
-    min_payload: int = 1 << 20
-    #: seconds without any sign of the peer's agent before a transfer fails
-    peer_timeout: float = 3.0
-    #: seconds to bring the data plane up before falling back to TCP
-    connect_timeout: float = 20.0
-    #: extra agent options, key -> value (csrc/dataplane/config.h)
-    options: dict[str, str] = field(default_factory=dict)
-    #: run the endpoint on a thread of this process, not in a helper process: zero copy of any
-    #: memory, no crash isolation (Note: [In-process endpoint])
-    in_process: bool = False
-
-    @classmethod
-    def from_env(cls) -> DpdkConfig:
-        options = {}
-        for item in os.environ.get("GENIE_DPDK_OPTIONS", "").split():
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise UnsupportedOperationError(
-                    f"genie: GENIE_DPDK_OPTIONS item {item!r} is not key=value"
-                )
-            options[key] = value
-        return cls(
-            port=os.environ.get("GENIE_DPDK_PORT", "memif"),
-            arena_bytes=_env_size("GENIE_DPDK_ARENA", 64 << 20),
-            heap_bytes=_env_size("GENIE_DPDK_HEAP", 1 << 30),
-            slot_bytes=_env_size("GENIE_DPDK_SLOT", 512 << 10),
-            min_payload=_env_size("GENIE_DPDK_MIN_PAYLOAD", 1 << 20),
-            peer_timeout=float(os.environ.get("GENIE_DPDK_PEER_TIMEOUT", "3.0")),
-            connect_timeout=float(os.environ.get("GENIE_DPDK_CONNECT_TIMEOUT", "20.0")),
-            options=options,
-            in_process=os.environ.get("GENIE_DPDK_IN_PROCESS", "0").strip().lower()
-            in ("1", "true", "yes", "on"),
-        )
-
-    @property
-    def is_memif(self) -> bool:
-        return self.port == "memif" or self.port.startswith("memif:")
-
-
-class _Agent:
-    """One genie-dpdk-agent process and the client that drives it; with
-    ``config.in_process``, the same loop on a thread of this process (Note: [In-process
-    endpoint]) and no process."""
-
-    def __init__(self, config: DpdkConfig, role: str, socket_name: str | None):
-        if config.slot_bytes <= 0 or config.arena_bytes < 2 * config.slot_bytes:
-            raise UnsupportedOperationError(
-                "genie: GENIE_DPDK_ARENA must hold at least two GENIE_DPDK_SLOT slots"
-            )
-        path = _C._dataplane_agent_path()
-        page = os.sysconf("SC_PAGESIZE")
-        copy_bytes = -(-config.arena_bytes // page) * page
-        heap_bytes = -(-max(0, config.heap_bytes) // page) * page
-        total = copy_bytes + heap_bytes
-        arena_fd = os.memfd_create("genie-dpdk-arena", os.MFD_CLOEXEC)
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._log = tempfile.TemporaryFile(prefix="genie-dpdk-agent-")  # noqa: SIM115
-        try:
-            os.ftruncate(arena_fd, total)
-            port = config.port
-            options = dict(config.options)
-            if port.startswith("pci:"):
-                # EAL takes only the PCI devices it is told to (--no-pci otherwise).
-                options.setdefault("eal_pci", port[len("pci:") :])
-            if config.is_memif:
-                port = f"memif:role={role},socket={socket_name}"
-                if config.port.startswith("memif:"):
-                    port += "," + config.port[len("memif:") :]
-            args = [
-                path,
-                f"--sock-fd={child.fileno()}",
-                f"--arena-fd={arena_fd}",
-                f"--arena-bytes={total}",
-                f"port={port}",
-                f"peer_timeout_ms={int(config.peer_timeout * 1000)}",
-                f"connect_timeout_ms={int(config.connect_timeout * 1000)}",
-                *(f"{k}={v}" for k, v in options.items()),
-            ]
-            self.in_process = config.in_process
-            if self.in_process:
-                self.proc = None
-                # The thread owns its end of the socket pair and its own arena descriptor.
-                _C._dataplane_start_in_process(child.detach(), os.dup(arena_fd), total, args[4:])
-            else:
-                # A session of its own: a terminal's Ctrl-C is for the user's process, which
-                # then closes the socket; the agent exits on that EOF.
-                self.proc = subprocess.Popen(
-                    args,
-                    pass_fds=(child.fileno(), arena_fd),
-                    stdin=subprocess.DEVNULL,
-                    stdout=self._log,
-                    stderr=self._log,
-                    start_new_session=True,
-                )
-                child.close()
-            self.client = _C._DataplaneAgentClient(
-                parent.detach(), arena_fd, copy_bytes, config.slot_bytes, heap_bytes
-            )
-            self.client.in_process = self.in_process
-        except BaseException:
-            child.close()
-            parent.close()
-            self._log.close()
-            raise
-        finally:
-            os.close(arena_fd)
-        self.ready = False
-
-    def log(self) -> str:
-        try:
-            self._log.seek(0)
-            return self._log.read().decode(errors="replace").strip()
-        except (OSError, ValueError):
-            return ""
-
-    def describe_exit(self, wait: float = 0.2) -> str:
-        """'' while the agent runs; how it ended otherwise."""
-        if self.proc is None:
-            return ""  # in process: its errors arrive as events
-        try:
-            code = self.proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            return ""
-        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-        tail = self.log()[-400:]
-        return f"the data-plane agent (pid {self.proc.pid}) ended: {how}" + (
-            f"; it said: {tail}" if tail else ""
-        )
-
-    def wait(self, what: str, timeout: float) -> int:
-        return int(self.client.wait_for(what, timeout))
-
-    def registrations(self) -> tuple[int, int]:
-        """(hits, misses) of the agent's registration caches. A process agent registers the
-        arena once, before it reports ready, and nothing after; an in-process one also
-        registers the user memory it sends, so it is asked again after each send."""
-        try:
-            st = self.client.stats(2.0)
-        except GenieError:
-            return 0, 0
-        return int(st.get("registration_hits", 0)), int(st.get("registration_misses", 0))
-
-    def close(self) -> None:
-        try:
-            self.client.close(0.5)
-        except GenieError:
-            pass
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=2.0)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 class DpdkTransport(Transport):
@@ -324,7 +122,7 @@ class DpdkTransport(Transport):
         self._stats = TransportStats()
         self._closed = False
         self._timeout: float | None = None
-        self._agent: _Agent | None = None
+        self._agent: Agent | None = None
         # "none" (not tried), "pending" (listener: waiting for SETUP_DONE), "up", "tcp" (fallback)
         self._plane = "none"
         self._authenticated = False  # listener: AUTH_OK went out
@@ -344,7 +142,7 @@ class DpdkTransport(Transport):
     def connect(
         cls, address: str | tuple[str, int], *, timeout: float | None = 10.0, **kw
     ) -> DpdkTransport:
-        _require_dpdk()
+        require_dpdk()
         host, port = parse_address(address) if isinstance(address, str) else address
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
@@ -585,7 +383,7 @@ class DpdkTransport(Transport):
     # -- data-plane set-up (Note: [Data-plane set-up]) -------------------------------------
     def _setup_as_connector(self) -> None:
         self._plane = "pending"
-        self._send_internal(_SETUP, {"v": 1, "host": _host_id(), "port": self._config.port})
+        self._send_internal(_SETUP, {"v": 1, "host": host_id(), "port": self._config.port})
         _, kind, _, header_len, payload_len = self._read_prefix()
         if kind != _SETUP_OK or header_len > _MAX_INTERNAL_HEADER or payload_len:
             raise ProtocolError(
@@ -598,11 +396,11 @@ class DpdkTransport(Transport):
             self._fall_back(f"the server could not start its data plane: {reply.get('error')}")
             return
         error = ""
-        if self._config.is_memif and reply.get("host") != _host_id():
+        if self._config.is_memif and reply.get("host") != host_id():
             error = "memif connects processes on one host and the server is on another"
         else:
             try:
-                self._agent = _Agent(self._config, "client", reply.get("socket"))
+                self._agent = Agent(self._config, "client", reply.get("socket"))
                 self._agent.wait("ready", self._config.connect_timeout)
                 self._agent.ready = True
                 self._agent_registrations = self._agent.registrations()
@@ -616,15 +414,15 @@ class DpdkTransport(Transport):
             logger.info("genie: DPDK data plane to %s is up", self._peer)
 
     def _setup_as_listener(self, request: dict) -> None:
-        reply: dict = {"ok": False, "host": _host_id()}
+        reply: dict = {"ok": False, "host": host_id()}
         if self._plane != "none":
             reply["error"] = "the data plane was set up already"
-        elif self._config.is_memif and request.get("host") != _host_id():
+        elif self._config.is_memif and request.get("host") != host_id():
             reply["error"] = "memif connects processes on one host and the client is on another"
         else:
             name = f"genie-{os.getpid()}-{secrets.token_hex(6)}"
             try:
-                self._agent = _Agent(self._config, "server", name)
+                self._agent = Agent(self._config, "server", name)
                 self._agent.wait("port_up", self._config.connect_timeout)
                 reply.update(ok=True, socket=name)
             except GenieError as e:
@@ -691,7 +489,7 @@ class DpdkTransport(Transport):
             self._wait_plane_ready()
             self._out_msg += 1
             if self._agent.in_process:
-                _track_storages(views)
+                track_storages(views)
             try:
                 self._agent.client.send(self._out_msg, views, self._timeout)
             except GenieError as e:
@@ -858,29 +656,11 @@ class DpdkListener(TcpListener):
         max_message: int = _DEFAULT_MAX_MESSAGE,
         config: DpdkConfig | None = None,
     ):
-        _require_dpdk()
+        require_dpdk()
         self._config = config or DpdkConfig.from_env()
         super().__init__(host, port, backlog=backlog, max_message=max_message)
 
     def _transport(self, sock: socket.socket, peer: str) -> DpdkTransport:
         return DpdkTransport(
             sock, peer, side="listener", config=self._config, max_message=self._max_message
-        )
-
-
-def _track_storages(views: list[memoryview]) -> None:
-    """In process, a tensor's memory is registered where it is: make freeing its storage drop
-    that registration (a tensor's ``.numpy()`` keeps the tensor as the array's base)."""
-    import torch
-
-    for v in views:
-        base = getattr(v.obj, "base", None)
-        if isinstance(base, torch.Tensor):
-            _C._dataplane_track_storage(base)
-
-
-def _require_dpdk() -> None:
-    if not available():
-        raise UnsupportedOperationError(
-            f"genie: the dpdk transport is unavailable: {unavailable_reason()}"
         )
