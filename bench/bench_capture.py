@@ -32,18 +32,35 @@ BUILD = ROOT / "build" / "bench"
 def build_micro() -> Path:
     exe = BUILD / "capture_micro"
     subprocess.run(
-        ["cmake", "-S", str(ROOT), "-B", str(BUILD), "-G", "Ninja", "-DGENIE_BUILD_BENCHMARKS=ON",
-         "-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}"],
-        check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(BUILD), "--target", "capture_micro"], check=True,
-                   stdout=subprocess.DEVNULL)
+        [
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(BUILD),
+            "-G",
+            "Ninja",
+            "-DGENIE_BUILD_BENCHMARKS=ON",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DPython_EXECUTABLE={sys.executable}",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    subprocess.run(
+        ["cmake", "--build", str(BUILD), "--target", "capture_micro"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return exe
 
 
 def per_op(quick: bool) -> dict:
     exe = build_micro()
     calls, rounds = ("500", "7") if quick else ("2000", "15")
-    out = subprocess.run([str(exe), calls, rounds, "16"], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(exe), calls, rounds, "16"], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout)
 
 
@@ -86,9 +103,17 @@ def whole_model(quick: bool) -> dict:
             totals.append((t2 - t0) * 1e3)
         nodes = len(genie.last_graph())
     capture, total = statistics.median(captures), statistics.median(totals)
-    return {"model": f"GPT-2 {layers} layers", "batch": batch, "seq": seq, "nodes": nodes,
-            "eager_ms": eager, "capture_ms": capture, "capture_plus_replay_ms": total,
-            "capture_ratio": capture / eager, "total_ratio": total / eager}
+    return {
+        "model": f"GPT-2 {layers} layers",
+        "batch": batch,
+        "seq": seq,
+        "nodes": nodes,
+        "eager_ms": eager,
+        "capture_ms": capture,
+        "capture_plus_replay_ms": total,
+        "capture_ratio": capture / eager,
+        "total_ratio": total / eager,
+    }
 
 
 def main() -> None:
@@ -98,19 +123,32 @@ def main() -> None:
     ops = per_op(args.quick)
     model = whole_model(args.quick)
 
-    print(f"per-op capture cost, {ops['size']}x{ops['size']} fp32, median of {ops['rounds']} rounds "
-          f"of {ops['calls']} calls (C++)")
+    print(
+        f"per-op capture cost, {ops['size']}x{ops['size']} fp32, median of {ops['rounds']} rounds "
+        f"of {ops['calls']} calls (C++)"
+    )
     print(f"{'op':<12}{'eager us':>10}{'capture us':>12}{'ratio':>8}   goal <= 1.2")
     for name, r in ops["ops"].items():
         r["ratio"] = r["capture_us"] / r["eager_us"]
         print(f"{name:<12}{r['eager_us']:>10.3f}{r['capture_us']:>12.3f}{r['ratio']:>8.2f}")
-    print(f"\n{model['model']}, batch {model['batch']}, seq {model['seq']} ({model['nodes']} nodes run)")
+    print(
+        f"\n{model['model']}, batch {model['batch']}, seq {model['seq']} ({model['nodes']} nodes run)"
+    )
     print(f"eager forward            {model['eager_ms']:10.1f} ms")
-    print(f"capture                  {model['capture_ms']:10.1f} ms  ratio {model['capture_ratio']:.3f}  goal <= 0.2")
-    print(f"capture + local replay   {model['capture_plus_replay_ms']:10.1f} ms  ratio {model['total_ratio']:.3f}  goal <= 1.3")
+    print(
+        f"capture                  {model['capture_ms']:10.1f} ms  ratio {model['capture_ratio']:.3f}  goal <= 0.2"
+    )
+    print(
+        f"capture + local replay   {model['capture_plus_replay_ms']:10.1f} ms  ratio {model['total_ratio']:.3f}  goal <= 1.3"
+    )
 
-    result = {"machine": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
-              "per_op": ops, "whole_model": model}
+    result = {
+        "machine": platform.node(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "per_op": ops,
+        "whole_model": model,
+    }
     out = ROOT / "bench" / "results" / "capture.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

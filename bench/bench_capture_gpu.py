@@ -44,7 +44,12 @@ def models():
 
     torch.manual_seed(0)
     ids = torch.randint(0, 30000, (8, 128), generator=torch.Generator().manual_seed(1))
-    yield "GPT-2 12L", GPT2Model(GPT2Config(bos_token_id=0, eos_token_id=0)).eval(), (ids,), lambda o: o.last_hidden_state
+    yield (
+        "GPT-2 12L",
+        GPT2Model(GPT2Config(bos_token_id=0, eos_token_id=0)).eval(),
+        (ids,),
+        lambda o: o.last_hidden_state,
+    )
     yield "BERT-base", BertModel(BertConfig()).eval(), (ids,), lambda o: o.last_hidden_state
     yield "ResNet-style CNN", resnet(), (torch.randn(8, 3, 32, 32),), lambda o: o
 
@@ -62,29 +67,43 @@ def main() -> int:
             cmodel = model.to("cuda")
             cin = [x.to("cuda") for x in inputs]
             ref = pick(cmodel(*cin))
-            eager = timed(lambda: cmodel(*cin))
+            eager = timed(lambda cmodel=cmodel, cin=cin: cmodel(*cin))
             rmodel = model.to(genie.BACKEND)
             rin = [x.to(genie.BACKEND) for x in inputs]
             out = pick(rmodel(*rin)).cpu()
             equal = torch.equal(out, ref.cpu())
             maxdiff = (out - ref.cpu()).abs().max().item()
 
-            def capture_and_run():
+            def capture_and_run(pick=pick, rmodel=rmodel, rin=rin):
                 pick(rmodel(*rin)).to("cuda")  # fetch stays on the GPU's side of the copy
 
             total = timed(capture_and_run)
             model.to("cpu")
-        rows.append({"model": name, "eager_cuda_ms": eager, "capture_plus_replay_ms": total,
-                     "ratio": total / eager, "equal_to_eager_cuda": equal, "max_abs_diff": maxdiff})
+        rows.append(
+            {
+                "model": name,
+                "eager_cuda_ms": eager,
+                "capture_plus_replay_ms": total,
+                "ratio": total / eager,
+                "equal_to_eager_cuda": equal,
+                "max_abs_diff": maxdiff,
+            }
+        )
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     print(f"{'model':<18}{'eager ms':>10}{'genie ms':>10}{'ratio':>8}  equal  max|diff|")
     for r in rows:
-        print(f"{r['model']:<18}{r['eager_cuda_ms']:>10.2f}{r['capture_plus_replay_ms']:>10.2f}"
-              f"{r['ratio']:>8.2f}  {str(r['equal_to_eager_cuda']):<6} {r['max_abs_diff']:.2e}")
+        print(
+            f"{r['model']:<18}{r['eager_cuda_ms']:>10.2f}{r['capture_plus_replay_ms']:>10.2f}"
+            f"{r['ratio']:>8.2f}  {str(r['equal_to_eager_cuda']):<6} {r['max_abs_diff']:.2e}"
+        )
     out = ROOT / "bench" / "results" / "capture_gpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                               "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows},
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -52,7 +52,9 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.down = None
         if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.down = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         idt = x if self.down is None else self.down(x)
@@ -67,8 +69,12 @@ class ResNet50(nn.Module):
 
     def __init__(self, layers=(3, 4, 6, 3), classes: int = 1000):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
-                                  nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )
         blocks, cin = [], 64
         for i, (n, width) in enumerate(zip(layers, (64, 128, 256, 512), strict=True)):
             for j in range(n):
@@ -107,8 +113,9 @@ def build(name: str, batch: int, seq: int, image: int):
 # -- measuring ----------------------------------------------------------------------------------
 def measure(model, inputs, device: torch.device, iters: int) -> tuple[dict[str, float], float]:
     """Seconds per forward by family (self device time of each aten op), and wall time."""
-    from genie.scheduler import op_family
     from torch.profiler import ProfilerActivity, profile
+
+    from genie.scheduler import op_family
 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -164,7 +171,9 @@ def predict(model, inputs, spec, est) -> tuple[dict[str, float], dict[str, float
         if t <= 0:
             continue
         with_launch[c.family] = with_launch.get(c.family, 0.0) + t
-        kernels[c.family] = kernels.get(c.family, 0.0) + max(0.0, t - spec.launch_overhead_s * est.calibration_factor(spec, c.family))
+        kernels[c.family] = kernels.get(c.family, 0.0) + max(
+            0.0, t - spec.launch_overhead_s * est.calibration_factor(spec, c.family)
+        )
         roofline[c.family] = roofline.get(c.family, 0.0) + est.roofline(c, spec)
     del out, remote
     genie.synchronize()
@@ -185,8 +194,12 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_costmodel_gpu: skipped, no CUDA device on this machine")
         OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps({"benchmark": "costmodel_gpu", "skipped": True,
-                                   "reason": "no CUDA device"}, indent=2))
+        OUT.write_text(
+            json.dumps(
+                {"benchmark": "costmodel_gpu", "skipped": True, "reason": "no CUDA device"},
+                indent=2,
+            )
+        )
         return 0
 
     import genie  # noqa: F401  (registers remote_accelerator)
@@ -217,15 +230,27 @@ def main() -> int:
             meas_all[(dname, name)] = meas
             roof_all[(dname, name)] = info["roofline"]
             for fam in sorted(set(meas) | set(pred)):
-                rows.append({
-                    "dtype": dname, "model": name, "family": fam,
-                    "measured_ms": meas.get(fam, 0.0) * 1e3,
-                    "predicted_ms": pred.get(fam, 0.0) * 1e3,
-                    "predicted_kernels_ms": pred_kernels.get(fam, 0.0) * 1e3,
-                })
-            rows.append({"dtype": dname, "model": name, "family": "TOTAL (wall)",
-                         "measured_ms": wall * 1e3, "predicted_ms": sum(pred.values()) * 1e3,
-                         "predicted_kernels_ms": sum(pred_kernels.values()) * 1e3, "nodes": info["nodes"]})
+                rows.append(
+                    {
+                        "dtype": dname,
+                        "model": name,
+                        "family": fam,
+                        "measured_ms": meas.get(fam, 0.0) * 1e3,
+                        "predicted_ms": pred.get(fam, 0.0) * 1e3,
+                        "predicted_kernels_ms": pred_kernels.get(fam, 0.0) * 1e3,
+                    }
+                )
+            rows.append(
+                {
+                    "dtype": dname,
+                    "model": name,
+                    "family": "TOTAL (wall)",
+                    "measured_ms": wall * 1e3,
+                    "predicted_ms": sum(pred.values()) * 1e3,
+                    "predicted_kernels_ms": sum(pred_kernels.values()) * 1e3,
+                    "nodes": info["nodes"],
+                }
+            )
     # Cross-calibration: learn factors from the other models (same dtype), apply to this one.
     for r in rows:
         if r["family"].startswith("TOTAL"):
@@ -239,36 +264,55 @@ def main() -> int:
         if pred_sum > 0 and meas_sum > 0:
             est.observe(r["family"], spec, pred_sum, meas_sum)
         factor = est.calibration_factor(spec, r["family"])
-        r["cross_calibrated_ms"] = roof_all[(r["dtype"], r["model"])].get(r["family"], 0.0) * factor * 1e3
-    header = (f"{'dtype':<6}{'model':<11}{'family':<15}{'measured':>10}{'predicted':>11}{'kernels':>9}"
-              f"{'x-calib':>9}{'ratio':>7}")
-    print(f"device {device} ({spec.name}): ms per forward, batch {args.batch}, seq {args.seq}, "
-          f"image {args.image}")
+        r["cross_calibrated_ms"] = (
+            roof_all[(r["dtype"], r["model"])].get(r["family"], 0.0) * factor * 1e3
+        )
+    header = (
+        f"{'dtype':<6}{'model':<11}{'family':<15}{'measured':>10}{'predicted':>11}{'kernels':>9}"
+        f"{'x-calib':>9}{'ratio':>7}"
+    )
+    print(
+        f"device {device} ({spec.name}): ms per forward, batch {args.batch}, seq {args.seq}, "
+        f"image {args.image}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         ratio = r["predicted_kernels_ms"] / r["measured_ms"] if r["measured_ms"] else float("nan")
         r["kernel_ratio"] = ratio
         xc = r.get("cross_calibrated_ms")
-        print(f"{r['dtype']:<6}{r['model']:<11}{r['family']:<15}{r['measured_ms']:>10.3f}"
-              f"{r['predicted_ms']:>11.3f}{r['predicted_kernels_ms']:>9.3f}"
-              f"{(f'{xc:.3f}' if xc is not None else '-'):>9}{ratio:>7.2f}")
+        print(
+            f"{r['dtype']:<6}{r['model']:<11}{r['family']:<15}{r['measured_ms']:>10.3f}"
+            f"{r['predicted_ms']:>11.3f}{r['predicted_kernels_ms']:>9.3f}"
+            f"{(f'{xc:.3f}' if xc is not None else '-'):>9}{ratio:>7.2f}"
+        )
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({
-        "benchmark": "costmodel_gpu",
-        "device": str(device),
-        "spec": spec.to_dict(),
-        "settings": vars(args),
-        "columns": {"measured_ms": "sum of self kernel time per family, per forward",
+    OUT.write_text(
+        json.dumps(
+            {
+                "benchmark": "costmodel_gpu",
+                "device": str(device),
+                "spec": spec.to_dict(),
+                "settings": vars(args),
+                "columns": {
+                    "measured_ms": "sum of self kernel time per family, per forward",
                     "predicted_ms": "GraphCostEstimator.time summed per family (roofline + launch)",
                     "predicted_kernels_ms": "the same without launch overhead",
                     "cross_calibrated_ms": "roofline x factor learnt from the other models",
-                    "kernel_ratio": "predicted_kernels / measured"},
-        "rows": rows,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "kernel_ratio": "predicted_kernels / measured",
+                },
+                "rows": rows,
+                "machine": {
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                    "cpus": os.cpu_count()},
-    }, indent=2, default=float))
+                    "cpus": os.cpu_count(),
+                },
+            },
+            indent=2,
+            default=float,
+        )
+    )
     print(f"wrote {OUT}")
     return 0
 

@@ -98,6 +98,7 @@ def cpp_results(exe: Path, sizes: str, iters: int) -> dict:
 def peer(role: str, kind: str, port: int, sizes: list[int], iters: int) -> None:
     """One side of the transport benchmark (run as a fresh process)."""
     import torch
+
     from genie.runtime import transports
     from genie.runtime.protocol import AUTH_OK, REPLY, REQUEST
 

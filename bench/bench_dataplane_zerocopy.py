@@ -59,6 +59,7 @@ def reps(n: int, iters: int) -> int:
 def peer(role: str, kind: str, memory: str, port: int, sizes: list[int], iters: int) -> None:
     """One side of the exchange (run as a fresh process)."""
     import torch
+
     from genie.runtime import transports
     from genie.runtime.protocol import AUTH_OK, REPLY, REQUEST
 
@@ -121,6 +122,7 @@ def upload_peer(
 ) -> None:
     """One side of the upload benchmark (run as a fresh process)."""
     import torch
+
     from genie.runtime import transports
     from genie.runtime.protocol import AUTH_OK, REPLY, REQUEST
 

@@ -17,10 +17,11 @@ import statistics
 import time
 from pathlib import Path
 
-import genie
 import torch
-from genie.runtime.remote import connect
+
+import genie
 from genie.runtime.loopback import LoopbackServer
+from genie.runtime.remote import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 REMOTE = "remote_accelerator:0"

@@ -142,7 +142,9 @@ def bench_forward(name, build, make_inputs, pick, dtype, args, connect_remote) -
     rmodel = rx = None
     genie.synchronize()
     session = client.server_stats()["session"]
-    row["server"] = {k: v for k, v in session.items() if k.startswith(("cuda_graph", "spec", "timings"))}
+    row["server"] = {
+        k: v for k, v in session.items() if k.startswith(("cuda_graph", "spec", "timings"))
+    }
     return row
 
 
@@ -198,8 +200,9 @@ def decode_static(model, ids, device: str, tokens: int) -> tuple[float, list]:
 
 
 def bench_decode(args, connect_remote) -> list[dict]:
-    import genie
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    import genie
 
     seq, batch = (16, 2) if args.small else (128, 8)
     ids = torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(2))
@@ -253,7 +256,9 @@ def bench_decode(args, connect_remote) -> list[dict]:
         del eager, rmodel
         genie.synchronize()
         session = client.server_stats()["session"]
-        row["server"] = {k: v for k, v in session.items() if k.startswith(("cuda_graph", "spec", "timings"))}
+        row["server"] = {
+            k: v for k, v in session.items() if k.startswith(("cuda_graph", "spec", "timings"))
+        }
         rows.append(row)
     return rows
 
@@ -280,8 +285,8 @@ def main() -> int:
         )
         return 0
 
-    from genie.runtime.remote import connect, disconnect
     from genie.runtime.loopback import LoopbackServer
+    from genie.runtime.remote import connect, disconnect
 
     rows: list[dict] = []
     errors: list[str] = []

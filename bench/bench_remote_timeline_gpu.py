@@ -134,8 +134,9 @@ def eager_figures(model, x, pick, repeats: int) -> dict:
 
 
 def remote_timeline(build, inputs, pick, dtype, repeats: int, spin: int) -> dict:
-    import genie
     from bench_remote_gpu import REMOTE, to
+
+    import genie
     from genie.runtime.remote import client as C
 
     workdir = Path(tempfile.mkdtemp(prefix="genie-timeline-"))

@@ -25,8 +25,9 @@ import statistics
 import time
 from pathlib import Path
 
-import genie
 import torch
+
+import genie
 from genie.scheduler import GraphCostEstimator, NetworkTopology, Planner, Scheduler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,8 +48,11 @@ def record_gpt2(batch: int, seq: int) -> tuple[genie.Graph, genie.Graph, dict[in
         nxt.cpu()
         model(nxt, past_key_values=out.past_key_values, use_cache=True)
         decode = genie.get_graph()
-    cache = {int(genie._C._storage_id(t)) for layer in out.past_key_values.layers
-             for t in (layer.keys, layer.values)}
+    cache = {
+        int(genie._C._storage_id(t))
+        for layer in out.past_key_values.layers
+        for t in (layer.keys, layer.values)
+    }
     resident = {s: "gpu0" for s in decode.input_storages if s not in decode.constants}
     resident.update(dict.fromkeys(cache, "gpu0"))
     genie.synchronize()
@@ -131,29 +135,51 @@ def main() -> None:
     for strat in STRATEGIES:
         rows.append({"graph": "gpt2 prefill", **measure(prefill, topo, strat, repeats)})
     rows.append({"graph": "gpt2 decode", **measure(decode, topo, "auto", repeats, resident)})
-    header = (f"{'graph':<14}{'strategy':<12}{'chosen':<12}{'cold ms':>9}{'cold(h) ms':>11}"
-              f"{'cached ms':>10}{'rebind ms':>10}{'frags':>6}{'xfers':>6}{'est ms':>8}")
-    print(f"GPT-2 12 layers, batch 8, seq 128: {len(prefill.nodes)} nodes (prefill), "
-          f"{len(decode.nodes)} (decode); {args.devices}x H100; hash alone {hash_ms:.2f} ms")
+    header = (
+        f"{'graph':<14}{'strategy':<12}{'chosen':<12}{'cold ms':>9}{'cold(h) ms':>11}"
+        f"{'cached ms':>10}{'rebind ms':>10}{'frags':>6}{'xfers':>6}{'est ms':>8}"
+    )
+    print(
+        f"GPT-2 12 layers, batch 8, seq 128: {len(prefill.nodes)} nodes (prefill), "
+        f"{len(decode.nodes)} (decode); {args.devices}x H100; hash alone {hash_ms:.2f} ms"
+    )
     print(header)
     print("-" * len(header))
     for r, strat in zip(rows, list(STRATEGIES) + ["auto"], strict=True):
-        print(f"{r['graph']:<14}{strat:<12}{r['strategy']:<12}{r['cold_ms']:>9.2f}"
-              f"{r['cold_hash_known_ms']:>11.2f}{r['cached_ms']:>10.3f}{r['cached_new_recording_ms']:>10.2f}"
-              f"{r['fragments']:>6}{r['transfers']:>6}{r['estimated_ms']:>8.2f}")
+        print(
+            f"{r['graph']:<14}{strat:<12}{r['strategy']:<12}{r['cold_ms']:>9.2f}"
+            f"{r['cold_hash_known_ms']:>11.2f}{r['cached_ms']:>10.3f}{r['cached_new_recording_ms']:>10.2f}"
+            f"{r['fragments']:>6}{r['transfers']:>6}{r['estimated_ms']:>8.2f}"
+        )
     goals = {"cold_ms": 20.0, "cached_ms": 0.5}
     auto = rows[0]
-    print(f"goal: cold <= {goals['cold_ms']} ms -> {auto['cold_ms']:.2f} ms; "
-          f"cached <= {goals['cached_ms']} ms -> {auto['cached_ms']:.3f} ms (auto strategy)")
+    print(
+        f"goal: cold <= {goals['cold_ms']} ms -> {auto['cold_ms']:.2f} ms; "
+        f"cached <= {goals['cached_ms']} ms -> {auto['cached_ms']:.3f} ms (auto strategy)"
+    )
     result = {
         "benchmark": "scheduler",
-        "graph": {"model": "gpt2", "layers": 12, "batch": 8, "seq": 128, "nodes": len(prefill.nodes),
-                  "decode_nodes": len(decode.nodes), "hash": h[:16], "hash_ms": hash_ms},
+        "graph": {
+            "model": "gpt2",
+            "layers": 12,
+            "batch": 8,
+            "seq": 128,
+            "nodes": len(prefill.nodes),
+            "decode_nodes": len(decode.nodes),
+            "hash": h[:16],
+            "hash_ms": hash_ms,
+        },
         "topology": f"{args.devices}x H100 (NVLink), client over 100 GbE",
         "goals_ms": goals,
-        "rows": [dict(r, requested=s) for r, s in zip(rows, list(STRATEGIES) + ["auto"], strict=True)],
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "cpus": os.cpu_count(), "platform": platform.platform()},
+        "rows": [
+            dict(r, requested=s) for r, s in zip(rows, list(STRATEGIES) + ["auto"], strict=True)
+        ],
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
     }
     out = ROOT / "bench" / "results" / "scheduler.json"
     out.parent.mkdir(parents=True, exist_ok=True)

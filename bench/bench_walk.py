@@ -43,8 +43,9 @@ def _use_tree(tree: str) -> None:
 
 
 def trace(speculate: bool) -> dict:
-    import genie
     import torch
+
+    import genie
     from genie.runtime.server import Server, ServerConfig
 
     os.environ["GENIE_SPECULATE"] = "1" if speculate else "0"

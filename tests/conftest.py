@@ -36,4 +36,3 @@ def _clean_executor():
     """Each test starts and ends on the embedded default executor with nothing pending."""
     yield
     genie.synchronize()
-

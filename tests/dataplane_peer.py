@@ -35,6 +35,7 @@ import sys
 import time
 
 import torch
+
 from genie.errors import GenieError
 from genie.runtime.protocol import AUTH_OK, REPLY, REQUEST
 from genie.runtime.transports.dpdk import DpdkListener, DpdkTransport

@@ -10,9 +10,10 @@ Plain asserts (PYTEST_DONT_REWRITE: test modules import it before pytest could r
 
 from __future__ import annotations
 
-import genie
 import pytest
 import torch
+
+import genie
 from genie.runtime.executor import install_executor
 from genie.runtime.loopback import LoopbackServer
 from genie.runtime.multi_device import MultiDeviceExecutor

@@ -13,11 +13,15 @@ def seeded(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
-def gpt2(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, vocab: int = 500, positions: int = 128):
+def gpt2(
+    n_layer: int = 2, n_embd: int = 64, n_head: int = 4, vocab: int = 500, positions: int = 128
+):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     seeded()
-    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=positions)
+    cfg = GPT2Config(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=positions
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -26,8 +30,12 @@ def bert(layers: int = 2, hidden: int = 64, heads: int = 4, vocab: int = 500):
 
     seeded()
     cfg = BertConfig(
-        num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-        intermediate_size=hidden * 4, vocab_size=vocab, max_position_embeddings=128,
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 4,
+        vocab_size=vocab,
+        max_position_embeddings=128,
     )
     return BertModel(cfg).eval()
 
@@ -37,20 +45,43 @@ def vit(layers: int = 2, hidden: int = 64, heads: int = 4, image: int = 32, patc
 
     seeded()
     cfg = ViTConfig(
-        num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-        intermediate_size=hidden * 4, image_size=image, patch_size=patch,
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 4,
+        image_size=image,
+        patch_size=patch,
     )
     return ViTModel(cfg).eval()
 
 
-def clip(hidden: int = 64, layers: int = 2, heads: int = 4, image: int = 32, patch: int = 8, vocab: int = 500):
+def clip(
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    image: int = 32,
+    patch: int = 8,
+    vocab: int = 500,
+):
     from transformers import CLIPConfig, CLIPModel
 
     seeded()
-    text = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                intermediate_size=hidden * 4, vocab_size=vocab, max_position_embeddings=32)
-    vision = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                  intermediate_size=hidden * 4, image_size=image, patch_size=patch)
+    text = dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 4,
+        vocab_size=vocab,
+        max_position_embeddings=32,
+    )
+    vision = dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 4,
+        image_size=image,
+        patch_size=patch,
+    )
     cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
     return CLIPModel(cfg).eval()
 
@@ -67,7 +98,9 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.down = None
         if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.down = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         identity = x if self.down is None else self.down(x)
@@ -81,8 +114,12 @@ class ResNet(nn.Module):
 
     def __init__(self, widths=(16, 32, 64), classes: int = 10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
-                                  nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
         layers, cin = [], widths[0]
         for i, w in enumerate(widths):
             layers += [BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w)]

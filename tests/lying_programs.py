@@ -19,11 +19,12 @@ import random
 import sys
 
 import torch
+from remote_fixtures import BytesTransport, run_request, small_program
+
 from genie.runtime import protocol as P
 from genie.runtime.program import program_key as _key
 from genie.runtime.server import Server, ServerConfig, Session
 from genie.runtime.transports.base import Frame
-from remote_fixtures import BytesTransport, run_request, small_program
 
 KINDS = {"protocol", "execution", "remote", "oom", "unknown_program", "peer", "internal"}
 LIMITS = P.Limits(

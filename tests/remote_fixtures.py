@@ -13,9 +13,10 @@ import subprocess
 import sys
 import textwrap
 
-import genie
 import pytest
 import torch
+
+import genie
 from genie.errors import TransportError
 from genie.runtime import protocol as P
 from genie.runtime.loopback import LoopbackServer

@@ -9,9 +9,9 @@ import threading
 import numpy as np
 import pytest
 import torch
+from fakes import REMOTE, gpt2
 
 import genie
-from fakes import REMOTE, gpt2
 
 
 def both(fn):
@@ -23,13 +23,13 @@ def both(fn):
 def test_view_and_inplace_chain():
     def prog(dev):
         x = torch.arange(24.0, device=dev).reshape(4, 6)
-        v = x[1:3, ::2]          # strided view
-        v.mul_(10)               # in-place through the view changes x
-        t = x.t()                # transpose view
-        t[0].add_(100)           # in-place on a view of a view
+        v = x[1:3, ::2]  # strided view
+        v.mul_(10)  # in-place through the view changes x
+        t = x.t()  # transpose view
+        t[0].add_(100)  # in-place on a view of a view
         x.unsqueeze(0).squeeze_(0)
         y = x.view(-1)[5:].clone()
-        x.zero_()                # y is a clone: unaffected
+        x.zero_()  # y is a clone: unaffected
         return torch.stack([y[:5], torch.zeros(5, device=dev)]).cpu(), x.cpu()
 
     (a1, a2), (b1, b2) = both(prog)
@@ -40,8 +40,8 @@ def test_out_variant_and_resize():
     def prog(dev):
         a = torch.arange(6.0, device=dev)
         out = torch.empty(0, device=dev)
-        torch.add(a, 1, out=out)         # out= resizes an empty tensor
-        torch.mul(out, 2, out=out)       # out aliases an input
+        torch.add(a, 1, out=out)  # out= resizes an empty tensor
+        torch.mul(out, 2, out=out)  # out aliases an input
         r = torch.empty(2, device=dev)
         r.resize_(3, 2).fill_(5)
         return out.cpu(), r.cpu()
@@ -53,8 +53,8 @@ def test_out_variant_and_resize():
 def test_aliasing_between_inputs():
     def prog(dev):
         x = torch.arange(5.0, device=dev)
-        x.add_(x)                         # same storage as both inputs
-        x[1:].copy_(x[:-1].clone())       # overlapping copy through views
+        x.add_(x)  # same storage as both inputs
+        x[1:].copy_(x[:-1].clone())  # overlapping copy through views
         return x.cpu()
 
     a, b = both(prog)
@@ -77,8 +77,8 @@ def test_split_and_unbind_views_share_storage():
 def test_write_after_read_hazard_is_ordered():
     """A later in-place write must not leak into an earlier read that has not run yet."""
     x = torch.ones(4, device=REMOTE)
-    y = x * 2              # reads x before the write
-    x.add_(5)              # only x's value is asked for first
+    y = x * 2  # reads x before the write
+    x.add_(5)  # only x's value is asked for first
     assert torch.equal(x.cpu(), torch.full((4,), 6.0))
     assert torch.equal(y.cpu(), torch.full((4,), 2.0))
 
@@ -87,7 +87,7 @@ def test_dead_code_is_never_run():
     before = genie.stats()
     x = torch.ones(8, device=REMOTE)
     for _ in range(5):
-        x.exp()            # nobody keeps these
+        x.exp()  # nobody keeps these
     r = (x + 1).cpu()
     after = genie.stats()
     assert torch.equal(r, torch.full((8,), 2.0))
@@ -130,7 +130,7 @@ def test_manual_seed_reproduces_eager_cpu(seed):
         return [t.cpu() for t in (a, b, c, d, e, f, g)]
 
     eager, remote = both(prog)
-    for x, y in zip(eager, remote):
+    for x, y in zip(eager, remote, strict=True):
         assert torch.equal(x, y)
 
 
@@ -179,11 +179,11 @@ def test_data_dependent_ops():
         nz = torch.nonzero(x > 0)
         u = torch.unique(x)
         ms = torch.masked_select(x, x < 1)
-        bi = x[x > 0] * 2          # result feeds more lazy work
+        bi = x[x > 0] * 2  # result feeds more lazy work
         return [t.cpu() for t in (nz, u, ms, bi)] + [bool(torch.equal(x, x))]
 
     eager, remote = both(prog)
-    for a, b in zip(eager[:-1], remote[:-1]):
+    for a, b in zip(eager[:-1], remote[:-1], strict=True):
         assert torch.equal(a, b)
     assert eager[-1] == remote[-1] is True
 
@@ -219,7 +219,7 @@ def test_backward_and_optimizer_step_match_eager():
 
     (l1, p1), (l2, p2) = both(prog)
     assert l1 == l2
-    for a, b in zip(p1, p2):
+    for a, b in zip(p1, p2, strict=True):
         assert torch.equal(a, b)
 
 
@@ -243,7 +243,9 @@ def test_gpt2_training_step_matches_eager():
 
 # -- memory -----------------------------------------------------------------------------------
 def test_memory_stays_flat_over_1000_forwards():
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).to(REMOTE)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)
+    ).to(REMOTE)
     x = torch.randn(4, 32).to(REMOTE)
     with torch.no_grad():
         for i in range(1000):
@@ -297,7 +299,7 @@ def test_failure_at_run_time_names_op_and_shapes():
     # An op whose meta kernel accepts the input but whose CPU kernel refuses it.
     x = torch.tensor([1.0, 2.0], device=REMOTE)
     idx = torch.tensor([5], device=REMOTE)
-    y = x.index_select(0, idx)      # out of range: only the real kernel can tell
+    y = x.index_select(0, idx)  # out of range: only the real kernel can tell
     with pytest.raises(genie.ExecutionError, match=r"index_select.*i64\[1\]"):
         y.cpu()
     # The error sticks to what depended on it, and the device keeps working.
@@ -309,7 +311,7 @@ def test_failure_at_run_time_names_op_and_shapes():
 def test_modifying_a_captured_cpu_input_before_it_runs_is_an_error():
     w = torch.ones(3)
     with genie.capture():
-        y = torch.zeros(3) + w     # w becomes a graph input (not copied)
+        y = torch.zeros(3) + w  # w becomes a graph input (not copied)
     w.add_(1)
     with pytest.raises(genie.ExecutionError, match="modified in place"):
         y.cpu()
@@ -328,7 +330,7 @@ def test_native_layer_norm_all_outputs_match_eager(shape, normalized):
     b = torch.randn(*normalized, generator=g)
     ref = torch.native_layer_norm(x, normalized, w, b, 1e-5)
     out = torch.native_layer_norm(x.to(REMOTE), normalized, w.to(REMOTE), b.to(REMOTE), 1e-5)
-    for r, o in zip(ref, out):
+    for r, o in zip(ref, out, strict=True):
         assert o.shape == r.shape and o.stride() == r.stride()
         assert torch.equal(o.cpu(), r)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fakes import REMOTE
 
 import genie
-from fakes import REMOTE
 
 
 def test_factories_and_to():

@@ -5,9 +5,10 @@ changes."""
 from __future__ import annotations
 
 import fakes
-import genie
 import pytest
 import torch
+
+import genie
 from genie import _C
 from genie.runtime.program import encode_program
 

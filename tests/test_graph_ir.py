@@ -7,14 +7,16 @@ import json
 import networkx as nx
 import pytest
 import torch
+from fakes import REMOTE, gpt2
 
 import genie
-from fakes import REMOTE, gpt2
 
 
 def _record_mlp(x_value=None):
     torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).to(REMOTE)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).to(
+        REMOTE
+    )
     x = (x_value if x_value is not None else torch.randn(2, 8)).to(REMOTE)
     return m(x)
 

@@ -4,10 +4,11 @@ the embedded one, a loopback server over TCP and over DPDK, and two devices at o
 
 from __future__ import annotations
 
-import genie
 import pytest
 import torch
 from fakes import REMOTE, bert, clip, dlrm, dlrm_inputs, gpt2, resnet, to_cpu, to_remote, vit
+
+import genie
 
 pytest_plugins = ["executors"]
 

@@ -12,9 +12,10 @@ import sys
 import textwrap
 import time
 
-import genie
 import pytest
 import torch
+
+import genie
 from genie.runtime.loopback import LoopbackServer
 from genie.runtime.remote import connect
 

@@ -14,14 +14,15 @@ import textwrap
 import threading
 import time
 
-import genie
 import pytest
 import torch
+from remote_fixtures import RawClient, free_port
+
+import genie
 from genie.errors import ExecutionError, RemoteError, TransportError
 from genie.runtime import protocol as P
 from genie.runtime.loopback import LoopbackServer
 from genie.runtime.remote import connect, connect_from_env, disconnect, servers_from_topology
-from remote_fixtures import RawClient, free_port
 
 pytest_plugins = ["remote_fixtures"]
 

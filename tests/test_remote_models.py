@@ -9,9 +9,10 @@ import subprocess
 import sys
 import textwrap
 
-import genie
 import pytest
 import torch
+
+import genie
 
 pytest_plugins = ["remote_fixtures"]
 
@@ -180,6 +181,7 @@ def test_cuda_server_replays_cuda_graphs_and_matches_eager_cuda():
     """On a CUDA server, a repeated program is captured as a CUDA graph and replayed; results
     equal eager on the same GPU, and a decode loop (shapes change every step, no graphs) too."""
     from fakes import bert, gpt2
+
     from genie.runtime.loopback import LoopbackServer
     from genie.runtime.remote import connect
 

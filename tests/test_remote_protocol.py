@@ -11,17 +11,8 @@ import random
 import socket
 import time
 
-import genie
 import pytest
 import torch
-from genie.errors import GenieError, RemoteError, TransportError
-from genie.runtime import protocol as P
-from genie.runtime.loopback import LoopbackServer
-from genie.runtime.program import encode_program
-from genie.runtime.program import program_key as _key
-from genie.runtime.remote import RemoteExecutor, connect
-from genie.runtime.server import Server, ServerConfig, Session
-from genie.runtime.transports.base import Frame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from remote_fixtures import (
@@ -32,6 +23,16 @@ from remote_fixtures import (
     run_request,
     small_program,
 )
+
+import genie
+from genie.errors import GenieError, RemoteError, TransportError
+from genie.runtime import protocol as P
+from genie.runtime.loopback import LoopbackServer
+from genie.runtime.program import encode_program
+from genie.runtime.program import program_key as _key
+from genie.runtime.remote import RemoteExecutor, connect
+from genie.runtime.server import Server, ServerConfig, Session
+from genie.runtime.transports.base import Frame
 
 pytest_plugins = ["remote_fixtures"]
 

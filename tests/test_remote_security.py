@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from remote_fixtures import RawClient, healthy
+
 from genie.runtime import protocol as P
 from genie.runtime.loopback import LoopbackServer
 from genie.runtime.program import program_key as _key
 from genie.runtime.transports.base import pack_prefix
-from remote_fixtures import RawClient, healthy
 
 pytest_plugins = ["remote_fixtures"]
 

@@ -7,14 +7,15 @@ from __future__ import annotations
 import io
 import random
 
-import genie
 import pytest
 import torch
+from remote_fixtures import DEVICE, BytesTransport, RawClient, run_request, small_program
+
+import genie
 from genie.runtime import protocol as P
 from genie.runtime.program import ProgramCache, encode_program
 from genie.runtime.server import Server, ServerConfig, Session
 from genie.runtime.transports.base import Frame
-from remote_fixtures import DEVICE, BytesTransport, RawClient, run_request, small_program
 
 pytest_plugins = ["remote_fixtures"]
 

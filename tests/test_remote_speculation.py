@@ -5,10 +5,11 @@ guess was right or not."""
 from __future__ import annotations
 
 import fakes
-import genie
 import pytest
 import torch
 from torch import nn
+
+import genie
 
 pytest_plugins = ["remote_fixtures"]
 transformers = pytest.importorskip("transformers")
@@ -17,7 +18,9 @@ DEVICE = "remote_accelerator:0"
 
 
 def _counts(client) -> dict:
-    return {k: client.counters[k] for k in ("spec_sent", "spec_started", "spec_hits", "runs_by_digest")}
+    return {
+        k: client.counters[k] for k in ("spec_sent", "spec_started", "spec_hits", "runs_by_digest")
+    }
 
 
 @torch.no_grad()
@@ -57,7 +60,9 @@ def test_hf_dynamic_cache_forward_speculates_over_its_empty_upload(remote):
 @torch.no_grad()
 def test_static_cache_decode_is_one_program_started_early(remote):
     def decode(model, ids, device, steps):
-        cache = transformers.StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 1)
+        cache = transformers.StaticCache(
+            config=model.config, max_cache_len=ids.shape[1] + steps + 1
+        )
         pos = torch.arange(ids.shape[1], device=device)
         o = model(ids, past_key_values=cache, use_cache=True, cache_position=pos)
         tok, pos, out = o.logits[:, -1:].argmax(-1), pos[-1:] + 1, []

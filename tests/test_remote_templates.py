@@ -7,9 +7,11 @@ from __future__ import annotations
 import dataclasses
 
 import fakes
-import genie
 import pytest
 import torch
+from remote_fixtures import DEVICE
+
+import genie
 from genie import _C
 from genie.errors import ExecutionError, ProtocolError
 from genie.runtime import protocol as P
@@ -20,7 +22,6 @@ from genie.runtime.remote.namer import Known as _Known
 from genie.runtime.remote.namer import make_template as _make_template
 from genie.runtime.replay import Environment
 from genie.runtime.server import Server, ServerConfig
-from remote_fixtures import DEVICE
 
 pytest_plugins = ["remote_fixtures"]
 pytest.importorskip("transformers")

@@ -8,6 +8,7 @@ import io
 import json
 
 import pytest
+
 from genie.scheduler.cli import add_schedule_arguments, schedule_command
 
 
@@ -21,7 +22,9 @@ def _args(*argv: str) -> argparse.Namespace:
 def test_schedule_prints_schedule_and_plan(tmp_path):
     out = io.StringIO()
     path = tmp_path / "s.json"
-    rc = schedule_command(_args("vqa", "--schedule", "--devices", "2", "--schedule-json", str(path)), out=out)
+    rc = schedule_command(
+        _args("vqa", "--schedule", "--devices", "2", "--schedule-json", str(path)), out=out
+    )
     text = out.getvalue()
     assert rc == 0
     assert "strategy=parallel" in text and "gpu0" in text and "gpu1" in text
@@ -32,11 +35,15 @@ def test_schedule_prints_schedule_and_plan(tmp_path):
 
 def test_schedule_with_a_topology_file(tmp_path):
     topo = tmp_path / "cluster.toml"
-    topo.write_text('[[device]]\nname = "big"\ntype = "H200"\n[[device]]\nname = "small"\ntype = "L4"\n'
-                    '[[link]]\na = "client"\nb = "big"\nbandwidth_gbps = 100\n'
-                    '[[link]]\na = "big"\nb = "small"\nkind = "pcie4"\n')
+    topo.write_text(
+        '[[device]]\nname = "big"\ntype = "H200"\n[[device]]\nname = "small"\ntype = "L4"\n'
+        '[[link]]\na = "client"\nb = "big"\nbandwidth_gbps = 100\n'
+        '[[link]]\na = "big"\nb = "small"\nkind = "pcie4"\n'
+    )
     out = io.StringIO()
-    rc = schedule_command(_args("resnet", "--schedule", "--topology", str(topo), "--strategy", "pipeline"), out=out)
+    rc = schedule_command(
+        _args("resnet", "--schedule", "--topology", str(topo), "--strategy", "pipeline"), out=out
+    )
     assert rc == 0
     assert "strategy=pipeline" in out.getvalue() and "small" in out.getvalue()
 
@@ -45,7 +52,12 @@ def test_draw_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "schedule.png"
     out = io.StringIO()
-    assert schedule_command(_args("gpt2", "--schedule", "--strategy", "pipeline", "--draw", str(png)), out=out) == 0
+    assert (
+        schedule_command(
+            _args("gpt2", "--schedule", "--strategy", "pipeline", "--draw", str(png)), out=out
+        )
+        == 0
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -58,7 +70,9 @@ def test_draw_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
         return real_import(name, *a, **kw)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    rc = schedule_command(_args("resnet", "--schedule", "--draw", str(tmp_path / "x.png")), out=io.StringIO())
+    rc = schedule_command(
+        _args("resnet", "--schedule", "--draw", str(tmp_path / "x.png")), out=io.StringIO()
+    )
     assert rc == 1
     assert "needs matplotlib" in capsys.readouterr().err
 

@@ -3,13 +3,14 @@ queueing times, calibration from measured times."""
 
 from __future__ import annotations
 
-import genie
 import pytest
 import torch
 from fakes import REMOTE
+from torch.utils.flop_counter import FlopCounterMode
+
+import genie
 from genie.graph import Node, TensorMeta
 from genie.scheduler import DeviceSpec, GraphCostEstimator, NetworkTopology, node_cost, op_family
-from torch.utils.flop_counter import FlopCounterMode
 
 
 def _recorded(fn, *shapes, name: str):
@@ -35,7 +36,9 @@ def test_matmul_flops_are_exact(m, k, n):
 
 
 def test_addmm_bmm_linear_flops_are_exact():
-    node, ref = _recorded(lambda b, x, w: torch.addmm(b, x, w), (16,), (8, 32), (32, 16), name="addmm")
+    node, ref = _recorded(
+        lambda b, x, w: torch.addmm(b, x, w), (16,), (8, 32), (32, 16), name="addmm"
+    )
     assert node_cost(node).flops == 2 * 8 * 32 * 16 == ref
     node, ref = _recorded(torch.bmm, (4, 8, 32), (4, 32, 16), name="bmm")
     assert node_cost(node).flops == 2 * 4 * 8 * 32 * 16 == ref
@@ -54,7 +57,9 @@ def test_addmm_bmm_linear_flops_are_exact():
     ],
 )
 def test_conv_flops_are_exact(x, w, kw):
-    node, ref = _recorded(lambda a, b: torch.nn.functional.conv2d(a, b, **kw), x, w, name="convolution")
+    node, ref = _recorded(
+        lambda a, b: torch.nn.functional.conv2d(a, b, **kw), x, w, name="convolution"
+    )
     out = node.outputs[0].shape
     expected = 2 * out[0] * w[0] * out[2] * out[3] * w[1] * w[2] * w[3]
     cost = node_cost(node)
@@ -63,8 +68,12 @@ def test_conv_flops_are_exact(x, w, kw):
 
 
 def test_transposed_conv_flops_match_torch():
-    node, ref = _recorded(lambda a, b: torch.nn.functional.conv_transpose2d(a, b, stride=2),
-                          (2, 8, 5, 5), (8, 4, 3, 3), name="convolution")
+    node, ref = _recorded(
+        lambda a, b: torch.nn.functional.conv_transpose2d(a, b, stride=2),
+        (2, 8, 5, 5),
+        (8, 4, 3, 3),
+        name="convolution",
+    )
     assert node_cost(node).flops == ref
 
 
@@ -72,8 +81,11 @@ def test_attention_flops():
     f = torch.nn.functional.scaled_dot_product_attention
     b, h, sq, sk, d = 2, 4, 16, 24, 8
     torch.manual_seed(0)
-    q, k, v = (torch.randn(b, h, sq, d).to(REMOTE), torch.randn(b, h, sk, d).to(REMOTE),
-               torch.randn(b, h, sk, d).to(REMOTE))
+    q, k, v = (
+        torch.randn(b, h, sq, d).to(REMOTE),
+        torch.randn(b, h, sk, d).to(REMOTE),
+        torch.randn(b, h, sk, d).to(REMOTE),
+    )
     out = f(q, k, v)  # noqa: F841
     node = next(n for n in reversed(genie.get_graph().nodes) if op_family(n.op) == "attention")
     assert node_cost(node).flops == 2 * b * h * sq * sk * d * 2
@@ -88,8 +100,14 @@ def test_families_and_views():
     assert op_family("aten::gelu.default") == "elementwise"
     # A view (output aliasing its input) runs no kernel and costs nothing.
     src = TensorMeta(7, torch.float32, (8, 8), (8, 1), 0, 256)
-    view = Node(1, "aten::t.default", [("tensor", 0)], [src],
-                [TensorMeta(7, torch.float32, (8, 8), (1, 8), 0, 256)], output_alias=[0])
+    view = Node(
+        1,
+        "aten::t.default",
+        [("tensor", 0)],
+        [src],
+        [TensorMeta(7, torch.float32, (8, 8), (1, 8), 0, 256)],
+        output_alias=[0],
+    )
     c = node_cost(view)
     assert (c.family, c.flops, c.bytes) == ("view", 0.0, 0.0)
     assert GraphCostEstimator().node_time(view, DeviceSpec.h100()) == 0.0
@@ -102,11 +120,17 @@ def test_presets_use_published_figures():
     assert h100.memory_bandwidth == pytest.approx(3.35e12) and h100.memory_bytes == 80 * 10**9
     assert h200.peak_flops == h100.peak_flops
     assert h200.memory_bandwidth == pytest.approx(4.8e12) and h200.memory_bytes == 141 * 10**9
-    assert a100.peak_flops["bf16"] == pytest.approx(312e12) and a100.peak_flops["fp32"] == pytest.approx(19.5e12)
+    assert a100.peak_flops["bf16"] == pytest.approx(312e12) and a100.peak_flops[
+        "fp32"
+    ] == pytest.approx(19.5e12)
     assert a100.memory_bandwidth == pytest.approx(2.039e12)
-    assert l4.peak_flops["bf16"] == pytest.approx(121e12) and l4.peak_flops["fp32"] == pytest.approx(30.3e12)
+    assert l4.peak_flops["bf16"] == pytest.approx(121e12) and l4.peak_flops[
+        "fp32"
+    ] == pytest.approx(30.3e12)
     assert l4.memory_bandwidth == pytest.approx(300e9) and l4.memory_bytes == 24 * 10**9
-    cpu = DeviceSpec.cpu(cores=4, gflops_per_core=10, memory_bandwidth_gb_s=20, memory_bytes=1 << 30)
+    cpu = DeviceSpec.cpu(
+        cores=4, gflops_per_core=10, memory_bandwidth_gb_s=20, memory_bytes=1 << 30
+    )
     assert cpu.peak_flops["fp32"] == pytest.approx(40e9) and cpu.memory_bytes == 1 << 30
     assert DeviceSpec.preset("nvidia-h100").name == "H100"
     with pytest.raises(ValueError, match="unknown device preset"):
@@ -115,16 +139,25 @@ def test_presets_use_published_figures():
 
 def _node(op, ins, outs, dtype=torch.bfloat16, alias=None):
     """A hand-made node (nothing runs): tensors of the given shapes, contiguous."""
+
     def meta(i, shape):
         stride, acc = [], 1
         for d in reversed(shape):
             stride.insert(0, acc)
             acc *= d
         return TensorMeta(i, dtype, tuple(shape), tuple(stride), 0, acc * dtype.itemsize)
+
     inputs = [meta(i + 1, sh) for i, sh in enumerate(ins)]
     outputs = [meta(100 + i, sh) for i, sh in enumerate(outs)]
-    return Node(1, op, [("tensor", i) for i in range(len(ins))], inputs, outputs,
-                output_alias=alias or [-1] * len(outs), fresh=[o.storage for o in outputs])
+    return Node(
+        1,
+        op,
+        [("tensor", i) for i in range(len(ins))],
+        inputs,
+        outputs,
+        output_alias=alias or [-1] * len(outs),
+        fresh=[o.storage for o in outputs],
+    )
 
 
 def test_roofline_compute_and_memory_bound():
@@ -140,8 +173,12 @@ def test_roofline_compute_and_memory_bound():
     assert est.node_time(relu, h100) == pytest.approx(expect_relu)  # memory bound
     # An A100 is 989.4/312 slower for the matmul and 3.35/2.039 for the relu.
     over = h100.launch_overhead_s
-    assert (est.node_time(mm, a100) - over) / (est.node_time(mm, h100) - over) == pytest.approx(989.4 / 312)
-    assert (est.node_time(relu, a100) - over) / (est.node_time(relu, h100) - over) == pytest.approx(3.35 / 2.039)
+    assert (est.node_time(mm, a100) - over) / (est.node_time(mm, h100) - over) == pytest.approx(
+        989.4 / 312
+    )
+    assert (est.node_time(relu, a100) - over) / (est.node_time(relu, h100) - over) == pytest.approx(
+        3.35 / 2.039
+    )
     # fp32 matmuls run at the fp32 rate unless TF32 is allowed.
     assert h100.matmul_flops(torch.float32) == pytest.approx(67e12)
     assert h100.with_(allow_tf32=True).matmul_flops(torch.float32) == pytest.approx(494.7e12)
@@ -179,7 +216,9 @@ def test_calibration_learns_measured_times():
     assert est.version != v0  # schedules cached under the old figures are not reused
     relu = next(n for n in g.nodes if n.name == "relu")
     assert est.calibration_factor(h100, "elementwise") == 1.0  # other families untouched
-    assert est.node_time(relu, DeviceSpec.a100()) == GraphCostEstimator().node_time(relu, DeviceSpec.a100())
+    assert est.node_time(relu, DeviceSpec.a100()) == GraphCostEstimator().node_time(
+        relu, DeviceSpec.a100()
+    )
     # Fragment-level observations spread over families by predicted share.
     est2 = GraphCostEstimator(smoothing=1.0)
     t = est2.node_time(mm, h100) + est2.node_time(relu, h100)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 
-import genie
 import pytest
 import torch
 from fakes import REMOTE, gpt2, resnet
+from torch import nn
+
+import genie
 from genie import _C
 from genie.runtime.executor import install_executor, use_local
 from genie.runtime.multi_device import MultiDeviceExecutor
@@ -19,18 +21,18 @@ from genie.scheduler import (
     NetworkTopology,
     Scheduler,
 )
-from torch import nn
 
 
-def cpu_topology(n: int = 2, *, memory: int | None = None, link_gbps: float = 80.0,
-                 client_gbps: float = 160.0) -> NetworkTopology:
+def cpu_topology(
+    n: int = 2, *, memory: int | None = None, link_gbps: float = 80.0, client_gbps: float = 160.0
+) -> NetworkTopology:
     topo = NetworkTopology()
     names = [f"cpu{i}" for i in range(n)]
     for name in names:
         topo.add_device(name, DeviceSpec.cpu(cores=2, memory_bytes=memory or 8 << 30))
         topo.add_link("client", name, bandwidth_gbps=client_gbps, latency_us=2)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             topo.add_link(a, b, bandwidth_gbps=link_gbps, latency_us=5)
     return topo
 
@@ -40,10 +42,18 @@ def multi():
     """Installs a MultiDeviceExecutor over CPU environments named as the topology's devices."""
 
     def make(topology: NetworkTopology, strategy="auto", **kwargs) -> MultiDeviceExecutor:
-        scheduler = Scheduler(GraphCostEstimator(), topology, strategy=strategy,
-                              optimizer=kwargs.pop("optimizer", None))
-        ex = MultiDeviceExecutor({d: "cpu" for d in topology.device_names}, topology=topology,
-                                 scheduler=scheduler, **kwargs)
+        scheduler = Scheduler(
+            GraphCostEstimator(),
+            topology,
+            strategy=strategy,
+            optimizer=kwargs.pop("optimizer", None),
+        )
+        ex = MultiDeviceExecutor(
+            {d: "cpu" for d in topology.device_names},
+            topology=topology,
+            scheduler=scheduler,
+            **kwargs,
+        )
         install_executor(ex)
         return ex
 
@@ -74,8 +84,11 @@ def test_gpt2_prefill_and_decode_split_over_two_devices(multi, concurrent):
 
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     cache = out.past_key_values
-    homes = {int(_C._storage_id(t)): ex._home[int(_C._storage_id(t))]
-             for layer in cache.layers for t in (layer.keys, layer.values)}
+    homes = {
+        int(_C._storage_id(t)): ex._home[int(_C._storage_id(t))]
+        for layer in cache.layers
+        for t in (layer.keys, layer.values)
+    }
     assert set(homes.values()) == {"cpu0", "cpu1"}  # the pipeline left one layer on each
     out2 = rmodel(nxt, past_key_values=cache, use_cache=True)
     assert torch.equal(out2.logits.cpu(), ref2.logits)
@@ -188,15 +201,18 @@ def test_two_genie_serve_endpoints_are_two_devices(tmp_path):
         toml = ""
         for name, srv in (("s0", s0), ("s1", s1)):
             (tmp_path / name).write_text(srv.token)
-            toml += (f'[[device]]\nname = "{name}"\ntype = "CPU"\nendpoint = "tcp://{srv.address}"\n'
-                     f'token_file = "{tmp_path / name}"\n')
+            toml += (
+                f'[[device]]\nname = "{name}"\ntype = "CPU"\nendpoint = "tcp://{srv.address}"\n'
+                f'token_file = "{tmp_path / name}"\n'
+            )
         toml += '[[link]]\na = "s0"\nb = "s1"\nkind = "loopback"\n'
         for name in ("s0", "s1"):
             toml += f'[[link]]\na = "client"\nb = "{name}"\nkind = "loopback"\n'
         (tmp_path / "cluster.toml").write_text(toml)
         topo = NetworkTopology.from_file(tmp_path / "cluster.toml")
-        ex = MultiDeviceExecutor.from_topology(topo, scheduler=Scheduler(network_topology=topo,
-                                                                          strategy="pipeline"))
+        ex = MultiDeviceExecutor.from_topology(
+            topo, scheduler=Scheduler(network_topology=topo, strategy="pipeline")
+        )
         install_executor(ex)
         try:
             out = copy.deepcopy(model).to(REMOTE)(ids.to(REMOTE)).logits.cpu()

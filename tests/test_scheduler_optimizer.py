@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import copy
 
-import genie
 import pytest
 import torch
 from fakes import REMOTE, gpt2, resnet
+
+import genie
 from genie.scheduler import (
     PASSES,
     AdaptiveOptimizer,
@@ -50,7 +51,9 @@ def test_decode_colocation_puts_the_decode_phase_on_one_device():
         n.meta["execution_phase"] = "decode"  # as genie.semantic annotates a decode step
     topo = NetworkTopology.uniform(3, "H100")
     opt = SemanticOptimizer(enabled={"decode_colocation"})
-    schedule = Scheduler(network_topology=topo, strategy="priority", optimizer=opt).create_schedule(graph)
+    schedule = Scheduler(network_topology=topo, strategy="priority", optimizer=opt).create_schedule(
+        graph
+    )
     assert len(set(schedule.placement.values())) == 1
     assert all(n.meta.get("genie.colocate") == "decode" for n in graph.nodes if not is_view(n))
 
@@ -67,7 +70,10 @@ def test_early_compute_and_parallel_branches():
         n.meta["semantic_role"] = role
     SemanticOptimizer(enabled={"prefill_parallel"}).apply(graph)
     assert [n.meta.get("genie.parallel_branch") for n in qkv] == [
-        "0:q_projection", "0:k_projection", "0:v_projection"]
+        "0:q_projection",
+        "0:k_projection",
+        "0:v_projection",
+    ]
 
 
 def test_modality_branches_are_marked():

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 
-import genie
 import pytest
 import torch
 import torch.nn.functional as F
 from fakes import REMOTE, gpt2, resnet
+from torch import nn
+
+import genie
 from genie import _C
 from genie.runtime.executor import install_executor, use_local
 from genie.runtime.multi_device import MultiDeviceExecutor
@@ -24,7 +26,6 @@ from genie.scheduler import (
     SemanticOptimizer,
 )
 from genie.scheduler.cost_model import GraphCostEstimator
-from torch import nn
 
 
 def _record(model, *inputs):
@@ -44,7 +45,9 @@ def test_decode_keeps_kv_cache_and_its_ops_on_one_device():
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     nxt.cpu()  # prefill runs; its KV cache stays resident
     cache = out.past_key_values
-    cache_storages = {int(_C._storage_id(t)) for layer in cache.layers for t in (layer.keys, layer.values)}
+    cache_storages = {
+        int(_C._storage_id(t)) for layer in cache.layers for t in (layer.keys, layer.values)
+    }
     model(nxt, past_key_values=cache, use_cache=True)
     graph = genie.get_graph()
     assert cache_storages <= set(graph.input_storages)
@@ -85,8 +88,10 @@ def test_decode_keeps_kv_cache_and_its_ops_on_one_device():
 # -- memory ----------------------------------------------------------------------------------
 def test_memory_that_cannot_fit_names_what_does_not_fit():
     torch.manual_seed(0)
-    graph, _ = _record(nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)).eval(),
-                       torch.randn(4, 256))
+    graph, _ = _record(
+        nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)).eval(),
+        torch.randn(4, 256),
+    )
     topo = NetworkTopology()
     for name in ("a", "b"):
         topo.add_device(name, DeviceSpec.cpu(memory_bytes=100_000))
@@ -97,7 +102,10 @@ def test_memory_that_cannot_fit_names_what_does_not_fit():
     msg = str(err.value)
     assert "does not fit" in msg and "needs" in msg and "has 97.66 KiB" in msg
     assert "256.00 KiB (weight/input)" in msg  # the 256x256 fp32 weight that no device can hold
-    assert err.value.details and err.value.details[0]["peak_bytes"] > err.value.details[0]["capacity_bytes"]
+    assert (
+        err.value.details
+        and err.value.details[0]["peak_bytes"] > err.value.details[0]["capacity_bytes"]
+    )
 
 
 # -- pipelining a CNN ------------------------------------------------------------------------
@@ -162,7 +170,9 @@ def test_recomputation_flips_when_bandwidth_drops():
     assert any(producer.id in f.recomputed for f in gpu1)
     assert producer.outputs[0].storage not in {t.storage for t in plan.transfers}
     # Congestion does what a slow link does.
-    busy = Scheduler(network_topology=_two_gpus(800, utilization=0.9)).create_schedule(graph, pins=pins)
+    busy = Scheduler(network_topology=_two_gpus(800, utilization=0.9)).create_schedule(
+        graph, pins=pins
+    )
     idle = Scheduler(network_topology=_two_gpus(800)).create_schedule(graph, pins=pins)
     assert producer.id in busy.recompute and producer.id not in idle.recompute
 
@@ -175,9 +185,16 @@ class VQA(nn.Module):
     def __init__(self, vocab=300, dim=64, answers=10):
         super().__init__()
         self.vision = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
-            nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-            nn.Conv2d(64, dim, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True))
+            nn.Conv2d(3, 32, 3, padding=1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 3, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(64, dim, 3, padding=1, stride=2, bias=False),
+            nn.BatchNorm2d(dim),
+            nn.ReLU(inplace=True),
+        )
         self.embed = nn.Embedding(vocab, dim)
         layer = nn.TransformerEncoderLayer(dim, 4, dim * 4, dropout=0.0, batch_first=True)
         self.text = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
@@ -203,7 +220,9 @@ def vqa() -> VQA:
 
 def vqa_inputs(side: int, words: int):
     g = torch.Generator().manual_seed(3)
-    return torch.randn(2, 3, side, side, generator=g), torch.randint(0, 300, (2, words), generator=g)
+    return torch.randn(2, 3, side, side, generator=g), torch.randint(
+        0, 300, (2, words), generator=g
+    )
 
 
 @pytest.mark.parametrize("side,words,fusion_side", [(48, 8, "vision"), (8, 1024, "text")])
@@ -269,17 +288,23 @@ def test_semantic_annotations_drive_branches():
 
 
 # -- strategies, pins, cache -----------------------------------------------------------------
-@pytest.mark.parametrize("strategy", ["auto", "sequential", "parallel", "pipeline", "priority", "dynamic"])
+@pytest.mark.parametrize(
+    "strategy", ["auto", "sequential", "parallel", "pipeline", "priority", "dynamic"]
+)
 def test_every_strategy_gives_a_complete_valid_schedule(strategy):
     graph, _ = _record(gpt2(), torch.randint(0, 500, (2, 8)))
     topo = NetworkTopology.uniform(3, "H100")
     schedule = Scheduler(network_topology=topo, strategy=strategy).create_schedule(graph)
     ids = {n.id for n in graph.nodes}
-    assert set(schedule.placement) == ids == set(schedule.node_to_stage) == set(schedule.node_to_group)
+    assert (
+        set(schedule.placement) == ids == set(schedule.node_to_stage) == set(schedule.node_to_group)
+    )
     assert set(schedule.placement.values()) <= set(topo.device_names)
     for nid, g in schedule.node_to_group.items():
         group = schedule.groups[g]
-        assert group.device == schedule.placement[nid] and group.stage == schedule.node_to_stage[nid]
+        assert (
+            group.device == schedule.placement[nid] and group.stage == schedule.node_to_stage[nid]
+        )
     # Stages respect dependencies: a producer's stage never comes after its consumer's.
     for p, c in graph.edges():
         assert schedule.node_to_stage[p] <= schedule.node_to_stage[c]
@@ -292,7 +317,8 @@ def test_pins_are_honoured_and_conflicts_are_errors():
     topo = NetworkTopology.uniform(2, "H100")
     lm_head = [n for n in graph.nodes if n.name == "mm"][-1]
     schedule = Scheduler(network_topology=topo, strategy="sequential").create_schedule(
-        graph, pins={lm_head.id: "gpu1"})
+        graph, pins={lm_head.id: "gpu1"}
+    )
     assert schedule.placement[lm_head.id] == "gpu1"
     lm_head.meta["genie.device"] = "gpu0"
     assert Scheduler(network_topology=topo).create_schedule(graph).placement[lm_head.id] == "gpu0"
@@ -301,7 +327,9 @@ def test_pins_are_honoured_and_conflicts_are_errors():
     cat = next(n for n in graph.nodes if n.name == "cat")  # shares a device with its attention
     attn = next(c for c in graph.consumers(cat) if "attention" in c.op)
     with pytest.raises(PlacementError, match="must share a device"):
-        Scheduler(network_topology=topo).create_schedule(graph, pins={cat.id: "gpu0", attn.id: "gpu1"})
+        Scheduler(network_topology=topo).create_schedule(
+            graph, pins={cat.id: "gpu0", attn.id: "gpu1"}
+        )
 
 
 def test_schedules_are_cached_by_structure_and_rebound_to_new_recordings():
@@ -341,5 +369,7 @@ def test_semantic_optimizer_fusion_groups_stay_together():
     for n in graph.nodes:
         key = n.meta.get("genie.fusion_group")
         if key is not None:
-            groups.setdefault(key, set()).add((schedule.placement[n.id], schedule.node_to_stage[n.id]))
+            groups.setdefault(key, set()).add(
+                (schedule.placement[n.id], schedule.node_to_stage[n.id])
+            )
     assert groups and all(len(v) == 1 for v in groups.values())

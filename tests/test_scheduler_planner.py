@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-import genie
 import pytest
 import torch
 from fakes import REMOTE, gpt2, resnet
+
+import genie
 from genie.runtime.multi_device import MultiDeviceExecutor
 from genie.scheduler import (
     DeviceSpec,
@@ -72,7 +73,9 @@ def test_plans_validate_and_cover_every_node_once(strategy):
     originals = [nid for f in plan.fragments for nid in f.node_ids if nid not in f.recomputed]
     assert sorted(originals) == sorted(n.id for n in graph.nodes)
     for f in plan.fragments:
-        assert {schedule.placement[nid] for nid in f.node_ids if nid not in f.recomputed} <= {f.device}
+        assert {schedule.placement[nid] for nid in f.node_ids if nid not in f.recomputed} <= {
+            f.device
+        }
     for t in plan.transfers:
         assert t.src_device != t.dst_device and t.nbytes > 0
         assert plan.fragments[t.dst_fragment].device == t.dst_device
@@ -88,9 +91,14 @@ def test_validate_rejects_broken_plans():
     schedule = Scheduler(network_topology=topo, strategy="pipeline").create_schedule(graph)
     plan = Planner().generate_plan(graph, None, schedule).validate()
     assert plan.transfers
-    missing = dataclasses.replace(plan, transfers=plan.transfers[1:],
-                                  steps=[s for s in plan.steps if s != ("transfer", plan.transfers[0].id)])
-    with pytest.raises(PlanValidationError, match="neither produced there, uploaded, nor transferred"):
+    missing = dataclasses.replace(
+        plan,
+        transfers=plan.transfers[1:],
+        steps=[s for s in plan.steps if s != ("transfer", plan.transfers[0].id)],
+    )
+    with pytest.raises(
+        PlanValidationError, match="neither produced there, uploaded, nor transferred"
+    ):
         missing.validate()
     frags = [dataclasses.replace(f) for f in plan.fragments]
     frags[0].deps = frags[0].deps + [len(frags) - 1]  # the first fragment waits for the last
@@ -119,5 +127,7 @@ def test_flags_change_the_estimate():
     text = base.format()
     assert "fragment" in text and "transfer" in text
     js = base.to_json()
-    assert js["fragments"] == len(base.fragments) and len(js["transfer_list"]) == len(base.transfers)
+    assert js["fragments"] == len(base.fragments) and len(js["transfer_list"]) == len(
+        base.transfers
+    )
     del out

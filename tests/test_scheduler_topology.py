@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from genie.scheduler import DeviceSpec, NetworkTopology, TopologyError
 
 CLUSTER = """
@@ -74,7 +75,8 @@ def test_routes_take_the_bottleneck_and_sum_latency():
     nbytes = 10**8
     service = nbytes / 5e9
     assert topo.transfer_time(nbytes, "laptop", "l4") == pytest.approx(
-        route.latency + service + service * 0.2 / 0.8)
+        route.latency + service + service * 0.2 / 0.8
+    )
     assert topo.transfer_time(nbytes, "gpu0", "gpu0") == 0.0
 
 
@@ -110,7 +112,10 @@ def test_uniform_and_local():
         ({"device": [{"type": "H100"}]}, "has no name"),
         ({"device": [{"name": "x"}], "link": [{"a": "x", "b": "y"}]}, "unknown node 'y'"),
         ({"device": [{"name": "x", "bogus": 1}]}, "unknown device setting"),
-        ({"device": [{"name": "x"}], "link": [{"a": "client", "b": "x", "bandwidth": -1}]}, "bandwidth > 0"),
+        (
+            {"device": [{"name": "x"}], "link": [{"a": "client", "b": "x", "bandwidth": -1}]},
+            "bandwidth > 0",
+        ),
         ({}, "no devices"),
     ],
 )

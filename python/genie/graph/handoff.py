@@ -35,7 +35,9 @@ class GraphHandoff:
                 refs = [v] if kind == "tensor" else v if kind != "value" else []
                 for r in refs:
                     if r >= len(n.inputs):
-                        problems.append(f"node {n.id} ({n.op}) refers to input {r} of {len(n.inputs)}")
+                        problems.append(
+                            f"node {n.id} ({n.op}) refers to input {r} of {len(n.inputs)}"
+                        )
             for t in n.inputs:
                 if t.storage not in available:
                     problems.append(
@@ -43,8 +45,10 @@ class GraphHandoff:
                         "produces and the handoff does not supply"
                     )
             if len(n.output_alias) != len(n.outputs):
-                problems.append(f"node {n.id} ({n.op}) has {len(n.outputs)} outputs but "
-                                f"{len(n.output_alias)} alias entries")
+                problems.append(
+                    f"node {n.id} ({n.op}) has {len(n.outputs)} outputs but "
+                    f"{len(n.output_alias)} alias entries"
+                )
             for a in n.output_alias:
                 if a >= len(n.inputs):
                     problems.append(f"node {n.id} ({n.op}) output aliases missing input {a}")

@@ -10,7 +10,6 @@ reads. Analyses annotate ``node.meta``; they never build parallel graphs.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,7 +73,9 @@ class TensorMeta:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size() if dtype not in _ITEMSIZE else _ITEMSIZE[dtype]
+    return (
+        torch.empty((), dtype=dtype).element_size() if dtype not in _ITEMSIZE else _ITEMSIZE[dtype]
+    )
 
 
 _ITEMSIZE = {
@@ -320,7 +321,7 @@ class Graph:
         for n in self.nodes:
             target = n.target
             args, kwargs = [], {}
-            for schema_arg, (kind, v) in zip(target._schema.arguments, n.args):
+            for schema_arg, (kind, v) in zip(target._schema.arguments, n.args, strict=False):
                 if kind == "value":
                     val = v
                 elif kind == "tensor":
@@ -365,13 +366,15 @@ class Graph:
         }
 
     def to_dot(self, label: str = "genie") -> str:
-        lines = [f'digraph "{label}" {{', "  rankdir=TB;", '  node [shape=box, fontsize=10];']
+        lines = [f'digraph "{label}" {{', "  rankdir=TB;", "  node [shape=box, fontsize=10];"]
         for s in self._inputs:
             kind = "constant" if s in self.constants else "resident"
             lines.append(f'  s{s} [label="{kind} s{s}", shape=ellipse];')
         for n in self.nodes:
             shape = ",".join(str(list(o.shape)) for o in n.outputs)
-            extra = "".join(f"\\n{k}={n.meta[k]}" for k in ("semantic_role", "execution_phase") if k in n.meta)
+            extra = "".join(
+                f"\\n{k}={n.meta[k]}" for k in ("semantic_role", "execution_phase") if k in n.meta
+            )
             lines.append(f'  n{n.id} [label="{n.name}\\n{shape}{extra}"];')
         last_writer: dict[int, int] = {}
         seen: set[tuple[str, int]] = set()

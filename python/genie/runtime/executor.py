@@ -25,7 +25,9 @@ class Executor(Protocol):
 
     name: str
 
-    def run(self, nodes: list[dict], constants: dict[int, torch.Tensor], targets: list[int]) -> None:
+    def run(
+        self, nodes: list[dict], constants: dict[int, torch.Tensor], targets: list[int]
+    ) -> None:
         """Upload `constants`, then run `nodes` (core dicts, program order)."""
 
     def fetch(self, ref: dict) -> torch.Tensor:

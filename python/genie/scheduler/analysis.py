@@ -215,7 +215,9 @@ class GraphAnalysis:
         if self._kv is not None:
             return self._kv
         units: list[KVUnit] = []
-        annotated = [ci for ci, n in enumerate(self.cnodes) if n.meta.get(META_RESIDENCY) == KV_RESIDENCY]
+        annotated = [
+            ci for ci, n in enumerate(self.cnodes) if n.meta.get(META_RESIDENCY) == KV_RESIDENCY
+        ]
         attention = [ci for ci, c in enumerate(self.costs) if c.family == ATTENTION]
         claimed: set[int] = set()
         for a in attention:
@@ -251,7 +253,8 @@ class GraphAnalysis:
         for u in self.kv_units():
             for s in u.cache_storages:
                 if (resident and s in resident) or (
-                        s not in self.constants and self.storage_bytes.get(s, 0) > 0):
+                    s not in self.constants and self.storage_bytes.get(s, 0) > 0
+                ):
                     return True
         return False
 
@@ -323,8 +326,11 @@ class GraphAnalysis:
             sets = [_bits(ex) for ex in exclusive]
             shares = [sum(weight[i] for i in s) / total for s in sets]
             # A branch does real work: a matrix op (conv, matmul, attention) and a share.
-            heavy = [(s, sh) for s, sh in zip(sets, shares, strict=False)
-                     if sh >= min_share and any(self.costs[i].family in MATRIX_FAMILIES for i in s)]
+            heavy = [
+                (s, sh)
+                for s, sh in zip(sets, shares, strict=False)
+                if sh >= min_share and any(self.costs[i].family in MATRIX_FAMILIES for i in s)
+            ]
             if len(heavy) < 2:
                 continue
             sets = [s for s, _ in heavy]
@@ -335,7 +341,9 @@ class GraphAnalysis:
             in_branch = set().union(*map(set, sets))
             downstream = [i for i in range(ci, n) if i not in in_branch]
             labels = [self._label(s, k) for k, s in enumerate(sets)]
-            logger.debug("genie: %d branches meet at compute node %d (%s)", len(sets), ci, self.cnodes[ci].op)
+            logger.debug(
+                "genie: %d branches meet at compute node %d (%s)", len(sets), ci, self.cnodes[ci].op
+            )
             return Branches(sets, labels, ci, downstream, shared)
         return None
 

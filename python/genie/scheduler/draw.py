@@ -57,8 +57,15 @@ def draw_schedule(
         if not g.node_ids:
             continue
         width = max((g.end - g.start) * scale, 1e-6)
-        ax.barh(ypos[g.device], width, left=g.start * scale, height=0.6,
-                color=cmap(g.stage % 20), edgecolor="black", linewidth=0.3)
+        ax.barh(
+            ypos[g.device],
+            width,
+            left=g.start * scale,
+            height=0.6,
+            color=cmap(g.stage % 20),
+            edgecolor="black",
+            linewidth=0.3,
+        )
     if plan is not None:
         frag_dev = {f.id: f.device for f in plan.fragments}
         node_end = {nid: t[1] for nid, t in schedule.node_times.items()}
@@ -67,13 +74,19 @@ def draw_schedule(
                 continue
             src_nodes = plan.fragments[t.src_fragment].node_ids
             x = max((node_end.get(n, 0.0) for n in src_nodes), default=0.0) * scale
-            ax.annotate("", xy=(x, ypos[t.dst_device]), xytext=(x, ypos[frag_dev[t.src_fragment]]),
-                        arrowprops={"arrowstyle": "->", "color": "red", "lw": 0.6})
+            ax.annotate(
+                "",
+                xy=(x, ypos[t.dst_device]),
+                xytext=(x, ypos[frag_dev[t.src_fragment]]),
+                arrowprops={"arrowstyle": "->", "color": "red", "lw": 0.6},
+            )
     ax.set_yticks(range(len(devices)))
     ax.set_yticklabels(devices)
     ax.set_xlabel("estimated time (ms)")
-    ax.set_title(f"strategy {schedule.strategy}: {len(schedule.stages)} stages, "
-                 f"estimated {schedule.makespan * 1e3:.3f} ms")
+    ax.set_title(
+        f"strategy {schedule.strategy}: {len(schedule.stages)} stages, "
+        f"estimated {schedule.makespan * 1e3:.3f} ms"
+    )
     ax.set_xlim(left=0)
     ax.invert_yaxis()
     if graph is not None:
@@ -109,11 +122,20 @@ def _draw_graph(ax, schedule: ExecutionSchedule, graph: Graph, max_nodes: int) -
     for d in schedule.devices:
         pts = [xy[ci] for ci in range(n) if schedule.placement.get(A.cnodes[ci].id) == d]
         if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, color=colors[d], label=d, zorder=2)
+            ax.scatter(
+                [p[0] for p in pts], [p[1] for p in pts], s=12, color=colors[d], label=d, zorder=2
+            )
     rec = [ci for ci in range(n) if A.cnodes[ci].id in schedule.recompute]
     if rec:
-        ax.scatter([xy[c][0] for c in rec], [xy[c][1] for c in rec], s=40, facecolors="none",
-                   edgecolors="red", label="recomputed", zorder=3)
+        ax.scatter(
+            [xy[c][0] for c in rec],
+            [xy[c][1] for c in rec],
+            s=40,
+            facecolors="none",
+            edgecolors="red",
+            label="recomputed",
+            zorder=3,
+        )
     ax.set_xlabel("dependency level")
     ax.set_yticks([])
     ax.set_title(f"placed graph ({n} computing nodes)")

@@ -34,10 +34,33 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SemanticOptimizer", "AdaptiveOptimizer", "PASSES"]
 
-PASSES = ("decode_colocation", "prefill_parallel", "fusion_groups", "modality_branches", "early_compute")
-_OWNED = (META_COLOCATE, META_PARALLEL, META_FUSION_GROUP, META_BRANCH, META_FUSION_POINT, META_EARLY)
+PASSES = (
+    "decode_colocation",
+    "prefill_parallel",
+    "fusion_groups",
+    "modality_branches",
+    "early_compute",
+)
+_OWNED = (
+    META_COLOCATE,
+    META_PARALLEL,
+    META_FUSION_GROUP,
+    META_BRANCH,
+    META_FUSION_POINT,
+    META_EARLY,
+)
 _QKV_ROLES = {"q_projection": 0, "k_projection": 1, "v_projection": 2}
-_RELU = ("relu", "relu_", "hardtanh", "hardtanh_", "silu", "silu_", "gelu", "clamp_min", "clamp_min_")
+_RELU = (
+    "relu",
+    "relu_",
+    "hardtanh",
+    "hardtanh_",
+    "silu",
+    "silu_",
+    "gelu",
+    "clamp_min",
+    "clamp_min_",
+)
 
 
 class SemanticOptimizer:
@@ -123,8 +146,11 @@ class SemanticOptimizer:
                 nxt = _single_consumer(A, cur)
                 if nxt is None:
                     break
-                ok = (A.costs[nxt].family == NORMALIZATION) if want == NORMALIZATION else (
-                    A.cnodes[nxt].name in _RELU)
+                ok = (
+                    (A.costs[nxt].family == NORMALIZATION)
+                    if want == NORMALIZATION
+                    else (A.cnodes[nxt].name in _RELU)
+                )
                 if not ok:
                     break
                 chain.append(nxt)
@@ -237,7 +263,12 @@ class AdaptiveOptimizer:
                 return trial
             # Decide about p.
             if t.mean < base.mean * (1.0 - self.threshold):
-                logger.info("genie: adaptive: dropping %s (%.3g s -> %.3g s without it)", p, base.mean, t.mean)
+                logger.info(
+                    "genie: adaptive: dropping %s (%.3g s -> %.3g s without it)",
+                    p,
+                    base.mean,
+                    t.mean,
+                )
                 st.current = trial
                 base = t
             st.queue.pop(0)
@@ -277,8 +308,10 @@ class AdaptiveOptimizer:
                 h[:16]: {
                     "kept": sorted(st.current),
                     "done": st.done,
-                    "trials": {",".join(sorted(k)) or "(none)": [round(x, 6) for x in t.times]
-                               for k, t in st.trials.items()},
+                    "trials": {
+                        ",".join(sorted(k)) or "(none)": [round(x, 6) for x in t.times]
+                        for k, t in st.trials.items()
+                    },
                 }
                 for h, st in self._states.items()
             }

@@ -88,10 +88,14 @@ class PlacementContext:
         self.dtime = per_device  # dtime[d][ci]
         self.avg_time = [sum(per_device[d][ci] for d in range(self.D)) / self.D for ci in range(C)]
         self.queue = [estimator.queueing_delay(topology.device(d)) for d in self.devices]
-        self.capacity = [max(0, s.usable_memory - int((reserved or {}).get(d, 0)))
-                         for d, s in zip(self.devices, self.specs, strict=False)]
+        self.capacity = [
+            max(0, s.usable_memory - int((reserved or {}).get(d, 0)))
+            for d, s in zip(self.devices, self.specs, strict=False)
+        ]
         # Paths between devices and from the client, resolved once.
-        self._paths = [[topology.path(a, b) if a != b else None for b in self.devices] for a in self.devices]
+        self._paths = [
+            [topology.path(a, b) if a != b else None for b in self.devices] for a in self.devices
+        ]
         self._upload = [topology.path(topology.client, d) for d in self.devices]
         # Note: [Uploads]
         # Constants (weights on their first flush) leave the client one after another, in
@@ -163,8 +167,14 @@ class PlacementContext:
             where = [self.resident[s] for s in unit.cache_storages if s in self.resident]
             if where:
                 # The cache stays where it lives (moving it every step costs more than any op).
-                best = max(set(where), key=lambda d: sum(
-                    A.storage_bytes.get(s, 0) for s in unit.cache_storages if self.resident.get(s) == d))
+                best = max(
+                    set(where),
+                    key=lambda d: sum(
+                        A.storage_bytes.get(s, 0)
+                        for s in unit.cache_storages
+                        if self.resident.get(s) == d
+                    ),
+                )
                 for m in unit.nodes:
                     pins.setdefault(m, best)
                     self.kv_pins[m] = best
@@ -221,8 +231,14 @@ class PlacementContext:
                 out.append(d)
                 continue
             p = self._upload[d]
-            key = (self.specs[d].signature(), p.bandwidth, p.latency, p.utilization, self.queue[d],
-                   self.capacity[d])
+            key = (
+                self.specs[d].signature(),
+                p.bandwidth,
+                p.latency,
+                p.utilization,
+                self.queue[d],
+                self.capacity[d],
+            )
             if key not in reps:
                 reps[key] = d
                 out.append(d)
@@ -245,7 +261,9 @@ class PlacementContext:
         return self.apply_units([d] * self.C)
 
     # -- simulation ------------------------------------------------------------------------
-    def simulate(self, placement: list[int], recompute: dict[int, set[int]] | None = None) -> SimResult:
+    def simulate(
+        self, placement: list[int], recompute: dict[int, set[int]] | None = None
+    ) -> SimResult:
         """Start/finish of every compute node when each device runs its nodes in program
         order and values move as soon as they are produced."""
         A = self.A
@@ -325,7 +343,9 @@ class PlacementContext:
         return SimResult(start, finish, makespan, busy, moved, dup_finish)
 
     # -- memory ----------------------------------------------------------------------------
-    def memory(self, placement: list[int], recompute: dict[int, set[int]] | None = None) -> MemoryReport:
+    def memory(
+        self, placement: list[int], recompute: dict[int, set[int]] | None = None
+    ) -> MemoryReport:
         """Peak bytes per device by a liveness sweep in program order: a storage lives on a
         device from its first write or arrival there to its last use there (on the device
         that produced it: to its last use anywhere, since transfers read it); graph inputs
@@ -388,7 +408,9 @@ class PlacementContext:
                 touch(s, placement[w], last)
         return iv
 
-    def live_at(self, placement, d: int, at: int, recompute=None, top: int = 5) -> list[tuple[int, int, str]]:
+    def live_at(
+        self, placement, d: int, at: int, recompute=None, top: int = 5
+    ) -> list[tuple[int, int, str]]:
         """The largest storages live on device d at compute index `at`: (storage, bytes, what)."""
         A = self.A
         out = []
@@ -396,7 +418,9 @@ class PlacementContext:
             if dev == d and a <= at <= b:
                 w = A.last_writer.get(s)
                 if s in A.constants or w is None:
-                    what = "weight/input" if s in A.constants or A.is_weight(s) else "resident input"
+                    what = (
+                        "weight/input" if s in A.constants or A.is_weight(s) else "resident input"
+                    )
                 else:
                     n = A.cnodes[A.versions[s][0]]
                     what = f"output of node {n.id} ({n.op})"
@@ -404,7 +428,9 @@ class PlacementContext:
         out.sort(key=lambda x: -x[1])
         return out[:top]
 
-    def rebalance(self, placement: list[int], max_rounds: int | None = None) -> tuple[list[int], list[str]]:
+    def rebalance(
+        self, placement: list[int], max_rounds: int | None = None
+    ) -> tuple[list[int], list[str]]:
         """Move units off devices whose peak exceeds capacity: the smallest suffix (in program
         order) of an overloaded device's movable units goes to the device with the most room.
         Raises MemoryPlacementError naming what does not fit when no move helps."""
@@ -417,11 +443,13 @@ class PlacementContext:
             if not over:
                 return placement, notes
             d = max(over, key=lambda x: rep.peak[x] - rep.capacity[x])
-            movable = [r for r, mem in self.units.items()
-                       if placement[mem[0]] == d and r not in self.pin]
+            movable = [
+                r for r, mem in self.units.items() if placement[mem[0]] == d and r not in self.pin
+            ]
             movable.sort(key=lambda r: self.units[r][0])
-            targets = sorted((e for e in range(self.D) if e != d),
-                             key=lambda e: rep.peak[e] - rep.capacity[e])
+            targets = sorted(
+                (e for e in range(self.D) if e != d), key=lambda e: rep.peak[e] - rep.capacity[e]
+            )
             moved = False
             for e in targets:
                 if (d, e, len(movable)) in tried or not movable:
@@ -431,13 +459,15 @@ class PlacementContext:
                 if k is None:
                     continue
                 trial = list(placement)
-                for r in movable[len(movable) - k:]:
+                for r in movable[len(movable) - k :]:
                     for ci in self.units[r]:
                         trial[ci] = e
                 new = self.memory(trial)
                 if new.peak[d] <= new.capacity[d]:
-                    notes.append(f"memory: moved {k} unit(s) from {self.devices[d]} to {self.devices[e]} "
-                                 f"(peak {rep.peak[d]} > capacity {rep.capacity[d]} bytes)")
+                    notes.append(
+                        f"memory: moved {k} unit(s) from {self.devices[d]} to {self.devices[e]} "
+                        f"(peak {rep.peak[d]} > capacity {rep.capacity[d]} bytes)"
+                    )
                     placement, rep, moved = trial, new, True
                     break
             if not moved:
@@ -451,7 +481,7 @@ class PlacementContext:
 
         def fits(k: int) -> bool:
             trial = list(placement)
-            for r in movable[len(movable) - k:]:
+            for r in movable[len(movable) - k :]:
                 for ci in self.units[r]:
                     trial[ci] = e
             rep = self.memory(trial)
@@ -475,13 +505,15 @@ class PlacementContext:
             at = rep.peak_at[d]
             live = self.live_at(placement, d, at)
             node = self.A.cnodes[min(at, self.C - 1)] if self.C else None
-            details.append({
-                "device": self.devices[d],
-                "peak_bytes": rep.peak[d],
-                "capacity_bytes": rep.capacity[d],
-                "at_node": node.id if node else None,
-                "live": [{"storage": s, "bytes": b, "what": w} for s, b, w in live],
-            })
+            details.append(
+                {
+                    "device": self.devices[d],
+                    "peak_bytes": rep.peak[d],
+                    "capacity_bytes": rep.capacity[d],
+                    "at_node": node.id if node else None,
+                    "live": [{"storage": s, "bytes": b, "what": w} for s, b, w in live],
+                }
+            )
             tops = "; ".join(f"s{s} {_fmt_bytes(b)} ({w})" for s, b, w in live)
             lines.append(
                 f"{self.devices[d]} needs {_fmt_bytes(rep.peak[d])} at node "

@@ -127,12 +127,16 @@ class ExecutionPlan:
         for kind, i in self.steps[:max_rows]:
             if kind == "fragment":
                 f = self.fragments[i]
-                lines.append(f"  fragment {f.id:>3} on {f.device:<10} {len(f.node_ids):>4} nodes "
-                             f"{f.est_time * 1e3:8.3f} ms  after {f.deps}")
+                lines.append(
+                    f"  fragment {f.id:>3} on {f.device:<10} {len(f.node_ids):>4} nodes "
+                    f"{f.est_time * 1e3:8.3f} ms  after {f.deps}"
+                )
             else:
                 t = self.transfers[i]
-                lines.append(f"  transfer {t.id:>3} s{t.storage} {t.nbytes / (1 << 20):.3f} MiB "
-                             f"{t.src_device} -> {t.dst_device} ({t.est_time * 1e6:.1f} us)")
+                lines.append(
+                    f"  transfer {t.id:>3} s{t.storage} {t.nbytes / (1 << 20):.3f} MiB "
+                    f"{t.src_device} -> {t.dst_device} ({t.est_time * 1e6:.1f} us)"
+                )
         if len(self.steps) > max_rows:
             lines.append(f"  ... {len(self.steps) - max_rows} more steps")
         return "\n".join(lines)
@@ -141,14 +145,29 @@ class ExecutionPlan:
         return {
             **self.summary(),
             "fragment_list": [
-                {"id": f.id, "device": f.device, "nodes": f.node_ids, "recomputed": f.recomputed,
-                 "inputs": f.inputs, "outputs": f.outputs, "deps": f.deps, "est_ms": f.est_time * 1e3}
+                {
+                    "id": f.id,
+                    "device": f.device,
+                    "nodes": f.node_ids,
+                    "recomputed": f.recomputed,
+                    "inputs": f.inputs,
+                    "outputs": f.outputs,
+                    "deps": f.deps,
+                    "est_ms": f.est_time * 1e3,
+                }
                 for f in self.fragments
             ],
             "transfer_list": [
-                {"id": t.id, "storage": t.storage, "bytes": t.nbytes, "src": t.src_device,
-                 "dst": t.dst_device, "src_fragment": t.src_fragment, "dst_fragment": t.dst_fragment,
-                 "version": t.version}
+                {
+                    "id": t.id,
+                    "storage": t.storage,
+                    "bytes": t.nbytes,
+                    "src": t.src_device,
+                    "dst": t.dst_device,
+                    "src_fragment": t.src_fragment,
+                    "dst_fragment": t.dst_fragment,
+                    "version": t.version,
+                }
                 for t in self.transfers
             ],
             "steps": self.steps,
@@ -188,10 +207,15 @@ class ExecutionPlan:
             problems.append(f"the fragment graph has a cycle ({nf - seen} fragments on it)")
         ancestors = self._ancestors() if seen == nf else None
         for t in self.transfers:
-            if t.src_fragment is not None and ancestors is not None and not (
-                    ancestors[t.dst_fragment] >> t.src_fragment) & 1:
-                problems.append(f"transfer {t.id} (s{t.storage}) leaves fragment {t.src_fragment}, "
-                                f"which fragment {t.dst_fragment} does not depend on")
+            if (
+                t.src_fragment is not None
+                and ancestors is not None
+                and not (ancestors[t.dst_fragment] >> t.src_fragment) & 1
+            ):
+                problems.append(
+                    f"transfer {t.id} (s{t.storage}) leaves fragment {t.src_fragment}, "
+                    f"which fragment {t.dst_fragment} does not depend on"
+                )
         # Replay the steps: which version of each storage is on each device.
         have: dict[str, dict[int, int]] = {d: {} for d in self.devices}
         for d, sids in self.uploads.items():
@@ -202,17 +226,23 @@ class ExecutionPlan:
         done: set[int] = set()
         transfers = {t.id: t for t in self.transfers}
         for kind, i in self.steps:
-            if (kind == "transfer" and i not in transfers) or (kind == "fragment" and not 0 <= i < nf):
+            if (kind == "transfer" and i not in transfers) or (
+                kind == "fragment" and not 0 <= i < nf
+            ):
                 problems.append(f"step ({kind}, {i}) names no such {kind}")
                 continue
             if kind == "transfer":
                 t = transfers[i]
                 if t.src_fragment is not None and t.src_fragment not in done:
-                    problems.append(f"transfer {t.id} runs before its source fragment {t.src_fragment}")
+                    problems.append(
+                        f"transfer {t.id} runs before its source fragment {t.src_fragment}"
+                    )
                 cur = have.get(t.src_device, {}).get(t.storage)
                 if cur != t.version and not (t.version == -1 and t.storage not in self.resident):
-                    problems.append(f"transfer {t.id} wants s{t.storage} version {t.version} on "
-                                    f"{t.src_device}, which holds {cur}")
+                    problems.append(
+                        f"transfer {t.id} wants s{t.storage} version {t.version} on "
+                        f"{t.src_device}, which holds {cur}"
+                    )
                 have.setdefault(t.dst_device, {})[t.storage] = t.version
                 continue
             f = self.fragments[i]
@@ -225,18 +255,26 @@ class ExecutionPlan:
                     cur = dev.get(s, "missing")
                     if cur == v:
                         continue
-                    if v == -1 and cur == "missing" and s not in self.resident and s not in self.constants:
+                    if (
+                        v == -1
+                        and cur == "missing"
+                        and s not in self.resident
+                        and s not in self.constants
+                    ):
                         continue  # resident somewhere the plan was not told about
                     problems.append(
                         f"fragment {f.id} on {f.device}: node {nid} reads s{s} version {v} but the "
-                        f"device holds {cur} (neither produced there, uploaded, nor transferred)")
+                        f"device holds {cur} (neither produced there, uploaded, nor transferred)"
+                    )
                 for s in writes:
                     dev[s] = nid
             done.add(f.id)
         if len(done) != nf:
             problems.append(f"steps run {len(done)} of {nf} fragments")
         if problems:
-            raise PlanValidationError("genie: invalid execution plan:\n  " + "\n  ".join(problems[:20]))
+            raise PlanValidationError(
+                "genie: invalid execution plan:\n  " + "\n  ".join(problems[:20])
+            )
         return self
 
     def _ancestors(self) -> list[int]:
@@ -270,17 +308,32 @@ class ExecutionPlan:
 
         frags = [
             Fragment(
-                f.id, f.device, [idmap[i] for i in f.node_ids], [idmap[i] for i in f.view_ids],
-                [idmap[i] for i in f.recomputed], [S(s) for s in f.inputs], [S(s) for s in f.outputs],
-                list(f.deps), f.est_time,
+                f.id,
+                f.device,
+                [idmap[i] for i in f.node_ids],
+                [idmap[i] for i in f.view_ids],
+                [idmap[i] for i in f.recomputed],
+                [S(s) for s in f.inputs],
+                [S(s) for s in f.outputs],
+                list(f.deps),
+                f.est_time,
                 [[(S(s), idmap[v]) for s, v in r] for r in f.reads],
                 [[S(s) for s in w] for w in f.writes],
             )
             for f in self.fragments
         ]
         transfers = [
-            Transfer(t.id, S(t.storage), t.nbytes, t.src_device, t.dst_device, t.src_fragment,
-                     t.dst_fragment, idmap[t.version], t.est_time)
+            Transfer(
+                t.id,
+                S(t.storage),
+                t.nbytes,
+                t.src_device,
+                t.dst_device,
+                t.src_fragment,
+                t.dst_fragment,
+                idmap[t.version],
+                t.est_time,
+            )
             for t in self.transfers
         ]
         return ExecutionPlan(
@@ -294,7 +347,9 @@ class ExecutionPlan:
             flags=self.flags,
             estimated_time=self.estimated_time,
             strategy=self.strategy,
-            resident=dict(resident) if resident is not None else {S(s): d for s, d in self.resident.items()},
+            resident=dict(resident)
+            if resident is not None
+            else {S(s): d for s, d in self.resident.items()},
             constants=frozenset(S(s) for s in self.constants),
             _srefs={smap.get(s, s): r for s, r in self._srefs.items()},
             _node_ids=ids,
@@ -345,11 +400,14 @@ class Planner:
         if schedule is None:
             from genie.scheduler.scheduler import Scheduler
 
-            schedule = Scheduler(self.estimator or GraphCostEstimator(), self.topology).create_schedule(
-                graph, profile)
+            schedule = Scheduler(
+                self.estimator or GraphCostEstimator(), self.topology
+            ).create_schedule(graph, profile)
         flags = {
             "overlap_io": self.overlap_io if overlap_io is None else bool(overlap_io),
-            "micro_batching": self.micro_batching if micro_batching is None else bool(micro_batching),
+            "micro_batching": self.micro_batching
+            if micro_batching is None
+            else bool(micro_batching),
             "num_micro_batches": self.num_micro_batches,
         }
         key = (schedule.key, tuple(sorted(flags.items()))) if schedule.key else None
@@ -477,9 +535,19 @@ class Planner:
                         if key not in moved:
                             moved[key] = len(transfers)
                             nb = sbytes.get(s, 0)
-                            transfers.append(Transfer(
-                                len(transfers), s, nb, src_task[1], dev, g, f, cid[w],
-                                topo.transfer_time(nb, src_task[1], dev) if topo else 0.0))
+                            transfers.append(
+                                Transfer(
+                                    len(transfers),
+                                    s,
+                                    nb,
+                                    src_task[1],
+                                    dev,
+                                    g,
+                                    f,
+                                    cid[w],
+                                    topo.transfer_time(nb, src_task[1], dev) if topo else 0.0,
+                                )
+                            )
                             outputs[g][s] = None
                         continue
                     inputs[f][s] = None
@@ -490,9 +558,19 @@ class Planner:
                         if key not in moved:
                             moved[key] = len(transfers)
                             nb = sbytes.get(s, 0)
-                            transfers.append(Transfer(
-                                len(transfers), s, nb, resident[s], dev, None, f, -1,
-                                topo.transfer_time(nb, resident[s], dev) if topo else 0.0))
+                            transfers.append(
+                                Transfer(
+                                    len(transfers),
+                                    s,
+                                    nb,
+                                    resident[s],
+                                    dev,
+                                    None,
+                                    f,
+                                    -1,
+                                    topo.transfer_time(nb, resident[s], dev) if topo else 0.0,
+                                )
+                            )
         homes: dict[int, str] = {}
         for s, w in A.last_writer.items():
             homes[s] = place[w]
@@ -521,7 +599,9 @@ class Planner:
             _node_ids=tuple(n.id for n in graph.nodes),
         )
 
-    def _times(self, A: GraphAnalysis, devices: list[str], topo, estimator) -> dict[str, list[float]]:
+    def _times(
+        self, A: GraphAnalysis, devices: list[str], topo, estimator
+    ) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {}
         by_spec: dict[tuple, list[float]] = {}
         for d in devices:
@@ -596,7 +676,9 @@ class Planner:
         return total
 
     @staticmethod
-    def _storage_refs(graph, transfers, uploads, homes, frags, resident) -> dict[int, tuple[int, int, int]]:
+    def _storage_refs(
+        graph, transfers, uploads, homes, frags, resident
+    ) -> dict[int, tuple[int, int, int]]:
         """A position-based reference for every storage the plan names (for bind())."""
         wanted: set[int] = {t.storage for t in transfers}
         for v in uploads.values():

@@ -111,7 +111,11 @@ def list_schedule(ctx: PlacementContext, priority: list[float]) -> list[int]:
                     t = arrival_in.get((s, d))
                     if t is None:
                         if s in constants and s not in ctx.resident and ctx.include_uploads:
-                            t = upclock + ctx._upload[d].latency + sbytes.get(s, 0) * ctx._upload_spb[d]
+                            t = (
+                                upclock
+                                + ctx._upload[d].latency
+                                + sbytes.get(s, 0) * ctx._upload_spb[d]
+                            )
                         else:
                             t = ctx.input_arrival(s, d)
                 if t > ready:
@@ -211,7 +215,9 @@ class ParallelStrategy(_Base):
         # Longest processing time first: each branch to the device with the least work.
         load = [0.0] * D
         branch_dev: list[int] = [0] * len(br.sets)
-        for k in sorted(range(len(br.sets)), key=lambda k: -sum(ctx.avg_time[i] for i in br.sets[k])):
+        for k in sorted(
+            range(len(br.sets)), key=lambda k: -sum(ctx.avg_time[i] for i in br.sets[k])
+        ):
             pinned = {ctx.pinned(ci) for ci in br.sets[k]} - {-1}
             if pinned:
                 d = min(pinned)
@@ -334,8 +340,12 @@ class DynamicStrategy(_Base):
             over = sum(max(0, a - b) for a, b in zip(mem.peak, mem.capacity, strict=False))
             sim = ctx.simulate(p)
             results.append((over, sim.makespan, sim.moved_bytes, len(set(p)), strat.name, p))
-            logger.debug("genie: dynamic: %s -> makespan %.3g s, memory over by %d B",
-                         strat.name, sim.makespan, over)
+            logger.debug(
+                "genie: dynamic: %s -> makespan %.3g s, memory over by %d B",
+                strat.name,
+                sim.makespan,
+                over,
+            )
         least_over = min(r[0] for r in results)
         fits = [r for r in results if r[0] == least_over]
         fastest = min(r[1] for r in fits)
@@ -357,12 +367,17 @@ class AutoStrategy(_Base):
 
     def select(self, ctx: PlacementContext, profile=None) -> _Base:
         kind = _workload(profile)
-        decode = "decode" in kind or bool(ctx.kv_pins) or ctx.A.has_resident_kv() or any(
-            n.meta.get(META_PHASE) == "decode" for n in ctx.A.cnodes[:64])
+        decode = (
+            "decode" in kind
+            or bool(ctx.kv_pins)
+            or ctx.A.has_resident_kv()
+            or any(n.meta.get(META_PHASE) == "decode" for n in ctx.A.cnodes[:64])
+        )
         if decode:
             return SequentialStrategy()
-        if ctx.D > 1 and (any(k in kind for k in ("multimodal", "vqa", "fusion"))
-                          or ctx.A.branches() is not None):
+        if ctx.D > 1 and (
+            any(k in kind for k in ("multimodal", "vqa", "fusion")) or ctx.A.branches() is not None
+        ):
             return ParallelStrategy()
         return DynamicStrategy()
 
@@ -407,7 +422,9 @@ def make_strategy(strategy) -> _Base:
         try:
             return STRATEGIES[strategy]()
         except KeyError:
-            raise ValueError(f"genie: unknown strategy {strategy!r}; known: {sorted(STRATEGIES)}") from None
+            raise ValueError(
+                f"genie: unknown strategy {strategy!r}; known: {sorted(STRATEGIES)}"
+            ) from None
     if not hasattr(strategy, "place"):
         raise TypeError(f"genie: {strategy!r} is not a strategy (it has no place())")
     return strategy

@@ -125,9 +125,21 @@ class ExecutionSchedule:
             "placement": {str(k): v for k, v in self.placement.items()},
             "recompute": {str(k): v for k, v in self.recompute.items()},
             "stages": [
-                {"index": s.index, "start_ms": s.start * 1e3, "end_ms": s.end * 1e3,
-                 "groups": [{"id": g.id, "device": g.device, "nodes": g.node_ids,
-                             "start_ms": g.start * 1e3, "end_ms": g.end * 1e3} for g in s.groups]}
+                {
+                    "index": s.index,
+                    "start_ms": s.start * 1e3,
+                    "end_ms": s.end * 1e3,
+                    "groups": [
+                        {
+                            "id": g.id,
+                            "device": g.device,
+                            "nodes": g.node_ids,
+                            "start_ms": g.start * 1e3,
+                            "end_ms": g.end * 1e3,
+                        }
+                        for g in s.groups
+                    ],
+                }
                 for s in self.stages
             ],
         }
@@ -176,9 +188,13 @@ class ExecutionSchedule:
         stage = p["stage"]
         group = p["group"]
         remap = dict(zip(self._node_ids, ids, strict=True))
-        groups = [Group(g.id, g.stage, g.device, [remap[i] for i in g.node_ids], g.start, g.end, g.cost)
-                  for g in self.groups]
-        stages = [Stage(s.index, [groups[g.id] for g in s.groups], s.start, s.end) for s in self.stages]
+        groups = [
+            Group(g.id, g.stage, g.device, [remap[i] for i in g.node_ids], g.start, g.end, g.cost)
+            for g in self.groups
+        ]
+        stages = [
+            Stage(s.index, [groups[g.id] for g in s.groups], s.start, s.end) for s in self.stages
+        ]
         out = ExecutionSchedule(
             graph_hash=self.graph_hash,
             strategy=self.strategy,

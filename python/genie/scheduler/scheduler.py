@@ -179,7 +179,9 @@ class Scheduler:
             resident.get(s) or ("c" if s in constants else None) for s in graph.input_storages
         )
         meta_pins = tuple(
-            (i, n.meta[META_DEVICE]) for i, n in enumerate(graph.nodes) if n.meta and META_DEVICE in n.meta
+            (i, n.meta[META_DEVICE])
+            for i, n in enumerate(graph.nodes)
+            if n.meta and META_DEVICE in n.meta
         )
         user_pins: tuple = ()
         if pins:
@@ -207,11 +209,19 @@ class Scheduler:
                 return False
         return True
 
-    def _build(self, graph, profile, resident, pins, reserved, strat_spec, key) -> ExecutionSchedule:
+    def _build(
+        self, graph, profile, resident, pins, reserved, strat_spec, key
+    ) -> ExecutionSchedule:
         A = GraphAnalysis.of(graph, refresh=self.optimizer is not None)
         ctx = PlacementContext(
-            A, self.topology, self.estimator, self.devices,
-            resident=resident, pins=pins, reserved=reserved, include_uploads=self.include_uploads,
+            A,
+            self.topology,
+            self.estimator,
+            self.devices,
+            resident=resident,
+            pins=pins,
+            reserved=reserved,
+            include_uploads=self.include_uploads,
         )
         strat = make_strategy(strat_spec)
         notes: list[str] = []
@@ -222,7 +232,9 @@ class Scheduler:
             notes.append(f"{strat.name} strategy chose {name}")
         if ctx.kv_pins:
             devs = sorted({ctx.devices[d] for d in ctx.kv_pins.values()})
-            notes.append(f"KV cache and the {len(ctx.kv_pins)} ops using it stay on {', '.join(devs)}")
+            notes.append(
+                f"KV cache and the {len(ctx.kv_pins)} ops using it stay on {', '.join(devs)}"
+            )
         if ctx.C:
             placement, moved = ctx.rebalance(placement)
             notes.extend(moved)
@@ -240,11 +252,13 @@ class Scheduler:
         stage_of = strat.stages(ctx, placement) if ctx.C else None
         if stage_of is None:
             stage_of = A.level
-        return self._assemble(graph, A, ctx, placement, recompute, sim, mem, stage_of, name, notes,
-                              resident, key)
+        return self._assemble(
+            graph, A, ctx, placement, recompute, sim, mem, stage_of, name, notes, resident, key
+        )
 
-    def _assemble(self, graph, A, ctx, placement, recompute, sim, mem, stage_of, name, notes,
-                  resident, key) -> ExecutionSchedule:
+    def _assemble(
+        self, graph, A, ctx, placement, recompute, sim, mem, stage_of, name, notes, resident, key
+    ) -> ExecutionSchedule:
         devices = ctx.devices
         C = ctx.C
         # Fused chains (genie.fusion_group) run as one: they take their first member's stage.
@@ -268,7 +282,9 @@ class Scheduler:
             if g is None:
                 g = len(groups)
                 gindex[k] = g
-                groups.append(Group(g, stage_of[ci], devices[placement[ci]], [], float("inf"), 0.0, 0.0))
+                groups.append(
+                    Group(g, stage_of[ci], devices[placement[ci]], [], float("inf"), 0.0, 0.0)
+                )
             group_of[ci] = g
             grp = groups[g]
             grp.node_ids.append(A.cnodes[ci].id)

@@ -151,8 +151,14 @@ class NetworkTopology:
             except ValueError as e:
                 raise TopologyError(str(e)) from None
         spec = _apply_overrides(spec, overrides)
-        dev = Device(name, spec, host=host, endpoint=endpoint, torch_device=torch_device,
-                     token_file=token_file)
+        dev = Device(
+            name,
+            spec,
+            host=host,
+            endpoint=endpoint,
+            torch_device=torch_device,
+            token_file=token_file,
+        )
         self.devices[name] = dev
         self._changed()
         return dev
@@ -209,8 +215,15 @@ class NetworkTopology:
         except KeyError:
             raise TopologyError(f"genie: no link between {a!r} and {b!r}") from None
 
-    def set_link(self, a: str, b: str, *, bandwidth: float | None = None, latency: float | None = None,
-                 utilization: float | None = None) -> None:
+    def set_link(
+        self,
+        a: str,
+        b: str,
+        *,
+        bandwidth: float | None = None,
+        latency: float | None = None,
+        utilization: float | None = None,
+    ) -> None:
         """Change a link's figures (a slower network, background load...)."""
         link = self.link(a, b)
         if bandwidth is not None:
@@ -242,7 +255,9 @@ class NetworkTopology:
         try:
             return self.devices[name]
         except KeyError:
-            raise TopologyError(f"genie: unknown device {name!r}; known: {list(self.devices)}") from None
+            raise TopologyError(
+                f"genie: unknown device {name!r}; known: {list(self.devices)}"
+            ) from None
 
     def spec(self, name: str) -> DeviceSpec:
         return self.device(name).spec
@@ -296,10 +311,12 @@ class NetworkTopology:
                 {
                     "client": self.client,
                     "devices": [
-                        (d.name, repr(d.spec.signature()), d.host, d.queued_s) for d in self.devices.values()
+                        (d.name, repr(d.spec.signature()), d.host, d.queued_s)
+                        for d in self.devices.values()
                     ],
                     "links": sorted(
-                        (lk.a, lk.b, lk.bandwidth, lk.latency, lk.utilization) for lk in self.links.values()
+                        (lk.a, lk.b, lk.bandwidth, lk.latency, lk.utilization)
+                        for lk in self.links.values()
                     ),
                     "defaults": (self.defaults.bandwidth, self.defaults.latency),
                 },
@@ -329,7 +346,7 @@ class NetworkTopology:
             topo.add_device(n, spec)
         for i, a in enumerate(names):
             topo.add_link(topo.client, a, kind=client_link)
-            for b in names[i + 1:]:
+            for b in names[i + 1 :]:
                 topo.add_link(a, b, kind=device_link)
         return topo
 
@@ -410,7 +427,9 @@ class NetworkTopology:
             try:
                 import tomli as tomllib  # type: ignore[no-redef]
             except ModuleNotFoundError:
-                raise TopologyError("genie: reading TOML needs Python 3.11+ or the tomli package") from None
+                raise TopologyError(
+                    "genie: reading TOML needs Python 3.11+ or the tomli package"
+                ) from None
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
@@ -423,18 +442,33 @@ class NetworkTopology:
     def to_dict(self) -> dict:
         return {
             "client": self.client,
-            "defaults": {"bandwidth_gb_s": self.defaults.bandwidth / GIGA,
-                         "latency_us": self.defaults.latency * 1e6},
+            "defaults": {
+                "bandwidth_gb_s": self.defaults.bandwidth / GIGA,
+                "latency_us": self.defaults.latency * 1e6,
+            },
             "device": [
-                {k: v for k, v in {
-                    "name": d.name, "type": d.spec.name, "host": d.host, "endpoint": d.endpoint,
-                    "torch_device": d.torch_device, "memory_gb": d.spec.memory_bytes / GIGA,
-                }.items() if v is not None}
+                {
+                    k: v
+                    for k, v in {
+                        "name": d.name,
+                        "type": d.spec.name,
+                        "host": d.host,
+                        "endpoint": d.endpoint,
+                        "torch_device": d.torch_device,
+                        "memory_gb": d.spec.memory_bytes / GIGA,
+                    }.items()
+                    if v is not None
+                }
                 for d in self.devices.values()
             ],
             "link": [
-                {"a": lk.a, "b": lk.b, "bandwidth_gb_s": lk.bandwidth / GIGA,
-                 "latency_us": lk.latency * 1e6, "utilization": lk.utilization}
+                {
+                    "a": lk.a,
+                    "b": lk.b,
+                    "bandwidth_gb_s": lk.bandwidth / GIGA,
+                    "latency_us": lk.latency * 1e6,
+                    "utilization": lk.utilization,
+                }
                 for lk in self.links.values()
             ],
         }
@@ -493,4 +527,3 @@ def _latency(d: dict) -> float | None:
     if "latency_ms" in d:
         return float(d["latency_ms"]) * 1e-3
     return None
-
