@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from genie.graph.ops import OpClass, is_view, op_class
 from genie.graph.ops import node_cost as _node_cost
 
@@ -37,22 +35,6 @@ def node_cost(node: Node, cls: str | None = None, name: str | None = None) -> tu
     depend on them."""
     cost = _node_cost(node)
     return cost.flops, cost.bytes
-
-
-_ITEMSIZE = {
-    torch.float32: 4,
-    torch.float64: 8,
-    torch.float16: 2,
-    torch.bfloat16: 2,
-    torch.int64: 8,
-    torch.int32: 4,
-    torch.int16: 2,
-    torch.int8: 1,
-    torch.uint8: 1,
-    torch.bool: 1,
-    torch.complex64: 8,
-    torch.complex128: 16,
-}
 
 
 def cat_dim(node: Node) -> int | None:
