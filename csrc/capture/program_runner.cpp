@@ -60,16 +60,16 @@ ProgramRunner::ProgramRunner(c10::Device device, std::vector<std::shared_ptr<con
   }
 }
 
-// Note: [Binding a result on a server] (program.py) gives the rules, the Python steps follow
-// the same ones; a null storage: left unbound.
+// Note: [Binding a result on a server] (program/run.py) gives the rules, and the Python steps
+// follow the same ones. `t` already passed result_mismatch (for_each_fresh_output): its dtype
+// is the declared one and its sizes are, up to dimensions of size 1.
 c10::Storage ProgramRunner::bind(const TensorRef& ref, const at::Tensor& t) const {
-  if (t.sizes() != c10::IntArrayRef(ref.sizes) || t.scalar_type() != ref.dtype) return c10::Storage();
   const auto& st = t.storage();
   if (t.device() == device_ && t.strides() == c10::IntArrayRef(ref.strides) && t.storage_offset() == ref.offset &&
       static_cast<int64_t>(st.nbytes()) == ref.storage_nbytes)
     return st;
   auto bytes = at::zeros({std::max<int64_t>(ref.storage_nbytes, 1)}, at::TensorOptions().dtype(at::kByte).device(device_));
-  view_of(bytes.storage(), device_, ref.dtype, ref.sizes, ref.strides, ref.offset).copy_(t);
+  view_of(bytes.storage(), device_, ref.dtype, ref.sizes, ref.strides, ref.offset).copy_(t.reshape(ref.sizes));
   return bytes.storage();
 }
 
@@ -120,8 +120,7 @@ std::vector<c10::Storage> ProgramRunner::run(const std::vector<c10::Storage>& in
             .zero_();
     }
     for_each_fresh_output(n, results, [&](const TensorRef& ref, const at::Tensor& t) {
-      auto st = bind(ref, t);
-      if (st) frame[ref.storage] = std::move(st);
+      frame[ref.storage] = bind(ref, t);
     });
   }
   std::vector<c10::Storage> out;

@@ -18,7 +18,7 @@ from genie.graph.ir import Node, TensorMeta
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Environment", "byte_view", "run_node", "run_nodes"]
+__all__ = ["Environment", "byte_view", "result_mismatch", "run_node", "run_nodes"]
 
 _REMOTE = "remote_accelerator"
 
@@ -158,7 +158,7 @@ def _same_but_unit_dims(a: tuple, b: tuple) -> bool:
     return a == b or [n for n in a if n != 1] == [n for n in b if n != 1]
 
 
-def _mismatch(node: Node, k: int, value: torch.Tensor | None, device, got: int) -> str:
+def result_mismatch(node: Node, k: int, value: torch.Tensor | None, device, got: int) -> str:
     """Why a kernel's k-th tensor result cannot stand for the recorded output k ("" if it can)."""
     out = node.outputs[k]
     head = f"genie: {node.op} on {device} returned "
@@ -282,7 +282,7 @@ def run_node(node: Node, env: Environment, *, bind: bool = True):
             if alias != -1:
                 continue
             value = flat[k] if k < len(flat) else None
-            why = _mismatch(node, k, value, env.device, len(flat))
+            why = result_mismatch(node, k, value, env.device, len(flat))
             if why:
                 env.mark_broken(out, why, value if len(flat) == len(node.outputs) else None)
             else:

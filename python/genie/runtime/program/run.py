@@ -16,7 +16,7 @@ from genie.graph.ir import TensorMeta
 from genie.runtime import protocol as P
 from genie.runtime.program.decode import REMOTE_DEVICE, Program, Step
 from genie.runtime.program.encode import KIND_CODES
-from genie.runtime.replay import Environment, byte_view, run_node
+from genie.runtime.replay import Environment, byte_view, result_mismatch, run_node
 
 __all__ = ["bind_result", "check_binding", "execute", "native_runner", "run_step"]
 
@@ -98,8 +98,12 @@ def run_step(step: Step, frame: Environment, *, bind: bool = True) -> list[Any]:
             byte_view(st)[before:].zero_()
     if bind:
         for k, (out, alias) in enumerate(zip(step.outputs, step.output_alias, strict=False)):
-            if alias == -1 and k < len(flat) and flat[k] is not None:
-                bind_result(frame, out, flat[k], step.op)
+            if alias != -1:
+                continue
+            value = flat[k] if k < len(flat) else None
+            if result_mismatch(step, k, value, frame.device, len(flat)):
+                continue  # never bound (Note: [Binding a result on a server])
+            bind_result(frame, out, value)
     return results
 
 
@@ -159,27 +163,21 @@ def _call_step(step: Step, frame: Environment) -> list[Any]:
 # steps, programs and fetches address that storage by declared geometries that validation
 # checked against the *declared* storage size. So the bound storage must really hold the
 # declared bytes, and no byte of it may be one this session did not write:
-# - a result of another shape or dtype than declared is never bound (as Note: [Checked
-#   results] in csrc/capture/executor.h has it for every executor): a client that declares
+# - a result of another dtype or shape (beyond dimensions of size 1) than declared is never
+#   bound: the one check of Note: [Checked results] (executor.h; replay.result_mismatch in
+#   Python) decides for every executor, this one included. A client that declares
 #   f32[16384] where the kernel returns f32[] does not get a 4-byte storage that later views
 #   address as 64 KiB; a step or fetch that reads it gets an error reply instead. (CPU batch
 #   norm in eval mode returns empty saved statistics that its meta kernel sizes by channel:
 #   nothing reads them, so honest programs are unaffected.)
-# - a result of the declared shape whose storage is not exactly the declared size or whose
-#   layout differs is copied into a zeroed storage of the declared size.
+# - a result whose storage is not exactly the declared size, whose layout differs, or whose
+#   sizes differ only in dimensions of size 1, is copied into a zeroed storage of the
+#   declared size, in the declared geometry.
 # The C++ runner (csrc/capture/program_runner.cpp) follows the same rules.
-def bind_result(env: Environment, meta: TensorMeta, value: torch.Tensor, op: str) -> None:
-    """Make `value` (what `op` returned) the content of `meta.storage` on a server."""
-    if tuple(value.shape) != meta.shape or value.dtype != meta.dtype:
-        logger.debug(
-            "genie: %s returned %s%s for a declared %s%s; left unbound",
-            op,
-            value.dtype,
-            list(value.shape),
-            meta.dtype,
-            list(meta.shape),
-        )
-        return
+def bind_result(env: Environment, meta: TensorMeta, value: torch.Tensor) -> None:
+    """Make `value` the content of `meta.storage` on a server. `value` already passed
+    replay.result_mismatch: its dtype is the declared one and its sizes are, up to dimensions
+    of size 1."""
     st = value.untyped_storage()
     if (
         value.device == env.device
@@ -191,7 +189,9 @@ def bind_result(env: Environment, meta: TensorMeta, value: torch.Tensor, op: str
         return
     new = torch.zeros(max(meta.storage_nbytes, 1), dtype=torch.uint8, device=env.device)
     dst = torch.empty(0, dtype=meta.dtype, device=env.device)
-    dst.set_(new.untyped_storage(), meta.offset, meta.shape, meta.stride).copy_(value)
+    dst.set_(new.untyped_storage(), meta.offset, meta.shape, meta.stride).copy_(
+        value.reshape(meta.shape)
+    )
     env.storages[meta.storage] = new.untyped_storage()
 
 
