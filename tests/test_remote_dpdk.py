@@ -5,6 +5,7 @@ run over DPDK too, through tests/executors.py.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -102,25 +103,48 @@ def test_uploads_and_fetched_results_arrive_without_a_copy(remote):
     assert client["bytes_copied_sending"] >= x.numel() * 4  # x is torch memory: copied once
 
 
+_IN_PROCESS_CLIENT = """
+import json, os, sys, torch, genie
+from genie.runtime.remote import connect
+client = connect(os.environ["ADDR"], token=os.environ["TOKEN"], transport="dpdk")
+x = torch.randn(512, 512)
+got = (x.to("remote_accelerator:0") @ x.to("remote_accelerator:0")).cpu()
+t = client._t
+session = client.server_stats()["session"]
+print(json.dumps({
+    "equal": bool(torch.equal(got, x @ x)), "plane": t.data_plane, "in_process": t.in_process,
+    "agent_pid": t.agent_pid, "copied": t.stats.bytes_copied,
+    "server_copied": session["bytes_copied"], "missed": t.stats.registrations_missed,
+}), flush=True)
+genie.configure(local_device="cpu")
+client.close()
+"""
+
+
 def test_in_process_endpoints_run_a_program_copying_nothing(dpdk_env, monkeypatch):
     """`genie serve` and a client both with GENIE_DPDK_IN_PROCESS=1: no agent processes, the
-    result equals eager, and neither side copied a byte of any payload."""
+    result equals eager, and neither side copied a byte of any payload.
+
+    The client runs in a child process. In-process mode gives up the agent's crash isolation
+    (Note: [In-process endpoint]): memif can fault when its peer's memory goes away at
+    teardown (FIELD-NOTES: seen in 1 of ~6 full CI-like runs here), and such a fault must fail
+    this check, not end the whole test run."""
     monkeypatch.setenv("GENIE_DPDK_IN_PROCESS", "1")
     srv = LoopbackServer(threads=1, extra_args=["--transport", "dpdk"])
     try:
-        client = connect(srv.address, token=srv.token, transport="dpdk")
-        try:
-            x = torch.randn(512, 512)
-            got = (x.to(DEVICE) @ x.to(DEVICE)).cpu()
-            assert torch.equal(got, x @ x)
-            t = client._t
-            assert t.data_plane == "up" and t.in_process and t.agent_pid is None
-            session = client.server_stats()["session"]
-            assert t.stats.bytes_copied == 0 and session["bytes_copied"] == 0
-            assert t.stats.registrations_missed >= 2  # the arena, then x's upload
-        finally:
-            genie.configure(local_device="cpu")
-            client.close()
+        env = {**os.environ, "ADDR": srv.address, "TOKEN": srv.token}
+        proc = subprocess.run(
+            [sys.executable, "-c", _IN_PROCESS_CLIENT], env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        assert lines, (proc.returncode, proc.stderr[-3000:])
+        got = json.loads(lines[-1])
+        assert got["equal"] and got["plane"] == "up" and got["in_process"]
+        assert got["agent_pid"] is None
+        assert got["copied"] == 0 and got["server_copied"] == 0
+        assert got["missed"] >= 2  # the arena, then x's upload
+        assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
     finally:
         srv.close()
 

@@ -622,6 +622,8 @@ class RemoteExecutor:
     def close(self) -> None:
         with self._lock:
             if self._broken is None and not self._t.closed:
+                # Ours first: the server ends its data plane when it answers "bye".
+                self._t.close_data_plane()
                 try:
                     self._request({"t": "bye"})
                 except (GenieError, OSError):

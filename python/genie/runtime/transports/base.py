@@ -231,6 +231,11 @@ class Transport(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def close_data_plane(self) -> None:
+        """Stop a separate data plane, if the transport has one, before the session ends;
+        later frames carry no payload. Nothing to do for a transport without one."""
+        return None
+
     @property
     @abstractmethod
     def closed(self) -> bool: ...

@@ -630,16 +630,24 @@ class DpdkTransport(Transport):
         except OSError:
             pass
 
+    def close_data_plane(self) -> None:
+        """This side's endpoint stops while the peer's is still up: a memif endpoint whose
+        peer's memory vanishes under it can fault (FIELD-NOTES), which in process would take
+        this process down. Frames after this go on TCP."""
+        if self._agent is not None:
+            self._drop_agent()
+        if self._plane in ("up", "pending"):
+            self._plane = "tcp"
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self.close_data_plane()  # before the socket: the peer ends its side only after ours
         try:
             self._sock.close()
         except OSError:
             pass
-        if self._agent is not None:
-            self._drop_agent()
 
 
 class DpdkListener(TcpListener):
