@@ -309,8 +309,8 @@ def test_ctrl_c_during_a_large_upload_leaves_the_session_working(server, monkeyp
         real = client._upload_batch
         sent = []
 
-        def interrupting(batch, progress=None):
-            real(batch, progress)
+        def interrupting(batch):
+            real(batch)
             sent.append(len(batch))
             if len(sent) == 1:
                 os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C now

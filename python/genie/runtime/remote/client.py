@@ -23,26 +23,19 @@ from typing import Any
 import torch
 
 from genie import _C
-from genie.errors import (
-    ExecutionError,
-    GenieError,
-    ProtocolError,
-    RemoteError,
-    TransportError,
-    UnsupportedOperationError,
-)
+from genie.errors import GenieError, TransportError, UnsupportedOperationError
 from genie.runtime import protocol as P
 from genie.runtime import transports
 from genie.runtime.program import encode_program
+from genie.runtime.remote.channel import Channel, FetchPlan, RequestFailed, raise_error
 from genie.runtime.remote.namer import Known, ProgramNamer, Template
 from genie.runtime.remote.speculator import SPECULATION_WINDOW, Speculator
-from genie.runtime.remote.uploads import Progress, interrupt_deferred, upload_parts
+from genie.runtime.remote.uploads import send_in_frames, upload_parts
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["RemoteExecutor"]
 
-_REPLY_MAX_HEADER = 64 << 20
 _OUTBOX_FLUSH = 4096
 
 
@@ -53,16 +46,9 @@ _OUTBOX_FLUSH = 4096
 # both in order, and the value waits in ``_prefetched`` for the fetch that follows. That saves
 # a round trip per materialization. The run's answer is read first: if it failed, the fetch's
 # answer is read and dropped and the run's error is raised exactly as without the fetch. Any
-# other request in between makes the prefetched value stale, so it is dropped.
-class _RequestFailed(GenieError):
-    """A server's error reply, with its kind; raised as the matching genie error."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-
-_KINDS = {"execution": ExecutionError, "protocol": ProtocolError, "peer": TransportError}
+# other request in between makes the prefetched value stale, so it is dropped. A program run
+# by its owner (torch.compile's ``run_program``) sends all its fetches behind the run the
+# same way (``Channel.request``'s ``fetches``).
 
 
 class SpeculationHook:
@@ -93,14 +79,10 @@ class RemoteExecutor:
     ):
         self.address = address
         self._lock = threading.RLock()
-        self._broken: str | None = None
         self._resident: dict[int, int] = {}  # storage id -> bytes, mirrored from the server
-        self._outbox: list[list] = []
-        self._released: list[int] = []
         self._eager: list[tuple[torch.Tensor, int]] = []
         self.namer = ProgramNamer()  # how each flush is named (Note: [Program refs])
         self._last_enc = None
-        self._unread = 0  # replies to spec requests not read yet
         self._prefetched: tuple[list, torch.Tensor] | None = None  # Note: [Run then fetch]
         if speculate is None:
             speculate = os.environ.get("GENIE_SPECULATE", "1") not in ("0", "false", "no")
@@ -122,11 +104,12 @@ class RemoteExecutor:
                 f"{e}. Is `genie serve` running there? Start it on the GPU host with "
                 "`genie serve --host 0.0.0.0 --port PORT --token-file FILE` and check the address."
             ) from None
+        self.channel = Channel(self._t, address, self.counters)
         try:
             P.client_handshake(self._t, tok)
             self._t.set_timeout(timeout)
             self._t.spin_us = transports.default_spin_us()
-            info = self._request({"t": "hello"})
+            info = self._request({"t": "hello"})[0]
         except TransportError as e:
             self._t.close()
             raise TransportError(
@@ -146,157 +129,50 @@ class RemoteExecutor:
         )
 
     # -- plumbing -------------------------------------------------------------------------
-    def _lost(self, e: Exception) -> TransportError:
-        self._broken = (
-            f"genie: lost the genie server at {self.address} ({e}). Tensors that lived there are "
-            "gone. Check that it is running (start it again with `genie serve --port ...`), then "
-            "rerun the program; genie.connect() opens a new session."
-        )
-        self._t.close()
-        return TransportError(self._broken)
+    @property
+    def _broken(self) -> str | None:
+        return self.channel.broken
 
     def _check(self) -> None:
-        if self._broken is not None:
-            raise TransportError(self._broken)
+        self.channel.check()
 
     def _request(
         self,
         header: dict,
         buffers: list[memoryview] | tuple = (),
         receive: Callable[[dict], list[memoryview]] | None = None,
-        then_fetch: dict | None = None,
+        fetches: list[FetchPlan] | tuple = (),
         then_spec: Callable[[], None] | None = None,
-    ) -> dict:
-        """Send one request and read its reply; with `then_fetch`, a fetch of that ref goes
-        right behind it and its value is kept for the next fetch (Note: [Run then fetch]);
-        `then_spec` sends a spec behind those, before their replies are read."""
-        self._check()
+    ) -> tuple[dict, list[torch.Tensor | None]]:
+        """One request through the channel; any request resolves the speculation the server
+        holds and makes a prefetched value stale (Note: [Run then fetch])."""
         self._prefetched = None
-        self.speculator.ahead = False  # this request resolves any speculation the server holds
-        self._attach_pre(header)
-        body = P.pack(header)
+        self.speculator.ahead = False
+        return self.channel.request(header, buffers, receive, fetches, then_spec)
+
+    def _ask(self, header: dict) -> dict:
+        """A request whose error reply is raised as genie's."""
         try:
-            self._t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, body, buffers)
-            self._outbox, self._released = [], []
-            follow = None
-            if then_fetch is not None:
-                follow = self._fetch_plan(then_fetch)
-                self._t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(follow[0]), ())
-            self._read_spec_replies()  # they precede this request's replies
-            if then_spec is not None:
-                then_spec()
-            reply = self._read_reply(receive)
-            if follow is not None:
-                freply = self._read_reply(follow[1] if reply.get("ok") is True else None)
-                self.counters["requests"] += 1
-                if reply.get("ok") is True and freply.get("ok") is True:
-                    self._prefetched = (follow[0]["ref"], follow[2]())
-        except (TransportError, ProtocolError) as e:
-            raise self._lost(e) from None
-        self.counters["requests"] += 1
-        if reply.get("spec") == "hit":
-            self.counters["spec_hits"] += 1
-        if reply.get("ok") is not True:
-            kind = str(reply.get("kind", "remote"))
-            msg = str(reply.get("msg", "the server answered with an error"))
-            if reply.get("fatal"):
-                self._broken = msg
-                self._t.close()
-            raise _RequestFailed(kind, msg)
-        return reply
+            return self._request(header)[0]
+        except RequestFailed as e:
+            raise_error(e)
 
-    def _read_reply(self, receive: Callable[[dict], list[memoryview]] | None) -> dict:
-        frame = self._t.recv_frame(_REPLY_MAX_HEADER)
-        if frame.kind != P.REPLY:
-            raise ProtocolError(f"genie: unexpected frame kind {frame.kind} from the server")
-        reply = P.get_map(P.unpack(frame.header), "reply")
-        if reply.get("ok") is True and receive is not None:
-            self._t.recv_payload(receive(reply))
-        elif frame.payload_len:
-            self._t.skip_payload(frame.payload_len)
-        return reply
-
-    def _attach_pre(self, header: dict) -> None:
-        """Deferred releases and binds ride on the next request; the caller empties the outbox
-        once the request is sent."""
-        pre = self._outbox
-        if self._released:
-            pre = [["release", self._released], *pre]
-        if pre:
-            header["pre"] = pre
-
-    def _read_spec_replies(self) -> None:
-        """Read the answers to spec requests sent earlier (they precede every other reply)."""
-        while self._unread:
-            reply = self._read_reply(None)
-            self._unread -= 1
-            if reply.get("ok") is not True:
-                msg = str(reply.get("msg", "the server refused a speculative run"))
-                if reply.get("fatal"):
-                    raise ProtocolError(msg)
-                logger.warning("genie: a speculative run request failed: %s", msg)
-            elif reply.get("spec") is True:
-                self.counters["spec_started"] += 1
-            else:
-                logger.debug("genie: speculative run declined: %s", reply.get("why"))
-
-    @staticmethod
-    def _raise(e: _RequestFailed) -> None:
-        cls = _KINDS.get(e.kind, RemoteError)
-        raise cls(str(e)) from None
-
-    # -- uploads --------------------------------------------------------------------------
-    def _upload_parts(self, constants: dict[int, torch.Tensor]):
-        """[(entry, view)] covering every constant in pieces (Note: [Large uploads])."""
-        return upload_parts(constants, self.max_message)
-
+    # -- uploads (Note: [Large uploads]) ----------------------------------------------------
     def _send_uploads(self, parts) -> None:
-        """Upload requests of at most max_message bytes each, with progress and Ctrl-C held
-        between frames (Note: [Large uploads])."""
-        progress = Progress(sum(e[3] for e, _ in parts))
-        started = {e[0] for e, _ in parts}
-        try:
-            with interrupt_deferred() as interrupted:
-                batch, size = [], 0
-                for entry, view in parts:
-                    if batch and size + entry[3] > self.max_message:
-                        self._upload_batch(batch, progress)
-                        batch, size = [], 0
-                        if interrupted():
-                            raise KeyboardInterrupt
-                    batch.append((entry, view))
-                    size += entry[3]
-                if batch:
-                    self._upload_batch(batch, progress)
-                if interrupted():
-                    raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            # Storages whose last piece did not arrive hold zeros where it would have gone.
-            partial = [sid for sid in started if sid not in self._resident]
-            self.release(partial)
-            logger.warning(
-                "genie: upload interrupted after %.1f of %.1f MiB; %d partly sent tensor(s) "
-                "released, the session goes on",
-                progress.done / 2**20,
-                progress.total / 2**20,
-                len(partial),
-            )
-            raise
-        finally:
-            progress.close()
+        send_in_frames(
+            parts, self.max_message, self._upload_batch, self._resident.__contains__, self.release
+        )
 
-    def _upload_batch(self, batch, progress: Progress | None = None) -> None:
+    def _upload_batch(self, batch) -> None:
         try:
             self._request({"t": "upload", "up": [e for e, _ in batch]}, [v for _, v in batch])
-        except _RequestFailed as e:
-            self._raise(e)
+        except RequestFailed as e:
+            raise_error(e)
         for entry, _ in batch:
             if entry[2] + entry[3] == entry[1]:  # the storage's last piece: it is whole
                 self._resident[entry[0]] = entry[1]
         self.counters["uploads"] += len(batch)
         self.counters["upload_bytes"] += sum(e[3] for e, _ in batch)
-        if progress is not None:
-            progress.advance(sum(e[3] for e, _ in batch))
 
     # -- the Executor protocol ------------------------------------------------------------
     def run(
@@ -327,7 +203,7 @@ class RemoteExecutor:
         `then_fetch`: Note: [Run then fetch]. `instance` names the program as an instance of a
         template instead (Note: [Program templates]); False then when the server has no such
         base, so that the caller sends the program in full."""
-        parts = self._upload_parts(constants) if constants else []
+        parts = upload_parts(constants, self.max_message) if constants else []
         total = sum(e[3] for e, _ in parts)
         if parts and (enc is None or total > self.max_message or len(parts) > len(constants)):
             self._send_uploads(parts)  # large ones on their own (Note: [Large uploads])
@@ -337,16 +213,15 @@ class RemoteExecutor:
         ref = instance if instance is not None else self.namer.ref(enc)
         header: dict[str, Any] = {"t": "run", **ref.fields()}
         header.update(bind=binding, rng=rng, up=[e for e, _ in parts])
+        fetches = [self.channel.fetch_plan(then_fetch)] if then_fetch is not None else []
         try:
-            self._exchange(
-                header,
-                [v for _, v in parts],
-                None if instance else enc,
-                then_fetch=then_fetch,
-                then_spec=then_spec,
+            _, values = self._exchange(
+                header, [v for _, v in parts], None if instance else enc, fetches, then_spec
             )
-        except _RequestFailed:  # an instance whose base the server no longer has
+        except RequestFailed:  # an instance whose base the server no longer has
             return False
+        if fetches and values[0] is not None:
+            self._prefetched = (fetches[0].request["ref"], values[0])
         for entry, _ in parts:
             self._resident[entry[0]] = entry[1]
         self.counters["upload_bytes"] += total
@@ -459,102 +334,70 @@ class RemoteExecutor:
         """Send the Speculator's guess for `follows` without waiting for its answer; False
         when there is no guess."""
         header = self.speculator.guess(follows, self._resident if resident is None else resident)
-        if header is None or self._unread:
+        if header is None or self.channel.unread:
             return False
-        self._attach_pre(header)
-        try:
-            self._t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(header), [])
-        except (TransportError, ProtocolError) as e:
-            raise self._lost(e) from None
-        self._outbox, self._released = [], []
-        self._unread += 1
+        self.channel.send_unanswered(header)
         self.counters["spec_sent"] += 1
         return True
 
     def _exchange(
-        self, header: dict, buffers: list, enc, receive=None, then_fetch=None, then_spec=None
-    ) -> dict:
+        self, header: dict, buffers: list, enc, fetches=(), then_spec=None
+    ) -> tuple[dict, list[torch.Tensor | None]]:
+        """A request that names a program: sent once more with the body when the server does
+        not know the key (it forgot the program, or never had it); the server's error raised
+        as genie's, except an unknown program when there is no body to send (`enc` None)."""
         try:
             try:
-                reply = self._request(dict(header), buffers, receive, then_fetch, then_spec)
-            except _RequestFailed as e:
+                got = self._request(dict(header), buffers, None, fetches, then_spec)
+            except RequestFailed as e:
                 if e.kind != "unknown_program" or enc is None:
                     raise
                 header.pop("base", None)
                 header.pop("patch", None)
                 header["prog"] = enc.body
-                reply = self._request(dict(header), buffers, receive)
-        except _RequestFailed as e:
+                got = self._request(dict(header), buffers, None, fetches)
+        except RequestFailed as e:
             if e.kind == "unknown_program" and enc is None:
                 raise  # no body to send: the caller decides (Note: [Program templates])
             if e.kind == "execution":
                 # The uploads arrived before the program failed: they are resident.
                 for entry in header.get("up", ()):
                     self._resident[entry[0]] = entry[1]
-            self._raise(e)
+            raise_error(e)
         if enc is not None:
             if "prog" in header:
                 self.counters["programs_sent"] += 1
             elif "patch" in header:
                 self.counters["programs_patched"] += 1
             self.namer.checked(enc.key)
-        return reply
+        return got
 
     def fetch(self, ref: dict) -> torch.Tensor:
         started = time.perf_counter()
         try:
-            return self._fetch(ref)
+            with self._lock:
+                plan = self.channel.fetch_plan(ref)
+                pre, self._prefetched = self._prefetched, None
+                if pre is not None and pre[0] == plan.request["ref"]:
+                    self.counters["fetched_with_run"] += 1
+                    return pre[1]  # fetched right behind its run (Note: [Run then fetch])
+                try:
+                    self._request(plan.request, (), plan.receive)
+                except RequestFailed as e:
+                    raise_error(e)
+                return plan.result()
         finally:
             self.counters["fetch_seconds"] += time.perf_counter() - started
-
-    def _fetch_plan(self, ref: dict):
-        """(fetch request, receive(reply) -> buffers, result() -> the tensor) for `ref`."""
-        shape = tuple(ref["shape"])
-        dtype = ref["dtype"]
-        numel = 1
-        for s in shape:
-            numel *= s
-        expected = numel * P.itemsize(dtype)
-        out = self._t.host_buffer(expected)  # Note: [Payload memory] (transports/base.py)
-
-        def receive(reply: dict) -> list[memoryview]:
-            if reply.get("n") != expected:
-                raise ProtocolError(
-                    f"genie: the server sent {reply.get('n')} bytes for a {expected}-byte tensor"
-                )
-            return [memoryview(out.numpy())]
-
-        def result() -> torch.Tensor:
-            self.counters["fetches"] += 1
-            self.counters["fetch_bytes"] += expected
-            if numel == 0:
-                return torch.empty(shape, dtype=dtype)
-            return out.view(dtype).reshape(shape)
-
-        return {"t": "fetch", "ref": P.encode_ref(ref)}, receive, result
-
-    def _fetch(self, ref: dict) -> torch.Tensor:
-        with self._lock:
-            header, receive, result = self._fetch_plan(ref)
-            pre, self._prefetched = self._prefetched, None
-            if pre is not None and pre[0] == header["ref"]:
-                self.counters["fetched_with_run"] += 1
-                return pre[1]  # fetched right behind its run (Note: [Run then fetch])
-            try:
-                self._request(header, (), receive)
-            except _RequestFailed as e:
-                self._raise(e)
-            return result()
 
     def release(self, ids: list[int]) -> None:
         with self._lock:
             for i in ids:
                 self._resident.pop(i, None)
-            self._released.extend(ids)
-            if len(self._released) > _OUTBOX_FLUSH and self._broken is None:
+            self.channel.released.extend(ids)
+            if len(self.channel.released) > _OUTBOX_FLUSH and self._broken is None:
                 try:
                     self._request({"t": "release", "ids": []})
-                except (_RequestFailed, TransportError) as e:
+                except (RequestFailed, TransportError) as e:
                     logger.warning("genie: sending releases failed: %s", e)
 
     def has(self, storage: int) -> bool:
@@ -566,7 +409,7 @@ class RemoteExecutor:
             header = {"t": "eager", "key": enc.key, "bind": enc.binding, "rng": enc.rng}
             if enc.key not in self.namer.sent:  # never a patch: one node
                 header["prog"] = enc.body
-            reply = self._exchange(header, [], enc)
+            reply, _ = self._exchange(header, [], enc)
             self._eager = []
             self.counters["eager"] += 1
             return [self._result(r) for r in reply["res"]]
@@ -591,7 +434,7 @@ class RemoteExecutor:
                 raise UnsupportedOperationError(
                     "genie: the remote executor can only bind results of its own run_eager"
                 )
-            self._outbox.append(["bind", pid, P.encode_ref(ref)])
+            self.channel.outbox.append(["bind", pid, P.encode_ref(ref)])
             self._resident[int(ref["storage"])] = int(ref["storage_nbytes"])
 
     def resident_count(self) -> int:
@@ -613,10 +456,7 @@ class RemoteExecutor:
     def server_stats(self) -> dict[str, Any]:
         """The server's view: this session's and the whole server's counters."""
         with self._lock:
-            try:
-                reply = self._request({"t": "stats"})
-            except _RequestFailed as e:
-                self._raise(e)
+            reply = self._ask({"t": "stats"})
             return {"session": reply["session"], "server": reply["server"]}
 
     def close(self) -> None:
@@ -628,7 +468,9 @@ class RemoteExecutor:
                     self._request({"t": "bye"})
                 except (GenieError, OSError):
                     pass
-            self._broken = self._broken or f"genie: the session with {self.address} was closed"
+            self.channel.broken = (
+                self._broken or f"genie: the session with {self.address} was closed"
+            )
             self._t.close()
 
     def __repr__(self) -> str:
@@ -639,10 +481,7 @@ class RemoteExecutor:
         """One peer_open / peer_send / peer_recv / peer_close request; the server's error is
         raised as genie's."""
         with self._lock:
-            try:
-                reply = self._request(header)
-            except _RequestFailed as e:
-                self._raise(e)
+            reply = self._ask(header)
             if header["t"] == "peer_recv":
                 self._resident[int(header["id"])] = int(header["nbytes"])
             return reply
@@ -674,51 +513,14 @@ class RemoteExecutor:
                 self.counters["run_seconds"] += time.perf_counter() - started
 
     def _run_program(self, enc, binding, constants, refs, rng) -> list[torch.Tensor | None]:
-        parts = self._upload_parts(constants) if constants else []
+        parts = upload_parts(constants, self.max_message) if constants else []
         if sum(e[3] for e, _ in parts) > self.max_message:
             self._send_uploads(parts)
             parts = []
-        ref = self.namer.ref(enc)
-        header: dict[str, Any] = {"t": "run", **ref.fields(), "bind": binding, "rng": rng}
-        header["up"] = [e for e, _ in parts]
-        plans = [self._fetch_plan(r) for r in refs]
-        for _ in range(2):  # once more with the body if the server forgot the program
-            self._check()
-            self._prefetched = None
-            self.speculator.ahead = False
-            header.pop("pre", None)  # a retry: the server applied them with the first try
-            self._attach_pre(header)
-            try:
-                self._t.send_frame(
-                    P.PROTOCOL_VERSION, P.REQUEST, P.pack(header), [v for _, v in parts]
-                )
-                self._outbox, self._released = [], []
-                for fetch, _, _ in plans:
-                    self._t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(fetch), ())
-                self._read_spec_replies()
-                reply = self._read_reply(None)
-                ok = reply.get("ok") is True
-                values = []
-                for _, receive, result in plans:
-                    freply = self._read_reply(receive if ok else None)
-                    values.append(result() if ok and freply.get("ok") is True else None)
-            except (TransportError, ProtocolError) as e:
-                raise self._lost(e) from None
-            self.counters["requests"] += 1 + len(plans)
-            if not ok and reply.get("kind") == "unknown_program" and "prog" not in header:
-                header.pop("base", None)
-                header.pop("patch", None)
-                header["prog"] = enc.body
-                continue
-            break
-        if not ok:
-            if reply.get("fatal"):
-                self._broken = str(reply.get("msg"))
-                self._t.close()
-            self._raise(_RequestFailed(str(reply.get("kind", "remote")), str(reply.get("msg"))))
-        if "prog" in header:
-            self.counters["programs_sent"] += 1
-        self.namer.checked(enc.key)
+        header: dict[str, Any] = {"t": "run", **self.namer.ref(enc).fields()}
+        header.update(bind=binding, rng=rng, up=[e for e, _ in parts])
+        fetches = [self.channel.fetch_plan(r) for r in refs]
+        _, values = self._exchange(header, [v for _, v in parts], enc, fetches)
         self.counters["runs"] += 1
         self.counters["upload_bytes"] += sum(e[3] for e, _ in parts)
         for entry, _ in parts:

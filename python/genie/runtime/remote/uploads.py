@@ -17,7 +17,7 @@ from genie.runtime.remote.namer import storage_span
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Progress", "upload_parts", "interrupt_deferred"]
+__all__ = ["Progress", "upload_parts", "interrupt_deferred", "send_in_frames"]
 
 _CHUNK = 64 << 20  # bytes per piece of a large upload (GENIE_UPLOAD_CHUNK)
 _PROGRESS = 256 << 20  # uploads from this size on report progress (GENIE_UPLOAD_PROGRESS)
@@ -60,6 +60,52 @@ def upload_parts(
             at += n
             first = False
     return parts
+
+
+def send_in_frames(
+    parts: list[tuple[list, memoryview]],
+    max_message: int,
+    send_batch: Callable[[list[tuple[list, memoryview]]], None],
+    resident: Callable[[int], bool],
+    release: Callable[[list[int]], None],
+) -> None:
+    """Send `parts` (from ``upload_parts``) as upload requests of at most `max_message` bytes
+    each, through `send_batch`; with progress, and Ctrl-C held between frames. After an
+    interrupt, the storages that are not `resident` (their last piece did not arrive) are
+    `release`d and KeyboardInterrupt is raised (Note: [Large uploads])."""
+    progress = Progress(sum(e[3] for e, _ in parts))
+    started = {e[0] for e, _ in parts}
+    try:
+        with interrupt_deferred() as interrupted:
+            batch, size = [], 0
+            for entry, view in parts:
+                if batch and size + entry[3] > max_message:
+                    send_batch(batch)
+                    progress.advance(size)
+                    batch, size = [], 0
+                    if interrupted():
+                        raise KeyboardInterrupt
+                batch.append((entry, view))
+                size += entry[3]
+            if batch:
+                send_batch(batch)
+                progress.advance(size)
+            if interrupted():
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        # Storages whose last piece did not arrive hold zeros where it would have gone.
+        partial = [sid for sid in started if not resident(sid)]
+        release(partial)
+        logger.warning(
+            "genie: upload interrupted after %.1f of %.1f MiB; %d partly sent tensor(s) "
+            "released, the session goes on",
+            progress.done / 2**20,
+            progress.total / 2**20,
+            len(partial),
+        )
+        raise
+    finally:
+        progress.close()
 
 
 def _bytes_of(st: torch.UntypedStorage, lo: int, hi: int) -> memoryview:

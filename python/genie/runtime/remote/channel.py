@@ -1,0 +1,201 @@
+"""One connection's requests and replies: framing, deferred operations, pipelined fetches and
+unanswered speculative requests, and the one place a server's error reply becomes a genie error.
+
+The RemoteExecutor decides what to send; the Channel only sends it and reads the answers, in
+order. A transport failure here ends the session (``lost``); an error reply raises
+``RequestFailed`` with the server's kind, which ``raise_error`` turns into the genie error a
+user sees.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from genie.errors import ExecutionError, GenieError, ProtocolError, RemoteError, TransportError
+from genie.runtime import protocol as P
+from genie.runtime.transports import Transport
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Channel", "FetchPlan", "RequestFailed", "raise_error"]
+
+_REPLY_MAX_HEADER = 64 << 20
+
+
+class RequestFailed(GenieError):
+    """A server's error reply, with its kind; raised as the matching genie error."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+_KINDS = {"execution": ExecutionError, "protocol": ProtocolError, "peer": TransportError}
+
+
+def raise_error(e: RequestFailed) -> None:
+    """Raise the genie error a user sees for the server's error reply `e`."""
+    cls = _KINDS.get(e.kind, RemoteError)
+    raise cls(str(e)) from None
+
+
+@dataclass
+class FetchPlan:
+    """A fetch request, where its payload goes, and how the value is made once it arrived."""
+
+    request: dict
+    receive: Callable[[dict], list[memoryview]]
+    result: Callable[[], torch.Tensor]
+
+
+class Channel:
+    """Requests to one server over `transport`, each answered in order."""
+
+    def __init__(self, transport: Transport, address: str, counters: dict[str, Any]):
+        self.t = transport
+        self.address = address
+        self.counters = counters  # shared with the executor: its stats
+        self.broken: str | None = None
+        # Releases and binds need no answer: they ride on the next request (its "pre")
+        # instead of costing a round trip each.
+        self.outbox: list[list] = []
+        self.released: list[int] = []
+        self.unread = 0  # replies to speculative requests not read yet
+
+    # -- failure --------------------------------------------------------------------------
+    def lost(self, e: Exception) -> TransportError:
+        """The connection failed: the session and every tensor it held are gone."""
+        self.broken = (
+            f"genie: lost the genie server at {self.address} ({e}). Tensors that lived there are "
+            "gone. Check that it is running (start it again with `genie serve --port ...`), then "
+            "rerun the program; genie.connect() opens a new session."
+        )
+        self.t.close()
+        return TransportError(self.broken)
+
+    def check(self) -> None:
+        if self.broken is not None:
+            raise TransportError(self.broken)
+
+    # -- requests -------------------------------------------------------------------------
+    def request(
+        self,
+        header: dict,
+        buffers: Sequence[memoryview] = (),
+        receive: Callable[[dict], list[memoryview]] | None = None,
+        fetches: Sequence[FetchPlan] = (),
+        then_spec: Callable[[], None] | None = None,
+    ) -> tuple[dict, list[torch.Tensor | None]]:
+        """Send one request and read its reply. `fetches` go right behind it, before its
+        answer is read (Note: [Run then fetch]); their values come back in order, None for
+        each that did not arrive because the request or the fetch failed. `then_spec` sends a
+        speculative request behind those, before their replies are read."""
+        self.check()
+        self._attach_pre(header)
+        body = P.pack(header)
+        values: list[torch.Tensor | None] = []
+        try:
+            self.t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, body, buffers)
+            self.outbox, self.released = [], []
+            for plan in fetches:
+                self.t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(plan.request), ())
+            self._read_spec_replies()  # they precede this request's replies
+            if then_spec is not None:
+                then_spec()
+            reply = self._read_reply(receive)
+            ok = reply.get("ok") is True
+            for plan in fetches:
+                freply = self._read_reply(plan.receive if ok else None)
+                values.append(plan.result() if ok and freply.get("ok") is True else None)
+        except (TransportError, ProtocolError) as e:
+            raise self.lost(e) from None
+        self.counters["requests"] += 1 + len(fetches)
+        if reply.get("spec") == "hit":
+            self.counters["spec_hits"] += 1
+        if not ok:
+            kind = str(reply.get("kind", "remote"))
+            msg = str(reply.get("msg", "the server answered with an error"))
+            if reply.get("fatal"):
+                self.broken = msg
+                self.t.close()
+            raise RequestFailed(kind, msg)
+        return reply, values
+
+    def send_unanswered(self, header: dict) -> None:
+        """Send a speculative request whose answer is read before the next request's."""
+        self._attach_pre(header)
+        try:
+            self.t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(header), [])
+        except (TransportError, ProtocolError) as e:
+            raise self.lost(e) from None
+        self.outbox, self.released = [], []
+        self.unread += 1
+
+    def fetch_plan(self, ref: dict) -> FetchPlan:
+        """The fetch of the tensor `ref` (a core ref dict) into a buffer of the transport's."""
+        shape = tuple(ref["shape"])
+        dtype = ref["dtype"]
+        numel = 1
+        for s in shape:
+            numel *= s
+        expected = numel * P.itemsize(dtype)
+        out = self.t.host_buffer(expected)  # Note: [Payload memory] (transports/base.py)
+
+        def receive(reply: dict) -> list[memoryview]:
+            if reply.get("n") != expected:
+                raise ProtocolError(
+                    f"genie: the server sent {reply.get('n')} bytes for a {expected}-byte tensor"
+                )
+            return [memoryview(out.numpy())]
+
+        def result() -> torch.Tensor:
+            self.counters["fetches"] += 1
+            self.counters["fetch_bytes"] += expected
+            if numel == 0:
+                return torch.empty(shape, dtype=dtype)
+            return out.view(dtype).reshape(shape)
+
+        return FetchPlan({"t": "fetch", "ref": P.encode_ref(ref)}, receive, result)
+
+    # -- replies --------------------------------------------------------------------------
+    def _read_reply(self, receive: Callable[[dict], list[memoryview]] | None) -> dict:
+        frame = self.t.recv_frame(_REPLY_MAX_HEADER)
+        if frame.kind != P.REPLY:
+            raise ProtocolError(f"genie: unexpected frame kind {frame.kind} from the server")
+        reply = P.get_map(P.unpack(frame.header), "reply")
+        if reply.get("ok") is True and receive is not None:
+            self.t.recv_payload(receive(reply))
+        elif frame.payload_len:
+            self.t.skip_payload(frame.payload_len)
+        return reply
+
+    def _attach_pre(self, header: dict) -> None:
+        """Deferred releases and binds ride on `header`; the caller empties the outbox once
+        the request is sent."""
+        header.pop("pre", None)  # a resend: the server applied them with the first try
+        pre = self.outbox
+        if self.released:
+            pre = [["release", self.released], *pre]
+        if pre:
+            header["pre"] = pre
+
+    def _read_spec_replies(self) -> None:
+        """Read the answers to speculative requests sent earlier (they precede every other
+        reply)."""
+        while self.unread:
+            reply = self._read_reply(None)
+            self.unread -= 1
+            if reply.get("ok") is not True:
+                msg = str(reply.get("msg", "the server refused a speculative run"))
+                if reply.get("fatal"):
+                    raise ProtocolError(msg)
+                logger.warning("genie: a speculative run request failed: %s", msg)
+            elif reply.get("spec") is True:
+                self.counters["spec_started"] += 1
+            else:
+                logger.debug("genie: speculative run declined: %s", reply.get("why"))
