@@ -1,13 +1,17 @@
 """Plans over several `genie serve` servers move tensors between the servers directly
 (Note: [Server-to-server moves]): results equal eager, the activations a plan moves do not
-cross the client's links, a server without the shared token cannot join a group, and a group
-that cannot form falls back to moving through the client."""
+cross the client's links (a byte-counting proxy in front of each server shows it), a model
+larger than one server's memory limit runs split, a server without the shared token cannot
+join a group, and a group that cannot form falls back to moving through the client."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import secrets
+import socket
+import threading
 import time
 
 import pytest
@@ -231,3 +235,133 @@ def test_connect_to_several_servers_schedules_over_what_they_report(pair):
     finally:
         genie.disconnect()
     assert torch.equal(out, model(ids).logits)
+
+
+class ByteCountingProxy:
+    """A TCP proxy in front of one server: two threads per connection forward bytes and count
+    them, ``up`` (client to server) and ``down`` (server to client). Servers reach each other
+    directly (their groups' own ports), so only the client's traffic passes here."""
+
+    def __init__(self, target: str):
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.up = 0
+        self.down = 0
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._target)
+            self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, "up"), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, "down"), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                with self._lock:
+                    setattr(self, direction, getattr(self, direction) + len(data))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return self.up, self.down
+
+    def close(self) -> None:
+        self._listener.close()
+        for s in self._sockets:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def _connect_split(addresses, token) -> MultiDeviceExecutor:
+    """genie.connect to several servers, planned as a pipeline (layers split over them)."""
+    ex = genie.connect(list(addresses), token=token)
+    ex.scheduler.strategy = "pipeline"
+    return ex
+
+
+@torch.no_grad()
+def test_no_activation_crosses_the_client_links(pair):
+    """A byte-counting proxy in front of each server: during a second forward of a model split
+    over two servers, the client's links carry the new input, the program requests and the
+    fetched logits, and fewer bytes than one hidden state on top of those; the servers moved
+    the hidden states between themselves."""
+    model = gpt2(n_layer=4, n_embd=256)
+    proxies = [ByteCountingProxy(s.address) for s in pair]
+    ex = _connect_split([p.address for p in proxies], pair[0].token)
+    try:
+        rmodel = copy.deepcopy(model).to(REMOTE)
+        ids = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(5))
+        assert torch.equal(rmodel(ids.to(REMOTE)).logits.cpu(), model(ids).logits)
+        assert {f.device for f in ex.last_plan.fragments} == {"server0", "server1"}
+        before = [p.counts() for p in proxies]
+        moved_before = ex.stats["direct_bytes"]
+        ids2 = ids.flip(1)
+        out = rmodel(ids2.to(REMOTE)).logits
+        got = out.cpu()
+        genie.synchronize()
+        after = [p.counts() for p in proxies]
+        moved = ex.stats["direct_bytes"] - moved_before
+    finally:
+        genie.disconnect()
+        for p in proxies:
+            p.close()
+    assert torch.equal(got, model(ids2).logits)
+    up = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    down = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    hidden = ids.numel() * 256 * 4  # one hidden state between layers, float32
+    inputs, outputs = ids2.numel() * ids2.element_size(), got.numel() * got.element_size()
+    assert moved >= hidden  # the activations went from server to server
+    # Sent: the input and the requests (programs by key and binding), never a hidden state.
+    assert inputs <= up < inputs + hidden, (up, inputs, hidden)
+    # Received: the logits and the replies, never a hidden state.
+    assert outputs <= down < outputs + hidden, (down, outputs, hidden)
+
+
+@torch.no_grad()
+def test_a_model_larger_than_one_servers_memory_limit_runs_split():
+    """Two servers that may each hold 70% of a model's weights (genie serve --memory-limit):
+    the model runs split over both, equal to eager; its weights stay where they were placed,
+    so a second forward with a new input uploads that input and nothing else."""
+    model = gpt2(n_layer=4, n_embd=128)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    limit = str(int(weights * 0.7))
+    token = secrets.token_hex(16)
+    threads = torch.get_num_threads()
+    with (
+        LoopbackServer(token=token, threads=threads, memory_limit=limit) as s0,
+        LoopbackServer(token=token, threads=threads, memory_limit=limit) as s1,
+    ):
+        ex = genie.connect([s0.address, s1.address], token=token)
+        try:
+            rmodel = copy.deepcopy(model).to(REMOTE)
+            ids = torch.randint(0, 500, (1, 8), generator=torch.Generator().manual_seed(7))
+            assert torch.equal(rmodel(ids.to(REMOTE)).logits.cpu(), model(ids).logits)
+            clients = [b.executor for b in ex.backends.values()]
+            held = [c.server_stats()["session"]["resident_bytes"] for c in clients]
+            uploaded = sum(c.stats()["upload_bytes"] for c in clients)
+            ids2 = ids.flip(1)
+            out = rmodel(ids2.to(REMOTE)).logits.cpu()
+            uploaded = sum(c.stats()["upload_bytes"] for c in clients) - uploaded
+        finally:
+            genie.disconnect()
+        healthy(s0)
+        healthy(s1)
+    assert torch.equal(out, model(ids2).logits)
+    assert all(0 < h <= int(limit) for h in held), (held, limit)  # both hold a part
+    assert sum(held) >= weights
+    assert uploaded == ids2.numel() * ids2.element_size()

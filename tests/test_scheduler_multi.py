@@ -108,11 +108,12 @@ def test_tight_memory_forces_a_split_that_fits_and_computes_right(multi):
     model = gpt2(n_layer=4, n_embd=64, vocab=500, positions=64)
     ids = _ids(seq=16)
     ref = model(ids).logits
-    # What one device needs at peak for this program...
+    # What one device needs at peak for this program, counted as the executor's devices
+    # keep values: to the end of the flush (Note: [What a device holds])...
     rm = copy.deepcopy(model).to(REMOTE)
     rm(ids.to(REMOTE))
     graph = genie.get_graph()
-    one = Scheduler(GraphCostEstimator(), cpu_topology(1)).create_schedule(graph)
+    one = Scheduler(GraphCostEstimator(), cpu_topology(1)).create_schedule(graph, holds="flush")
     peak = one.peak_memory["cpu0"]
     genie.synchronize()
     # ...and two devices with 60% of that each: the scheduler must split, and fit.

@@ -108,6 +108,26 @@ def test_memory_that_cannot_fit_names_what_does_not_fit():
     )
 
 
+def test_a_device_that_keeps_a_flush_s_values_needs_room_for_all_of_them():
+    """Note: [What a device holds]: with holds="flush" the peak counts every intermediate the
+    chain writes (as a server does until the flush ends); with "last_use" only the largest
+    pair alive at once."""
+    torch.manual_seed(0)
+    layers = [m for _ in range(4) for m in (nn.Linear(64, 64), nn.ReLU())]
+    graph, _ = _record(nn.Sequential(*layers).eval(), torch.randn(256, 64))
+    topo = NetworkTopology()
+    topo.add_device("a", DeviceSpec.cpu(memory_bytes=1 << 30))
+    topo.add_link("client", "a", kind="pcie4")
+    peak = {
+        holds: Scheduler(network_topology=topo).create_schedule(graph, holds=holds).peak_memory["a"]
+        for holds in ("last_use", "flush")
+    }
+    weights = sum(graph.constants[s].untyped_storage().nbytes() for s in graph.constants)
+    activation = 256 * 64 * 4
+    assert peak["last_use"] <= weights + 3 * activation
+    assert peak["flush"] >= weights + 8 * activation  # four linears, four relus, all kept
+
+
 # -- pipelining a CNN ------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_pipelined_cnn_balances_stage_costs(n):

@@ -238,8 +238,10 @@ class MultiDeviceExecutor:
                 if s in self._home and s not in graph.constants
             }
             profile = self.profiler(graph) if callable(self.profiler) else None
+            # Every device keeps what a flush creates until the flush ends (Note: [What a
+            # device holds] in scheduler/placement.py): the memory sweep counts it so.
             schedule = self.scheduler.create_schedule(
-                graph, profile, resident=resident, reserved=self._reserved(graph)
+                graph, profile, resident=resident, reserved=self._reserved(graph), holds="flush"
             )
             plan = self.planner.generate_plan(graph, profile, schedule)
             t1 = time.perf_counter()
@@ -466,12 +468,14 @@ class MultiDeviceExecutor:
         self._copies.setdefault(storage, set()).add(dev)
 
     def _reserved(self, graph: Graph) -> dict[str, int]:
-        """Bytes each device holds for values this graph does not read."""
+        """Bytes each device holds for values this graph does not read: their homes and
+        the copies kept elsewhere (uploads and inputs moved to a second device)."""
         read = set(graph.input_storages)
         out: dict[str, int] = {}
         for s, dev in self._home.items():
             if s not in read:
-                out[dev] = out.get(dev, 0) + self.backends[dev].storage_nbytes(s)
+                for d in {dev, *self._copies.get(s, ())}:
+                    out[d] = out.get(d, 0) + self.backends[d].storage_nbytes(s)
         return out
 
 

@@ -27,6 +27,19 @@ META_EARLY = "genie.early"  # cheap, input-only work: compute early / recompute 
 META_PRIORITY = "genie.priority"  # added to the node's list-scheduling rank
 META_PARALLEL = "genie.parallel_branch"  # independent work of one stage: its own group
 
+# Note: [What a device holds]
+# The memory sweep must count what the executor really keeps, or a plan that "fits" fails on
+# a server started with --memory-limit. Two models:
+# - "last_use": a value lives from its first write (or arrival) on a device to its last use
+#   there. Right for an executor that frees each intermediate after its last reader.
+# - "flush": a value lives from its first write (or arrival) on a device to the end of the
+#   graph. This is what genie's executors do: a server session, like the in-process
+#   Environment, keeps every storage a program creates until the client releases it, and
+#   the recorder releases a flush's dead intermediates only after the whole flush ran (it
+#   alone knows which storages the user still holds, so nobody can free one earlier without
+#   risking a value the user still reads). The MultiDeviceExecutor schedules with "flush".
+HOLDS = ("last_use", "flush")
+
 
 @dataclass
 class SimResult:
@@ -62,9 +75,13 @@ class PlacementContext:
         pins: dict[int, str] | None = None,
         reserved: dict[str, int] | None = None,
         include_uploads: bool = True,
+        holds: str = "last_use",
     ):
         if not devices:
             raise PlacementError("genie: no devices to place the graph on")
+        if holds not in HOLDS:
+            raise PlacementError(f"genie: holds must be one of {HOLDS}, not {holds!r}")
+        self.holds = holds
         self.A = analysis
         self.topology = topology
         self.estimator = estimator
@@ -348,7 +365,8 @@ class PlacementContext:
     ) -> MemoryReport:
         """Peak bytes per device by a liveness sweep in program order: a storage lives on a
         device from its first write or arrival there to its last use there (on the device
-        that produced it: to its last use anywhere, since transfers read it); graph inputs
+        that produced it: to its last use anywhere, since transfers read it), or to the end
+        when the context's ``holds`` is "flush" (Note: [What a device holds]); graph inputs
         live through the whole graph on every device that reads them; values nobody reads
         afterwards (results) live to the end."""
         intervals = self._intervals(placement, recompute)
@@ -388,6 +406,8 @@ class PlacementContext:
             elif i < cur[0]:
                 cur[0] = i
 
+        # Note: [What a device holds]: under "flush" every value stays to the graph's end.
+        end = last if self.holds == "flush" else None
         for ci in range(self.C):
             d = placement[ci]
             devs = (d,) if not recompute or ci not in recompute else (d, *recompute[ci])
@@ -401,8 +421,12 @@ class PlacementContext:
                     else:
                         touch(s, dev, ci)
                         touch(s, placement[w], ci)
+                        if end is not None:
+                            touch(s, dev, end)
                 for s in A.writes[ci]:
                     touch(s, dev, ci)
+                    if end is not None:
+                        touch(s, dev, end)
         for s, w in A.last_writer.items():
             if not A.readers.get((s, w)):
                 touch(s, placement[w], last)

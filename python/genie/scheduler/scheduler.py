@@ -23,6 +23,7 @@ from genie.graph.ir import Graph
 from genie.scheduler.analysis import GraphAnalysis
 from genie.scheduler.cost_model import GraphCostEstimator
 from genie.scheduler.placement import (
+    HOLDS,
     META_DEVICE,
     META_FUSION_GROUP,
     META_PARALLEL,
@@ -50,6 +51,9 @@ class Scheduler:
             ``node.meta`` before placement.
         recompute: allow recomputing cheap producers instead of moving their outputs.
         include_uploads: count uploads of constants from the client in estimates.
+        holds: how long a device keeps a value, for the memory sweep: ``last_use`` (an
+            executor that frees each value after its last reader) or ``flush`` (to the end
+            of the graph, as genie's executors do; Note: [What a device holds]).
         cache_size: schedules kept (LRU); 0 disables the cache.
     """
 
@@ -63,8 +67,12 @@ class Scheduler:
         optimizer: Any = None,
         recompute: bool = True,
         include_uploads: bool = True,
+        holds: str = "last_use",
         cache_size: int = 256,
     ):
+        if holds not in HOLDS:
+            raise ValueError(f"genie: holds must be one of {HOLDS}, not {holds!r}")
+        self.holds = holds
         self.estimator = cost_estimator or GraphCostEstimator()
         self.topology = network_topology or NetworkTopology.local()
         self.strategy = strategy
@@ -97,6 +105,7 @@ class Scheduler:
         pins: dict[int, str] | None = None,
         reserved: dict[str, int] | None = None,
         strategy: Any = None,
+        holds: str | None = None,
     ) -> ExecutionSchedule:
         """Schedule `graph`.
 
@@ -107,14 +116,17 @@ class Scheduler:
             pins: node id -> device name, on top of ``node.meta["genie.device"]``.
             reserved: device -> bytes already in use there (not available to this graph).
             strategy: overrides the scheduler's strategy for this call.
+            holds: overrides the scheduler's ``holds`` for this call (an executor says how
+                its devices keep values: Note: [What a device holds]).
         """
         t0 = time.perf_counter()
+        holds = holds or self.holds
         resident = resident or {}
         strat_spec = strategy if strategy is not None else self.strategy
         opt_key: Any = None
         if self.optimizer is not None:
             opt_key = self.optimizer.config_key(graph)
-        key = self._key(graph, resident, pins, strat_spec, opt_key)
+        key = self._key(graph, resident, pins, strat_spec, opt_key, holds)
         if key is not None and self.cache_size:
             with self._lock:
                 cached = self._cache.get(key)
@@ -127,7 +139,7 @@ class Scheduler:
                 return out
         if self.optimizer is not None:
             self.optimizer.apply(graph, profile)
-        sched = self._build(graph, profile, resident, pins, reserved, strat_spec, key)
+        sched = self._build(graph, profile, resident, pins, reserved, strat_spec, key, holds)
         sched.optimizer_key = opt_key
         if key is not None and self.cache_size:
             with self._lock:
@@ -169,7 +181,7 @@ class Scheduler:
             st["total_time_s"] += seconds
             st["last_time_s"] = seconds
 
-    def _key(self, graph, resident, pins, strat_spec, opt_key) -> tuple | None:
+    def _key(self, graph, resident, pins, strat_spec, opt_key, holds) -> tuple | None:
         if not isinstance(strat_spec, str):
             strat_name: Any = id(strat_spec)
         else:
@@ -198,6 +210,7 @@ class Scheduler:
             user_pins,
             opt_key,
             self.recompute,
+            holds,
         )
 
     def _memory_still_fits(self, sched: ExecutionSchedule, reserved) -> bool:
@@ -210,7 +223,7 @@ class Scheduler:
         return True
 
     def _build(
-        self, graph, profile, resident, pins, reserved, strat_spec, key
+        self, graph, profile, resident, pins, reserved, strat_spec, key, holds
     ) -> ExecutionSchedule:
         A = GraphAnalysis.of(graph, refresh=self.optimizer is not None)
         ctx = PlacementContext(
@@ -222,6 +235,7 @@ class Scheduler:
             pins=pins,
             reserved=reserved,
             include_uploads=self.include_uploads,
+            holds=holds,
         )
         strat = make_strategy(strat_spec)
         notes: list[str] = []
