@@ -18,6 +18,7 @@ import pytest
 import torch
 from fakes import REMOTE, gpt2
 from remote_fixtures import RawClient, healthy
+from torch import nn
 
 import genie
 from genie.errors import TransportError
@@ -365,3 +366,57 @@ def test_a_model_larger_than_one_servers_memory_limit_runs_split():
     assert all(0 < h <= int(limit) for h in held), (held, limit)  # both hold a part
     assert sum(held) >= weights
     assert uploaded == ids2.numel() * ids2.element_size()
+
+
+class _TwoTowers(nn.Module):
+    """Two modality encoders joined by a head: independent branches until the concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU())
+        self.text = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU())
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, image, text):
+        return self.head(torch.cat([self.image(image), self.text(text)], -1))
+
+
+class _MeetsTheOther(ExecutorBackend):
+    """A server whose first fragment waits until the other server's first fragment started
+    too: a plan that ran the two one after the other would break the barrier."""
+
+    def __init__(self, backend: ExecutorBackend, barrier: threading.Barrier):
+        super().__init__(backend.name, backend.executor)
+        self._barrier = barrier
+
+    def run(self, nodes) -> None:
+        if nodes and self._barrier is not None:
+            barrier, self._barrier = self._barrier, None
+            barrier.wait(timeout=30)
+        super().run(nodes)
+
+
+@torch.no_grad()
+def test_modality_branches_run_on_two_servers_at_once(pair):
+    """The parallel strategy puts each branch on its own server; both servers work at the same
+    time (each one's first fragment waits for the other's to start), the result equals eager,
+    and the branch's output moves between the servers."""
+    model = _TwoTowers().eval()
+    image, text = torch.randn(8, 64), torch.randn(8, 32)
+    ex = genie.connect([s.address for s in pair], token=pair[0].token)
+    ex.scheduler.strategy = "parallel"
+    barrier = threading.Barrier(2)
+    for name, b in list(ex.backends.items()):
+        ex.backends[name] = _MeetsTheOther(b, barrier)
+    try:
+        rmodel = copy.deepcopy(model).to(REMOTE)
+        out = rmodel(image.to(REMOTE), text.to(REMOTE)).cpu()
+        plan = ex.last_plan
+    finally:
+        genie.disconnect()
+    assert torch.equal(out, model(image, text))
+    assert not barrier.broken
+    first = {d: plan.fragments_on(d)[0] for d in ("server0", "server1")}
+    assert not first["server0"].deps and not first["server1"].deps  # neither waits
+    assert ex.stats["direct_transfers"] == len(plan.transfers) > 0

@@ -9,9 +9,11 @@ with explicit transfers between them.
 Note: [Fragments]
 Tasks (compute nodes, plus copies of recomputed nodes on the devices that recompute them)
 are visited in program order. A task joins the open fragment of its device unless one of
-the fragments it depends on already depends on that fragment (joining would close a cycle);
-then it opens a new fragment, which also follows the previous fragment of its device (a
-device runs its fragments in order). Dependencies are read-after-write on versions and
+the fragments it depends on already depends on that fragment (joining would close a cycle)
+or the open fragment does not already wait for it (joining would hold the fragment's
+earlier work back until that other fragment finished: two modality branches joined at a
+fusion point would run one after the other); then it opens a new fragment, which also
+follows the previous fragment of its device (a device runs its fragments in order). Dependencies are read-after-write on versions and
 write-after-read (Note: [Versions] in analysis.py), so a transfer always carries the version
 its reader expects: a later in-place write of the same storage can never be folded into the
 fragment the transfer leaves from.
@@ -497,7 +499,12 @@ class Planner:
                     for p in A.preds[ci]:
                         deps.add(frag_of[(p, place[p])])
                 f = open_frag.get(dev)
-                if f is None or any(g != f and (anc[g] >> f) & 1 for g in deps):
+                # A new fragment when joining would close a cycle, or would make the open
+                # fragment's earlier work wait for a fragment it did not wait for (Note:
+                # [Fragments]).
+                if f is None or any(
+                    g != f and ((anc[g] >> f) & 1 or not (anc[f] >> g) & 1) for g in deps
+                ):
                     f = new_fragment(dev)
                 add_deps(f, deps)
                 frag_of[(ci, dev)] = f
