@@ -258,7 +258,7 @@ def _pair(monkeypatch, server_env: dict[str, str]):
 def test_payloads_fall_back_to_tcp_when_an_agent_cannot_start(monkeypatch, caplog):
     """A server whose agent fails (here: an impossible EAL option) answers the set-up with the
     reason; both sides log it and carry payloads over TCP instead."""
-    caplog.set_level(logging.WARNING, logger="genie.runtime.transports.dpdk")
+    caplog.set_level(logging.WARNING, logger="genie.runtime.transports.dpdk_setup")
     server, client, first_frame = _pair(monkeypatch, {"GENIE_DPDK_OPTIONS": "eal_memory_mb=1"})
     try:
         x = torch.arange(1 << 18, dtype=torch.int32)
@@ -324,13 +324,13 @@ def test_in_process_pair_moves_payloads_on_the_data_plane(monkeypatch):
 @pytest.mark.dpdk
 def test_memif_between_two_hosts_falls_back_to_tcp(monkeypatch, caplog):
     """memif joins processes of one host; peers on two hosts carry payloads over TCP."""
-    from genie.runtime.transports import dpdk
+    from genie.runtime.transports import dpdk_setup
 
     main = threading.main_thread()
     monkeypatch.setattr(
-        dpdk, "host_id", lambda: "host-a" if threading.current_thread() is main else "host-b"
+        dpdk_setup, "host_id", lambda: "host-a" if threading.current_thread() is main else "host-b"
     )
-    caplog.set_level(logging.WARNING, logger="genie.runtime.transports.dpdk")
+    caplog.set_level(logging.WARNING, logger="genie.runtime.transports.dpdk_setup")
     server, client, first_frame = _pair(monkeypatch, {})
     try:
         x = torch.arange(1 << 18, dtype=torch.int32)

@@ -7,17 +7,9 @@ a DPDK endpoint in a helper process, ``genie-dpdk-agent`` (see Note: [Data-plane
 csrc/dataplane/agent_protocol.h): one per connection and side, over a net_memif port between
 two processes on one host, or any DPDK port named in the configuration (a vdev, or a PCI NIC).
 
-Note: [Data-plane set-up]
-The data plane opens once the client is authenticated, inside the client's ``recv_frame`` that
-reads AUTH_OK, with three internal frames the protocol layer never sees:
-  client -> SETUP      {"host": host id, "port": port kind}
-  server -> SETUP_OK   {"ok", "error", "socket", "host"}   (its agent is up, its port listens)
-  client -> SETUP_DONE {"ok", "error"}                     (its agent met the server's)
-Only an authenticated peer can make a server start an agent (SETUP before AUTH_OK is handed to
-the protocol layer, which refuses it). When either side cannot bring its agent up, or memif
-would need two hosts, both sides log why and carry payloads over TCP: TCP is the fallback.
-Once the data plane is up, a failure on it (a dead peer, a dead agent) is a TransportError, as
-a broken TCP connection is.
+The files: this one frames and moves payloads; dpdk_setup.py brings the data plane up after
+authentication (Note: [Data-plane set-up]); dpdk_memory.py hands out the arena memory that
+travels without a copy (Note: [Zero copy through the arena]); dpdk_agent.py starts the agent.
 
 Note: [Rendezvous sends]
 A data-plane ``send_frame`` returns once the peer has taken the payload (the receiver grants
@@ -30,19 +22,6 @@ Real NICs: ``GENIE_DPDK_PORT=pci:0000:17:00.0`` on each side (the device bound t
 EAL is then allowed that device only), usually with ``GENIE_DPDK_OPTIONS="eal_no_huge=0"`` for
 hugepage memory; peers learn each other's MAC address from their hello. One agent owns a NIC
 port, so a second connection on the same port falls back to TCP (with a warning saying why).
-
-Note: [Zero copy through the arena]
-The agent can only touch memory it maps: the arena, a memfd both processes map (Note: [Arena
-heap] in csrc/dataplane/arena.h). Its heap is handed out as torch storages: ``host_buffer``
-(fetched results on the client, ``pin_memory()``-style buffers) and ``payload_storage`` (uploads
-on a CPU server) give arena memory for payloads of at least ``min_payload`` bytes, so a payload
-received into them is written there by the agent and stays there as the tensor's storage, and
-one sent from them is read by the agent in place. Any other memory takes one pipelined copy
-through the arena's slots, and ``stats.bytes_copied_sending`` / ``bytes_copied_receiving`` say
-how many bytes did. A storage keeps its block (and the mapping) alive after the connection
-closes; when the heap is full, memory comes from torch and is copied. On a CUDA server an upload
-lands in the heap and goes to the GPU from there, the heap registered with CUDA once through
-the registration cache (``registrations_hit`` / ``registrations_missed``).
 
 In-process mode (opt-in, ``GENIE_DPDK_IN_PROCESS=1``; Note: [In-process endpoint] in
 csrc/dataplane/agent_protocol.h): the endpoint runs on a thread of this process instead of in
@@ -60,14 +39,10 @@ separated by spaces, e.g. ``"chunk_bytes=8000 eal_pci=0000:17:00.0"``).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import secrets
 import socket
 from collections.abc import Sequence
 
-from genie import _C
 from genie.errors import GenieError, ProtocolError, TransportError
 from genie.runtime.protocol import AUTH_OK
 from genie.runtime.transports.base import (
@@ -82,11 +57,12 @@ from genie.runtime.transports.dpdk_agent import (
     Agent,
     DpdkConfig,
     available,
-    host_id,
     require_dpdk,
     track_storages,
     unavailable_reason,
 )
+from genie.runtime.transports.dpdk_memory import ArenaPayloads
+from genie.runtime.transports.dpdk_setup import _INTERNAL, _MAX_INTERNAL_HEADER, DataPlaneSetup
 from genie.runtime.transports.tcp import TcpListener, _tune, parse_address
 
 logger = logging.getLogger(__name__)
@@ -95,13 +71,9 @@ __all__ = ["DpdkConfig", "DpdkListener", "DpdkTransport", "available", "unavaila
 
 _DEFAULT_MAX_MESSAGE = 1 << 40
 _ON_DATA_PLANE = 1  # prefix reserved-field flag: this frame's payload is on the data plane
-# Internal frame kinds (Note: [Data-plane set-up]); never returned by recv_frame.
-_SETUP, _SETUP_OK, _SETUP_DONE = 0xD0, 0xD1, 0xD2
-_INTERNAL = (_SETUP, _SETUP_OK, _SETUP_DONE)
-_MAX_INTERNAL_HEADER = 4096
 
 
-class DpdkTransport(Transport):
+class DpdkTransport(DataPlaneSetup, ArenaPayloads, Transport):
     name = "dpdk"
 
     def __init__(
@@ -152,11 +124,6 @@ class DpdkTransport(Transport):
         return cls(sock, f"{host}:{port}", side="connector", **kw)
 
     # -- capabilities ---------------------------------------------------------------------
-    @property
-    def zero_copy(self) -> bool:
-        # Buffers from host_buffer / payload_storage travel in place; other memory takes one
-        # pipelined copy per side (Note: [Zero copy through the arena]).
-        return self._plane == "up" and self._heap_room() > 0
 
     @property
     def max_message(self) -> int:
@@ -165,110 +132,6 @@ class DpdkTransport(Transport):
     @property
     def peer(self) -> str:
         return self._peer
-
-    @property
-    def stats(self) -> TransportStats:
-        st = self._stats
-        out, into = self._copied_base
-        if self._agent is not None:
-            c = self._agent.client.counters()
-            out += int(c["copied_out"])
-            into += int(c["copied_in"])
-        st.bytes_copied_sending, st.bytes_copied_receiving = out, into
-        hits, misses = self._agent_registrations
-        if self._cuda_cache is not None:
-            cs = self._cuda_cache.stats()
-            hits, misses = hits + int(cs["hits"]), misses + int(cs["misses"])
-        st.registrations_hit, st.registrations_missed = hits, misses
-        return st
-
-    def arena_stats(self) -> dict[str, int]:
-        """This side's arena: bytes copied and moved in place, the heap's size and use; {}
-        without a data plane."""
-        return dict(self._agent.client.counters()) if self._agent is not None else {}
-
-    # -- payload memory (Note: [Payload memory] in base.py) --------------------------------
-    def _heap_room(self) -> int:
-        return int(self._agent.client.heap_bytes) if self._agent is not None else 0
-
-    def _arena_tensor(self, nbytes: int):
-        """A heap block of `nbytes` as a uint8 tensor, or None where the data plane would not
-        carry it or the heap has no room."""
-        if (
-            self._plane not in ("up", "pending")
-            or self._agent is None
-            or nbytes < max(1, self._config.min_payload)
-        ):
-            return None
-        return self._agent.client.alloc(nbytes)
-
-    def host_buffer(self, nbytes: int):
-        t = self._arena_tensor(nbytes)
-        return t if t is not None else super().host_buffer(nbytes)
-
-    def host_tensor(self, shape, dtype):
-        """``torch.empty(shape, dtype=dtype)`` in this connection's arena where it fits: the
-        ``pin_memory()`` of the DPDK path, a tensor that is uploaded without a copy."""
-        import torch
-
-        numel = 1
-        for s in shape:
-            numel *= int(s)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        return self.host_buffer(nbytes).view(dtype).reshape(tuple(shape))
-
-    def payload_storage(self, nbytes: int, device, *, zeroed: bool = False):
-        import torch
-
-        if torch.device(device).type == "cpu":
-            t = self._arena_tensor(nbytes)
-            if t is not None:
-                if zeroed:
-                    t.zero_()
-                return t.untyped_storage()
-        return super().payload_storage(nbytes, device, zeroed=zeroed)
-
-    def recv_payload_into(self, dst) -> None:
-        if dst.device.type == "cpu":
-            self.recv_payload([memoryview(dst.numpy())])
-            return
-        staging = self._arena_tensor(dst.numel())
-        if staging is None:
-            super().recv_payload_into(dst)
-            return
-        self.recv_payload([memoryview(staging.numpy())])  # in place, into the heap
-        self._register_heap_for_devices()
-        # Synchronous: the block goes back to the heap when `staging` dies, right after.
-        dst.copy_(staging)
-
-    #: the registration cache backend that pins the heap for copies to a device
-    heap_registration_backend = "cuda-host"
-
-    def _register_heap_for_devices(self) -> None:
-        """The heap is registered with CUDA (pinned, so a copy to the GPU is one DMA from the
-        pages the agent wrote) through a registration cache: the first upload misses and pays
-        cudaHostRegister for the whole heap, later ones hit; the registration ends before the
-        arena is unmapped. Where it cannot be registered the copy still works, from pageable
-        memory (slower), and a warning says why once."""
-        client = self._agent.client
-        if self._cuda_cache is None:
-            if self._heap_registration_error is not None:
-                return
-            try:
-                self._cuda_cache = _C.RegistrationCache(
-                    self.heap_registration_backend, capacity=4, max_age=1e9
-                )
-            except GenieError as e:
-                self._heap_registration_error = str(e)
-                logger.warning("genie: uploads to the device go from unregistered memory: %s", e)
-                return
-            client.invalidate_on_unmap(self._cuda_cache)
-        try:
-            self._cuda_cache.acquire(client.heap_address, client.heap_bytes)
-        except GenieError as e:
-            if self._heap_registration_error is None:
-                logger.warning("genie: registering the data-plane heap failed: %s", e)
-            self._heap_registration_error = str(e)
 
     @property
     def closed(self) -> bool:
@@ -363,11 +226,6 @@ class DpdkTransport(Transport):
             got += k
         self._stats.bytes_received += n
 
-    def _send_internal(self, kind: int, body: dict) -> None:
-        header = json.dumps(body).encode()
-        prefix = PREFIX.pack(FRAME_MAGIC, 1, kind, 0, len(header), 0)
-        self._send_tcp([memoryview(prefix), memoryview(header)])
-
     def _read_prefix(self) -> tuple[int, int, int, int, int]:
         """(version, kind, flags, header_len, payload_len)"""
         buf = bytearray(PREFIX.size)
@@ -379,91 +237,6 @@ class DpdkTransport(Transport):
 
     def _read_header(self, n: int, what: str = "reading a message header from") -> bytes:
         return recv_growing(self._recv_tcp, n, what)
-
-    # -- data-plane set-up (Note: [Data-plane set-up]) -------------------------------------
-    def _setup_as_connector(self) -> None:
-        self._plane = "pending"
-        self._send_internal(_SETUP, {"v": 1, "host": host_id(), "port": self._config.port})
-        _, kind, _, header_len, payload_len = self._read_prefix()
-        if kind != _SETUP_OK or header_len > _MAX_INTERNAL_HEADER or payload_len:
-            raise ProtocolError(
-                f"genie: the server at {self._peer} does not run the DPDK transport (it answered "
-                f"frame kind {kind}); start it with `genie serve --transport dpdk`, or connect "
-                "with the tcp transport"
-            )
-        reply = self._parse_internal(self._read_header(header_len))
-        if not reply.get("ok"):
-            self._fall_back(f"the server could not start its data plane: {reply.get('error')}")
-            return
-        error = ""
-        if self._config.is_memif and reply.get("host") != host_id():
-            error = "memif connects processes on one host and the server is on another"
-        else:
-            try:
-                self._agent = Agent(self._config, "client", reply.get("socket"))
-                self._agent.wait("ready", self._config.connect_timeout)
-                self._agent.ready = True
-                self._agent_registrations = self._agent.registrations()
-            except GenieError as e:
-                error = self._start_error(e)
-        self._send_internal(_SETUP_DONE, {"ok": not error, "error": error})
-        if error:
-            self._fall_back(error)
-        else:
-            self._plane = "up"
-            logger.info("genie: DPDK data plane to %s is up", self._peer)
-
-    def _setup_as_listener(self, request: dict) -> None:
-        reply: dict = {"ok": False, "host": host_id()}
-        if self._plane != "none":
-            reply["error"] = "the data plane was set up already"
-        elif self._config.is_memif and request.get("host") != host_id():
-            reply["error"] = "memif connects processes on one host and the client is on another"
-        else:
-            name = f"genie-{os.getpid()}-{secrets.token_hex(6)}"
-            try:
-                self._agent = Agent(self._config, "server", name)
-                self._agent.wait("port_up", self._config.connect_timeout)
-                reply.update(ok=True, socket=name)
-            except GenieError as e:
-                reply["error"] = self._start_error(e)
-        self._send_internal(_SETUP_OK, reply)
-        if reply["ok"]:
-            self._plane = "pending"
-        else:
-            self._fall_back(reply["error"])
-
-    def _drop_agent(self) -> None:
-        c = self._agent.client.counters()
-        out, into = self._copied_base
-        self._copied_base = (out + int(c["copied_out"]), into + int(c["copied_in"]))
-        self._agent.close()
-        self._agent = None
-
-    def _start_error(self, e: GenieError) -> str:
-        died = self._agent.describe_exit() if self._agent is not None else ""
-        if self._agent is not None:
-            self._drop_agent()
-        return died or str(e).removeprefix("genie: ")
-
-    def _parse_internal(self, header: bytes) -> dict:
-        try:
-            body = json.loads(header)
-        except ValueError:
-            raise ProtocolError(
-                f"genie: malformed data-plane set-up frame from {self._peer}"
-            ) from None
-        if not isinstance(body, dict):
-            raise ProtocolError(f"genie: malformed data-plane set-up frame from {self._peer}")
-        return body
-
-    def _fall_back(self, why: str) -> None:
-        self._plane = "tcp"
-        if self._agent is not None:
-            self._drop_agent()
-        logger.warning(
-            "genie: no DPDK data plane to %s (%s); payloads go over TCP", self._peer, why
-        )
 
     # -- sending --------------------------------------------------------------------------
     def send_frame(
@@ -539,20 +312,6 @@ class DpdkTransport(Transport):
             if kind == AUTH_OK and self._side == "connector" and self._plane == "none":
                 self._setup_as_connector()
             return frame
-
-    def _on_internal(self, kind: int, body: dict) -> None:
-        if kind == _SETUP and self._side == "listener":
-            self._setup_as_listener(body)
-        elif kind == _SETUP_DONE and self._side == "listener" and self._plane == "pending":
-            if body.get("ok"):
-                self._plane = "up"
-                logger.info("genie: DPDK data plane from %s is up", self._peer)
-            else:
-                self._fall_back(f"the client could not start its data plane: {body.get('error')}")
-        else:
-            raise ProtocolError(
-                f"genie: unexpected data-plane set-up frame {kind} from {self._peer}"
-            )
 
     def recv_payload(self, buffers: Sequence[memoryview]) -> None:
         self._check_open()
