@@ -282,10 +282,11 @@ def test_uploads_bigger_than_a_message_are_split():
 # -- Note: [Large uploads] --------------------------------------------------------------------
 def test_a_large_upload_reports_progress_and_equals_eager(server, monkeypatch, caplog):
     """Uploads past GENIE_UPLOAD_PROGRESS say how far they are (a log line at INFO when stderr
-    is not a terminal) and go in GENIE_UPLOAD_CHUNK pieces; the result is eager's."""
+    is not a terminal) and go in GENIE_UPLOAD_CHUNK pieces; the result is eager's. (Uploads
+    at the flush: early ones are test_remote_uploads.py's.)"""
     monkeypatch.setenv("GENIE_UPLOAD_CHUNK", str(1 << 18))
     monkeypatch.setenv("GENIE_UPLOAD_PROGRESS", str(1 << 20))
-    client = connect(server.address, token=server.token)
+    client = connect(server.address, token=server.token, early_uploads=False)
     try:
         x = torch.randn(1 << 19)  # 2 MiB: 8 pieces
         with caplog.at_level(logging.INFO, logger="genie.runtime.remote.uploads"):
@@ -304,7 +305,7 @@ def test_ctrl_c_during_a_large_upload_leaves_the_session_working(server, monkeyp
     flight is answered; the partly sent tensor is released on the server, KeyboardInterrupt
     reaches the user, and the next computation in the same session equals eager."""
     monkeypatch.setenv("GENIE_UPLOAD_CHUNK", str(1 << 18))
-    client = connect(server.address, token=server.token)
+    client = connect(server.address, token=server.token, early_uploads=False)
     try:
         real = client._upload_batch
         sent = []

@@ -229,7 +229,10 @@ class PyExecutor final : public Executor {
  public:
   // An object with run_digest() gets flushes as digests first (Note: [Flush digests in
   // Python]); any other gets them as node dicts (run()).
-  explicit PyExecutor(py::object obj) : obj_(std::move(obj)) { digests_ = py::hasattr(obj_, "run_digest"); }
+  explicit PyExecutor(py::object obj) : obj_(std::move(obj)) {
+    digests_ = py::hasattr(obj_, "run_digest");
+    early_ = py::hasattr(obj_, "upload_early");
+  }
   ~PyExecutor() override {
     py::gil_scoped_acquire gil;
     obj_ = py::object();
@@ -290,10 +293,21 @@ class PyExecutor final : public Executor {
     py::gil_scoped_acquire gil;
     return obj_.attr("resident_bytes")().cast<int64_t>();
   }
+  void upload_early(StorageId id, const at::Tensor& value) override {
+    if (!early_) return;
+    py::gil_scoped_acquire gil;
+    try {
+      obj_.attr("upload_early")(id, value);
+    } catch (py::error_already_set& e) {
+      // The value stays the flush's to upload (Note: [Early uploads]).
+      e.discard_as_unraisable("genie: early upload");
+    }
+  }
 
  private:
   py::object obj_;
   bool digests_ = false;
+  bool early_ = false;
 };
 
 // A Python object with `window` (an int) and on_window(bytes) as the recorder's speculation

@@ -53,8 +53,11 @@ at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blo
     // describe its source's storage, not the copy's).
     at::Tensor snap = src.contiguous();
     if (snap.data_ptr() == src.data_ptr()) snap = snap.clone();
+    // `snap` is the value the flush uploads; the executor may start sending it now.
+    auto executor = recorder().executor();
     if (covers_storage(dst) && snap.scalar_type() == dst.scalar_type() && snap.sizes() == dst.sizes() &&
         recorder().replace_empty_with_constant(storage_id(dst.storage()), snap)) {
+      if (executor) executor->upload_early(storage_id(dst.storage()), snap);
       return dst;
     }
     auto cid = recorder().add_constant(snap, dst.device().index(), /*snapshot=*/false);
@@ -72,6 +75,7 @@ at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blo
     node->output_alias.push_back(0);
     node->writes.push_back(node->inputs[0].storage);
     recorder().record(std::move(node));
+    if (executor) executor->upload_early(cid, snap);
     return dst;
   }
   // remote -> remote: recorded like any other op.

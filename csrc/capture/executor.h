@@ -33,6 +33,11 @@ class Executor {
   virtual void bind(const TensorRef& ref, const at::Tensor& value) = 0;
   virtual int64_t resident_count() const = 0;
   virtual int64_t resident_bytes() const = 0;
+  // A CPU value just recorded as the upload of storage `id` (a private snapshot: nothing else
+  // writes it). An executor that talks to a server may begin sending it now instead of at the
+  // flush that needs it; the flush then names it (Note: [Early uploads] in
+  // python/genie/runtime/remote/early.py). Must not throw: a failed upload fails that flush.
+  virtual void upload_early(StorageId /*id*/, const at::Tensor& /*value*/) {}
 };
 
 // Runs nodes in this process on a CPU or CUDA device (the embedded default).

@@ -9,6 +9,7 @@ user sees.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,7 +66,10 @@ class Channel:
         # instead of costing a round trip each.
         self.outbox: list[list] = []
         self.released: list[int] = []
-        self.unread = 0  # replies to speculative requests not read yet
+        # Requests sent without waiting for their replies, oldest first: what to do with each
+        # reply (None: a speculative run's). Their replies precede every later one.
+        self._unanswered: collections.deque[Callable[[dict], None] | None] = collections.deque()
+        self.specs_unread = 0  # speculative requests among them
 
     # -- failure --------------------------------------------------------------------------
     def lost(self, e: Exception) -> TransportError:
@@ -104,7 +108,7 @@ class Channel:
             self.outbox, self.released = [], []
             for plan in fetches:
                 self.t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(plan.request), ())
-            self._read_spec_replies()  # they precede this request's replies
+            self._read_unanswered()  # they precede this request's replies
             if then_spec is not None:
                 then_spec()
             reply = self._read_reply(receive)
@@ -126,15 +130,39 @@ class Channel:
             raise RequestFailed(kind, msg)
         return reply, values
 
-    def send_unanswered(self, header: dict) -> None:
-        """Send a speculative request whose answer is read before the next request's."""
-        self._attach_pre(header)
+    @property
+    def unread(self) -> int:
+        """Replies to requests sent without waiting, not read yet."""
+        return len(self._unanswered)
+
+    def send_unanswered(
+        self,
+        header: dict,
+        buffers: Sequence[memoryview] = (),
+        on_reply: Callable[[dict], None] | None = None,
+    ) -> None:
+        """Send a request whose reply is read before the next request's: a speculative run
+        (it carries the deferred operations), or, with `on_reply`, an early upload that does
+        not (Note: [Early uploads] in early.py); `on_reply` gets its reply."""
+        self.check()
+        if on_reply is None:
+            self._attach_pre(header)
         try:
-            self.t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(header), [])
+            self.t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(header), buffers)
         except (TransportError, ProtocolError) as e:
             raise self.lost(e) from None
-        self.outbox, self.released = [], []
-        self.unread += 1
+        self._unanswered.append(on_reply)
+        if on_reply is None:
+            self.outbox, self.released = [], []
+            self.specs_unread += 1
+
+    def read_unanswered(self) -> None:
+        """Read the replies to requests sent without waiting (the connection is lost on a
+        transport failure)."""
+        try:
+            self._read_unanswered()
+        except (TransportError, ProtocolError) as e:
+            raise self.lost(e) from None
 
     def fetch_plan(self, ref: dict) -> FetchPlan:
         """The fetch of the tensor `ref` (a core ref dict) into a buffer of the transport's."""
@@ -184,12 +212,18 @@ class Channel:
         if pre:
             header["pre"] = pre
 
-    def _read_spec_replies(self) -> None:
-        """Read the answers to speculative requests sent earlier (they precede every other
+    def _read_unanswered(self) -> None:
+        """Read the answers to requests sent without waiting (they precede every other
         reply)."""
-        while self.unread:
+        while self._unanswered:
             reply = self._read_reply(None)
-            self.unread -= 1
+            on_reply = self._unanswered.popleft()
+            if on_reply is not None:
+                if reply.get("fatal"):
+                    raise ProtocolError(str(reply.get("msg", "the server closed the connection")))
+                on_reply(reply)
+                continue
+            self.specs_unread -= 1
             if reply.get("ok") is not True:
                 msg = str(reply.get("msg", "the server refused a speculative run"))
                 if reply.get("fatal"):

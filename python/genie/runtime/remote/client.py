@@ -28,6 +28,7 @@ from genie.runtime import protocol as P
 from genie.runtime import transports
 from genie.runtime.program import encode_program
 from genie.runtime.remote.channel import Channel, FetchPlan, RequestFailed, raise_error
+from genie.runtime.remote.early import EarlyUploads
 from genie.runtime.remote.namer import Known, ProgramNamer, Template
 from genie.runtime.remote.speculator import SPECULATION_WINDOW, Speculator
 from genie.runtime.remote.uploads import send_in_frames, upload_parts
@@ -76,6 +77,7 @@ class RemoteExecutor:
         connect_timeout: float = 10.0,
         transport: str = "tcp",
         speculate: bool | None = None,
+        early_uploads: bool | None = None,
     ):
         self.address = address
         self._lock = threading.RLock()
@@ -93,7 +95,7 @@ class RemoteExecutor:
             "requests": 0, "runs": 0, "programs_sent": 0, "uploads": 0, "upload_bytes": 0,
             "fetches": 0, "fetch_bytes": 0, "eager": 0, "programs_patched": 0,
             "runs_by_digest": 0, "runs_by_template": 0, "spec_sent": 0, "spec_started": 0, "spec_hits": 0,
-            "fetched_with_run": 0,
+            "fetched_with_run": 0, "uploads_early": 0, "flushes": 0,
             "run_seconds": 0.0, "fetch_seconds": 0.0, "speculate_seconds": 0.0,
         }  # fmt: skip
         tok = token.encode() if isinstance(token, str) else bytes(token)
@@ -105,6 +107,12 @@ class RemoteExecutor:
                 "`genie serve --host 0.0.0.0 --port PORT --token-file FILE` and check the address."
             ) from None
         self.channel = Channel(self._t, address, self.counters)
+        if early_uploads is None:
+            early_uploads = os.environ.get("GENIE_EARLY_UPLOADS", "1") not in ("0", "false", "no")
+        # Note: [Early uploads] (early.py); max_message comes with the server's hello
+        self.early = EarlyUploads(
+            self.channel, self._lock, 0, self.counters, self._resident.__setitem__, early_uploads
+        )
         try:
             P.client_handshake(self._t, tok)
             self._t.set_timeout(timeout)
@@ -124,6 +132,7 @@ class RemoteExecutor:
         self.device_type = str(info["device_type"])
         self.max_message = int(info["max_message"])
         self.name = f"remote:{address}/{self.device}"
+        self.early.max_message = self.max_message
         logger.info(
             "genie: connected to %s (%s, session %s)", address, self.device, info.get("session")
         )
@@ -146,6 +155,7 @@ class RemoteExecutor:
     ) -> tuple[dict, list[torch.Tensor | None]]:
         """One request through the channel; any request resolves the speculation the server
         holds and makes a prefetched value stale (Note: [Run then fetch])."""
+        self.early.send_queued()  # uploads begun earlier go first (Note: [Early uploads])
         self._prefetched = None
         self.speculator.ahead = False
         return self.channel.request(header, buffers, receive, fetches, then_spec)
@@ -180,12 +190,18 @@ class RemoteExecutor:
     ) -> None:
         with self._lock:
             self._check()
+            constants, early = self.early.take(constants)
             if not nodes:
                 self._run_encoded(None, [], [], constants, {})
                 return
             enc = encode_program(nodes)
             self._last_enc = enc
-            self._run_encoded(enc, enc.binding, enc.rng, constants, enc.fresh)
+            self.early.check(enc.binding)
+            try:
+                self._run_encoded(enc, enc.binding, enc.rng, constants, enc.fresh)
+            except GenieError:
+                self.early.raise_failed(early)  # the missing input's cause, if that was it
+                raise
             self.namer.sent_in_full(enc)
 
     def _run_encoded(
@@ -237,22 +253,31 @@ class RemoteExecutor:
         started = time.perf_counter()
         with self._lock:
             self._check()
+            self.counters["flushes"] += 1
             try:
-                self._run_digest(
-                    flush.fingerprint,
-                    flush.binding,
-                    flush.constants,
-                    flush.targets,
-                    flush.rng,
-                    flush.nodes,
-                    flush.then_fetch,
-                    (flush.structure, flush.params, flush.paths),
-                )
+                binding = flush.binding
+                constants, early = self.early.take(flush.constants)  # Note: [Early uploads]
+                self.early.check(binding)
+                try:
+                    self._run_digest(
+                        flush.fingerprint,
+                        binding,
+                        constants,
+                        flush.targets,
+                        flush.rng,
+                        flush.nodes,
+                        flush.then_fetch,
+                        (flush.structure, flush.params, flush.paths),
+                        early,
+                    )
+                except GenieError:
+                    self.early.raise_failed(early)  # the missing input's cause, if that was it
+                    raise
             finally:
                 self.counters["run_seconds"] += time.perf_counter() - started
 
     def _run_digest(
-        self, fingerprint, binding, constants, targets, rng, nodes, then_fetch, template
+        self, fingerprint, binding, constants, targets, rng, nodes, then_fetch, template, early
     ) -> None:
         namer = self.namer
         known = namer.by_digest(fingerprint)
@@ -264,7 +289,7 @@ class RemoteExecutor:
         def guess_behind() -> None:
             nonlocal settled
             settled = True
-            self._guess_behind(tpl, binding, params, constants, fresh)
+            self._guess_behind(tpl, binding, params, constants, fresh, early)
 
         if known is not None:
             enc = known.enc
@@ -296,16 +321,16 @@ class RemoteExecutor:
             known = follows = namer.learn(fingerprint, enc, binding, structure, params, paths)
         self.speculator.ran(follows)
         if not settled:
-            namer.settle(tpl, known, binding, params, constants)
+            namer.settle(tpl, known, binding, params, constants, early)
 
-    def _guess_behind(self, tpl, binding, params, constants, fresh) -> None:
+    def _guess_behind(self, tpl, binding, params, constants, fresh, early) -> None:
         """Sent right behind an instance's run and fetch, before their replies are read: the
         next step of a decode loop, predicted (Note: [Program templates]), so that the server
         starts it as soon as it has answered the fetch, while this process goes back to the
         user's code to record that step. What the run creates counts as resident for the
         guess; if the run fails, the server declines the guess or the next request undoes it
         (Note: [Speculative runs] in server/speculation.py)."""
-        self.namer.settle(tpl, tpl.known, binding, params, constants)
+        self.namer.settle(tpl, tpl.known, binding, params, constants, early)
         if self.speculator.enabled and self._send_spec(tpl, {**self._resident, **fresh}):
             self.speculator.ahead = True  # the value fetched with this run was read before
 
@@ -315,7 +340,12 @@ class RemoteExecutor:
         now (Note: [Client speculation])."""
         follows = self.speculator.on_window(window)
         if not self._lock.acquire(blocking=False):
-            return  # another thread is talking to the server: no guess this time
+            # Another thread is talking to the server (the early-upload sender, say): the
+            # guess goes behind what it sends.
+            if follows is not None and self.early.enabled:
+                flushes = self.counters["flushes"]
+                self.early.later(lambda: self._guess_now(follows, flushes))
+            return
         started = time.perf_counter()
         try:
             if follows is None or self._broken is not None:
@@ -323,22 +353,46 @@ class RemoteExecutor:
             # Storages the user dropped since the last flush (last call's outputs) are released
             # with the guess, so that the server need not keep them from being overwritten.
             _C._collect()
-            if self._send_spec(follows):
+            if self._send_spec(follows, wait=True):
                 self._prefetched = None
         finally:
             self.speculator.ahead = False
             self.counters["speculate_seconds"] += time.perf_counter() - started
             self._lock.release()
 
-    def _send_spec(self, follows: Known | Template, resident: dict | None = None) -> bool:
+    def _send_spec(
+        self, follows: Known | Template, resident: dict | None = None, wait: bool = False
+    ) -> bool:
         """Send the Speculator's guess for `follows` without waiting for its answer; False
-        when there is no guess."""
-        header = self.speculator.guess(follows, self._resident if resident is None else resident)
-        if header is None or self.channel.unread:
+        when there is no guess. With `wait`, a guess that binds inputs being uploaded early
+        waits for the uploads it needs (Note: [Client speculation])."""
+        resident = self._resident if resident is None else resident
+        arrivals = self.early.arrivals
+        header = self.speculator.guess(follows, resident, arrivals, wait)
+        if header is None or self.channel.specs_unread:
             return False
+        self.early.send_queued(progress=False)  # the guess goes behind the uploads it binds
         self.channel.send_unanswered(header)
         self.counters["spec_sent"] += 1
         return True
+
+    def upload_early(self, sid: int, value: torch.Tensor) -> None:
+        """The copy kernel recorded `value` (a private CPU snapshot) as storage `sid`'s upload:
+        start sending it (Note: [Early uploads]); then a guess that waited for it goes."""
+        if not self.early.begin(sid, value):
+            return
+        follows = self.speculator.ready(len(self.early.arrivals))
+        if follows is not None:
+            flushes = self.counters["flushes"]
+            self.early.later(lambda: self._guess_now(follows, flushes))
+
+    def _guess_now(self, follows: Known | Template, flushes: int) -> None:
+        """Send a guess that waited (the caller holds the lock); not once the flush it
+        guessed has begun."""
+        if flushes != self.counters["flushes"] or self._broken is not None:
+            return
+        if self._send_spec(follows, wait=True):
+            self._prefetched = None
 
     def _exchange(
         self, header: dict, buffers: list, enc, fetches=(), then_spec=None
@@ -391,6 +445,7 @@ class RemoteExecutor:
 
     def release(self, ids: list[int]) -> None:
         with self._lock:
+            self.early.release(ids)
             for i in ids:
                 self._resident.pop(i, None)
             self.channel.released.extend(ids)
@@ -460,6 +515,7 @@ class RemoteExecutor:
             return {"session": reply["session"], "server": reply["server"]}
 
     def close(self) -> None:
+        self.early.close()
         with self._lock:
             if self._broken is None and not self._t.closed:
                 # Ours first: the server ends its data plane when it answers "bye".

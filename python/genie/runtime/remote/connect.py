@@ -27,13 +27,16 @@ def connect(
     transport: str | None = None,
     install: bool = True,
     speculate: bool | None = None,
+    early_uploads: bool | None = None,
 ) -> RemoteExecutor:
     """Open a session with the genie server at `address` (default ``$GENIE_SERVER``) and, with
     `install`, run every following flush there. The token defaults to ``$GENIE_TOKEN`` (or the
     file ``$GENIE_TOKEN_FILE``); `timeout` (seconds one reply may take) to ``$GENIE_TIMEOUT``
     or 600; `transport` to ``$GENIE_TRANSPORT`` or "tcp"; `speculate` (start a program on the
     server before its recording ends when it looks like the last one, Note: [Client
-    speculation]) to ``$GENIE_SPECULATE`` or on. Connect before creating remote
+    speculation]) to ``$GENIE_SPECULATE`` or on; `early_uploads` (send a CPU tensor's bytes at
+    ``.to()``, not at the flush, Note: [Early uploads]) to ``$GENIE_EARLY_UPLOADS`` or on.
+    Connect before creating remote
     tensors: what the previous executor held is dropped. ``disconnect()`` goes back to local.
 
     A list of addresses (``["gpu1:7070", "gpu2:7070"]``, or entries as a topology file's
@@ -67,7 +70,12 @@ def connect(
             "(the token the server was started with: genie serve --token-file FILE)"
         )
     client = RemoteExecutor(
-        address, token, timeout=timeout, transport=transport, speculate=speculate
+        address,
+        token,
+        timeout=timeout,
+        transport=transport,
+        speculate=speculate,
+        early_uploads=early_uploads,
     )
     if install:
         from genie.runtime.executor import install_executor

@@ -35,16 +35,29 @@ class Known:
     before: list[int] | None = None
     empty_last: frozenset[int] = frozenset()  # locals bound to empty uploads in those runs
     empty_before: frozenset[int] = frozenset()
+    # local -> position among the uploads begun early before each of those runs
+    # (Note: [Early uploads] in early.py)
+    early_last: dict[int, int] | None = None
+    early_before: dict[int, int] | None = None
 
-    def predict(self, resident: dict[int, int]) -> list | None:
+    def predict(self, resident: dict[int, int], arrivals: list[int] = ()) -> list | int | None:  # type: ignore[assignment]
+        """The next run's binding (Note: [Client speculation]); None when there is no guess;
+        an int when it binds that many early uploads and fewer have begun."""
         b1, b0 = self.last, self.before
         if b1 is None or b0 is None or self.random:
             return None
         made0 = None
         out: list[Any] = [None] * len(b1)
+        need = 0
         for s in self.external:
             x = b1[s]
             if x != b0[s]:
+                k = self.early_last.get(s, -1) if self.early_last else -1
+                if k >= 0 and self.early_before and self.early_before.get(s) == k:
+                    if k < len(arrivals):
+                        out[s] = arrivals[k]
+                    need = max(need, k + 1)
+                    continue
                 if made0 is None:
                     made0 = {b0[j]: j for j, _ in self.created}
                 j = made0.get(x)
@@ -59,6 +72,8 @@ class Known:
             if x not in resident:
                 return None
             out[s] = x
+        if need > len(arrivals):
+            return need
         return out
 
 
@@ -260,14 +275,21 @@ class ProgramNamer:
         return known
 
     @staticmethod
-    def settle(tpl, known, binding, params, constants) -> None:
-        """Remember this flush's integers and binding: what the next one is predicted from."""
+    def settle(tpl, known, binding, params, constants, early=None) -> None:
+        """Remember this flush's integers and binding: what the next one is predicted from.
+        `early`: sid -> position of the uploads it names that began early."""
         if tpl is not None:
             tpl.before, tpl.last = tpl.last, params
         known.before, known.last = known.last, list(binding)
         empties = {sid for sid, t in constants.items() if storage_span(t) == (0, 0)}
         known.empty_before = known.empty_last
         known.empty_last = frozenset(i for i, sid in enumerate(binding) if sid in empties)
+        known.early_before = known.early_last
+        known.early_last = (
+            {i: early[sid] for i, sid in enumerate(binding) if early.get(sid, -1) >= 0}
+            if early
+            else None
+        )
 
     def templates_known(self) -> list[Template]:
         return [t for t in self._templates.values() if t is not None]

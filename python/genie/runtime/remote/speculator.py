@@ -28,8 +28,13 @@ SPECULATION_WINDOW = 2  # recorded nodes compared before a speculative run is as
 # guess. The binding is predicted from the last two runs of the program: an input bound to
 # the same storage both times (a weight, a static KV cache) keeps it; an input bound to what
 # a created storage of the run before held (this step's token, from last step's argmax)
-# takes what that storage's counterpart in the last run holds. Anything else (a fresh upload)
-# means no guess.
+# takes what that storage's counterpart in the last run holds; an input bound both times to the
+# k-th upload begun early since the flush before (Note: [Early uploads] in early.py: a serving
+# loop's fresh input, sent at .to()) takes the k-th upload begun since the last flush. When
+# the window arrives before that upload has begun (a second input's .to() comes after the
+# window), the guess waits and goes as soon as it has: behind the upload, on the same
+# connection, so that the server starts the program the moment the input lands. Anything
+# else (an upload at the flush) means no guess.
 class Speculator:
     """Remembers which program followed each recording start and turns that into guesses."""
 
@@ -38,17 +43,30 @@ class Speculator:
         self._by_window: OrderedDict[bytes, Known | Template] = OrderedDict()
         self.window: bytes | None = None  # how the recording being flushed began
         self.ahead = False  # a guess went behind the last flush: the next window asks nothing
+        self.waiting: tuple[Known | Template, int] | None = None  # a guess and the number of
+        # early uploads it binds, until they have begun
 
     def on_window(self, window: bytes) -> Known | Template | None:
         """The recording began like `window`: what followed such a start last time, if a
         guess should go now."""
         self.window = window
+        self.waiting = None
         if self.ahead:
             return None
         return self._by_window.get(window)
 
+    def ready(self, arrivals: int) -> Known | Template | None:
+        """`arrivals` uploads have begun early since the last flush: the guess that waited for
+        that many, if one did."""
+        waiting = self.waiting
+        if waiting is None or arrivals < waiting[1]:
+            return None
+        self.waiting = None
+        return waiting[0]
+
     def ran(self, follows: Known | Template) -> None:
         """The flush that just ran is what the current recording start leads to."""
+        self.waiting = None
         if self.window is None:
             return
         self._by_window[self.window] = follows
@@ -57,10 +75,17 @@ class Speculator:
             self._by_window.popitem(last=False)
         self.window = None
 
-    @staticmethod
-    def guess(follows: Known | Template, resident: dict[int, int]) -> dict[str, Any] | None:
+    def guess(
+        self,
+        follows: Known | Template,
+        resident: dict[int, int],
+        arrivals: list[int] = (),  # type: ignore[assignment]
+        wait: bool = False,
+    ) -> dict[str, Any] | None:
         """A "spec" request's fields for `follows` (a program, again; or a template's next
-        program) with its predicted binding; None when there is no guess."""
+        program) with its predicted binding; None when there is no guess. `arrivals`: the
+        uploads begun early since the last flush; with `wait`, a guess that binds more of
+        them than have begun waits for them (``ready``)."""
         header: dict[str, Any] = {"t": "spec"}
         known = follows
         if isinstance(follows, Template):
@@ -72,7 +97,11 @@ class Speculator:
             known = follows.known
         else:
             header["key"] = known.key
-        bind = known.predict(resident)
+        bind = known.predict(resident, arrivals)
+        if type(bind) is int:
+            if wait:
+                self.waiting = (follows, bind)
+            return None
         if bind is None:
             return None
         header["bind"] = bind

@@ -17,7 +17,7 @@ from genie.runtime.remote.namer import storage_span
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Progress", "upload_parts", "interrupt_deferred", "send_in_frames"]
+__all__ = ["Progress", "frames_of", "upload_parts", "interrupt_deferred", "send_in_frames"]
 
 _CHUNK = 64 << 20  # bytes per piece of a large upload (GENIE_UPLOAD_CHUNK)
 _PROGRESS = 256 << 20  # uploads from this size on report progress (GENIE_UPLOAD_PROGRESS)
@@ -62,6 +62,24 @@ def upload_parts(
     return parts
 
 
+def frames_of(
+    parts: list[tuple[list, memoryview]], max_message: int
+) -> list[list[tuple[list, memoryview]]]:
+    """`parts` (from ``upload_parts``) grouped into frames of at most `max_message` bytes."""
+    frames: list[list[tuple[list, memoryview]]] = []
+    batch: list[tuple[list, memoryview]] = []
+    size = 0
+    for entry, view in parts:
+        if batch and size + entry[3] > max_message:
+            frames.append(batch)
+            batch, size = [], 0
+        batch.append((entry, view))
+        size += entry[3]
+    if batch:
+        frames.append(batch)
+    return frames
+
+
 def send_in_frames(
     parts: list[tuple[list, memoryview]],
     max_message: int,
@@ -77,21 +95,11 @@ def send_in_frames(
     started = {e[0] for e, _ in parts}
     try:
         with interrupt_deferred() as interrupted:
-            batch, size = [], 0
-            for entry, view in parts:
-                if batch and size + entry[3] > max_message:
-                    send_batch(batch)
-                    progress.advance(size)
-                    batch, size = [], 0
-                    if interrupted():
-                        raise KeyboardInterrupt
-                batch.append((entry, view))
-                size += entry[3]
-            if batch:
+            for batch in frames_of(parts, max_message):
                 send_batch(batch)
-                progress.advance(size)
-            if interrupted():
-                raise KeyboardInterrupt
+                progress.advance(sum(e[3] for e, _ in batch))
+                if interrupted():
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         # Storages whose last piece did not arrive hold zeros where it would have gone.
         partial = [sid for sid in started if not resident(sid)]

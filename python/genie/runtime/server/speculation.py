@@ -88,7 +88,10 @@ class SpeculationSlot:
     # failure while running, undone at once) declines it: {"spec": False, "why"}, the session
     # unchanged apart from the request's own "pre".
     #
-    # The session holds at most one speculation; the very next request resolves it.
+    # The session holds at most one speculation; the very next request resolves it, except an
+    # "upload" of new storages only, with no "pre" (a client's early upload, Note: [Early
+    # uploads] in remote/early.py): it cannot touch what the speculative run read or wrote,
+    # so the speculation stays pending behind it.
     # - Commit: a "run" of the same program that uploads nothing but the empty storages the
     #   speculation foresaw, whose binding passes
     #   check_binding and equals the speculation's wherever the speculation gave an id, and
@@ -215,8 +218,24 @@ class SpeculationSlot:
         logger.debug("genie: session %d: speculation declined: %s", self._session.number, why)
         return {"ok": True, "spec": False, "why": why[:200]}, []
 
+    def leaves_pending(self, req: dict, frame: Frame) -> bool:
+        """True when `req` is an upload of new storages only, with no "pre": it leaves a
+        pending speculation pending (Note: [Speculative runs])."""
+        if req.get("t") != "upload" or "pre" in req:
+            return False
+        try:
+            uploads = self._session.parse_uploads(req.get("up"), frame)
+        except GenieError:
+            return False  # handled as a normal request, which reports what is wrong
+        storages = self._session.env.storages
+        return all(new and sid not in storages for sid, _, _, _, new in uploads)
+
     def resolve(self, spec: _Speculation, req: dict, frame: Frame) -> bool:
-        """Commit `spec` when `req` is the run it predicted, else undo it; True on commit."""
+        """Commit `spec` when `req` is the run it predicted, else undo it; True on commit. An
+        early upload leaves it pending (False, nothing undone)."""
+        if self.leaves_pending(req, frame):
+            self.pending = spec
+            return False
         try:
             binding = self._confirmed(spec, req, frame)
         except Exception:  # noqa: BLE001 - a request that cannot even be compared is a miss

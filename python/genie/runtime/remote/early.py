@@ -1,0 +1,309 @@
+"""Uploads begun when a value is known (``x.to(device)``), not at the flush that needs it
+(Note: [Early uploads])."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from genie.runtime.remote.channel import Channel, RequestFailed, raise_error
+from genie.runtime.remote.uploads import Progress, frames_of, interrupt_deferred, upload_parts
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EarlyUploads"]
+
+_INLINE = 256 << 10  # sent by the recording thread itself up to this size (GENIE_EARLY_INLINE)
+_MAX = 64 << 20  # larger values wait for the flush (GENIE_EARLY_MAX)
+_UNREAD = 256  # replies left unread before the sender reads them
+
+
+def _env_bytes(name: str, default: int) -> int:
+    try:
+        return max(int(os.environ.get(name, default)), 0)
+    except ValueError:
+        return default
+
+
+# Note: [Early uploads]
+# Why: a serving loop records `x.to(dev)` and then the forward. If x's bytes crossed the wire
+# only at the flush, the server would idle while the client records, and nothing could start
+# early: a fresh upload cannot be guessed. So the copy kernel hands the executor each value it
+# records for upload (Executor::upload_early in csrc/capture/executor.h), and the client sends
+# it at once as an "upload" request of its own, without waiting for the reply; the flush then
+# names the storage like any resident one.
+#
+# One connection carries the requests, answered in order, so "in the background" means ahead
+# of the flush on that connection, never on a second one. A value of up to GENIE_EARLY_INLINE
+# bytes (256 KiB) is sent by the recording thread itself inside .to(): a send into the socket
+# buffer, a few microseconds, cheaper than waking a thread. A larger one is queued for a sender
+# thread, so .to() returns while the bytes go (the socket send releases the GIL). Any other
+# request first sends what is still queued, in its own thread and in queue order, with the
+# progress and Ctrl-C handling of Note: [Large uploads]: the server sees the requests in the
+# order the program made them. Values over GENIE_EARLY_MAX bytes (64 MiB, a large weight)
+# and empty ones (Note: [Speculative runs] foresees those) stay with the flush.
+#
+# What a user sees stays what the flush-time upload gave:
+# - Value: the copy kernel records a private snapshot of the source taken at .to() (eager .to()
+#   copies too), and that snapshot is what goes, so writing the CPU tensor in place after .to()
+#   changes nothing remote. A snapshot rather than copy-on-write: an in-place CPU op has no hook
+#   that could copy before it writes (the version counter only tells afterwards), and by then
+#   the bytes may be on the wire.
+# - Failure: the reply is read behind a later request. A failed upload (over the session's
+#   memory limit, say) is remembered by storage id and the flush that needs that storage raises
+#   the upload's error: before sending anything when the reply is already read, else in place
+#   of the error the missing input caused. The session goes on; that storage never became
+#   resident, and every later flush that reads it raises the same error.
+# - Lifetime: a storage dropped while its upload is still queued is taken off the queue and
+#   never sent; one dropped later is released like any other, behind its upload.
+# - Uploads carry no deferred releases ("pre"), so one that arrives while the server holds a
+#   speculative run leaves that run pending (Note: [Speculative runs]).
+# Uploads begun since the last flush, in order, are what a guess of "the same program with a
+# new input" binds (Note: [Client speculation]).
+@dataclass
+class _Upload:
+    sid: int
+    shape: tuple[int, ...]
+    nbytes: int
+    frames: list[list[tuple[list, memoryview]]]
+    queued: bool = True
+    error: tuple[str, str] | None = None  # (kind, message) of a failed upload
+
+
+@dataclass
+class _Later:
+    """Something sent behind the uploads queued before it (a speculative run's guess)."""
+
+    send: Callable[[], None]
+    queued: bool = True
+    nbytes: int = 0
+
+
+class EarlyUploads:
+    """A client's uploads begun at .to(). `lock` is the client's (held around every send on
+    `channel`); `on_resident(sid, nbytes)` hears of each one the server confirmed."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        lock: threading.RLock,
+        max_message: int,
+        counters: dict[str, Any],
+        on_resident: Callable[[int, int], None],
+        enabled: bool,
+    ):
+        self.enabled = enabled
+        self._channel = channel
+        self._lock = lock
+        self.max_message = max_message
+        self._counters = counters
+        self._on_resident = on_resident
+        self._inline = _env_bytes("GENIE_EARLY_INLINE", _INLINE)
+        self._max = _env_bytes("GENIE_EARLY_MAX", _MAX)
+        self._qlock = threading.Lock()  # the queue and the maps below; never held while sending
+        self._queue: collections.deque[_Upload | _Later] = collections.deque()
+        self._uploads: dict[int, _Upload] = {}  # sid -> begun, until the storage is released
+        self.arrivals: list[int] = []  # sids begun since the last flush, in order
+        self._failed = 0  # how many of _uploads failed
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # -- the recording thread -------------------------------------------------------------
+    def begin(self, sid: int, value: torch.Tensor) -> bool:
+        """Start uploading `value` (a private CPU snapshot) as storage `sid`; False when it
+        stays with the flush."""
+        if not self.enabled or self._closed or self._channel.broken is not None:
+            return False
+        nbytes = value.numel() * value.element_size()
+        if nbytes == 0 or nbytes > self._max or value.device.type != "cpu":
+            return False
+        frames = frames_of(upload_parts({sid: value}, self.max_message), self.max_message)
+        up = _Upload(int(sid), tuple(value.shape), nbytes, frames)
+        with self._qlock:
+            self._queue.append(up)
+            self._uploads[up.sid] = up
+            self.arrivals.append(up.sid)
+        self._kick(nbytes <= self._inline)
+        return True
+
+    def later(self, send: Callable[[], None]) -> None:
+        """Call `send` (with the client's lock) once the uploads queued now are sent."""
+        with self._qlock:
+            self._queue.append(_Later(send))
+        self._kick(True)
+
+    def _kick(self, inline: bool) -> None:
+        if inline and self._lock.acquire(blocking=False):
+            try:
+                self.send_queued(progress=False)
+            finally:
+                self._lock.release()
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="genie-early-uploads", daemon=True
+            )
+            self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                return
+            with self._lock:
+                if self._closed:
+                    return
+                try:
+                    self.send_queued(progress=False)
+                except Exception as e:  # noqa: BLE001 - the next request reports a lost channel
+                    logger.debug("genie: early upload sender stopped: %s", e)
+
+    # -- sending (the caller holds the client's lock) -------------------------------------
+    def send_queued(self, progress: bool = True) -> None:
+        """Send what is queued, in this thread and in order. With `progress` (a request is
+        about to go): progress and Ctrl-C as Note: [Large uploads]; after Ctrl-C the uploads
+        not sent are failed and KeyboardInterrupt is raised."""
+        if not self._queue:
+            return
+        bar = Progress(sum(x.nbytes for x in list(self._queue)) if progress else 0)
+        try:
+            with interrupt_deferred() as interrupted:
+                while True:
+                    with self._qlock:
+                        if not self._queue:
+                            break
+                        item = self._queue.popleft()
+                        item.queued = False
+                    if isinstance(item, _Later):
+                        item.send()
+                        continue
+                    self._send(item)
+                    bar.advance(item.nbytes)
+                    if progress and interrupted():
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
+        finally:
+            bar.close()
+
+    def _send(self, up: _Upload) -> None:
+        for i, frame in enumerate(up.frames):
+            last = i == len(up.frames) - 1
+            self._channel.send_unanswered(
+                {"t": "upload", "up": [e for e, _ in frame]},
+                [v for _, v in frame],
+                on_reply=lambda reply, last=last: self._answered(up, reply, last),
+            )
+            self._counters["uploads"] += len(frame)
+            self._counters["upload_bytes"] += sum(e[3] for e, _ in frame)
+        self._counters["uploads_early"] += 1
+        if self._channel.unread > _UNREAD:
+            self._channel.read_unanswered()
+
+    def _answered(self, up: _Upload, reply: dict, last: bool) -> None:
+        with self._qlock:
+            if self._uploads.get(up.sid) is not up or up.error is not None:
+                return  # released meanwhile, or an earlier piece failed
+            if reply.get("ok") is not True:
+                self._fail(up, str(reply.get("kind", "remote")), str(reply.get("msg", "")))
+                return
+        if last:
+            self._on_resident(up.sid, up.nbytes)
+
+    def _fail(self, up: _Upload, kind: str, msg: str) -> None:
+        up.error = (kind, msg)
+        self._failed += 1
+        if up.sid in self.arrivals:
+            self.arrivals.remove(up.sid)
+
+    def _interrupted(self) -> None:
+        with self._qlock:
+            for item in list(self._queue):
+                if isinstance(item, _Upload):
+                    self._fail(item, "interrupted", "genie: the upload was interrupted (Ctrl-C)")
+            self._queue.clear()
+        logger.warning("genie: uploads interrupted; the session goes on")
+
+    # -- the flush ------------------------------------------------------------------------
+    def take(self, constants: dict[int, torch.Tensor]) -> tuple[dict, dict[int, int]]:
+        """Split a flush's uploads into those still to send and those begun early (sid ->
+        position among the uploads begun since the last flush, -1 if before it); raises the
+        upload's error if one of them failed. The next flush counts arrivals afresh."""
+        if not self._uploads:
+            self.arrivals = []
+            return constants, {}
+        rest: dict[int, torch.Tensor] = {}
+        early: dict[int, int] = {}
+        with self._qlock:
+            position = {sid: k for k, sid in enumerate(self.arrivals)}
+            self.arrivals = []
+            for sid, value in constants.items():
+                up = self._uploads.get(sid)
+                if up is None:
+                    rest[sid] = value
+                else:
+                    early[sid] = position.get(sid, -1)
+        if self._failed:
+            self.raise_failed(early)
+        return rest, early
+
+    def raise_failed(self, sids) -> None:
+        """Raise the error of the first failed upload among `sids`."""
+        if not self._failed:
+            return
+        for sid in sids:
+            up = self._uploads.get(sid)
+            if up is not None and up.error is not None:
+                kind, msg = up.error
+                raise_error(
+                    RequestFailed(
+                        kind,
+                        f"genie: the upload of a tensor of shape {list(up.shape)} begun at "
+                        f".to() failed: {msg.removeprefix('genie: ')}",
+                    )
+                )
+
+    def check(self, binding: list[int]) -> None:
+        """Raise a failed upload's error if a flush bound to `binding` reads its storage."""
+        if self._failed:
+            self.raise_failed(binding)
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def release(self, ids: list[int]) -> None:
+        """Storages nobody can reach: a queued upload of one is never sent."""
+        if not self._uploads:
+            return
+        ids = set(ids)
+        with self._qlock:
+            dropped = False
+            for sid in ids:
+                up = self._uploads.pop(sid, None)
+                if up is None:
+                    continue
+                if up.error is not None:
+                    self._failed -= 1
+                dropped = dropped or up.queued
+                up.queued = False
+                if sid in self.arrivals:
+                    self.arrivals.remove(sid)
+            if dropped:
+                self._queue = collections.deque(
+                    x for x in self._queue if not (isinstance(x, _Upload) and x.sid in ids)
+                )
+
+    def close(self) -> None:
+        self._closed = True
+        with self._qlock:
+            self._queue.clear()
+        self._wake.set()

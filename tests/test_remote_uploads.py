@@ -1,0 +1,121 @@
+"""Uploads begun at .to() (Note: [Early uploads] in runtime/remote/early.py): what a user sees
+is what the flush-time upload gave (the value at .to(), its error at the flush that needs it),
+and a serving loop with a fresh input every call starts early on the server."""
+
+from __future__ import annotations
+
+import fakes
+import pytest
+import torch
+from remote_fixtures import DEVICE
+
+import genie
+from genie.errors import RemoteError
+from genie.runtime.loopback import LoopbackServer
+from genie.runtime.remote import connect
+
+pytest_plugins = ["remote_fixtures"]
+
+# Below and above GENIE_EARLY_INLINE: sent inside .to() by the recording thread, and by the
+# sender thread.
+SIZES = [pytest.param(48, id="inline"), pytest.param(1 << 17, id="sender-thread")]
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_an_in_place_write_after_to_does_not_change_the_remote_value(remote, n):
+    x = torch.randn(n)
+    before = x.clone()
+    rx = x.to(DEVICE)
+    x.mul_(-3).add_(7)  # the user reuses the CPU buffer before anything is flushed
+    assert torch.equal((rx * 2).cpu(), before * 2)
+    assert torch.equal(rx.cpu(), before)
+    assert remote.counters["uploads_early"] >= 1
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_a_copy_into_a_remote_tensor_keeps_the_value_at_the_copy(remote, n):
+    x = torch.randn(n)
+    before = x.clone()
+    rz = torch.zeros(n, device=DEVICE)
+    rz[: n // 2].copy_(x[: n // 2])  # not the whole storage: recorded as a copy node
+    x.zero_()
+    expected = torch.cat([before[: n // 2], torch.zeros(n - n // 2)])
+    assert torch.equal(rz.cpu(), expected)
+
+
+def test_a_failed_early_upload_raises_at_the_flush_that_needs_it_and_the_session_goes_on():
+    """Over the session's memory limit the upload sent at .to() fails; the flush that reads it
+    raises that upload's error (not a confusing "not resident"), a flush that does not read it
+    runs, and so does the next request in the same session."""
+    with LoopbackServer(memory_limit="1MiB", threads=1) as srv:
+        client = connect(srv.address, token=srv.token)
+        try:
+            big = torch.randn(1 << 19)  # 2 MiB
+            rbig = big.to(DEVICE)
+            small = torch.randn(16)
+            assert torch.equal((small.to(DEVICE) + 1).cpu(), small + 1)  # does not need rbig
+            with pytest.raises(RemoteError, match=r"upload of a tensor of shape \[524288\]"):
+                (rbig * 2).cpu()
+            with pytest.raises(RemoteError, match="limit"):
+                rbig.sum().cpu()  # every later flush that reads it says the same
+            del rbig
+            genie.synchronize()
+            z = torch.randn(32, 8)
+            assert torch.equal((z.to(DEVICE) @ z.t().to(DEVICE)).cpu(), z @ z.t())
+            assert client.counters["uploads_early"] >= 3
+        finally:
+            genie.configure(local_device="cpu")
+            client.close()
+
+
+def test_a_tensor_dropped_before_its_flush_holds_no_server_memory(remote):
+    """Uploads begun at .to() of tensors the program never used are freed on the server."""
+    for _ in range(12):
+        r = torch.randn(1 << 16).to(DEVICE)  # 256 KiB each, never used
+        del r
+    x = torch.randn(8)
+    assert torch.equal((x.to(DEVICE) * 3).cpu(), x * 3)
+    assert remote.server_stats()["session"]["resident_bytes"] < 4 * (1 << 18)
+
+
+def test_early_uploads_can_be_switched_off(server):
+    client = connect(server.address, token=server.token, early_uploads=False)
+    try:
+        x = torch.randn(64)
+        assert torch.equal((x.to(DEVICE) + 1).cpu(), x + 1)
+        assert client.counters["uploads_early"] == 0
+        assert client.counters["upload_bytes"] == x.nbytes
+    finally:
+        genie.configure(local_device="cpu")
+        client.close()
+
+
+@torch.no_grad()
+def test_serving_with_a_fresh_input_every_call_starts_early_and_equals_eager(remote):
+    """A new input uploaded at .to() every call: from the fourth call on, the server starts
+    the program as soon as the input has landed (Note: [Client speculation]) and the run at
+    the flush adopts it; every result equals eager."""
+    model = fakes.bert()
+    rmodel = fakes.bert().to(DEVICE)
+    torch.manual_seed(0)
+    for _ in range(8):
+        x = torch.randint(0, 500, (2, 12))
+        assert torch.equal(rmodel(x.to(DEVICE)).pooler_output.cpu(), model(x).pooler_output)
+    assert remote.counters["spec_hits"] >= 4
+    assert remote.server_stats()["session"]["spec_misses"] == 0
+
+
+@torch.no_grad()
+def test_two_fresh_inputs_whose_second_comes_after_the_window_still_start_early(remote):
+    """With input ids and an attention mask both uploaded at .to(), the recording's first
+    nodes come before the second upload begins: the guess waits for it, then goes behind it."""
+    model = fakes.bert()
+    rmodel = fakes.bert().to(DEVICE)
+    torch.manual_seed(1)
+    for _ in range(8):
+        x = torch.randint(0, 500, (2, 12))
+        mask = (torch.rand(2, 12) > 0.2).long()
+        got = rmodel(x.to(DEVICE), attention_mask=mask.to(DEVICE)).pooler_output.cpu()
+        assert torch.equal(got, model(x, attention_mask=mask).pooler_output)
+    assert remote.counters["spec_hits"] >= 4
+    assert remote.server_stats()["session"]["spec_misses"] == 0
