@@ -1,5 +1,5 @@
-"""One client's session on a genie server: a dispatcher of typed requests (Note: [Wire
-format] in genie/runtime/protocol.py) over the session's resident storages.
+"""One client's session on a genie server: a dispatcher of typed requests (runtime/requests.py;
+Note: [Wire format] in genie/runtime/protocol.py) over the session's resident storages.
 
 A bad request gets an error reply and the session goes on; a request that breaks framing
 closes this connection only. Program lookup is the resolver's (resolver.py), speculative runs
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ import torch
 
 from genie.errors import ExecutionError, GenieError, ProtocolError, RemoteError, TransportError
 from genie.runtime import protocol as P
+from genie.runtime import requests as R
 from genie.runtime.program import check_binding, execute
 from genie.runtime.program.graphs import GraphRunner
 from genie.runtime.replay import Environment, byte_view
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
     from genie.runtime.server.server import Server
 
 logger = logging.getLogger(__name__)
-
-_GROUP_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 __all__ = ["Session", "resident_bytes"]
 
@@ -67,19 +65,19 @@ class Session:
         self.authenticated = False
         self.opened = time.monotonic()
         self._handlers = {
-            "hello": self._hello,
-            "upload": self._upload,
-            "run": self._run,
-            "eager": self._run,
-            "fetch": self._fetch,
-            "release": self._release,
-            "stats": self._stats,
-            "spec": self.spec.start,
-            "bye": self._bye,
-            "peer_open": self._peer_open,
-            "peer_send": self._peer_send,
-            "peer_recv": self._peer_recv,
-            "peer_close": self._peer_close,
+            R.Hello: self._hello,
+            R.Upload: self._upload,
+            R.Run: self._run,
+            R.Eager: self._run,
+            R.Fetch: self._fetch,
+            R.Release: self._release,
+            R.Stats: self._stats,
+            R.Spec: self.spec.start,
+            R.Bye: self._bye,
+            R.PeerOpen: self._peer_open,
+            R.PeerSend: self._peer_send,
+            R.PeerRecv: self._peer_recv,
+            R.PeerClose: self._peer_close,
         }
         self._peers: PeerGroups | None = None  # Note: [Server-to-server moves]
 
@@ -160,25 +158,24 @@ class Session:
             with self.server.device_context(self):
                 spec = self.spec.take()
                 try:
-                    req = P.get_map(P.unpack(frame.header, self.limits), "request")
+                    raw = P.get_map(P.unpack(frame.header, self.limits), "request")
+                    request = R.parse_request(raw, self.limits)
+                    pre = R.parse_pre(raw.get("pre"), self.limits)
                 except Exception:
                     if spec is not None:
                         self.spec.abort(spec)
                     raise
                 # Resolve a pending speculation before "pre" (Note: [Speculative runs]).
-                hit = spec is not None and self.spec.resolve(spec, req, frame)
-                kind = req.get("t")
-                self._kind = "commit" if hit else str(kind)[:16]
-                handler = self._handlers.get(kind) if type(kind) is str else None
-                P.need(handler is not None, f"unknown request type {str(kind)[:40]!r}")
-                if kind not in ("upload", "run", "eager"):
+                hit = spec is not None and self.spec.resolve(spec, raw, frame)
+                self._kind = "commit" if hit else request.kind
+                if not request.payload:
                     P.need(frame.payload_len == 0, "this request carries no payload")
-                self._apply_pre(req.get("pre"))
+                self._apply_pre(pre)
                 if hit:
                     reply, buffers = {"ok": True, "spec": "hit"}, []
                 else:
-                    reply, buffers = handler(req, frame)
-                close = kind == "bye"
+                    reply, buffers = self._handlers[type(request)](request, frame)
+                close = isinstance(request, R.Bye)
         except TransportError:
             raise
         except Exception as e:  # noqa: BLE001 - answered, logged, and the session goes on
@@ -233,26 +230,18 @@ class Session:
         if self.server.device.type == "cuda" and ("out of memory" in msg or oom):
             torch.cuda.empty_cache()
 
-    def _apply_pre(self, pre: Any) -> None:
-        if pre is None:
-            return
-        for op in P.get_list(pre, "pre", self.limits.max_list):
-            P.need(type(op) is list and len(op) >= 2, "a deferred operation must be a list")
-            if op[0] == "release":
-                self.env.release(P.get_sids(op[1], "release ids", self.limits.max_list))
-            elif op[0] == "bind" and len(op) == 3:
-                pid = P.get_int(op[1], 0, P._MAX_SID, "pending result")
-                meta = P.decode_ref(op[2], self.limits)
+    def _apply_pre(self, pre: list) -> None:
+        for op in pre:
+            if isinstance(op, list):  # storage ids to release
+                self.env.release(op)
+            else:
+                pid, meta = op
                 value = self.pending.pop(pid, None)
                 P.need(value is not None, f"no pending result {pid} to bind")
                 self.env.bind(meta, value)
-            else:
-                raise ProtocolError(
-                    f"genie: invalid request: unknown deferred operation {str(op[0])[:40]!r}"
-                )
 
     # -- requests -------------------------------------------------------------------------
-    def _hello(self, req: dict, frame: Frame) -> tuple[dict, list]:
+    def _hello(self, req: R.Hello, frame: Frame) -> tuple[dict, list]:
         dev = self.server.device
         return {
             "ok": True,
@@ -268,31 +257,29 @@ class Session:
             **self.limits.as_dict(),
         }, []
 
-    def parse_uploads(self, up: Any, frame: Frame) -> list[tuple[int, int, int, int, bool]]:
-        entries = []
+    def parse_uploads(self, up: Any, frame: Frame) -> list[R.Piece]:
+        """An upload list as it came off the wire, checked as check_uploads does."""
+        return self.check_uploads(R.parse_pieces(up, self.limits), frame)
+
+    def check_uploads(self, pieces: list[R.Piece], frame: Frame) -> list[R.Piece]:
+        """`pieces`, once each continues a storage that is resident (or started in this
+        request), the frame carries their bytes, and the session's limit holds them."""
         started: dict[int, int] = {}
         total = 0
-        for e in P.get_list(up or [], "uploads", self.limits.max_list):
-            P.need(type(e) is list and len(e) == 5, "an upload must be [id, nbytes, at, n, new]")
-            sid = P.get_sid(e[0])
-            nbytes = P.get_int(e[1], 0, self.limits.max_storage, "upload storage size")
-            at = P.get_int(e[2], 0, nbytes, "upload offset")
-            n = P.get_int(e[3], 0, nbytes - at, "upload length")
-            new = P.get_bool(e[4], "upload new")
+        for sid, nbytes, _, n, new in pieces:
             if new:
                 started[sid] = nbytes
             else:  # a later piece of a storage this request or an earlier one started
                 st = self.env.storages.get(sid)
                 size = started.get(sid, st.nbytes() if st is not None else -1)
                 P.need(size == nbytes, f"upload continues storage {sid}, which is not resident")
-            entries.append((sid, nbytes, at, n, new))
             total += n
         P.need(
             total == frame.payload_len,
             f"uploads announce {total} bytes, the frame carries {frame.payload_len}",
         )
-        self.check_memory(sum(e[1] for e in entries if e[4]))
-        return entries
+        self.check_memory(sum(p.nbytes for p in pieces if p.new))
+        return pieces
 
     def check_memory(self, extra: int) -> None:
         limit = self.limits.memory_limit
@@ -302,7 +289,7 @@ class Session:
                 f"limit of {limit} bytes per session (genie serve --memory-limit)"
             )
 
-    def _receive_uploads(self, entries: list[tuple[int, int, int, int, bool]]) -> None:
+    def _receive_uploads(self, entries: list[R.Piece]) -> None:
         dev = self.server.device
         for sid, nbytes, at, n, new in entries:
             if new:
@@ -317,23 +304,23 @@ class Session:
                 dst = torch.empty(0, dtype=torch.uint8, device=dev).set_(st, at, (n,), (1,))
                 self.transport.recv_payload_into(dst)  # Note: [Payload memory] (transports/base.py)
 
-    def _upload(self, req: dict, frame: Frame) -> tuple[dict, list]:
-        self._receive_uploads(self.parse_uploads(req.get("up"), frame))
+    def _upload(self, req: R.Upload, frame: Frame) -> tuple[dict, list]:
+        self._receive_uploads(self.check_uploads(req.pieces, frame))
         return {"ok": True}, []
 
-    def _run(self, req: dict, frame: Frame) -> tuple[dict, list]:
-        eager = req["t"] == "eager"
-        uploads = self.parse_uploads(req.get("up"), frame)
-        program = self.resolver.resolve(P.ProgramRef.of(req, self.limits))
+    def _run(self, req: R.Run, frame: Frame) -> tuple[dict, list]:
+        eager = isinstance(req, R.Eager)
+        uploads = self.check_uploads(req.pieces, frame)
+        program = self.resolver.resolve(req.program)
         if program is None:
             raise UnknownProgram("genie: unknown program; send it again with its body")
         P.need(not eager or len(program.steps) == 1, "an eager request runs exactly one node")
         # Everything is checked before the payload is read; what follows changes state.
         incoming = {sid: nbytes for sid, nbytes, *_ in uploads}
-        states = check_binding(program, req.get("bind"), req.get("rng"), self.env, incoming)
+        states = check_binding(program, req.bind, req.rng, self.env, incoming)
         self.check_memory(program.fresh_bytes + sum(e[1] for e in uploads if e[4]))
         self._receive_uploads(uploads)
-        binding = req["bind"]
+        binding = req.bind
         storages = self.env.storages
         created = [binding[local] for local in program.produced if binding[local] not in storages]
         if eager:
@@ -388,8 +375,8 @@ class Session:
             return {"l": [self._describe(x) for x in v]}
         return {"v": v}
 
-    def _fetch(self, req: dict, frame: Frame) -> tuple[dict, list]:
-        meta = P.decode_ref(req.get("ref"), self.limits)
+    def _fetch(self, req: R.Fetch, frame: Frame) -> tuple[dict, list]:
+        meta = req.ref
         st = self.env.storages.get(meta.storage)
         if st is None:
             raise RemoteError(f"genie: storage {meta.storage} is not resident in this session")
@@ -406,60 +393,44 @@ class Session:
         )
         return {"ok": True, "n": flat.numel()}, [memoryview(flat.numpy())]
 
-    def _release(self, req: dict, frame: Frame) -> tuple[dict, list]:
-        self.env.release(P.get_sids(req.get("ids"), "release ids", self.limits.max_list))
+    def _release(self, req: R.Release, frame: Frame) -> tuple[dict, list]:
+        self.env.release(req.ids)
         return {"ok": True}, []
 
-    def _stats(self, req: dict, frame: Frame) -> tuple[dict, list]:
+    def _stats(self, req: R.Stats, frame: Frame) -> tuple[dict, list]:
         return {"ok": True, "session": self.stats(), "server": self.server.stats()}, []
 
-    def _bye(self, req: dict, frame: Frame) -> tuple[dict, list]:
+    def _bye(self, req: R.Bye, frame: Frame) -> tuple[dict, list]:
         return {"ok": True}, []
 
     # -- server-to-server moves (Note: [Server-to-server moves] in peers.py) ----------------
-    def _peer_group(self, req: dict) -> str:
-        name = req.get("group")
-        P.need(
-            type(name) is str and _GROUP_NAME.fullmatch(name) is not None,
-            "a peer group name is 1-64 letters, digits, '-' or '_'",
-        )
-        return name
-
-    def _peer_open(self, req: dict, frame: Frame) -> tuple[dict, list]:
-        name = self._peer_group(req)
-        peer = req.get("peer")
-        P.need(peer is None or (type(peer) is str and len(peer) <= 256), "peer must be host:port")
+    def _peer_open(self, req: R.PeerOpen, frame: Frame) -> tuple[dict, list]:
         if self._peers is None:
             config = self.server.config
             self._peers = PeerGroups(
                 config.host, config.token, self.server.device, config.peer_timeout
             )
-        return {"ok": True, **self._peers.open(name, req.get("role"), peer, req.get("backend"))}, []
+        return {"ok": True, **self._peers.open(req.group, req.role, req.peer, req.backend)}, []
 
-    def _peer_send(self, req: dict, frame: Frame) -> tuple[dict, list]:
-        name = self._peer_group(req)
-        sid = P.get_sid(req.get("id"))
-        tag = P.get_int(req.get("tag"), 0, (1 << 31) - 1, "tag")
-        st = self.env.storages.get(sid)
+    def _peer_send(self, req: R.PeerSend, frame: Frame) -> tuple[dict, list]:
+        st = self.env.storages.get(req.id)
         if st is None:
-            raise RemoteError(f"genie: storage {sid} is not resident in this session")
+            raise RemoteError(f"genie: storage {req.id} is not resident in this session")
         P.need(self._peers is not None, "no peer group is open in this session")
-        self._peers.send(name, byte_view(st), tag)
+        self._peers.send(req.group, byte_view(st), req.tag)
         return {"ok": True, "n": st.nbytes()}, []
 
-    def _peer_recv(self, req: dict, frame: Frame) -> tuple[dict, list]:
-        name = self._peer_group(req)
-        sid = P.get_sid(req.get("id"))
-        nbytes = P.get_int(req.get("nbytes"), 0, self.limits.max_storage, "nbytes")
-        tag = P.get_int(req.get("tag"), 0, (1 << 31) - 1, "tag")
+    def _peer_recv(self, req: R.PeerRecv, frame: Frame) -> tuple[dict, list]:
         P.need(self._peers is not None, "no peer group is open in this session")
-        self.check_memory(nbytes)
-        self.env.storages[sid] = self._peers.recv(name, nbytes, tag).untyped_storage()
+        self.check_memory(req.nbytes)
+        self.env.storages[req.id] = self._peers.recv(
+            req.group, req.nbytes, req.tag
+        ).untyped_storage()
         return {"ok": True}, []
 
-    def _peer_close(self, req: dict, frame: Frame) -> tuple[dict, list]:
+    def _peer_close(self, req: R.PeerClose, frame: Frame) -> tuple[dict, list]:
         if self._peers is not None:
-            self._peers.close(self._peer_group(req))
+            self._peers.close(req.group)
         return {"ok": True}, []
 
     def time(self, what: str, seconds: float) -> None:

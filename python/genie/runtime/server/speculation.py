@@ -14,6 +14,7 @@ from genie.errors import GenieError, RemoteError
 from genie.runtime import protocol as P
 from genie.runtime.program import Program, check_binding, program_key
 from genie.runtime.replay import byte_view
+from genie.runtime.requests import Spec
 from genie.runtime.transports.base import Frame
 
 if TYPE_CHECKING:
@@ -109,11 +110,10 @@ class SpeculationSlot:
     #   had happened: "pre" first, then the request.
     # The price of a speculation is the snapshot: a copy of every written storage the client
     # holds (a KV cache updated in place is copied whole), and the memory for it.
-    def start(self, req: dict, frame: Frame) -> tuple[dict, list]:
-        ref = P.ProgramRef.of(req, self._session.limits)
-        key = ref.key
-        bind = P.get_list(req.get("bind"), "binding", self._session.limits.max_list)
-        program = self._session.resolver.lookup(ref)
+    def start(self, req: Spec, frame: Frame) -> tuple[dict, list]:
+        key = req.program.key
+        bind = req.bind  # ids, None and EMPTY_UPLOAD only (requests.Spec.parse)
+        program = self._session.resolver.lookup(req.program)
         # The same speculation as the last one (a serving loop's next forward) whose inputs
         # are still the very storages it checked: nothing to check again.
         valid = self._valid
@@ -127,11 +127,6 @@ class SpeculationSlot:
         ):
             return self._start(program, bind, valid[3])
         ids = [b for b in bind if type(b) is int]
-        if len(ids) < len(bind):  # the others may only be None or an empty upload
-            for b in bind:
-                if type(b) is not int and b is not None and b != P.EMPTY_UPLOAD:
-                    P.get_sid(b)
-        P.get_sids(ids, "binding", self._session.limits.max_list)
         if program is None:
             return self._decline("unknown program")
         P.need(
