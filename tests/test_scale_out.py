@@ -383,18 +383,27 @@ class _TwoTowers(nn.Module):
 
 
 class _MeetsTheOther(ExecutorBackend):
-    """A server whose first fragment waits until the other server's first fragment started
-    too: a plan that ran the two one after the other would break the barrier."""
+    """A server whose `at`-th fragment waits until the other server reached its own meeting
+    point too: a plan that ran the two one after the other would break the barrier."""
 
-    def __init__(self, backend: ExecutorBackend, barrier: threading.Barrier):
+    def __init__(self, backend: ExecutorBackend, barrier: threading.Barrier, at: int = 1):
         super().__init__(backend.name, backend.executor)
         self._barrier = barrier
+        self._countdown = at
 
     def run(self, nodes) -> None:
-        if nodes and self._barrier is not None:
-            barrier, self._barrier = self._barrier, None
-            barrier.wait(timeout=30)
+        if nodes and self._countdown:
+            self._countdown -= 1
+            if not self._countdown:
+                self._barrier.wait(timeout=30)
         super().run(nodes)
+
+
+def _meeting(ex: MultiDeviceExecutor, at: dict[str, int]) -> threading.Barrier:
+    barrier = threading.Barrier(len(at))
+    for name, n in at.items():
+        ex.backends[name] = _MeetsTheOther(ex.backends[name], barrier, n)
+    return barrier
 
 
 @torch.no_grad()
@@ -406,9 +415,7 @@ def test_modality_branches_run_on_two_servers_at_once(pair):
     image, text = torch.randn(8, 64), torch.randn(8, 32)
     ex = genie.connect([s.address for s in pair], token=pair[0].token)
     ex.scheduler.strategy = "parallel"
-    barrier = threading.Barrier(2)
-    for name, b in list(ex.backends.items()):
-        ex.backends[name] = _MeetsTheOther(b, barrier)
+    barrier = _meeting(ex, {"server0": 1, "server1": 1})
     try:
         rmodel = copy.deepcopy(model).to(REMOTE)
         out = rmodel(image.to(REMOTE), text.to(REMOTE)).cpu()
@@ -420,3 +427,62 @@ def test_modality_branches_run_on_two_servers_at_once(pair):
     first = {d: plan.fragments_on(d)[0] for d in ("server0", "server1")}
     assert not first["server0"].deps and not first["server1"].deps  # neither waits
     assert ex.stats["direct_transfers"] == len(plan.transfers) > 0
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(128, 128), nn.ReLU())]).eval()
+
+
+@torch.no_grad()
+def test_slices_of_a_batch_flow_through_two_servers_as_micro_batches(pair):
+    """A program that runs a model over four slices of its batch, pipelined over two servers:
+    the first server works on slice 2 while the second works on slice 1 (they meet), each
+    server holds only its stage's weights, and the result equals eager."""
+    model, x = _mlp(), torch.randn(16, 128)
+    ex = _connect_split([s.address for s in pair], pair[0].token)
+    barrier = _meeting(ex, {"server0": 2, "server1": 1})
+    try:
+        rmodel = copy.deepcopy(model).to(REMOTE)
+        out = torch.cat([rmodel(xi) for xi in x.to(REMOTE).chunk(4)]).cpu()
+        plan, schedule = ex.last_plan, ex.last_schedule
+        params = {int(genie._C._storage_id(p)) for p in rmodel.parameters()}
+    finally:
+        genie.disconnect()
+    assert torch.equal(out, torch.cat([model(xi) for xi in x.chunk(4)]))
+    assert barrier.n_waiting == 0 and not barrier.broken
+    assert schedule.micro_batches == 4 and plan.flags["sliced"]
+    on = [set(plan.uploads[d]) & params for d in ("server0", "server1")]
+    assert on[0] and on[1] and not on[0] & on[1]
+
+
+@torch.no_grad()
+def test_data_parallel_over_two_servers_keeps_the_weights_on_both(pair):
+    """strategy="data" with a program that runs each half of its batch: both servers work at
+    once (they meet), each holds the weights, a second call uploads only the new batch (each
+    server its half), and the result equals eager."""
+    model = _mlp()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    ex = genie.connect([s.address for s in pair], token=pair[0].token)
+    ex.scheduler.strategy = "data"
+    barrier = _meeting(ex, {"server0": 1, "server1": 1})
+    clients = [b.executor for b in ex.backends.values()]
+    try:
+        rmodel = copy.deepcopy(model).to(REMOTE)
+
+        def forward(x):
+            return torch.cat([rmodel(xi.to(REMOTE)) for xi in x.chunk(2)]).cpu()
+
+        x = torch.randn(16, 128)
+        assert torch.equal(forward(x), torch.cat([model(xi) for xi in x.chunk(2)]))
+        held = [c.server_stats()["session"]["resident_bytes"] for c in clients]
+        uploaded = [c.stats()["upload_bytes"] for c in clients]
+        x2 = torch.randn(16, 128)
+        out = forward(x2)
+        uploaded = [c.stats()["upload_bytes"] - u for c, u in zip(clients, uploaded, strict=True)]
+    finally:
+        genie.disconnect()
+    assert torch.equal(out, torch.cat([model(xi) for xi in x2.chunk(2)]))
+    assert not barrier.broken
+    assert all(h >= weights for h in held), (held, weights)
+    assert uploaded == [x2.numel() * 4 // 2] * 2

@@ -224,3 +224,64 @@ def test_two_genie_serve_endpoints_are_two_devices(tmp_path):
                 b.executor.close()
     assert torch.equal(out, ref)
     assert {f.device for f in ex.last_plan.fragments} == {"s0", "s1"} and ex.last_plan.transfers
+
+
+# -- slices of a batch (Note: [Replicas]) -----------------------------------------------------
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(128, 128), nn.ReLU())]).eval()
+
+
+def _sliced(model, x, k):
+    """The program a user writes to split a batch: one forward per slice, joined."""
+    return torch.cat([model(xi) for xi in x.chunk(k)])
+
+
+@torch.no_grad()
+def test_slices_of_a_batch_pass_through_a_pipeline_as_micro_batches(multi):
+    """Four slices over a two-stage pipeline: every slice is cut at the same layer, the
+    second stage of slice i and the first stage of slice i+1 wait for nothing of each
+    other, each weight lives on its stage's device only, and the result equals eager."""
+    model, x = _mlp(), torch.randn(16, 128)
+    ex = multi(cpu_topology(2), strategy="pipeline")
+    rmodel = copy.deepcopy(model).to(REMOTE)
+    out = _sliced(rmodel, x.to(REMOTE), 4).cpu()
+    assert torch.equal(out, _sliced(model, x, 4))
+    plan = ex.last_plan
+    assert ex.last_schedule.micro_batches == 4 and plan.flags["sliced"]
+    first, second = plan.fragments_on("cpu0"), plan.fragments_on("cpu1")
+    assert len(first) >= 4 and len(second) >= 4
+    assert second[0].id not in first[1].deps and first[1].id not in second[0].deps
+    params = {int(_C._storage_id(p)) for p in rmodel.parameters()}
+    on = {d: set(plan.uploads[d]) & params for d in ("cpu0", "cpu1")}
+    assert on["cpu0"] and on["cpu1"] and not on["cpu0"] & on["cpu1"]
+
+
+@torch.no_grad()
+def test_data_parallel_runs_each_slice_on_its_own_device(multi):
+    """strategy="data": each slice runs on its own device, neither waiting for the other,
+    with the weights uploaded to both, and the result equals eager."""
+    model, x = _mlp(), torch.randn(16, 128)
+    ex = multi(cpu_topology(2), strategy="data")
+    rmodel = copy.deepcopy(model).to(REMOTE)
+    out = _sliced(rmodel, x.to(REMOTE), 2).cpu()
+    assert torch.equal(out, _sliced(model, x, 2))
+    plan = ex.last_plan
+    firsts = [plan.fragments_on(d)[0] for d in ("cpu0", "cpu1")]
+    assert not firsts[0].deps and not firsts[1].deps
+    params = {int(_C._storage_id(p)) for p in rmodel.parameters()}
+    assert params <= set(plan.uploads["cpu0"]) & set(plan.uploads["cpu1"])
+
+
+@torch.no_grad()
+def test_a_batch_that_is_not_sliced_cannot_run_data_parallel_or_micro_batched(multi):
+    """One forward over the whole batch: data parallel and a micro-batched plan say that the
+    program has to slice the batch, instead of running something else."""
+    model, x = _mlp(), torch.randn(16, 128)
+    multi(cpu_topology(2), strategy="data")
+    with pytest.raises(NotImplementedError, match="torch.chunk"):
+        copy.deepcopy(model).to(REMOTE)(x.to(REMOTE)).cpu()
+    ex = multi(cpu_topology(2), strategy="pipeline")
+    ex.planner.micro_batching = True
+    with pytest.raises(NotImplementedError, match="torch.chunk"):
+        copy.deepcopy(model).to(REMOTE)(x.to(REMOTE)).cpu()

@@ -324,6 +324,17 @@ class MultiDeviceExecutor:
 
     # -- execution ---------------------------------------------------------------------------
     def _execute(self, graph: Graph, plan: ExecutionPlan) -> None:
+        if (
+            plan.flags.get("micro_batching")
+            and not plan.flags.get("sliced")
+            and len({f.device for f in plan.fragments}) > 1
+        ):
+            raise NotImplementedError(
+                "genie: this plan asks for micro-batches, but its graph holds one batch whose "
+                "size is fixed in every recorded shape, so it cannot be sliced here (Note: "
+                "[Replicas]); run the model once per slice (torch.chunk) and join the results "
+                "(torch.cat) in one flush, and the pipeline runs the slices as micro-batches"
+            )
         by_id = {n.id: n for n in graph.nodes}
         for dev, sids in plan.uploads.items():
             for s in sids:

@@ -10,10 +10,15 @@ Note: [Fragments]
 Tasks (compute nodes, plus copies of recomputed nodes on the devices that recompute them)
 are visited in program order. A task joins the open fragment of its device unless one of
 the fragments it depends on already depends on that fragment (joining would close a cycle)
-or the open fragment does not already wait for it (joining would hold the fragment's
-earlier work back until that other fragment finished: two modality branches joined at a
-fusion point would run one after the other); then it opens a new fragment, which also
-follows the previous fragment of its device (a device runs its fragments in order). Dependencies are read-after-write on versions and
+or the open fragment, which already holds work that reads something (not only
+allocations), does not already wait for it (joining would hold that work back until the
+other fragment finished: two modality branches joined at a fusion point would run one after
+the other); then it opens a new fragment, which also
+follows the previous fragment of its device (a device runs its fragments in order). A
+task that reads nothing of a fragment another device reads from opens a new one too: that
+fragment's transfer then leaves when its own work is done, not after unrelated later work,
+which is what lets slices of a batch flow through a pipeline as micro-batches (Note:
+[Replicas] in replicas.py). Dependencies are read-after-write on versions and
 write-after-read (Note: [Versions] in analysis.py), so a transfer always carries the version
 its reader expects: a later in-place write of the same storage can never be folded into the
 fragment the transfer leaves from.
@@ -365,7 +370,10 @@ class Planner:
         overlap_io: transfers run while other fragments compute (executors may run devices
             concurrently); off, a device waits for its transfers.
         micro_batching: estimate the plan as a pipeline over ``num_micro_batches`` slices of
-            the batch (an estimate only; executors run the whole batch).
+            the batch. Executors cannot slice a recorded batch (Note: [Replicas]): the
+            MultiDeviceExecutor refuses such a plan with NotImplementedError. A program that
+            slices the batch itself is pipelined for real, and its plan says so
+            (``flags["sliced"]``).
     """
 
     def __init__(
@@ -412,6 +420,9 @@ class Planner:
             else bool(micro_batching),
             "num_micro_batches": self.num_micro_batches,
         }
+        if schedule.micro_batches:
+            # The slices are in the graph (Note: [Replicas]): the plan runs them for real.
+            flags.update(micro_batching=True, num_micro_batches=schedule.micro_batches, sliced=True)
         key = (schedule.key, tuple(sorted(flags.items()))) if schedule.key else None
         if key is not None and self.cache_size:
             with self._lock:
@@ -454,6 +465,8 @@ class Planner:
         anc: list[int] = []  # transitive dependencies per fragment (bitmask)
         direct: list[set[int]] = []
         frags: list[Fragment] = []
+        leaving: set[int] = set()  # fragments another device reads a value of
+        working: set[int] = set()  # fragments with a node that reads something
         estimator = self.estimator or schedule.estimator or GraphCostEstimator()
         times = self._times(A, devices, topo, estimator)
 
@@ -502,8 +515,13 @@ class Planner:
                 # A new fragment when joining would close a cycle, or would make the open
                 # fragment's earlier work wait for a fragment it did not wait for (Note:
                 # [Fragments]).
-                if f is None or any(
-                    g != f and ((anc[g] >> f) & 1 or not (anc[f] >> g) & 1) for g in deps
+                if (
+                    f is None
+                    or (f in leaving and f not in deps and A.reads[ci])
+                    or any(
+                        g != f and ((anc[g] >> f) & 1 or (f in working and not (anc[f] >> g) & 1))
+                        for g in deps
+                    )
                 ):
                     f = new_fragment(dev)
                 add_deps(f, deps)
@@ -515,6 +533,13 @@ class Planner:
                 fr.reads.append([(s, cid[w] if w >= 0 else -1) for s, w in A.reads[ci]])
                 fr.writes.append(list(A.writes[ci]))
                 fr.est_time += times[dev][ci]
+                if k == 0 and any(
+                    place[r] != dev and place[r] not in rec_by_ci.get(ci, ())
+                    for _s, r in A.consumers_of(ci)
+                ):
+                    leaving.add(f)  # a value leaves this fragment (Note: [Fragments])
+                if A.reads[ci]:
+                    working.add(f)  # not only allocations
         for pos, anchor in A.view_anchor.items():
             if anchor >= 0:
                 frags[frag_of[(anchor, place[anchor])]].view_ids.append(graph.nodes[pos].id)
@@ -677,7 +702,12 @@ class Planner:
             free[f.device] = finish[i]
             busy[f.device] = busy.get(f.device, 0.0) + f.est_time
         total = max(finish.values(), default=0.0)
-        if flags.get("micro_batching") and len({f.device for f in frags}) > 1:
+        # Slices in the graph are simulated above; otherwise micro-batching is estimated.
+        if (
+            flags.get("micro_batching")
+            and not flags.get("sliced")
+            and len({f.device for f in frags}) > 1
+        ):
             m = max(1, int(flags.get("num_micro_batches", 1)))
             total = total / m + (m - 1) / m * max(busy.values(), default=0.0)
         return total

@@ -8,7 +8,11 @@ stages by level, groups, estimates) is the Scheduler's, the same for every strat
 sequential     everything on the one device that finishes first (pins still apply)
 parallel       modality branches on separate devices, the fusion point where the least has
                to move; without branches, list scheduling level by level
-pipeline       contiguous stages over N devices with the bottleneck stage minimised
+pipeline       contiguous stages over N devices with the bottleneck stage minimised; a
+               program run over slices of a batch (replicas) is cut at the same points in
+               every slice, so the slices pass through the stages as micro-batches
+data           data parallel: each replica (slice of the batch) on its own device, weights
+               on each; a graph without replicas cannot be split (NotImplementedError)
 priority       list scheduling by upward rank (HEFT): critical path first, earliest finish
 dynamic        every applicable strategy, estimated, the fastest kept (measured feedback
                enters through the estimator's calibration)
@@ -25,6 +29,7 @@ from typing import Protocol
 
 from genie.scheduler.analysis import META_PHASE
 from genie.scheduler.placement import META_EARLY, META_PRIORITY, PlacementContext
+from genie.scheduler.replicas import find_replicas
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +38,7 @@ __all__ = [
     "SequentialStrategy",
     "ParallelStrategy",
     "PipelineStrategy",
+    "DataParallelStrategy",
     "PriorityStrategy",
     "DynamicStrategy",
     "AutoStrategy",
@@ -263,26 +269,43 @@ class PipelineStrategy(_Base):
 
     def place(self, ctx: PlacementContext, profile=None) -> list[int]:
         S = min(self.num_stages or ctx.D, ctx.D)
+        self.micro_batches = 0
         if S <= 1 or ctx.C == 0:
             return ctx.single(0)
-        order = list(range(S))
-        times = [ctx.dtime[d] for d in order]
-        lo = max(min(times[k][ci] for k in range(S)) for ci in range(ctx.C))
+        reps = find_replicas(ctx.A)
+        if reps is None:
+            return ctx.apply_units(self._cut(ctx, list(range(ctx.C)), S))
+        # Micro-batches (Note: [Replicas]): every slice cut where the first one is, so that
+        # a stage takes slice i+1 while the next stage works on slice i; the join goes last.
+        cut = self._cut(ctx, reps.sets[0], S)
+        placement = [cut[-1]] * ctx.C
+        for members in reps.sets:
+            for j, ci in enumerate(members):
+                placement[ci] = cut[j]
+        self.micro_batches = reps.count
+        return ctx.apply_units(placement)
+
+    @staticmethod
+    def _cut(ctx: PlacementContext, members: list[int], S: int) -> list[int]:
+        """A stage (device index) per member, contiguous, the bottleneck minimised."""
+        times = [[ctx.dtime[d][ci] for ci in members] for d in range(S)]
+        n = len(members)
+        lo = max(min(times[k][i] for k in range(S)) for i in range(n))
         hi = max(sum(t) for t in times)
 
         def fill(limit: float) -> list[int] | None:
-            seg = [0] * ctx.C
+            seg = [0] * n
             k, acc = 0, 0.0
-            for ci in range(ctx.C):
-                t = times[k][ci]
+            for i in range(n):
+                t = times[k][i]
                 if acc > 0 and acc + t > limit:
                     k += 1
                     if k >= S:
                         return None
                     acc = 0.0
-                    t = times[k][ci]
+                    t = times[k][i]
                 acc += t
-                seg[ci] = k
+                seg[i] = k
             return seg
 
         best = fill(hi)
@@ -296,8 +319,7 @@ class PipelineStrategy(_Base):
             else:
                 hi, best = mid, seg
         assert best is not None
-        self._segments = best
-        return ctx.apply_units([order[k] for k in best])
+        return best
 
     def stages(self, ctx: PlacementContext, placement: list[int]) -> list[int] | None:
         # A stage per contiguous run of one device (units or pins may interleave a little).
@@ -308,6 +330,32 @@ class PipelineStrategy(_Base):
                 k += 1
             out[ci] = k
         return out
+
+
+class DataParallelStrategy(_Base):
+    """Data parallel: the replicas of a program run over slices of a batch (Note: [Replicas])
+    spread over the devices, each device a contiguous share of them, the join with the first
+    share. Each device then holds the weights its replicas read."""
+
+    name = "data"
+
+    def place(self, ctx: PlacementContext, profile=None) -> list[int]:
+        if ctx.D == 1:
+            return ctx.single(0)
+        reps = find_replicas(ctx.A)
+        if reps is None:
+            raise NotImplementedError(
+                "genie: data parallel needs the batch split in the program: the recorded "
+                "graph fixes the batch size in every shape, so genie cannot slice one forward; "
+                "run the model once per slice (torch.chunk) and join the results (torch.cat) "
+                "in one flush"
+            )
+        k = reps.count
+        placement = [0] * ctx.C
+        for i, members in enumerate(reps.sets):
+            for ci in members:
+                placement[ci] = i * ctx.D // k
+        return ctx.apply_units(placement)
 
 
 class DynamicStrategy(_Base):
@@ -410,6 +458,7 @@ STRATEGIES = {
     "sequential": SequentialStrategy,
     "parallel": ParallelStrategy,
     "pipeline": PipelineStrategy,
+    "data": DataParallelStrategy,
     "priority": PriorityStrategy,
     "dynamic": DynamicStrategy,
     "auto": AutoStrategy,

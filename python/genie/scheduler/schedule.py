@@ -74,6 +74,9 @@ class ExecutionSchedule:
     key: tuple = ()
     node_times: dict[int, tuple[float, float]] = field(default_factory=dict)  # id -> (start, end)
     optimizer_key: Any = None
+    # replicas of the program in the graph (Note: [Replicas]) that the placement pipelines
+    # as micro-batches (0: none)
+    micro_batches: int = 0
     topology: Any = field(default=None, repr=False, compare=False)
     estimator: Any = field(default=None, repr=False, compare=False)
     # positional form, for rebinding to another recording of the same program
@@ -116,6 +119,7 @@ class ExecutionSchedule:
             "peak_memory_bytes": self.peak_memory,
             "memory_capacity_bytes": self.memory_capacity,
             "moved_bytes": self.moved_bytes,
+            "micro_batches": self.micro_batches,
             "notes": list(self.notes),
         }
 
@@ -215,6 +219,7 @@ class ExecutionSchedule:
             key=self.key,
             node_times={remap[k]: v for k, v in self.node_times.items()},
             optimizer_key=self.optimizer_key,
+            micro_batches=self.micro_batches,
             topology=self.topology,
             estimator=self.estimator,
             _pos=p,

@@ -266,9 +266,13 @@ class Scheduler:
         stage_of = strat.stages(ctx, placement) if ctx.C else None
         if stage_of is None:
             stage_of = A.level
-        return self._assemble(
+        sched = self._assemble(
             graph, A, ctx, placement, recompute, sim, mem, stage_of, name, notes, resident, key
         )
+        sched.micro_batches = getattr(strat, "micro_batches", 0) if ctx.D > 1 else 0
+        if sched.micro_batches:
+            notes.append(f"{sched.micro_batches} slices of the batch pipelined as micro-batches")
+        return sched
 
     def _assemble(
         self, graph, A, ctx, placement, recompute, sim, mem, stage_of, name, notes, resident, key
