@@ -61,6 +61,32 @@ def test_draw_writes_a_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_plan_says_what_crosses_each_link(tmp_path):
+    """Over three servers of a topology file, the printed plan and its JSON say, per link,
+    how many uploads and transfers cross it and how many bytes: what the chart labels."""
+    topo = tmp_path / "servers.toml"
+    topo.write_text(
+        "".join(
+            f'[[device]]\nname = "server{i}"\ntype = "H100"\nendpoint = "tcp://10.0.0.{i}:7070"\n'
+            for i in range(3)
+        )
+        + "".join(f'[[link]]\na = "client"\nb = "server{i}"\nkind = "eth100"\n' for i in range(3))
+        + '[[link]]\na = "server0"\nb = "server1"\nkind = "eth100"\n'
+        + '[[link]]\na = "server1"\nb = "server2"\nkind = "eth100"\n'
+    )
+    out = io.StringIO()
+    path = tmp_path / "s.json"
+    args = ("gpt2", "--schedule", "--topology", str(topo), "--strategy", "pipeline")
+    assert schedule_command(_args(*args, "--schedule-json", str(path)), out=out) == 0
+    text = out.getvalue()
+    moves = json.loads(path.read_text())["plan"]["moves"]
+    between = [m for m in moves if m["src"] != "client"]
+    assert between and all(m["bytes"] > 0 and m["count"] > 0 for m in between)
+    for m in moves:
+        assert f"moves {m['src']} -> {m['dst']}: {m['count']} " in text
+    assert {m["dst"] for m in moves if m["src"] == "client"} == {"server0", "server1", "server2"}
+
+
 def test_draw_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
     real_import = builtins.__import__
 

@@ -1,4 +1,5 @@
-"""Pictures of a schedule: a Gantt chart of stages per device and the placed graph (PNG).
+"""Pictures of a schedule: a Gantt chart of stages per device (servers named by their
+endpoints), the plan's transfers between them with their sizes, and the placed graph (PNG).
 
 Needs matplotlib (an optional dependency); without it ``draw_schedule`` raises a
 SchedulingError that says so.
@@ -67,21 +68,9 @@ def draw_schedule(
             linewidth=0.3,
         )
     if plan is not None:
-        frag_dev = {f.id: f.device for f in plan.fragments}
-        node_end = {nid: t[1] for nid, t in schedule.node_times.items()}
-        for t in plan.transfers:
-            if t.src_fragment is None:
-                continue
-            src_nodes = plan.fragments[t.src_fragment].node_ids
-            x = max((node_end.get(n, 0.0) for n in src_nodes), default=0.0) * scale
-            ax.annotate(
-                "",
-                xy=(x, ypos[t.dst_device]),
-                xytext=(x, ypos[frag_dev[t.src_fragment]]),
-                arrowprops={"arrowstyle": "->", "color": "red", "lw": 0.6},
-            )
+        _draw_transfers(ax, schedule, plan, ypos, scale)
     ax.set_yticks(range(len(devices)))
-    ax.set_yticklabels(devices)
+    ax.set_yticklabels([_device_label(schedule, d) for d in devices])
     ax.set_xlabel("estimated time (ms)")
     ax.set_title(
         f"strategy {schedule.strategy}: {len(schedule.stages)} stages, "
@@ -93,10 +82,78 @@ def draw_schedule(
         _draw_graph(axes[1][0], schedule, graph, max_nodes)
     fig.tight_layout()
     path = os.fspath(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     logger.info("genie: schedule drawn to %s", path)
     return path
+
+
+def _device_label(schedule: ExecutionSchedule, name: str) -> str:
+    """A device's name, and the server answering for it when the topology has one."""
+    topo = schedule.topology
+    dev = topo.devices.get(name) if topo is not None else None
+    endpoint = getattr(dev, "endpoint", None)
+    return f"{name}\n{endpoint.removeprefix('tcp://')}" if endpoint else name
+
+
+def _draw_transfers(ax, schedule: ExecutionSchedule, plan, ypos: dict, scale: float) -> None:
+    """The transfers that leave one fragment for one device as one arrow, drawn when the
+    fragment ends and labelled with their total size (the largest arrows when there are
+    many), and what crosses each link in total (uploads from the client too) in a box."""
+    from genie.scheduler.placement import format_bytes
+
+    node_end = {nid: t[1] for nid, t in schedule.node_times.items()}
+    arrows: dict[tuple, list[int]] = {}  # (source fragment, source, destination) -> [n, bytes]
+    for t in plan.transfers:
+        a = arrows.setdefault((t.src_fragment, t.src_device, t.dst_device), [0, 0])
+        a[0] += 1
+        a[1] += t.nbytes
+    labelled = set(sorted(arrows, key=lambda k: -arrows[k][1])[:_MAX_LABELS])
+    for key, (count, nbytes) in arrows.items():
+        frag, src, dst = key
+        x = 0.0  # a resident input, moved before anything runs
+        if frag is not None:
+            src_nodes = plan.fragments[frag].node_ids
+            x = max((node_end.get(n, 0.0) for n in src_nodes), default=0.0) * scale
+        y0, y1 = ypos[src], ypos[dst]
+        ax.annotate(
+            "",
+            xy=(x, y1),
+            xytext=(x, y0),
+            arrowprops={"arrowstyle": "->", "color": "red", "lw": 0.8},
+        )
+        if key in labelled:
+            ax.annotate(
+                format_bytes(nbytes, 1) + (f" ({count})" if count > 1 else ""),
+                xy=(x, (y0 + y1) / 2),
+                xytext=(3, 0),
+                textcoords="offset points",
+                fontsize=7,
+                color="red",
+                va="center",
+            )
+    moves = plan.moves()
+    if moves:
+        text = "\n".join(
+            f"{m['src']} \u2192 {m['dst']}: {m['count']} "
+            f"{'upload' if m['src'] == 'client' else 'transfer'}{'s' if m['count'] != 1 else ''}, "
+            f"{format_bytes(m['bytes'], 1)}"
+            for m in moves
+        )
+        ax.text(
+            1.01,
+            1.0,
+            text,
+            transform=ax.transAxes,
+            fontsize=8,
+            va="top",
+            ha="left",
+            family="monospace",
+            bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.6"},
+        )
+
+
+_MAX_LABELS = 24  # arrows labelled with their size; the box has every link's total
 
 
 def _draw_graph(ax, schedule: ExecutionSchedule, graph: Graph, max_nodes: int) -> None:

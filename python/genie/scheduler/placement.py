@@ -538,16 +538,16 @@ class PlacementContext:
                     "live": [{"storage": s, "bytes": b, "what": w} for s, b, w in live],
                 }
             )
-            tops = "; ".join(f"s{s} {_fmt_bytes(b)} ({w})" for s, b, w in live)
+            tops = "; ".join(f"s{s} {format_bytes(b)} ({w})" for s, b, w in live)
             lines.append(
-                f"{self.devices[d]} needs {_fmt_bytes(rep.peak[d])} at node "
+                f"{self.devices[d]} needs {format_bytes(rep.peak[d])} at node "
                 f"{node.id if node else '?'} ({node.op if node else '?'}) but has "
-                f"{_fmt_bytes(rep.capacity[d])}; largest live: {tops}"
+                f"{format_bytes(rep.capacity[d])}; largest live: {tops}"
             )
         total = sum(self.A.storage_bytes.get(s, 0) for s in self.A.inputs)
         return MemoryPlacementError(
             "genie: the graph does not fit device memory after rebalancing across "
-            f"{self.devices} (graph inputs alone: {_fmt_bytes(total)}):\n  " + "\n  ".join(lines),
+            f"{self.devices} (graph inputs alone: {format_bytes(total)}):\n  " + "\n  ".join(lines),
             details,
         )
 
@@ -603,8 +603,8 @@ class PlacementContext:
         return decisions
 
 
-def _fmt_bytes(n: int) -> str:
+def format_bytes(n: int, digits: int = 2) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
+            return f"{n / scale:.{digits}f} {unit}"
     return f"{n} B"

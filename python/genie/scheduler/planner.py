@@ -37,6 +37,7 @@ from genie.graph.ir import Graph
 from genie.scheduler.analysis import GraphAnalysis
 from genie.scheduler.cost_model import GraphCostEstimator
 from genie.scheduler.errors import PlanValidationError
+from genie.scheduler.placement import format_bytes
 from genie.scheduler.schedule import ExecutionSchedule
 from genie.scheduler.topology import NetworkTopology
 
@@ -93,6 +94,7 @@ class ExecutionPlan:
     strategy: str = ""
     resident: dict[int, str] = field(default_factory=dict)
     constants: frozenset[int] = frozenset()  # graph inputs that are uploads from the client
+    upload_bytes: dict[str, int] = field(default_factory=dict)  # device -> bytes of its uploads
     _srefs: dict[int, tuple[int, int, int]] = field(default_factory=dict, repr=False)
     _node_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -110,6 +112,22 @@ class ExecutionPlan:
 
     def incoming(self, fragment_id: int) -> list[Transfer]:
         return [t for t in self.transfers if t.dst_fragment == fragment_id]
+
+    def moves(self) -> list[dict[str, Any]]:
+        """What crosses each link: uploads from the client per device, then transfers per
+        (source, destination) pair, with counts and bytes (what the schedule chart labels)."""
+        out: list[dict[str, Any]] = [
+            {"src": "client", "dst": d, "count": len(self.uploads[d]), "bytes": nb}
+            for d, nb in self.upload_bytes.items()
+            if d in self.uploads
+        ]
+        pairs: dict[tuple[str, str], list[int]] = {}
+        for t in self.transfers:
+            c = pairs.setdefault((t.src_device, t.dst_device), [0, 0])
+            c[0] += 1
+            c[1] += t.nbytes
+        out += [{"src": a, "dst": b, "count": n, "bytes": nb} for (a, b), (n, nb) in pairs.items()]
+        return out
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -146,6 +164,12 @@ class ExecutionPlan:
                 )
         if len(self.steps) > max_rows:
             lines.append(f"  ... {len(self.steps) - max_rows} more steps")
+        for m in self.moves():
+            what = "upload" if m["src"] == "client" else "transfer"
+            lines.append(
+                f"  moves {m['src']} -> {m['dst']}: {m['count']} {what}(s), "
+                f"{format_bytes(m['bytes'], 1)}"
+            )
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -164,6 +188,7 @@ class ExecutionPlan:
                 }
                 for f in self.fragments
             ],
+            "moves": self.moves(),
             "transfer_list": [
                 {
                     "id": t.id,
@@ -358,6 +383,7 @@ class ExecutionPlan:
             if resident is not None
             else {S(s): d for s, d in self.resident.items()},
             constants=frozenset(S(s) for s in self.constants),
+            upload_bytes=self.upload_bytes,
             _srefs={smap.get(s, s): r for s, r in self._srefs.items()},
             _node_ids=ids,
         )
@@ -627,6 +653,7 @@ class Planner:
             strategy=schedule.strategy,
             resident=dict(resident),
             constants=frozenset(A.constants),
+            upload_bytes={d: sum(sbytes.get(s, 0) for s in v) for d, v in uploads.items() if v},
             _srefs=srefs,
             _node_ids=tuple(n.id for n in graph.nodes),
         )
