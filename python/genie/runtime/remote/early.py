@@ -128,17 +128,19 @@ class EarlyUploads:
         frames = frames_of(upload_parts({sid: value}, self.max_message), self.max_message)
         up = _Upload(int(sid), tuple(value.shape), nbytes, frames)
         with self._qlock:
+            alone = not self._queue  # inline only when nothing larger waits ahead of it
             self._queue.append(up)
             self._uploads[up.sid] = up
             self.arrivals.append(up.sid)
-        self._kick(nbytes <= self._inline)
+        self._kick(alone and nbytes <= self._inline)
         return True
 
     def later(self, send: Callable[[], None]) -> None:
         """Call `send` (with the client's lock) once the uploads queued now are sent."""
         with self._qlock:
+            alone = not self._queue
             self._queue.append(_Later(send))
-        self._kick(True)
+        self._kick(alone)
 
     def _kick(self, inline: bool) -> None:
         if inline and self._lock.acquire(blocking=False):
@@ -207,6 +209,7 @@ class EarlyUploads:
             )
             self._counters["uploads"] += len(frame)
             self._counters["upload_bytes"] += sum(e[3] for e, _ in frame)
+        up.frames = []  # the views keep the snapshot alive; the recorder holds it until its flush
         self._counters["uploads_early"] += 1
         if self._channel.unread > _UNREAD:
             self._channel.read_unanswered()

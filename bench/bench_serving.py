@@ -1,0 +1,402 @@
+"""Serving a model with a fresh input every request: local eager vs genie (lazy and compiled)
+vs torch.distributed.rpc, and 8 concurrent clients against one `genie serve`.
+
+A BERT (transformers BertConfig, random weights; "small": 2 layers, hidden 128, batch 8,
+sequence 64; "base": BERT-base, batch 8, sequence 128) answers requests whose token ids are new
+every call; the host gets the pooled output. Side by side in one run, each with the same
+inputs, every result checked against eager's:
+  eager          the model in this process on --device (the input copied there, the output back);
+  genie lazy     ``model.to("remote_accelerator:0")`` through a loopback ``genie serve --device``
+                 (another process); the input's upload begins at .to() (Note: [Early uploads])
+                 and the server starts the program when it lands (Note: [Client speculation]);
+  lazy, upload at flush   the same session with early uploads off (what came before);
+  genie compiled ``torch.compile(model, backend="genie")`` through the same session;
+  rpc            a torch.distributed.rpc (TensorPipe) server process holding the same model on
+                 --device: ``rpc_sync(forward, (ids,))`` returns the pooled output.
+The modes take turns in rounds (a loaded machine slows them alike); milliseconds per request
+(median, p99) and the ratio to eager.
+
+Load (--clients 8): 8 client processes against one `genie serve`, each sending --requests
+fresh inputs back to back (lazy, early uploads on), against one local process running the same
+requests back to back: total throughput, its ratio, p50/p99 latency, results exact.
+
+    python bench/bench_serving.py                      # CPU, small BERT
+    python bench/bench_serving.py --device cuda        # on a GPU host: BERT-base, a few minutes
+    python bench/bench_serving.py --quick              # a smoke run
+
+Prints a table and writes bench/results/serving[_cuda].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+REMOTE = "remote_accelerator:0"
+SEED = 0
+
+
+# -- the model and its requests --------------------------------------------------------------
+def config(size: str) -> dict:
+    if size == "base":
+        return {"batch": 8, "seq": 128, "bert": {}}
+    return {
+        "batch": 8,
+        "seq": 64,
+        "bert": {
+            "vocab_size": 1000,
+            "hidden_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 512,
+            "max_position_embeddings": 128,
+        },
+    }
+
+
+def build(size: str, dtype: torch.dtype):
+    """The same weights in every process: seeded."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(SEED)
+    return BertModel(BertConfig(**config(size)["bert"])).eval().to(dtype)
+
+
+def requests(size: str, n: int, seed: int) -> list[torch.Tensor]:
+    cfg = config(size)
+    vocab = cfg["bert"].get("vocab_size", 30522)
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (cfg["batch"], cfg["seq"]), generator=g) for _ in range(n)]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- torch.distributed.rpc -----------------------------------------------------------------------
+_RPC_MODEL = None
+_RPC_DEVICE = "cpu"
+
+
+def rpc_forward(ids: torch.Tensor) -> torch.Tensor:
+    """Runs in the rpc server: the model there, the pooled output back on the host."""
+    with torch.no_grad():
+        return _RPC_MODEL(ids.to(_RPC_DEVICE)).pooler_output.cpu()
+
+
+def rpc_server(port: int, size: str, dtype: str, device: str, threads: int) -> None:
+    import torch.distributed.rpc as rpc
+
+    global _RPC_MODEL, _RPC_DEVICE
+    torch.set_num_threads(threads)
+    _RPC_DEVICE = device
+    _RPC_MODEL = build(size, getattr(torch, dtype)).to(device)
+    opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}")
+    rpc.init_rpc("server", rank=0, world_size=2, rpc_backend_options=opts)
+    rpc.shutdown()  # waits for the client's shutdown
+
+
+# -- one process's modes --------------------------------------------------------------------
+@torch.no_grad()
+def compare(args) -> dict:
+    import torch.distributed.rpc as rpc
+
+    import genie
+    from genie.runtime.loopback import LoopbackServer
+    from genie.runtime.remote import connect
+
+    dtype = getattr(torch, args.dtype)
+    per_mode = args.rounds * args.per_round
+    inputs = requests(args.model, per_mode + 8, seed=1)
+    model = build(args.model, dtype)
+    eager_model = copy.deepcopy(model).to(args.device)
+
+    def eager(ids):
+        return eager_model(ids.to(args.device)).pooler_output.cpu()
+
+    refs = [eager(x) for x in inputs]
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    rpc_proc = None
+    if not args.no_rpc:
+        rpc_proc = ctx.Process(
+            target=rpc_server, args=(port, args.model, args.dtype, args.device, args.threads)
+        )
+        rpc_proc.start()
+        opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}")
+        rpc.init_rpc("client", rank=1, world_size=2, rpc_backend_options=opts)
+
+    rows: dict[str, dict] = {}
+    srv = LoopbackServer(device=args.device, threads=args.threads)
+    client = connect(srv.address, token=srv.token)
+    try:
+        rmodel = copy.deepcopy(model).to(REMOTE)
+        compiled = torch.compile(model, backend="genie", options={"server": client})
+
+        def lazy(ids):
+            return rmodel(ids.to(REMOTE)).pooler_output.cpu()
+
+        def at_flush(ids):
+            client.early.enabled = False
+            try:
+                return lazy(ids)
+            finally:
+                client.early.enabled = True
+
+        def comp(ids):
+            return compiled(ids).pooler_output
+
+        def via_rpc(ids):
+            return rpc.rpc_sync("server", rpc_forward, args=(ids,))
+
+        modes = {
+            "eager": eager,
+            "genie lazy": lazy,
+            "lazy, upload at flush": at_flush,
+            "genie compiled": comp,
+        }
+        if rpc_proc is not None:
+            modes["rpc"] = via_rpc
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        equal = dict.fromkeys(modes, True)
+        diff = dict.fromkeys(modes, 0.0)
+        spec = {"spec_hits": 0, "uploads_early": 0, "calls": 0}
+        for r in range(args.rounds):
+            for name, fn in modes.items():
+                for x in inputs[per_mode : per_mode + 3]:  # warm-up: a mode's steady state
+                    fn(x)
+                before = dict(client.counters)
+                for i in range(r * args.per_round, (r + 1) * args.per_round):
+                    sync(args.device)
+                    t0 = time.perf_counter()
+                    out = fn(inputs[i])
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+                    if not torch.equal(out, refs[i]):
+                        equal[name] = False
+                        d = float((out.float() - refs[i].float()).abs().max())
+                        diff[name] = max(diff[name], d)
+                if name == "genie lazy":
+                    for k in ("spec_hits", "uploads_early"):
+                        spec[k] += client.counters[k] - before[k]
+                    spec["calls"] += args.per_round
+        eager_ms = statistics.median(times["eager"])
+        for name in modes:
+            ms = statistics.median(times[name])
+            rows[name] = {
+                "median_ms": ms,
+                "p99_ms": percentile(times[name], 99),
+                "vs_eager": ms / eager_ms,
+                "equal_eager": equal[name],
+                "max_abs_diff": diff[name],
+            }
+        rows["genie lazy"]["client"] = spec
+        session = client.server_stats()["session"]
+        rows["genie lazy"]["server"] = {k: v for k, v in session.items() if k.startswith("spec")}
+    finally:
+        genie.configure(local_device="cpu")
+        client.close()
+        srv.close()
+        if rpc_proc is not None:
+            rpc.shutdown()
+            rpc_proc.join(30)
+    return rows
+
+
+# -- load: N clients against one server ---------------------------------------------------------
+def load_client(k: int, address: str, token: str, args, barrier, results) -> None:
+    try:
+        import genie
+        from genie.runtime.remote import connect
+
+        torch.set_num_threads(1)
+        inputs = requests(args.model, args.requests + 3, seed=100 + k)
+        client = connect(address, token=token)
+        with torch.no_grad():
+            rmodel = build(args.model, getattr(torch, args.dtype)).to(REMOTE)
+            for x in inputs[args.requests :]:
+                rmodel(x.to(REMOTE)).pooler_output.cpu()
+            barrier.wait()
+            start = time.perf_counter()
+            lat, outs = [], []
+            for x in inputs[: args.requests]:
+                t0 = time.perf_counter()
+                outs.append(rmodel(x.to(REMOTE)).pooler_output.cpu())
+                lat.append((time.perf_counter() - t0) * 1e3)
+            end = time.perf_counter()
+        results.put((k, start, end, lat, torch.stack(outs).numpy(), None))  # not shared memory
+        genie.configure(local_device="cpu")
+        client.close()
+    except Exception:  # noqa: BLE001 - reported by the parent
+        results.put((k, 0.0, 0.0, [], None, traceback.format_exc()))
+
+
+@torch.no_grad()
+def load(args) -> dict:
+    from genie.runtime.loopback import LoopbackServer
+
+    dtype = getattr(torch, args.dtype)
+    # One local process running every client's requests back to back: the reference outputs
+    # and the throughput to beat.
+    model = build(args.model, dtype).to(args.device)
+    per_client = [
+        requests(args.model, args.requests + 3, seed=100 + k) for k in range(args.clients)
+    ]
+    for x in per_client[0][args.requests :]:
+        model(x.to(args.device)).pooler_output.cpu()
+    refs, lat = [], []
+    sync(args.device)
+    start = time.perf_counter()
+    for xs in per_client:
+        outs = []
+        for x in xs[: args.requests]:
+            t0 = time.perf_counter()
+            outs.append(model(x.to(args.device)).pooler_output.cpu())
+            lat.append((time.perf_counter() - t0) * 1e3)
+        refs.append(torch.stack(outs))
+    local_s = time.perf_counter() - start
+    del model
+    total = args.clients * args.requests
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(args.clients), ctx.Queue()
+    with LoopbackServer(device=args.device, threads=args.threads) as srv:
+        procs = [
+            ctx.Process(
+                target=load_client, args=(k, srv.address, srv.token, args, barrier, results)
+            )
+            for k in range(args.clients)
+        ]
+        for p in procs:
+            p.start()
+        got = [results.get(timeout=args.timeout) for _ in procs]
+        for p in procs:
+            p.join(30)
+    errors = [e for *_, e in got if e]
+    got = [
+        (k, s, e, lat, None if o is None else torch.from_numpy(o), err)
+        for k, s, e, lat, o, err in got
+    ]
+    if errors:
+        raise RuntimeError("a load client failed:\n" + errors[0])
+    start = min(g[1] for g in got)
+    end = max(g[2] for g in got)
+    lats = [x for g in got for x in g[3]]
+    exact = all(torch.equal(g[4], refs[g[0]]) for g in got)
+    diff = max(float((g[4].float() - refs[g[0]].float()).abs().max()) for g in got)
+    genie_rps = total / (end - start)
+    local_rps = total / local_s
+    return {
+        "clients": args.clients,
+        "requests_per_client": args.requests,
+        "local": {"rps": local_rps, "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99)},
+        "genie": {"rps": genie_rps, "p50_ms": percentile(lats, 50), "p99_ms": percentile(lats, 99)},
+        "throughput_vs_local": genie_rps / local_rps,
+        "exact": exact,
+        "max_abs_diff": diff,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (server, eager and rpc)")
+    ap.add_argument("--model", choices=["small", "base"], help="default: small on cpu, else base")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of every process")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--per-round", type=int, default=10, help="timed requests per mode per round")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=25, help="requests per load client")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds the load run may take")
+    ap.add_argument("--no-rpc", action="store_true")
+    ap.add_argument("--no-load", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="a smoke run")
+    args = ap.parse_args()
+    if args.device == "cuda":
+        args.device = "cuda:0"
+    args.model = args.model or ("small" if args.device == "cpu" else "base")
+    if args.quick:
+        args.rounds, args.per_round, args.clients, args.requests = 2, 3, 2, 4
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure")
+        return 0
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("GENIE_LOG_LEVEL", "WARNING")
+
+    rows = compare(args)
+    print(
+        f"\nBERT ({args.model}, batch {config(args.model)['batch']}, seq "
+        f"{config(args.model)['seq']}, {args.dtype}) on {args.device}, a fresh input every "
+        f"request; {args.rounds}x{args.per_round} requests per mode"
+    )
+    print(f"{'mode':<24}{'median ms':>10}{'p99 ms':>9}{'x eager':>9}{'equal':>7}")
+    for name, r in rows.items():
+        print(
+            f"{name:<24}{r['median_ms']:>10.2f}{r['p99_ms']:>9.2f}{r['vs_eager']:>9.2f}"
+            f"{str(r['equal_eager']):>7}"
+        )
+    lazy = rows["genie lazy"]["client"]
+    print(
+        f"genie lazy: {lazy['spec_hits']} of {lazy['calls']} requests started on the server "
+        f"before their recording ended; {lazy['uploads_early']} inputs uploaded at .to()"
+    )
+    if "rpc" in rows:
+        r = rows["genie lazy"]["median_ms"] / rows["rpc"]["median_ms"]
+        print(f"genie lazy / rpc: {r:.2f}x")
+
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+            "torch": torch.__version__,
+        },
+        "args": vars(args),
+        "modes": rows,
+    }
+    if not args.no_load:
+        ld = load(args)
+        result["load"] = ld
+        print(
+            f"\nload: {ld['clients']} clients x {ld['requests_per_client']} requests against one "
+            f"genie serve, vs one local process back to back"
+        )
+        print(f"{'':<8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
+        for k in ("local", "genie"):
+            v = ld[k]
+            print(f"{k:<8}{v['rps']:>9.1f}{v['p50_ms']:>9.2f}{v['p99_ms']:>9.2f}")
+        print(f"throughput genie/local: {ld['throughput_vs_local']:.2f}x; exact: {ld['exact']}")
+
+    name = "serving" + ("" if args.device == "cpu" else "_cuda") + ("_quick" if args.quick else "")
+    path = ROOT / "bench" / "results" / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
