@@ -22,9 +22,15 @@ into the arena heap, registered with CUDA once, one copy to the GPU; TCP: pinned
 acknowledges once the GPU has them; GB/s = N / median time. `--gpu --device meta` runs the
 same steps on a CPU-only machine (no bytes reach a device: a dry run of the code path).
 
-    python bench/bench_dataplane_zerocopy.py --gpu [--device cuda]
+    python bench/bench_dataplane_zerocopy.py --gpu [--serve] [--device cuda]
 
-Prints a table and writes bench/results/dataplane_zerocopy_gpu.json.
+`--serve` adds uploads into a real `genie serve --device DEV --transport dpdk|tcp` (a child
+process) from a genie client: each step is `x.to(remote)[:16].cpu()` with x uploaded afresh
+(upload, one slice, a 16-byte fetch); GB/s = N / median step. bench/gpu_dataplane.sh runs all of
+this on a lent GPU machine in one call, DPDK installed from carried .deb files.
+
+Prints tables and writes bench/results/dataplane_zerocopy_gpu.json (`--out` elsewhere;
+`--sizes 16,64` in MB for other sizes).
 """
 
 from __future__ import annotations
@@ -170,11 +176,102 @@ def upload_peer(
     t.close()
 
 
-def gpu_main(device: str, sizes: list[int], iters: int, rounds: int) -> int:
-    raw = []
+def serve_peer(kind: str, memory: str, device: str, sizes: list[int], iters: int) -> None:
+    """Uploads into a real `genie serve` (a child process, as LoopbackServer starts it) from this
+    process as a genie client: each timed step is `x.to(remote)` and a 16-byte fetch of it, so
+    the flush uploads x (fresh each time: nothing can be predicted) and runs one slice."""
+    import torch
+
+    from genie.runtime.loopback import LoopbackServer
+    from genie.runtime.remote import connect, disconnect
+
+    remote = "remote_accelerator:0"
+    with LoopbackServer(device, extra_args=["--transport", kind]) as srv:
+        client = connect(srv.address, token=srv.token, transport=kind, speculate=False)
+        transport = client._t  # the arena belongs to the connection (Note: [Payload memory])
+        try:
+            for n in sizes:
+                if memory == "arena":
+                    x = transport.host_tensor((n,), torch.uint8)
+                else:
+                    x = torch.empty(n, dtype=torch.uint8)
+                x.copy_(seeded(n))
+                times = []
+                before = client.counters["upload_bytes"]
+                for i in range(reps(n, iters) + 1):
+                    t0 = time.perf_counter()
+                    head = x.to(remote)[:16].cpu()
+                    if i:
+                        times.append(time.perf_counter() - t0)
+                uploaded = (client.counters["upload_bytes"] - before) / (reps(n, iters) + 1)
+                r = x.to(remote)
+                total = int(x.to(torch.int64).sum())
+                same = torch.equal(head, x[:16]) and r.to(torch.int64).sum().item() == total
+                del r
+                med = statistics.median(times)
+                row = {"bench": "serve_upload", "bytes": n, "seconds": med, "gbps": n / med / 1e9,
+                       "uploaded_per_step": uploaded, "identical": same}  # fmt: skip
+                print(json.dumps(row), flush=True)
+                del x
+            st = transport.stats.as_dict()
+            print(json.dumps({"bench": "stats", "role": "client", **st}), flush=True)
+        finally:
+            disconnect()
+
+
+def run_serve_variant(name: str, device: str, sizes: list[int], iters: int) -> list[dict]:
+    kind, memory = VARIANTS[name]
+    env = {
+        **os.environ,
+        "GENIE_DPDK_MIN_PAYLOAD": "0",
+        "GENIE_DPDK_HEAP": str(max(sizes) + 64 * MB),
+    }
+    arg = ",".join(map(str, sizes))
+    cmd = [sys.executable, __file__, "--serve-peer", kind, memory, device, arg, str(iters)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if run.returncode:
+        raise SystemExit(f"genie serve, {name} failed: {run.stderr[-2000:]}")
+    return [{**r, "variant": name} for r in json_lines(run.stdout)]
+
+
+def serve_table(device: str, sizes: list[int], raw: list[dict]) -> list[dict]:
+    rows = []
+    for n in sizes:
+        row = {"bytes": n}
+        for name in VARIANTS:
+            rs = [r for r in raw if r["variant"] == name and r.get("bytes") == n]
+            up = [r["gbps"] for r in rs]
+            row[name] = {"gbps": statistics.median(up), "rounds_gbps": up,
+                         "identical": all(r["identical"] for r in rs),
+                         "uploaded_per_step": rs[0]["uploaded_per_step"]}  # fmt: skip
+        row["zero_copy_over_tcp"] = row["memif zero copy"]["gbps"] / row["tcp loopback"]["gbps"]
+        rows.append(row)
+    print(
+        f"genie serve --device {device}: GB/s of x.to(remote)[:16].cpu() (upload, one slice, fetch)"
+    )
+    print(f"{'size':>7} | {'memif zero copy':>15} | {'memif copies':>12} | {'TCP':>6} | "
+          f"{'zc/TCP':>7} | identical")  # fmt: skip
+    for r in rows:
+        same = all(r[name]["identical"] for name in VARIANTS)
+        print(f"{r['bytes'] // MB:>5}MB | {r['memif zero copy']['gbps']:>15.2f} | "
+              f"{r['memif with copies']['gbps']:>12.2f} | {r['tcp loopback']['gbps']:>6.2f} | "
+              f"{r['zero_copy_over_tcp']:>6.2f}x | {same}")  # fmt: skip
+    return rows
+
+
+def gpu_main(device: str, sizes: list[int], iters: int, rounds: int, out: Path, serve: bool) -> int:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"bench_dataplane_zerocopy: --device {device} but torch sees no CUDA device")
+        return 1
+    raw, serve_raw = [], []
     for i in range(rounds):
         for name in VARIANTS:
             raw += [{**r, "round": i} for r in run_variant(name, sizes, iters, device)]
+            if serve:
+                runs = run_serve_variant(name, device, sizes, iters)
+                serve_raw += [{**r, "round": i} for r in runs]
     rows = []
     for n in sizes:
         row = {"bytes": n}
@@ -201,6 +298,11 @@ def gpu_main(device: str, sizes: list[int], iters: int, rounds: int) -> int:
             f"server, {name}: bytes copied receiving {st['bytes_copied_receiving']}, "
             f"registrations hit {st['registrations_hit']} / missed {st['registrations_missed']}"
         )
+    serve_rows = (
+        serve_table(device, sizes, [r for r in serve_raw if r["bench"] == "serve_upload"])
+        if serve
+        else []
+    )
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": device},
         "upload": "client sends N bytes; server receives them into a tensor on the device and "
@@ -208,12 +310,16 @@ def gpu_main(device: str, sizes: list[int], iters: int, rounds: int) -> int:
         "rounds": rounds,
         "rows": rows,
         "server_stats": server,
+        "serve_upload": "genie serve --device DEVICE --transport KIND in a child process; this "
+                        "process a genie client timing x.to(remote)[:16].cpu(), x fresh each "
+                        "step; GB/s = N / median time",
+        "serve_rows": serve_rows,
         "raw": raw,
+        "serve_raw": serve_raw,
     }  # fmt: skip
-    out = ROOT / "bench" / "results" / "dataplane_zerocopy_gpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
     return 0
 
 
@@ -247,7 +353,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="16 MB and 256 MB, 2 exchanges, 1 round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--gpu", action="store_true", help="uploads to a tensor on --device")
-    ap.add_argument("--device", default="cuda", help="with --gpu: cuda[:N], or meta (dry run)")
+    ap.add_argument(
+        "--serve", action="store_true", help="with --gpu: also upload into a real `genie serve`"
+    )
+    ap.add_argument("--serve-peer", nargs=5, metavar=("KIND", "MEMORY", "DEV", "SIZES", "N"))
+    ap.add_argument("--device", default="cuda", help="with --gpu: cuda[:N], cpu, or meta (dry run)")
+    ap.add_argument("--sizes", help="comma-separated sizes in MB (default 16,64,256,1024)")
+    ap.add_argument(
+        "--out", help="where the JSON goes (default bench/results/dataplane_zerocopy*.json)"
+    )
     ap.add_argument("--peer", nargs=6, metavar=("ROLE", "KIND", "MEMORY", "PORT", "SIZES", "N"))
     ap.add_argument(
         "--upload-peer", nargs=7, metavar=("ROLE", "KIND", "MEMORY", "DEV", "PORT", "SIZES", "N")
@@ -256,6 +370,10 @@ def main() -> int:
     if args.peer:
         role, kind, memory, port, sizes, iters = args.peer
         peer(role, kind, memory, int(port), [int(s) for s in sizes.split(",")], int(iters))
+        return 0
+    if args.serve_peer:
+        kind, memory, device, sizes, iters = args.serve_peer
+        serve_peer(kind, memory, device, [int(s) for s in sizes.split(",")], int(iters))
         return 0
     if args.upload_peer:
         role, kind, memory, device, port, sizes, iters = args.upload_peer
@@ -269,10 +387,17 @@ def main() -> int:
         print(f"bench_dataplane_zerocopy: DPDK unavailable: {genie._C._dpdk_unavailable_reason()}")
         return 0
     sizes = [16 * MB, 256 * MB] if args.quick else [16 * MB, 64 * MB, 256 * MB, 1024 * MB]
+    if args.sizes:
+        sizes = [int(float(s) * MB) for s in args.sizes.split(",")]
     iters = 2 if args.quick else 3
     rounds = 1 if args.quick else args.rounds
     if args.gpu:
-        return gpu_main(args.device, sizes, iters, rounds)
+        out = (
+            Path(args.out)
+            if args.out
+            else ROOT / "bench" / "results" / "dataplane_zerocopy_gpu.json"
+        )
+        return gpu_main(args.device, sizes, iters, rounds, out, args.serve)
     raw = []
     for i in range(rounds):
         for name in VARIANTS:
@@ -344,10 +469,10 @@ def main() -> int:
         "goals": goals,
         "raw": {"transports": raw, "registration": reg},
     }  # fmt: skip
-    out = ROOT / "bench" / "results" / "dataplane_zerocopy.json"
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / "dataplane_zerocopy.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
     return 0
 
 
