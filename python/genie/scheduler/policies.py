@@ -379,7 +379,9 @@ class DynamicStrategy(_Base):
         if self.candidates is None:
             if ctx.A.branches() is not None:
                 cands.append(ParallelStrategy())
-            if ctx.A.conv_share() > 0.5:
+            # A CNN, or a graph one device cannot hold: layers split in program order move
+            # one activation per cut, where list scheduling may bounce between devices.
+            if ctx.A.conv_share() > 0.5 or ctx.memory(ctx.single(0)).over():
                 cands.append(PipelineStrategy())
         results = []
         for strat in cands:
