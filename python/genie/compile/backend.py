@@ -217,20 +217,24 @@ def genie_backend(
 
     def compiler(graph: torch.fx.GraphModule, inputs: list[Any]) -> CompiledGraph:
         compiled = CompiledGraph(graph, inputs, target, graph.meta.get("genie_fwd_outputs"))
-        # The arguments whose version AOT autograd bumps after a call, for the writes the
-        # graph keeps (Note: [Compiled residency]); inductor reads the same metadata.
+        # The arguments whose version AOT autograd bumps at each call, for the writes the
+        # graph keeps (Note: [Compiled residency]); inductor reads the same metadata. They
+        # index the forward's (or inference graph's) arguments, never a backward's.
         ctx = torch._guards.TracingContext.try_get()
         meta = getattr(ctx, "fw_metadata", None)
         if meta is not None:
             compiled.bumped = frozenset(meta.mutated_graph_handled_indices_seen_by_autograd)
         return compiled
 
+    def bw_compiler(graph: torch.fx.GraphModule, inputs: list[Any]) -> CompiledGraph:
+        return CompiledGraph(graph, inputs, target)
+
     # An inference graph that writes an argument (a StaticCache's index_copy_) keeps the write
     # as a step of its program: the server's copy is updated in place and stays resident,
     # rather than the new value coming back as an output to be uploaded again next call.
     return aot_autograd(
         fw_compiler=compiler,
-        bw_compiler=compiler,
+        bw_compiler=bw_compiler,
         partition_fn=partition,
         keep_inference_input_mutations=True,
     )(gm, example_inputs)

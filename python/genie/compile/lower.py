@@ -126,13 +126,19 @@ def _on_remote(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
-def _remote_input(t: torch.Tensor) -> torch.Tensor:
+def _remote_input(t: torch.Tensor, moved: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """`t`'s view of its storage on the remote device, the storage one recorder constant:
     moved as a flat tensor, then viewed with `t`'s strides and offset. (``.to()`` of a
-    strided tensor would record a copy out of a contiguous constant instead.)"""
-    n = t.untyped_storage().nbytes() // t.element_size()
-    flat = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (n,), (1,))
-    return flat.to(REMOTE).as_strided(t.shape, t.stride(), t.storage_offset())
+    strided tensor would record a copy out of a contiguous constant instead.) `moved`: the
+    storages moved so far by their host address, so that views of one storage stay views of
+    one constant (a forward may save two views of one activation for backward)."""
+    st = t.untyped_storage()
+    flat = None if moved is None else moved.get(st.data_ptr())
+    if flat is None:
+        flat = torch.empty(0, dtype=torch.uint8).set_(st, 0, (st.nbytes(),), (1,)).to(REMOTE)
+        if moved is not None:
+            moved[st.data_ptr()] = flat
+    return flat.view(t.dtype).as_strided(t.shape, t.stride(), t.storage_offset())
 
 
 def _refs(nodes: list[dict]):
@@ -151,12 +157,13 @@ def lower(gm: torch.fx.GraphModule, args: list[Any], kept: frozenset[int] = froz
     remote_args: list[Any] = []
     arg_of: dict[int, int] = {}  # recorder storage id -> argument index
     specs: dict[int, InputSpec] = {}
+    moved: dict[int, torch.Tensor] = {}  # kept storages, by host address
     with torch.no_grad():
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
                 if i in kept:
                     specs[i] = InputSpec.kept_view(a)
-                    r = _remote_input(a)
+                    r = _remote_input(a, moved)
                 else:
                     specs[i] = InputSpec.of(a)
                     r = _remote_input(dense_copy(a, specs[i]))

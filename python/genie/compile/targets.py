@@ -8,16 +8,36 @@ re-creates the same storages in place of the last call's: a program keeps one ca
 and intermediates resident, and they go when the compiled graph is dropped. A tensor argument
 is uploaded unless the target already holds it: ``Residency`` remembers, per target, which
 storage holds which of the caller's tensors at which version (``Tensor._version``, bumped by
-every in-place write, an optimizer step included; a write the program made itself, which AOT
-autograd bumps the version for after the call, is remembered with that bump). Parameters and
-buffers are therefore uploaded
-at the first call and are bound by id afterwards, by every program that reads them (forward and
-backward, each side of a graph break, each shape); an input that is a new tensor each call
-is uploaded each call. A write through ``.data`` does not bump the version, so it is not seen.
+every in-place write, an optimizer step included). What it remembers:
+- an argument uploaded for a call;
+- an argument the program writes (an optimizer step's parameters and momentum, batch norm's
+  running statistics, a StaticCache): the server's copy is current after the call. AOT
+  autograd bumps such an argument's version once more per call, after the graph on older
+  torch, before it on torch whose runtime wrapper is generated code; the bump after is
+  remembered ahead, the bump before is allowed for when the writing graph looks it up;
+- on a server, an output the program computes whose storage is its whole, dense value: a
+  backward's gradients, which a compiled optimizer step then reads where they are. The
+  autograd engine stores a detached alias of the gradient in ``.grad``, so a tensor is also
+  found by its host storage (the same geometry and version counter) when it is not the
+  object remembered.
+Parameters and buffers are therefore uploaded at the first call and are bound by id
+afterwards, by every program that reads them (forward and backward, each side of a graph
+break, each shape, a compiled optimizer step); an input that is a new tensor each call is
+uploaded each call. A write through ``.data`` (or through another tensor ``set_`` on the same
+storage) does not bump the version, so it is not seen.
+
+Note: [The per-call path]
+Once a program is placed, a call should cost the client only its guards, the arguments that
+changed, one exchange and the outputs. Everything a call needs that does not depend on the
+call's values is worked out when the program is placed (``Placed.__init__``: which inputs are
+kept, which outputs are fetched and under which refs, which outputs stay resident), and the
+residency check of every parameter is one tight pass (``Residency.lookup_all``), not a call
+per parameter. A program without random steps draws no generator states.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -39,12 +59,41 @@ logger = logging.getLogger(__name__)
 _SIDS = itertools.count(1 << 48)  # Note: [Compiled residency]
 
 
+@functools.cache
+def _bumps_after_call() -> bool:
+    """Whether AOT autograd bumps the version of each argument a graph wrote after calling the
+    compiled graph (older torch) or before it (torch whose runtime wrapper is generated code,
+    ``_codegen_increment_mutation_versions``): a write is remembered at the version it will
+    have once AOT autograd is done (Note: [Compiled residency])."""
+    from torch._functorch._aot_autograd import runtime_wrappers
+
+    return not hasattr(runtime_wrappers, "_codegen_increment_mutation_versions")
+
+
+def _dense_at_start(ref: dict) -> bool:
+    """A ref that views its whole storage from its start, densely (row-major)."""
+    stride, expect = list(ref["stride"]), []
+    n = 1
+    for size in reversed(ref["shape"]):
+        expect.append(n)
+        n *= size
+    expect.reverse()
+    itemsize = torch.empty(0, dtype=ref["dtype"]).element_size()
+    sized = all(
+        s == e or size == 1 for s, e, size in zip(stride, expect, ref["shape"], strict=True)
+    )
+    return ref["offset"] == 0 and sized and n * itemsize == ref["storage_nbytes"]
+
+
 class Residency:
     """Which storage on a target holds which tensor of the caller (Note: [Compiled residency])."""
 
     def __init__(self) -> None:
-        self._by_tensor: dict[int, tuple[weakref.ref, int, int]] = {}
-        self._by_sid: dict[int, int] = {}
+        # id(tensor) -> (its weakref, version, sid); id(host storage) -> (its weakref,
+        # version, sid, geometry); sid -> (id(tensor), id(host storage)).
+        self._by_tensor: dict[int, tuple] = {}
+        self._by_storage: dict[int, tuple] = {}
+        self._by_sid: dict[int, tuple[int, int]] = {}
 
     @staticmethod
     def _version(t: torch.Tensor) -> int | None:
@@ -53,25 +102,65 @@ class Residency:
         except RuntimeError:  # an inference tensor keeps no version: never assumed unchanged
             return None
 
+    @staticmethod
+    def _geometry(t: torch.Tensor) -> tuple:
+        return (t.dtype, t.shape, t.stride(), t.storage_offset())
+
     def lookup(self, t: torch.Tensor) -> int | None:
-        e = self._by_tensor.get(id(t))
-        if e is None or e[0]() is not t or e[1] != self._version(t) or e[1] is None:
+        return self.lookup_all([t], [0])[0]
+
+    def lookup_all(self, tensors: list[torch.Tensor], ahead: list[int]) -> list[int | None]:
+        """The storage holding each of `tensors`, None where none holds its current version;
+        `ahead`: bumps each version has had that changed nothing (AOT autograd's, made before
+        the call). The tensor itself is looked up first, in one pass with no call per tensor
+        but the version's: this runs on every call of a compiled graph, once per parameter
+        (Note: [The per-call path]); a miss is looked up by its host storage."""
+        get = self._by_tensor.get
+        found: list[int | None] = []
+        for t, bumps in zip(tensors, ahead, strict=True):
+            e = get(id(t))
+            if e is not None and e[0]() is t:
+                try:
+                    if e[1] + bumps == t._version:
+                        found.append(e[2])
+                        continue
+                except RuntimeError:  # an inference tensor: never assumed unchanged
+                    found.append(None)
+                    continue
+            found.append(self._by_host_storage(t, bumps) if self._by_storage else None)
+        return found
+
+    def _by_host_storage(self, t: torch.Tensor, bumps: int) -> int | None:
+        st = t.untyped_storage()
+        e = self._by_storage.get(id(st))
+        if e is None or e[0]() is not st or e[3] != self._geometry(t):
             return None
-        return e[2]
+        version = self._version(t)
+        return e[2] if version is not None and e[1] + bumps == version else None
 
     def remember(self, t: torch.Tensor, sid: int, bumps: int = 0) -> None:
         """`sid` holds `t`'s values; `bumps`: version bumps still to come that change nothing
         (AOT autograd's, after a graph wrote `t` and the same values were copied back)."""
         self.forget(sid)
         version = self._version(t)
-        if version is not None:
-            self._by_tensor[id(t)] = (weakref.ref(t), version + bumps, sid)
-            self._by_sid[sid] = id(t)
+        if version is None:
+            return
+        old = self._by_tensor.get(id(t))
+        if old is not None:
+            self.forget(old[2])
+        st = t.untyped_storage()
+        self._by_tensor[id(t)] = (weakref.ref(t), version + bumps, sid)
+        self._by_storage[id(st)] = (weakref.ref(st), version + bumps, sid, self._geometry(t))
+        self._by_sid[sid] = (id(t), id(st))
 
     def forget(self, sid: int) -> None:
-        tid = self._by_sid.pop(sid, None)
-        if tid is not None:
-            self._by_tensor.pop(tid, None)
+        ids = self._by_sid.pop(sid, None)
+        if ids is None:
+            return
+        for table, key in ((self._by_tensor, ids[0]), (self._by_storage, ids[1])):
+            e = table.get(key)
+            if e is not None and e[2] == sid:
+                del table[key]
 
 
 # Note: [Saved tensors stay on the server]
@@ -95,6 +184,8 @@ class Residency:
 # Python on the server (Note: [Running programs in C++]).
 def fresh_states(steps: list[int]) -> dict[int, torch.Tensor]:
     """A generator state for each random step, drawn from torch's default generator."""
+    if not steps:
+        return {}
     seeds = torch.randint(0, 1 << 62, (len(steps),)).tolist()
     states = {}
     for k, seed in zip(steps, seeds, strict=True):
@@ -130,36 +221,83 @@ class Placed:
         )
         self.kept_locals = sorted({lowered.outputs[j].local for j in self.kept})
         self.keep_from = keep_from
+        # What every call needs, worked out once (Note: [The per-call path]).
+        self.arg_local = {i: k for i, k, _, _ in lowered.inputs}
+        self._kept_inputs = [(i, k) for i, k, spec, _ in lowered.inputs if spec.kept]
+        self._plain_inputs = [e for e in lowered.inputs if not e[2].kept]
+        self._input_locals = [k for _, k, _, _ in lowered.inputs]
+        self._fetched = [
+            (o.local, o.ref)
+            for j, o in enumerate(lowered.outputs)
+            if o.kind == "ref" and j not in self.kept
+        ]
+        self._fetched += [(self.arg_local[i], r) for i, r in lowered.writes]
+        # Outputs whose storage a later program may bind in place of uploading the value
+        # (a backward's gradients, read by a compiled optimizer step): dense, at offset 0.
+        self.resident_outputs = [
+            (j, o.local)
+            for j, o in enumerate(lowered.outputs)
+            if o.kind == "ref" and j not in self.kept and _dense_at_start(o.ref)
+        ]
+        self.random_steps = lowered.program.random_steps
+        self._ahead: list[int] | None = None  # per plain input: AOT's bump before the call
         weakref.finalize(self, target.drop, list(self.sids))
 
     def bind(self, args: list[Any]) -> tuple[list[int], list[tuple]]:
         """The binding of this call and the (storage id, argument index, layout, bytes) to
         upload: arguments the target does not hold (Note: [Compiled residency])."""
-        binding = list(self.sids)
-        residency = self.target.residency
-        bound: set[int] = set()
-        uploads = []
-        for i, k, spec, nbytes in self.low.inputs:
-            if spec.kept:
-                sid = self.target.saved_sid(args[i])
-                if sid is None or sid in bound:
-                    raise ExecutionError(
-                        "genie.compile: a tensor a compiled forward saved for backward is not "
-                        f"held by {self.target.name} any more (argument {i} of the backward)"
-                    )
-                binding[k] = sid
-                bound.add(sid)
-                continue
-            sid = residency.lookup(args[i])
-            if sid is None or sid in bound or (sid in self.own and sid != self.sids[k]):
-                sid = self.sids[k]
-                uploads.append((sid, i, spec, nbytes))
+        binding = self.sids.copy()
+        for i, k in self._kept_inputs:
+            sid = self.target.saved_sid(args[i])
+            if sid is None:
+                raise ExecutionError(
+                    "genie.compile: a tensor a compiled forward saved for backward is not "
+                    f"held by {self.target.name} any more (argument {i} of the backward)"
+                )
             binding[k] = sid
-            bound.add(sid)
+        plain = self._plain_inputs
+        if self._ahead is None:
+            before = not _bumps_after_call()
+            self._ahead = [int(before and e[0] in self.bumped) for e in plain]
+        found = self.target.residency.lookup_all([args[e[0]] for e in plain], self._ahead)
+        uploads = []
+        own, sids = self.own, self.sids
+        for e, sid in zip(plain, found, strict=True):
+            k = e[1]
+            if sid is None or (sid in own and sid != sids[k]):
+                uploads.append((sids[k], e[0], e[2], e[3]))
+            else:
+                binding[k] = sid
+        bound = [binding[k] for k in self._input_locals]
+        if len(set(bound)) != len(bound):
+            # One storage bound to two locals (the same tensor passed twice): the program was
+            # recorded with two storages, so each gets one.
+            seen: set[int] = set()
+            for i, k, spec, nbytes in self.low.inputs:
+                if binding[k] in seen and binding[k] != sids[k]:
+                    if spec.kept:
+                        raise ExecutionError(
+                            "genie.compile: two arguments of a compiled backward name one "
+                            f"storage {self.target.name} holds (argument {i})"
+                        )
+                    binding[k] = sids[k]
+                    uploads.append((sids[k], i, spec, nbytes))
+                seen.add(binding[k])
         return binding, uploads
+
+    def refs(self, binding: list[int]) -> list[dict]:
+        """What to fetch: the outputs the program computes, then the arguments it writes."""
+        return [{**ref, "storage": binding[k]} for k, ref in self._fetched]
 
     def results(self, args: list[Any], fetched: list[torch.Tensor], kept: dict | None = None):
         """The graph's outputs from the fetched values and the kept ones, in its container."""
+        out = self.outputs(args, fetched, kept)
+        if self.low.container is None:
+            return out[0]
+        return self.low.container(out)
+
+    def outputs(self, args: list[Any], fetched: list[torch.Tensor], kept: dict | None = None):
+        """The graph's outputs, a list; the arguments it writes get their new values."""
         values = iter(fetched)
         out = []
         for j, o in enumerate(self.low.outputs):
@@ -192,20 +330,7 @@ class Placed:
         with torch.no_grad():
             for (i, _), v in zip(self.low.writes, values, strict=True):
                 args[i].copy_(v)
-        if self.low.container is None:
-            return out[0]
-        return self.low.container(out)
-
-    def refs(self, binding: list[int]) -> list[dict]:
-        """What to fetch: the outputs the program computes, then the arguments it writes."""
-        refs = [
-            {**o.ref, "storage": binding[o.local]}
-            for j, o in enumerate(self.low.outputs)
-            if o.kind == "ref" and j not in self.kept
-        ]
-        arg_local = {i: k for i, k, _, _ in self.low.inputs}
-        refs += [{**r, "storage": binding[arg_local[i]]} for i, r in self.low.writes]
-        return refs
+        return out
 
     def __call__(self, args: list[Any]):
         with self.target.lock:  # a backward runs on autograd's thread
@@ -309,15 +434,18 @@ class RemoteTarget:
         """The storage on the server that stands behind `t`, a stand-in made by ``_keep``."""
         return self._saved.get(t.untyped_storage().data_ptr())
 
-    def _keep(self, ref: dict, sid: int) -> torch.Tensor:
+    def _keep(self, ref: dict, sid: int, storages: dict[int, torch.UntypedStorage]) -> torch.Tensor:
         """A stand-in for the server's storage `sid` under `ref`'s geometry: host memory never
         written (so never touched), whose end releases `sid` (Note: [Saved tensors stay on
-        the server])."""
-        arr = np.empty(max(int(ref["storage_nbytes"]), 1), dtype=np.uint8)
-        st = torch.from_numpy(arr).untyped_storage()
-        ptr = st.data_ptr()
-        self._saved[ptr] = sid
-        weakref.finalize(arr, self._unkeep, ptr, sid)
+        the server]). Outputs in one storage get views of one stand-in (`storages`: this
+        call's, by sid), so that the backward binds that storage once."""
+        st = storages.get(sid)
+        if st is None:
+            arr = np.empty(max(int(ref["storage_nbytes"]), 1), dtype=np.uint8)
+            st = storages[sid] = torch.from_numpy(arr).untyped_storage()
+            ptr = st.data_ptr()
+            self._saved[ptr] = sid
+            weakref.finalize(arr, self._unkeep, ptr, sid)
         t = torch.empty(0, dtype=ref["dtype"])
         return t.set_(st, ref["offset"], ref["shape"], ref["stride"])
 
@@ -336,20 +464,29 @@ class RemoteTarget:
             self.residency.remember(args[i], sid)
         for k in placed.kept_locals:  # a storage of their own per call, until backward
             binding[k] = next(_SIDS)
-        states = fresh_states(low.program.random_steps)
-        rng = [[k, st.numpy().tobytes()] for k, st in states.items()]
-        refs = placed.refs(binding)
-        fetched = self.executor.run_program(low.enc, binding, constants, refs, rng)
+        rng = []
+        if placed.random_steps:
+            states = fresh_states(placed.random_steps)
+            rng = [[k, st.numpy().tobytes()] for k, st in states.items()]
+        residency = self.residency
+        for _, k in placed.resident_outputs:  # the run replaces what they held
+            residency.forget(binding[k])
+        fetched = self.executor.run_program(low.enc, binding, constants, placed.refs(binding), rng)
         placed.constants_sent = True
-        kept = {}
+        kept, stand_ins = {}, {}
         for j in placed.kept:
             o = low.outputs[j]
-            kept[j] = self._keep(o.ref, binding[o.local])
-        out = placed.results(args, fetched, kept)
-        arg_local = {i: k for i, k, _, _ in low.inputs}
+            kept[j] = self._keep(o.ref, binding[o.local], stand_ins)
+        out = placed.outputs(args, fetched, kept)
+        for j, k in placed.resident_outputs:
+            if out[j] is not None and out[j].is_contiguous():
+                residency.remember(out[j], binding[k])
+        bumps = int(_bumps_after_call())
         for i, _ in low.writes:  # written here and there alike: the server's copy is current
-            self.residency.remember(args[i], binding[arg_local[i]], int(i in placed.bumped))
-        return out
+            residency.remember(args[i], binding[placed.arg_local[i]], bumps * (i in placed.bumped))
+        if low.container is None:
+            return out[0]
+        return low.container(out)
 
     def drop(self, sids: list[int]) -> None:
         for sid in sids:
