@@ -8,17 +8,19 @@ with explicit transfers between them: an ExecutionPlan (plan.py).
 
 Note: [Fragments]
 Tasks (compute nodes, plus copies of recomputed nodes on the devices that recompute them)
-are visited in program order. A task joins the open fragment of its device unless one of
-the fragments it depends on already depends on that fragment (joining would close a cycle)
-or the open fragment, which already holds work that reads something (not only
-allocations), does not already wait for it (joining would hold that work back until the
-other fragment finished: two modality branches joined at a fusion point would run one after
-the other); then it opens a new fragment, which also
-follows the previous fragment of its device (a device runs its fragments in order). A
-task that reads nothing of a fragment another device reads from opens a new one too: that
-fragment's transfer then leaves when its own work is done, not after unrelated later work,
-which is what lets slices of a batch flow through a pipeline as micro-batches (Note:
-[Replicas] in replicas.py). Dependencies are read-after-write on versions and
+are visited in program order. A task joins the open fragment of its device unless
+- one of the fragments it depends on already depends on that fragment (joining would close
+  a cycle);
+- the open fragment already holds work that reads something (not only allocations) and does
+  not yet wait for a fragment the task depends on (joining would hold that work back until
+  the other fragment finished: two modality branches joined at a fusion point would run one
+  after the other);
+- another device reads a value of the open fragment and the task reads nothing of it (that
+  fragment's transfer then leaves when its own work is done, not after unrelated later work,
+  which is what lets slices of a batch flow through a pipeline as micro-batches: Note:
+  [Replicas] in replicas.py).
+Then it opens a new fragment, which also follows the previous fragment of its device (a
+device runs its fragments in order). Dependencies are read-after-write on versions and
 write-after-read (Note: [Versions] in analysis.py), so a transfer always carries the version
 its reader expects: a later in-place write of the same storage can never be folded into the
 fragment the transfer leaves from.
