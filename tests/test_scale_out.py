@@ -486,3 +486,26 @@ def test_data_parallel_over_two_servers_keeps_the_weights_on_both(pair):
     assert not barrier.broken
     assert all(h >= weights for h in held), (held, weights)
     assert uploaded == [x2.numel() * 4 // 2] * 2
+
+
+@torch.no_grad()
+def test_a_model_split_over_three_servers_equals_eager():
+    """Three servers, one pipeline stage each: the result equals eager, every server runs a
+    stage, and every activation the plan moves goes from server to server."""
+    model = gpt2(n_layer=6)
+    ids = _ids()
+    token = secrets.token_hex(16)
+    threads = torch.get_num_threads()
+    with contextlib.ExitStack() as stack:
+        servers = [
+            stack.enter_context(LoopbackServer(token=token, threads=threads)) for _ in range(3)
+        ]
+        ex = _connect_split([s.address for s in servers], token)
+        try:
+            out = copy.deepcopy(model).to(REMOTE)(ids.to(REMOTE)).logits.cpu()
+            plan = ex.last_plan
+        finally:
+            genie.disconnect()
+    assert torch.equal(out, model(ids).logits)
+    assert {f.device for f in plan.fragments} == {"server0", "server1", "server2"}
+    assert ex.stats["direct_transfers"] == len(plan.transfers) > 0
