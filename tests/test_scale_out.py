@@ -460,7 +460,7 @@ def test_slices_of_a_batch_flow_through_two_servers_as_micro_batches(pair):
 def test_data_parallel_over_two_servers_keeps_the_weights_on_both(pair):
     """strategy="data" with a program that runs each half of its batch: both servers work at
     once (they meet), each holds the weights, a second call uploads only the new batch (each
-    server its half), and the result equals eager."""
+    server its half) and its plan moves no weight, and the result equals eager."""
     model = _mlp()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     ex = genie.connect([s.address for s in pair], token=pair[0].token)
@@ -480,12 +480,15 @@ def test_data_parallel_over_two_servers_keeps_the_weights_on_both(pair):
         x2 = torch.randn(16, 128)
         out = forward(x2)
         uploaded = [c.stats()["upload_bytes"] - u for c, u in zip(clients, uploaded, strict=True)]
+        moved = {t.storage for t in ex.last_plan.transfers}
+        params = {int(genie._C._storage_id(p)) for p in rmodel.parameters()}
     finally:
         genie.disconnect()
     assert torch.equal(out, torch.cat([model(xi) for xi in x2.chunk(2)]))
     assert not barrier.broken
     assert all(h >= weights for h in held), (held, weights)
     assert uploaded == [x2.numel() * 4 // 2] * 2
+    assert moved and not moved & params  # the plan moves a slice's result, never a weight
 
 
 @torch.no_grad()

@@ -240,8 +240,14 @@ class MultiDeviceExecutor:
             profile = self.profiler(graph) if callable(self.profiler) else None
             # Every device keeps what a flush creates until the flush ends (Note: [What a
             # device holds] in scheduler/placement.py): the memory sweep counts it so.
+            copies = {s: self._copies[s] - {resident[s]} for s in resident if s in self._copies}
             schedule = self.scheduler.create_schedule(
-                graph, profile, resident=resident, reserved=self._reserved(graph), holds="flush"
+                graph,
+                profile,
+                resident=resident,
+                reserved=self._reserved(graph),
+                holds="flush",
+                copies=copies,
             )
             plan = self.planner.generate_plan(graph, profile, schedule)
             t1 = time.perf_counter()

@@ -115,6 +115,9 @@ class MemoryMixin:
         for s, w in A.last_writer.items():
             if not A.readers.get((s, w)):
                 touch(s, placement[w], last)
+        for s, ds in self.copies.items():  # kept where they are, read or not
+            for d in ds:
+                iv[(s, d)] = [0, last]
         return iv
 
     def live_at(

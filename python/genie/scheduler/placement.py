@@ -51,6 +51,7 @@ class PlacementContext(MemoryMixin):
         devices: list[str],
         *,
         resident: dict[int, str] | None = None,
+        copies: dict[int, set[str]] | None = None,
         pins: dict[int, str] | None = None,
         reserved: dict[str, int] | None = None,
         include_uploads: bool = True,
@@ -103,6 +104,13 @@ class PlacementContext(MemoryMixin):
         for s, dev in (resident or {}).items():
             if dev in self.dindex:
                 self.resident[s] = self.dindex[dev]
+        # Resident inputs with valid copies on other devices too (weights uploaded to each
+        # device of a data-parallel plan): read there, nothing moves.
+        self.copies: dict[int, set[int]] = {}
+        for s, devs in (copies or {}).items():
+            idx = {self.dindex[d] for d in devs if d in self.dindex} - {self.resident.get(s)}
+            if s in self.resident and idx:
+                self.copies[s] = idx
         self._build_units(pins or {})
 
     # -- transfer times --------------------------------------------------------------------
@@ -119,7 +127,7 @@ class PlacementContext(MemoryMixin):
         r = self.resident.get(storage)
         nbytes = self.A.storage_bytes.get(storage, 0)
         if r is not None:
-            return self.xfer(nbytes, r, d)
+            return 0.0 if d in self.copies.get(storage, ()) else self.xfer(nbytes, r, d)
         if storage in self.A.constants:
             return self.upload(nbytes, d)
         return 0.0
@@ -220,6 +228,7 @@ class PlacementContext(MemoryMixin):
         """One representative device per class of interchangeable devices (same figures,
         same route from the client, no resident inputs or pins of their own)."""
         special = set(self.resident.values()) | set(self.pin.values())
+        special.update(d for ds in self.copies.values() for d in ds)
         reps: dict[tuple, int] = {}
         out = []
         for d in range(self.D):
@@ -307,7 +316,9 @@ class PlacementContext(MemoryMixin):
                         if t is None:
                             r = self.resident.get(s)
                             nb = sbytes.get(s, 0)
-                            if r is not None:
+                            if r is not None and dev in self.copies.get(s, ()):
+                                t = 0.0  # a copy is there already
+                            elif r is not None:
                                 t = self.xfer(nb, r, dev)
                                 if r != dev:
                                     moved += nb
@@ -357,6 +368,9 @@ class PlacementContext(MemoryMixin):
                     have[d].add((s, -1))
         for s, r in self.resident.items():
             have[r].add((s, -1))
+        for s, ds in self.copies.items():
+            for d in ds:
+                have[d].add((s, -1))
         decisions: dict[int, set[int]] = {}
         for w in range(self.C):
             n = A.cnodes[w]

@@ -64,6 +64,7 @@ class ExecutionPlan:
     estimated_time: float
     strategy: str = ""
     resident: dict[int, str] = field(default_factory=dict)
+    copies: dict[int, list[str]] = field(default_factory=dict)  # resident inputs' other copies
     constants: frozenset[int] = frozenset()  # graph inputs that are uploads from the client
     upload_bytes: dict[str, int] = field(default_factory=dict)  # device -> bytes of its uploads
     _srefs: dict[int, tuple[int, int, int]] = field(default_factory=dict, repr=False)
@@ -226,6 +227,9 @@ class ExecutionPlan:
                 have.setdefault(d, {})[s] = -1
         for s, d in self.resident.items():
             have.setdefault(d, {})[s] = -1
+        for s, ds in self.copies.items():
+            for d in ds:
+                have.setdefault(d, {})[s] = -1
         done: set[int] = set()
         transfers = {t.id: t for t in self.transfers}
         for kind, i in self.steps:
@@ -291,12 +295,19 @@ class ExecutionPlan:
         return anc
 
     # -- rebinding ---------------------------------------------------------------------------
-    def bind(self, graph: Graph, resident: dict[int, str] | None = None) -> ExecutionPlan:
+    def bind(
+        self,
+        graph: Graph,
+        resident: dict[int, str] | None = None,
+        copies: dict[int, list[str]] | None = None,
+    ) -> ExecutionPlan:
         """This plan for another recording of the same program (same structural hash)."""
         ids = tuple(n.id for n in graph.nodes)
         if ids == self._node_ids:
             if resident is not None:
                 self.resident = dict(resident)
+            if copies is not None:
+                self.copies = dict(copies)
             return self
         idmap = dict(zip(self._node_ids, ids, strict=True))
         idmap[-1] = -1
@@ -353,6 +364,9 @@ class ExecutionPlan:
             resident=dict(resident)
             if resident is not None
             else {S(s): d for s, d in self.resident.items()},
+            copies=dict(copies)
+            if copies is not None
+            else {S(s): d for s, d in self.copies.items()},
             constants=frozenset(S(s) for s in self.constants),
             upload_bytes=self.upload_bytes,
             _srefs={smap.get(s, s): r for s, r in self._srefs.items()},

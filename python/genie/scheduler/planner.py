@@ -113,7 +113,7 @@ class Planner:
                     self._cache.move_to_end(key)
                     self.stats["cache_hits"] += 1
             if cached is not None:
-                return cached.bind(graph, schedule.resident)
+                return cached.bind(graph, schedule.resident, schedule.copies)
         plan = self._build(graph, schedule, flags)
         if key is not None and self.cache_size:
             with self._lock:
@@ -140,6 +140,7 @@ class Planner:
                 if ci is not None:
                     rec_by_ci[ci] = [d for d in devs if d != place[ci]]
         resident = schedule.resident or {}
+        copies = schedule.copies or {}
         # Fragments (Note: [Fragments]).
         frag_of: dict[tuple[int, str], int] = {}
         open_frag: dict[str, int] = {}
@@ -267,7 +268,7 @@ class Planner:
                     inputs[f][s] = None
                     if s in A.constants:
                         uploads[dev][s] = None
-                    elif s in resident and resident[s] != dev:
+                    elif s in resident and resident[s] != dev and dev not in copies.get(s, ()):
                         key = (s, -1, dev)
                         if key not in moved:
                             moved[key] = len(transfers)
@@ -295,7 +296,7 @@ class Planner:
             fr.outputs = list(outputs[f])
         steps = self._steps(frags, transfers)
         est = self._estimate(frags, transfers, steps, flags, devices)
-        srefs = self._storage_refs(graph, transfers, uploads, homes, frags, resident)
+        srefs = self._storage_refs(graph, transfers, uploads, homes, frags, {**resident, **copies})
         return ExecutionPlan(
             graph_hash=schedule.graph_hash,
             devices=devices,
@@ -308,6 +309,7 @@ class Planner:
             estimated_time=est,
             strategy=schedule.strategy,
             resident=dict(resident),
+            copies=dict(copies),
             constants=frozenset(A.constants),
             upload_bytes={d: sum(sbytes.get(s, 0) for s in v) for d, v in uploads.items() if v},
             _srefs=srefs,

@@ -77,6 +77,8 @@ class ExecutionSchedule:
     # replicas of the program in the graph (Note: [Replicas]) that the placement pipelines
     # as micro-batches (0: none)
     micro_batches: int = 0
+    # resident inputs that also have valid copies on other devices: storage -> devices
+    copies: dict[int, list[str]] = field(default_factory=dict)
     topology: Any = field(default=None, repr=False, compare=False)
     estimator: Any = field(default=None, repr=False, compare=False)
     # positional form, for rebinding to another recording of the same program
@@ -220,6 +222,7 @@ class ExecutionSchedule:
             node_times={remap[k]: v for k, v in self.node_times.items()},
             optimizer_key=self.optimizer_key,
             micro_batches=self.micro_batches,
+            copies=self.copies,
             topology=self.topology,
             estimator=self.estimator,
             _pos=p,

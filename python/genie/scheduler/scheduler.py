@@ -106,6 +106,7 @@ class Scheduler:
         reserved: dict[str, int] | None = None,
         strategy: Any = None,
         holds: str | None = None,
+        copies: dict[int, set[str]] | None = None,
     ) -> ExecutionSchedule:
         """Schedule `graph`.
 
@@ -118,15 +119,19 @@ class Scheduler:
             strategy: overrides the scheduler's strategy for this call.
             holds: overrides the scheduler's ``holds`` for this call (an executor says how
                 its devices keep values: Note: [What a device holds]).
+            copies: storage id -> other devices that hold a valid copy of a resident input
+                (weights uploaded to every device of a data-parallel plan): read there, not
+                moved, and counted in those devices' memory.
         """
         t0 = time.perf_counter()
         holds = holds or self.holds
         resident = resident or {}
+        copies = {s: set(ds) for s, ds in (copies or {}).items() if s in resident and ds}
         strat_spec = strategy if strategy is not None else self.strategy
         opt_key: Any = None
         if self.optimizer is not None:
             opt_key = self.optimizer.config_key(graph)
-        key = self._key(graph, resident, pins, strat_spec, opt_key, holds)
+        key = self._key(graph, resident, pins, strat_spec, opt_key, holds, copies)
         if key is not None and self.cache_size:
             with self._lock:
                 cached = self._cache.get(key)
@@ -135,11 +140,14 @@ class Scheduler:
             if cached is not None and self._memory_still_fits(cached, reserved):
                 out = cached.bind(graph)
                 out.resident = dict(resident)
+                out.copies = {s: sorted(ds) for s, ds in copies.items()}
                 self._count(hit=True, seconds=time.perf_counter() - t0)
                 return out
         if self.optimizer is not None:
             self.optimizer.apply(graph, profile)
-        sched = self._build(graph, profile, resident, pins, reserved, strat_spec, key, holds)
+        sched = self._build(
+            graph, profile, resident, pins, reserved, strat_spec, key, holds, copies
+        )
         sched.optimizer_key = opt_key
         if key is not None and self.cache_size:
             with self._lock:
@@ -181,7 +189,7 @@ class Scheduler:
             st["total_time_s"] += seconds
             st["last_time_s"] = seconds
 
-    def _key(self, graph, resident, pins, strat_spec, opt_key, holds) -> tuple | None:
+    def _key(self, graph, resident, pins, strat_spec, opt_key, holds, copies) -> tuple | None:
         if not isinstance(strat_spec, str):
             strat_name: Any = id(strat_spec)
         else:
@@ -211,6 +219,7 @@ class Scheduler:
             opt_key,
             self.recompute,
             holds,
+            tuple(sorted((s, tuple(sorted(ds))) for s, ds in copies.items())),
         )
 
     def _memory_still_fits(self, sched: ExecutionSchedule, reserved) -> bool:
@@ -223,7 +232,7 @@ class Scheduler:
         return True
 
     def _build(
-        self, graph, profile, resident, pins, reserved, strat_spec, key, holds
+        self, graph, profile, resident, pins, reserved, strat_spec, key, holds, copies
     ) -> ExecutionSchedule:
         A = GraphAnalysis.of(graph, refresh=self.optimizer is not None)
         ctx = PlacementContext(
@@ -232,6 +241,7 @@ class Scheduler:
             self.estimator,
             self.devices,
             resident=resident,
+            copies=copies,
             pins=pins,
             reserved=reserved,
             include_uploads=self.include_uploads,
@@ -270,6 +280,7 @@ class Scheduler:
             graph, A, ctx, placement, recompute, sim, mem, stage_of, name, notes, resident, key
         )
         sched.micro_batches = getattr(strat, "micro_batches", 0) if ctx.D > 1 else 0
+        sched.copies = {s: sorted(ctx.devices[d] for d in ds) for s, ds in ctx.copies.items()}
         if sched.micro_batches:
             notes.append(f"{sched.micro_batches} slices of the batch pipelined as micro-batches")
         return sched
