@@ -381,7 +381,7 @@ class DynamicStrategy(_Base):
                 cands.append(ParallelStrategy())
             # A CNN, or a graph one device cannot hold: layers split in program order move
             # one activation per cut, where list scheduling may bounce between devices.
-            if ctx.A.conv_share() > 0.5 or ctx.memory(ctx.single(0)).over():
+            if ctx.A.conv_share() > 0.5 or _overflows_one_device(ctx):
                 cands.append(PipelineStrategy())
         results = []
         for strat in cands:
@@ -404,6 +404,14 @@ class DynamicStrategy(_Base):
         best = min(close, key=lambda r: (r[2], r[3], r[1]))
         self.chosen = best[4]
         return best[5]
+
+
+def _overflows_one_device(ctx: PlacementContext) -> bool:
+    """The whole graph on the first device would not fit its memory (a sweep only when every
+    storage of the graph together would not fit)."""
+    if sum(ctx.A.storage_bytes.values()) <= ctx.capacity[0]:
+        return False
+    return bool(ctx.memory(ctx.single(0)).over())
 
 
 class AutoStrategy(_Base):
