@@ -239,7 +239,8 @@ class MultiDeviceExecutor:
             }
             profile = self.profiler(graph) if callable(self.profiler) else None
             # Every device keeps what a flush creates until the flush ends (Note: [What a
-            # device holds] in scheduler/placement.py): the memory sweep counts it so.
+            # device holds] in scheduler/memory.py): the memory sweep counts it so, and the
+            # copies of resident inputs kept on other devices (read there, never moved again).
             copies = {s: self._copies[s] - {resident[s]} for s in resident if s in self._copies}
             schedule = self.scheduler.create_schedule(
                 graph,
