@@ -1,9 +1,12 @@
-"""torch.compile(backend="genie") vs lazy capture vs eager: the client's CPU time per forward.
+"""torch.compile(backend="genie") vs lazy capture vs eager: the client's CPU time per forward;
+on a GPU, remote compiled vs local torch.compile (inductor) vs local eager.
 
     python bench/bench_compile.py [--quick] [--repeats 5] [--threads N]
+    python bench/bench_compile.py --device cuda [--dtypes fp32,fp16] [--models BERT-base,GPT-2]
+    python bench/bench_compile.py --device cpu --small      # check the GPU mode without a GPU
 
-For GPT-2 small (124M), BERT-base (110M) (random weights, HF transformers) and a ResNet-18-style
-CNN, each call with a fresh input:
+CPU mode (the default). For GPT-2 small (124M), BERT-base (110M) (random weights, HF
+transformers) and a ResNet-18-style CNN, each call with a fresh input:
   eager            the model on this CPU (the client's time is the whole computation);
   lazy             ``model.to("remote_accelerator:0")`` through a loopback ``genie serve``:
                    every aten op recorded by the client each call;
@@ -11,20 +14,43 @@ CNN, each call with a fresh input:
                    the same server: the program went once, a call is its key, the input and
                    the outputs;
   compiled-local   ``torch.compile(model, backend="genie")`` in this process (no server).
-Client CPU time is ``time.process_time()`` of this process (the server is another process, so
-its work is not in the remote columns). Client and server use one intra-op thread each by
-default: on a small shared machine more threads make both wait on each other. Median over `repeats` calls after two warm-up calls.
-Prints a table and writes bench/results/compile.json. GPU numbers are not measured here.
+Client CPU time is ``time.process_time()`` of this process around each call: user and system
+time of every thread of the client, and nothing of the server, which is another process
+(``LoopbackServer`` starts ``genie serve`` as a child; ``getrusage(RUSAGE_SELF)``, used as a
+cross-check, counts a child only once it is waited for). Client and server use one intra-op
+thread each by default: on a small shared machine more threads make both wait on each other.
+Median over `repeats` calls after two warm-up calls. Writes bench/results/compile.json.
+
+GPU mode (``--device cuda``). BERT-base, GPT-2 (124M) and ResNet-50 (torchvision's, else
+transformers' ResNet-50 layout), random weights, batch 8 (sequence 128, images 224x224), fp32
+and fp16; what the host needs is computed in the graph and brought to the host (BERT's pooled
+output, GPT-2's next-token ids, ResNet's logits). A fresh input tensor every call (never one
+the server holds already):
+  eager      the model on the GPU; the input copied there and the result back each call;
+  inductor   ``torch.compile(f)`` (inductor) of the same, on the GPU;
+  compiled   ``torch.compile(f, backend="genie")`` of the CPU model through a loopback
+             ``genie serve --device cuda`` on the same GPU: weights uploaded once.
+Milliseconds per call (median), and the client's CPU milliseconds per call. Every compiled
+result is compared with eager's on the same GPU. Goal (issue 18): compiled <= 1.1x eager.
+Writes bench/results/compile_gpu.json (compile_gpu_small.json with --small). A transport that
+polls for replies (``GENIE_SPIN_US``, 10 ms by default on hosts with 8 or more cores) counts
+its polling in the client's CPU time; the JSON records the setting.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -101,39 +127,74 @@ def _first(out) -> torch.Tensor:
     return out[0]
 
 
-def per_call(fn, make_input, repeats: int) -> dict:
-    """Median client CPU ms and wall ms of `fn(*make_input(g), ...)`, a fresh input each call."""
+def interleaved(fns: dict, make_input, repeats: int) -> dict[str, dict]:
+    """Median client CPU ms and wall ms of each of `fns` called as `fn(*make_input(g))`, a
+    fresh input each call. The columns take turns call by call (after two warm-up calls
+    each), so that a shared, noisy machine slows them alike and their ratios hold."""
     g = torch.Generator().manual_seed(1)
-    for _ in range(2):
-        fn(*make_input(g))
-    cpu, wall = [], []
+    for fn in fns.values():
+        for _ in range(2):
+            fn(*make_input(g))
+    cpu: dict[str, list] = {k: [] for k in fns}
+    wall: dict[str, list] = {k: [] for k in fns}
     for _ in range(repeats):
-        args = make_input(g)
-        c0, w0 = time.process_time(), time.perf_counter()
-        fn(*args)
-        cpu.append((time.process_time() - c0) * 1e3)
-        wall.append((time.perf_counter() - w0) * 1e3)
-    return {"cpu_ms": statistics.median(cpu), "wall_ms": statistics.median(wall)}
+        for k, fn in fns.items():
+            args = make_input(g)
+            c0, w0 = time.process_time(), time.perf_counter()
+            fn(*args)
+            cpu[k].append((time.process_time() - c0) * 1e3)
+            wall[k].append((time.perf_counter() - w0) * 1e3)
+    return {
+        k: {"cpu_ms": statistics.median(cpu[k]), "wall_ms": statistics.median(wall[k])} for k in fns
+    }
+
+
+def baseline_backend(rev: str):
+    """The Dynamo backend of ``genie.compile`` as of git revision `rev`, loaded beside today's
+    under another package name, so that one run measures a change and its base side by side
+    (``--baseline REV``). Its storage ids start elsewhere, so that both share one session."""
+    files = subprocess.run(
+        ["git", "ls-tree", "--name-only", rev, "python/genie/compile/"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    root = Path(tempfile.mkdtemp(prefix="genie-compile-base-"))
+    pkg = root / "genie_compile_base"
+    pkg.mkdir()
+    for f in files:
+        text = subprocess.run(
+            ["git", "show", f"{rev}:{f}"], cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout
+        text = text.replace("genie.compile.", "genie_compile_base.")
+        text = text.replace("itertools.count(1 << 48)", "itertools.count((1 << 48) + (1 << 46))")
+        (pkg / Path(f).name).write_text(text)
+    sys.path.insert(0, str(root))
+    import genie_compile_base
+
+    return genie_compile_base.genie_backend
 
 
 @torch.no_grad()
-def measure(name: str, build, quick: bool, repeats: int, client) -> dict:
+def measure(name: str, build, quick: bool, repeats: int, client, base=None) -> dict:
     model, make_input, kw = build(quick)
     row: dict = {"model": name, "params": sum(p.numel() for p in model.parameters())}
-    row["eager"] = per_call(lambda *a: _first(model(*a, **kw)), make_input, repeats)
-
     remote_model = copy.deepcopy(model).to(REMOTE)
-    row["lazy"] = per_call(
-        lambda *a: _first(remote_model(*(x.to(REMOTE) for x in a), **kw)).cpu(),
-        make_input,
-        repeats,
-    )
-
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="genie", options={"server": client})
+    local = torch.compile(model, backend="genie", options={"server": "local"})
+    fns = {
+        "eager": lambda *a: _first(model(*a, **kw)),
+        "lazy": lambda *a: _first(remote_model(*(x.to(REMOTE) for x in a), **kw)).cpu(),
+        "compiled": lambda *a: _first(compiled(*a, **kw)),
+        "compiled_local": lambda *a: _first(local(*a, **kw)),
+    }
+    if base is not None:
+        compiled_base = torch.compile(
+            model, backend=functools.partial(base, options={"server": client})
+        )
+        fns["compiled_base"] = lambda *a: _first(compiled_base(*a, **kw))
     before = dict(client.stats())
-    row["compiled"] = per_call(lambda *a: _first(compiled(*a, **kw)), make_input, repeats)
-    row["compiled"]["programs_sent"] = client.stats()["programs_sent"] - before["programs_sent"]
+    row.update(interleaved(fns, make_input, repeats))
+    row["programs_sent"] = client.stats()["programs_sent"] - before["programs_sent"]
     # The steady state: a call is the program's key, the binding, the input and the outputs.
     before = dict(client.stats())
     g = torch.Generator().manual_seed(5)
@@ -143,59 +204,315 @@ def measure(name: str, build, quick: bool, repeats: int, client) -> dict:
     for k in ("bytes_sent", "bytes_received"):
         row["compiled"][f"{k}_per_call"] = (after[k] - before[k]) / repeats
 
-    torch._dynamo.reset()
-    local = torch.compile(model, backend="genie", options={"server": "local"})
-    row["compiled_local"] = per_call(lambda *a: _first(local(*a, **kw)), make_input, repeats)
-    torch._dynamo.reset()
-
     g = torch.Generator().manual_seed(9)
     x = make_input(g)
     ref = _first(model(*x, **kw))
     row["compiled_equal_eager"] = bool(torch.equal(_first(compiled(*x, **kw)), ref))
     row["compiled_local_equal_eager"] = bool(torch.equal(_first(local(*x, **kw)), ref))
+    torch._dynamo.reset()
     return row
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny configs (a smoke run)")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads, client and server")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+def _train_step(model, opt, x, y):
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss
 
-    rows = []
+
+def measure_train(quick: bool, repeats: int, client) -> dict:
+    """SGD-with-momentum steps of the ResNet-style CNN in training mode (batch 8) through the
+    server, a fresh batch each step: the model compiled (the optimizer runs here, on the host's
+    copies) vs the whole step compiled (the optimizer runs on the server). Per step: client CPU
+    and wall milliseconds, bytes uploaded and fetched."""
+    model, make_input, _ = resnet(quick)
+    model.train()
+    side = make_input(torch.Generator())[0].shape[-1]
+    row: dict = {"model": "ResNet-style train step"}
+    row["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def batch(g):
+        return torch.randn(8, 3, side, side, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+    torch._dynamo.reset()
+    fns = {}
+    for label in ("model_compiled", "step_compiled"):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        if label == "model_compiled":
+            compiled_model = torch.compile(m, backend="genie", options={"server": client})
+            fns[label] = functools.partial(_train_step, compiled_model, opt)
+        else:
+            compiled = torch.compile(_train_step, backend="genie", options={"server": client})
+            fns[label] = functools.partial(compiled, m, opt)
+    row.update(interleaved(fns, batch, repeats))
+    g = torch.Generator().manual_seed(5)
+    for label, step in fns.items():
+        before = client.stats()
+        for _ in range(repeats):
+            step(*batch(g))
+        after = client.stats()
+        for k in ("upload_bytes", "fetch_bytes"):
+            row[label][f"{k}_per_step"] = (after[k] - before[k]) / repeats
+    torch._dynamo.reset()
+    return row
+
+
+def cpu_main(args) -> None:
+    torch.set_num_threads(args.threads)
+    rows, train = [], None
+    base = baseline_backend(args.baseline) if args.baseline else None
     with LoopbackServer(threads=args.threads) as srv:
         client = connect(srv.address, token=srv.token)  # lazy capture runs there too
         try:
             for name, build in (("GPT-2", gpt2), ("BERT", bert), ("ResNet-style", resnet)):
-                rows.append(measure(name, build, args.quick, args.repeats, client))
+                if args.only in (None, "forward"):
+                    rows.append(measure(name, build, args.quick, args.repeats, client, base))
+            if args.only in (None, "train"):
+                train = measure_train(args.quick, args.repeats, client)
         finally:
             genie.configure(local_device="cpu")
             client.close()
 
-    head = (
+    base_head = f"{'base cpu':>10}{'base/lazy':>10}" if base is not None else ""
+    print(
         f"{'model':<13}{'eager cpu':>10}{'lazy cpu':>10}{'compiled cpu':>13}{'comp/lazy':>10}"
-        f"{'local cpu':>10}{'local/eager':>12}{'eager wall':>11}{'comp wall':>10}  (ms)"
+        f"{base_head}{'local cpu':>10}{'local/eager':>12}{'eager wall':>11}{'comp wall':>10}"
+        "  (ms)"
     )
-    print(head)
     for r in rows:
         e, lz, c, lc = r["eager"], r["lazy"], r["compiled"], r["compiled_local"]
+        b = r.get("compiled_base")
+        base_cols = f"{b['cpu_ms']:>10.2f}{b['cpu_ms'] / lz['cpu_ms']:>10.3f}" if b else ""
         print(
             f"{r['model']:<13}{e['cpu_ms']:>10.2f}{lz['cpu_ms']:>10.2f}{c['cpu_ms']:>13.2f}"
-            f"{c['cpu_ms'] / lz['cpu_ms']:>10.3f}{lc['cpu_ms']:>10.2f}"
+            f"{c['cpu_ms'] / lz['cpu_ms']:>10.3f}{base_cols}{lc['cpu_ms']:>10.2f}"
             f"{lc['cpu_ms'] / e['cpu_ms']:>12.3f}{e['wall_ms']:>11.2f}{c['wall_ms']:>10.2f}"
         )
+    if train is not None:
+        print(
+            f"\n{'train step (ResNet-style, batch 8)':<36}{'client cpu':>11}{'wall':>9}"
+            f"{'uploaded':>12}{'fetched':>12}  (ms, bytes per step; parameters: "
+            f"{train['param_bytes']} bytes)"
+        )
+        for label in ("model_compiled", "step_compiled"):
+            t = train[label]
+            print(
+                f"{label:<36}{t['cpu_ms']:>11.2f}{t['wall_ms']:>9.1f}"
+                f"{t['upload_bytes_per_step']:>12.0f}{t['fetch_bytes_per_step']:>12.0f}"
+            )
     out = {
-        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads()},
+        "machine": _machine(),
         "quick": args.quick,
         "repeats": args.repeats,
-        "gpu": "not measured",
+        "baseline": args.baseline,
         "rows": rows,
+        "train": train,
     }
-    path = ROOT / "bench" / "results" / ("compile_quick.json" if args.quick else "compile.json")
+    name = "compile_quick.json" if args.quick else "compile.json"
+    if args.only is not None:
+        name = name.replace(".json", f"_{args.only}.json")
+    path = ROOT / "bench" / "results" / name
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path.relative_to(ROOT)}")
+
+
+def _machine() -> dict:
+    from genie.runtime.transports.base import default_spin_us
+
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "spin_us": default_spin_us(),
+    }
+
+
+# -- GPU mode ---------------------------------------------------------------------------------
+def gpu_models(small: bool):
+    """(name, build(), make_input(generator, dtype), pick(output) -> what the host needs)."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    seq, batch = (16, 2) if small else (128, 8)
+
+    def ids(g, dtype):
+        return torch.randint(0, 30000, (batch, seq), generator=g)
+
+    def bert():
+        torch.manual_seed(0)
+        return BertModel(BertConfig(num_hidden_layers=2) if small else BertConfig()).eval()
+
+    def gpt2_lm():
+        torch.manual_seed(0)
+        cfg = GPT2Config(bos_token_id=0, eos_token_id=0, **({"n_layer": 2} if small else {}))
+        return GPT2LMHeadModel(cfg).eval()
+
+    side = 64 if small else 224
+
+    def image(g, dtype):
+        return torch.randn(batch, 3, side, side, generator=g).to(dtype)
+
+    def resnet50():
+        torch.manual_seed(0)
+        try:
+            import torchvision
+
+            return torchvision.models.resnet50(weights=None).eval()
+        except ImportError:  # transformers' default ResNet config is ResNet-50's layout
+            from transformers import ResNetConfig, ResNetForImageClassification
+
+            cfg = ResNetConfig(depths=[1, 1, 1, 1]) if small else ResNetConfig()
+            return ResNetForImageClassification(cfg).eval()
+
+    def logits(o):
+        return o if isinstance(o, torch.Tensor) else o.logits
+
+    yield "BERT-base", bert, ids, lambda o: o.pooler_output
+    yield "GPT-2", gpt2_lm, ids, lambda o: o.logits[:, -1].argmax(-1)
+    yield "ResNet-50", resnet50, image, logits
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_fresh(fn, inputs: list, device: str, warmup: int) -> dict:
+    """Median wall and client CPU milliseconds of `fn(x)`, each call on the next of `inputs`
+    (fresh tensors, never passed before); the first `warmup` are not timed."""
+    wall, cpu = [], []
+    for n, x in enumerate(inputs):
+        _sync(device)
+        c0, w0 = time.process_time(), time.perf_counter()
+        fn(x)
+        _sync(device)
+        if n >= warmup:
+            wall.append((time.perf_counter() - w0) * 1e3)
+            cpu.append((time.process_time() - c0) * 1e3)
+    return {"wall_ms": statistics.median(wall), "cpu_ms": statistics.median(cpu)}
+
+
+@torch.no_grad()
+def gpu_row(name, build, make_input, pick, dtype, args, client) -> dict:
+    dev = args.device
+    row: dict = {"model": name, "dtype": str(dtype).removeprefix("torch.")}
+    g = torch.Generator().manual_seed(1)
+    n = args.warmup + args.repeats
+
+    def fresh():
+        return [make_input(g, dtype) for _ in range(n)]
+
+    check = make_input(torch.Generator().manual_seed(7), dtype)
+    model = build().to(dtype).to(dev)
+
+    def on_gpu(x):
+        return pick(model(x.to(dev, non_blocking=True))).cpu()
+
+    ref = on_gpu(check)
+    row["eager"] = timed_fresh(on_gpu, fresh(), dev, args.warmup)
+    if not args.no_inductor:
+        torch._dynamo.reset()
+        inductor = torch.compile(lambda x: pick(model(x)))
+        row["inductor"] = timed_fresh(
+            lambda x: inductor(x.to(dev, non_blocking=True)).cpu(), fresh(), dev, args.warmup
+        )
+        inductor = None
+    model = None
+    if dev.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+    torch._dynamo.reset()
+    cpu_model = build().to(dtype)
+    compiled = torch.compile(lambda x: pick(cpu_model(x)), backend="genie",
+                             options={"server": client})  # fmt: skip
+    before = dict(client.stats())
+    out = compiled(check)
+    row["compiled"] = timed_fresh(compiled, fresh(), dev, args.warmup)
+    after = client.stats()
+    row["compiled"]["programs_sent"] = after["programs_sent"] - before["programs_sent"]
+    for k in ("bytes_sent", "bytes_received"):
+        row["compiled"][f"{k}_per_call"] = (after[k] - before[k]) / (n + 1)
+    row["compiled_equal_eager"] = bool(torch.equal(out, ref))
+    if out.is_floating_point():
+        row["compiled_max_abs_diff"] = float((out.float() - ref.float()).abs().max())
+    row["compiled_vs_eager"] = row["compiled"]["wall_ms"] / row["eager"]["wall_ms"]
+    torch._dynamo.reset()
+    return row
+
+
+def gpu_main(args) -> None:
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("CUDA is not available: nothing measured (use --device cpu --small to check)")
+        return
+    dtypes = [{"fp32": torch.float32, "fp16": torch.float16}[d] for d in args.dtypes.split(",")]
+    wanted = set(args.models.split(",")) if args.models else None
+    rows: list[dict] = []
+    name = args.out or ("compile_gpu_small.json" if args.small else "compile_gpu.json")
+    path = ROOT / "bench" / "results" / name
+    with LoopbackServer(device=args.device) as srv:
+        client = connect(srv.address, token=srv.token, install=False)
+        try:
+            for name, build, make_input, pick in gpu_models(args.small):
+                if wanted is not None and name not in wanted:
+                    continue
+                for dtype in dtypes:
+                    try:
+                        row = gpu_row(name, build, make_input, pick, dtype, args, client)
+                    except Exception as e:  # noqa: BLE001 - one failing row must not hide the rest
+                        traceback.print_exc()
+                        row = {"model": name, "dtype": str(dtype), "error": repr(e)[:500]}
+                    rows.append(row)
+                    _print_gpu_row(row)
+                    out = {"machine": _machine(), "small": args.small, "rows": rows}
+                    path.write_text(
+                        json.dumps(out, indent=2)
+                    )  # after each row: a cut-off run keeps them
+        finally:
+            client.close()
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+def _print_gpu_row(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['model']:<10}{r['dtype']:>9}  failed: {r['error']}")
+        return
+    ind = r.get("inductor", {})
+    print(
+        f"{r['model']:<10}{r['dtype']:>9}  eager {r['eager']['wall_ms']:8.2f} ms"
+        f"  inductor {ind.get('wall_ms', float('nan')):8.2f} ms"
+        f"  compiled {r['compiled']['wall_ms']:8.2f} ms ({r['compiled_vs_eager']:.2f}x eager)"
+        f"  client cpu: eager {r['eager']['cpu_ms']:.2f} compiled {r['compiled']['cpu_ms']:.2f}"
+        f"  equal {r['compiled_equal_eager']}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="CPU mode: tiny configs (a smoke run)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls (5 CPU, 20 GPU)")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads, client and server")
+    ap.add_argument("--device", default=None, help="GPU mode on this device (cuda, cuda:1, cpu)")
+    ap.add_argument("--small", action="store_true", help="GPU mode: tiny configs, to check it")
+    ap.add_argument("--dtypes", default="fp32,fp16", help="GPU mode: fp32,fp16")
+    ap.add_argument("--models", default="", help="GPU mode: BERT-base,GPT-2,ResNet-50 (all)")
+    ap.add_argument("--warmup", type=int, default=5, help="GPU mode: untimed calls first")
+    ap.add_argument("--no-inductor", action="store_true", help="GPU mode: skip inductor")
+    ap.add_argument("--only", choices=("forward", "train"), help="CPU mode: one part")
+    ap.add_argument(
+        "--baseline", default=None, metavar="REV",
+        help="CPU mode: also genie.compile as of git REV, side by side (compiled_base)",
+    )  # fmt: skip
+    ap.add_argument("--out", default=None, help="GPU mode: JSON file name under bench/results")
+    args = ap.parse_args()
+    if args.device is None:
+        args.repeats = args.repeats or 5
+        cpu_main(args)
+    else:
+        args.repeats = args.repeats or 20
+        gpu_main(args)
 
 
 if __name__ == "__main__":
