@@ -87,6 +87,12 @@ def test_the_plan_says_what_crosses_each_link(tmp_path):
     assert {m["dst"] for m in moves if m["src"] == "client"} == {"server0", "server1", "server2"}
 
 
+def test_data_parallel_of_one_batch_says_how_to_slice_it(capsys):
+    rc = schedule_command(_args("gpt2", "--schedule", "--strategy", "data"), out=io.StringIO())
+    assert rc == 1
+    assert "torch.chunk" in capsys.readouterr().err
+
+
 def test_draw_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
     real_import = builtins.__import__
 

@@ -197,7 +197,7 @@ def schedule_command(
             .generate_plan(graph, profile, schedule)
             .validate()
         )
-    except SchedulingError as e:
+    except (SchedulingError, NotImplementedError) as e:  # e.g. data parallel, batch not sliced
         print(str(e), file=sys.stderr)
         return 1
     print(schedule.format(), file=out)
