@@ -6,9 +6,10 @@ to the cost of the registration it saves.
 An exchange: the client sends N bytes, the server receives them and sends them back, the client
 receives them; GB/s counts both directions (2N / time). Each side uses one buffer per size,
 allocated once: `host_buffer` (the arena) for "memif zero copy", `torch.empty` for the others.
-The copy counters of both sides are reported next to each rate. The variants run in turns,
-several rounds (a shared machine's load moves during a run; FIELD-NOTES.md); each figure is the
-median over rounds of each round's median exchange.
+The copy counters of both sides are reported next to each rate. The variants run side by side,
+one exchange each in turn between the same two processes (Note: [Side by side]), in several
+rounds of fresh processes; each figure is the median over rounds of each round's median
+exchange, and the load average is recorded with each round.
 
 Goal: memif zero copy >= 2x TCP at >= 16 MB; LRU hit <= 100 ns.
 
@@ -62,58 +63,123 @@ def reps(n: int, iters: int) -> int:
     return iters * max(1, (64 * MB) // n)
 
 
-def peer(role: str, kind: str, memory: str, port: int, sizes: list[int], iters: int) -> None:
-    """One side of the exchange (run as a fresh process)."""
+# Note: [Side by side]
+# On a shared machine the load moves from one second to the next (FIELD-NOTES.md), so variants
+# measured one after the other compare different machines. Here one server process holds a
+# DPDK and a TCP connection from one client process, and the client takes the variants in
+# turns, one exchange each (the order rotating), so that every variant sees the same moments.
+def exchange_peer(role: str, ports: tuple[int, int], sizes: list[int], iters: int) -> None:
+    """One side of the side-by-side exchange (run as a fresh process)."""
+    import threading
+
     import torch
 
     from genie.runtime import transports
     from genie.runtime.protocol import AUTH_OK, REPLY, REQUEST
 
-    def buffer(t, n):
-        if memory == "arena":
-            return t.host_buffer(n)
-        return torch.empty(n, dtype=torch.uint8)
-
+    names = list(VARIANTS)
     if role == "server":
-        listener = transports.listen("127.0.0.1", port, kind=kind)
-        t = listener.accept(60)
-        t.send_frame(1, AUTH_OK, b"")
-        for n in sizes:
-            buf = view = None
-            for _ in range(reps(n, iters) + 1):
-                t.recv_frame(1024)  # the first one also brings the data plane up
-                if buf is None:
-                    buf = buffer(t, n)
-                    view = memoryview(buf.numpy())
+        copied: dict[str, int] = {name: 0 for name in names}
+
+        def serve(t, kind: str) -> None:
+            """Echo every payload from a buffer of the memory the header names, kept per size
+            (the arena's blocks go back before the next size)."""
+            bufs: dict[tuple[bytes, int], memoryview] = {}
+            while True:
+                frame = t.recv_frame(1024)  # the first one also brings the data plane up
+                if frame.header == b"bye":
+                    return
+                memory, n = frame.header, frame.payload_len
+                if (memory, n) not in bufs:
+                    bufs = {k: v for k, v in bufs.items() if k[1] == n}
+                    buf = (
+                        t.host_buffer(n)
+                        if memory == b"arena"
+                        else torch.empty(n, dtype=torch.uint8)
+                    )
+                    bufs[(memory, n)] = memoryview(buf.numpy())
+                view = bufs[(memory, n)]
+                before = t.stats.bytes_copied
                 t.recv_payload([view])
                 t.send_frame(1, REPLY, b"k", [view])
-            del view, buf  # its arena block goes back before the next size
-        t.recv_frame(64)
-        print(json.dumps({"bench": "stats", "role": "server", **t.stats.as_dict()}), flush=True)
-        t.close()
+                name = next(k for k, v in VARIANTS.items() if v == (kind, memory.decode()))
+                copied[name] += t.stats.bytes_copied - before
+
+        threads = []
+        for kind, port in zip(("dpdk", "tcp"), ports, strict=True):
+            listener = transports.listen("127.0.0.1", port, kind=kind)
+            t = listener.accept(60)
+            t.send_frame(1, AUTH_OK, b"")
+            th = threading.Thread(target=serve, args=(t, kind))
+            th.start()
+            threads.append((th, t))
+        for th, t in threads:
+            th.join()
+            t.close()
+        for name in names:
+            print(json.dumps({"bench": "stats", "role": "server", "variant": name,
+                              "bytes_copied": copied[name]}), flush=True)  # fmt: skip
         return
-    t = transports.connect(f"127.0.0.1:{port}", kind=kind, timeout=30)
-    t.recv_frame(64)
+    conns = {}
+    for kind, port in zip(("dpdk", "tcp"), ports, strict=True):
+        t = transports.connect(f"127.0.0.1:{port}", kind=kind, timeout=30)
+        t.recv_frame(64)
+        conns[kind] = t
+    copied = {name: 0 for name in names}
     for n in sizes:
-        x, y = buffer(t, n), buffer(t, n)
-        x.copy_(torch.randint(0, 255, (n,), dtype=torch.uint8))
-        xv, yv = memoryview(x.numpy()), memoryview(y.numpy())
-        times = []
-        for i in range(reps(n, iters) + 1):  # the first one touches every page: not timed
-            t0 = time.perf_counter()
-            t.send_frame(1, REQUEST, b"x", [xv])
-            t.recv_frame(64)
-            t.recv_payload([yv])
-            if i:
-                times.append(time.perf_counter() - t0)
-        med = statistics.median(times)
-        row = {"bench": "exchange", "bytes": n, "seconds": med, "gbps": 2 * n / med / 1e9,
-               "identical": bool(torch.equal(x, y))}  # fmt: skip
-        print(json.dumps(row), flush=True)
-        del xv, yv, x, y
-    t.send_frame(1, REQUEST, b"bye")
-    print(json.dumps({"bench": "stats", "role": "client", **t.stats.as_dict()}), flush=True)
-    t.close()
+        src = torch.randint(0, 255, (n,), dtype=torch.uint8)
+        bufs = {}
+        for name, (kind, memory) in VARIANTS.items():
+            t = conns[kind]
+            x, y = (t.host_buffer(n), t.host_buffer(n)) if memory == "arena" else (
+                torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8))  # fmt: skip
+            x.copy_(src)
+            bufs[name] = (x, y, memoryview(x.numpy()), memoryview(y.numpy()))
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for i in range(reps(n, iters) + 1):  # the first round touches every page: not timed
+            for k in range(len(names)):
+                name = names[(i + k) % len(names)]
+                kind, memory = VARIANTS[name]
+                t, (_, _, xv, yv) = conns[kind], bufs[name]
+                before = t.stats.bytes_copied
+                t0 = time.perf_counter()
+                t.send_frame(1, REQUEST, memory.encode(), [xv])
+                t.recv_frame(64)
+                t.recv_payload([yv])
+                if i:
+                    times[name].append(time.perf_counter() - t0)
+                copied[name] += t.stats.bytes_copied - before
+        for name in names:
+            med = statistics.median(times[name])
+            x, y = bufs[name][:2]
+            row = {"bench": "exchange", "variant": name, "bytes": n, "seconds": med,
+                   "gbps": 2 * n / med / 1e9, "identical": bool(torch.equal(x, y))}  # fmt: skip
+            print(json.dumps(row), flush=True)
+        del bufs, x, y
+    for t in conns.values():
+        t.send_frame(1, REQUEST, b"bye")
+        t.close()
+    for name in names:
+        print(json.dumps({"bench": "stats", "role": "client", "variant": name,
+                          "bytes_copied": copied[name]}), flush=True)  # fmt: skip
+
+
+def run_exchange(sizes: list[int], iters: int) -> list[dict]:
+    """One round of the side-by-side exchange (Note: [Side by side])."""
+    heap = 2 * max(sizes) + 64 * MB  # the client holds a sent and a received buffer
+    env = {**os.environ, "GENIE_DPDK_MIN_PAYLOAD": "0", "GENIE_DPDK_HEAP": str(heap)}
+    ports = f"{free_port()},{free_port()}"
+    arg = ",".join(map(str, sizes))
+    cmd = [sys.executable, __file__, "--exchange-peer"]
+    server = subprocess.Popen([*cmd, "server", ports, arg, str(iters)], env=env,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(1.5)
+    client = subprocess.run([*cmd, "client", ports, arg, str(iters)], env=env,
+                            capture_output=True, text=True, timeout=1800)  # fmt: skip
+    out, _ = server.communicate(timeout=120)
+    if client.returncode or server.returncode:
+        raise SystemExit(f"the exchange failed: {client.stderr[-2000:]}")
+    return json_lines(client.stdout) + json_lines(out)
 
 
 def seeded(n: int):
@@ -323,16 +389,13 @@ def gpu_main(device: str, sizes: list[int], iters: int, rounds: int, out: Path, 
     return 0
 
 
-def run_variant(name: str, sizes: list[int], iters: int, device: str | None = None) -> list[dict]:
+def run_variant(name: str, sizes: list[int], iters: int, device: str) -> list[dict]:
     kind, memory = VARIANTS[name]
     heap = 2 * max(sizes) + 64 * MB  # the client holds a sent and a received buffer
     env = {**os.environ, "GENIE_DPDK_MIN_PAYLOAD": "0", "GENIE_DPDK_HEAP": str(heap)}
     port = str(free_port())
     arg = ",".join(map(str, sizes))
-    if device is None:
-        cmd, extra = [sys.executable, __file__, "--peer"], []
-    else:
-        cmd, extra = [sys.executable, __file__, "--upload-peer"], [device]
+    cmd, extra = [sys.executable, __file__, "--upload-peer"], [device]
     server = subprocess.Popen(
         [*cmd, "server", kind, memory, *extra, port, arg, str(iters)],
         env=env, stdout=subprocess.PIPE, text=True,
@@ -362,14 +425,15 @@ def main() -> int:
     ap.add_argument(
         "--out", help="where the JSON goes (default bench/results/dataplane_zerocopy*.json)"
     )
-    ap.add_argument("--peer", nargs=6, metavar=("ROLE", "KIND", "MEMORY", "PORT", "SIZES", "N"))
+    ap.add_argument("--exchange-peer", nargs=4, metavar=("ROLE", "PORTS", "SIZES", "N"))
     ap.add_argument(
         "--upload-peer", nargs=7, metavar=("ROLE", "KIND", "MEMORY", "DEV", "PORT", "SIZES", "N")
     )
     args = ap.parse_args()
-    if args.peer:
-        role, kind, memory, port, sizes, iters = args.peer
-        peer(role, kind, memory, int(port), [int(s) for s in sizes.split(",")], int(iters))
+    if args.exchange_peer:
+        role, ports, sizes, iters = args.exchange_peer
+        p1, p2 = (int(p) for p in ports.split(","))
+        exchange_peer(role, (p1, p2), [int(s) for s in sizes.split(",")], int(iters))
         return 0
     if args.serve_peer:
         kind, memory, device, sizes, iters = args.serve_peer
@@ -400,8 +464,9 @@ def main() -> int:
         return gpu_main(args.device, sizes, iters, rounds, out, args.serve)
     raw = []
     for i in range(rounds):
-        for name in VARIANTS:
-            raw += [{**r, "round": i} for r in run_variant(name, sizes, iters)]
+        raw += [
+            {**r, "round": i, "load_average": os.getloadavg()} for r in run_exchange(sizes, iters)
+        ]
     exe = build()
     reg_sizes = ",".join(f"{n // MB}M" for n in sizes)
     reg = json_lines(
@@ -460,7 +525,8 @@ def main() -> int:
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "note": "shared 2-core VM; other work ran at the same time"},
-        "exchange": "client sends N bytes, server echoes them; GB/s = 2N / median time",
+        "exchange": "client sends N bytes, server echoes them; GB/s = 2N / median time; the "
+                    "variants take turns exchange by exchange between the same two processes",
         "rounds": rounds,
         "load_average": os.getloadavg(),
         "rows": rows,
