@@ -221,10 +221,14 @@ def _train_step(model, opt, x, y):
     return loss
 
 
+TRAIN_VARIANTS = ("model_compiled", "step_compiled", "step_compiled_deferred")
+
+
 def measure_train(quick: bool, repeats: int, client) -> dict:
     """SGD-with-momentum steps of the ResNet-style CNN in training mode (batch 8) through the
     server, a fresh batch each step: the model compiled (the optimizer runs here, on the host's
-    copies) vs the whole step compiled (the optimizer runs on the server). Per step: client CPU
+    copies) vs the whole step compiled (the optimizer runs on the server; the host's copies
+    brought back each step, or left there with ``defer_host_copies``). Per step: client CPU
     and wall milliseconds, bytes uploaded and fetched."""
     model, make_input, _ = resnet(quick)
     model.train()
@@ -237,14 +241,15 @@ def measure_train(quick: bool, repeats: int, client) -> dict:
 
     torch._dynamo.reset()
     fns = {}
-    for label in ("model_compiled", "step_compiled"):
+    for label in TRAIN_VARIANTS:
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        options = {"server": client, "defer_host_copies": label == "step_compiled_deferred"}
         if label == "model_compiled":
-            compiled_model = torch.compile(m, backend="genie", options={"server": client})
+            compiled_model = torch.compile(m, backend="genie", options=options)
             fns[label] = functools.partial(_train_step, compiled_model, opt)
         else:
-            compiled = torch.compile(_train_step, backend="genie", options={"server": client})
+            compiled = torch.compile(_train_step, backend="genie", options=options)
             fns[label] = functools.partial(compiled, m, opt)
     row.update(interleaved(fns, batch, repeats))
     g = torch.Generator().manual_seed(5)
@@ -296,7 +301,7 @@ def cpu_main(args) -> None:
             f"{'uploaded':>12}{'fetched':>12}  (ms, bytes per step; parameters: "
             f"{train['param_bytes']} bytes)"
         )
-        for label in ("model_compiled", "step_compiled"):
+        for label in TRAIN_VARIANTS:
             t = train[label]
             print(
                 f"{label:<36}{t['cpu_ms']:>11.2f}{t['wall_ms']:>9.1f}"

@@ -199,6 +199,57 @@ def test_compiled_train_step_runs_the_optimizer_there(where, optimizer):
             assert torch.equal(a, b)
 
 
+def test_deferred_host_copies_keep_training_state_on_the_server(server):
+    """options={"defer_host_copies": True}: a compiled training step leaves parameters,
+    gradients, batch norm statistics and momentum on the server; a step sends its batch (and
+    the loss's seed gradient) and brings back its loss, nothing else. Until genie.compile.synchronize() the host's copies
+    read NaN (never silently old values); afterwards they equal PyTorch's own compiled step bit
+    for bit, and training goes on from there."""
+    torch._dynamo.reset()
+    client = connect(server.address, token=server.token, install=False)
+    try:
+        ref, model = resnet().train(), resnet().train()
+        opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        ref_step = torch.compile(_train_step, backend="aot_eager")
+        options = {"server": client, "defer_host_copies": True}
+        step = torch.compile(_train_step, backend="genie", options=options)
+        gen = torch.Generator().manual_seed(3)
+        for n in range(5):
+            x = torch.randn(4, 3, 32, 32, generator=gen)
+            y = torch.randint(0, 10, (4,), generator=gen)
+            sent, got = client.counters["upload_bytes"], client.counters["fetch_bytes"]
+            assert torch.equal(step(model, opt, x, y), ref_step(ref, opt_ref, x, y))
+            if n > 0:
+                batch = x.numel() * x.element_size() + y.numel() * y.element_size()
+                # and the backward's 4-byte seed gradient of the loss
+                assert batch <= client.counters["upload_bytes"] - sent <= batch + 4
+                assert client.counters["fetch_bytes"] - got < 1024
+            if n == 2:
+                assert torch.isnan(model.stem[0].weight).all()
+                assert genie.compile.synchronize() > 0
+                for a, b in zip(
+                    ref.state_dict().values(), model.state_dict().values(), strict=True
+                ):
+                    assert torch.equal(a, b)
+        genie.compile.synchronize()
+        for a, b in zip(ref.state_dict().values(), model.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(opt_ref.state.values(), opt.state.values(), strict=True):
+            assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    finally:
+        client.close()
+        torch._dynamo.reset()
+
+
+def test_deferred_host_copies_need_a_server():
+    torch._dynamo.reset()
+    options = {"server": "local", "defer_host_copies": True}
+    compiled = torch.compile(nn.Linear(2, 2), backend="genie", options=options)
+    with pytest.raises(Exception, match="defer_host_copies is for a server"):
+        compiled(torch.randn(1, 2))
+
+
 @torch.no_grad()
 def test_dynamic_shapes_one_program_per_shape(where):
     """dynamic=True: each new batch size records one program; a size seen before reuses it."""

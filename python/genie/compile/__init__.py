@@ -26,6 +26,12 @@ which Dynamo loads when ``torch.compile`` first asks for "genie", and by ``impor
 when ``torch._dynamo`` is already imported (so that ``import genie`` does not import it).
 """
 
-from genie.compile.backend import CompiledGraph, CompileOptions, genie_backend, register
+from genie.compile.backend import (
+    CompiledGraph,
+    CompileOptions,
+    genie_backend,
+    register,
+    synchronize,
+)
 
-__all__ = ["CompileOptions", "CompiledGraph", "genie_backend", "register"]
+__all__ = ["CompileOptions", "CompiledGraph", "genie_backend", "register", "synchronize"]

@@ -22,7 +22,14 @@ from genie.compile.lower import lower
 from genie.compile.targets import LocalTarget, Placed, RemoteTarget
 from genie.errors import GenieError
 
-__all__ = ["CompileOptions", "CompiledGraph", "genie_backend", "register", "target_for"]
+__all__ = [
+    "CompileOptions",
+    "CompiledGraph",
+    "genie_backend",
+    "register",
+    "synchronize",
+    "target_for",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,21 +44,26 @@ class CompileOptions:
     device: the device of the in-process target ("cpu", "cuda"); default genie's local device.
     cuda_graphs: whether programs replay as CUDA graphs. A server decides when it starts
         (``genie serve --no-cuda-graphs``); asking for something else raises.
+    defer_host_copies: on a server, floating-point arguments a program writes (parameters and
+        optimizer state in a compiled optimizer step) and a backward's gradients stay there:
+        the host's copies read NaN until ``genie.compile.synchronize()`` brings them back
+        (Note: [Deferred host copies] in targets.py).
     """
 
     server: Any = None
     token: str | None = None
     device: str | None = None
     cuda_graphs: bool | None = None
+    defer_host_copies: bool = False
 
     @classmethod
     def parse(cls, options: dict | None) -> CompileOptions:
         options = dict(options or {})
-        unknown = sorted(set(options) - {"server", "token", "device", "cuda_graphs"})
+        known = {"server", "token", "device", "cuda_graphs", "defer_host_copies"}
+        unknown = sorted(set(options) - known)
         if unknown:
             raise GenieError(
-                f"genie.compile: unknown option(s) {unknown}; known: server, token, device, "
-                "cuda_graphs"
+                f"genie.compile: unknown option(s) {unknown}; known: {', '.join(sorted(known))}"
             )
         return cls(**options)
 
@@ -114,6 +126,11 @@ def target_for(opts: CompileOptions) -> LocalTarget | RemoteTarget:
             )
         from genie import local_device
 
+        if opts.defer_host_copies:
+            raise NotImplementedError(
+                "genie.compile: defer_host_copies is for a server target; programs run in "
+                "this process write the host's tensors themselves"
+            )
         device = opts.device or local_device() or "cpu"
         if opts.cuda_graphs:
             raise NotImplementedError(
@@ -153,6 +170,7 @@ class CompiledGraph:
         example_inputs: list[Any],
         target,
         keep_from: int | None = None,
+        defer: bool = False,
     ):
         # AOT autograd passes the arguments as one list; an attribute of the instance, so that
         # wrappers (functools.wraps copies __dict__) keep it.
@@ -161,6 +179,7 @@ class CompiledGraph:
         self.target = target
         self.dynamic = _symbolic(example_inputs)
         self.keep_from = keep_from  # outputs saved for backward start here (a forward)
+        self.defer = defer  # Note: [Deferred host copies] in targets.py
         self.bumped: frozenset[int] = frozenset()  # set by the backend
         self.programs: dict[tuple | None, Placed] = {}
         self._lock = threading.Lock()
@@ -179,7 +198,7 @@ class CompiledGraph:
                         if isinstance(a, torch.Tensor) and self.target.saved_sid(a) is not None
                     )
                     low = lower(self.gm, args, kept)
-                    placed = self.target.place(low, self.keep_from)
+                    placed = self.target.place(low, self.keep_from, self.defer)
                     placed.bumped = self.bumped
                     self.programs[key] = placed
                     # The recording's nodes and its copies of the arguments are dead now: a
@@ -208,7 +227,8 @@ def genie_backend(
 
     if mode not in (None, "default"):
         logger.info("genie.compile: mode=%r has no effect on this backend", mode)
-    target = target_for(CompileOptions.parse(options))
+    opts = CompileOptions.parse(options)
+    target = target_for(opts)
 
     def partition(joint, joint_inputs, *, num_fwd_outputs: int, **kwargs):
         fw, bw = default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
@@ -216,7 +236,9 @@ def genie_backend(
         return fw, bw
 
     def compiler(graph: torch.fx.GraphModule, inputs: list[Any]) -> CompiledGraph:
-        compiled = CompiledGraph(graph, inputs, target, graph.meta.get("genie_fwd_outputs"))
+        compiled = CompiledGraph(
+            graph, inputs, target, graph.meta.get("genie_fwd_outputs"), opts.defer_host_copies
+        )
         # The arguments whose version AOT autograd bumps at each call, for the writes the
         # graph keeps (Note: [Compiled residency]); inductor reads the same metadata. They
         # index the forward's (or inference graph's) arguments, never a backward's.
@@ -227,7 +249,9 @@ def genie_backend(
         return compiled
 
     def bw_compiler(graph: torch.fx.GraphModule, inputs: list[Any]) -> CompiledGraph:
-        return CompiledGraph(graph, inputs, target)
+        # Deferred, every gradient stays on the server (keep_from=0).
+        defer = opts.defer_host_copies
+        return CompiledGraph(graph, inputs, target, 0 if defer else None, defer)
 
     # An inference graph that writes an argument (a StaticCache's index_copy_) keeps the write
     # as a step of its program: the server's copy is updated in place and stays resident,
@@ -238,6 +262,15 @@ def genie_backend(
         partition_fn=partition,
         keep_inference_input_mutations=True,
     )(gm, example_inputs)
+
+
+def synchronize() -> int:
+    """Bring back the host copies that programs compiled with ``defer_host_copies`` left on
+    their servers (parameters, optimizer state, gradients); the number of tensors brought
+    back. Call it before reading them on the host: a checkpoint, an evaluation in eager mode."""
+    with _targets_lock:
+        targets = list(_remote.values())
+    return sum(t.synchronize() for t in targets)
 
 
 def register() -> None:

@@ -103,21 +103,27 @@ class Residency:
             return None
 
     @staticmethod
-    def _geometry(t: torch.Tensor) -> tuple:
-        return (t.dtype, t.shape, t.stride(), t.storage_offset())
+    def _whole(t: torch.Tensor) -> bool:
+        """`t` covers its host storage from its start, densely: the target's copy of `t` then
+        holds that storage's bytes, and any view of them is read from it."""
+        return (
+            t.storage_offset() == 0
+            and t.numel() * t.element_size() == t.untyped_storage().nbytes()
+            and torch._prims_common.is_non_overlapping_and_dense_or_false(t)
+        )
 
-    def lookup(self, t: torch.Tensor) -> int | None:
-        return self.lookup_all([t], [0])[0]
-
-    def lookup_all(self, tensors: list[torch.Tensor], ahead: list[int]) -> list[int | None]:
+    def lookup_all(
+        self, tensors: list[torch.Tensor], ahead: list[int], specs: list[InputSpec]
+    ) -> list[int | None]:
         """The storage holding each of `tensors`, None where none holds its current version;
         `ahead`: bumps each version has had that changed nothing (AOT autograd's, made before
-        the call). The tensor itself is looked up first, in one pass with no call per tensor
-        but the version's: this runs on every call of a compiled graph, once per parameter
-        (Note: [The per-call path]); a miss is looked up by its host storage."""
+        the call); `specs`: the layout the program reads each with. The tensor itself is
+        looked up first, in one pass with no call per tensor but the version's: this runs on
+        every call of a compiled graph, once per parameter (Note: [The per-call path]); a miss
+        is looked up by its host storage."""
         get = self._by_tensor.get
         found: list[int | None] = []
-        for t, bumps in zip(tensors, ahead, strict=True):
+        for t, bumps, spec in zip(tensors, ahead, specs, strict=True):
             e = get(id(t))
             if e is not None and e[0]() is t:
                 try:
@@ -127,13 +133,18 @@ class Residency:
                 except RuntimeError:  # an inference tensor: never assumed unchanged
                     found.append(None)
                     continue
-            found.append(self._by_host_storage(t, bumps) if self._by_storage else None)
+            found.append(self._by_host_storage(t, bumps, spec) if self._by_storage else None)
         return found
 
-    def _by_host_storage(self, t: torch.Tensor, bumps: int) -> int | None:
+    def _by_host_storage(self, t: torch.Tensor, bumps: int, spec: InputSpec) -> int | None:
+        """A storage holding all of `t`'s host storage (remembered through another tensor over
+        it: the alias autograd keeps as .grad, a transposed view of a weight), where the
+        program reads `t` as it lies there."""
         st = t.untyped_storage()
         e = self._by_storage.get(id(st))
-        if e is None or e[0]() is not st or e[3] != self._geometry(t):
+        if e is None or e[0]() is not st or t.dtype != e[3]:
+            return None
+        if t.storage_offset() != spec.offset or tuple(t.stride()) != spec.stride:
             return None
         version = self._version(t)
         return e[2] if version is not None and e[1] + bumps == version else None
@@ -150,7 +161,8 @@ class Residency:
             self.forget(old[2])
         st = t.untyped_storage()
         self._by_tensor[id(t)] = (weakref.ref(t), version + bumps, sid)
-        self._by_storage[id(st)] = (weakref.ref(st), version + bumps, sid, self._geometry(t))
+        if self._whole(t):
+            self._by_storage[id(st)] = (weakref.ref(st), version + bumps, sid, t.dtype)
         self._by_sid[sid] = (id(t), id(st))
 
     def forget(self, sid: int) -> None:
@@ -204,7 +216,11 @@ class Placed:
     """A lowered program on a target, with the storage ids it owns there."""
 
     def __init__(
-        self, target: LocalTarget | RemoteTarget, lowered: Lowered, keep_from: int | None = None
+        self,
+        target: LocalTarget | RemoteTarget,
+        lowered: Lowered,
+        keep_from: int | None = None,
+        defer: bool = False,
     ):
         self.target = target
         self.low = lowered
@@ -225,13 +241,25 @@ class Placed:
         self.arg_local = {i: k for i, k, _, _ in lowered.inputs}
         self._kept_inputs = [(i, k) for i, k, spec, _ in lowered.inputs if spec.kept]
         self._plain_inputs = [e for e in lowered.inputs if not e[2].kept]
+        self._plain_specs = [e[2] for e in self._plain_inputs]
         self._input_locals = [k for _, k, _, _ in lowered.inputs]
         self._fetched = [
             (o.local, o.ref)
             for j, o in enumerate(lowered.outputs)
             if o.kind == "ref" and j not in self.kept
         ]
-        self._fetched += [(self.arg_local[i], r) for i, r in lowered.writes]
+        # Floating-point arguments the program writes stay there with `defer` (Note: [Deferred
+        # host copies]); the others are fetched and copied into the caller's tensors.
+        self.defer = defer
+        self.deferred_writes = [
+            (i, r) for i, r in lowered.writes if defer and r["dtype"].is_floating_point
+        ]
+        self._copied_writes = [
+            (i, r) for i, r in lowered.writes if (i, r) not in self.deferred_writes
+        ]
+        self._fetched += [(self.arg_local[i], r) for i, r in self._copied_writes]
+        # A backward under `defer` keeps its gradients there too (keep_from=0): poisoned.
+        self.poison_kept = defer and keep_from == 0
         # Outputs whose storage a later program may bind in place of uploading the value
         # (a backward's gradients, read by a compiled optimizer step): dense, at offset 0.
         self.resident_outputs = [
@@ -259,7 +287,9 @@ class Placed:
         if self._ahead is None:
             before = not _bumps_after_call()
             self._ahead = [int(before and e[0] in self.bumped) for e in plain]
-        found = self.target.residency.lookup_all([args[e[0]] for e in plain], self._ahead)
+        found = self.target.residency.lookup_all(
+            [args[e[0]] for e in plain], self._ahead, self._plain_specs
+        )
         uploads = []
         own, sids = self.own, self.sids
         for e, sid in zip(plain, found, strict=True):
@@ -328,7 +358,7 @@ class Placed:
             else:
                 out.append(o.value)
         with torch.no_grad():
-            for (i, _), v in zip(self.low.writes, values, strict=True):
+            for (i, _), v in zip(self._copied_writes, values, strict=True):
                 args[i].copy_(v)
         return out
 
@@ -359,8 +389,9 @@ class LocalTarget:
         self.name = f"local:{self.device}"
         self.counters = {"runs": 0, "programs": 0, "uploads": 0, "upload_bytes": 0}
 
-    def place(self, lowered: Lowered, keep_from: int | None = None) -> Placed:
-        """`lowered` on this target; outputs saved for backward are views here anyway."""
+    def place(self, lowered: Lowered, keep_from: int | None = None, defer: bool = False) -> Placed:
+        """`lowered` on this target; outputs saved for backward are views here anyway, and
+        there is no host copy to defer."""
         self.counters["programs"] += 1
         return Placed(self, lowered)
 
@@ -408,6 +439,25 @@ class LocalTarget:
             self.residency.forget(sid)
 
 
+# Note: [Deferred host copies]
+# A compiled training step writes the parameters and the optimizer state in place. Keeping the
+# host's tensors current means bringing every written tensor back each step, and the gradients
+# the backward returns as well: for SGD with momentum three times the parameters' bytes per
+# step, more than compiling only the model moves (its optimizer runs on the host, so the
+# parameters go up again each step). With ``defer_host_copies`` a server program's
+# floating-point writes are not fetched: the server's copy stays the only current one, the
+# Residency binds it in every later program, and the host tensor is filled with NaN through
+# ``.data`` (no version bump), so that a read before ``synchronize()`` is loudly wrong rather
+# than silently old. A backward keeps every gradient there too (``keep_from=0``: stand-ins as
+# for saved activations, NaN-filled), which a compiled optimizer step binds by their storage
+# (autograd keeps a detached alias as .grad). ``synchronize()`` fetches what is stale, by
+# tensor or, for gradients, by host storage, and writes it through ``.data``, so that the
+# Residency still holds. Integer writes (num_batches_tracked) are still brought back. What
+# this cannot see: a read of the host copy between steps (an eager evaluation, a checkpoint)
+# without ``synchronize()`` reads NaN; an in-place host write to a stale tensor (seen through
+# its version) uploads the NaN-filled values it was applied to.
+
+
 class RemoteTarget:
     """Runs programs on a genie server through a RemoteExecutor session: the program goes once,
     then each call is its key, its binding, the uploads it needs and the fetches of its
@@ -418,6 +468,9 @@ class RemoteTarget:
         self.residency = Residency()
         self.lock = threading.RLock()
         self._saved: dict[int, int] = {}  # stand-in's data pointer -> storage id on the server
+        # id(host tensor) -> (its weakref, ref of the server's storage holding its value): host
+        # copies not brought back yet (Note: [Deferred host copies]).
+        self._stale: dict[int, tuple[weakref.ref, dict]] = {}
         self.name = executor.name
         self.device = torch.device("cpu")  # where arguments are uploaded from
 
@@ -425,10 +478,11 @@ class RemoteTarget:
     def counters(self) -> dict:
         return self.executor.counters
 
-    def place(self, lowered: Lowered, keep_from: int | None = None) -> Placed:
+    def place(self, lowered: Lowered, keep_from: int | None = None, defer: bool = False) -> Placed:
         """`lowered` on this target; its outputs from `keep_from` on (a forward's tensors saved
-        for backward) stay here (Note: [Saved tensors stay on the server])."""
-        return Placed(self, lowered, keep_from)
+        for backward) stay here (Note: [Saved tensors stay on the server]); with `defer`, so do
+        the floating-point arguments it writes (Note: [Deferred host copies])."""
+        return Placed(self, lowered, keep_from, defer)
 
     def saved_sid(self, t: torch.Tensor) -> int | None:
         """The storage on the server that stands behind `t`, a stand-in made by ``_keep``."""
@@ -453,6 +507,25 @@ class RemoteTarget:
         self._saved.pop(ptr, None)
         self.drop([sid])
 
+    def synchronize(self) -> int:
+        """Bring back every host copy a deferred program left stale (Note: [Deferred host
+        copies]); the number of tensors brought back."""
+        with self.lock:
+            stale, self._stale = self._stale, {}
+            n = 0
+            for ref_t, ref in stale.values():
+                t = ref_t()
+                if t is None:
+                    continue
+                if isinstance(t, torch.UntypedStorage):  # a gradient's stand-in
+                    view = torch.empty(0, dtype=ref["dtype"])
+                    t = view.set_(t, ref["offset"], ref["shape"], ref["stride"])
+                value = self.executor.fetch(ref)
+                with torch.no_grad():
+                    t.data.copy_(value.view(ref["shape"]))  # .data: no version bump
+                n += 1
+            return n
+
     def run(self, placed: Placed, args: list[Any]):
         low = placed.low
         constants: dict[int, torch.Tensor] = {}
@@ -462,6 +535,7 @@ class RemoteTarget:
         for sid, i, spec, nbytes in uploads:
             constants[sid] = _upload_value(args[i], spec, nbytes, self.device)[0]
             self.residency.remember(args[i], sid)
+            self._stale.pop(id(args[i]), None)  # the host's value is the current one now
         for k in placed.kept_locals:  # a storage of their own per call, until backward
             binding[k] = next(_SIDS)
         rng = []
@@ -477,13 +551,24 @@ class RemoteTarget:
         for j in placed.kept:
             o = low.outputs[j]
             kept[j] = self._keep(o.ref, binding[o.local], stand_ins)
+            if placed.poison_kept and kept[j].is_floating_point():
+                kept[j].fill_(float("nan"))
+                # The autograd engine keeps a detached alias as .grad: the storage is what
+                # lives on, so that is what a synchronize() writes.
+                st = kept[j].untyped_storage()
+                self._stale[id(st)] = (weakref.ref(st), o.ref | {"storage": binding[o.local]})
         out = placed.outputs(args, fetched, kept)
         for j, k in placed.resident_outputs:
             if out[j] is not None and out[j].is_contiguous():
                 residency.remember(out[j], binding[k])
         bumps = int(_bumps_after_call())
-        for i, _ in low.writes:  # written here and there alike: the server's copy is current
+        for i, _ in low.writes:  # the server's copy is current (and the host's, unless deferred)
             residency.remember(args[i], binding[placed.arg_local[i]], bumps * (i in placed.bumped))
+        for i, ref in placed.deferred_writes:
+            sid = binding[placed.arg_local[i]]
+            with torch.no_grad():
+                args[i].data.fill_(float("nan"))  # .data: no version bump
+            self._stale[id(args[i])] = (weakref.ref(args[i]), ref | {"storage": sid})
         if low.container is None:
             return out[0]
         return low.container(out)
@@ -491,6 +576,9 @@ class RemoteTarget:
     def drop(self, sids: list[int]) -> None:
         for sid in sids:
             self.residency.forget(sid)
+        dropped = set(sids)
+        for key in [k for k, (_, ref) in self._stale.items() if ref["storage"] in dropped]:
+            del self._stale[key]
         try:
             self.executor.release(sids)
         except Exception as e:  # noqa: BLE001 - a closed session holds nothing any more
