@@ -98,38 +98,54 @@ def free_port() -> int:
 
 
 # -- torch.distributed.rpc -----------------------------------------------------------------------
-_RPC_MODEL = None
+_RPC_MODELS: dict[str, torch.nn.Module] = {}
 _RPC_DEVICE = "cpu"
 
 
-def rpc_forward(ids: torch.Tensor) -> torch.Tensor:
+def rpc_forward(ids: torch.Tensor, dtype: str) -> torch.Tensor:
     """Runs in the rpc server: the model there, the pooled output back on the host."""
     with torch.no_grad():
-        return _RPC_MODEL(ids.to(_RPC_DEVICE)).pooler_output.cpu()
+        return _RPC_MODELS[dtype](ids.to(_RPC_DEVICE)).pooler_output.cpu()
 
 
-def rpc_server(port: int, size: str, dtype: str, device: str, threads: int) -> None:
+def rpc_server(port: int, size: str, dtypes: list[str], device: str, threads: int) -> None:
     import torch.distributed.rpc as rpc
 
-    global _RPC_MODEL, _RPC_DEVICE
+    global _RPC_DEVICE
     torch.set_num_threads(threads)
     _RPC_DEVICE = device
-    _RPC_MODEL = build(size, getattr(torch, dtype)).to(device)
+    for d in dtypes:
+        _RPC_MODELS[d] = build(size, getattr(torch, d)).to(device)
     opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}")
     rpc.init_rpc("server", rank=0, world_size=2, rpc_backend_options=opts)
     rpc.shutdown()  # waits for the client's shutdown
 
 
+def start_rpc(args):
+    """The rpc server process, and this process joined to it as the client (once a run:
+    torch.distributed.rpc does not start again in one process)."""
+    import torch.distributed.rpc as rpc
+
+    port = free_port()
+    proc = mp.get_context("spawn").Process(
+        target=rpc_server, args=(port, args.model, args.dtypes, args.device, args.threads)
+    )
+    proc.start()
+    opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}")
+    rpc.init_rpc("client", rank=1, world_size=2, rpc_backend_options=opts)
+    return proc
+
+
 # -- one process's modes --------------------------------------------------------------------
 @torch.no_grad()
-def compare(args) -> dict:
+def compare(args, dtype_name: str, rpc_proc) -> dict:
     import torch.distributed.rpc as rpc
 
     import genie
     from genie.runtime.loopback import LoopbackServer
     from genie.runtime.remote import connect
 
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, dtype_name)
     per_mode = args.rounds * args.per_round
     inputs = requests(args.model, per_mode + 8, seed=1)
     model = build(args.model, dtype)
@@ -139,17 +155,6 @@ def compare(args) -> dict:
         return eager_model(ids.to(args.device)).pooler_output.cpu()
 
     refs = [eager(x) for x in inputs]
-
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    rpc_proc = None
-    if not args.no_rpc:
-        rpc_proc = ctx.Process(
-            target=rpc_server, args=(port, args.model, args.dtype, args.device, args.threads)
-        )
-        rpc_proc.start()
-        opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}")
-        rpc.init_rpc("client", rank=1, world_size=2, rpc_backend_options=opts)
 
     rows: dict[str, dict] = {}
     srv = LoopbackServer(device=args.device, threads=args.threads)
@@ -172,7 +177,7 @@ def compare(args) -> dict:
             return compiled(ids).pooler_output
 
         def via_rpc(ids):
-            return rpc.rpc_sync("server", rpc_forward, args=(ids,))
+            return rpc.rpc_sync("server", rpc_forward, args=(ids, dtype_name))
 
         modes = {
             "eager": eager,
@@ -221,9 +226,6 @@ def compare(args) -> dict:
         genie.configure(local_device="cpu")
         client.close()
         srv.close()
-        if rpc_proc is not None:
-            rpc.shutdown()
-            rpc_proc.join(30)
     return rows
 
 
@@ -237,7 +239,7 @@ def load_client(k: int, address: str, token: str, args, barrier, results) -> Non
         inputs = requests(args.model, args.requests + 3, seed=100 + k)
         client = connect(address, token=token)
         with torch.no_grad():
-            rmodel = build(args.model, getattr(torch, args.dtype)).to(REMOTE)
+            rmodel = build(args.model, getattr(torch, args.dtypes[0])).to(REMOTE)
             for x in inputs[args.requests :]:
                 rmodel(x.to(REMOTE)).pooler_output.cpu()
             barrier.wait()
@@ -259,7 +261,7 @@ def load_client(k: int, address: str, token: str, args, barrier, results) -> Non
 def load(args) -> dict:
     from genie.runtime.loopback import LoopbackServer
 
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, args.dtypes[0])
     # One local process running every client's requests back to back: the reference outputs
     # and the throughput to beat.
     model = build(args.model, dtype).to(args.device)
@@ -321,36 +323,10 @@ def load(args) -> dict:
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (server, eager and rpc)")
-    ap.add_argument("--model", choices=["small", "base"], help="default: small on cpu, else base")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of every process")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--per-round", type=int, default=10, help="timed requests per mode per round")
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=25, help="requests per load client")
-    ap.add_argument("--timeout", type=float, default=600.0, help="seconds the load run may take")
-    ap.add_argument("--no-rpc", action="store_true")
-    ap.add_argument("--no-load", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="a smoke run")
-    args = ap.parse_args()
-    if args.device == "cuda":
-        args.device = "cuda:0"
-    args.model = args.model or ("small" if args.device == "cpu" else "base")
-    if args.quick:
-        args.rounds, args.per_round, args.clients, args.requests = 2, 3, 2, 4
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure")
-        return 0
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("GENIE_LOG_LEVEL", "WARNING")
-
-    rows = compare(args)
+def report(args, dtype_name: str, rows: dict) -> None:
     print(
         f"\nBERT ({args.model}, batch {config(args.model)['batch']}, seq "
-        f"{config(args.model)['seq']}, {args.dtype}) on {args.device}, a fresh input every "
+        f"{config(args.model)['seq']}, {dtype_name}) on {args.device}, a fresh input every "
         f"request; {args.rounds}x{args.per_round} requests per mode"
     )
     print(f"{'mode':<24}{'median ms':>10}{'p99 ms':>9}{'x eager':>9}{'equal':>7}")
@@ -368,7 +344,47 @@ def main() -> int:
         r = rows["genie lazy"]["median_ms"] / rows["rpc"]["median_ms"]
         print(f"genie lazy / rpc: {r:.2f}x")
 
-    result = {
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (server, eager and rpc)")
+    ap.add_argument("--model", choices=["small", "base"], help="default: small on cpu, else base")
+    ap.add_argument("--dtype", default="float32", help="float32, float16 or both: float32,float16")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of every process")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--per-round", type=int, default=10, help="timed requests per mode per round")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=25, help="requests per load client")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds the load run may take")
+    ap.add_argument("--no-rpc", action="store_true")
+    ap.add_argument("--no-load", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="a smoke run")
+    args = ap.parse_args()
+    if args.device == "cuda":
+        args.device = "cuda:0"
+    args.dtypes = args.dtype.split(",")
+    args.model = args.model or ("small" if args.device == "cpu" else "base")
+    if args.quick:
+        args.rounds, args.per_round, args.clients, args.requests = 2, 3, 2, 4
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure")
+        return 0
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("GENIE_LOG_LEVEL", "WARNING")
+
+    result: dict = {"modes": {}}
+    rpc_proc = None if args.no_rpc else start_rpc(args)
+    try:
+        for dtype_name in args.dtypes:
+            rows = result["modes"][dtype_name] = compare(args, dtype_name, rpc_proc)
+            report(args, dtype_name, rows)
+    finally:
+        if rpc_proc is not None:
+            import torch.distributed.rpc as rpc
+
+            rpc.shutdown()
+            rpc_proc.join(30)
+    result |= {
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -376,7 +392,6 @@ def main() -> int:
             "torch": torch.__version__,
         },
         "args": vars(args),
-        "modes": rows,
     }
     if not args.no_load:
         ld = load(args)

@@ -108,7 +108,9 @@ def test_serving_with_a_fresh_input_every_call_starts_early_and_equals_eager(rem
 @torch.no_grad()
 def test_two_fresh_inputs_whose_second_comes_after_the_window_still_start_early(remote):
     """With input ids and an attention mask both uploaded at .to(), the recording's first
-    nodes come before the second upload begins: the guess waits for it, then goes behind it."""
+    nodes come before the second upload begins: the guess waits for it, then goes behind it.
+    When a request is two flushes (HF's mask check, then the forward that reads what the
+    check made), both start early."""
     model = fakes.bert()
     rmodel = fakes.bert().to(DEVICE)
     torch.manual_seed(1)
@@ -117,5 +119,6 @@ def test_two_fresh_inputs_whose_second_comes_after_the_window_still_start_early(
         mask = (torch.rand(2, 12) > 0.2).long()
         got = rmodel(x.to(DEVICE), attention_mask=mask.to(DEVICE)).pooler_output.cpu()
         assert torch.equal(got, model(x, attention_mask=mask).pooler_output)
-    assert remote.counters["spec_hits"] >= 4
+    per_request = remote.counters["flushes"] // 8  # HF's mask check makes it 2
+    assert remote.counters["spec_hits"] >= 5 * per_request  # all but the first 3 requests
     assert remote.server_stats()["session"]["spec_misses"] == 0

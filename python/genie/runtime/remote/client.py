@@ -29,7 +29,7 @@ from genie.runtime import transports
 from genie.runtime.program import encode_program
 from genie.runtime.remote.channel import Channel, FetchPlan, RequestFailed, raise_error
 from genie.runtime.remote.early import EarlyUploads
-from genie.runtime.remote.namer import Known, ProgramNamer, Template
+from genie.runtime.remote.namer import Known, ProgramNamer, Sources, Template
 from genie.runtime.remote.speculator import SPECULATION_WINDOW, Speculator
 from genie.runtime.remote.uploads import send_in_frames, upload_parts
 
@@ -85,6 +85,7 @@ class RemoteExecutor:
         self._eager: list[tuple[torch.Tensor, int]] = []
         self.namer = ProgramNamer()  # how each flush is named (Note: [Program refs])
         self._last_enc = None
+        self._made_last: list[int] = []  # storages the last flush created, in order
         self._prefetched: tuple[list, torch.Tensor] | None = None  # Note: [Run then fetch]
         if speculate is None:
             speculate = os.environ.get("GENIE_SPECULATE", "1") not in ("0", "false", "no")
@@ -268,7 +269,7 @@ class RemoteExecutor:
                         flush.nodes,
                         flush.then_fetch,
                         (flush.structure, flush.params, flush.paths),
-                        early,
+                        Sources(list(self.early.arrivals), self._made_last),
                     )
                 except GenieError:
                     self.early.raise_failed(early)  # the missing input's cause, if that was it
@@ -277,7 +278,7 @@ class RemoteExecutor:
                 self.counters["run_seconds"] += time.perf_counter() - started
 
     def _run_digest(
-        self, fingerprint, binding, constants, targets, rng, nodes, then_fetch, template, early
+        self, fingerprint, binding, constants, targets, rng, nodes, then_fetch, template, sources
     ) -> None:
         namer = self.namer
         known = namer.by_digest(fingerprint)
@@ -289,7 +290,7 @@ class RemoteExecutor:
         def guess_behind() -> None:
             nonlocal settled
             settled = True
-            self._guess_behind(tpl, binding, params, constants, fresh, early)
+            self._guess_behind(tpl, binding, params, constants, fresh, sources)
 
         if known is not None:
             enc = known.enc
@@ -321,17 +322,20 @@ class RemoteExecutor:
             known = follows = namer.learn(fingerprint, enc, binding, structure, params, paths)
         self.speculator.ran(follows)
         if not settled:
-            namer.settle(tpl, known, binding, params, constants, early)
+            namer.settle(tpl, known, binding, params, constants, sources)
+        self._made_last = [binding[s] for s, n in known.created if n]
 
-    def _guess_behind(self, tpl, binding, params, constants, fresh, early) -> None:
+    def _guess_behind(self, tpl, binding, params, constants, fresh, sources) -> None:
         """Sent right behind an instance's run and fetch, before their replies are read: the
         next step of a decode loop, predicted (Note: [Program templates]), so that the server
         starts it as soon as it has answered the fetch, while this process goes back to the
         user's code to record that step. What the run creates counts as resident for the
         guess; if the run fails, the server declines the guess or the next request undoes it
         (Note: [Speculative runs] in server/speculation.py)."""
-        self.namer.settle(tpl, tpl.known, binding, params, constants, early)
-        if self.speculator.enabled and self._send_spec(tpl, {**self._resident, **fresh}):
+        self.namer.settle(tpl, tpl.known, binding, params, constants, sources)
+        # The next step's uploads have not begun: a guess that needs one is no guess.
+        nothing = Sources()
+        if self.speculator.enabled and self._send_spec(tpl, {**self._resident, **fresh}, nothing):
             self.speculator.ahead = True  # the value fetched with this run was read before
 
     def speculate(self, window: bytes) -> None:
@@ -361,14 +365,20 @@ class RemoteExecutor:
             self._lock.release()
 
     def _send_spec(
-        self, follows: Known | Template, resident: dict | None = None, wait: bool = False
+        self,
+        follows: Known | Template,
+        resident: dict | None = None,
+        sources: Sources | None = None,
+        wait: bool = False,
     ) -> bool:
         """Send the Speculator's guess for `follows` without waiting for its answer; False
-        when there is no guess. With `wait`, a guess that binds inputs being uploaded early
-        waits for the uploads it needs (Note: [Client speculation])."""
+        when there is no guess. `sources`: where the guessed request's new inputs come from
+        (default: the one being recorded). With `wait`, a guess that binds inputs being
+        uploaded early waits for the uploads it needs (Note: [Client speculation])."""
         resident = self._resident if resident is None else resident
-        arrivals = self.early.arrivals
-        header = self.speculator.guess(follows, resident, arrivals, wait)
+        if sources is None:
+            sources = Sources(list(self.early.arrivals), self._made_last)
+        header = self.speculator.guess(follows, resident, sources, wait)
         if header is None or self.channel.specs_unread:
             return False
         self.early.send_queued(progress=False)  # the guess goes behind the uploads it binds

@@ -110,7 +110,12 @@ class EarlyUploads:
         self._qlock = threading.Lock()  # the queue and the maps below; never held while sending
         self._queue: collections.deque[_Upload | _Later] = collections.deque()
         self._uploads: dict[int, _Upload] = {}  # sid -> begun, until the storage is released
-        self.arrivals: list[int] = []  # sids begun since the last flush, in order
+        # The uploads of one request being recorded, in the order their .to() ran: those begun
+        # since the first flush that followed an upload. A position in it is what a guess
+        # binds (Note: [Client speculation]); entries stay in place once used or failed, so
+        # that positions do not move.
+        self.arrivals: list[int] = []
+        self._flushed = True  # a flush ran since the last upload began: the next starts anew
         self._failed = 0  # how many of _uploads failed
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -131,6 +136,8 @@ class EarlyUploads:
             alone = not self._queue  # inline only when nothing larger waits ahead of it
             self._queue.append(up)
             self._uploads[up.sid] = up
+            if self._flushed:
+                self.arrivals, self._flushed = [], False
             self.arrivals.append(up.sid)
         self._kick(alone and nbytes <= self._inline)
         return True
@@ -177,27 +184,34 @@ class EarlyUploads:
         not sent are failed and KeyboardInterrupt is raised."""
         if not self._queue:
             return
-        bar = Progress(sum(x.nbytes for x in list(self._queue)) if progress else 0)
+        if not progress:  # the sender thread, or a send behind nothing large (.to() itself)
+            while (item := self._pop()) is not None:
+                item.send() if isinstance(item, _Later) else self._send(item)
+            return
+        bar = Progress(sum(x.nbytes for x in list(self._queue)))
         try:
             with interrupt_deferred() as interrupted:
-                while True:
-                    with self._qlock:
-                        if not self._queue:
-                            break
-                        item = self._queue.popleft()
-                        item.queued = False
+                while (item := self._pop()) is not None:
                     if isinstance(item, _Later):
                         item.send()
                         continue
                     self._send(item)
                     bar.advance(item.nbytes)
-                    if progress and interrupted():
+                    if interrupted():
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             self._interrupted()
             raise
         finally:
             bar.close()
+
+    def _pop(self) -> _Upload | _Later | None:
+        with self._qlock:
+            if not self._queue:
+                return None
+            item = self._queue.popleft()
+            item.queued = False
+            return item
 
     def _send(self, up: _Upload) -> None:
         for i, frame in enumerate(up.frames):
@@ -227,8 +241,6 @@ class EarlyUploads:
     def _fail(self, up: _Upload, kind: str, msg: str) -> None:
         up.error = (kind, msg)
         self._failed += 1
-        if up.sid in self.arrivals:
-            self.arrivals.remove(up.sid)
 
     def _interrupted(self) -> None:
         with self._qlock:
@@ -239,24 +251,20 @@ class EarlyUploads:
         logger.warning("genie: uploads interrupted; the session goes on")
 
     # -- the flush ------------------------------------------------------------------------
-    def take(self, constants: dict[int, torch.Tensor]) -> tuple[dict, dict[int, int]]:
-        """Split a flush's uploads into those still to send and those begun early (sid ->
-        position among the uploads begun since the last flush, -1 if before it); raises the
-        upload's error if one of them failed. The next flush counts arrivals afresh."""
+    def take(self, constants: dict[int, torch.Tensor]) -> tuple[dict, list[int]]:
+        """Split a flush's uploads into those still to send and those begun early; raises
+        the upload's error if one of them failed."""
+        self._flushed = True
         if not self._uploads:
-            self.arrivals = []
-            return constants, {}
+            return constants, []
         rest: dict[int, torch.Tensor] = {}
-        early: dict[int, int] = {}
+        early: list[int] = []
         with self._qlock:
-            position = {sid: k for k, sid in enumerate(self.arrivals)}
-            self.arrivals = []
             for sid, value in constants.items():
-                up = self._uploads.get(sid)
-                if up is None:
-                    rest[sid] = value
+                if sid in self._uploads:
+                    early.append(sid)
                 else:
-                    early[sid] = position.get(sid, -1)
+                    rest[sid] = value
         if self._failed:
             self.raise_failed(early)
         return rest, early
@@ -298,8 +306,6 @@ class EarlyUploads:
                     self._failed -= 1
                 dropped = dropped or up.queued
                 up.queued = False
-                if sid in self.arrivals:
-                    self.arrivals.remove(sid)
             if dropped:
                 self._queue = collections.deque(
                     x for x in self._queue if not (isinstance(x, _Upload) and x.sid in ids)

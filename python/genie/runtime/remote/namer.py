@@ -17,11 +17,27 @@ from genie.runtime.program import EncodedProgram, diff_program, patch_key
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Known", "ProgramNamer", "Template", "make_template", "storage_span"]
+__all__ = ["Known", "ProgramNamer", "Sources", "Template", "make_template", "storage_span"]
 
 MAX_BASES = 64  # programs kept to patch against (Note: [Program patches])
 MAX_DIGESTS = 256  # programs known by their digest (Note: [Program digests])
 MAX_TEMPLATES = 64  # structures whose next programs go as numbers (Note: [Program templates])
+
+
+@dataclass
+class Sources:
+    """Where the new inputs of the request being recorded come from (Note: [Client
+    speculation]): the uploads begun early for it and the storages the flush before this
+    one created, each in order."""
+
+    uploads: list[int] | tuple = ()
+    made_before: list[int] | tuple = ()
+
+    def positions(self) -> tuple[dict[int, int], dict[int, int]]:
+        return (
+            {sid: k for k, sid in enumerate(self.uploads)},
+            {sid: j for j, sid in enumerate(self.made_before)},
+        )
 
 
 @dataclass
@@ -35,12 +51,14 @@ class Known:
     before: list[int] | None = None
     empty_last: frozenset[int] = frozenset()  # locals bound to empty uploads in those runs
     empty_before: frozenset[int] = frozenset()
-    # local -> position among the uploads begun early before each of those runs
-    # (Note: [Early uploads] in early.py)
-    early_last: dict[int, int] | None = None
-    early_before: dict[int, int] | None = None
+    # local -> (position among the uploads begun early for the request, position among the
+    # storages the flush before created) in each of those runs (Note: [Client speculation])
+    sources_last: tuple[dict[int, int], dict[int, int]] | None = None
+    sources_before: tuple[dict[int, int], dict[int, int]] | None = None
 
-    def predict(self, resident: dict[int, int], arrivals: list[int] = ()) -> list | int | None:  # type: ignore[assignment]
+    def predict(
+        self, resident: dict[int, int], sources: Sources | None = None
+    ) -> list | int | None:
         """The next run's binding (Note: [Client speculation]); None when there is no guess;
         an int when it binds that many early uploads and fewer have begun."""
         b1, b0 = self.last, self.before
@@ -49,15 +67,25 @@ class Known:
         made0 = None
         out: list[Any] = [None] * len(b1)
         need = 0
+        src1, src0 = self.sources_last, self.sources_before
+        sources = sources or Sources()
         for s in self.external:
             x = b1[s]
             if x != b0[s]:
-                k = self.early_last.get(s, -1) if self.early_last else -1
-                if k >= 0 and self.early_before and self.early_before.get(s) == k:
-                    if k < len(arrivals):
-                        out[s] = arrivals[k]
-                    need = max(need, k + 1)
-                    continue
+                if src1 is not None and src0 is not None:
+                    k = src1[0].get(s, -1)
+                    if k >= 0 and src0[0].get(s) == k:  # the k-th upload begun at .to()
+                        if k < len(sources.uploads):
+                            out[s] = sources.uploads[k]
+                        need = max(need, k + 1)
+                        continue
+                    j = src1[1].get(s, -1)
+                    if j >= 0 and src0[1].get(s) == j and j < len(sources.made_before):
+                        x = sources.made_before[j]  # made by the flush before, as last time
+                        if x not in resident:
+                            return None
+                        out[s] = x
+                        continue
                 if made0 is None:
                     made0 = {b0[j]: j for j, _ in self.created}
                 j = made0.get(x)
@@ -72,7 +100,7 @@ class Known:
             if x not in resident:
                 return None
             out[s] = x
-        if need > len(arrivals):
+        if need > len(sources.uploads):
             return need
         return out
 
@@ -275,20 +303,23 @@ class ProgramNamer:
         return known
 
     @staticmethod
-    def settle(tpl, known, binding, params, constants, early=None) -> None:
-        """Remember this flush's integers and binding: what the next one is predicted from.
-        `early`: sid -> position of the uploads it names that began early."""
+    def settle(tpl, known, binding, params, constants, sources: Sources | None = None) -> None:
+        """Remember this flush's integers and binding: what the next one is predicted from;
+        `sources`: where its request's new inputs came from."""
         if tpl is not None:
             tpl.before, tpl.last = tpl.last, params
         known.before, known.last = known.last, list(binding)
         empties = {sid for sid, t in constants.items() if storage_span(t) == (0, 0)}
         known.empty_before = known.empty_last
         known.empty_last = frozenset(i for i, sid in enumerate(binding) if sid in empties)
-        known.early_before = known.early_last
-        known.early_last = (
-            {i: early[sid] for i, sid in enumerate(binding) if early.get(sid, -1) >= 0}
-            if early
-            else None
+        known.sources_before = known.sources_last
+        if sources is None:
+            known.sources_last = None
+            return
+        uploads, made = sources.positions()
+        known.sources_last = (
+            {i: uploads[sid] for i, sid in enumerate(binding) if sid in uploads},
+            {i: made[sid] for i, sid in enumerate(binding) if sid in made},
         )
 
     def templates_known(self) -> list[Template]:

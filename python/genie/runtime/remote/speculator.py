@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-from genie.runtime.remote.namer import MAX_DIGESTS, Known, Template
+from genie.runtime.remote.namer import MAX_DIGESTS, Known, Sources, Template
 
 __all__ = ["Speculator", "SPECULATION_WINDOW"]
 
@@ -29,12 +29,16 @@ SPECULATION_WINDOW = 2  # recorded nodes compared before a speculative run is as
 # the same storage both times (a weight, a static KV cache) keeps it; an input bound to what
 # a created storage of the run before held (this step's token, from last step's argmax)
 # takes what that storage's counterpart in the last run holds; an input bound both times to the
-# k-th upload begun early since the flush before (Note: [Early uploads] in early.py: a serving
-# loop's fresh input, sent at .to()) takes the k-th upload begun since the last flush. When
+# k-th upload begun early for its request (Note: [Early uploads] in early.py: a serving loop's
+# fresh input, sent at .to(); a request's uploads are those begun since the first flush after
+# the previous upload) takes the k-th upload of the request being recorded. When
 # the window arrives before that upload has begun (a second input's .to() comes after the
 # window), the guess waits and goes as soon as it has: behind the upload, on the same
-# connection, so that the server starts the program the moment the input lands. Anything
-# else (an upload at the flush) means no guess.
+# connection, so that the server starts the program the moment the input lands. An input
+# bound both times to the j-th storage the flush before it created (a request recorded as two
+# flushes: HF's attention-mask check, then the forward that reads what it made) takes the j-th
+# storage the flush before this one created. Anything else (an upload at the flush) means no
+# guess.
 class Speculator:
     """Remembers which program followed each recording start and turns that into guesses."""
 
@@ -79,13 +83,13 @@ class Speculator:
         self,
         follows: Known | Template,
         resident: dict[int, int],
-        arrivals: list[int] = (),  # type: ignore[assignment]
+        sources: Sources | None = None,
         wait: bool = False,
     ) -> dict[str, Any] | None:
         """A "spec" request's fields for `follows` (a program, again; or a template's next
-        program) with its predicted binding; None when there is no guess. `arrivals`: the
-        uploads begun early since the last flush; with `wait`, a guess that binds more of
-        them than have begun waits for them (``ready``)."""
+        program) with its predicted binding; None when there is no guess. `sources`: where
+        the new inputs of the request guessed come from; with `wait`, a guess that binds more
+        uploads than have begun waits for them (``ready``)."""
         header: dict[str, Any] = {"t": "spec"}
         known = follows
         if isinstance(follows, Template):
@@ -97,7 +101,7 @@ class Speculator:
             known = follows.known
         else:
             header["key"] = known.key
-        bind = known.predict(resident, arrivals)
+        bind = known.predict(resident, sources)
         if type(bind) is int:
             if wait:
                 self.waiting = (follows, bind)

@@ -115,17 +115,12 @@ class SpeculationSlot:
         bind = req.bind  # ids, None and EMPTY_UPLOAD only (requests.Spec.parse)
         program = self._session.resolver.lookup(req.program)
         # The same speculation as the last one (a serving loop's next forward) whose inputs
-        # are still the very storages it checked: nothing to check again.
-        valid = self._valid
+        # are still the very storages it checked, or new ones only where a fresh input came:
+        # nothing to check again.
+        plan = self._revalidate(program, key, bind)
+        if plan is not None:
+            return self._start(program, bind, plan)
         storages = self._session.env.storages
-        if (
-            program is not None
-            and valid is not None
-            and valid[0] == key
-            and valid[1] == bind
-            and all(storages.get(sid) is st for sid, st in valid[2])
-        ):
-            return self._start(program, bind, valid[3])
         ids = [b for b in bind if type(b) is int]
         if program is None:
             return self._decline("unknown program")
@@ -166,10 +161,48 @@ class SpeculationSlot:
         self._valid = (
             key,
             list(bind),
-            [(b, storages[b]) for b in (bind[local] for local in program.inputs) if type(b) is int],
+            [(i, bind[i], storages[bind[i]]) for i in program.inputs if type(bind[i]) is int],
             plan,
         )
         return self._start(program, bind, plan)
+
+    def _revalidate(self, program: Program | None, key: bytes, bind: list) -> tuple | None:
+        """The plan of the speculation checked last when `bind` passes what check_binding
+        asked of it: the same binding over the very storages it checked, or one whose only
+        changes are inputs (never written) bound to other resident storages large enough, each
+        id once (a serving loop's fresh input, Note: [Early uploads] in remote/early.py).
+        None: check in full."""
+        valid = self._valid
+        if program is None or valid is None or valid[0] != key or len(valid[1]) != len(bind):
+            return None
+        storages = self._session.env.storages
+        last, inputs, (binding, temps, written) = valid[1], valid[2], valid[3]
+        if last == bind:
+            return valid[3] if all(storages.get(sid) is st for _, sid, st in inputs) else None
+        changed = {i for i, (a, b) in enumerate(zip(last, bind, strict=True)) if a != b}
+        if len(changed) > 8:
+            return None
+        now = []
+        for local, sid, st in inputs:
+            if local in changed:
+                sid = bind[local]
+                st = storages.get(sid) if type(sid) is int else None
+                if st is None or st.nbytes() < program.extent.get(local, 0):
+                    return None
+            elif storages.get(sid) is not st:
+                return None
+            now.append((local, sid, st))
+        if len(changed) != sum(1 for local, _, _ in inputs if local in changed):
+            return None  # a created storage's id or an empty upload changed
+        ids = [b for b in bind if type(b) is int]
+        if not changed.isdisjoint(program.produced) or len(set(ids)) != len(ids):
+            return None
+        binding = list(binding)
+        for local in changed:
+            binding[local] = bind[local]
+        plan = (binding, temps, written)
+        self._valid = (key, list(bind), now, plan)
+        return plan
 
     def _start(self, program: Program, bind: list, plan: tuple) -> tuple[dict, list]:
         """Run a checked speculation (Note: [Speculative runs]); `plan` is the binding with
