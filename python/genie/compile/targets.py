@@ -566,8 +566,10 @@ class RemoteTarget:
             residency.remember(args[i], binding[placed.arg_local[i]], bumps * (i in placed.bumped))
         for i, ref in placed.deferred_writes:
             sid = binding[placed.arg_local[i]]
-            with torch.no_grad():
-                args[i].data.fill_(float("nan"))  # .data: no version bump
+            known = self._stale.get(id(args[i]))
+            if known is None or known[0]() is not args[i]:  # else still NaN from a last step
+                with torch.no_grad():
+                    args[i].data.fill_(float("nan"))  # .data: no version bump
             self._stale[id(args[i])] = (weakref.ref(args[i]), ref | {"storage": sid})
         if low.container is None:
             return out[0]
