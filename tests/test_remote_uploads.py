@@ -4,13 +4,17 @@ and a serving loop with a fresh input every call starts early on the server."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+
 import fakes
 import pytest
 import torch
 from remote_fixtures import DEVICE
 
 import genie
-from genie.errors import RemoteError
+from genie.errors import GenieError, RemoteError
 from genie.runtime.loopback import LoopbackServer
 from genie.runtime.remote import connect
 
@@ -122,3 +126,53 @@ def test_two_fresh_inputs_whose_second_comes_after_the_window_still_start_early(
     per_request = remote.counters["flushes"] // 8  # HF's mask check makes it 2
     assert remote.counters["spec_hits"] >= 5 * per_request  # all but the first 3 requests
     assert remote.server_stats()["session"]["spec_misses"] == 0
+
+
+def test_uploads_still_queued_at_the_flush_show_progress(server, monkeypatch, caplog):
+    """What the sender thread has not sent yet goes with the flush, with the progress of
+    Note: [Large uploads] (log lines at INFO when stderr is not a terminal)."""
+    monkeypatch.setenv("GENIE_UPLOAD_PROGRESS", str(1 << 20))
+    client = connect(server.address, token=server.token)
+    try:
+        monkeypatch.setattr(client.early, "_kick", lambda inline: None)  # nothing sent early
+        x = torch.randn(1 << 19)  # 2 MiB
+        with caplog.at_level(logging.INFO, logger="genie.runtime.remote.uploads"):
+            y = (x.to(DEVICE) * 2).sum().cpu()
+        assert torch.equal(y, (x * 2).sum())
+        lines = [r.getMessage() for r in caplog.records if "uploaded" in r.getMessage()]
+        assert lines and "100%" in lines[-1], caplog.text
+        assert client.counters["uploads_early"] == 1
+    finally:
+        genie.configure(local_device="cpu")
+        client.close()
+
+
+def test_ctrl_c_while_queued_uploads_go_leaves_the_session_working(server, monkeypatch):
+    """SIGINT while the flush sends what is still queued: the upload in flight is finished,
+    the rest is not sent, KeyboardInterrupt reaches the user; a tensor whose upload never went
+    says so when used, and the same session computes on."""
+    client = connect(server.address, token=server.token)
+    try:
+        early = client.early
+        monkeypatch.setattr(early, "_kick", lambda inline: None)
+        real, sent = early._send, []
+
+        def interrupting(up):
+            real(up)
+            sent.append(up.sid)
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C now
+
+        monkeypatch.setattr(early, "_send", interrupting)
+        a, b = torch.randn(1 << 16), torch.randn(1 << 16)
+        ra, rb = a.to(DEVICE), b.to(DEVICE)
+        with pytest.raises(KeyboardInterrupt):
+            (ra + rb).cpu()
+        assert len(sent) == 1  # nothing more went after the interrupt
+        monkeypatch.setattr(early, "_send", real)
+        with pytest.raises(GenieError, match="interrupted"):
+            (rb * 2).cpu()
+        z = torch.randn(16, 4)
+        assert torch.equal((z.to(DEVICE) @ z.t().to(DEVICE)).cpu(), z @ z.t())
+    finally:
+        genie.configure(local_device="cpu")
+        client.close()
