@@ -242,7 +242,7 @@ def load_client(k: int, address: str, token: str, args, barrier, results) -> Non
             rmodel = build(args.model, getattr(torch, args.dtypes[0])).to(REMOTE)
             for x in inputs[args.requests :]:
                 rmodel(x.to(REMOTE)).pooler_output.cpu()
-            barrier.wait()
+            barrier.wait(timeout=args.timeout)
             start = time.perf_counter()
             lat, outs = [], []
             for x in inputs[: args.requests]:
@@ -254,6 +254,7 @@ def load_client(k: int, address: str, token: str, args, barrier, results) -> Non
         genie.configure(local_device="cpu")
         client.close()
     except Exception:  # noqa: BLE001 - reported by the parent
+        barrier.abort()  # the others stop waiting for this one
         results.put((k, 0.0, 0.0, [], None, traceback.format_exc()))
 
 

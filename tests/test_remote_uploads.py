@@ -176,3 +176,27 @@ def test_ctrl_c_while_queued_uploads_go_leaves_the_session_working(server, monke
     finally:
         genie.configure(local_device="cpu")
         client.close()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: torch.randn(64, 32).to(torch.bfloat16), id="bfloat16"),
+        pytest.param(lambda: torch.rand(300) > 0.5, id="bool"),
+        pytest.param(lambda: torch.randn(96, 64).t(), id="transposed-view"),
+        pytest.param(lambda: torch.randn(50, 40)[3:20, ::2], id="strided-slice"),
+    ],
+)
+def test_every_dtype_and_layout_arrives_as_it_was_at_to(remote, make):
+    x = make()
+    before = x.clone()
+    rx = x.to(DEVICE)
+    x.zero_() if x.dtype != torch.bool else x.logical_not_()
+    assert torch.equal(rx.cpu(), before)
+
+
+def test_an_upload_made_in_inference_mode_arrives(remote):
+    with torch.inference_mode():
+        x = torch.randn(128, 16)
+        y = (x.to(DEVICE) * 2).cpu()
+    assert torch.equal(y, x * 2)
