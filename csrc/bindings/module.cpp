@@ -228,10 +228,13 @@ struct FlushDigest {
 class PyExecutor final : public Executor {
  public:
   // An object with run_digest() gets flushes as digests first (Note: [Flush digests in
-  // Python]); any other gets them as node dicts (run()).
+  // Python]); any other gets them as node dicts (run()), and one whose `frees_dead` is true
+  // gets what is dead after the flush too: run(nodes, constants, targets, dead) (Note: [Dead
+  // after the flush] in capture/recorder.cpp).
   explicit PyExecutor(py::object obj) : obj_(std::move(obj)) {
     digests_ = py::hasattr(obj_, "run_digest");
     early_ = py::hasattr(obj_, "upload_early");
+    frees_dead_ = py::getattr(obj_, "frees_dead", py::bool_(false)).cast<bool>();
   }
   ~PyExecutor() override {
     py::gil_scoped_acquire gil;
@@ -257,6 +260,10 @@ class PyExecutor final : public Executor {
         *d->alive = false;
         return;
       }
+    }
+    if (frees_dead_) {
+      obj_.attr("run")(request_nodes_to_py(req), constants_to_py(req), req.targets, req.dead);
+      return;
     }
     obj_.attr("run")(request_nodes_to_py(req), constants_to_py(req), req.targets);
   }
@@ -308,6 +315,7 @@ class PyExecutor final : public Executor {
   py::object obj_;
   bool digests_ = false;
   bool early_ = false;
+  bool frees_dead_ = false;
 };
 
 // A Python object with `window` (an int) and on_window(bytes) as the recorder's speculation
@@ -434,6 +442,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("binding", [](const FlushDigest& d) { return d.digest.binding; })
       .def_property_readonly("constants", [](const FlushDigest& d) { return constants_to_py(d.request()); })
       .def_property_readonly("targets", [](const FlushDigest& d) { return d.request().targets; })
+      .def_property_readonly("dead", [](const FlushDigest& d) { return d.request().dead; },
+                             "What the recorder releases right after this flush (Note: [Dead after the flush]).")
       .def_property_readonly("rng", [](const FlushDigest& d) {
         py::list rng;
         for (const auto& [k, state] : d.digest.rng) rng.append(py::make_tuple(k, state));

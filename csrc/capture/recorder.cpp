@@ -296,6 +296,20 @@ std::string Recorder::flush_locked(const std::vector<StorageId>& targets, bool a
     }
   }
 
+  // Note: [Dead after the flush]
+  // Only the recorder knows which storages a live tensor still holds. What this flush leaves
+  // unreachable -- released storages and uploads no pending node mentions -- it releases right
+  // after the flush; the request names them first, so an executor that runs the flush in
+  // pieces (a plan over several servers) may free each one as soon as its last reader in the
+  // flush ran instead of holding it to the end (Note: [What a device holds] in
+  // python/genie/scheduler/memory.py).
+  for (auto id : released_)
+    if (!mentioned.count(id)) req.dead.push_back(id);
+  for (auto id : pure_constants_)
+    if (!mentioned.count(id)) req.dead.push_back(id);
+  std::sort(req.dead.begin(), req.dead.end());
+  req.dead.erase(std::unique(req.dead.begin(), req.dead.end()), req.dead.end());
+
   if (!req.nodes.empty() || !req.constants.empty()) {
     try {
       executor_->run(req);
@@ -317,27 +331,13 @@ std::string Recorder::flush_locked(const std::vector<StorageId>& targets, bool a
   last_flushed_ = std::move(req.nodes);
   pending_.swap(remaining);
 
-  // 3. Free what nobody can reach: released storages no pending node mentions, and pure
-  //    constants (CPU inputs) once no pending node reads them.
-  std::vector<StorageId> to_free;
-  for (auto it = released_.begin(); it != released_.end();) {
-    if (!mentioned.count(*it)) {
-      to_free.push_back(*it);
-      poisoned_.erase(*it);
-      it = released_.erase(it);
-    } else {
-      ++it;
-    }
+  // 3. Free what nobody can reach (the request's `dead`): released storages no pending node
+  //    mentions, and pure constants (CPU inputs) once no pending node reads them.
+  for (auto id : req.dead) {
+    if (released_.erase(id)) poisoned_.erase(id);
+    pure_constants_.erase(id);
   }
-  for (auto it = pure_constants_.begin(); it != pure_constants_.end();) {
-    if (!mentioned.count(*it)) {
-      to_free.push_back(*it);
-      it = pure_constants_.erase(it);
-    } else {
-      ++it;
-    }
-  }
-  if (!to_free.empty()) executor_->release(to_free);
+  if (!req.dead.empty()) executor_->release(req.dead);
   return {};
 }
 

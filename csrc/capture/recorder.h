@@ -78,7 +78,9 @@ struct FlushRequest {
   std::vector<std::shared_ptr<Node>> nodes;                 // program order
   std::unordered_map<StorageId, Constant> constants;       // uploads this flush needs
   std::vector<StorageId> targets;                           // storages the host asked for
-  std::vector<StorageId> keep;                              // outputs still referenced afterwards
+  // What the recorder releases as soon as this flush returns: storages no live tensor holds
+  // and no pending node mentions (Note: [Dead after the flush] in recorder.cpp).
+  std::vector<StorageId> dead;
   // The value the host fetches as soon as this flush returns (a materialization), so an
   // executor may ask for it together with the run (Note: [Run then fetch] in python/genie/runtime/remote/client.py).
   std::optional<TensorRef> then_fetch;

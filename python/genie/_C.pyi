@@ -37,7 +37,8 @@ def _set_local_executor(device: str) -> None:
 
 def _set_python_executor(executor: object, target_device_type: str) -> None:
     """Run flushes through a Python object with run/fetch/release/has/run_eager/bind methods
-    (and run_digest(_FlushDigest), if it digests flushes)."""
+    (and run_digest(_FlushDigest), if it digests flushes). One whose ``frees_dead`` is true is
+    called ``run(nodes, constants, targets, dead)`` (Note: [Dead after the flush])."""
 
 def _set_speculation_hook(hook: object | None) -> None:
     """The recorder's speculation hook: an object with `window` and on_window(bytes), or None
@@ -57,6 +58,9 @@ class _FlushDigest:
     def constants(self) -> dict[int, torch.Tensor]: ...
     @property
     def targets(self) -> list[int]: ...
+    @property
+    def dead(self) -> list[int]:
+        """What the recorder releases right after this flush (Note: [Dead after the flush])."""
     @property
     def rng(self) -> list[tuple[int, torch.Tensor]]: ...
     @property

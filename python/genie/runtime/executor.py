@@ -28,7 +28,10 @@ class Executor(Protocol):
     def run(
         self, nodes: list[dict], constants: dict[int, torch.Tensor], targets: list[int]
     ) -> None:
-        """Upload `constants`, then run `nodes` (core dicts, program order)."""
+        """Upload `constants`, then run `nodes` (core dicts, program order). An executor
+        whose ``frees_dead`` attribute is true is called with a fourth argument, ``dead``: the
+        storages the recorder releases as soon as this call returns, which it may free once
+        their last reader ran (Note: [Dead after the flush] in csrc/capture/recorder.cpp)."""
 
     def fetch(self, ref: dict) -> torch.Tensor:
         """The value of a view of a resident storage, as a tensor the host can copy from."""
