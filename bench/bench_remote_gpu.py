@@ -134,11 +134,12 @@ def bench_forward(name, build, make_inputs, pick, dtype, args, connect_remote) -
     if not row["remote_equal"] and out.is_floating_point():
         row["remote_max_abs_diff"] = float((out.float() - ref.float()).abs().max())
     row["remote_vs_eager"] = row["remote_ms"] / row["eager_ms"]
-    # The same with the input uploaded again every call (a fresh upload cannot be predicted,
-    # so no speculative start: Note: [Client speculation]).
+    # The same with the input uploaded again every call: its upload begins at .to() and the
+    # server starts the program as soon as it lands (Note: [Early uploads] in remote/early.py).
     row["remote_new_input_ms"] = timed(
         lambda: pick(rmodel(*to(inputs, REMOTE))).cpu(), args.device, args.repeats
     )
+    row["remote_new_input_vs_eager"] = row["remote_new_input_ms"] / row["eager_ms"]
     rmodel = rx = None
     genie.synchronize()
     session = client.server_stats()["session"]
