@@ -12,7 +12,8 @@ from torch import nn
 
 import genie
 from genie import _C
-from genie.runtime.executor import install_executor, use_local
+from genie.runtime.backends import EnvironmentBackend
+from genie.runtime.executor import PythonExecutor, install_executor, use_local
 from genie.runtime.multi_device import MultiDeviceExecutor
 from genie.scheduler import (
     AdaptiveOptimizer,
@@ -285,3 +286,103 @@ def test_a_batch_that_is_not_sliced_cannot_run_data_parallel_or_micro_batched(mu
     ex.planner.micro_batching = True
     with pytest.raises(NotImplementedError, match="torch.chunk"):
         copy.deepcopy(model).to(REMOTE)(x.to(REMOTE)).cpu()
+
+
+class _Recording(PythonExecutor):
+    """A Python executor that asks for, and keeps, what each flush leaves dead."""
+
+    frees_dead = True
+
+    def __init__(self):
+        super().__init__("cpu")
+        self.dead: list[set[int]] = []
+
+    def run(self, nodes, constants, targets, dead=()) -> None:
+        self.dead.append(set(dead))
+        super().run(nodes, constants, targets)
+
+
+def test_an_executor_learns_which_values_are_dead_after_a_flush():
+    """With each flush the recorder names the storages no tensor holds any more: the
+    intermediates the user dropped, never the result or an intermediate still held."""
+    ex = _Recording()
+    install_executor(ex)
+    try:
+        a = torch.randn(8, 8)
+        x = a.to(REMOTE)
+        kept = x @ x
+        h = kept.relu()
+        y = (h * 2).tanh()
+        ids = {name: int(_C._storage_id(t)) for name, t in (("x", x), ("kept", kept), ("h", h))}
+        ids["y"] = int(_C._storage_id(y))
+        del h
+        got = y.cpu()
+        assert torch.equal(kept.cpu(), a @ a)
+    finally:
+        use_local()
+    dead = ex.dead[0]
+    assert ids["h"] in dead
+    assert not {ids["x"], ids["kept"], ids["y"]} & dead
+    assert torch.equal(got, ((a @ a).relu() * 2).tanh())
+
+
+class _Peak(EnvironmentBackend):
+    """An in-process device that remembers the most it held after any request."""
+
+    def __init__(self, name: str):
+        super().__init__(name, "cpu")
+        self.peak = 0
+
+    def _held(self) -> None:
+        self.peak = max(self.peak, self.env.nbytes())
+
+    def put_constant(self, storage, tensor) -> None:
+        super().put_constant(storage, tensor)
+        self._held()
+
+    def import_(self, storage, data) -> None:
+        super().import_(storage, data)
+        self._held()
+
+    def run(self, nodes) -> None:
+        super().run(nodes)
+        self._held()
+
+
+@torch.no_grad()
+def test_activations_larger_than_a_device_are_freed_after_their_last_reader():
+    """Eight layers whose activations together outgrow each device's memory, split over two
+    devices: every dead activation is freed on its device once its last reader ran, so
+    neither device ever holds more than its memory; the result and an activation the user
+    kept equal eager."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 256)
+    ws = [torch.randn(256, 256) / 16 for _ in range(8)]
+
+    def program(x, ws):
+        h, kept = x, None
+        for i, w in enumerate(ws):
+            h = (h @ w).tanh()
+            if i == 3:
+                kept = h
+        return h, kept
+
+    ref, ref_kept = program(x, ws)
+    size = x.numel() * 4  # one activation, one weight
+    topo = cpu_topology(2, memory=11 * size)  # 8 weights and 16 activations need 25
+    backends = {d: _Peak(d) for d in topo.device_names}
+    ex = MultiDeviceExecutor(
+        backends, topology=topo, scheduler=Scheduler(GraphCostEstimator(), topo, "pipeline")
+    )
+    install_executor(ex)
+    try:
+        out, kept = program(x.to(REMOTE), [w.to(REMOTE) for w in ws])
+        assert torch.equal(out.cpu(), ref)
+        assert torch.equal(kept.cpu(), ref_kept)
+    finally:
+        genie.synchronize()
+        use_local()
+    assert {f.device for f in ex.last_plan.fragments} == {"cpu0", "cpu1"}
+    assert ex.stats["released_early"] > 0
+    for b in backends.values():
+        assert 0 < b.peak <= 11 * size, (b.name, b.peak)

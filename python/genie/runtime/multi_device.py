@@ -38,10 +38,12 @@ from genie.runtime.backends import (
     served,
     session,
 )
+from genie.runtime.releases import ReleasePlan, freeable, schedule_releasing, split_runs
 from genie.runtime.remote.peers import PeerLinks
 from genie.runtime.replay import Environment
-from genie.scheduler.cost_model import GraphCostEstimator, is_view
+from genie.scheduler.cost_model import GraphCostEstimator
 from genie.scheduler.devices import DeviceSpec
+from genie.scheduler.memory import Releases
 from genie.scheduler.planner import ExecutionPlan, Planner
 from genie.scheduler.scheduler import Scheduler
 from genie.scheduler.topology import NetworkTopology
@@ -104,6 +106,9 @@ class MultiDeviceExecutor:
             False runs the plan's steps one after another.
     """
 
+    # The recorder names what is dead after each flush (Note: [Dead after the flush]).
+    frees_dead = True
+
     def __init__(
         self,
         devices: Mapping[str, Any] | None = None,
@@ -145,6 +150,7 @@ class MultiDeviceExecutor:
         self._home: dict[int, str] = {}  # storage -> device holding its current value
         self._copies: dict[int, set[str]] = {}  # storage -> devices with a valid copy
         self._eager_device: str | None = None
+        self._run_level: dict[str, int] = {}  # program -> runs that fitted (Note: [Runs])
         self._lock = threading.RLock()
         self.last_schedule = None
         self.last_plan: ExecutionPlan | None = None
@@ -157,6 +163,7 @@ class MultiDeviceExecutor:
             "execute_s": 0.0,
             "direct_transfers": 0,
             "direct_bytes": 0,
+            "released_early": 0,
         }
         # Servers move tensors between themselves (Note: [Server-to-server moves]);
         # GENIE_DIRECT_MOVES=0 (or direct=False) relays them through this process instead.
@@ -221,7 +228,11 @@ class MultiDeviceExecutor:
 
     # -- the Executor protocol ---------------------------------------------------------------
     def run(
-        self, nodes: list[dict], constants: dict[int, torch.Tensor], targets: list[int]
+        self,
+        nodes: list[dict],
+        constants: dict[int, torch.Tensor],
+        targets: list[int],
+        dead: list[int] = (),
     ) -> None:
         with self._lock:
             t0 = time.perf_counter()
@@ -232,27 +243,38 @@ class MultiDeviceExecutor:
                 for s, t in graph.constants.items():
                     self._upload(s, t, next(iter(self.backends)))
                 return
+            # Dead values from earlier flushes that this one does not touch go now, not
+            # after it: the memory they held is this flush's (Note: [What a device holds]).
+            if dead:
+                touched = {t.storage for n in graph.nodes for t in (*n.inputs, *n.outputs)}
+                self.release([s for s in dead if s in self._home and s not in touched])
             resident = {
                 s: self._home[s]
                 for s in graph.input_storages
                 if s in self._home and s not in graph.constants
             }
             profile = self.profiler(graph) if callable(self.profiler) else None
-            # Every device keeps what a flush creates until the flush ends (Note: [What a
-            # device holds] in scheduler/memory.py): the memory sweep counts it so, and the
-            # copies of resident inputs kept on other devices (read there, never moved again).
+            # A device keeps what a flush creates until the flush ends, but for the dead
+            # values this executor frees after their last use (Note: [What a device holds] in
+            # scheduler/memory.py): the memory sweep counts them so, and the copies of
+            # resident inputs kept on other devices (read there, never moved again).
             copies = {s: self._copies[s] - {resident[s]} for s in resident if s in self._copies}
-            schedule = self.scheduler.create_schedule(
+            key = graph.structural_hash()
+            schedule, releases, level = schedule_releasing(
+                self.scheduler,
                 graph,
                 profile,
+                freeable(graph, dead),
+                self._run_level.get(key, 0),
                 resident=resident,
                 reserved=self._reserved(graph),
                 holds="flush",
                 copies=copies,
             )
+            self._run_level[key] = level
             plan = self.planner.generate_plan(graph, profile, schedule)
             t1 = time.perf_counter()
-            self._execute(graph, plan)
+            self._execute(graph, plan, releases)
             t2 = time.perf_counter()
             self.last_schedule, self.last_plan = schedule, plan
             st = self.stats
@@ -330,7 +352,7 @@ class MultiDeviceExecutor:
             return self._backend_holding(meta.storage).view(meta)
 
     # -- execution ---------------------------------------------------------------------------
-    def _execute(self, graph: Graph, plan: ExecutionPlan) -> None:
+    def _execute(self, graph: Graph, plan: ExecutionPlan, releases: Releases | None = None) -> None:
         if (
             plan.flags.get("micro_batching")
             and not plan.flags.get("sliced")
@@ -346,29 +368,42 @@ class MultiDeviceExecutor:
         for dev, sids in plan.uploads.items():
             for s in sids:
                 self._upload(s, graph.constants[s], dev)
+        # Each fragment as its runs (Note: [Runs] in runtime/releases.py), and where each
+        # dead value is released on each device (Note: [What a device holds]).
         runs = {
-            f.id: [by_id[i] for i in f.node_ids if not is_view(by_id[i])] for f in plan.fragments
+            f.id: split_runs(graph, [by_id[i] for i in f.node_ids], releases)
+            for f in plan.fragments
         }
+        frees = ReleasePlan.of(plan, runs, releases.dead if releases else frozenset())
+        freed: set[int] = set()
         parallel = (
             self.concurrent
             and plan.flags.get("overlap_io")
             and len({f.device for f in plan.fragments}) > 1
         )
         if parallel:
-            self._execute_concurrent(plan, runs)
+            self._execute_concurrent(plan, runs, frees, freed)
         else:
             for kind, i in plan.steps:
                 if kind == "transfer":
-                    self._transfer(plan.transfers[i])
+                    self._transfer(plan.transfers[i], frees, freed)
                 else:
-                    self._run_fragment(plan, i, runs[i])
+                    self._run_fragment(plan, i, runs[i], frees, freed)
         self.stats["transfers"] += len(plan.transfers)
         self.stats["transfer_bytes"] += plan.transfer_bytes
-        # One home per written storage; copies elsewhere are stale now.
+        # One home per written storage; copies elsewhere are stale now. The dead values
+        # released on every device that held them have none.
         for s, dev in plan.homes.items():
-            self._set_home(s, dev)
+            if s not in freed:
+                self._set_home(s, dev)
 
-    def _execute_concurrent(self, plan: ExecutionPlan, runs: dict[int, list[Node]]) -> None:
+    def _execute_concurrent(
+        self,
+        plan: ExecutionPlan,
+        runs: dict[int, list[list[Node]]],
+        frees: ReleasePlan,
+        freed: set[int],
+    ) -> None:
         """Each device runs its fragments in plan order on its own thread; a fragment waits
         for the fragments it depends on and for its incoming transfers (run on a transfer
         pool as soon as their source finishes). Steps are a topological order, so the
@@ -389,13 +424,14 @@ class MultiDeviceExecutor:
                     t = plan.transfers[i]
                     src = done.get(t.src_fragment) if t.src_fragment is not None else None
                     moved[i] = xfer_pool.submit(
-                        self._after, [src] if src else [], self._transfer, t
+                        self._after, [src] if src else [], self._transfer, t, frees, freed
                     )
                 else:
                     f = plan.fragments[i]
                     waits = [done[d] for d in f.deps] + [moved[t] for t in into.get(i, ())]
+                    waits += [moved[t] for t in frees.waits.get(i, ())]
                     done[i] = pools[f.device].submit(
-                        self._after, waits, self._run_fragment, plan, i, runs[i]
+                        self._after, waits, self._run_fragment, plan, i, runs[i], frees, freed
                     )
             for fut in list(done.values()) + list(moved.values()):
                 fut.result()
@@ -410,21 +446,44 @@ class MultiDeviceExecutor:
             w.result()  # re-raises a failure upstream
         fn(*args)
 
-    def _run_fragment(self, plan: ExecutionPlan, fid: int, nodes: list[Node]) -> None:
+    def _run_fragment(
+        self,
+        plan: ExecutionPlan,
+        fid: int,
+        runs: list[list[Node]],
+        frees: ReleasePlan,
+        freed: set[int],
+    ) -> None:
         f = plan.fragments[fid]
         backend = self.backends[f.device]
-        if not self.measure:
+        if self.measure:
+            backend.synchronize()
+            t0 = time.perf_counter()
+        for r, nodes in enumerate(runs):
             backend.run(nodes)
-            return
-        backend.synchronize()
-        t0 = time.perf_counter()
-        backend.run(nodes)
-        backend.synchronize()
-        self.scheduler.estimator.observe_nodes(
-            nodes, self.topology.spec(f.device), time.perf_counter() - t0
-        )
+            self._free(f.device, frees.after_run.get((fid, r)), freed)
+        if self.measure:
+            backend.synchronize()
+            self.scheduler.estimator.observe_nodes(
+                [n for nodes in runs for n in nodes],
+                self.topology.spec(f.device),
+                time.perf_counter() - t0,
+            )
 
-    def _transfer(self, t) -> None:
+    def _free(self, dev: str, ids: list[int] | None, freed: set[int]) -> None:
+        """Release dead values on `dev` after their last use there (Note: [What a device
+        holds]); the request that follows carries the release."""
+        if ids:
+            self.backends[dev].release(ids)
+            freed.update(ids)
+            self.stats["released_early"] += len(ids)
+
+    def _transfer(self, t, frees: ReleasePlan | None = None, freed: set[int] | None = None) -> None:
+        self._move(t)
+        if frees is not None:
+            self._free(t.src_device, frees.after_transfer.get(t.id), freed)
+
+    def _move(self, t) -> None:
         if t.version == -1 and t.dst_device in self._copies.get(t.storage, ()):
             return  # a valid copy of this input is already there
         src, dst = self.backends[t.src_device], self.backends[t.dst_device]

@@ -1,6 +1,6 @@
 """The memory side of placement: how long a device keeps a value (Note: [What a device
-holds]), the liveness sweep that gives each device's peak, moving work off devices that
-overflow, and the error that names what does not fit.
+holds], Releases), the liveness sweep that gives each device's peak, moving work off devices
+that overflow, and the error that names what does not fit.
 
 PlacementContext (placement.py) takes these methods from MemoryMixin; they read its
 analysis, devices, capacities, co-location units and pins.
@@ -15,21 +15,79 @@ from genie.scheduler.errors import MemoryPlacementError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HOLDS", "MemoryMixin", "MemoryReport", "format_bytes"]
+__all__ = ["HOLDS", "MemoryMixin", "MemoryReport", "Releases", "format_bytes"]
 
 
 # Note: [What a device holds]
 # The memory sweep must count what the executor really keeps, or a plan that "fits" fails on
-# a server started with --memory-limit. Two models:
+# a server started with --memory-limit. Who knows what:
+# - The recorder (C++) alone knows which storages a live tensor still holds. It releases the
+#   others after a flush, and names them to the executor before it (`dead`, Note: [Dead after
+#   the flush] in csrc/capture/recorder.cpp).
+# - A server session, like the in-process Environment, keeps every storage a request creates
+#   until the client releases it, and checks its memory limit against all that a request
+#   creates before running it: a value can be freed between two requests, never inside one.
+# - The MultiDeviceExecutor knows the plan: which fragment, run or transfer reads a storage
+#   last on each device. It releases a dead storage there right after that (before the next
+#   request to that device); it cuts a fragment into several runs (requests) only when the
+#   graph does not fit otherwise (Note: [Runs] in runtime/releases.py).
+# So the sweep has two models:
 # - "last_use": a value lives from its first write (or arrival) on a device to its last use
 #   there. Right for an executor that frees each intermediate after its last reader.
 # - "flush": a value lives from its first write (or arrival) on a device to the end of the
-#   graph. This is what genie's executors do: a server session, like the in-process
-#   Environment, keeps every storage a program creates until the client releases it, and
-#   the recorder releases a flush's dead intermediates only after the whole flush ran (it
-#   alone knows which storages the user still holds, so nobody can free one earlier without
-#   risking a value the user still reads). The MultiDeviceExecutor schedules with "flush".
+#   graph; with `Releases`, a dead one only to the end of the run of its last use there.
+#   The MultiDeviceExecutor schedules with "flush" and its Releases.
 HOLDS = ("last_use", "flush")
+
+
+@dataclass(frozen=True)
+class Releases:
+    """What an executor frees before the graph ends (Note: [What a device holds]): each
+    storage of `dead` once the run that uses it last on a device ended. A run is a stretch
+    of the graph in program order that a device executes as one request; `cuts` are the
+    positions (in ``graph.nodes``, never a view) where a new run begins. No cuts: one run."""
+
+    dead: frozenset[int]
+    cuts: tuple[int, ...] = ()
+
+    @classmethod
+    def cut(cls, graph, dead, budget: int) -> Releases:
+        """Runs that each create at most `budget` bytes (one node when it alone creates more)."""
+        from genie.scheduler.cost_model import is_view
+
+        cuts: list[int] = []
+        acc = 0
+        for pos, n in enumerate(graph.nodes):
+            if is_view(n):
+                continue
+            fresh = set(n.fresh)
+            nb = sum(t.storage_nbytes for t in n.outputs if t.storage in fresh)
+            if acc and acc + nb > budget:
+                cuts.append(pos)
+                acc = 0
+            acc += nb
+        return cls(frozenset(dead), tuple(cuts))
+
+    def key(self, graph) -> tuple:
+        """The same for the same program recorded again (storages by first appearance)."""
+        order: dict[int, int] = {}
+        for n in graph.nodes:
+            for t in (*n.inputs, *n.outputs):
+                order.setdefault(t.storage, len(order))
+        return tuple(sorted(order[s] for s in self.dead if s in order)), self.cuts
+
+    def run_ends(self, positions: list[int]) -> list[int]:
+        """For each compute node (its position in graph.nodes), the last compute index of
+        its run."""
+        ends = [0] * len(positions)
+        cuts = set(self.cuts)
+        start = 0
+        for ci in range(1, len(positions) + 1):
+            if ci == len(positions) or positions[ci] in cuts:
+                for k in range(start, ci):
+                    ends[k] = ci - 1
+                start = ci
+        return ends
 
 
 @dataclass
@@ -51,7 +109,8 @@ class MemoryMixin:
         """Peak bytes per device by a liveness sweep in program order: a storage lives on a
         device from its first write or arrival there to its last use there (on the device
         that produced it: to its last use anywhere, since transfers read it), or to the end
-        when the context's ``holds`` is "flush" (Note: [What a device holds]); graph inputs
+        when the context's ``holds`` is "flush" (a dead value of its ``releases``: to the end
+        of the run of its last use; Note: [What a device holds]); graph inputs
         live through the whole graph on every device that reads them; values nobody reads
         afterwards (results) live to the end."""
         intervals = self._intervals(placement, recompute)
@@ -91,8 +150,12 @@ class MemoryMixin:
             elif i < cur[0]:
                 cur[0] = i
 
-        # Note: [What a device holds]: under "flush" every value stays to the graph's end.
+        # Note: [What a device holds]: under "flush" every value stays to the graph's end, a
+        # dead one (with Releases) to the end of the run of its last use on that device.
         end = last if self.holds == "flush" else None
+        rel = self.releases if end is not None else None
+        dead = rel.dead if rel is not None else frozenset()
+        run_end = self._run_ends() if dead else None
         for ci in range(self.C):
             d = placement[ci]
             devs = (d,) if not recompute or ci not in recompute else (d, *recompute[ci])
@@ -107,11 +170,11 @@ class MemoryMixin:
                         touch(s, dev, ci)
                         touch(s, placement[w], ci)
                         if end is not None:
-                            touch(s, dev, end)
+                            touch(s, dev, run_end[ci] if s in dead else end)
                 for s in A.writes[ci]:
                     touch(s, dev, ci)
                     if end is not None:
-                        touch(s, dev, end)
+                        touch(s, dev, run_end[ci] if s in dead else end)
         for s, w in A.last_writer.items():
             if not A.readers.get((s, w)):
                 touch(s, placement[w], last)
@@ -119,6 +182,12 @@ class MemoryMixin:
             for d in ds:
                 iv[(s, d)] = [0, last]
         return iv
+
+    def _run_ends(self) -> list[int]:
+        ends = getattr(self, "_run_end_cache", None)
+        if ends is None:
+            ends = self._run_end_cache = self.releases.run_ends(self.A.positions)
+        return ends
 
     def live_at(
         self, placement, d: int, at: int, recompute=None, top: int = 5

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from genie.scheduler.analysis import GraphAnalysis
 from genie.scheduler.cost_model import GraphCostEstimator
 from genie.scheduler.errors import PlacementError
-from genie.scheduler.memory import HOLDS, MemoryMixin, MemoryReport, format_bytes
+from genie.scheduler.memory import HOLDS, MemoryMixin, MemoryReport, Releases, format_bytes
 from genie.scheduler.topology import NetworkTopology
 
 logger = logging.getLogger(__name__)
@@ -56,12 +56,14 @@ class PlacementContext(MemoryMixin):
         reserved: dict[str, int] | None = None,
         include_uploads: bool = True,
         holds: str = "last_use",
+        releases: Releases | None = None,
     ):
         if not devices:
             raise PlacementError("genie: no devices to place the graph on")
         if holds not in HOLDS:
             raise PlacementError(f"genie: holds must be one of {HOLDS}, not {holds!r}")
         self.holds = holds
+        self.releases = releases  # Note: [What a device holds]
         self.A = analysis
         self.topology = topology
         self.estimator = estimator

@@ -22,6 +22,7 @@ from typing import Any
 from genie.graph.ir import Graph
 from genie.scheduler.analysis import GraphAnalysis
 from genie.scheduler.cost_model import GraphCostEstimator
+from genie.scheduler.memory import Releases
 from genie.scheduler.placement import (
     HOLDS,
     META_DEVICE,
@@ -107,6 +108,7 @@ class Scheduler:
         strategy: Any = None,
         holds: str | None = None,
         copies: dict[int, set[str]] | None = None,
+        releases: Releases | None = None,
     ) -> ExecutionSchedule:
         """Schedule `graph`.
 
@@ -122,6 +124,8 @@ class Scheduler:
             copies: storage id -> other devices that hold a valid copy of a resident input
                 (weights uploaded to every device of a data-parallel plan): read there, not
                 moved, and counted in those devices' memory.
+            releases: under ``holds="flush"``, the storages the executor frees before the
+                graph ends and the runs it executes (Note: [What a device holds]).
         """
         t0 = time.perf_counter()
         holds = holds or self.holds
@@ -132,6 +136,8 @@ class Scheduler:
         if self.optimizer is not None:
             opt_key = self.optimizer.config_key(graph)
         key = self._key(graph, resident, pins, strat_spec, opt_key, holds, copies)
+        if key is not None and releases is not None:
+            key = (*key, releases.key(graph))
         if key is not None and self.cache_size:
             with self._lock:
                 cached = self._cache.get(key)
@@ -146,7 +152,7 @@ class Scheduler:
         if self.optimizer is not None:
             self.optimizer.apply(graph, profile)
         sched = self._build(
-            graph, profile, resident, pins, reserved, strat_spec, key, holds, copies
+            graph, profile, resident, pins, reserved, strat_spec, key, holds, copies, releases
         )
         sched.optimizer_key = opt_key
         if key is not None and self.cache_size:
@@ -232,7 +238,7 @@ class Scheduler:
         return True
 
     def _build(
-        self, graph, profile, resident, pins, reserved, strat_spec, key, holds, copies
+        self, graph, profile, resident, pins, reserved, strat_spec, key, holds, copies, releases
     ) -> ExecutionSchedule:
         A = GraphAnalysis.of(graph, refresh=self.optimizer is not None)
         ctx = PlacementContext(
@@ -246,6 +252,7 @@ class Scheduler:
             reserved=reserved,
             include_uploads=self.include_uploads,
             holds=holds,
+            releases=releases,
         )
         strat = make_strategy(strat_spec)
         notes: list[str] = []

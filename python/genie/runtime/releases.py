@@ -1,0 +1,147 @@
+"""Freeing a flush's dead values while a multi-device plan runs (Note: [Runs]): which storages
+the executor may free, the runs a fragment is cut into, and where in the plan each storage is
+released on each device.
+
+The recorder names what is dead after a flush (Note: [Dead after the flush] in
+csrc/capture/recorder.cpp); the scheduler counts it by liveness (Note: [What a device holds]
+in scheduler/memory.py); the MultiDeviceExecutor follows a ReleasePlan.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from genie.graph.ir import Graph, Node
+from genie.scheduler.cost_model import is_view
+from genie.scheduler.errors import MemoryPlacementError
+from genie.scheduler.memory import Releases
+from genie.scheduler.plan import ExecutionPlan
+
+__all__ = ["ReleasePlan", "freeable", "schedule_releasing", "split_runs"]
+
+# Note: [Runs]
+# A server frees nothing inside a request (Note: [What a device holds]), so a fragment that
+# runs as one request holds every value it creates until it ends. That is fine until a graph
+# does not fit: then the fragment is cut into runs, several requests, and between two runs
+# the executor releases the dead values whose last reader ran. Runs cost a request each, so
+# the executor first schedules with no cut (one run per fragment) and cuts finer only while
+# the scheduler finds no placement that fits: runs creating at most a quarter, a sixteenth...
+# of what the graph creates, then one node each. The level that fitted is remembered per
+# program, so the next forward schedules once.
+_LEVELS = (None, 4, 16, 64, 0)  # None: no cut; k: runs of total/k bytes; 0: one node each
+
+
+def freeable(graph: Graph, dead: Iterable[int]) -> frozenset[int]:
+    """The storages of `dead` this graph creates (its inputs stay where they are)."""
+    dead = set(dead)
+    if not dead:
+        return frozenset()
+    inputs = set(graph.input_storages)
+    made: set[int] = set()
+    for n in graph.nodes:
+        made.update(n.fresh)
+        made.update(n.writes)
+    return frozenset((made & dead) - inputs)
+
+
+def schedule_releasing(
+    scheduler, graph: Graph, profile: Any, free: frozenset[int], start: int, **kwargs
+) -> tuple[Any, Releases | None, int]:
+    """Schedule `graph` with the coarsest runs that fit, from level `start` on (Note: [Runs]):
+    (schedule, releases, level). Raises the finest level's MemoryPlacementError."""
+    if not free:
+        return scheduler.create_schedule(graph, profile, **kwargs), None, 0
+    total = sum(
+        t.storage_nbytes
+        for n in graph.nodes
+        if not is_view(n)
+        for t in n.outputs
+        if t.storage in set(n.fresh)
+    )
+    for level in range(start, len(_LEVELS)):
+        k = _LEVELS[level]
+        if k is None:
+            releases = Releases(free)
+        else:
+            releases = Releases.cut(graph, free, total // k if k else 0)
+        try:
+            sched = scheduler.create_schedule(graph, profile, releases=releases, **kwargs)
+        except MemoryPlacementError:
+            if level == len(_LEVELS) - 1:
+                raise
+            continue
+        return sched, releases, level
+    raise AssertionError("unreachable")
+
+
+def split_runs(graph: Graph, nodes: list[Node], releases: Releases | None) -> list[list[Node]]:
+    """A fragment's nodes (views left out: they run where they are read) as its runs."""
+    nodes = [n for n in nodes if not is_view(n)]
+    if releases is None or not releases.cuts or not nodes:
+        return [nodes]
+    pos = {n.id: i for i, n in enumerate(graph.nodes)}
+    runs: list[list[Node]] = []
+    current = None
+    for n in nodes:
+        r = bisect.bisect_right(releases.cuts, pos[n.id])
+        if r != current:
+            runs.append([])
+            current = r
+        runs[-1].append(n)
+    return runs
+
+
+@dataclass
+class ReleasePlan:
+    """Where each freeable storage is released on each device: after the run or the transfer
+    that uses it last there (reads it, writes it, or moves it away)."""
+
+    after_run: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    after_transfer: dict[int, list[int]] = field(default_factory=dict)
+    # Transfers away from a fragment's device that must end before the fragment releases.
+    waits: dict[int, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls, plan: ExecutionPlan, runs: dict[int, list[list[Node]]], free: frozenset[int]
+    ) -> ReleasePlan:
+        out = cls()
+        if not free:
+            return out
+        last: dict[tuple[int, str], tuple] = {}
+        moved_from: dict[tuple[int, str], list[tuple[int, int]]] = {}  # -> (step, transfer)
+        for k, (kind, i) in enumerate(plan.steps):
+            if kind == "transfer":
+                t = plan.transfers[i]
+                if t.storage in free:
+                    last[(t.storage, t.src_device)] = ("transfer", i)
+                    moved_from.setdefault((t.storage, t.src_device), []).append((k, i))
+                continue
+            dev = plan.fragments[i].device
+            for r, nodes in enumerate(runs[i]):
+                for n in nodes:
+                    for s in _touched(n):
+                        if s in free:
+                            last[(s, dev)] = ("run", i, r, k)
+        for (s, dev), where in last.items():
+            if where[0] == "transfer":
+                out.after_transfer.setdefault(where[1], []).append(s)
+                continue
+            _, fid, r, step = where
+            out.after_run.setdefault((fid, r), []).append(s)
+            for k, tid in moved_from.get((s, dev), ()):
+                if k < step:
+                    out.waits.setdefault(fid, []).append(tid)
+        return out
+
+
+def _touched(n: Node):
+    for t in n.inputs:
+        yield t.storage
+    for t in n.outputs:
+        yield t.storage
+    yield from n.writes
+    yield from n.fresh
