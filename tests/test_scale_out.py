@@ -334,11 +334,14 @@ def test_no_activation_crosses_the_client_links(pair):
 
 
 @torch.no_grad()
-def test_a_model_larger_than_one_servers_memory_limit_runs_split():
+@pytest.mark.parametrize(("width", "tokens"), [(128, 8), (384, 128)])
+def test_a_model_larger_than_one_servers_memory_limit_runs_split(width, tokens):
     """Two servers that may each hold 70% of a model's weights (genie serve --memory-limit):
     the model runs split over both, equal to eager; its weights stay where they were placed,
-    so a second forward with a new input uploads that input and nothing else."""
-    model = gpt2(n_layer=4, n_embd=128)
+    so a second forward with a new input uploads that input and nothing else. At 128 tokens
+    the activations of the layers a server runs outgrow what it has left beside its weights:
+    each is freed on its server once its last reader ran (Note: [What a device holds])."""
+    model = gpt2(n_layer=4, n_embd=width)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     limit = str(int(weights * 0.7))
     token = secrets.token_hex(16)
@@ -350,7 +353,7 @@ def test_a_model_larger_than_one_servers_memory_limit_runs_split():
         ex = genie.connect([s0.address, s1.address], token=token)
         try:
             rmodel = copy.deepcopy(model).to(REMOTE)
-            ids = torch.randint(0, 500, (1, 8), generator=torch.Generator().manual_seed(7))
+            ids = torch.randint(0, 500, (1, tokens), generator=torch.Generator().manual_seed(7))
             assert torch.equal(rmodel(ids.to(REMOTE)).logits.cpu(), model(ids).logits)
             clients = [b.executor for b in ex.backends.values()]
             held = [c.server_stats()["session"]["resident_bytes"] for c in clients]
@@ -358,11 +361,13 @@ def test_a_model_larger_than_one_servers_memory_limit_runs_split():
             ids2 = ids.flip(1)
             out = rmodel(ids2.to(REMOTE)).logits.cpu()
             uploaded = sum(c.stats()["upload_bytes"] for c in clients) - uploaded
+            used = {f.device for f in ex.last_plan.fragments}
         finally:
             genie.disconnect()
         healthy(s0)
         healthy(s1)
     assert torch.equal(out, model(ids2).logits)
+    assert used == {"server0", "server1"}
     assert all(0 < h <= int(limit) for h in held), (held, limit)  # both hold a part
     assert sum(held) >= weights
     assert uploaded == ids2.numel() * ids2.element_size()

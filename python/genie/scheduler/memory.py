@@ -257,6 +257,38 @@ class MemoryMixin:
             raise self._memory_error(placement, rep)
         return placement, notes
 
+    def fill_by_memory(self, stages: int) -> list[int] | None:
+        """Contiguous stages in program order on devices 0..stages-1, each stage as long as
+        its device can hold (a binary search per stage), the last one taking the rest; None
+        when even that overflows. For a graph whose time-balanced cut does not fit: one
+        activation crosses each cut, where rebalancing by suffixes may bounce between
+        devices."""
+        C = self.C
+        placement = [stages - 1] * C
+        start = 0
+        for k in range(stages - 1):
+            if start >= C:
+                break
+
+            def fits(end: int, k: int = k, start: int = start) -> bool:
+                trial = placement[:start] + [k] * (end - start) + [k + 1] * (C - end)
+                rep = self.memory(self.apply_units(trial))
+                return rep.peak[k] <= rep.capacity[k]
+
+            if not fits(start + 1):
+                return None
+            lo, hi = start + 1, C
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if fits(mid):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            placement[start:lo] = [k] * (lo - start)
+            start = lo
+        placement = self.apply_units(placement)
+        return None if self.memory(placement).over() else placement
+
     def _smallest_suffix(self, placement, movable, d, e) -> int | None:
         """Smallest k such that moving the last k movable units of d to e makes d fit."""
 

@@ -274,7 +274,10 @@ class PipelineStrategy(_Base):
             return ctx.single(0)
         reps = find_replicas(ctx.A)
         if reps is None:
-            return ctx.apply_units(self._cut(ctx, list(range(ctx.C)), S))
+            placement = ctx.apply_units(self._cut(ctx, list(range(ctx.C)), S))
+            if ctx.memory(placement).over():  # memory first: stages as long as they fit
+                placement = ctx.fill_by_memory(S) or placement
+            return placement
         # Micro-batches (Note: [Replicas]): every slice cut where the first one is, so that
         # a stage takes slice i+1 while the next stage works on slice i; the join goes last.
         cut = self._cut(ctx, reps.sets[0], S)
