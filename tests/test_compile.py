@@ -202,10 +202,11 @@ def test_compiled_train_step_runs_the_optimizer_there(where, optimizer):
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_deferred_host_copies_keep_training_state_on_the_server(server, optimizer):
     """options={"defer_host_copies": True}: a compiled training step (SGD with momentum,
-    AdamW) leaves parameters, gradients, batch norm statistics and optimizer state on the server; a step sends its batch (and
-    the loss's seed gradient) and brings back its loss, nothing else. Until genie.compile.synchronize() the host's copies
-    read NaN (never silently old values); afterwards they equal PyTorch's own compiled step bit
-    for bit, and training goes on from there."""
+    AdamW) leaves parameters, gradients, batch norm statistics and optimizer state on the
+    server; a step sends its batch (and the loss's seed gradient) and brings back its loss,
+    nothing else. Until genie.compile.synchronize() the host's copies read NaN (never silently
+    old values); afterwards they equal PyTorch's own compiled step bit for bit, and training
+    goes on from there."""
     torch._dynamo.reset()
     client = connect(server.address, token=server.token, install=False)
     try:
