@@ -46,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 REMOTE = "remote_accelerator:0"
 SEED = 0
+WARMUP = 5  # untimed requests first: speculation learns, a CUDA server captures its graphs
 
 
 # -- the model and its requests --------------------------------------------------------------
@@ -147,7 +148,7 @@ def compare(args, dtype_name: str, rpc_proc) -> dict:
 
     dtype = getattr(torch, dtype_name)
     per_mode = args.rounds * args.per_round
-    inputs = requests(args.model, per_mode + 8, seed=1)
+    inputs = requests(args.model, per_mode + WARMUP, seed=1)
     model = build(args.model, dtype)
     eager_model = copy.deepcopy(model).to(args.device)
 
@@ -193,7 +194,7 @@ def compare(args, dtype_name: str, rpc_proc) -> dict:
         spec = {"spec_hits": 0, "uploads_early": 0, "calls": 0}
         for r in range(args.rounds):
             for name, fn in modes.items():
-                for x in inputs[per_mode : per_mode + 3]:  # warm-up: a mode's steady state
+                for x in inputs[per_mode : per_mode + WARMUP]:  # a mode's steady state
                     fn(x)
                 before = dict(client.counters)
                 for i in range(r * args.per_round, (r + 1) * args.per_round):
@@ -236,7 +237,7 @@ def load_client(k: int, address: str, token: str, args, barrier, results) -> Non
         from genie.runtime.remote import connect
 
         torch.set_num_threads(1)
-        inputs = requests(args.model, args.requests + 3, seed=100 + k)
+        inputs = requests(args.model, args.requests + WARMUP, seed=100 + k)
         client = connect(address, token=token)
         with torch.no_grad():
             rmodel = build(args.model, getattr(torch, args.dtypes[0])).to(REMOTE)
@@ -267,7 +268,7 @@ def load(args) -> dict:
     # and the throughput to beat.
     model = build(args.model, dtype).to(args.device)
     per_client = [
-        requests(args.model, args.requests + 3, seed=100 + k) for k in range(args.clients)
+        requests(args.model, args.requests + WARMUP, seed=100 + k) for k in range(args.clients)
     ]
     for x in per_client[0][args.requests :]:
         model(x.to(args.device)).pooler_output.cpu()
