@@ -164,6 +164,7 @@ class MultiDeviceExecutor:
             "direct_transfers": 0,
             "direct_bytes": 0,
             "released_early": 0,
+            "runs": 0,
         }
         # Servers move tensors between themselves (Note: [Server-to-server moves]);
         # GENIE_DIRECT_MOVES=0 (or direct=False) relays them through this process instead.
@@ -459,6 +460,7 @@ class MultiDeviceExecutor:
         if self.measure:
             backend.synchronize()
             t0 = time.perf_counter()
+        self.stats["runs"] += len(runs)
         for r, nodes in enumerate(runs):
             backend.run(nodes)
             self._free(f.device, frees.after_run.get((fid, r)), freed)

@@ -28,10 +28,20 @@ __all__ = ["ReleasePlan", "freeable", "schedule_releasing", "split_runs"]
 # does not fit: then the fragment is cut into runs, several requests, and between two runs
 # the executor releases the dead values whose last reader ran. Runs cost a request each, so
 # the executor first schedules with no cut (one run per fragment) and cuts finer only while
-# the scheduler finds no placement that fits: runs creating at most a quarter, a sixteenth...
+# the scheduler finds no placement that fits: runs creating at most a half, a quarter...
 # of what the graph creates, then one node each. The level that fitted is remembered per
 # program, so the next forward schedules once.
-_LEVELS = (None, 4, 16, 64, 0)  # None: no cut; k: runs of total/k bytes; 0: one node each
+_LEVELS = (
+    None,
+    2,
+    4,
+    8,
+    16,
+    32,
+    64,
+    128,
+    0,
+)  # None: no cut; k: runs of total/k bytes; 0: one node each
 
 
 def freeable(graph: Graph, dead: Iterable[int]) -> frozenset[int]:
