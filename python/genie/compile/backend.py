@@ -47,7 +47,8 @@ class CompileOptions:
     defer_host_copies: on a server, floating-point arguments a program writes (parameters and
         optimizer state in a compiled optimizer step) and a backward's gradients stay there:
         the host's copies read NaN until ``genie.compile.synchronize()`` brings them back
-        (Note: [Deferred host copies] in targets.py).
+        (Note: [Deferred host copies] in targets.py). For a compiled whole training step: an
+        optimizer run outside the compiled function would read the NaN gradients.
     """
 
     server: Any = None
