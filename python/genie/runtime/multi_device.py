@@ -272,7 +272,8 @@ class MultiDeviceExecutor:
                 holds="flush",
                 copies=copies,
             )
-            self._run_level[key] = level
+            if level:  # most programs fit whole: remember only the ones that did not
+                self._run_level[key] = level
             plan = self.planner.generate_plan(graph, profile, schedule)
             t1 = time.perf_counter()
             self._execute(graph, plan, releases)
