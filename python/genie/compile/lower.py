@@ -122,8 +122,52 @@ def _on_remote(gm: torch.fx.GraphModule) -> None:
         kwargs = torch.fx.node.map_aggregate(node.kwargs, swap)
         if args != node.args or kwargs != node.kwargs:
             node.args, node.kwargs, changed = args, kwargs, True
+    changed |= _sdpa_for_the_target(gm)
     if changed:
         gm.recompile()
+
+
+# Note: [Attention chosen for the target]
+# AOT autograd traces on the caller's CPU tensors, so scaled_dot_product_attention arrives as
+# the CPU's fused kernel, _scaled_dot_product_flash_attention_for_cpu, which a CUDA server has
+# no kernel for. Where only its output is read (no backward needs the log-sum-exp) and nothing
+# is dropped out, the node goes back to scaled_dot_product_attention, so that recording picks
+# the kernel as lazy capture does, for the recorder's target device type (capture/registration
+# .cpp, sdp_choice): the same kernel on a CPU target; on a CUDA one what the client's GPU would
+# pick, or the math path where the client has no GPU to ask. A recorder whose target is the CPU
+# (a CPU-only client whose session is not installed) still records the CPU kernel. A training
+# graph keeps the CPU kernel and its backward. Not yet run on a GPU.
+def _sdpa_for_the_target(gm: torch.fx.GraphModule) -> bool:
+    import operator
+
+    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.target is not cpu_sdpa:
+            continue
+        users = list(node.users)
+        if not all(u.target is operator.getitem and u.args[1] == 0 for u in users):
+            continue
+        q, k, v, *rest = node.args
+        dropout = rest[0] if rest else node.kwargs.get("dropout_p", 0.0)
+        causal = rest[1] if len(rest) > 1 else node.kwargs.get("is_causal", False)
+        if dropout != 0.0:
+            continue
+        kwargs = {
+            "attn_mask": node.kwargs.get("attn_mask"),
+            "is_causal": causal,
+            "scale": node.kwargs.get("scale"),
+        }
+        with gm.graph.inserting_before(node):
+            sdpa = gm.graph.call_function(
+                torch.ops.aten.scaled_dot_product_attention.default, (q, k, v), kwargs
+            )
+        for u in users:
+            u.replace_all_uses_with(sdpa)
+            gm.graph.erase_node(u)
+        gm.graph.erase_node(node)
+        changed = True
+    return changed
 
 
 def _remote_input(t: torch.Tensor, moved: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
