@@ -35,6 +35,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
 import socket
 import statistics
 import time
@@ -297,7 +298,18 @@ def load(args) -> dict:
         ]
         for p in procs:
             p.start()
-        got = [results.get(timeout=args.timeout) for _ in procs]
+        got = []
+        deadline = time.monotonic() + args.timeout
+        while len(got) < len(procs):
+            try:
+                got.append(results.get(timeout=1.0))
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    for p in procs:
+                        p.kill()
+                    msg = f"load clients died (exit codes {dead}) or took too long"
+                    raise RuntimeError(msg) from None
         for p in procs:
             p.join(30)
     errors = [e for *_, e in got if e]
@@ -360,6 +372,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds the load run may take")
     ap.add_argument("--no-rpc", action="store_true")
     ap.add_argument("--no-load", action="store_true")
+    ap.add_argument("--load-only", action="store_true", help="only the concurrent-client run")
     ap.add_argument("--quick", action="store_true", help="a smoke run")
     args = ap.parse_args()
     if args.device == "cuda":
@@ -375,9 +388,9 @@ def main() -> int:
     os.environ.setdefault("GENIE_LOG_LEVEL", "WARNING")
 
     result: dict = {"modes": {}}
-    rpc_proc = None if args.no_rpc else start_rpc(args)
+    rpc_proc = None if args.no_rpc or args.load_only else start_rpc(args)
     try:
-        for dtype_name in args.dtypes:
+        for dtype_name in [] if args.load_only else args.dtypes:
             rows = result["modes"][dtype_name] = compare(args, dtype_name, rpc_proc)
             report(args, dtype_name, rows)
     finally:
