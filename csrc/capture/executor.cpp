@@ -282,7 +282,32 @@ at::Tensor LocalExecutor::input_locked(const TensorRef& ref) {
 void LocalExecutor::run(const FlushRequest& request) {
   std::lock_guard<std::mutex> lock(mutex_);
   for (const auto& [id, c] : request.constants) env_[id] = storage_to(c.tensor, device_);
-  for (const auto& n : request.nodes) {
+  // Note: [Dead after the flush] (recorder.cpp): a storage no tensor holds is dropped once the
+  // last node that touches it ran (at once if none does), as eager frees an intermediate, not
+  // when the flush ends.
+  std::vector<std::vector<StorageId>> drop_after;
+  if (!request.dead.empty()) {
+    std::unordered_set<StorageId> dead(request.dead.begin(), request.dead.end());
+    std::unordered_map<StorageId, size_t> last;
+    for (size_t i = 0; i < request.nodes.size(); ++i) {
+      const Node& n = *request.nodes[i];
+      for (const auto& r : n.inputs)
+        if (dead.count(r.storage)) last[r.storage] = i;
+      for (const auto& r : n.outputs)
+        if (dead.count(r.storage)) last[r.storage] = i;
+      for (auto s : n.writes)
+        if (dead.count(s)) last[s] = i;
+    }
+    drop_after.resize(request.nodes.size());
+    for (const auto& [s, i] : last) drop_after[i].push_back(s);
+    for (auto s : request.dead)  // dead before this flush: nothing here reads it
+      if (!last.count(s)) {
+        env_.erase(s);
+        broken_.erase(s);
+      }
+  }
+  for (size_t i = 0; i < request.nodes.size(); ++i) {
+    const auto& n = request.nodes[i];
     auto results = call(*n);
     check_aliases(*n, results);
     for_each_fresh_output(
@@ -307,6 +332,11 @@ void LocalExecutor::run(const FlushRequest& request) {
           env_.erase(ref.storage);
           broken_[ref.storage] = Broken{why, value, ref};
         });
+    if (!drop_after.empty())
+      for (auto s : drop_after[i]) {
+        env_.erase(s);
+        broken_.erase(s);
+      }
   }
 }
 
