@@ -6,9 +6,10 @@
     y.cpu()                                      # only what the host asks for comes back
 
 The recorder calls ``run`` / ``fetch`` / ``release`` / ``run_eager`` / ``bind`` (Note: [Python
-executors] in csrc/bindings/module.cpp). Storages stay on the server between flushes, so a
-weight or a KV cache is uploaded or built once and referenced by id afterwards. Releases and
-binds need no answer: they wait in an outbox and ride on the next request.
+executors] in csrc/bindings/module.cpp), and the copy kernel ``upload_early`` when ``.to()``
+records a CPU value (Note: [Early uploads] in early.py). Storages stay on the server between
+flushes, so a weight or a KV cache is uploaded or built once and referenced by id afterwards.
+Releases and binds need no answer: they wait in an outbox and ride on the next request.
 """
 
 from __future__ import annotations
