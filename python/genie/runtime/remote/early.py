@@ -156,11 +156,12 @@ class EarlyUploads:
             finally:
                 self._lock.release()
             return
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name="genie-early-uploads", daemon=True
-            )
-            self._thread.start()
+        with self._qlock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="genie-early-uploads", daemon=True
+                )
+                self._thread.start()
         self._wake.set()
 
     def _run(self) -> None:
