@@ -360,6 +360,8 @@ def report(args, dtype_name: str, rows: dict) -> None:
 
 
 def main() -> int:
+    from genie.runtime.transports import default_spin_us
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda (server, eager and rpc)")
     ap.add_argument("--model", choices=["small", "base"], help="default: small on cpu, else base")
@@ -405,6 +407,7 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
             "torch": torch.__version__,
+            "spin_us": default_spin_us(),  # GENIE_SPIN_US: how long each waiter polls
         },
         "args": vars(args),
     }
