@@ -17,7 +17,6 @@ import threading
 import time
 import weakref
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ from genie.semantic.patterns.registry import PatternRegistry, default_registry
 from genie.semantic.phases import PhaseDetector
 from genie.semantic.profile import WorkloadProfile
 from genie.semantic.roles import NO_CONTEXT, ContextInfo, context_info
+from genie.semantic.stats import AnalysisStats
 from genie.semantic.structure import (
     ModelStructure,
     structure_from_contexts,
@@ -48,19 +48,6 @@ from genie.semantic.vocab import META_KEYS, Modality, Phase, Residency, Workload
 logger = logging.getLogger(__name__)
 
 __all__ = ["SemanticAnalyzer"]
-
-
-@dataclass
-class _Perf:
-    analyses: int = 0
-    hits: int = 0
-    misses: int = 0
-    total_ms: float = 0.0
-    max_ms: float = 0.0
-    cold_ms: list[float] = field(default_factory=list)
-    hit_ms: list[float] = field(default_factory=list)
-    tiers: dict[str, float] = field(default_factory=dict)  # summed over misses
-    slow: list[dict[str, Any]] = field(default_factory=list)
 
 
 class SemanticAnalyzer:
@@ -89,7 +76,7 @@ class SemanticAnalyzer:
         self._cache: OrderedDict[tuple, CacheEntry] = OrderedDict()
         self._structures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._infos: dict[int, ContextInfo] = {}
-        self._perf = _Perf()
+        self._stats = AnalysisStats()
         self._table = context_table()
         # Import what analyses use now, so the first analysis is not billed for imports
         # (and not reported as slow for them); loads the registry's plugins too.
@@ -113,7 +100,7 @@ class SemanticAnalyzer:
                 profile = self._replay(entry, graph)
                 ms = (time.perf_counter() - t0) * 1e3
                 profile.metadata["analysis_ms"] = round(ms, 4)
-                self._account(ms, hit=True, profile=profile, tiers=None)
+                self._stats.account(ms, True, profile, None, self.config.slow_ms)
                 return profile
         params = param_storages(graph, model) if model is not None else frozenset()
         profile, entry, tiers = self._analyze(graph, model, params)
@@ -124,7 +111,7 @@ class SemanticAnalyzer:
                 self._cache[key] = entry
                 while len(self._cache) > self.config.cache_size:
                     self._cache.popitem(last=False)
-        self._account(ms, hit=False, profile=profile, tiers=tiers)
+        self._stats.account(ms, False, profile, tiers, self.config.slow_ms)
         return profile
 
     def analyze(
@@ -174,30 +161,16 @@ class SemanticAnalyzer:
 
     def get_performance_report(self) -> dict[str, Any]:
         """Counts, hit rate and timings of the analyses this analyzer ran."""
-        p = self._perf
         with self._lock:
-            cold = sorted(p.cold_ms)
-            hot = sorted(p.hit_ms)
-            return {
-                "analyses": p.analyses,
-                "cache_hits": p.hits,
-                "cache_misses": p.misses,
-                "hit_rate": p.hits / p.analyses if p.analyses else 0.0,
-                "cache_entries": len(self._cache),
-                "cache_enabled": self.config.cache,
-                "total_ms": round(p.total_ms, 3),
-                "avg_ms": round(p.total_ms / p.analyses, 4) if p.analyses else 0.0,
-                "max_ms": round(p.max_ms, 3),
-                "cold_median_ms": round(_median(cold), 4),
-                "hit_median_ms": round(_median(hot), 4),
-                "tier_avg_ms": {k: round(v / p.misses, 4) for k, v in p.tiers.items()}
-                if p.misses
-                else {},
-                "slow_threshold_ms": self.config.slow_ms,
-                "slow_analyses": list(p.slow),
-                "plugin_errors": [str(e) for e in self.registry.plugin_errors],
-                "phases": self.phase_detector.statistics(),
-            }
+            entries = len(self._cache)
+        return {
+            **self._stats.report(),
+            "cache_entries": entries,
+            "cache_enabled": self.config.cache,
+            "slow_threshold_ms": self.config.slow_ms,
+            "plugin_errors": [str(e) for e in self.registry.plugin_errors],
+            "phases": self.phase_detector.statistics(),
+        }
 
     # -- the analysis ---------------------------------------------------------------------------
     def _analyze(
@@ -440,42 +413,6 @@ class SemanticAnalyzer:
             self.phase_detector.observe(entry.call)
         return replay(entry, graph)
 
-    def _account(
-        self, ms: float, hit: bool, profile: WorkloadProfile, tiers: dict[str, float] | None
-    ) -> None:
-        p = self._perf
-        with self._lock:
-            p.analyses += 1
-            p.total_ms += ms
-            p.max_ms = max(p.max_ms, ms)
-            if hit:
-                p.hits += 1
-                _push(p.hit_ms, ms)
-            else:
-                p.misses += 1
-                _push(p.cold_ms, ms)
-                for k, v in (tiers or {}).items():
-                    p.tiers[k] = p.tiers.get(k, 0.0) + v
-        if ms > self.config.slow_ms:
-            rec = {
-                "graph_hash": profile.graph_hash[:16],
-                "ms": round(ms, 3),
-                "nodes": profile.metadata.get("nodes"),
-                "cache_hit": hit,
-                "tier_ms": profile.metadata.get("tier_ms"),
-            }
-            with self._lock:
-                _push(p.slow, rec, 64)
-            logger.warning(
-                "genie: semantic analysis of graph %s (%s nodes) took %.1f ms, over "
-                "GENIE_ANALYZER_SLOW_MS=%g; tiers: %s",
-                rec["graph_hash"],
-                rec["nodes"],
-                ms,
-                self.config.slow_ms,
-                rec["tier_ms"],
-            )
-
     def __repr__(self) -> str:
         return (
             f"SemanticAnalyzer(cache={'on' if self.config.cache else 'off'}, "
@@ -489,19 +426,6 @@ class SemanticAnalyzer:
 def _lap(t: float) -> tuple[float, float]:
     now = time.perf_counter()
     return now, (now - t) * 1e3
-
-
-def _push(xs: list, x: Any, cap: int = 4096) -> None:
-    xs.append(x)
-    if len(xs) > cap:
-        del xs[: len(xs) - cap]
-
-
-def _median(xs: list[float]) -> float:
-    if not xs:
-        return 0.0
-    m = len(xs) // 2
-    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
 
 
 def _latency(call_phase: str | None, wt: WorkloadType, batch: int | None) -> str:
