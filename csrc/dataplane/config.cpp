@@ -170,6 +170,7 @@ Status EndpointConfig::from_options(const Options& o, EndpointConfig* c) {
   GENIE_TRY(option_double(o, "close_timeout_ms", &c->close_timeout_ms));
   GENIE_TRY(option_bool(o, "payload_checksum", &c->payload_checksum));
   GENIE_TRY(option_small(o, "yield_after_polls", &c->yield_after_polls, 0, 1u << 30));
+  GENIE_TRY(option_double(o, "spin_ms", &c->spin_ms));
   GENIE_TRY(option_double(o, "loss_rate", &c->loss_rate));
   GENIE_TRY(option_u64(o, "loss_seed", &c->loss_seed));
   for (const auto& item : list_option(o, "drop_chunks")) {
