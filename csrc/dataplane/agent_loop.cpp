@@ -264,21 +264,18 @@ int run_agent(int sock, int arena_fd, uint64_t arena_bytes, const std::vector<st
   // Most waits in an exchange are for the other side's processes: its user posting a receive
   // (the grant), its agent placing the last chunk (the acknowledgement). A waiting agent first
   // spins (an answer in microseconds), then yields its core for spin_ms, then sleeps 50 us at a
-  // time. On a host with few cores shared with other work, yielding is the wrong middle step:
-  // the yielding agent stays runnable, uses up its share and sits in the run queue when the
-  // answer comes, while the process it waits for (the peer's agent or user) wants that core.
-  // Measured on a 2-core VM with other work running (load average 5): 16 MB zero-copy
-  // exchanges over DPDK connections that differed only in spin_ms, taking turns with a TCP one
-  // between the same two processes; yielding 1 ms gave 1.99 GB/s (median of 6 rounds; faster
-  // than 0.1 ms in none of them), 0.1 ms 2.69; in a second run 0.3 ms 2.48, 0.1 ms 2.87, none
-  // 2.95 (TCP 1.9). With 8 or more cores a yielding agent takes nobody's core and answers
-  // sooner, so it yields 1 ms there (as base.py's default_spin_us decides for the user side).
-  double spin_ms = cfg.spin_ms;
-  if (spin_ms < 0) {
-    cpu_set_t set;
-    int cpus = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
-    spin_ms = cpus >= 8 ? 1.0 : 0.0;
-  }
+  // time. Which middle step is right depends on the load, measured on a 2-core VM with 16 MB
+  // zero-copy exchanges:
+  //   - other work running (load average 5), DPDK connections differing only in spin_ms taking
+  //     turns with a TCP one between the same two processes: yielding 1 ms 1.99 GB/s, 0.3 ms
+  //     2.48, 0.1 ms 2.87, not at all 2.95 (TCP 1.9). A yielding agent stays runnable, uses up
+  //     its share and sits in the run queue when the answer comes;
+  //   - a quieter machine (load average 1.5-2), bench/bench_dataplane_zerocopy.py --sizes 16 in
+  //     alternating runs: yielding 1 ms 9.2-11.6 GB/s (2.3-3.1x TCP), not at all 6.9-8.1 GB/s
+  //     (1.7-2.1x): a sleeping agent notices each answer up to a timer step late.
+  // The default keeps the quiet machine's 1 ms; `spin_ms=0` in GENIE_DPDK_OPTIONS suits hosts
+  // whose cores are all taken.
+  const double spin_ms = cfg.spin_ms;
 
   std::deque<Pending> sends, recvs;
   bool reported = false;

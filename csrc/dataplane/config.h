@@ -80,9 +80,8 @@ struct EndpointConfig {
   // Note: [Polling on shared cores] in endpoint.cpp.
   uint32_t yield_after_polls = 64;
   // How long a data-plane agent waiting on its peer keeps its core, yielding, before it sleeps
-  // in short steps; < 0: by the cores this process may use (Note: [Waiting on the peer] in
-  // agent_loop.cpp).
-  double spin_ms = -1.0;
+  // in 50 us steps (Note: [Waiting on the peer] in agent_loop.cpp).
+  double spin_ms = 1.0;
   // Fault injection for tests: drop this fraction of outgoing data chunks, and the data
   // transmissions with these 1-based numbers (first transmissions and retransmissions count).
   double loss_rate = 0.0;
