@@ -80,9 +80,12 @@ class PlanExecution:
         """Each device runs its fragments in plan order on its own thread; a fragment waits
         for the fragments it depends on and for its incoming transfers (run on a transfer
         pool as soon as their source finishes). Steps are a topological order, so the
-        earliest unfinished fragment can always run: no deadlock."""
+        earliest unfinished fragment can always run: no deadlock. A release after a transfer
+        runs on the source device's thread once every user of the storage there is done
+        (a task waits only for tasks submitted before it: no deadlock either)."""
         done: dict[int, Future] = {}
         moved: dict[int, Future] = {}
+        released: list[Future] = []
         into: dict[int, list[int]] = {}
         for t in plan.transfers:
             into.setdefault(t.dst_fragment, []).append(t.id)
@@ -96,9 +99,15 @@ class PlanExecution:
                 if kind == "transfer":
                     t = plan.transfers[i]
                     src = done.get(t.src_fragment) if t.src_fragment is not None else None
-                    moved[i] = xfer_pool.submit(
-                        self._after, [src] if src else [], self._transfer, t, frees, freed
-                    )
+                    moved[i] = xfer_pool.submit(self._after, [src] if src else [], self._move, t)
+                    ids = frees.after_transfer.get(i)
+                    if ids:
+                        frags, moves = frees.transfer_waits[i]
+                        waits = [moved[i]] + [done[f] for f in frags] + [moved[m] for m in moves]
+                        pool = pools.get(t.src_device, xfer_pool)
+                        released.append(
+                            pool.submit(self._after, waits, self._free, t.src_device, ids, freed)
+                        )
                 else:
                     f = plan.fragments[i]
                     waits = [done[d] for d in f.deps] + [moved[t] for t in into.get(i, ())]
@@ -106,7 +115,7 @@ class PlanExecution:
                     done[i] = pools[f.device].submit(
                         self._after, waits, self._run_fragment, plan, i, runs[i], frees, freed
                     )
-            for fut in list(done.values()) + list(moved.values()):
+            for fut in list(done.values()) + list(moved.values()) + released:
                 fut.result()
         finally:
             for p in pools.values():

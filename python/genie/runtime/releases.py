@@ -107,12 +107,15 @@ def split_runs(graph: Graph, nodes: list[Node], releases: Releases | None) -> li
 @dataclass
 class ReleasePlan:
     """Where each freeable storage is released on each device: after the run or the transfer
-    that uses it last there (reads it, writes it, or moves it away)."""
+    that uses it last there (reads it, writes it, or moves it away). When devices run
+    concurrently, a release waits for every other user of the storage on that device."""
 
     after_run: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     after_transfer: dict[int, list[int]] = field(default_factory=dict)
     # Transfers away from a fragment's device that must end before the fragment releases.
     waits: dict[int, list[int]] = field(default_factory=dict)
+    # For a transfer that releases: the fragments and other transfers to wait for first.
+    transfer_waits: dict[int, tuple[set[int], set[int]]] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -123,6 +126,7 @@ class ReleasePlan:
             return out
         last: dict[tuple[int, str], tuple] = {}
         moved_from: dict[tuple[int, str], list[tuple[int, int]]] = {}  # -> (step, transfer)
+        used_by: dict[tuple[int, str], set[int]] = {}  # -> fragments
         for k, (kind, i) in enumerate(plan.steps):
             if kind == "transfer":
                 t = plan.transfers[i]
@@ -136,9 +140,14 @@ class ReleasePlan:
                     for s in _touched(n):
                         if s in free:
                             last[(s, dev)] = ("run", i, r, k)
+                            used_by.setdefault((s, dev), set()).add(i)
         for (s, dev), where in last.items():
             if where[0] == "transfer":
-                out.after_transfer.setdefault(where[1], []).append(s)
+                tid = where[1]
+                out.after_transfer.setdefault(tid, []).append(s)
+                frags, moves = out.transfer_waits.setdefault(tid, (set(), set()))
+                frags.update(used_by.get((s, dev), ()))
+                moves.update(t for _, t in moved_from[(s, dev)] if t != tid)
                 continue
             _, fid, r, step = where
             out.after_run.setdefault((fid, r), []).append(s)
