@@ -149,7 +149,7 @@ class MultiDeviceExecutor(PlanExecution):
         self._home: dict[int, str] = {}  # storage -> device holding its current value
         self._copies: dict[int, set[str]] = {}  # storage -> devices with a valid copy
         self._eager_device: str | None = None
-        self._run_level: dict[str, int] = {}  # program -> runs that fitted (Note: [Runs])
+        self._run_budget: dict[str, int] = {}  # program -> runs that fitted (Note: [Runs])
         self._lock = threading.RLock()
         self.last_schedule = None
         self.last_plan: ExecutionPlan | None = None
@@ -260,19 +260,22 @@ class MultiDeviceExecutor(PlanExecution):
             # resident inputs kept on other devices (read there, never moved again).
             copies = {s: self._copies[s] - {resident[s]} for s in resident if s in self._copies}
             key = graph.structural_hash()
-            schedule, releases, level = schedule_releasing(
+            schedule, releases, budget = schedule_releasing(
                 self.scheduler,
                 graph,
                 profile,
                 freeable(graph, dead),
-                self._run_level.get(key, 0),
+                self._run_budget.get(key),
                 resident=resident,
                 reserved=self._reserved(graph),
                 holds="flush",
                 copies=copies,
             )
-            if level:  # most programs fit whole: remember only the ones that did not
-                self._run_level[key] = level
+            # Most programs fit whole: remember only the ones that did not.
+            if budget is None:
+                self._run_budget.pop(key, None)
+            else:
+                self._run_budget[key] = budget
             plan = self.planner.generate_plan(graph, profile, schedule)
             t1 = time.perf_counter()
             self._execute(graph, plan, releases)

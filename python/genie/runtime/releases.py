@@ -29,19 +29,11 @@ __all__ = ["ReleasePlan", "freeable", "schedule_releasing", "split_runs"]
 # the executor releases the dead values whose last reader ran. Runs cost a request each, so
 # the executor first schedules with no cut (one run per fragment) and cuts finer only while
 # the scheduler finds no placement that fits: runs creating at most a half, a quarter...
-# of what the graph creates, then one node each. The level that fitted is remembered per
-# program, so the next forward schedules once.
-_LEVELS = (
-    None,
-    2,
-    4,
-    8,
-    16,
-    32,
-    64,
-    128,
-    0,
-)  # None: no cut; k: runs of total/k bytes; 0: one node each
+# of what the graph creates, then one node each; between the first budget that fits and the
+# last that did not, a few halvings find a coarser one. The budget that fitted is remembered
+# per program, so the next forward schedules once.
+_LEVELS = (None, 2, 4, 8, 16, 32, 64, 128, 0)  # k: runs of total/k bytes; 0: a node each
+_REFINE = 3  # halvings between the budget that fits and the one that does not
 
 
 def freeable(graph: Graph, dead: Iterable[int]) -> frozenset[int]:
@@ -58,12 +50,25 @@ def freeable(graph: Graph, dead: Iterable[int]) -> frozenset[int]:
 
 
 def schedule_releasing(
-    scheduler, graph: Graph, profile: Any, free: frozenset[int], start: int, **kwargs
-) -> tuple[Any, Releases | None, int]:
-    """Schedule `graph` with the coarsest runs that fit, from level `start` on (Note: [Runs]):
-    (schedule, releases, level). Raises the finest level's MemoryPlacementError."""
+    scheduler, graph: Graph, profile: Any, free: frozenset[int], hint: int | None, **kwargs
+) -> tuple[Any, Releases | None, int | None]:
+    """Schedule `graph` with the coarsest runs that fit (Note: [Runs]), trying the budget
+    `hint` first: (schedule, releases, budget; None: one run a fragment). Raises the finest
+    budget's MemoryPlacementError."""
     if not free:
-        return scheduler.create_schedule(graph, profile, **kwargs), None, 0
+        return scheduler.create_schedule(graph, profile, **kwargs), None, None
+
+    def attempt(budget: int | None):
+        rel = Releases(free) if budget is None else Releases.cut(graph, free, budget)
+        try:
+            return scheduler.create_schedule(graph, profile, releases=rel, **kwargs), rel
+        except MemoryPlacementError as e:
+            return e, rel
+
+    if hint is not None:
+        got, rel = attempt(hint)
+        if not isinstance(got, MemoryPlacementError):
+            return got, rel, hint
     total = sum(
         t.storage_nbytes
         for n in graph.nodes
@@ -71,20 +76,29 @@ def schedule_releasing(
         for t in n.outputs
         if t.storage in set(n.fresh)
     )
-    for level in range(start, len(_LEVELS)):
-        k = _LEVELS[level]
-        if k is None:
-            releases = Releases(free)
-        else:
-            releases = Releases.cut(graph, free, total // k if k else 0)
-        try:
-            sched = scheduler.create_schedule(graph, profile, releases=releases, **kwargs)
-        except MemoryPlacementError:
-            if level == len(_LEVELS) - 1:
-                raise
+    failed = total  # a budget known not to fit (a single run holds the whole graph)
+    for k in _LEVELS:
+        budget = None if k is None else total // k if k else 0
+        got, rel = attempt(budget)
+        if isinstance(got, MemoryPlacementError):
+            if budget == 0:
+                raise got
+            failed = total if budget is None else budget
             continue
-        return sched, releases, level
-    raise AssertionError("unreachable")
+        if budget is None:
+            return got, rel, None
+        lo, hi = budget, failed
+        for _ in range(_REFINE):
+            mid = (lo + hi) // 2
+            if mid <= lo:
+                break
+            g2, r2 = attempt(mid)
+            if isinstance(g2, MemoryPlacementError):
+                hi = mid
+            else:
+                lo, got, rel = mid, g2, r2
+        return got, rel, lo
+    raise AssertionError("unreachable: the last budget raises or fits")
 
 
 def split_runs(graph: Graph, nodes: list[Node], releases: Releases | None) -> list[list[Node]]:
