@@ -299,7 +299,7 @@ class _Recording(PythonExecutor):
 
     def run(self, nodes, constants, targets, dead=()) -> None:
         self.dead.append(set(dead))
-        super().run(nodes, constants, targets)
+        super().run(nodes, constants, targets, dead)
 
 
 def test_an_executor_learns_which_values_are_dead_after_a_flush():

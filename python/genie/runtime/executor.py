@@ -56,17 +56,33 @@ class PythonExecutor:
     """Runs flushes in this process with the Python replay engine. Slower than the compiled
     default; it is the reference the remote server and multi-device plans build on."""
 
+    frees_dead = True  # Note: [Dead after the flush] in csrc/capture/recorder.cpp
+
     def __init__(self, device: str | torch.device = "cpu"):
         self.env = Environment(device)
         self.name = f"python:{self.env.device}"
         self._lock = threading.Lock()
 
-    def run(self, nodes, constants, targets) -> None:
+    def run(self, nodes, constants, targets, dead=()) -> None:
         with self._lock:
             for sid, t in constants.items():
                 self.env.put_constant(int(sid), t)
-            for d in nodes:
-                run_node(Node.from_core(d), self.env)
+            steps = [Node.from_core(d) for d in nodes]
+            # A dead storage goes once the last node touching it ran, as in eager.
+            dead = set(dead)
+            last: dict[int, int] = {}
+            for i, n in enumerate(steps):
+                for s in (*(t.storage for t in (*n.inputs, *n.outputs)), *n.writes):
+                    if s in dead:
+                        last[s] = i
+            self.env.release([s for s in dead if s not in last])
+            drop: dict[int, list[int]] = {}
+            for s, i in last.items():
+                drop.setdefault(i, []).append(s)
+            for i, n in enumerate(steps):
+                run_node(n, self.env)
+                if i in drop:
+                    self.env.release(drop[i])
 
     def fetch(self, ref: dict) -> torch.Tensor:
         with self._lock:

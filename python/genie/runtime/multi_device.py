@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -232,7 +232,7 @@ class MultiDeviceExecutor(PlanExecution):
         nodes: list[dict],
         constants: dict[int, torch.Tensor],
         targets: list[int],
-        dead: list[int] = (),
+        dead: Sequence[int] = (),
     ) -> None:
         with self._lock:
             t0 = time.perf_counter()
