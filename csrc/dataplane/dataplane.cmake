@@ -83,7 +83,8 @@ if(GENIE_DPDK_ENABLED)
     ${_dp}/port.cpp
     ${_dp}/wire.cpp
     ${_dp}/endpoint.cpp
-    ${_dp}/endpoint_transfer.cpp
+    ${_dp}/endpoint_send.cpp
+    ${_dp}/endpoint_recv.cpp
     ${_dp}/registration_dpdk.cpp
   )
   target_link_libraries(genie_dataplane PUBLIC genie_dataplane_common PkgConfig::DPDK)

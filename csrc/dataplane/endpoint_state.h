@@ -1,6 +1,7 @@
 #pragma once
-// The endpoint's per-message state, shared by endpoint.cpp (life cycle, packets, the engine)
-// and endpoint_transfer.cpp (sending and receiving messages). Internal to csrc/dataplane.
+// The endpoint's per-message state, shared by endpoint.cpp (life cycle, packets, the engine),
+// endpoint_send.cpp and endpoint_recv.cpp (sending and receiving messages). Internal to
+// csrc/dataplane.
 #include <deque>
 #include <map>
 #include <memory>
