@@ -1,5 +1,5 @@
 """genie's exception hierarchy. Errors from the compiled core are translated once, at the
-pybind11 boundary (see csrc/bindings/module.cpp), into these classes."""
+pybind11 boundary (see csrc/bindings/module.cpp, _set_error_hook), into these classes."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The Executor protocol and a pure-Python in-process executor.
 
 The recorder (C++) calls an executor object with these methods whenever a flush needs to run
-(see Note: [Python executors] in csrc/bindings/module.cpp). The embedded default is the
+(see Note: [Python executors] in csrc/bindings/python_executor.cpp). The embedded default is the
 compiled local executor; Python executors plug in with ``install_executor``.
 """
 

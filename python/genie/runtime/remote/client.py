@@ -6,7 +6,7 @@
     y.cpu()                                      # only what the host asks for comes back
 
 The recorder calls ``run`` / ``fetch`` / ``release`` / ``run_eager`` / ``bind`` (Note: [Python
-executors] in csrc/bindings/module.cpp), and the copy kernel ``upload_early`` when ``.to()``
+executors] in csrc/bindings/python_executor.cpp), and the copy kernel ``upload_early`` when ``.to()``
 records a CPU value (Note: [Early uploads] in early.py). Storages stay on the server between
 flushes, so a weight or a KV cache is uploaded or built once and referenced by id afterwards.
 Releases and binds need no answer: they wait in an outbox and ride on the next request.
@@ -233,7 +233,7 @@ class RemoteExecutor(SpeculatingClient):
 
     def run_digest(self, flush) -> None:
         """A flush by its digest (a ``genie._C._FlushDigest``, Note: [Flush digests in Python]
-        in csrc/bindings/module.cpp): a known program goes by key and binding; an unknown one
+        in csrc/bindings/python_executor.cpp): a known program goes by key and binding; an unknown one
         is converted (``flush.nodes()``) and sent in full once; ``flush.then_fetch`` is the
         value the host fetches next, if any (Note: [Run then fetch])."""
         started = time.perf_counter()
