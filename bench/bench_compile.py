@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 import genie
+import genie.compile  # noqa: F401 - registers "genie" where no entry point is installed
 from genie.runtime.loopback import LoopbackServer
 from genie.runtime.remote import connect
 

@@ -144,6 +144,7 @@ def compare(args, dtype_name: str, rpc_proc) -> dict:
     import torch.distributed.rpc as rpc
 
     import genie
+    import genie.compile  # noqa: F401 - registers "genie" where no entry point is installed
     from genie.runtime.loopback import LoopbackServer
     from genie.runtime.remote import connect
 

@@ -14,16 +14,19 @@ shape into the wire program the recorder would produce (Note: [Lowering by recor
 lower.py), checked against the op allow-list here and again by the server, which caches it
 by the hash of its bytes. Each call then sends the program's 16-byte key, a binding, the
 arguments the server does not hold yet, and fetches the outputs, in one exchange
-(Note: [Compiled residency] in targets.py). Without a server the same checked program runs in
+(Note: [Compiled residency] in residency.py). Without a server the same checked program runs in
 this process with the C++ program runner.
 
   backend.py  the Dynamo backend, its options, one CompiledGraph per aten graph
   lower.py    an aten graph + arguments -> a recorded, encoded, checked program
-  targets.py  where programs run (in process, on a server) and what is resident there
+  targets.py  where programs run (in process, on a server)
+  residency.py  what a target already holds of the caller's tensors
 
 Registered with Dynamo through the ``torch_dynamo_backends`` entry point (pyproject.toml),
-which Dynamo loads when ``torch.compile`` first asks for "genie", and by ``import genie``
-when ``torch._dynamo`` is already imported (so that ``import genie`` does not import it).
+which Dynamo loads when ``torch.compile`` first asks for "genie"; by ``import genie`` when
+``torch._dynamo`` is already imported (so that ``import genie`` does not import it); and by
+``import genie.compile``, which a checkout used from ``PYTHONPATH`` (no entry point
+installed) needs.
 """
 
 from genie.compile.backend import (
@@ -35,3 +38,15 @@ from genie.compile.backend import (
 )
 
 __all__ = ["CompileOptions", "CompiledGraph", "genie_backend", "register", "synchronize"]
+
+
+def _installed_entry_point() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(ep.name == "genie" for ep in entry_points(group="torch_dynamo_backends"))
+
+
+# Where the entry point is installed, Dynamo registers the name itself when it loads this
+# module through it (registering here first would make that a duplicate).
+if not _installed_entry_point():
+    register()
