@@ -70,6 +70,13 @@ for f in "$LIB"/pkgconfig/*.pc "$DPDK_ROOT"/usr/share/pkgconfig/*.pc; do
   sed -E -e "s|^([A-Za-z_]+)=/usr|\1=$DPDK_ROOT/usr|" -e '/^Requires\.private:/d' "$f" > "$PC/$(basename "$f")"
 done
 export PKG_CONFIG_LIBDIR=$PC PKG_CONFIG_PATH=
+# Some -dev packages ship a .so that is a GNU ld script naming the library by its absolute
+# path (libbsd.so: GROUP(/usr/lib/.../libbsd.so.0.11.7 ...)); point those into $DPDK_ROOT.
+for f in "$LIB"/*.so; do
+  if [ ! -L "$f" ] && head -c 64 "$f" | grep -q "GNU ld script"; then
+    sed -i -E "s|([ (])/usr/lib/|\1$DPDK_ROOT/usr/lib/|g" "$f"
+  fi
+done
 pkg-config --exists libdpdk || fail "pkg-config cannot read $PC/libdpdk.pc: $(pkg-config --print-errors libdpdk 2>&1)"
 say "DPDK $(pkg-config --modversion libdpdk) unpacked into $DPDK_ROOT (${#debs[@]} packages)"
 export LD_LIBRARY_PATH=$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
