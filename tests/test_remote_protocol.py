@@ -542,3 +542,29 @@ def test_an_eager_op_returning_one_tensor_list_comes_back_as_one_list(remote):
     out = torch.histogramdd(x.to("remote_accelerator:0"), bins=[3, 4])
     assert torch.equal(out.hist.cpu(), ref.hist)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(out.bin_edges, ref.bin_edges, strict=True))
+
+
+# -- Note: [Staged device uploads] ------------------------------------------------------------
+def test_a_payload_received_in_pieces_arrives_whole_and_the_stream_stays_in_step():
+    """A device-bound payload is read off the socket piece by piece, each piece copied on as
+    it arrives; the bytes land where they belong and the next frame reads normally."""
+    from genie.runtime.transports.base import recv_staged
+    from genie.runtime.transports.tcp import TcpTransport
+
+    payload = torch.randint(0, 256, (10_007,), dtype=torch.uint8)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    sender, receiver = TcpTransport(a, "a"), TcpTransport(b, "b")
+    try:
+        sender.send_frame(P.PROTOCOL_VERSION, P.REQUEST, b"first", [memoryview(payload.numpy())])
+        sender.send_frame(P.PROTOCOL_VERSION, P.REQUEST, b"second", [])
+        frame = receiver.recv_frame(1 << 10)
+        dst = torch.zeros(10_007, dtype=torch.uint8)
+        recv_staged(receiver.recv_payload, dst, pin=False, piece=1000)
+        assert torch.equal(dst, payload)
+        assert frame.header == b"first" and receiver.payload_remaining == 0
+        assert receiver.recv_frame(1 << 10).header == b"second"
+    finally:
+        sender.close()
+        receiver.close()

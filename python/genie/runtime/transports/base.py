@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from genie.errors import GenieError
@@ -30,6 +30,7 @@ __all__ = [
     "TransportStats",
     "pack_prefix",
     "recv_growing",
+    "recv_staged",
     "unpack_prefix",
 ]
 
@@ -133,6 +134,31 @@ def default_spin_us() -> int:
     return 10_000 if (os.cpu_count() or 1) >= 8 else 0
 
 
+# Note: [Staged device uploads]
+# A payload for a GPU tensor arrives in host memory first: page-locked memory from torch's
+# caching host allocator, so the copy to the device is one DMA that does not wait on the host.
+# A large payload is read off the socket in pieces, and each piece's copy to the device is
+# queued (non_blocking) as soon as it has arrived, so the device copies piece k while the
+# socket delivers piece k + 1 instead of starting only after the last byte. The allocator
+# keeps the staging block until the copies queued from it are done.
+def recv_staged(recv: Callable, dst, *, pin: bool, piece: int = 0) -> None:
+    """Receive ``dst.numel()`` payload bytes with `recv` (a transport's recv_payload) into
+    `dst` through one staging buffer (page-locked with `pin`), in pieces of `piece` bytes
+    (0: whole), each copied on as soon as it has arrived."""
+    import torch
+
+    n = dst.numel()
+    staging = torch.empty(n, dtype=torch.uint8, pin_memory=pin)
+    view = memoryview(staging.numpy())
+    step = piece if piece > 0 else max(n, 1)
+    at = 0
+    while at < n:
+        k = min(step, n - at)
+        recv([view[at : at + k]])
+        dst[at : at + k].copy_(staging[at : at + k], non_blocking=pin)
+        at += k
+
+
 class Transport(ABC):
     """One connected, ordered, reliable channel carrying frames."""
 
@@ -210,15 +236,16 @@ class Transport(ABC):
 
     def recv_payload_into(self, dst) -> None:
         """Receive the next ``dst.numel()`` payload bytes into `dst`, a contiguous uint8 tensor
-        on any device: in place on the CPU; through pinned host memory to a GPU."""
+        on any device: in place on the CPU; through pinned host memory to a GPU, a large one
+        in pieces (Note: [Staged device uploads])."""
         if dst.device.type == "cpu":
             self.recv_payload([memoryview(dst.numpy())])
             return
-        import torch
+        recv_staged(self.recv_payload, dst, pin=True, piece=self.staged_piece)
 
-        staging = torch.empty(dst.numel(), dtype=torch.uint8, pin_memory=True)
-        self.recv_payload([memoryview(staging.numpy())])
-        dst.copy_(staging, non_blocking=True)  # the host allocator keeps staging until done
+    #: bytes per piece of a payload received for a device (Note: [Staged device uploads]);
+    #: 0 receives it whole, for a transport whose payloads cannot be read in parts
+    staged_piece = 0
 
     @abstractmethod
     def set_timeout(self, seconds: float | None) -> None: ...

@@ -73,6 +73,7 @@ def _tune(sock: socket.socket) -> None:
 
 class TcpTransport(Transport):
     name = "tcp"
+    staged_piece = 4 << 20  # a stream reads in any parts (Note: [Staged device uploads])
 
     def __init__(self, sock: socket.socket, peer: str, *, max_message: int = _DEFAULT_MAX_MESSAGE):
         _tune(sock)
