@@ -55,7 +55,7 @@ class Speculator:
         guess should go now."""
         self.window = window
         self.waiting = None
-        if self.ahead:
+        if self.ahead or not self.enabled:
             return None
         return self._by_window.get(window)
 
@@ -63,7 +63,7 @@ class Speculator:
         """`arrivals` uploads have begun early since the last flush: the guess that waited for
         that many, if one did."""
         waiting = self.waiting
-        if waiting is None or arrivals < waiting[1]:
+        if waiting is None or arrivals < waiting[1] or not self.enabled:
             return None
         self.waiting = None
         return waiting[0]
