@@ -1,9 +1,11 @@
 """Serving a model with a fresh input every request: local eager vs genie (lazy and compiled)
 vs torch.distributed.rpc, and 8 concurrent clients against one `genie serve`.
 
-A BERT (transformers BertConfig, random weights; "small": 2 layers, hidden 128, batch 8,
-sequence 64; "base": BERT-base, batch 8, sequence 128) answers requests whose token ids are new
-every call; the host gets the pooled output. Side by side in one run, each with the same
+A model with random weights answers requests whose input is new every call (--family):
+BERT (the host gets the pooled output), GPT-2 (the last position's logits) or a ResNet
+(torchvision; its logits). "small": 2 layers, hidden 128, batch 8, sequence 64 (ResNet-18 on
+64x64 images); "base": BERT-base / GPT-2 124M at batch 8, sequence 128, ResNet-50 at batch 8,
+224x224. Side by side in one run, each with the same
 inputs, every result checked against eager's:
   eager          the model in this process on --device (the input copied there, the output back);
   genie lazy     ``model.to("remote_accelerator:0")`` through a loopback ``genie serve --device``
@@ -23,8 +25,9 @@ requests back to back: total throughput, its ratio, p50/p99 latency, results exa
     python bench/bench_serving.py                      # CPU, small BERT
     python bench/bench_serving.py --device cuda        # on a GPU host: BERT-base, a few minutes
     python bench/bench_serving.py --quick              # a smoke run
+    python bench/bench_serving.py --device cuda --family resnet --dtype float32,float16
 
-Prints a table and writes bench/results/serving[_cuda].json.
+Prints a table and writes bench/results/serving[_FAMILY][_cuda].json.
 """
 
 from __future__ import annotations
@@ -50,13 +53,18 @@ SEED = 0
 WARMUP = 5  # untimed requests first: speculation learns, a CUDA server captures its graphs
 
 
-# -- the model and its requests --------------------------------------------------------------
-def config(size: str) -> dict:
+# -- the models and their requests -----------------------------------------------------------
+# --family picks the model; each answers with what a server would send back: BERT its pooled
+# output, GPT-2 the last position's logits, ResNet its logits.
+FAMILIES = ("bert", "gpt2", "resnet")
+
+
+def config(family: str, size: str) -> dict:
+    if family == "resnet":
+        return {"batch": 8, "image": 224 if size == "base" else 64}
     if size == "base":
-        return {"batch": 8, "seq": 128, "bert": {}}
-    return {
-        "batch": 8,
-        "seq": 64,
+        return {"batch": 8, "seq": 128, "hf": {}}
+    small = {
         "bert": {
             "vocab_size": 1000,
             "hidden_size": 128,
@@ -65,21 +73,46 @@ def config(size: str) -> dict:
             "intermediate_size": 512,
             "max_position_embeddings": 128,
         },
+        "gpt2": {"vocab_size": 1000, "n_embd": 128, "n_layer": 2, "n_head": 4, "n_positions": 128},
     }
+    return {"batch": 8, "seq": 64, "hf": small[family]}
 
 
-def build(size: str, dtype: torch.dtype):
+def build(family: str, size: str, dtype: torch.dtype):
     """The same weights in every process: seeded."""
-    from transformers import BertConfig, BertModel
-
     torch.manual_seed(SEED)
-    return BertModel(BertConfig(**config(size)["bert"])).eval().to(dtype)
+    cfg = config(family, size)
+    if family == "bert":
+        from transformers import BertConfig, BertModel
+
+        model = BertModel(BertConfig(**cfg["hf"]))
+    elif family == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config(**cfg["hf"]))
+    else:
+        import torchvision
+
+        model = torchvision.models.resnet50() if size == "base" else torchvision.models.resnet18()
+    return model.eval().to(dtype)
 
 
-def requests(size: str, n: int, seed: int) -> list[torch.Tensor]:
-    cfg = config(size)
-    vocab = cfg["bert"].get("vocab_size", 30522)
+def answer(family: str, out) -> torch.Tensor:
+    """What the host takes from the model's output (on the model's device)."""
+    if family == "bert":
+        return out.pooler_output
+    if family == "gpt2":
+        return out.logits[:, -1]
+    return out
+
+
+def requests(family: str, size: str, n: int, seed: int, dtype=torch.float32) -> list:
+    cfg = config(family, size)
     g = torch.Generator().manual_seed(seed)
+    if family == "resnet":
+        shape = (cfg["batch"], 3, cfg["image"], cfg["image"])
+        return [torch.randn(shape, generator=g).to(dtype) for _ in range(n)]
+    vocab = cfg["hf"].get("vocab_size", 30522 if family == "bert" else 50257)
     return [torch.randint(0, vocab, (cfg["batch"], cfg["seq"]), generator=g) for _ in range(n)]
 
 
@@ -104,20 +137,25 @@ _RPC_MODELS: dict[str, torch.nn.Module] = {}
 _RPC_DEVICE = "cpu"
 
 
-def rpc_forward(ids: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Runs in the rpc server: the model there, the pooled output back on the host."""
+_RPC_FAMILY = "bert"
+
+
+def rpc_forward(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Runs in the rpc server: the model there, its answer back on the host."""
     with torch.no_grad():
-        return _RPC_MODELS[dtype](ids.to(_RPC_DEVICE)).pooler_output.cpu()
+        return answer(_RPC_FAMILY, _RPC_MODELS[dtype](x.to(_RPC_DEVICE))).cpu()
 
 
-def rpc_server(port: int, size: str, dtypes: list[str], device: str, threads: int) -> None:
+def rpc_server(
+    port: int, family: str, size: str, dtypes: list[str], device: str, threads: int
+) -> None:
     import torch.distributed.rpc as rpc
 
-    global _RPC_DEVICE
+    global _RPC_DEVICE, _RPC_FAMILY
     torch.set_num_threads(threads)
-    _RPC_DEVICE = device
+    _RPC_DEVICE, _RPC_FAMILY = device, family
     for d in dtypes:
-        _RPC_MODELS[d] = build(size, getattr(torch, d)).to(device)
+        _RPC_MODELS[d] = build(family, size, getattr(torch, d)).to(device)
     opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}")
     rpc.init_rpc("server", rank=0, world_size=2, rpc_backend_options=opts)
     rpc.shutdown()  # waits for the client's shutdown
@@ -130,7 +168,8 @@ def start_rpc(args):
 
     port = free_port()
     proc = mp.get_context("spawn").Process(
-        target=rpc_server, args=(port, args.model, args.dtypes, args.device, args.threads)
+        target=rpc_server,
+        args=(port, args.family, args.model, args.dtypes, args.device, args.threads),
     )
     proc.start()
     opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}")
@@ -150,12 +189,13 @@ def compare(args, dtype_name: str, rpc_proc) -> dict:
 
     dtype = getattr(torch, dtype_name)
     per_mode = args.rounds * args.per_round
-    inputs = requests(args.model, per_mode + WARMUP, seed=1)
-    model = build(args.model, dtype)
+    fam = args.family
+    inputs = requests(fam, args.model, per_mode + WARMUP, seed=1, dtype=dtype)
+    model = build(fam, args.model, dtype)
     eager_model = copy.deepcopy(model).to(args.device)
 
     def eager(ids):
-        return eager_model(ids.to(args.device)).pooler_output.cpu()
+        return answer(fam, eager_model(ids.to(args.device))).cpu()
 
     refs = [eager(x) for x in inputs]
 
@@ -167,7 +207,7 @@ def compare(args, dtype_name: str, rpc_proc) -> dict:
         compiled = torch.compile(model, backend="genie", options={"server": client})
 
         def lazy(ids):
-            return rmodel(ids.to(REMOTE)).pooler_output.cpu()
+            return answer(fam, rmodel(ids.to(REMOTE))).cpu()
 
         def at_flush(ids):
             client.early.enabled = False
@@ -177,7 +217,7 @@ def compare(args, dtype_name: str, rpc_proc) -> dict:
                 client.early.enabled = True
 
         def comp(ids):
-            return compiled(ids).pooler_output
+            return answer(fam, compiled(ids))
 
         def via_rpc(ids):
             return rpc.rpc_sync("server", rpc_forward, args=(ids, dtype_name))
@@ -239,18 +279,19 @@ def load_client(k: int, address: str, token: str, args, barrier, results) -> Non
         from genie.runtime.remote import connect
 
         torch.set_num_threads(1)
-        inputs = requests(args.model, args.requests + WARMUP, seed=100 + k)
+        dtype = getattr(torch, args.dtypes[0])
+        inputs = requests(args.family, args.model, args.requests + WARMUP, 100 + k, dtype)
         client = connect(address, token=token)
         with torch.no_grad():
-            rmodel = build(args.model, getattr(torch, args.dtypes[0])).to(REMOTE)
+            rmodel = build(args.family, args.model, dtype).to(REMOTE)
             for x in inputs[args.requests :]:
-                rmodel(x.to(REMOTE)).pooler_output.cpu()
+                answer(args.family, rmodel(x.to(REMOTE))).cpu()
             barrier.wait(timeout=args.timeout)
             start = time.perf_counter()
             lat, outs = [], []
             for x in inputs[: args.requests]:
                 t0 = time.perf_counter()
-                outs.append(rmodel(x.to(REMOTE)).pooler_output.cpu())
+                outs.append(answer(args.family, rmodel(x.to(REMOTE))).cpu())
                 lat.append((time.perf_counter() - t0) * 1e3)
             end = time.perf_counter()
         results.put((k, start, end, lat, torch.stack(outs).numpy(), None))  # not shared memory
@@ -268,12 +309,14 @@ def load(args) -> dict:
     dtype = getattr(torch, args.dtypes[0])
     # One local process running every client's requests back to back: the reference outputs
     # and the throughput to beat.
-    model = build(args.model, dtype).to(args.device)
+    fam = args.family
+    model = build(fam, args.model, dtype).to(args.device)
     per_client = [
-        requests(args.model, args.requests + WARMUP, seed=100 + k) for k in range(args.clients)
+        requests(fam, args.model, args.requests + WARMUP, 100 + k, dtype)
+        for k in range(args.clients)
     ]
     for x in per_client[0][args.requests :]:
-        model(x.to(args.device)).pooler_output.cpu()
+        answer(fam, model(x.to(args.device))).cpu()
     refs, lat = [], []
     sync(args.device)
     start = time.perf_counter()
@@ -281,7 +324,7 @@ def load(args) -> dict:
         outs = []
         for x in xs[: args.requests]:
             t0 = time.perf_counter()
-            outs.append(model(x.to(args.device)).pooler_output.cpu())
+            outs.append(answer(fam, model(x.to(args.device))).cpu())
             lat.append((time.perf_counter() - t0) * 1e3)
         refs.append(torch.stack(outs))
     local_s = time.perf_counter() - start
@@ -339,10 +382,12 @@ def load(args) -> dict:
 
 
 def report(args, dtype_name: str, rows: dict) -> None:
+    cfg = config(args.family, args.model)
+    shape = f"image {cfg['image']}" if "image" in cfg else f"seq {cfg['seq']}"
     print(
-        f"\nBERT ({args.model}, batch {config(args.model)['batch']}, seq "
-        f"{config(args.model)['seq']}, {dtype_name}) on {args.device}, a fresh input every "
-        f"request; {args.rounds}x{args.per_round} requests per mode"
+        f"\n{args.family} ({args.model}, batch {cfg['batch']}, {shape}, {dtype_name}) on "
+        f"{args.device}, a fresh input every request; {args.rounds}x{args.per_round} requests "
+        "per mode"
     )
     print(f"{'mode':<24}{'median ms':>10}{'p99 ms':>9}{'x eager':>9}{'equal':>7}")
     for name, r in rows.items():
@@ -365,6 +410,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda (server, eager and rpc)")
+    ap.add_argument("--family", choices=FAMILIES, default="bert", help="the model served")
     ap.add_argument("--model", choices=["small", "base"], help="default: small on cpu, else base")
     ap.add_argument("--dtype", default="float32", help="float32, float16 or both: float32,float16")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of every process")
@@ -387,6 +433,12 @@ def main() -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
         return 0
+    if args.family == "resnet":
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            print("the resnet family needs torchvision, which is not installed: nothing to measure")
+            return 0
     torch.set_num_threads(args.threads)
     os.environ.setdefault("GENIE_LOG_LEVEL", "WARNING")
 
@@ -425,7 +477,8 @@ def main() -> int:
             print(f"{k:<8}{v['rps']:>9.1f}{v['p50_ms']:>9.2f}{v['p99_ms']:>9.2f}")
         print(f"throughput genie/local: {ld['throughput_vs_local']:.2f}x; exact: {ld['exact']}")
 
-    name = "serving" + ("" if args.device == "cpu" else "_cuda") + ("_quick" if args.quick else "")
+    name = "serving" + ("" if args.family == "bert" else f"_{args.family}")
+    name += ("" if args.device == "cpu" else "_cuda") + ("_quick" if args.quick else "")
     path = ROOT / "bench" / "results" / f"{name}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path.relative_to(ROOT)}")
