@@ -191,34 +191,45 @@ def test_a_greedy_decode_split_over_two_servers_equals_eager(pair):
     servers moved activations between themselves."""
     model = gpt2()
     ids = _ids()
-    ref, past, tok = [], None, ids
-    for _ in range(16):
-        out = model(tok, past_key_values=past, use_cache=True)
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        ref.append(tok)
     ex = _split_over(pair, direct=True)
     try:
-        rmodel = copy.deepcopy(model).to(REMOTE)
-        got, past, tok = [], None, ids.to(REMOTE)
-        for _ in range(16):
-            caches = set()
-            if past is not None:  # the caches this step reads: last step's
-                caches = {
-                    int(genie._C._storage_id(t))
-                    for layer in past.layers
-                    for t in (layer.keys, layer.values)
-                }
-            out = rmodel(tok, past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            got.append(tok.cpu())
-            assert not {t.storage for t in ex.last_plan.transfers} & caches  # never moved
+        got = _decode_split(ex, model, ids, 16)
         assert ex.stats["direct_transfers"] > 0
     finally:
         genie.synchronize()
         use_local()
         for b in ex.backends.values():
             b.executor.close()
-    assert torch.equal(torch.cat(got, 1), torch.cat(ref, 1))
+    assert torch.equal(got, _decode_eager(model, ids, 16))
+
+
+def _decode_eager(model, ids, steps: int) -> torch.Tensor:
+    ref, past, tok = [], None, ids
+    for _ in range(steps):
+        out = model(tok, past_key_values=past, use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        ref.append(tok)
+    return torch.cat(ref, 1)
+
+
+def _decode_split(ex, model, ids, steps: int) -> torch.Tensor:
+    """Greedy decode through the split executor `ex`; asserts each step's plan moves none of
+    the KV caches it reads (they stay with the layer's server). Returns the tokens."""
+    rmodel = copy.deepcopy(model).to(REMOTE)
+    got, past, tok = [], None, ids.to(REMOTE)
+    for _ in range(steps):
+        caches = set()
+        if past is not None:  # the caches this step reads: last step's
+            caches = {
+                int(genie._C._storage_id(t))
+                for layer in past.layers
+                for t in (layer.keys, layer.values)
+            }
+        out = rmodel(tok, past_key_values=past, use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        got.append(tok.cpu())
+        assert not {t.storage for t in ex.last_plan.transfers} & caches  # never moved
+    return torch.cat(got, 1)
 
 
 @torch.no_grad()
@@ -499,7 +510,8 @@ def test_data_parallel_over_two_servers_keeps_the_weights_on_both(pair):
 @torch.no_grad()
 def test_a_model_split_over_three_servers_equals_eager():
     """Three servers, one pipeline stage each: the result equals eager, every server runs a
-    stage, and every activation the plan moves goes from server to server."""
+    stage, and every activation the plan moves goes from server to server; a 16-step greedy
+    decode over the same three gives eager's tokens, each layer's KV cache never moved."""
     model = gpt2(n_layer=6)
     ids = _ids()
     token = secrets.token_hex(16)
@@ -512,8 +524,14 @@ def test_a_model_split_over_three_servers_equals_eager():
         try:
             out = copy.deepcopy(model).to(REMOTE)(ids.to(REMOTE)).logits.cpu()
             plan = ex.last_plan
+            moved = ex.stats["direct_transfers"]
+            tokens = _decode_split(ex, model, ids, 16)  # each layer's cache stays where it is
+            decode_devices = {f.device for f in ex.last_plan.fragments}
         finally:
+            genie.synchronize()
             genie.disconnect()
     assert torch.equal(out, model(ids).logits)
     assert {f.device for f in plan.fragments} == {"server0", "server1", "server2"}
-    assert ex.stats["direct_transfers"] == len(plan.transfers) > 0
+    assert moved == len(plan.transfers) > 0
+    assert torch.equal(tokens, _decode_eager(model, ids, 16))
+    assert decode_devices == {"server0", "server1", "server2"}
