@@ -125,11 +125,4 @@ def _scores(gv: GraphView, n, info_of) -> bool:
     followed by a softmax within two steps."""
     if n.context and info_of(n.context).in_attention:
         return True
-    cls = gv.cls
-    for s in gv.succs[n.id]:
-        if cls[s] == OpClass.SOFTMAX:
-            return True
-        for s2 in gv.succs[s]:
-            if cls[s2] == OpClass.SOFTMAX:
-                return True
-    return False
+    return feeds_softmax(gv, n.id)
