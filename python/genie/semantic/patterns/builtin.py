@@ -57,52 +57,35 @@ FFN = Template(
     (("up", "act"), ("act", "down")),
     anchor="up",
 )
+# A residual block's main path: conv, norm, act, conv, norm, into the add; the shortcut is
+# either the block's input itself (basic) or a projection of it (conv + norm: projection).
+_RESIDUAL_MAIN = {
+    "src": _ANY_ACT,
+    "c1": C.CONV,
+    "n1": C.NORM,
+    "a1": C.ACT,
+    "c2": C.CONV,
+    "n2": C.NORM,
+    "add": C.ADD,
+}
+_RESIDUAL_MAIN_EDGES = (
+    ("src", "c1"),
+    ("c1", "n1"),
+    ("n1", "a1"),
+    ("a1", "c2"),
+    ("c2", "n2"),
+    ("n2", "add"),
+)
 RESIDUAL_BASIC = Template(
     "residual_basic",
-    {
-        "src": _ANY_ACT,
-        "c1": C.CONV,
-        "n1": C.NORM,
-        "a1": C.ACT,
-        "c2": C.CONV,
-        "n2": C.NORM,
-        "add": C.ADD,
-    },
-    (
-        ("src", "c1"),
-        ("c1", "n1"),
-        ("n1", "a1"),
-        ("a1", "c2"),
-        ("c2", "n2"),
-        ("n2", "add"),
-        ("src", "add"),
-    ),
+    _RESIDUAL_MAIN,
+    (*_RESIDUAL_MAIN_EDGES, ("src", "add")),
     anchor="add",
 )
 RESIDUAL_PROJECTION = Template(
     "residual_projection",
-    {
-        "src": _ANY_ACT,
-        "c1": C.CONV,
-        "n1": C.NORM,
-        "a1": C.ACT,
-        "c2": C.CONV,
-        "n2": C.NORM,
-        "add": C.ADD,
-        "cd": C.CONV,
-        "nd": C.NORM,
-    },
-    (
-        ("src", "c1"),
-        ("c1", "n1"),
-        ("n1", "a1"),
-        ("a1", "c2"),
-        ("c2", "n2"),
-        ("n2", "add"),
-        ("src", "cd"),
-        ("cd", "nd"),
-        ("nd", "add"),
-    ),
+    {**_RESIDUAL_MAIN, "cd": C.CONV, "nd": C.NORM},
+    (*_RESIDUAL_MAIN_EDGES, ("src", "cd"), ("cd", "nd"), ("nd", "add")),
     anchor="add",
 )
 RESIDUAL_ATTENTION_PRENORM = Template(
