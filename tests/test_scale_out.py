@@ -103,8 +103,7 @@ def test_a_split_model_moves_activations_between_servers_not_through_the_client(
         finally:
             genie.synchronize()
             use_local()
-            for b in ex.backends.values():
-                b.executor.close()
+            ex.close()
     (relayed, _), (direct, moved) = results[False], results[True]
     assert moved > 0  # the second forward moved its activations between the servers
     # The relay carried each moved storage through the client twice (down, then up); the
@@ -149,8 +148,7 @@ def test_servers_that_cannot_form_a_group_move_through_the_client(caplog):
         finally:
             genie.synchronize()
             use_local()
-            for b in ex.backends.values():
-                b.executor.close()
+            ex.close()
     assert torch.equal(out, model(ids).logits)
     assert ex.stats["direct_transfers"] == 0 and ex.last_plan.transfers
     assert "through this process" in caplog.text
@@ -178,8 +176,7 @@ def test_a_server_killed_mid_plan_is_a_clear_error_and_the_other_goes_on():
         finally:
             genie.synchronize()
             use_local()
-            for b in ex.backends.values():
-                b.executor.close()
+            ex.close()
             s1.close()
         healthy(s0)
 
@@ -198,8 +195,7 @@ def test_a_greedy_decode_split_over_two_servers_equals_eager(pair):
     finally:
         genie.synchronize()
         use_local()
-        for b in ex.backends.values():
-            b.executor.close()
+        ex.close()
     assert torch.equal(got, _decode_eager(model, ids, 16))
 
 

@@ -221,8 +221,7 @@ def test_two_genie_serve_endpoints_are_two_devices(tmp_path):
         finally:
             genie.synchronize()
             use_local()
-            for b in ex.backends.values():
-                b.executor.close()
+            ex.close()
     assert torch.equal(out, ref)
     assert {f.device for f in ex.last_plan.fragments} == {"s0", "s1"} and ex.last_plan.transfers
 
