@@ -119,6 +119,26 @@ def _candidates(mapping: str, cap: int, required: tuple[str, ...]) -> list[tuple
     return first + rest[::step]
 
 
+def _entry_if_it_runs(
+    model_type: str, cls: str, kind: str, expected: str, mapping: str
+) -> ZooEntry | Exception:
+    """The entry for `cls` once a tiny one is built and runs a forward on CPU; the exception
+    when it cannot be."""
+    try:
+        model, args, kwargs = hf.build_hf(model_type, cls, kind)
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the caller skips it and says why
+        return exc
+    return ZooEntry(
+        cls,
+        expected,
+        mapping.removesuffix("_MAPPING_NAMES"),
+        lambda t=model_type, c=cls, k=kind: hf.build_hf(t, c, k),
+        kind,
+    )
+
+
 def zoo_entries() -> tuple[list[ZooEntry], list[tuple[str, str]]]:
     """(entries, skipped as (name, reason)): every HF candidate is built and run once on CPU
     here, up to each task's cap; then the models written here."""
@@ -135,23 +155,12 @@ def zoo_entries() -> tuple[list[ZooEntry], list[tuple[str, str]]]:
             if cls in seen:
                 continue
             seen.add(cls)
-            try:
-                model, args, kwargs = hf.build_hf(model_type, cls, kind)
-                with torch.no_grad():
-                    model(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - a model that cannot be built tiny
-                skipped.append((cls, _reason(exc)))
+            entry = _entry_if_it_runs(model_type, cls, kind, expected, mapping)
+            if isinstance(entry, Exception):  # a model that cannot be built tiny
+                skipped.append((cls, _reason(entry)))
                 continue
             taken += 1
-            entries.append(
-                ZooEntry(
-                    cls,
-                    expected,
-                    mapping.removesuffix("_MAPPING_NAMES"),
-                    lambda t=model_type, c=cls, k=kind: hf.build_hf(t, c, k),
-                    kind,
-                )
-            )
+            entries.append(entry)
     for name, expected, build in semantic_models.recsys_and_plain():
         entries.append(ZooEntry(name, expected, "written here", build))
     return entries, skipped
@@ -187,22 +196,11 @@ def held_out_entries(exclude: set[str]) -> list[ZooEntry]:
                 break
             if cls in exclude or any(e.name == cls for e in entries):
                 continue
-            try:
-                model, args, kwargs = hf.build_hf(model_type, cls, kind)
-                with torch.no_grad():
-                    model(*args, **kwargs)
-            except Exception:  # noqa: BLE001 - not buildable tiny: not part of the check
+            entry = _entry_if_it_runs(model_type, cls, kind, expected, mapping)
+            if isinstance(entry, Exception):  # not buildable tiny: not part of the check
                 continue
             taken += 1
-            entries.append(
-                ZooEntry(
-                    cls,
-                    expected,
-                    mapping.removesuffix("_MAPPING_NAMES"),
-                    lambda t=model_type, c=cls, k=kind: hf.build_hf(t, c, k),
-                    kind,
-                )
-            )
+            entries.append(entry)
     return entries
 
 
