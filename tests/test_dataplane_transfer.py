@@ -95,6 +95,19 @@ def start_pair(server_args: list[str], client_args, env_server, env_client):
     return server, client
 
 
+def run_pair(server_args: list[str], client_args, env_server, env_client, *, timeout: float):
+    """Start a server and a client peer and wait until both have finished cleanly (the client
+    within `timeout` seconds); their events are then in `.events`."""
+    server, client = start_pair(server_args, client_args, env_server, env_client)
+    try:
+        assert client.finish(timeout) == 0, client.stderr()
+        assert server.finish(30) == 0, server.stderr()
+    finally:
+        client.kill()
+        server.kill()
+    return server, client
+
+
 def agent_gone(pid: int | None, timeout: float = 10.0) -> bool:
     if pid is None:
         return True
@@ -117,13 +130,7 @@ def test_two_processes_exchange_tensors_intact(env, loss):
         env["GENIE_DPDK_OPTIONS"] = "loss_rate=0.02 loss_seed=7 payload_checksum=1 rto_ms=5"
         sizes = [1 * MB, 16 * MB]
     arg = ",".join(map(str, sizes))
-    server, client = start_pair(["server", arg], ["client", arg], env, env)
-    try:
-        assert client.finish(180) == 0, client.stderr()
-        assert server.finish(30) == 0, server.stderr()
-    finally:
-        client.kill()
-        server.kill()
+    server, client = run_pair(["server", arg], ["client", arg], env, env, timeout=180)
     echoes = [e for e in client.events if e.get("event") == "echo"]
     received = [e for e in server.events if e.get("event") == "received"]
     assert [e["bytes"] for e in echoes] == sizes
@@ -183,13 +190,9 @@ def test_payloads_in_arena_memory_travel_without_a_copy(env, memory):
     and the stats say so."""
     sizes = [1 * MB, 16 * MB, 64 * MB]
     arg = ",".join(map(str, sizes))
-    server, client = start_pair(["arena-server", arg], ["arena-client", arg, memory], env, env)
-    try:
-        assert client.finish(180) == 0, client.stderr()
-        assert server.finish(30) == 0, server.stderr()
-    finally:
-        client.kill()
-        server.kill()
+    server, client = run_pair(
+        ["arena-server", arg], ["arena-client", arg, memory], env, env, timeout=180
+    )
     echoes = [e for e in client.events if e.get("event") == "echo"]
     assert [e["bytes"] for e in echoes] == sizes
     for echo in echoes:
@@ -226,15 +229,9 @@ def test_in_process_endpoint_sends_torch_memory_in_place(env, server_mode):
     arg = ",".join(map(str, sizes))
     env_client = {**env, "GENIE_DPDK_IN_PROCESS": "1"}
     env_server = {**env, "GENIE_DPDK_IN_PROCESS": "1" if server_mode == "in-process" else "0"}
-    server, client = start_pair(
-        ["arena-server", arg], ["inproc-client", arg], env_server, env_client
+    server, client = run_pair(
+        ["arena-server", arg], ["inproc-client", arg], env_server, env_client, timeout=120
     )
-    try:
-        assert client.finish(120) == 0, client.stderr()
-        assert server.finish(30) == 0, server.stderr()
-    finally:
-        client.kill()
-        server.kill()
     echoes = [e for e in client.events if e.get("event") == "echo"]
     assert [e["bytes"] for e in echoes] == sizes
     assert all(e["echo_equal"] and e["plane"] == "up" for e in echoes)
