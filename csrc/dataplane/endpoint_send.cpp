@@ -185,6 +185,16 @@ void Endpoint::pump_sender(double now) {
   OutMsg& out = *out_;
   uint32_t chunk = chunk_;
   uint16_t budget = cfg_.burst;
+  // Each chunk built spends one unit of the burst; an injected loss drops it here.
+  auto queue = [&](rte_mbuf* pkt) {
+    --budget;
+    if (inject_loss()) {
+      rte_pktmbuf_free(pkt);
+      ++stats_.chunks_dropped;
+    } else {
+      dataq_.push_back(pkt);
+    }
+  };
   while (budget && !out.resend.empty()) {
     uint64_t s, e;
     out.resend.front(&s, &e);
@@ -200,13 +210,7 @@ void Endpoint::pump_sender(double now) {
     uint64_t sent = rte_pktmbuf_mtod_offset(pkt, PacketHeader*, kEtherHeader)->length;
     out.resend.remove(s, s + sent);
     ++stats_.chunks_retransmitted;
-    --budget;
-    if (inject_loss()) {
-      rte_pktmbuf_free(pkt);
-      ++stats_.chunks_dropped;
-      continue;
-    }
-    dataq_.push_back(pkt);
+    queue(pkt);
   }
   uint64_t limit = std::min({out.granted, out.provided, out.acked + cfg_.window_bytes});
   while (budget && out.next < limit) {
@@ -215,13 +219,7 @@ void Endpoint::pump_sender(double now) {
     if (!build_chunk(out, out.next, n, false, &pkt)) break;
     out.next += rte_pktmbuf_mtod_offset(pkt, PacketHeader*, kEtherHeader)->length;
     ++stats_.chunks_sent;
-    --budget;
-    if (inject_loss()) {
-      rte_pktmbuf_free(pkt);
-      ++stats_.chunks_dropped;
-      continue;
-    }
-    dataq_.push_back(pkt);
+    queue(pkt);
   }
 }
 
