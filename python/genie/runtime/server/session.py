@@ -160,17 +160,17 @@ class Session:
                 try:
                     raw = P.get_map(P.unpack(frame.header, self.limits), "request")
                     request = R.parse_request(raw, self.limits)
-                    pre = R.parse_pre(raw.get("pre"), self.limits)
+                    pre = R.parse_pre(raw["pre"], self.limits) if "pre" in raw else None
                 except Exception:
                     if spec is not None:
                         self.spec.abort(spec)
                     raise
                 # Resolve a pending speculation before "pre" (Note: [Speculative runs]).
-                hit = spec is not None and self.spec.resolve(spec, raw, frame)
+                hit = spec is not None and self.spec.resolve(spec, request, pre, frame)
                 self._kind = "commit" if hit else request.kind
                 if not request.payload:
                     P.need(frame.payload_len == 0, "this request carries no payload")
-                self._apply_pre(pre)
+                self._apply_pre(pre or [])
                 if hit:
                     reply, buffers = {"ok": True, "spec": "hit"}, []
                 else:
@@ -256,10 +256,6 @@ class Session:
             "server": _version(),
             **self.limits.as_dict(),
         }, []
-
-    def parse_uploads(self, up: Any, frame: Frame) -> list[R.Piece]:
-        """An upload list as it came off the wire, checked as check_uploads does."""
-        return self.check_uploads(R.parse_pieces(up, self.limits), frame)
 
     def check_uploads(self, pieces: list[R.Piece], frame: Frame) -> list[R.Piece]:
         """`pieces`, once each continues a storage that is resident (or started in this

@@ -14,7 +14,7 @@ from genie.errors import GenieError, RemoteError
 from genie.runtime import protocol as P
 from genie.runtime.program import Program, check_binding, program_key
 from genie.runtime.replay import byte_view
-from genie.runtime.requests import Spec
+from genie.runtime.requests import Request, Run, Spec, Upload
 from genie.runtime.transports.base import Frame
 
 if TYPE_CHECKING:
@@ -246,26 +246,27 @@ class SpeculationSlot:
         logger.debug("genie: session %d: speculation declined: %s", self._session.number, why)
         return {"ok": True, "spec": False, "why": why[:200]}, []
 
-    def leaves_pending(self, req: dict, frame: Frame) -> bool:
+    def leaves_pending(self, req: Request, pre: list | None, frame: Frame) -> bool:
         """True when `req` is an upload of new storages only, with no "pre": it leaves a
         pending speculation pending (Note: [Speculative runs])."""
-        if req.get("t") != "upload" or "pre" in req:
+        if not isinstance(req, Upload) or pre is not None:
             return False
         try:
-            uploads = self._session.parse_uploads(req.get("up"), frame)
+            uploads = self._session.check_uploads(req.pieces, frame)
         except GenieError:
             return False  # handled as a normal request, which reports what is wrong
         storages = self._session.env.storages
         return all(new and sid not in storages for sid, _, _, _, new in uploads)
 
-    def resolve(self, spec: _Speculation, req: dict, frame: Frame) -> bool:
-        """Commit `spec` when `req` is the run it predicted, else undo it; True on commit. An
-        early upload leaves it pending (False, nothing undone)."""
-        if self.leaves_pending(req, frame):
+    def resolve(self, spec: _Speculation, req: Request, pre: list | None, frame: Frame) -> bool:
+        """Commit `spec` when `req` (with its deferred operations `pre`, None when it has
+        none, both as requests.py parsed them) is the run it predicted, else undo it; True
+        on commit. An early upload leaves it pending (False, nothing undone)."""
+        if self.leaves_pending(req, pre, frame):
             self.pending = spec
             return False
         try:
-            binding = self._confirmed(spec, req, frame)
+            binding = self._confirmed(spec, req, pre, frame)
         except Exception:  # noqa: BLE001 - a request that cannot even be compared is a miss
             logger.exception(
                 "genie: session %d: comparing a run with a speculation", self._session.number
@@ -285,27 +286,29 @@ class SpeculationSlot:
         self.hits += 1
         return True
 
-    def _confirmed(self, spec: _Speculation, req: dict, frame: Frame) -> list[int] | None:
+    def _confirmed(
+        self, spec: _Speculation, req: Request, pre: list | None, frame: Frame
+    ) -> list[int] | None:
         """The run's binding when `req` is the run `spec` predicted (the commit rule of
         Note: [Speculative runs]), else None."""
         program = spec.program
-        if req.get("t") != "run" or frame.payload_len:
+        if type(req) is not Run or frame.payload_len:
             return None
         # The only uploads a speculation can foresee are empty ones, at its ["up", 0] entries.
         empty = [local for local, b in enumerate(spec.bind) if b == P.EMPTY_UPLOAD]
         try:
-            uploads = self._session.parse_uploads(req.get("up"), frame)
+            uploads = self._session.check_uploads(req.pieces, frame)
         except GenieError:
             return None
         if any(nbytes or n or not new for _, nbytes, _, n, new in uploads):
             return None
-        key, body = req.get("key"), req.get("prog")
-        if type(key) is not bytes or key != program.key:
+        if req.program.key != program.key:
             return None
-        if body is not None and (type(body) is not bytes or program_key(body) != program.key):
+        body = req.program.body
+        if body is not None and program_key(body) != program.key:
             return None
-        binding = req.get("bind")
-        if type(binding) is not list or len(binding) != len(spec.bind) or req.get("rng"):
+        binding = req.bind
+        if len(binding) != len(spec.bind) or req.rng:
             return None
         # What check_binding would ask, against the speculation it already passed: the ids
         # it was given are the run's; the rest are new, distinct, valid ids (nothing ran in
@@ -322,11 +325,13 @@ class SpeculationSlot:
         incoming = {sid for sid, *_ in uploads}
         if incoming != {binding[local] for local in empty} or len(incoming) != len(uploads):
             return None
-        try:
-            released = _pre_releases(self._session.limits, req.get("pre"))
-        except GenieError:
-            return None  # handled as a normal request, which reports what is wrong
-        if released is None or not released.isdisjoint(binding):
+        # "pre" may release storages the binding does not use, and nothing else.
+        released: set[int] = set()
+        for op in pre or ():
+            if not isinstance(op, list):  # a bind of an eager result
+                return None
+            released.update(op)
+        if not released.isdisjoint(binding):
             return None
         return binding
 
@@ -346,13 +351,3 @@ class SpeculationSlot:
         self._session.runner.restore_handed(spec.program.key, spec.handed)
         if miss:
             self.misses += 1
-
-
-def _pre_releases(limits: P.Limits, pre: Any) -> set[int] | None:
-    """The ids `pre` releases, or None when it does anything else."""
-    released: set[int] = set()
-    for op in P.get_list(pre or [], "pre", limits.max_list):
-        if type(op) is not list or len(op) < 2 or op[0] != "release":
-            return None
-        released.update(P.get_sids(op[1], "release ids", limits.max_list))
-    return released
