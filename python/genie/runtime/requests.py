@@ -40,6 +40,7 @@ __all__ = [
     "Stats",
     "Upload",
     "parse_pieces",
+    "pieces_of",
     "parse_pre",
     "parse_request",
 ]
@@ -69,6 +70,11 @@ class Piece(NamedTuple):
         at = P.get_int(v[2], 0, nbytes, "upload offset")
         n = P.get_int(v[3], 0, nbytes - at, "upload length")
         return cls(sid, nbytes, at, n, P.get_bool(v[4], "upload new"))
+
+
+def pieces_of(parts: list[tuple[list, Any]]) -> list[Piece]:
+    """The pieces of ``(entry, view)`` pairs as remote/uploads.py cuts them."""
+    return [Piece(*entry) for entry, _ in parts]
 
 
 def parse_pieces(v: Any, limits: P.Limits) -> list[Piece]:
@@ -199,6 +205,12 @@ class Eager(Run):
     """Run one node and answer its results (kept pending until bound or dropped)."""
 
     kind: ClassVar[str] = "eager"
+
+    def fields(self) -> dict[str, Any]:
+        out = super().fields()
+        if not self.pieces:  # an eager node never uploads: no empty list on the wire
+            del out["up"]
+        return out
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 
 from genie.errors import ExecutionError, GenieError, ProtocolError, RemoteError, TransportError
 from genie.runtime import protocol as P
+from genie.runtime import requests as R
 from genie.runtime.transports import Transport
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def raise_error(e: RequestFailed) -> None:
 class FetchPlan:
     """A fetch request, where its payload goes, and how the value is made once it arrived."""
 
-    request: dict
+    request: R.Fetch
     receive: Callable[[dict], list[memoryview]]
     result: Callable[[], torch.Tensor]
 
@@ -89,7 +90,7 @@ class Channel:
     # -- requests -------------------------------------------------------------------------
     def request(
         self,
-        header: dict,
+        req: R.Request,
         buffers: Sequence[memoryview] = (),
         receive: Callable[[dict], list[memoryview]] | None = None,
         fetches: Sequence[FetchPlan] = (),
@@ -100,6 +101,7 @@ class Channel:
         each that did not arrive because the request or the fetch failed. `then_spec` sends a
         speculative request behind those, before their replies are read."""
         self.check()
+        header = req.header()
         self._attach_pre(header)
         body = P.pack(header)
         values: list[torch.Tensor | None] = []
@@ -107,7 +109,7 @@ class Channel:
             self.t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, body, buffers)
             self.outbox, self.released = [], []
             for plan in fetches:
-                self.t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(plan.request), ())
+                self.t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(plan.request.header()), ())
             self._read_unanswered()  # they precede this request's replies
             if then_spec is not None:
                 then_spec()
@@ -137,7 +139,7 @@ class Channel:
 
     def send_unanswered(
         self,
-        header: dict,
+        req: R.Request,
         buffers: Sequence[memoryview] = (),
         on_reply: Callable[[dict], None] | None = None,
     ) -> None:
@@ -145,6 +147,7 @@ class Channel:
         (it carries the deferred operations), or, with `on_reply`, an early upload that does
         not (Note: [Early uploads] in early.py); `on_reply` gets its reply."""
         self.check()
+        header = req.header()
         if on_reply is None:
             self._attach_pre(header)
         try:
@@ -188,7 +191,7 @@ class Channel:
                 return torch.empty(shape, dtype=dtype)
             return out.view(dtype).reshape(shape)
 
-        return FetchPlan({"t": "fetch", "ref": P.encode_ref(ref)}, receive, result)
+        return FetchPlan(R.Fetch(wire_ref=P.encode_ref(ref)), receive, result)
 
     # -- replies --------------------------------------------------------------------------
     def _read_reply(self, receive: Callable[[dict], list[memoryview]] | None) -> dict:
@@ -205,7 +208,6 @@ class Channel:
     def _attach_pre(self, header: dict) -> None:
         """Deferred releases and binds ride on `header`; the caller empties the outbox once
         the request is sent."""
-        header.pop("pre", None)  # a resend: the server applied them with the first try
         pre = self.outbox
         if self.released:
             pre = [["release", self.released], *pre]

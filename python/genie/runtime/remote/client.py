@@ -14,6 +14,7 @@ Releases and binds need no answer: they wait in an outbox and ride on the next r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -25,6 +26,7 @@ import torch
 
 from genie.errors import GenieError, TransportError, UnsupportedOperationError
 from genie.runtime import protocol as P
+from genie.runtime import requests as R
 from genie.runtime import transports
 from genie.runtime.program import encode_program
 from genie.runtime.remote.channel import Channel, FetchPlan, RequestFailed, raise_error
@@ -106,7 +108,7 @@ class RemoteExecutor(SpeculatingClient):
             P.client_handshake(self._t, tok)
             self._t.set_timeout(timeout)
             self._t.spin_us = transports.default_spin_us()
-            info = self._request({"t": "hello"})[0]
+            info = self._request(R.Hello())[0]
         except TransportError as e:
             self._t.close()
             raise TransportError(
@@ -133,7 +135,7 @@ class RemoteExecutor(SpeculatingClient):
 
     def _request(
         self,
-        header: dict,
+        req: R.Request,
         buffers: list[memoryview] | tuple = (),
         receive: Callable[[dict], list[memoryview]] | None = None,
         fetches: list[FetchPlan] | tuple = (),
@@ -144,12 +146,12 @@ class RemoteExecutor(SpeculatingClient):
         self.early.send_queued()  # uploads begun earlier go first (Note: [Early uploads])
         self._prefetched = None
         self.speculator.ahead = False
-        return self.channel.request(header, buffers, receive, fetches, then_spec)
+        return self.channel.request(req, buffers, receive, fetches, then_spec)
 
-    def _ask(self, header: dict) -> dict:
+    def _ask(self, req: R.Request) -> dict:
         """A request whose error reply is raised as genie's."""
         try:
-            return self._request(header)[0]
+            return self._request(req)[0]
         except RequestFailed as e:
             raise_error(e)
 
@@ -161,7 +163,7 @@ class RemoteExecutor(SpeculatingClient):
 
     def _upload_batch(self, batch) -> None:
         try:
-            self._request({"t": "upload", "up": [e for e, _ in batch]}, [v for _, v in batch])
+            self._request(R.Upload(R.pieces_of(batch)), [v for _, v in batch])
         except RequestFailed as e:
             raise_error(e)
         for entry, _ in batch:
@@ -213,17 +215,16 @@ class RemoteExecutor(SpeculatingClient):
         if enc is None:
             return True
         ref = instance if instance is not None else self.namer.ref(enc)
-        header: dict[str, Any] = {"t": "run", **ref.fields()}
-        header.update(bind=binding, rng=rng, up=[e for e, _ in parts])
+        req = R.Run(ref, binding, rng, R.pieces_of(parts))
         fetches = [self.channel.fetch_plan(then_fetch)] if then_fetch is not None else []
         try:
             _, values = self._exchange(
-                header, [v for _, v in parts], None if instance else enc, fetches, then_spec
+                req, [v for _, v in parts], None if instance else enc, fetches, then_spec
             )
         except RequestFailed:  # an instance whose base the server no longer has
             return False
         if fetches and values[0] is not None:
-            self._prefetched = (fetches[0].request["ref"], values[0])
+            self._prefetched = (fetches[0].request.wire_ref, values[0])
         for entry, _ in parts:
             self._resident[entry[0]] = entry[1]
         self.counters["upload_bytes"] += total
@@ -311,33 +312,31 @@ class RemoteExecutor(SpeculatingClient):
         self._made_last = [binding[s] for s, n in known.created if n]
 
     def _exchange(
-        self, header: dict, buffers: list, enc, fetches=(), then_spec=None
+        self, req: R.Run, buffers: list, enc, fetches=(), then_spec=None
     ) -> tuple[dict, list[torch.Tensor | None]]:
         """A request that names a program: sent once more with the body when the server does
         not know the key (it forgot the program, or never had it); the server's error raised
         as genie's, except an unknown program when there is no body to send (`enc` None)."""
         try:
             try:
-                got = self._request(dict(header), buffers, None, fetches, then_spec)
+                got = self._request(req, buffers, None, fetches, then_spec)
             except RequestFailed as e:
                 if e.kind != "unknown_program" or enc is None:
                     raise
-                header.pop("base", None)
-                header.pop("patch", None)
-                header["prog"] = enc.body
-                got = self._request(dict(header), buffers, None, fetches)
+                req = dataclasses.replace(req, program=P.ProgramRef(req.program.key, enc.body))
+                got = self._request(req, buffers, None, fetches)
         except RequestFailed as e:
             if e.kind == "unknown_program" and enc is None:
                 raise  # no body to send: the caller decides (Note: [Program templates])
             if e.kind == "execution":
                 # The uploads arrived before the program failed: they are resident.
-                for entry in header.get("up", ()):
-                    self._resident[entry[0]] = entry[1]
+                for piece in req.pieces:
+                    self._resident[piece.sid] = piece.nbytes
             raise_error(e)
         if enc is not None:
-            if "prog" in header:
+            if req.program.body is not None:
                 self.counters["programs_sent"] += 1
-            elif "patch" in header:
+            elif req.program.patch is not None:
                 self.counters["programs_patched"] += 1
             self.namer.checked(enc.key)
         return got
@@ -348,7 +347,7 @@ class RemoteExecutor(SpeculatingClient):
             with self._lock:
                 plan = self.channel.fetch_plan(ref)
                 pre, self._prefetched = self._prefetched, None
-                if pre is not None and pre[0] == plan.request["ref"]:
+                if pre is not None and pre[0] == plan.request.wire_ref:
                     self.counters["fetched_with_run"] += 1
                     return pre[1]  # fetched right behind its run (Note: [Run then fetch])
                 try:
@@ -367,7 +366,7 @@ class RemoteExecutor(SpeculatingClient):
             self.channel.released.extend(ids)
             if len(self.channel.released) > _OUTBOX_FLUSH and self._broken is None:
                 try:
-                    self._request({"t": "release", "ids": []})
+                    self._request(R.Release())
                 except (RequestFailed, TransportError) as e:
                     logger.warning("genie: sending releases failed: %s", e)
 
@@ -377,10 +376,9 @@ class RemoteExecutor(SpeculatingClient):
     def run_eager(self, node: dict) -> list[Any]:
         with self._lock:
             enc = encode_program([node])
-            header = {"t": "eager", "key": enc.key, "bind": enc.binding, "rng": enc.rng}
-            if enc.key not in self.namer.sent:  # never a patch: one node
-                header["prog"] = enc.body
-            reply, _ = self._exchange(header, [], enc)
+            body = enc.body if enc.key not in self.namer.sent else None  # never a patch
+            req = R.Eager(P.ProgramRef(enc.key, body), enc.binding, enc.rng)
+            reply, _ = self._exchange(req, [], enc)
             self._eager = []
             self.counters["eager"] += 1
             return [self._result(r) for r in reply["res"]]
@@ -427,7 +425,7 @@ class RemoteExecutor(SpeculatingClient):
     def server_stats(self) -> dict[str, Any]:
         """The server's view: this session's and the whole server's counters."""
         with self._lock:
-            reply = self._ask({"t": "stats"})
+            reply = self._ask(R.Stats())
             return {"session": reply["session"], "server": reply["server"]}
 
     def close(self) -> None:
@@ -437,7 +435,7 @@ class RemoteExecutor(SpeculatingClient):
                 # Ours first: the server ends its data plane when it answers "bye".
                 self._t.close_data_plane()
                 try:
-                    self._request({"t": "bye"})
+                    self._request(R.Bye())
                 except (GenieError, OSError):
                     pass
             self.channel.broken = (
@@ -449,13 +447,12 @@ class RemoteExecutor(SpeculatingClient):
         return f"RemoteExecutor({self.address!r}, device={self.device!r})"
 
     # -- moves between servers (Note: [Server-to-server moves] in server/peers.py) ---------
-    def peer_request(self, header: dict) -> dict:
-        """One peer_open / peer_send / peer_recv / peer_close request; the server's error is
-        raised as genie's."""
+    def peer_request(self, req: R.PeerOpen | R.PeerSend | R.PeerRecv | R.PeerClose) -> dict:
+        """One request of a move between servers; the server's error is raised as genie's."""
         with self._lock:
-            reply = self._ask(header)
-            if header["t"] == "peer_recv":
-                self._resident[int(header["id"])] = int(header["nbytes"])
+            reply = self._ask(req)
+            if isinstance(req, R.PeerRecv):
+                self._resident[req.id] = req.nbytes
             return reply
 
     # -- programs run by their owner (torch.compile) ----------------------------------------
@@ -489,10 +486,9 @@ class RemoteExecutor(SpeculatingClient):
         if sum(e[3] for e, _ in parts) > self.max_message:
             self._send_uploads(parts)
             parts = []
-        header: dict[str, Any] = {"t": "run", **self.namer.ref(enc).fields()}
-        header.update(bind=binding, rng=rng, up=[e for e, _ in parts])
+        req = R.Run(self.namer.ref(enc), binding, rng, R.pieces_of(parts))
         fetches = [self.channel.fetch_plan(r) for r in refs]
-        _, values = self._exchange(header, [v for _, v in parts], enc, fetches)
+        _, values = self._exchange(req, [v for _, v in parts], enc, fetches)
         self.counters["runs"] += 1
         self.counters["upload_bytes"] += sum(e[3] for e, _ in parts)
         for entry, _ in parts:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from genie.runtime import requests as R
 from genie.runtime.remote.channel import Channel, RequestFailed, raise_error
 from genie.runtime.remote.uploads import Progress, frames_of, interrupt_deferred, upload_parts
 
@@ -218,7 +219,7 @@ class EarlyUploads:
         for i, frame in enumerate(up.frames):
             last = i == len(up.frames) - 1
             self._channel.send_unanswered(
-                {"t": "upload", "up": [e for e, _ in frame]},
+                R.Upload(R.pieces_of(frame)),
                 [v for _, v in frame],
                 on_reply=lambda reply, last=last: self._answered(up, reply, last),
             )

@@ -10,6 +10,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from genie.errors import TransportError
+from genie.runtime import requests as R
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +59,9 @@ class PeerLinks:
         name = "g" + secrets.token_hex(8)
         both_cuda = src.device_type == "cuda" and dst.device_type == "cuda"
         backend = "nccl" if both_cuda else "gloo"
-        port = src.peer_request(
-            {"t": "peer_open", "group": name, "role": "listen", "peer": dst.address,
-             "backend": backend}
-        )["port"]  # fmt: skip
+        port = src.peer_request(R.PeerOpen(name, "listen", dst.address, backend))["port"]
         host = src.address.rpartition(":")[0]
-        dst.peer_request(
-            {"t": "peer_open", "group": name, "role": "join", "peer": f"{host}:{port}",
-             "backend": backend}
-        )  # fmt: skip
+        dst.peer_request(R.PeerOpen(name, "join", f"{host}:{port}", backend))
         return name
 
     def move(self, src, dst, storage: int, nbytes: int) -> bool:
@@ -84,13 +79,9 @@ class PeerLinks:
             pair = self._pair_locks.setdefault(key, threading.Lock())
         with pair:
             tag = next(self._tags) % (1 << 31)
-            sent = self._pool.submit(
-                src.peer_request, {"t": "peer_send", "group": name, "id": storage, "tag": tag}
-            )
+            sent = self._pool.submit(src.peer_request, R.PeerSend(name, storage, tag))
             try:
-                dst.peer_request(
-                    {"t": "peer_recv", "group": name, "id": storage, "nbytes": nbytes, "tag": tag}
-                )
+                dst.peer_request(R.PeerRecv(name, storage, nbytes, tag))
             finally:
                 sent.result()
         self.moves += 1

@@ -92,11 +92,11 @@ class SpeculatingClient:
         resident = self._resident if resident is None else resident
         if sources is None:
             sources = Sources(list(self.early.arrivals), self._made_last)
-        header = self.speculator.guess(follows, resident, sources, wait)
-        if header is None or self.channel.specs_unread:
+        guess = self.speculator.guess(follows, resident, sources, wait)
+        if guess is None or self.channel.specs_unread:
             return False
         self.early.send_queued(progress=False)  # the guess goes behind the uploads it binds
-        self.channel.send_unanswered(header)
+        self.channel.send_unanswered(guess)
         self.counters["spec_sent"] += 1
         return True
 

@@ -4,8 +4,9 @@ only sends what the Speculator decides."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
 
+from genie.runtime import protocol as P
+from genie.runtime import requests as R
 from genie.runtime.remote.namer import MAX_DIGESTS, Known, Sources, Template
 
 __all__ = ["Speculator", "SPECULATION_WINDOW"]
@@ -85,22 +86,21 @@ class Speculator:
         resident: dict[int, int],
         sources: Sources | None = None,
         wait: bool = False,
-    ) -> dict[str, Any] | None:
-        """A "spec" request's fields for `follows` (a program, again; or a template's next
+    ) -> R.Spec | None:
+        """A "spec" request for `follows` (a program, again; or a template's next
         program) with its predicted binding; None when there is no guess. `sources`: where
         the new inputs of the request guessed come from; with `wait`, a guess that binds more
         uploads than have begun waits for them (``ready``)."""
-        header: dict[str, Any] = {"t": "spec"}
         known = follows
         if isinstance(follows, Template):
             params = follows.predict()
             if params is None:
                 return None
-            patch, header["key"] = follows.name(params)
-            header["base"], header["patch"] = follows.known.key, patch
+            patch, key = follows.name(params)
+            ref = P.ProgramRef(key, base=follows.known.key, patch=patch)
             known = follows.known
         else:
-            header["key"] = known.key
+            ref = P.ProgramRef(known.key)
         bind = known.predict(resident, sources)
         if type(bind) is int:
             if wait:
@@ -108,5 +108,4 @@ class Speculator:
             return None
         if bind is None:
             return None
-        header["bind"] = bind
-        return header
+        return R.Spec(ref, bind)
