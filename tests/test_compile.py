@@ -375,3 +375,17 @@ def test_server_without_the_program_gets_its_body_again(server):
         finally:
             client.close()
             torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_a_session_its_owner_closed_is_not_the_default_server(server):
+    """genie.connect installs a session; once its owner closes it (client.close(), not
+    genie.disconnect()), torch.compile's default is the local executor again, not a closed
+    connection."""
+    torch._dynamo.reset()
+    client = connect(server.address, token=server.token)
+    client.close()
+    genie.configure(local_device="cpu")
+    model = nn.Linear(8, 4)
+    x = torch.randn(2, 8)
+    assert torch.equal(torch.compile(model, backend="genie")(x), model(x))

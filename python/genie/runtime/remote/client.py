@@ -70,6 +70,7 @@ class RemoteExecutor(SpeculatingClient):
         early_uploads: bool | None = None,
     ):
         self.address = address
+        self.closed = False  # close() was called (a lost session is broken, not closed)
         self._lock = threading.RLock()
         self._resident: dict[int, int] = {}  # storage id -> bytes, mirrored from the server
         self._eager: list[tuple[torch.Tensor, int]] = []
@@ -442,6 +443,7 @@ class RemoteExecutor(SpeculatingClient):
                 self._broken or f"genie: the session with {self.address} was closed"
             )
             self._t.close()
+            self.closed = True  # by its owner (connect.active() forgets it)
 
     def __repr__(self) -> str:
         return f"RemoteExecutor({self.address!r}, device={self.device!r})"

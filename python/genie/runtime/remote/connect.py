@@ -88,7 +88,12 @@ def connect(
 
 
 def active() -> RemoteExecutor | None:
-    """The session ``genie.connect`` installed, or None while flushes run locally."""
+    """The session ``genie.connect`` installed, or None while flushes run locally. A session
+    its owner closed (``client.close()`` rather than ``genie.disconnect()``) is no longer
+    it; one that was lost still is, so that using it raises what happened to it."""
+    global _active
+    if _active is not None and getattr(_active, "closed", False):
+        _active = None
     return _active
 
 
