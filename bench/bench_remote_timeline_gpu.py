@@ -16,6 +16,7 @@ are a little above bench_remote_gpu.py's; the ratios between spin settings are s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import secrets
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +34,7 @@ T = time.perf_counter
 ROOT = Path(__file__).resolve().parent.parent
 _SERVER_STEPS = [  # (class path, method, tag)
     ("genie.runtime.server.session:Session", "_apply_pre", "server pre"),
+    ("genie.runtime.server.session:Session", "_receive_uploads", "server upload"),
     ("genie.runtime.server.speculation:SpeculationSlot", "start", "server spec"),
     ("genie.runtime.program.graphs:GraphRunner", "run", "server GraphRunner.run"),
     ("genie.runtime.server.speculation:SpeculationSlot", "resolve", "server commit check"),
@@ -39,6 +42,7 @@ _SERVER_STEPS = [  # (class path, method, tag)
     ("genie.runtime.server.session:Session", "_send", "server reply"),
 ]
 _CLIENT_STEPS = [
+    ("upload_early", "client .to() hands its snapshot over"),
     ("speculate", "client speculate"),
     ("run_digest", "client run"),
     ("fetch", "client fetch"),
@@ -56,6 +60,23 @@ def _wrap(cls, name: str, tag: str, events: list) -> None:
             events.append((tag, t, T()))
 
     setattr(cls, name, timed)
+
+
+def _wrap_early_sender(events: list):
+    """Time the early-upload sender (Note: [Early uploads]); returns what undoes it."""
+    from genie.runtime.remote import early
+
+    f = early.EarlyUploads._send
+
+    def timed(self, up):
+        t = T()
+        try:
+            return f(self, up)
+        finally:
+            events.append((f"client sends an upload ({threading.current_thread().name})", t, T()))
+
+    early.EarlyUploads._send = timed
+    return lambda: setattr(early.EarlyUploads, "_send", f)
 
 
 def serve(argv: list[str]) -> int:
@@ -93,7 +114,7 @@ def _median_ms(xs) -> float:
     return statistics.median(xs) * 1e3 if xs else float("nan")
 
 
-def eager_figures(model, x, pick, repeats: int) -> dict:
+def eager_figures(model, x, pick, repeats: int, fresh=None) -> dict:
     def timed(fn) -> tuple[float, float]:
         wall, gpu = [], []
         for _ in range(repeats):
@@ -110,6 +131,9 @@ def eager_figures(model, x, pick, repeats: int) -> dict:
     for _ in range(5):
         pick(model(*x)).cpu()
     eager_ms, eager_gpu_ms = timed(lambda: pick(model(*x)))
+    figures = {}
+    if fresh is not None:  # the input copied from the host every call, as a server must
+        figures["eager_fresh_ms"] = timed(lambda: pick(model(*fresh())))[0]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -125,7 +149,7 @@ def eager_figures(model, x, pick, repeats: int) -> dict:
         return out
 
     graph_ms, graph_gpu_ms = timed(replay)
-    return {
+    return figures | {
         "eager_ms": eager_ms,
         "eager_gpu_ms": eager_gpu_ms,
         "graph_ms": graph_ms,
@@ -133,7 +157,7 @@ def eager_figures(model, x, pick, repeats: int) -> dict:
     }
 
 
-def remote_timeline(build, inputs, pick, dtype, repeats: int, spin: int) -> dict:
+def remote_timeline(build, inputs, pick, dtype, repeats: int, spin: int, fresh: bool) -> dict:
     from bench_remote_gpu import REMOTE, to
 
     import genie
@@ -165,14 +189,17 @@ def remote_timeline(build, inputs, pick, dtype, repeats: int, spin: int) -> dict
                 pick(model(*x)).cpu()
             for name, tag in _CLIENT_STEPS:
                 _wrap(C.RemoteExecutor, name, tag, events)
+            undo = _wrap_early_sender(events)
             iters = []
             for _ in range(repeats):
                 t0 = T()
-                out = model(*x)
+                # With --fresh the input is uploaded again each call (a serving loop's request).
+                out = model(*(to(inputs, REMOTE) if fresh else x))
                 t1 = T()
                 pick(out).cpu()
                 iters.append((t0, t1, T()))
                 del out
+            undo()
         finally:
             for name, f in originals.items():
                 setattr(C.RemoteExecutor, name, f)
@@ -214,6 +241,12 @@ def main() -> int:
     parser.add_argument("--spin", default="0,10000", help="GENIE_SPIN_US values, side by side")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="upload the input again every call (timed from its .to()), and time eager with "
+        "the input copied from the host every call",
+    )
+    parser.add_argument(
         "--out", default=str(ROOT / "bench" / "results" / "remote_timeline_gpu.json")
     )
     args = parser.parse_args()
@@ -233,15 +266,19 @@ def main() -> int:
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             inputs = make_inputs(dtype)
             eager = build().to(dtype).cuda()
-            row = {"model": name, "dtype": str(dtype).removeprefix("torch.")}
-            row.update(eager_figures(eager, to(inputs, "cuda"), pick, args.repeats))
+            row = {"model": name, "dtype": str(dtype).removeprefix("torch."), "fresh": args.fresh}
+            fresh = functools.partial(to, inputs, "cuda") if args.fresh else None
+            row.update(eager_figures(eager, to(inputs, "cuda"), pick, args.repeats, fresh))
             del eager
             torch.cuda.empty_cache()
             for spin in spins:
                 row[f"spin_{spin}"] = remote_timeline(
-                    build, inputs, pick, dtype, args.repeats, spin
+                    build, inputs, pick, dtype, args.repeats, spin, args.fresh
                 )
             result["rows"].append(row)
+            if args.fresh:
+                print(f"\n{name} {row['dtype']}: eager, input copied each call "
+                      f"{row['eager_fresh_ms']:.3f} ms")  # fmt: skip
             print(f"\n{name} {row['dtype']}: eager {row['eager_ms']:.3f} ms (GPU {row['eager_gpu_ms']:.3f}), "
                   f"one CUDA graph {row['graph_ms']:.3f} ms (GPU {row['graph_gpu_ms']:.3f})")  # fmt: skip
             print(f"{'moment (median ms from the start of the forward)':56s}"
