@@ -322,6 +322,38 @@ def test_in_process_pair_moves_payloads_on_the_data_plane(monkeypatch):
 
 
 @pytest.mark.dpdk
+@pytest.mark.parametrize("port", ["memif", "memif:zero-copy=no"])
+def test_client_memif_ring_is_zero_copy_unless_turned_off(monkeypatch, port):
+    """By default the client's memif ring is zero-copy (Note: [memif zero copy] in
+    csrc/dataplane/port.cpp): its agent carries each chunk it sends in a ring mbuf of its own
+    (`bytes_staged`) and receives into ring mbufs the server's agent filled; payloads both ways
+    arrive intact. `memif:zero-copy=no` keeps both ends of the ring in copy mode."""
+    monkeypatch.setenv("GENIE_DPDK_PORT", port)
+    server, client, first_frame = _pair(monkeypatch, {})
+    try:
+        x = torch.randint(0, 255, (9_000_001,), dtype=torch.uint8)
+        sending = send_async(client, b"up", [x])
+        first_frame()
+        assert client.data_plane == server.data_plane == "up"
+        y = torch.empty_like(x)
+        server.recv_payload([memoryview(y.numpy())])
+        sending.join(30)
+        sending = send_async(server, b"down", [y])
+        assert client.recv_frame(64).header == b"down"
+        z = torch.empty_like(x)
+        client.recv_payload([memoryview(z.numpy())])
+        sending.join(30)
+        assert torch.equal(y, x) and torch.equal(z, x)
+        staged = client.data_plane_stats()["bytes_staged"]
+        assert staged == (x.nbytes if port == "memif" else 0)
+        assert server.data_plane_stats()["bytes_staged"] == 0
+        assert client.data_plane_stats()["chunks_retransmitted"] == 0
+    finally:
+        client.close()
+        server.close()
+
+
+@pytest.mark.dpdk
 def test_memif_between_two_hosts_falls_back_to_tcp(monkeypatch, caplog):
     """memif joins processes of one host; peers on two hosts carry payloads over TCP."""
     from genie.runtime.transports import dpdk_setup

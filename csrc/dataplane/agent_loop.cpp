@@ -80,6 +80,7 @@ std::string stats_text(const Endpoint* ep, const RegistrationCache* cache,
     add("messages_received", st.messages_received);
     add("bytes_sent", st.bytes_sent);
     add("bytes_received", st.bytes_received);
+    add("bytes_staged", st.bytes_staged);
     add("chunks_sent", st.chunks_sent);
     add("chunks_received", st.chunks_received);
     add("chunks_retransmitted", st.chunks_retransmitted);
@@ -197,10 +198,13 @@ int run_agent(int sock, int arena_fd, uint64_t arena_bytes, const std::vector<st
   }
 
   // The arena is the only payload memory the endpoint touches: register it once (Note:
-  // [Registration cache]); ports that DMA need it, memif does not.
+  // [Registration cache]); ports that DMA need it, memif does not. A zero-copy memif client
+  // must not: its regions are every memseg list EAL has (rte_memseg_walk includes external
+  // ones), and external memory has no fd to share (rte_memseg_get_fd: ENOTSUP), so the
+  // connection would fail (Note: [memif zero copy] in port.cpp).
   std::unique_ptr<RegistrationCache> cache;
   uint64_t arena_iova = kNoIova;
-  {
+  if (!ep->port().stages_tx()) {
     Status why;
     auto backend = make_dpdk_extmem_backend({ep->port().device()}, &why);
     if (backend) {
@@ -228,6 +232,14 @@ int run_agent(int sock, int arena_fd, uint64_t arena_bytes, const std::vector<st
       g_user_caches.erase(std::find(g_user_caches.begin(), g_user_caches.end(), c));
     }
   } unlist;
+  if (in_process && ep->port().stages_tx()) {
+    // It registers user memory as external memory, which a later connection's memif region
+    // walk cannot share (above).
+    emit(AgentEventType::Error, 0, 0, 0,
+         Status(Code::Unsupported, "genie: memif zero-copy=yes needs a process agent, not "
+                                   "GENIE_DPDK_IN_PROCESS=1"));
+    return serve_until_closed(ep.get(), cache.get());
+  }
   if (in_process) {
     Status why;
     auto backend = make_dpdk_extmem_backend({ep->port().device()}, &why);

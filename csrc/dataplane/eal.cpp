@@ -61,7 +61,13 @@ std::vector<std::string> Eal::build_args(const EalConfig& cfg) {
   // One lcore (the thread that polls) allowed on every CPU this process may use: EAL must not
   // pin it to one core that torch also wants.
   a.push_back("--lcores=0@(" + cpu_list(set) + ")");
-  if (cfg.no_huge) a.push_back("--no-huge");
+  if (cfg.no_huge) {
+    a.push_back("--no-huge");
+    // --no-huge always maps one file (eal_memory.c sets single_file_segments), but only after
+    // the flag was published to the config memif's zero-copy check reads (memif_set_zc):
+    // saying it up front makes that check see the truth (Note: [memif zero copy], port.cpp).
+    a.push_back("--single-file-segments");
+  }
   a.push_back("-m");
   a.push_back(std::to_string(cfg.memory_mb));
   if (cfg.pci_allow.empty()) {

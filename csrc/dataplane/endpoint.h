@@ -54,6 +54,7 @@ struct EndpointStats {
   uint64_t messages_received = 0;
   uint64_t bytes_sent = 0;      // payload bytes acknowledged by the peer
   uint64_t bytes_received = 0;  // payload bytes placed in destinations
+  uint64_t bytes_staged = 0;    // payload copied into mbufs (Note: [memif zero copy], port.cpp)
   uint64_t chunks_sent = 0;     // data packets handed to the port (first transmissions)
   uint64_t chunks_received = 0;
   uint64_t chunks_retransmitted = 0;

@@ -50,7 +50,23 @@ bool Endpoint::build_chunk(OutMsg& out, uint64_t offset, uint64_t len, bool retr
   uint64_t sum = 0;
   rte_mbuf* last = m;
   size_t segs = 0;
-  while (at < end && it != out.parts.end() && segs < kMaxSegmentsPerChunk) {
+  // A port that publishes mbufs as they are carries the payload in the header mbuf (Note:
+  // [memif zero copy] in port.cpp): one copy, the one its copy-mode TX would have made.
+  const bool staged = port_->stages_tx();
+  while (staged && at < end && it != out.parts.end()) {
+    SendPart& part = **it;
+    uint64_t in_part = at - part.offset;
+    uint64_t n = std::min(end - at, part.len - in_part);
+    char* dst = rte_pktmbuf_append(m, static_cast<uint16_t>(n));
+    if (!dst) break;
+    const uint8_t* src = part.data + in_part;
+    rte_memcpy(dst, src, n);
+    if (cfg_.payload_checksum) sum = payload_sum(src, n, at - offset, sum);
+    stats_.bytes_staged += n;
+    at += n;
+    ++it;
+  }
+  while (!staged && at < end && it != out.parts.end() && segs < kMaxSegmentsPerChunk) {
     SendPart& part = **it;
     uint64_t in_part = at - part.offset;
     uint64_t n = std::min(end - at, part.len - in_part);

@@ -7,6 +7,8 @@
 
 #include <rte_bus.h>
 #include <rte_dev.h>
+#include <rte_eal.h>
+#include <rte_memory.h>
 #include <rte_errno.h>
 #include <rte_ethdev.h>
 
@@ -58,6 +60,44 @@ uint32_t key_value(const std::string& args, const std::string& key, uint32_t dfl
   return dflt;
 }
 
+// Note: [memif zero copy]
+// With zero-copy=yes a memif *client* (DPDK 22.11 drivers/net/memif/rte_eth_memif.c) shares its
+// EAL memory with the server as regions and puts mbuf addresses in the rings: its RX hands out
+// the mbufs the server copied into (eth_memif_rx_zc: no copy on this side), its TX publishes
+// mbufs in place (eth_memif_tx_zc). A server always copies. Each byte from server to client is
+// then copied once in the PMD instead of twice. The driver's limits, and what we do about them:
+//   - every descriptor it builds names region 1 ("FIXME: get region index" in memif_tx_one_zc
+//     and in the RX refill), the first memseg list: only EAL memory from that list may be in a
+//     ring. With --no-huge EAL has one memseg list, backed by a memfd (eal_memory.c), so our
+//     pools qualify; with hugepages there may be several, so we refuse. Region offsets are 32
+//     bits (memif.h memif_region_offset_t): EAL memory must stay under 4 GiB.
+//   - memory outside EAL (the arena, registered as external memory) is never in a region: a
+//     descriptor would name the wrong bytes (FIELD-NOTES.md: "memory not from rte_malloc gives
+//     zeros"). The endpoint therefore copies a chunk's payload into its header mbuf on such a
+//     port (Port::stages_tx, counted in EndpointStats::bytes_staged), the copy copy-mode TX
+//     would have made into the ring.
+//   - eth_memif_tx_zc takes four packets at a time while more than four ring slots are free,
+//     but a packet of several segments takes several slots, so it can overrun the ring
+//     (FIELD-NOTES.md: "bursts over 4 with multi-segment mbufs"); and memif_tx_one_zc, when a
+//     chained packet does not fit, leaves a reference on its first segment. Every packet the
+//     endpoint sends on such a port is one segment, so neither can happen.
+//   - mbufs it sent go back to their pool only inside a later tx_burst (memif_free_stored_mbufs):
+//     up to a ring of header mbufs stays out, which the header pool's tx_desc term covers; a
+//     staged chunk references no caller memory, so nothing waits on their release.
+Status check_memif_zero_copy(const std::string& args) {
+  if (args.find("role=client") == std::string::npos) return Status::ok();  // ignored by servers
+  if (rte_eal_has_hugepages()) {
+    return {Code::Unsupported,
+            "genie: memif zero-copy needs EAL without hugepages (--no-huge: one memseg list; "
+            "DPDK 22.11 memif names region 1 for every buffer, Note: [memif zero copy])"};
+  }
+  if (rte_eal_get_physmem_size() >= (4ull << 30)) {
+    return {Code::Unsupported,
+            "genie: memif zero-copy needs EAL memory under 4 GiB (32-bit region offsets)"};
+  }
+  return Status::ok();
+}
+
 }  // namespace
 
 PortSizing PortSizing::compute(const PortConfig& cfg, uint32_t window_chunks, uint16_t burst,
@@ -107,9 +147,9 @@ Status Port::setup(const PortConfig& cfg, uint32_t chunk_request, uint64_t windo
       if (!has_key(args, "role")) args += ",role=server";
       memif_bsize = key_value(args, "bsize", kMemifDefaultBsize);
       if (args.find("zero-copy=yes") != std::string::npos) {
-        return {Code::Unsupported,
-                "genie: memif zero-copy mode corrupts data on DPDK 22.11 (FIELD-NOTES.md); "
-                "use copy mode (the default)"};
+        Status zs = check_memif_zero_copy(args);
+        if (!zs) return zs;
+        zero_copy_ = args.find("role=client") != std::string::npos;
       }
     } else {
       auto comma = rest.find(',');
@@ -202,8 +242,11 @@ Status Port::setup(const PortConfig& cfg, uint32_t chunk_request, uint64_t windo
   const unsigned cache = 256;
   rx_pool_ =
       rte_pktmbuf_pool_create(("grx" + tag).c_str(), sizing_.rx_pool, cache, 0, rx_room, socket);
+  // A zero-copy memif client carries each chunk in its header mbuf (Note: [memif zero copy]).
+  uint16_t hdr_room = static_cast<uint16_t>(
+      zero_copy_ ? std::max<uint32_t>(rx_room, kHeaderDataRoom) : kHeaderDataRoom);
   hdr_pool_ = rte_pktmbuf_pool_create(("ghd" + tag).c_str(), sizing_.header_pool, cache, 0,
-                                      kHeaderDataRoom, socket);
+                                      hdr_room, socket);
   ext_pool_ = rte_pktmbuf_pool_create(("gex" + tag).c_str(), sizing_.ext_pool, cache, 0, 0, socket);
   if (!rx_pool_ || !hdr_pool_ || !ext_pool_) {
     return {Code::NoMemory, "genie: cannot create mbuf pools for " + name_ + " (" +

@@ -49,6 +49,9 @@ class Port {
   const rte_ether_addr& mac() const { return mac_; }
   // Whether payload memory must have a valid IOVA (DMA by a NIC). memif copies with the CPU.
   bool needs_iova() const { return needs_iova_; }
+  // Whether chunks must be single mbufs holding their payload (a zero-copy memif client puts
+  // mbufs in the ring as they are: Note: [memif zero copy] in port.cpp).
+  bool stages_tx() const { return zero_copy_; }
   // Payload bytes per chunk on this port (the request, capped by what one packet carries).
   uint32_t chunk_bytes() const { return chunk_; }
   const PortSizing& sizing() const { return sizing_; }
@@ -78,6 +81,7 @@ class Port {
   std::string hotplug_name_;
   rte_ether_addr mac_{};
   bool needs_iova_ = false;
+  bool zero_copy_ = false;
   bool started_ = false;
   bool configured_ = false;
   uint32_t chunk_ = 8192;
