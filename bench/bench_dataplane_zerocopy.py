@@ -55,6 +55,26 @@ VARIANTS = {  # name -> (transport, where payloads live)
     "memif with copies": ("dpdk", "torch"),
     "tcp loopback": ("tcp", "torch"),
 }
+# The exchange's connections: name -> (transport, the client's DPDK port, None: the default).
+# "dpdk copy ring" is memif with both ends in copy mode (Note: [memif zero copy] in
+# csrc/dataplane/port.cpp), the data plane before the client's ring went zero-copy.
+CONNECTIONS = {
+    "dpdk": ("dpdk", None),
+    "dpdk copy ring": ("dpdk", "memif:zero-copy=no"),
+    "tcp": ("tcp", None),
+}
+
+
+def kind_of(conn: str) -> str:
+    return CONNECTIONS[conn][0]
+
+
+EXCHANGE_VARIANTS = {  # name -> (connection, where payloads live)
+    "memif zero copy": ("dpdk", "arena"),
+    "memif zero copy, copy ring": ("dpdk copy ring", "arena"),
+    "memif with copies": ("dpdk", "torch"),
+    "tcp loopback": ("tcp", "torch"),
+}
 
 
 def reps(n: int, iters: int) -> int:
@@ -68,7 +88,7 @@ def reps(n: int, iters: int) -> int:
 # measured one after the other compare different machines. Here one server process holds a
 # DPDK and a TCP connection from one client process, and the client takes the variants in
 # turns, one exchange each (the order rotating), so that every variant sees the same moments.
-def exchange_peer(role: str, ports: tuple[int, int], sizes: list[int], iters: int) -> None:
+def exchange_peer(role: str, ports: list[int], sizes: list[int], iters: int) -> None:
     """One side of the side-by-side exchange (run as a fresh process)."""
     import threading
 
@@ -76,12 +96,13 @@ def exchange_peer(role: str, ports: tuple[int, int], sizes: list[int], iters: in
 
     from genie.runtime import transports
     from genie.runtime.protocol import AUTH_OK, REPLY, REQUEST
+    from genie.runtime.transports.dpdk import DpdkConfig, DpdkTransport
 
-    names = list(VARIANTS)
+    names = list(EXCHANGE_VARIANTS)
     if role == "server":
         copied: dict[str, int] = {name: 0 for name in names}
 
-        def serve(t, kind: str) -> None:
+        def serve(t, conn: str) -> None:
             """Echo every payload from a buffer of the memory the header names, kept per size
             (the arena's blocks go back before the next size)."""
             bufs: dict[tuple[bytes, int], memoryview] = {}
@@ -102,15 +123,16 @@ def exchange_peer(role: str, ports: tuple[int, int], sizes: list[int], iters: in
                 before = t.stats.bytes_copied
                 t.recv_payload([view])
                 t.send_frame(1, REPLY, b"k", [view])
-                name = next(k for k, v in VARIANTS.items() if v == (kind, memory.decode()))
+                variant = (conn, memory.decode())
+                name = next(k for k, v in EXCHANGE_VARIANTS.items() if v == variant)
                 copied[name] += t.stats.bytes_copied - before
 
         threads = []
-        for kind, port in zip(("dpdk", "tcp"), ports, strict=True):
+        for (conn, (kind, _)), port in zip(CONNECTIONS.items(), ports, strict=True):
             listener = transports.listen("127.0.0.1", port, kind=kind)
             t = listener.accept(60)
             t.send_frame(1, AUTH_OK, b"")
-            th = threading.Thread(target=serve, args=(t, kind))
+            th = threading.Thread(target=serve, args=(t, conn))
             th.start()
             threads.append((th, t))
         for th, t in threads:
@@ -121,16 +143,21 @@ def exchange_peer(role: str, ports: tuple[int, int], sizes: list[int], iters: in
                               "bytes_copied": copied[name]}), flush=True)  # fmt: skip
         return
     conns = {}
-    for kind, port in zip(("dpdk", "tcp"), ports, strict=True):
-        t = transports.connect(f"127.0.0.1:{port}", kind=kind, timeout=30)
+    for (conn, (kind, spec)), port in zip(CONNECTIONS.items(), ports, strict=True):
+        if spec:
+            config = DpdkConfig.from_env()
+            config.port = spec
+            t = DpdkTransport.connect(f"127.0.0.1:{port}", timeout=30, config=config)
+        else:
+            t = transports.connect(f"127.0.0.1:{port}", kind=kind, timeout=30)
         t.recv_frame(64)
-        conns[kind] = t
+        conns[conn] = t
     copied = {name: 0 for name in names}
     for n in sizes:
         src = torch.randint(0, 255, (n,), dtype=torch.uint8)
         bufs = {}
-        for name, (kind, memory) in VARIANTS.items():
-            t = conns[kind]
+        for name, (conn, memory) in EXCHANGE_VARIANTS.items():
+            t = conns[conn]
             x, y = (t.host_buffer(n), t.host_buffer(n)) if memory == "arena" else (
                 torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8))  # fmt: skip
             x.copy_(src)
@@ -139,8 +166,8 @@ def exchange_peer(role: str, ports: tuple[int, int], sizes: list[int], iters: in
         for i in range(reps(n, iters) + 1):  # the first round touches every page: not timed
             for k in range(len(names)):
                 name = names[(i + k) % len(names)]
-                kind, memory = VARIANTS[name]
-                t, (_, _, xv, yv) = conns[kind], bufs[name]
+                conn, memory = EXCHANGE_VARIANTS[name]
+                t, (_, _, xv, yv) = conns[conn], bufs[name]
                 before = t.stats.bytes_copied
                 t0 = time.perf_counter()
                 t.send_frame(1, REQUEST, memory.encode(), [xv])
@@ -156,7 +183,10 @@ def exchange_peer(role: str, ports: tuple[int, int], sizes: list[int], iters: in
                    "gbps": 2 * n / med / 1e9, "identical": bool(torch.equal(x, y))}  # fmt: skip
             print(json.dumps(row), flush=True)
         del bufs, x, y
-    for t in conns.values():
+    for conn, t in conns.items():
+        stats = t.data_plane_stats() if kind_of(conn) == "dpdk" else {}
+        print(json.dumps({"bench": "plane", "variant": f"connection {conn}", "stats": stats}),
+              flush=True)  # fmt: skip
         t.send_frame(1, REQUEST, b"bye")
         t.close()
     for name in names:
@@ -168,7 +198,7 @@ def run_exchange(sizes: list[int], iters: int) -> list[dict]:
     """One round of the side-by-side exchange (Note: [Side by side])."""
     heap = 2 * max(sizes) + 64 * MB  # the client holds a sent and a received buffer
     env = {**os.environ, "GENIE_DPDK_MIN_PAYLOAD": "0", "GENIE_DPDK_HEAP": str(heap)}
-    ports = f"{free_port()},{free_port()}"
+    ports = ",".join(str(free_port()) for _ in CONNECTIONS)
     arg = ",".join(map(str, sizes))
     cmd = [sys.executable, __file__, "--exchange-peer"]
     server = subprocess.Popen([*cmd, "server", ports, arg, str(iters)], env=env,
@@ -432,8 +462,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.exchange_peer:
         role, ports, sizes, iters = args.exchange_peer
-        p1, p2 = (int(p) for p in ports.split(","))
-        exchange_peer(role, (p1, p2), [int(s) for s in sizes.split(",")], int(iters))
+        split_ports = [int(p) for p in ports.split(",")]
+        exchange_peer(role, split_ports, [int(s) for s in sizes.split(",")], int(iters))
         return 0
     if args.serve_peer:
         kind, memory, device, sizes, iters = args.serve_peer
@@ -477,7 +507,7 @@ def main() -> int:
     rows = []
     for n in sizes:
         row = {"bytes": n}
-        for name in VARIANTS:
+        for name in EXCHANGE_VARIANTS:
             rs = [r for r in raw if r["variant"] == name and r.get("bytes") == n]
             row[name] = {
                 "gbps": statistics.median(r["gbps"] for r in rs),
@@ -486,6 +516,7 @@ def main() -> int:
             }
         tcp = row["tcp loopback"]["gbps"]
         row["zero_copy_over_tcp"] = row["memif zero copy"]["gbps"] / tcp
+        row["copy_ring_over_tcp"] = row["memif zero copy, copy ring"]["gbps"] / tcp
         row["copies_over_tcp"] = row["memif with copies"]["gbps"] / tcp
         r = pick(reg, "registration", n)
         row["register_us"], row["hit_ns"] = r["register_us"], r["hit_ns"]
@@ -498,23 +529,26 @@ def main() -> int:
             )
             for role in ("client", "server")
         }
-        for name in VARIANTS
+        for name in EXCHANGE_VARIANTS
     }  # fmt: skip
     hit500 = pick(reg, "registration_hit_500")
     goals = {
         "zero_copy_2x_tcp_at_16MB_and_up": all(r["zero_copy_over_tcp"] >= 2 for r in rows),
         "lru_hit_le_100ns": max(r["hit_ns"] for r in rows) <= 100 and hit500["hit_ns"] <= 100,
-        "bytes_identical": all(r[name]["identical"] for r in rows for name in VARIANTS),
+        "bytes_identical": all(r[name]["identical"] for r in rows for name in EXCHANGE_VARIANTS),
         "zero_copy_copied_nothing": copied["memif zero copy"] == {"client": 0, "server": 0},
     }
 
-    print(f"{'size':>7} | {'memif zero copy':>15} | {'memif copies':>12} | {'TCP':>6} | "
-          f"{'zc/TCP':>7} | {'copies/TCP':>10} | {'register':>10} | {'LRU hit':>8}")  # fmt: skip
-    print(f"{'':>7} | {'GB/s':>15} | {'GB/s':>12} | {'GB/s':>6} |")
+    print(f"{'size':>7} | {'memif zero copy':>15} | {'copy ring':>9} | {'memif copies':>12} | "
+          f"{'TCP':>6} | {'zc/TCP':>7} | {'ring/TCP':>8} | {'copies/TCP':>10} | "
+          f"{'register':>10} | {'LRU hit':>8}")  # fmt: skip
+    print(f"{'':>7} | {'GB/s':>15} | {'GB/s':>9} | {'GB/s':>12} | {'GB/s':>6} |")
     for r in rows:
         print(f"{r['bytes'] // MB:>5}MB | {r['memif zero copy']['gbps']:>15.2f} | "
+              f"{r['memif zero copy, copy ring']['gbps']:>9.2f} | "
               f"{r['memif with copies']['gbps']:>12.2f} | {r['tcp loopback']['gbps']:>6.2f} | "
-              f"{r['zero_copy_over_tcp']:>6.2f}x | {r['copies_over_tcp']:>9.2f}x | "
+              f"{r['zero_copy_over_tcp']:>6.2f}x | {r['copy_ring_over_tcp']:>7.2f}x | "
+              f"{r['copies_over_tcp']:>9.2f}x | "
               f"{r['register_us']:>8.0f}us | {r['hit_ns']:>6.1f}ns")  # fmt: skip
     print("bytes copied (client / server): " + "; ".join(
         f"{k} {v['client']} / {v['server']}" for k, v in copied.items()))  # fmt: skip
