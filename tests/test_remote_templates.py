@@ -5,6 +5,7 @@ programs run by the C++ runner (Note: [Running programs in C++])."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import fakes
 import pytest
@@ -329,3 +330,18 @@ def test_a_template_whose_base_the_server_lost_is_sent_in_full_and_started_again
     assert torch.equal(got, ref)
     assert described() == 3  # prefill, the first decode step, the one after forget()
     assert remote.counters["runs_by_template"] == 8 - 2  # every other step, as numbers
+
+
+def test_shrinking_sizes_are_not_guessed_below_zero(remote, caplog):
+    """Inputs of one structure that shrink (4096, then 8 floats) would continue in a straight
+    line to a negative size: no such guess is sent (the server would refuse it with a
+    warning), and every result equals eager."""
+    w = torch.randn(1)
+    rw = w.to(DEVICE)
+    sizes = [8192, 4096, 8, 8, 8]
+    with caplog.at_level(logging.WARNING, logger="genie"):
+        for n in sizes:
+            x = torch.randn(n)
+            assert torch.equal((x.to(DEVICE) * rw).sum().cpu(), (x * w).sum())
+    assert "speculative run request failed" not in caplog.text
+    assert remote.counters["spec_sent"] == remote.counters["spec_started"]

@@ -154,9 +154,16 @@ class Template:
         return {binding[local]: n for (local, _), n in zip(self.fresh, sizes, strict=True) if n}
 
     def predict(self) -> np.ndarray | None:
+        """The next run's integers, continued in a straight line from the last two runs; None
+        where that would make an integer negative that was not (a byte count or a size that
+        shrank: the server refuses such a program, so the guess would only cost a round trip
+        and a warning)."""
         if self.last is None or self.before is None:
             return None
-        return 2 * self.last - self.before
+        nxt = 2 * self.last - self.before
+        if ((nxt < 0) & (self.last >= 0)).any():
+            return None
+        return nxt
 
 
 def _changed(a: np.ndarray, b: np.ndarray) -> tuple[list[int], list[int]]:
