@@ -24,6 +24,7 @@
 #include "bindings/convert.h"
 #include "bindings/dataplane.h"
 #include "bindings/python_executor.h"
+#include "bindings/socket_writer.h"
 
 namespace py = pybind11;
 using namespace genie;
@@ -32,6 +33,7 @@ using namespace genie::bindings;
 PYBIND11_MODULE(_C, m) {
   m.doc() = "genie's compiled core: the remote_accelerator backend and its local executor";
   register_dataplane(m);
+  register_socket_writer(m);
 
   m.def("_register", [] {
     register_device();

@@ -142,16 +142,20 @@ class Channel:
         req: R.Request,
         buffers: Sequence[memoryview] = (),
         on_reply: Callable[[dict], None] | None = None,
+        background: bool = False,
     ) -> None:
         """Send a request whose reply is read before the next request's: a speculative run
         (it carries the deferred operations), or, with `on_reply`, an early upload that does
-        not (Note: [Early uploads] in early.py); `on_reply` gets its reply."""
+        not (Note: [Early uploads] in early.py); `on_reply` gets its reply. With `background`
+        (a transport with ``background_sends``) the call returns before `buffers` are sent,
+        and they must not change until they are."""
         self.check()
         header = req.header()
         if on_reply is None:
             self._attach_pre(header)
+        kw = {"background": True} if background else {}
         try:
-            self.t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(header), buffers)
+            self.t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(header), buffers, **kw)
         except (TransportError, ProtocolError) as e:
             raise self.lost(e) from None
         self._unanswered.append(on_reply)

@@ -42,10 +42,13 @@ def _env_bytes(name: str, default: int) -> int:
 # names the storage like any resident one.
 #
 # One connection carries the requests, answered in order, so "in the background" means ahead
-# of the flush on that connection, never on a second one. A value of up to GENIE_EARLY_INLINE
-# bytes (256 KiB) is sent by the recording thread itself inside .to(): a send into the socket
-# buffer, a few microseconds, cheaper than waking a thread. A larger one is queued for a sender
-# thread, so .to() returns while the bytes go (the socket send releases the GIL). Any other
+# of the flush on that connection, never on a second one. Over TCP the recording thread hands
+# every such upload to the transport's native writer inside .to() and goes on at once (Note:
+# [Background sends] in csrc/bindings/socket_writer.cpp); a Python sender thread would need the
+# GIL, which the recording thread gives up only every 5 ms, and measured on a GPU host a 4.8 MB
+# input then reached the server after the recording had ended. Over a transport without one, a
+# value of up to GENIE_EARLY_INLINE bytes (256 KiB) is sent by the recording thread itself (a
+# send into the socket buffer), and a larger one is queued for a sender thread. Any other
 # request first sends what is still queued, in its own thread and in queue order, with the
 # progress and Ctrl-C handling of Note: [Large uploads]: the server sees the requests in the
 # order the program made them. Values over GENIE_EARLY_MAX bytes (64 MiB, a large weight)
@@ -107,6 +110,9 @@ class EarlyUploads:
         self._counters = counters
         self._on_resident = on_resident
         self._inline = _env_bytes("GENIE_EARLY_INLINE", _INLINE)
+        # A transport that writes frames from a native thread takes every early upload from
+        # the recording thread itself, which then goes on at once (Note: [Background sends]).
+        self._background = channel.t.background_sends
         self._max = _env_bytes("GENIE_EARLY_MAX", _MAX)
         self._qlock = threading.Lock()  # the queue and the maps below; never held while sending
         self._queue: collections.deque[_Upload | _Later] = collections.deque()
@@ -140,7 +146,7 @@ class EarlyUploads:
             if self._flushed:
                 self.arrivals, self._flushed = [], False
             self.arrivals.append(up.sid)
-        self._kick(alone and nbytes <= self._inline)
+        self._kick(alone and (nbytes <= self._inline or self._background))
         return True
 
     def later(self, send: Callable[[], None]) -> None:
@@ -222,6 +228,7 @@ class EarlyUploads:
                 R.Upload(R.pieces_of(frame)),
                 [v for _, v in frame],
                 on_reply=lambda reply, last=last: self._answered(up, reply, last),
+                background=self._background,  # the snapshot is private: nobody writes it
             )
             self._counters["uploads"] += len(frame)
             self._counters["upload_bytes"] += sum(e[3] for e, _ in frame)

@@ -166,6 +166,9 @@ class Transport(ABC):
     name: str = "abstract"
     #: how long recv_frame polls before it blocks, in microseconds (0: it blocks at once)
     spin_us: int = 0
+    #: whether send_frame takes ``background=True`` (queue the frame and return; TCP's Note:
+    #: [Background sends])
+    background_sends: bool = False
 
     @property
     @abstractmethod

@@ -7,6 +7,7 @@ the kernel's. TCP is always available; it is not zero-copy in the DPDK sense.
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 from collections.abc import Sequence
@@ -73,7 +74,8 @@ def _tune(sock: socket.socket) -> None:
 
 class TcpTransport(Transport):
     name = "tcp"
-    staged_piece = 4 << 20  # a stream reads in any parts (Note: [Staged device uploads])
+    staged_piece = 1 << 20  # a stream reads in any parts (Note: [Staged device uploads])
+    background_sends = True  # send_frame(background=True): Note: [Background sends]
 
     def __init__(self, sock: socket.socket, peer: str, *, max_message: int = _DEFAULT_MAX_MESSAGE):
         _tune(sock)
@@ -84,6 +86,10 @@ class TcpTransport(Transport):
         self._remaining = 0  # payload bytes of the current frame not yet received
         self._closed = False
         self._prefix_buf = bytearray(PREFIX.size)
+        # Note: [Background sends] (csrc/bindings/socket_writer.cpp): made on the first
+        # background send; `_held` keeps each queued frame's buffers until it is written.
+        self._writer: _C.SocketWriter | None = None
+        self._held: collections.deque[tuple[int, list[memoryview]]] = collections.deque()
 
     @classmethod
     def connect(
@@ -125,6 +131,8 @@ class TcpTransport(Transport):
             msg = f"genie: {self._peer} closed the connection while {what}"
         else:
             msg = f"genie: connection to {self._peer} failed while {what}: {e}"
+        if self._writer is not None and self._writer.error() and not what.startswith("sending"):
+            msg += f" (sending a queued frame had failed: {self._writer.error()})"
         return TransportError(msg)
 
     def _check_open(self) -> None:
@@ -133,8 +141,19 @@ class TcpTransport(Transport):
 
     # -- sending --------------------------------------------------------------------------
     def send_frame(
-        self, version: int, kind: int, header: bytes, buffers: Sequence[memoryview] = ()
+        self,
+        version: int,
+        kind: int,
+        header: bytes,
+        buffers: Sequence[memoryview] = (),
+        *,
+        background: bool = False,
     ) -> int:
+        """With `background`, the frame is queued for a native writer thread and the call
+        returns at once: `buffers` must stay unchanged until it is written (Note: [Background
+        sends]). Frames go out in the order of the calls either way; a frame sent without
+        `background` behind queued ones is queued too, and its call returns once it is written
+        (at once when it has no payload)."""
         self._check_open()
         views = [memoryview(b).cast("B") for b in buffers]
         views = [v for v in views if v.nbytes]
@@ -144,16 +163,58 @@ class TcpTransport(Transport):
                 f"genie: a {payload}-byte payload exceeds this connection's limit of "
                 f"{self._max_message} bytes"
             )
-        parts = [memoryview(pack_prefix(version, kind, len(header), payload)), memoryview(header)]
-        parts.extend(views)
-        total = sum(p.nbytes for p in parts)
-        try:
-            self._sendmsg_all(parts)
-        except OSError as e:
-            raise self._fail("sending to", e) from e
+        head = pack_prefix(version, kind, len(header), payload) + bytes(header)
+        total = len(head) + payload
+        if background or self._writing():
+            job = self._queue(head, views)
+            if views and not background:
+                self._wait_written(job)
+        else:
+            try:
+                self._sendmsg_all([memoryview(head), *views])
+            except OSError as e:
+                raise self._fail("sending to", e) from e
         self._stats.bytes_sent += total
         self._stats.frames_sent += 1
         return total
+
+    # Note: [Background sends] in csrc/bindings/socket_writer.cpp.
+    def _writing(self) -> bool:
+        """Whether frames queued for the writer are still unwritten (a failed one raises)."""
+        w = self._writer
+        if w is None:
+            return False
+        done = w.done()
+        while self._held and self._held[0][0] <= done:
+            self._held.popleft()
+        if w.error():
+            raise self._fail("sending a queued frame", OSError(w.error()))
+        return done < w.submitted()
+
+    def _queue(self, head: bytes, views: list[memoryview]) -> int:
+        if self._writer is None:
+            self._writer = _C.SocketWriter(self._sock.fileno())
+        timeout = self._sock.gettimeout()
+        job = self._writer.submit(head, views, -1 if timeout is None else int(timeout * 1000))
+        if views:
+            self._held.append((job, views))
+        return job
+
+    def _wait_written(self, job: int) -> None:
+        """Wait until frame `job` is written (the GIL released)."""
+        w = self._writer
+        while not w.wait(job, 100):
+            pass
+        if w.done() < job:
+            raise self._fail(
+                "sending a queued frame", OSError(w.error() or "the connection was closed")
+            )
+        self._writing()  # lets the buffers written so far go
+
+    def flush_sends(self) -> None:
+        """Wait until every queued frame is written."""
+        if self._writer is not None and self._writing():
+            self._wait_written(self._writer.submitted())
 
     def _sendmsg_all(self, parts: list[memoryview]) -> None:
         i = 0
@@ -248,6 +309,11 @@ class TcpTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        if self._writer is not None:
+            if self._writer.done() < self._writer.submitted():
+                self.shutdown()  # a writer blocked on a peer that stopped reading wakes up
+            self._writer.close()  # before the descriptor can be reused
+            self._held.clear()
         try:
             self._sock.close()
         except OSError:
