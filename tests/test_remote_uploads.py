@@ -20,9 +20,9 @@ from genie.runtime.remote import connect
 
 pytest_plugins = ["remote_fixtures"]
 
-# Below and above GENIE_EARLY_INLINE: sent inside .to() by the recording thread, and by the
-# sender thread.
-SIZES = [pytest.param(48, id="inline"), pytest.param(1 << 17, id="sender-thread")]
+# Below and above GENIE_EARLY_INLINE: sent inside .to() by the recording thread, and (over a
+# transport without a native writer: Note: [Background sends]) by the sender thread.
+SIZES = [pytest.param(48, id="inline"), pytest.param(1 << 17, id="large")]
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -34,6 +34,35 @@ def test_an_in_place_write_after_to_does_not_change_the_remote_value(remote, n):
     assert torch.equal((rx * 2).cpu(), before * 2)
     assert torch.equal(rx.cpu(), before)
     assert remote.counters["uploads_early"] >= 1
+
+
+@pytest.mark.parametrize("n", [48, 1 << 20])
+def test_a_cpu_tensor_mixed_into_remote_ops_starts_uploading_before_the_flush(remote, n):
+    """The logical-device rule makes a CPU operand a graph input; its upload begins when the
+    op is recorded, and the result is eager's."""
+    w = torch.randn(n)
+    rw = w.to(DEVICE)
+    x = torch.randn(n)
+    before = remote.counters["uploads_early"]
+    y = rw * x  # x stays on the CPU
+    assert remote.counters["uploads_early"] == before + 1  # nothing flushed yet
+    assert torch.equal(y.cpu(), w * x)
+
+
+@pytest.mark.parametrize("n", [48, 1 << 20])
+def test_a_cpu_operand_written_in_place_before_the_flush_is_still_refused(remote, n):
+    """An early upload of a CPU operand is not a snapshot: writing the operand in place
+    before the work ran raises at the flush as it did without early uploads, whatever bytes
+    already went, and the session goes on."""
+    w = torch.randn(n)
+    rw = w.to(DEVICE)
+    x = torch.randn(n)
+    y = rw + x
+    x.add_(1)
+    with pytest.raises(GenieError, match="modified in place before the work ran"):
+        y.cpu()
+    z = torch.randn(n)
+    assert torch.equal((rw + z).cpu(), w + z)
 
 
 @pytest.mark.parametrize("n", SIZES)

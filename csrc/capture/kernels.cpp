@@ -151,6 +151,14 @@ void capture_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::j
     }
   }
   recorder().record(s.node);
+  // CPU inputs start uploading now rather than at the flush. Not a snapshot: the flush still
+  // refuses a CPU input written in place since it was recorded (Recorder::flush_locked), so the
+  // bytes that went early are the bytes it reads.
+  if (!s.uploads.empty()) {
+    if (auto executor = recorder().executor()) {
+      for (const auto& [id, t] : s.uploads) executor->upload_early(id, t);
+    }
+  }
   torch::jit::drop(*stack, nargs);
   for (auto& v : outs) stack->push_back(std::move(v));
 }

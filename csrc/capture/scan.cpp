@@ -129,6 +129,7 @@ static int32_t scan_tensor(Scan& s, const at::Tensor& t_in, bool written = false
     // The logical-device rule: a host tensor in remote computation is a graph input.
     if (t.device().type() != c10::DeviceType::CPU) keep = t.cpu();
     id = recorder().add_constant(keep, std::max<c10::DeviceIndex>(s.device, 0), /*snapshot=*/false);
+    s.uploads.emplace_back(id, keep);
   }
   auto [it, inserted] = s.slot_of.emplace(id, static_cast<int32_t>(s.slot_of.size()));
   s.key.push_back('t');

@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "capture/recorder.h"
@@ -47,6 +48,9 @@ struct Scan {
   bool cacheable = true;
   c10::DeviceIndex device = -1;
   std::unordered_map<StorageId, int32_t> slot_of;
+  // CPU tensors that became graph inputs here (the logical-device rule), for the executor to
+  // start uploading once the node is recorded (Note: [Early uploads] in remote/early.py).
+  std::vector<std::pair<StorageId, at::Tensor>> uploads;
 };
 
 Scan scan_args(const c10::OperatorHandle& op, c10::ArrayRef<c10::IValue> args);

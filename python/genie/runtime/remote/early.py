@@ -57,7 +57,9 @@ def _env_bytes(name: str, default: int) -> int:
 # What a user sees stays what the flush-time upload gave:
 # - Value: the copy kernel records a private snapshot of the source taken at .to() (eager .to()
 #   copies too), and that snapshot is what goes, so writing the CPU tensor in place after .to()
-#   changes nothing remote. A snapshot rather than copy-on-write: an in-place CPU op has no hook
+#   changes nothing remote. A CPU operand of a remote op (the logical-device rule) also starts
+#   uploading when its op is recorded, from its own memory: the flush refuses such an operand
+#   written in place since, as it always did, so the bytes that went are the bytes it reads. A snapshot rather than copy-on-write: an in-place CPU op has no hook
 #   that could copy before it writes (the version counter only tells afterwards), and by then
 #   the bytes may be on the wire.
 # - Failure: the reply is read behind a later request. A failed upload (over the session's
@@ -130,8 +132,8 @@ class EarlyUploads:
 
     # -- the recording thread -------------------------------------------------------------
     def begin(self, sid: int, value: torch.Tensor) -> bool:
-        """Start uploading `value` (a private CPU snapshot) as storage `sid`; False when it
-        stays with the flush."""
+        """Start uploading `value` (a CPU tensor nobody writes before its flush) as storage
+        `sid`; False when it stays with the flush."""
         if not self.enabled or self._closed or self._channel.broken is not None:
             return False
         nbytes = value.numel() * value.element_size()

@@ -101,8 +101,9 @@ class SpeculatingClient:
         return True
 
     def upload_early(self, sid: int, value: torch.Tensor) -> None:
-        """The copy kernel recorded `value` (a private CPU snapshot) as storage `sid`'s upload:
-        start sending it (Note: [Early uploads]); then a guess that waited for it goes."""
+        """The recorder made `value` storage `sid`'s upload (the copy kernel's private CPU
+        snapshot at .to(), or a CPU operand of a remote op): start sending it (Note: [Early
+        uploads]); then a guess that waited for it goes."""
         if not self.early.begin(sid, value):
             return
         follows = self.speculator.ready(len(self.early.arrivals))
