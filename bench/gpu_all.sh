@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
-# The GPU measurements the open issues ask for, in ONE device call (at most about 9.5 minutes;
-# each step has its own time limit, so one slow step cannot eat the others' time):
-#   there:  bash bench/gpu_all.sh            # run(command="bash bench/gpu_all.sh", timeout_s=600)
-# Builds genie._C once from this tree (the machine's torch, the system g++; see gpu_setup.sh),
-# then: pytest -m gpu; bench_remote_gpu.py (forwards, fresh-input rows, decode); bench_serving.py
-# for BERT, GPT-2 and ResNet-50, fp32 and fp16, against torch.distributed.rpc (the 8-client load
-# run for BERT only); bench_compile.py --device cuda. Logs and JSON go to $OUT; the tail of each
-# table is printed. Run from a checkout on PYTHONPATH: import genie.compile registers the
-# torch.compile backend there.
+# The GPU measurements the open issues ask for, in TWO device calls fired back to back (each at
+# most about 9.5 minutes; every step has its own time limit, so one slow step cannot eat the
+# others' time):
+#   there:  bash bench/gpu_all.sh A      # run(command="bash bench/gpu_all.sh A", carry=[".old"])
+#           bash bench/gpu_all.sh B
+# A: builds genie._C from this tree (the machine's torch, the system g++; see gpu_setup.sh) and,
+#    when .old/ holds an older tree (here: rm -rf .old && mkdir .old && git archive REV | tar -x
+#    -C .old; .old/ is in .git/info/exclude), that one too, in parallel; pytest -m gpu;
+#    bench_remote_gpu.py's forward rows with the old package (today's script), then today's
+#    whole bench_remote_gpu.py (forwards, fresh-input rows against eager and rpc, decode);
+#    bench_compile.py --device cuda.
+# B: bench_serving.py for BERT, GPT-2 and ResNet-50, fp32 and fp16, against
+#    torch.distributed.rpc (the 8-client load run for BERT only).
+# Logs and JSON go to $OUT; the tail of each table is printed. Run from a checkout on
+# PYTHONPATH: import genie.compile registers the torch.compile backend there.
 set -o pipefail
 OUT=${OUT:-/tmp/gpu_all}
+PART=${1:-A}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 t0=$(date +%s)
-cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=/usr/bin/g++ \
-  -DPython_EXECUTABLE="$(command -v python3)" > "$OUT/build.log" 2>&1 \
-  && cmake --build build/gpu -j 16 >> "$OUT/build.log" 2>&1 && cp build/gpu/_C*.so python/genie/ \
-  || { tail -30 "$OUT/build.log"; exit 1; }
-echo "built in $(( $(date +%s) - t0 )) s"
-export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+build() {  # build DIR NAME: genie._C into DIR/python/genie (kept between calls on one machine)
+  (cd "$1" && { [ -f build/gpu/build.ninja ] || cmake -S . -B build/gpu -G Ninja \
+      -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=/usr/bin/g++ \
+      -DPython_EXECUTABLE="$(command -v python3)" > "$OUT/build-$2.log" 2>&1; } \
+    && cmake --build build/gpu -j 8 >> "$OUT/build-$2.log" 2>&1 && cp build/gpu/_C*.so python/genie/ \
+    && echo "built $2") || { tail -30 "$OUT/build-$2.log"; return 1; }
+}
 step() {  # step NAME SECONDS COMMAND...: run it with a time limit, log it, show its tail
   local name=$1 limit=$2
   shift 2
@@ -27,16 +35,29 @@ step() {  # step NAME SECONDS COMMAND...: run it with a time limit, log it, show
   echo "== $name: exit $? after $(( $(date +%s) - s )) s"
   tail -"${TAIL:-14}" "$OUT/$name.log"
 }
-step gpu_tests 60 python3 -m pytest -q -x -m gpu tests -p no:cacheprovider
-step remote_gpu 120 python3 bench/bench_remote_gpu.py --no-local-executor --repeats 10 \
-  --decode-runs 3 --tokens 24 --out "$OUT/remote_gpu.json"
-for fam in bert gpt2 resnet; do
-  load=--no-load limit=80
-  [ "$fam" = bert ] && load= limit=100
-  TAIL=20 step "serving_$fam" "$limit" python3 bench/bench_serving.py --device cuda --family "$fam" \
-    --dtype float32,float16 --rounds 3 $load
-done
-cp bench/results/serving*_cuda.json "$OUT/" 2>/dev/null
-step compile 90 python3 bench/bench_compile.py --device cuda
-cp bench/results/compile_gpu.json "$OUT/" 2>/dev/null
-echo "all done in $(( $(date +%s) - t0 )) s"
+export PYTHONUNBUFFERED=1
+NEW=$PWD/python
+if [ "$PART" = A ]; then
+  build . new & { [ -d .old ] && build .old old; } & wait
+  ls python/genie/_C*.so > /dev/null 2>&1 || exit 1
+  echo "built in $(( $(date +%s) - t0 )) s"
+  PYTHONPATH=$NEW step gpu_tests 60 python3 -m pytest -q -x -m gpu tests -p no:cacheprovider
+  if [ -d .old ]; then
+    TAIL=10 PYTHONPATH=$PWD/.old/python step remote_gpu_old 100 python3 bench/bench_remote_gpu.py \
+      --no-local-executor --no-decode --no-rpc --repeats 15 --out "$OUT/remote_gpu_old.json"
+  fi
+  TAIL=24 PYTHONPATH=$NEW step remote_gpu 190 python3 bench/bench_remote_gpu.py --no-local-executor \
+    --repeats 15 --decode-runs 3 --tokens 24 --out "$OUT/remote_gpu.json"
+  PYTHONPATH=$NEW step compile 100 python3 bench/bench_compile.py --device cuda
+  cp bench/results/compile_gpu.json "$OUT/" 2>/dev/null
+else
+  ls python/genie/_C*.so > /dev/null 2>&1 || build . new || exit 1
+  for fam in bert gpt2 resnet; do
+    load=--no-load limit=110
+    [ "$fam" = bert ] && load= limit=150
+    TAIL=20 PYTHONPATH=$NEW step "serving_$fam" "$limit" python3 bench/bench_serving.py \
+      --device cuda --family "$fam" --dtype float32,float16 --rounds 3 $load
+  done
+  cp bench/results/serving*_cuda.json "$OUT/" 2>/dev/null
+fi
+echo "part $PART done in $(( $(date +%s) - t0 )) s"
