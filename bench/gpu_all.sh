@@ -48,16 +48,18 @@ if [ "$PART" = A ]; then
   fi
   TAIL=24 PYTHONPATH=$NEW step remote_gpu 190 python3 bench/bench_remote_gpu.py --no-local-executor \
     --repeats 15 --decode-runs 3 --tokens 24 --out "$OUT/remote_gpu.json"
-  PYTHONPATH=$NEW step compile 100 python3 bench/bench_compile.py --device cuda
-  cp bench/results/compile_gpu.json "$OUT/" 2>/dev/null
+  FAMILIES=resnet
 else
   ls python/genie/_C*.so > /dev/null 2>&1 || build . new || exit 1
-  for fam in bert gpt2 resnet; do
-    load=--no-load limit=110
-    [ "$fam" = bert ] && load= limit=150
-    TAIL=20 PYTHONPATH=$NEW step "serving_$fam" "$limit" python3 bench/bench_serving.py \
-      --device cuda --family "$fam" --dtype float32,float16 --rounds 3 $load
-  done
-  cp bench/results/serving*_cuda.json "$OUT/" 2>/dev/null
+  PYTHONPATH=$NEW step compile 100 python3 bench/bench_compile.py --device cuda
+  cp bench/results/compile_gpu.json "$OUT/" 2>/dev/null
+  FAMILIES="bert gpt2"
 fi
+for fam in $FAMILIES; do
+  load=--no-load limit=110
+  [ "$fam" = bert ] && load= limit=150
+  TAIL=20 PYTHONPATH=$NEW step "serving_$fam" "$limit" python3 bench/bench_serving.py \
+    --device cuda --family "$fam" --dtype float32,float16 --rounds 3 $load
+done
+cp bench/results/serving*_cuda.json "$OUT/" 2>/dev/null
 echo "part $PART done in $(( $(date +%s) - t0 )) s"
