@@ -322,13 +322,25 @@ def test_in_process_pair_moves_payloads_on_the_data_plane(monkeypatch):
 
 
 @pytest.mark.dpdk
-@pytest.mark.parametrize("port", ["memif", "memif:zero-copy=no"])
-def test_client_memif_ring_is_zero_copy_unless_turned_off(monkeypatch, port):
-    """By default the client's memif ring is zero-copy (Note: [memif zero copy] in
-    csrc/dataplane/port.cpp): its agent carries each chunk it sends in a ring mbuf of its own
-    (`bytes_staged`) and receives into ring mbufs the server's agent filled; payloads both ways
-    arrive intact. `memif:zero-copy=no` keeps both ends of the ring in copy mode."""
+@pytest.mark.parametrize(
+    "port, options, ring, eal_arena",
+    [
+        ("memif", "", 1, 1),
+        ("memif", "eal_memory_mb=1500", 1, 0),
+        ("memif:zero-copy=no", "", 0, 0),
+    ],
+)
+def test_client_memif_ring_is_zero_copy_unless_turned_off(
+    monkeypatch, port, options, ring, eal_arena
+):
+    """By default the client's memif ring is zero-copy and its agent's arena lives in the EAL
+    memory that ring shares (Notes: [memif zero copy] in csrc/dataplane/port.cpp, [Arena in
+    EAL memory] in eal.h): chunks leave the client without a copy on its side. With an EAL
+    size given by hand the arena is the user's memfd and each chunk sent is staged into a ring
+    mbuf (`bytes_staged`); `memif:zero-copy=no` keeps both ends of the ring in copy mode.
+    Either way payloads both ways arrive intact, torch memory and arena blocks alike."""
     monkeypatch.setenv("GENIE_DPDK_PORT", port)
+    monkeypatch.setenv("GENIE_DPDK_OPTIONS", options)
     server, client, first_frame = _pair(monkeypatch, {})
     try:
         x = torch.randint(0, 255, (9_000_001,), dtype=torch.uint8)
@@ -340,14 +352,21 @@ def test_client_memif_ring_is_zero_copy_unless_turned_off(monkeypatch, port):
         sending.join(30)
         sending = send_async(server, b"down", [y])
         assert client.recv_frame(64).header == b"down"
-        z = torch.empty_like(x)
+        z = client.host_buffer(x.nbytes)
         client.recv_payload([memoryview(z.numpy())])
         sending.join(30)
         assert torch.equal(y, x) and torch.equal(z, x)
-        staged = client.data_plane_stats()["bytes_staged"]
-        assert staged == (x.nbytes if port == "memif" else 0)
+        sending = send_async(client, b"up again", [z])
+        server.recv_frame(64)
+        server.recv_payload([memoryview(y.zero_().numpy())])
+        sending.join(30)
+        assert torch.equal(y, x)
+        stats = client.data_plane_stats()
+        assert stats["zero_copy_ring"] == ring and stats["arena_in_eal"] == eal_arena
+        assert stats["bytes_staged"] == (2 * x.nbytes if ring and not eal_arena else 0)
+        assert stats["chunks_retransmitted"] == 0
         assert server.data_plane_stats()["bytes_staged"] == 0
-        assert client.data_plane_stats()["chunks_retransmitted"] == 0
+        assert client.stats.bytes_copied == x.nbytes  # x out; z and its echo are the arena
     finally:
         client.close()
         server.close()

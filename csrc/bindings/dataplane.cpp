@@ -174,14 +174,20 @@ void register_dataplane(py::module_& m) {
                           "The user's side of a genie-dpdk-agent (csrc/dataplane/agent_client.h).")
       .def(py::init([](int sock, int arena_fd, size_t arena_bytes, size_t slot_bytes,
                        size_t heap_bytes) {
-             auto c =
-                 std::make_unique<AgentClient>(sock, arena_fd, arena_bytes, slot_bytes, heap_bytes);
+             std::unique_ptr<AgentClient> c;
+             {
+               // An agent that makes the arena sends it once its EAL is up (~0.15 s).
+               py::gil_scoped_release nogil;
+               c = std::make_unique<AgentClient>(sock, arena_fd, arena_bytes, slot_bytes,
+                                                 heap_bytes);
+             }
              check(c->health());
              return c;
            }),
            py::arg("sock"), py::arg("arena_fd"), py::arg("arena_bytes"), py::arg("slot_bytes"),
            py::arg("heap_bytes") = 0,
-           "`arena_bytes` of copy slots, then `heap_bytes` of heap (Note: [Arena heap]).")
+           "`arena_bytes` of copy slots, then `heap_bytes` of heap (Note: [Arena heap]); "
+           "`arena_fd` -1: the agent sends its own (Note: [Arena in EAL memory]).")
       .def(
           "alloc",
           [](AgentClient& c, size_t n) -> py::object {

@@ -21,7 +21,7 @@ std::string sys_error(const char* what) {
 }  // namespace
 
 AgentClient::AgentClient(int sock, int arena_fd, size_t copy_bytes, size_t slot_bytes,
-                         size_t heap_bytes)
+                         size_t heap_bytes, double arena_timeout_ms)
     : sock_(sock), arena_bytes_(copy_bytes), slot_bytes_(slot_bytes) {
   if (slot_bytes == 0 || copy_bytes < 2 * slot_bytes) {
     broken_ = {Code::InvalidArgument,
@@ -29,7 +29,18 @@ AgentClient::AgentClient(int sock, int arena_fd, size_t copy_bytes, size_t slot_
     return;
   }
   slots_ = (copy_bytes / 2) / slot_bytes;
-  shared_ = std::make_shared<Arena>(arena_fd, copy_bytes, heap_bytes);
+  uint64_t offset = 0;
+  int own_fd = -1;
+  if (arena_fd < 0) {
+    Status s = receive_arena(arena_timeout_ms, &own_fd, &offset);
+    if (!s) {
+      broken_ = s;
+      return;
+    }
+    arena_fd = own_fd;
+  }
+  shared_ = std::make_shared<Arena>(arena_fd, copy_bytes, heap_bytes, offset);
+  if (own_fd >= 0) ::close(own_fd);  // the mapping keeps the memory
   if (!shared_->health()) {
     broken_ = shared_->health();
     shared_.reset();
@@ -96,6 +107,46 @@ Status AgentClient::next_event(double deadline_ms, AgentEvent* ev) {
       return fail({static_cast<Code>(ev->code), ev->text});
     }
     return Status::ok();
+  }
+}
+
+Status AgentClient::receive_arena(double timeout_ms, int* fd, uint64_t* offset) {
+  double dl = deadline(timeout_ms);
+  while (true) {
+    pollfd pfd{sock_, POLLIN, 0};
+    int left = static_cast<int>(dl - now_ms()) + 1;
+    if (left <= 0) return {Code::Timeout, "genie: the data-plane agent sent no arena in time"};
+    int r = ::poll(&pfd, 1, left);
+    if (r < 0 && errno != EINTR) return {Code::Internal, sys_error("genie: poll on the agent")};
+    if (r <= 0) continue;
+    AgentEvent ev;
+    iovec iov{&ev, sizeof(ev)};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+    msghdr mh{};
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = control;
+    mh.msg_controllen = sizeof(control);
+    ssize_t n = ::recvmsg(sock_, &mh, MSG_CMSG_CLOEXEC);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return {Code::AgentDied, "genie: the data-plane agent exited"};
+    int got = -1;
+    cmsghdr* cm = CMSG_FIRSTHDR(&mh);
+    if (cm && cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS)
+      std::memcpy(&got, CMSG_DATA(cm), sizeof(int));
+    ev.text[sizeof(ev.text) - 1] = 0;
+    if (n == static_cast<ssize_t>(sizeof(ev)) &&
+        ev.type == static_cast<uint32_t>(AgentEventType::Arena) && got >= 0) {
+      *fd = got;
+      *offset = ev.value;
+      return Status::ok();
+    }
+    if (got >= 0) ::close(got);
+    if (n == static_cast<ssize_t>(sizeof(ev)) &&
+        ev.type == static_cast<uint32_t>(AgentEventType::Error)) {
+      return {static_cast<Code>(ev.code), ev.text};
+    }
+    return {Code::Internal, "genie: the data-plane agent sent no arena"};
   }
 }
 

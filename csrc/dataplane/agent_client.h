@@ -43,7 +43,10 @@ class AgentClient {
   // Takes ownership of `sock` (the client's end of the socket pair) and maps `arena_fd`
   // (`copy_bytes + heap_bytes`, shared with the agent): the first half of `copy_bytes` holds
   // send slots, the second half receive slots, each `slot_bytes`; the heap follows.
-  AgentClient(int sock, int arena_fd, size_t copy_bytes, size_t slot_bytes, size_t heap_bytes = 0);
+  // `arena_fd` < 0: the agent makes the arena and sends it first (Note: [Arena in EAL memory]
+  // in eal.h); the constructor waits for it, up to `arena_timeout_ms`.
+  AgentClient(int sock, int arena_fd, size_t copy_bytes, size_t slot_bytes, size_t heap_bytes = 0,
+              double arena_timeout_ms = 30000);
   ~AgentClient();
   AgentClient(const AgentClient&) = delete;
   AgentClient& operator=(const AgentClient&) = delete;
@@ -75,6 +78,8 @@ class AgentClient {
 
  private:
   Status command(const AgentCommand& c);
+  // The Arena event and the descriptor that comes with it.
+  Status receive_arena(double timeout_ms, int* fd, uint64_t* offset);
   // Next event (any type); Timeout when none in time; errors/EOF become Status.
   Status next_event(double deadline_ms, AgentEvent* ev);
   Status expect(AgentEventType type, double deadline_ms, AgentEvent* ev);

@@ -66,7 +66,34 @@ int read_command(AgentCommand* c, int wait_ms) {
   return -1;
 }
 
-thread_local bool g_gpudev = false;  // a gpudev driver reported a GPU
+// The Arena event, with EAL's memory file attached (Note: [Arena in EAL memory]).
+Status send_arena(const SharedEalMemory& shared) {
+  AgentEvent ev;
+  std::memset(&ev, 0, sizeof(ev));
+  ev.type = static_cast<uint32_t>(AgentEventType::Arena);
+  ev.value = shared.offset;
+  iovec iov{&ev, sizeof(ev)};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  msghdr mh{};
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  mh.msg_control = control;
+  mh.msg_controllen = sizeof(control);
+  cmsghdr* cm = CMSG_FIRSTHDR(&mh);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(sizeof(int));
+  std::memcpy(CMSG_DATA(cm), &shared.fd, sizeof(int));
+  while (::sendmsg(g_sock, &mh, MSG_NOSIGNAL) < 0) {
+    if (errno != EINTR)
+      return {Code::Internal, std::string("genie: cannot hand the arena over: ") +
+                                  std::strerror(errno)};
+  }
+  return Status::ok();
+}
+
+thread_local bool g_gpudev = false;     // a gpudev driver reported a GPU
+thread_local bool g_eal_arena = false;  // Note: [Arena in EAL memory] in eal.h
 
 std::string stats_text(const Endpoint* ep, const RegistrationCache* cache,
                        const RegistrationCache* user_cache = nullptr) {
@@ -94,6 +121,8 @@ std::string stats_text(const Endpoint* ep, const RegistrationCache* cache,
     add("tx_full", st.tx_full);
     add("drained_while_tx_full", st.drained_while_tx_full);
     add("chunk_bytes", ep->chunk_bytes());
+    add("zero_copy_ring", ep->port().zero_copy() ? 1 : 0);
+    add("arena_in_eal", g_eal_arena ? 1 : 0);
   }
   if (cache || user_cache) {
     RegistrationCache::Stats cs, us;
@@ -165,25 +194,42 @@ int run_agent(int sock, int arena_fd, uint64_t arena_bytes, const std::vector<st
     emit(AgentEventType::Error, 0, 0, 0, s);
     return serve_until_closed(nullptr, nullptr);
   }
-  auto* arena = static_cast<uint8_t*>(
-      mmap(nullptr, arena_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, arena_fd, 0));
-  if (arena == MAP_FAILED) {
-    emit(AgentEventType::Error, 0, 0, 0,
-         Status(Code::NoMemory,
-                std::string("genie: agent cannot map the arena: ") + std::strerror(errno)));
-    return serve_until_closed(nullptr, nullptr);
+  // arena_fd < 0: the arena is ours to make, in EAL memory (Note: [Arena in EAL memory]).
+  uint8_t* arena = nullptr;
+  if (arena_fd >= 0) {
+    void* p = mmap(nullptr, arena_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, arena_fd, 0);
+    if (p == MAP_FAILED) {
+      emit(AgentEventType::Error, 0, 0, 0,
+           Status(Code::NoMemory,
+                  std::string("genie: agent cannot map the arena: ") + std::strerror(errno)));
+      return serve_until_closed(nullptr, nullptr);
+    }
+    ::close(arena_fd);
+    arena = static_cast<uint8_t*>(p);
   }
-  ::close(arena_fd);
   struct Unmap {
     uint8_t* p;
     uint64_t n;
-    ~Unmap() { munmap(p, n); }
+    ~Unmap() {
+      if (p) munmap(p, n);
+    }
   } unmap{arena, arena_bytes};
 
   s = Eal::ensure(ecfg);
   if (!s) {
     emit(AgentEventType::Error, 0, 0, 0, s);
     return serve_until_closed(nullptr, nullptr);
+  }
+  if (!arena) {
+    SharedEalMemory shared;
+    s = reserve_shared_memory("genie_arena", arena_bytes, &shared);
+    if (s) s = send_arena(shared);
+    if (!s) {
+      emit(AgentEventType::Error, 0, 0, 0, s);
+      return serve_until_closed(nullptr, nullptr);
+    }
+    arena = shared.addr;
+    g_eal_arena = true;
   }
   std::unique_ptr<Endpoint> ep;
   s = Endpoint::create(cfg, pcfg, &ep);
@@ -204,7 +250,7 @@ int run_agent(int sock, int arena_fd, uint64_t arena_bytes, const std::vector<st
   // connection would fail (Note: [memif zero copy] in port.cpp).
   std::unique_ptr<RegistrationCache> cache;
   uint64_t arena_iova = kNoIova;
-  if (!ep->port().stages_tx()) {
+  if (!ep->port().zero_copy()) {
     Status why;
     auto backend = make_dpdk_extmem_backend({ep->port().device()}, &why);
     if (backend) {
@@ -232,7 +278,7 @@ int run_agent(int sock, int arena_fd, uint64_t arena_bytes, const std::vector<st
       g_user_caches.erase(std::find(g_user_caches.begin(), g_user_caches.end(), c));
     }
   } unlist;
-  if (in_process && ep->port().stages_tx()) {
+  if (in_process && ep->port().zero_copy()) {
     // It registers user memory as external memory, which a later connection's memif region
     // walk cannot share (above).
     emit(AgentEventType::Error, 0, 0, 0,

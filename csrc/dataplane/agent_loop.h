@@ -9,7 +9,8 @@
 namespace genie::dataplane {
 
 // Serves one client on `sock` (commands in, events out; closed on return) with the arena
-// `arena_fd` (`arena_bytes`, mapped here, the fd closed) and key=value options (config.h),
+// `arena_fd` (`arena_bytes`, mapped here, the fd closed; negative: reserved in EAL memory and
+// sent to the client, Note: [Arena in EAL memory] in eal.h) and key=value options (config.h),
 // until the client closes or leaves. `in_process`: commands may carry the address of the
 // caller's memory (kAgentPointer), registered through a cache of user memory.
 int run_agent(int sock, int arena_fd, uint64_t arena_bytes, const std::vector<std::string>& items,

@@ -1,7 +1,7 @@
 // genie-dpdk-agent: the process that owns one DPDK endpoint (Note: [Data-plane agent] in
 // agent_protocol.h). Started by genie's DPDK transport, never by hand:
 //
-//   genie-dpdk-agent --sock-fd=N --arena-fd=M --arena-bytes=B [key=value ...]
+//   genie-dpdk-agent --sock-fd=N --arena-fd=M|eal --arena-bytes=B [key=value ...]
 //
 // key=value options are EalConfig / PortConfig / EndpointConfig fields (config.h). It exits when
 // its client closes the socket or asks it to close; errors go to the client as events.
@@ -23,6 +23,8 @@ int main(int argc, char** argv) {
     std::string a = argv[i];
     if (a.rfind("--sock-fd=", 0) == 0)
       sock = std::atoi(a.c_str() + 10);
+    else if (a == "--arena-fd=eal")  // the agent makes it (Note: [Arena in EAL memory])
+      arena_fd = -2;
     else if (a.rfind("--arena-fd=", 0) == 0)
       arena_fd = std::atoi(a.c_str() + 11);
     else if (a.rfind("--arena-bytes=", 0) == 0)
@@ -30,7 +32,7 @@ int main(int argc, char** argv) {
     else
       items.push_back(a);
   }
-  if (sock < 0 || arena_fd < 0 || arena_bytes == 0) {
+  if (sock < 0 || arena_fd == -1 || arena_bytes == 0) {
     std::fprintf(stderr, "genie-dpdk-agent: started by genie's DPDK transport, not by hand\n");
     return 2;
   }

@@ -71,6 +71,8 @@ enum class AgentEventType : uint32_t {
   Stats = 6,     // text = "key=value ..."
   Pong = 7,      // value = round trip in ns
   Closed = 8,
+  Arena = 9,  // value = offset of the arena in the descriptor sent with it (SCM_RIGHTS), first
+              // of all events when the arena lives in EAL memory (Note: [Arena in EAL memory])
 };
 
 struct AgentEvent {

@@ -20,7 +20,7 @@ size_t page_size() {
 
 }  // namespace
 
-Arena::Arena(int fd, size_t copy_bytes, size_t heap_bytes)
+Arena::Arena(int fd, size_t copy_bytes, size_t heap_bytes, uint64_t offset)
     : copy_bytes_(copy_bytes), heap_bytes_(heap_bytes) {
   const size_t page = page_size();
   if (copy_bytes % page != 0 || heap_bytes % page != 0) {
@@ -29,7 +29,8 @@ Arena::Arena(int fd, size_t copy_bytes, size_t heap_bytes)
                    std::to_string(page) + " bytes)"};
     return;
   }
-  void* p = mmap(nullptr, bytes(), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  void* p = mmap(nullptr, bytes(), PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+                 static_cast<off_t>(offset));
   if (p == MAP_FAILED) {
     health_ = {Code::NoMemory,
                std::string("genie: cannot map the data-plane arena: ") + std::strerror(errno)};

@@ -41,8 +41,9 @@ class Arena {
     uint64_t refused = 0;     // allocations that did not fit
   };
 
-  // Maps `copy_bytes + heap_bytes` of `fd` (MAP_SHARED). On failure, health() says why.
-  Arena(int fd, size_t copy_bytes, size_t heap_bytes);
+  // Maps `copy_bytes + heap_bytes` of `fd` from `offset` (MAP_SHARED). On failure, health()
+  // says why.
+  Arena(int fd, size_t copy_bytes, size_t heap_bytes, uint64_t offset = 0);
   ~Arena();
   Arena(const Arena&) = delete;
   Arena& operator=(const Arena&) = delete;

@@ -12,6 +12,8 @@
 
 #include <rte_eal.h>
 #include <rte_errno.h>
+#include <rte_memory.h>
+#include <rte_memzone.h>
 
 namespace genie::dataplane {
 
@@ -177,6 +179,28 @@ void Eal::shutdown() {
   }
   for (auto it = closers.rbegin(); it != closers.rend(); ++it) it->second();
   rte_eal_cleanup();
+}
+
+Status reserve_shared_memory(const char* name, uint64_t bytes, SharedEalMemory* out) {
+  if (!Eal::initialized()) return {Code::EalFailed, "genie: EAL is not up"};
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const rte_memzone* mz = rte_memzone_reserve_aligned(name, bytes, SOCKET_ID_ANY, 0, page);
+  if (!mz) {
+    return {Code::NoMemory, "genie: cannot reserve " + std::to_string(bytes >> 20) +
+                                " MB of EAL memory for the arena (" + rte_strerror(rte_errno) +
+                                "); raise eal_memory_mb"};
+  }
+  rte_memseg* ms = rte_mem_virt2memseg(mz->addr, nullptr);
+  size_t seg_offset = 0;
+  int fd = ms ? rte_memseg_get_fd(ms) : -1;
+  if (fd < 0 || rte_memseg_get_fd_offset(ms, &seg_offset) != 0) {
+    return {Code::Unsupported, std::string("genie: EAL memory has no file to share (") +
+                                   rte_strerror(rte_errno) + "); it needs --no-huge and memfd"};
+  }
+  out->addr = static_cast<uint8_t*>(mz->addr);
+  out->fd = fd;
+  out->offset = seg_offset + (static_cast<uint8_t*>(mz->addr) - static_cast<uint8_t*>(ms->addr));
+  return Status::ok();
 }
 
 }  // namespace genie::dataplane

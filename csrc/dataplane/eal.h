@@ -7,6 +7,7 @@
 // which would leave torch one core), and registers a clean shutdown at exit that stops every
 // open port first. Later `ensure()` calls return the first outcome. A process that forked
 // after init gets Code::Unavailable instead of undefined behaviour.
+#include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
@@ -32,5 +33,22 @@ class Eal {
   // The argument vector `cfg` turns into (exposed for tests and diagnostics).
   static std::vector<std::string> build_args(const EalConfig& cfg);
 };
+
+// Note: [Arena in EAL memory]
+// Without hugepages EAL's memory is one memfd mapped at one place (eal_memory.c), and a
+// zero-copy memif client shares exactly that file with its server (Note: [memif zero copy] in
+// port.cpp). An agent whose arena is carved out of it (a memzone) lets the ring name arena
+// pages directly: a chunk sent from the arena is not copied on this side at all. The user's
+// process maps the same pages through the file descriptor and offset found here (the agent
+// sends them over its socket). What the peer's agent can then read is this agent's whole EAL
+// memory, the arena included, not only the buffers in flight: memif connects processes of
+// one host and one user, each side of which could already read the other's ring.
+struct SharedEalMemory {
+  uint8_t* addr = nullptr;
+  int fd = -1;          // EAL's own descriptor: dup it to hand it on, never close it
+  uint64_t offset = 0;  // of addr within fd
+};
+// Reserves `bytes` (page-aligned) of EAL memory that another process can map.
+Status reserve_shared_memory(const char* name, uint64_t bytes, SharedEalMemory* out);
 
 }  // namespace genie::dataplane

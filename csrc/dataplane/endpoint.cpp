@@ -393,6 +393,18 @@ bool Endpoint::poll() {
     flush_tx();
     if (ctrlq_.size() + dataq_.size() != before) worked = true;
   }
+  // A zero-copy ring releases what it sent only inside a later tx_burst (Note: [memif zero
+  // copy] in port.cpp): make one while caller memory is still referenced, so acknowledged
+  // memory goes back without delay (not always: each call writes the ring's head, a cache
+  // line the peer polls).
+  if (port_->zero_copy() && before == 0 && out_) {
+    for (const auto& p : out_->parts) {
+      if (p->referenced()) {
+        port_->tx_done_cleanup();
+        break;
+      }
+    }
+  }
   if (!zombies_.empty()) reap_parts();
   return worked;
 }

@@ -139,6 +139,7 @@ class Endpoint {
   const EndpointConfig& config() const { return cfg_; }
   uint32_t chunk_bytes() const { return chunk_; }
   Port& port() { return *port_; }
+  const Port& port() const { return *port_; }
 
  private:
   struct SendPart;

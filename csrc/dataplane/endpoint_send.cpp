@@ -50,9 +50,10 @@ bool Endpoint::build_chunk(OutMsg& out, uint64_t offset, uint64_t len, bool retr
   uint64_t sum = 0;
   rte_mbuf* last = m;
   size_t segs = 0;
-  // A port that publishes mbufs as they are carries the payload in the header mbuf (Note:
-  // [memif zero copy] in port.cpp): one copy, the one its copy-mode TX would have made.
-  const bool staged = port_->stages_tx();
+  // A zero-copy ring publishes mbufs as they are: memory outside its region rides in the
+  // header mbuf (Note: [memif zero copy] in port.cpp), the copy copy-mode TX would have made.
+  const bool zc = port_->zero_copy();
+  const bool staged = zc && !(*it)->in_ring;
   while (staged && at < end && it != out.parts.end()) {
     SendPart& part = **it;
     uint64_t in_part = at - part.offset;
@@ -68,6 +69,7 @@ bool Endpoint::build_chunk(OutMsg& out, uint64_t offset, uint64_t len, bool retr
   }
   while (!staged && at < end && it != out.parts.end() && segs < kMaxSegmentsPerChunk) {
     SendPart& part = **it;
+    if (zc && !part.in_ring) break;  // the next chunk stages it
     uint64_t in_part = at - part.offset;
     uint64_t n = std::min(end - at, part.len - in_part);
     rte_mbuf* e = rte_pktmbuf_alloc(port_->ext_pool());
@@ -168,6 +170,7 @@ Status Endpoint::send_provide(uint64_t msg, uint64_t offset, const void* data, u
   part->len = len;
   part->data = static_cast<const uint8_t*>(data);
   part->iova = iova;
+  part->in_ring = port_->in_ring_region(data, len);
   part->shinfo.free_cb = no_free;
   part->shinfo.fcb_opaque = nullptr;
   rte_mbuf_ext_refcnt_set(&part->shinfo, 1);

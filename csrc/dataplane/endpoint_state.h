@@ -21,6 +21,7 @@ struct Endpoint::SendPart {
   uint64_t len = 0;
   const uint8_t* data = nullptr;
   uint64_t iova = 0;
+  bool in_ring = false;  // a zero-copy ring may name it (Note: [memif zero copy] in port.cpp)
   // One reference is ours; each mbuf attached to this memory adds one (Note: [External
   // buffers] below).
   rte_mbuf_ext_shared_info shinfo{};

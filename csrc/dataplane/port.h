@@ -49,9 +49,16 @@ class Port {
   const rte_ether_addr& mac() const { return mac_; }
   // Whether payload memory must have a valid IOVA (DMA by a NIC). memif copies with the CPU.
   bool needs_iova() const { return needs_iova_; }
-  // Whether chunks must be single mbufs holding their payload (a zero-copy memif client puts
-  // mbufs in the ring as they are: Note: [memif zero copy] in port.cpp).
-  bool stages_tx() const { return zero_copy_; }
+  // A zero-copy memif client: it puts mbufs in the ring as they are (Note: [memif zero copy]
+  // in port.cpp), so a chunk's payload must lie in its ring region or be staged into an mbuf.
+  bool zero_copy() const { return zero_copy_; }
+  // Whether [p, p + n) lies in the memory a zero-copy ring may name (EAL's first memseg list).
+  bool in_ring_region(const void* p, size_t n) const {
+    auto a = reinterpret_cast<uintptr_t>(p);
+    return zero_copy_ && a >= region_base_ && a + n <= region_end_;
+  }
+  // Packets per tx_burst call (a zero-copy ring overruns with more: Note: [memif zero copy]).
+  uint16_t max_tx_burst() const { return zero_copy_ ? 4 : 64; }
   // Payload bytes per chunk on this port (the request, capped by what one packet carries).
   uint32_t chunk_bytes() const { return chunk_; }
   const PortSizing& sizing() const { return sizing_; }
@@ -62,7 +69,7 @@ class Port {
   rte_mempool* ext_pool() const { return ext_pool_; }
 
   uint16_t rx(rte_mbuf** pkts, uint16_t n) { return rte_eth_rx_burst(port_id_, 0, pkts, n); }
-  uint16_t tx(rte_mbuf** pkts, uint16_t n) { return rte_eth_tx_burst(port_id_, 0, pkts, n); }
+  uint16_t tx(rte_mbuf** pkts, uint16_t n);
   // Frees mbufs whose transmission completed (NICs free them lazily).
   void tx_done_cleanup();
   bool link_up() const;
@@ -82,6 +89,8 @@ class Port {
   rte_ether_addr mac_{};
   bool needs_iova_ = false;
   bool zero_copy_ = false;
+  uintptr_t region_base_ = 0;
+  uintptr_t region_end_ = 0;
   bool started_ = false;
   bool configured_ = false;
   uint32_t chunk_ = 8192;

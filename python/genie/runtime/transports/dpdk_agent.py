@@ -111,6 +111,10 @@ class DpdkConfig:
         return self.port == "memif" or self.port.startswith("memif:")
 
 
+#: EAL memory an agent needs beside its arena (mempools of 16 KiB mbufs: ~110 MB)
+_EAL_SPARE_MB = 256
+
+
 class Agent:
     """One genie-dpdk-agent process and the client that drives it; with
     ``config.in_process``, the same loop on a thread of this process (Note: [In-process
@@ -126,28 +130,38 @@ class Agent:
         copy_bytes = -(-config.arena_bytes // page) * page
         heap_bytes = -(-max(0, config.heap_bytes) // page) * page
         total = copy_bytes + heap_bytes
-        arena_fd = os.memfd_create("genie-dpdk-arena", os.MFD_CLOEXEC)
+        port = config.port
+        options = dict(config.options)
+        if port.startswith("pci:"):
+            # EAL takes only the PCI devices it is told to (--no-pci otherwise).
+            options.setdefault("eal_pci", port[len("pci:") :])
+        eal_arena = False
+        if config.is_memif:
+            port = f"memif:role={role},socket={socket_name}"
+            if config.port.startswith("memif:"):
+                port += "," + config.port[len("memif:") :]
+            if role == "client" and not config.in_process and "zero-copy=" not in port:
+                # The client's ring shares its agent's memory: one copy fewer from the server
+                # to the client (Note: [memif zero copy] in csrc/dataplane/port.cpp) ...
+                port += ",zero-copy=yes"
+            eal_mb = -(-total // (1 << 20)) + _EAL_SPARE_MB
+            zero_copy = "zero-copy=yes" in port and role == "client" and not config.in_process
+            if zero_copy and "eal_memory_mb" not in options:
+                # ... and none on the client's side when the arena is in that memory (Note:
+                # [Arena in EAL memory] in csrc/dataplane/eal.h); ring offsets are 32 bits.
+                eal_arena = eal_mb < 4096
+                if eal_arena:
+                    options["eal_memory_mb"] = str(eal_mb)
+        arena_fd = -1 if eal_arena else os.memfd_create("genie-dpdk-arena", os.MFD_CLOEXEC)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._log = tempfile.TemporaryFile(prefix="genie-dpdk-agent-")  # noqa: SIM115
         try:
-            os.ftruncate(arena_fd, total)
-            port = config.port
-            options = dict(config.options)
-            if port.startswith("pci:"):
-                # EAL takes only the PCI devices it is told to (--no-pci otherwise).
-                options.setdefault("eal_pci", port[len("pci:") :])
-            if config.is_memif:
-                port = f"memif:role={role},socket={socket_name}"
-                if config.port.startswith("memif:"):
-                    port += "," + config.port[len("memif:") :]
-                if role == "client" and not config.in_process and "zero-copy=" not in port:
-                    # The client's ring shares its agent's memory: one copy fewer from the
-                    # server to the client (Note: [memif zero copy] in csrc/dataplane/port.cpp).
-                    port += ",zero-copy=yes"
+            if arena_fd >= 0:
+                os.ftruncate(arena_fd, total)
             args = [
                 path,
                 f"--sock-fd={child.fileno()}",
-                f"--arena-fd={arena_fd}",
+                f"--arena-fd={arena_fd if arena_fd >= 0 else 'eal'}",
                 f"--arena-bytes={total}",
                 f"port={port}",
                 f"peer_timeout_ms={int(config.peer_timeout * 1000)}",
@@ -164,7 +178,7 @@ class Agent:
                 # then closes the socket; the agent exits on that EOF.
                 self.proc = subprocess.Popen(
                     args,
-                    pass_fds=(child.fileno(), arena_fd),
+                    pass_fds=(child.fileno(), arena_fd) if arena_fd >= 0 else (child.fileno(),),
                     stdin=subprocess.DEVNULL,
                     stdout=self._log,
                     stderr=self._log,
@@ -181,7 +195,8 @@ class Agent:
             self._log.close()
             raise
         finally:
-            os.close(arena_fd)
+            if arena_fd >= 0:
+                os.close(arena_fd)
         self.ready = False
 
     def log(self) -> str:
