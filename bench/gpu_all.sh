@@ -48,6 +48,8 @@ if [ "$PART" = A ]; then
   fi
   TAIL=24 PYTHONPATH=$NEW step remote_gpu 190 python3 bench/bench_remote_gpu.py --no-local-executor \
     --repeats 15 --decode-runs 3 --tokens 24 --out "$OUT/remote_gpu.json"
+  TAIL=40 PYTHONPATH=$NEW step timeline_fresh 90 python3 bench/bench_remote_timeline_gpu.py --fresh \
+    --models ResNet-50 --dtypes float32 --spin 0,10000 --repeats 15 --out "$OUT/timeline_fresh.json"
   FAMILIES=resnet
 else
   ls python/genie/_C*.so > /dev/null 2>&1 || build . new || exit 1
