@@ -83,6 +83,39 @@ def test_inference_equals_eager(where, name):
         assert client.counters["upload_bytes"] - uploaded == x2.numel() * x2.element_size()
 
 
+@torch.no_grad()
+def test_tensors_changed_between_calls_are_sent_again(where):
+    """Once a call finds the weights and the input held, a weight or the input changed in
+    place, or a weight replaced by a new tensor, is uploaded again and nothing else is: each
+    result is eager's."""
+    options, client = where
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    compiled = torch.compile(model, backend="genie", options=options)
+    x = torch.randn(3, 8)
+
+    def uploaded_by(change) -> int:
+        change()
+        before = client.counters["upload_bytes"] if client is not None else 0
+        assert torch.equal(compiled(x), model(x))
+        return client.counters["upload_bytes"] - before if client is not None else 0
+
+    for _ in range(3):
+        uploaded_by(lambda: None)
+    w = model[0].weight
+    changes = [
+        (lambda: None, 0),
+        (lambda: w.mul_(2), w.numel() * 4),
+        (lambda: x.add_(1), x.numel() * 4),
+        (lambda: setattr(model[2], "weight", nn.Parameter(torch.randn(4, 16))), 4 * 16 * 4),
+        (lambda: None, 0),
+    ]
+    for change, nbytes in changes:
+        sent = uploaded_by(change)
+        if client is not None:
+            assert sent == nbytes
+
+
 class _Breaky(nn.Module):
     def __init__(self):
         super().__init__()

@@ -24,19 +24,30 @@ afterwards, by every program that reads them (forward and backward, each side of
 break, each shape, a compiled optimizer step); an input that is a new tensor each call is
 uploaded each call. A write through ``.data`` (or through another tensor ``set_`` on the same
 storage) does not bump the version, so it is not seen.
+
+Note: [Checking what was found]
+Between two calls of a serving loop nothing a program reads has usually changed, and looking
+up each of a model's parameters again (a dict lookup, a weak reference, a version each) is most
+of a call's own cost. ``Residency.snapshot`` keeps what one lookup found for some tensors: the
+entries found (tuples, replaced, never changed, by every ``remember`` and ``forget``) and the
+versions seen. ``Snapshot.holds`` asks the same three questions of the next call's tensors in
+a few passes that stay in C (``map``): each tensor's entry is still the very same object, its
+weak reference still names this tensor, its version is the one seen. Where all hold, the
+lookup would find what it found before; where one does not, the caller looks up again.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import operator
 import weakref
 
 import torch
 
 from genie.compile.lower import InputSpec
 
-__all__ = ["Residency", "SIDS", "bumps_after_call", "dense_at_start"]
+__all__ = ["Residency", "SIDS", "Snapshot", "bumps_after_call", "dense_at_start"]
 
 SIDS = itertools.count(1 << 48)  # storage ids of the compile path (Note: [Compiled residency])
 
@@ -119,6 +130,21 @@ class Residency:
             found.append(self._by_host_storage(t, bumps, spec) if self._by_storage else None)
         return found
 
+    def snapshot(self, tensors: list[torch.Tensor], sids: list[int]) -> tuple[Snapshot, list[int]]:
+        """What the lookup finds for those of `tensors` it finds by tensor, at the storage
+        `sids` names, and at their current version (Note: [Checking what was found]); and
+        which of `tensors` those are, by position."""
+        entries, versions, covered = [], [], []
+        for j, (t, sid) in enumerate(zip(tensors, sids, strict=True)):
+            e = self._by_tensor.get(id(t))
+            version = self._version(t) if e is not None else None
+            if e is None or e[0]() is not t or e[2] != sid or version != e[1]:
+                continue
+            entries.append(e)
+            versions.append(version)
+            covered.append(j)
+        return Snapshot(self._by_tensor.get, entries, versions), covered
+
     def _by_host_storage(self, t: torch.Tensor, bumps: int, spec: InputSpec) -> int | None:
         """A storage holding all of `t`'s host storage (remembered through another tensor over
         it: the alias autograd keeps as .grad, a transposed view of a weight), where the
@@ -156,3 +182,32 @@ class Residency:
             e = table.get(key)
             if e is not None and e[2] == sid:
                 del table[key]
+
+
+_version_of = operator.attrgetter("_version")
+
+
+class Snapshot:
+    """Entries a ``Residency`` held for some tensors, and their versions then (Note: [Checking
+    what was found])."""
+
+    __slots__ = ("_entries", "_get", "_refs", "_versions")
+
+    def __init__(self, get, entries: list[tuple], versions: list[int]):
+        self._get = get
+        self._entries = entries
+        self._refs = [e[0] for e in entries]
+        self._versions = versions
+
+    def holds(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether the lookup would find for `tensors` (in the same order) what it found then."""
+        try:
+            if list(map(_version_of, tensors)) != self._versions:
+                return False
+        except RuntimeError:  # an inference tensor: never assumed unchanged
+            return False
+        is_ = operator.is_
+        # Identity only: comparing entries would compare the tensors their references name.
+        return all(map(is_, map(operator.call, self._refs), tensors)) and all(
+            map(is_, map(self._get, map(id, tensors)), self._entries)
+        )

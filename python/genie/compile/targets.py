@@ -17,13 +17,19 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from genie.compile.lower import InputSpec, Lowered, dense_copy
-from genie.compile.residency import SIDS, Residency, bumps_after_call, dense_at_start
+from genie.compile.residency import (
+    SIDS,
+    Residency,
+    Snapshot,
+    bumps_after_call,
+    dense_at_start,
+)
 from genie.errors import ExecutionError
 from genie.runtime.program import execute
 from genie.runtime.replay import Environment, byte_view
@@ -62,6 +68,17 @@ def fresh_states(steps: list[int]) -> dict[int, torch.Tensor]:
     return states
 
 
+class _Held(NamedTuple):
+    """The arguments of a program the last call found held (Note: [Checking what was found]),
+    the binding that gives them, and the plain inputs looked up each call."""
+
+    args: list[int]
+    snapshot: Snapshot
+    binding: list[int]
+    rest: list[tuple]
+    rest_found: int  # how many of `rest` were found held then (a .grad by its storage)
+
+
 # Note: [Unbound results]
 # A kernel whose result has another shape than its meta kernel declared leaves that result
 # unbound on every executor (Note: [Binding a result on a server] in program/run.py). The one
@@ -98,7 +115,6 @@ class Placed:
         self.arg_local = {i: k for i, k, _, _ in lowered.inputs}
         self._kept_inputs = [(i, k) for i, k, spec, _ in lowered.inputs if spec.kept]
         self._plain_inputs = [e for e in lowered.inputs if not e[2].kept]
-        self._plain_specs = [e[2] for e in self._plain_inputs]
         self._input_locals = [k for _, k, _, _ in lowered.inputs]
         self._fetched = [
             (o.local, o.ref)
@@ -125,13 +141,21 @@ class Placed:
             if o.kind == "ref" and j not in self.kept and dense_at_start(o.ref)
         ]
         self.random_steps = lowered.program.random_steps
-        self._ahead: list[int] | None = None  # per plain input: AOT's bump before the call
+        self._ahead: dict[int, int] | None = None  # argument -> AOT's bumps before the call
+        self._held: _Held | None = None  # Note: [Checking what was found]
         weakref.finalize(self, target.drop, list(self.sids))
 
     def bind(self, args: list[Any]) -> tuple[list[int], list[tuple]]:
         """The binding of this call and the (storage id, argument index, layout, bytes) to
-        upload: arguments the target does not hold (Note: [Compiled residency])."""
-        binding = self.sids.copy()
+        upload: arguments the target does not hold (Note: [Compiled residency]). What the last
+        lookup found is checked first, in one pass (Note: [Checking what was found]); the
+        rest is looked up."""
+        held = self._held
+        if held is not None and held.snapshot.holds([args[i] for i in held.args]):
+            binding = held.binding.copy()
+            rest = held.rest
+        else:
+            binding, rest, held = self.sids.copy(), self._plain_inputs, None
         for i, k in self._kept_inputs:
             sid = self.target.saved_sid(args[i])
             if sid is None:
@@ -140,21 +164,35 @@ class Placed:
                     f"held by {self.target.name} any more (argument {i} of the backward)"
                 )
             binding[k] = sid
-        plain = self._plain_inputs
         if self._ahead is None:
             before = not bumps_after_call()
-            self._ahead = [int(before and e[0] in self.bumped) for e in plain]
+            self._ahead = {e[0]: int(before and e[0] in self.bumped) for e in self._plain_inputs}
+        ahead = self._ahead
         found = self.target.residency.lookup_all(
-            [args[e[0]] for e in plain], self._ahead, self._plain_specs
+            [args[e[0]] for e in rest], [ahead[e[0]] for e in rest], [e[2] for e in rest]
         )
         uploads = []
         own, sids = self.own, self.sids
-        for e, sid in zip(plain, found, strict=True):
+        n_found = 0  # tensors looked up and found held
+        for e, sid in zip(rest, found, strict=True):
             k = e[1]
             if sid is None or (sid in own and sid != sids[k]):
                 uploads.append((sids[k], e[0], e[2], e[3]))
             else:
                 binding[k] = sid
+                n_found += 1
+        # Where every tensor looked up is uploaded, only the checked ones are bound to what the
+        # target holds (one storage each, as the full check found) and each upload goes to a
+        # storage of this program: no storage is bound twice.
+        if held is None or n_found:
+            self._one_storage_each(binding, uploads)
+        if held is None or n_found > held.rest_found:
+            self._held = self._check_next(args, binding, {u[1] for u in uploads})
+        return binding, uploads
+
+    def _one_storage_each(self, binding: list[int], uploads: list[tuple]) -> None:
+        """Each input local bound to a storage of its own (`binding` and `uploads` amended)."""
+        sids = self.sids
         bound = [binding[k] for k in self._input_locals]
         if len(set(bound)) != len(bound):
             # One storage bound to two locals (the same tensor passed twice): the program was
@@ -170,7 +208,24 @@ class Placed:
                     binding[k] = sids[k]
                     uploads.append((sids[k], i, spec, nbytes))
                 seen.add(binding[k])
-        return binding, uploads
+
+    def _check_next(self, args: list[Any], binding: list[int], uploaded: set[int]) -> _Held:
+        """What the next call checks in one pass: the arguments bound to what the target
+        holds, found there by tensor, except those the program writes (their version moves
+        every call)."""
+        written = {i for i, _ in self.low.writes} | self.bumped
+        cand = [e for e in self._plain_inputs if e[0] not in uploaded and e[0] not in written]
+        snapshot, covered = self.target.residency.snapshot(
+            [args[e[0]] for e in cand], [binding[e[1]] for e in cand]
+        )
+        held_args = [cand[j][0] for j in covered]
+        base = self.sids.copy()
+        for j in covered:
+            base[cand[j][1]] = binding[cand[j][1]]
+        taken = set(held_args)
+        rest = [e for e in self._plain_inputs if e[0] not in taken]
+        rest_found = sum(1 for e in rest if e[0] not in uploaded)
+        return _Held(held_args, snapshot, base, rest, rest_found)
 
     def refs(self, binding: list[int]) -> list[dict]:
         """What to fetch: the outputs the program computes, then the arguments it writes."""
