@@ -13,13 +13,20 @@ transformers) and a ResNet-18-style CNN, each call with a fresh input:
   compiled         ``torch.compile(model, backend="genie", options={"server": ...})`` through
                    the same server: the program went once, a call is its key, the input and
                    the outputs;
-  compiled-local   ``torch.compile(model, backend="genie")`` in this process (no server).
+  compiled-local   ``torch.compile(model, backend="genie")`` in this process (no server);
+  dynamo           the floor every torch.compile backend pays: the same model compiled with a
+                   backend whose graph returns outputs it computed once (Dynamo's guards, AOT
+                   autograd's wrapper and the model's own Python around the graph, no work);
+                   ``comp-dyn/lazy`` is compiled's own cost over lazy capture's.
 Client CPU time is ``time.process_time()`` of this process around each call: user and system
 time of every thread of the client, and nothing of the server, which is another process
 (``LoopbackServer`` starts ``genie serve`` as a child; ``getrusage(RUSAGE_SELF)``, used as a
 cross-check, counts a child only once it is waited for). Client and server use one intra-op
 thread each by default: on a small shared machine more threads make both wait on each other.
-Median over `repeats` calls after two warm-up calls. Writes bench/results/compile.json.
+Median over `repeats` calls after two warm-up calls; the columns take turns, each round
+starting one column later, so that each follows every other equally often (what ran just
+before a call decides how much of its memory is still in the caches, and so its CPU time).
+Writes bench/results/compile.json.
 
 GPU mode (``--device cuda``). BERT-base, GPT-2 (124M) and ResNet-50 (torchvision's, else
 transformers' ResNet-50 layout), random weights, batch 8 (sequence 128, images 224x224), fp32
@@ -131,15 +138,19 @@ def _first(out) -> torch.Tensor:
 def interleaved(fns: dict, make_input, repeats: int) -> dict[str, dict]:
     """Median client CPU ms and wall ms of each of `fns` called as `fn(*make_input(g))`, a
     fresh input each call. The columns take turns call by call (after two warm-up calls
-    each), so that a shared, noisy machine slows them alike and their ratios hold."""
+    each), so that a shared, noisy machine slows them alike and their ratios hold; each round
+    starts one column later, so that each column follows every other equally often."""
     g = torch.Generator().manual_seed(1)
     for fn in fns.values():
         for _ in range(2):
             fn(*make_input(g))
     cpu: dict[str, list] = {k: [] for k in fns}
     wall: dict[str, list] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        shift = r % len(names)
+        for k in names[shift:] + names[:shift]:
+            fn = fns[k]
             args = make_input(g)
             c0, w0 = time.process_time(), time.perf_counter()
             fn(*args)
@@ -174,6 +185,27 @@ def baseline_backend(rev: str):
     return genie_compile_base.genie_backend
 
 
+def floor_backend(gm: torch.fx.GraphModule, example_inputs: list):
+    """A backend whose graph costs nothing: through AOT autograd as genie's, its compiled
+    function returns the outputs of its first call (the "dynamo" column)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def compiler(graph: torch.fx.GraphModule, inputs: list):
+        outputs: list = []
+
+        def run(args: list):
+            if not outputs:
+                outputs.append(graph(*args))
+            return outputs[0]
+
+        run._boxed_call = True
+        return run
+
+    return aot_autograd(fw_compiler=compiler, keep_inference_input_mutations=True)(
+        gm, example_inputs
+    )
+
+
 @torch.no_grad()
 def measure(name: str, build, quick: bool, repeats: int, client, base=None) -> dict:
     model, make_input, kw = build(quick)
@@ -182,8 +214,10 @@ def measure(name: str, build, quick: bool, repeats: int, client, base=None) -> d
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="genie", options={"server": client})
     local = torch.compile(model, backend="genie", options={"server": "local"})
+    floor = torch.compile(model, backend=floor_backend)
     fns = {
         "eager": lambda *a: _first(model(*a, **kw)),
+        "dynamo": lambda *a: _first(floor(*a, **kw)),
         "lazy": lambda *a: _first(remote_model(*(x.to(REMOTE) for x in a), **kw)).cpu(),
         "compiled": lambda *a: _first(compiled(*a, **kw)),
         "compiled_local": lambda *a: _first(local(*a, **kw)),
@@ -281,20 +315,26 @@ def cpu_main(args) -> None:
             genie.configure(local_device="cpu")
             client.close()
 
-    base_head = f"{'base cpu':>10}{'base/lazy':>10}" if base is not None else ""
+    base_head = f"{'base cpu':>10}{'base/lazy':>10}{'base-dyn/lazy':>14}" if base else ""
     print(
-        f"{'model':<13}{'eager cpu':>10}{'lazy cpu':>10}{'compiled cpu':>13}{'comp/lazy':>10}"
-        f"{base_head}{'local cpu':>10}{'local/eager':>12}{'eager wall':>11}{'comp wall':>10}"
-        "  (ms)"
+        f"{'model':<13}{'eager cpu':>10}{'lazy cpu':>10}{'dynamo cpu':>11}{'compiled cpu':>13}"
+        f"{'comp/lazy':>10}{'comp-dyn/lazy':>14}{base_head}{'local cpu':>10}{'local/eager':>12}"
+        f"{'eager wall':>11}{'comp wall':>10}  (ms)"
     )
     for r in rows:
         e, lz, c, lc = r["eager"], r["lazy"], r["compiled"], r["compiled_local"]
-        b = r.get("compiled_base")
-        base_cols = f"{b['cpu_ms']:>10.2f}{b['cpu_ms'] / lz['cpu_ms']:>10.3f}" if b else ""
+        d, b = r["dynamo"]["cpu_ms"], r.get("compiled_base")
+        base_cols = ""
+        if b:
+            base_cols = (
+                f"{b['cpu_ms']:>10.2f}{b['cpu_ms'] / lz['cpu_ms']:>10.3f}"
+                f"{(b['cpu_ms'] - d) / lz['cpu_ms']:>14.3f}"
+            )
         print(
-            f"{r['model']:<13}{e['cpu_ms']:>10.2f}{lz['cpu_ms']:>10.2f}{c['cpu_ms']:>13.2f}"
-            f"{c['cpu_ms'] / lz['cpu_ms']:>10.3f}{base_cols}{lc['cpu_ms']:>10.2f}"
-            f"{lc['cpu_ms'] / e['cpu_ms']:>12.3f}{e['wall_ms']:>11.2f}{c['wall_ms']:>10.2f}"
+            f"{r['model']:<13}{e['cpu_ms']:>10.2f}{lz['cpu_ms']:>10.2f}{d:>11.2f}{c['cpu_ms']:>13.2f}"
+            f"{c['cpu_ms'] / lz['cpu_ms']:>10.3f}{(c['cpu_ms'] - d) / lz['cpu_ms']:>14.3f}"
+            f"{base_cols}{lc['cpu_ms']:>10.2f}{lc['cpu_ms'] / e['cpu_ms']:>12.3f}"
+            f"{e['wall_ms']:>11.2f}{c['wall_ms']:>10.2f}"
         )
     if train is not None:
         print(
