@@ -323,24 +323,24 @@ def test_in_process_pair_moves_payloads_on_the_data_plane(monkeypatch):
 
 @pytest.mark.dpdk
 @pytest.mark.parametrize(
-    "port, options, ring, eal_arena",
+    "port, arena_in_eal, ring, eal_arena",
     [
-        ("memif", "", 1, 1),
-        ("memif", "eal_memory_mb=1500", 1, 0),
-        ("memif:zero-copy=no", "", 0, 0),
+        ("memif", "0", 1, 0),
+        ("memif", "1", 1, 1),
+        ("memif:zero-copy=no", "1", 0, 0),
     ],
 )
 def test_client_memif_ring_is_zero_copy_unless_turned_off(
-    monkeypatch, port, options, ring, eal_arena
+    monkeypatch, port, arena_in_eal, ring, eal_arena
 ):
-    """By default the client's memif ring is zero-copy and its agent's arena lives in the EAL
-    memory that ring shares (Notes: [memif zero copy] in csrc/dataplane/port.cpp, [Arena in
-    EAL memory] in eal.h): chunks leave the client without a copy on its side. With an EAL
-    size given by hand the arena is the user's memfd and each chunk sent is staged into a ring
-    mbuf (`bytes_staged`); `memif:zero-copy=no` keeps both ends of the ring in copy mode.
-    Either way payloads both ways arrive intact, torch memory and arena blocks alike."""
+    """By default the client's memif ring is zero-copy (Note: [memif zero copy] in
+    csrc/dataplane/port.cpp) and each chunk the client sends is staged into a ring mbuf
+    (`bytes_staged`); with GENIE_DPDK_ARENA_IN_EAL=1 its agent's arena lives in the EAL memory
+    that ring shares (Note: [Arena in EAL memory] in eal.h) and chunks leave without a copy on
+    its side; `memif:zero-copy=no` keeps both ends of the ring in copy mode. Either way
+    payloads both ways arrive intact, torch memory and arena blocks alike."""
     monkeypatch.setenv("GENIE_DPDK_PORT", port)
-    monkeypatch.setenv("GENIE_DPDK_OPTIONS", options)
+    monkeypatch.setenv("GENIE_DPDK_ARENA_IN_EAL", arena_in_eal)
     server, client, first_frame = _pair(monkeypatch, {})
     try:
         x = torch.randint(0, 255, (9_000_001,), dtype=torch.uint8)

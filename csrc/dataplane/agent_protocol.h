@@ -14,7 +14,8 @@
 //   - The agent answers the peer (keepalives, acknowledgements) while the user's process is
 //     busy computing, so liveness never depends on Python being scheduled.
 // Inside the agent the endpoint is zero-copy: chunks are mbufs attached to arena memory, which
-// is registered once as DPDK external memory. Tensors whose storage is a block of the arena's
+// is registered once as DPDK external memory (a memif client's agent instead reserves the arena
+// in its EAL memory, which its zero-copy ring shares: Note: [Arena in EAL memory] in eal.h). Tensors whose storage is a block of the arena's
 // heap (Note: [Arena heap] in arena.h) travel as they are; any other memory costs one copy per
 // side between the caller's buffers and the arena's slots, pipelined (a slot is copied while
 // the agent moves the previous one) and counted (Note: [In place or copied]).

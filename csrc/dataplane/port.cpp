@@ -29,11 +29,6 @@ constexpr uint32_t kMemifDefaultBsize = 16384;
 // 2^8 buffers of 16 KiB: a 4 MiB ring per direction stays in the last-level cache; a 16 MiB
 // ring (DPDK's default 2^10) ran at 6.1-6.4 GB/s here against 8.5-8.8 GB/s.
 constexpr uint32_t kMemifDefaultLog2Ring = 8;
-// A zero-copy client's ring holds descriptors only (the buffers are the client's mbufs and
-// arena), and a chunk from the arena takes two (header, payload): 2^10 keeps as many bytes in
-// flight as copy mode's 2^8 did twice over. Measured side by side at 64-256 MB on a loaded
-// 2-core VM: 3.6-4.9 GB/s against 3.2-3.4 with 2^8 (Note: [memif zero copy]).
-constexpr uint32_t kMemifZeroCopyLog2Ring = 10;
 constexpr uint32_t kHeaderDataRoom = 2048 + RTE_PKTMBUF_HEADROOM;
 constexpr uint32_t kPacketOverhead = kEtherHeader + sizeof(PacketHeader);
 constexpr uint32_t kSlack = 512;
@@ -81,7 +76,7 @@ uint32_t key_value(const std::string& args, const std::string& key, uint32_t dfl
 //     "memory not from rte_malloc gives zeros"). The endpoint copies such a chunk's payload
 //     into its header mbuf (counted in EndpointStats::bytes_staged), the copy copy-mode TX
 //     would have made into the ring. Memory in the list (the agent's arena when it lives in
-//     EAL memory, Note: [Arena in EAL memory] in agent_loop.cpp) is attached in place.
+//     EAL memory, Note: [Arena in EAL memory] in eal.h) is attached in place.
 //   - eth_memif_tx_zc takes four packets at a time while more than four ring slots are free,
 //     but a packet of several segments takes several slots, so it can overrun the ring
 //     (FIELD-NOTES.md: "bursts over 4 with multi-segment mbufs"): tx() hands it at most four
@@ -148,11 +143,7 @@ Status Port::setup(const PortConfig& cfg, uint32_t chunk_request, uint64_t windo
       if (!has_key(args, "bsize"))
         args +=
             (args.empty() ? "" : ",") + std::string("bsize=") + std::to_string(kMemifDefaultBsize);
-      const bool zc_client = args.find("zero-copy=yes") != std::string::npos &&
-                             args.find("role=client") != std::string::npos;
-      if (!has_key(args, "rsize"))
-        args += ",rsize=" + std::to_string(zc_client ? kMemifZeroCopyLog2Ring
-                                                     : kMemifDefaultLog2Ring);
+      if (!has_key(args, "rsize")) args += ",rsize=" + std::to_string(kMemifDefaultLog2Ring);
       if (!has_key(args, "role")) args += ",role=server";
       memif_bsize = key_value(args, "bsize", kMemifDefaultBsize);
       if (args.find("zero-copy=yes") != std::string::npos) {

@@ -42,6 +42,10 @@ def _env_size(name: str, default: int) -> int:
         raise UnsupportedOperationError(f"genie: {name}={text!r} is not a size") from None
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def host_id() -> str:
     """Identifies this host (memif connects processes of one host only)."""
     for path in ("/etc/machine-id", "/proc/sys/kernel/random/boot_id"):
@@ -82,6 +86,12 @@ class DpdkConfig:
     #: run the endpoint on a thread of this process, not in a helper process: zero copy of any
     #: memory, no crash isolation (Note: [In-process endpoint])
     in_process: bool = False
+    #: a memif client's agent reserves the arena in its EAL memory, which its zero-copy ring
+    #: shares, so chunks it sends are copied by nobody on its side (Note: [Arena in EAL memory]
+    #: in csrc/dataplane/eal.h): 4 copies a round trip instead of 5, but the server then reads
+    #: the client's memory itself, which was slower above the last-level cache on a 2-core VM
+    #: (bench/bench_dataplane_zerocopy.py). Needs the arena + 256 MB under 4 GB.
+    arena_in_eal: bool = False
 
     @classmethod
     def from_env(cls) -> DpdkConfig:
@@ -102,8 +112,8 @@ class DpdkConfig:
             peer_timeout=float(os.environ.get("GENIE_DPDK_PEER_TIMEOUT", "3.0")),
             connect_timeout=float(os.environ.get("GENIE_DPDK_CONNECT_TIMEOUT", "20.0")),
             options=options,
-            in_process=os.environ.get("GENIE_DPDK_IN_PROCESS", "0").strip().lower()
-            in ("1", "true", "yes", "on"),
+            in_process=_env_flag("GENIE_DPDK_IN_PROCESS"),
+            arena_in_eal=_env_flag("GENIE_DPDK_ARENA_IN_EAL"),
         )
 
     @property
@@ -142,16 +152,24 @@ class Agent:
                 port += "," + config.port[len("memif:") :]
             if role == "client" and not config.in_process and "zero-copy=" not in port:
                 # The client's ring shares its agent's memory: one copy fewer from the server
-                # to the client (Note: [memif zero copy] in csrc/dataplane/port.cpp) ...
+                # to the client (Note: [memif zero copy] in csrc/dataplane/port.cpp).
                 port += ",zero-copy=yes"
             eal_mb = -(-total // (1 << 20)) + _EAL_SPARE_MB
             zero_copy = "zero-copy=yes" in port and role == "client" and not config.in_process
-            if zero_copy and "eal_memory_mb" not in options:
-                # ... and none on the client's side when the arena is in that memory (Note:
-                # [Arena in EAL memory] in csrc/dataplane/eal.h); ring offsets are 32 bits.
-                eal_arena = eal_mb < 4096
+            if config.arena_in_eal and zero_copy and "eal_memory_mb" not in options:
+                eal_arena = eal_mb < 4096  # ring offsets are 32 bits
                 if eal_arena:
                     options["eal_memory_mb"] = str(eal_mb)
+                    if "rsize=" not in port:
+                        # A chunk from the arena takes two descriptors (header, payload); the
+                        # ring holds no buffers, so a larger one costs no cache (2^10: 6.0 GB/s
+                        # uploads at 256 MB against 4.5 with copy mode's 2^8).
+                        port += ",rsize=10"
+            elif config.arena_in_eal:
+                logger.info(
+                    "genie: the arena stays out of EAL memory (no zero-copy client "
+                    "ring, eal_memory_mb given, or over 4 GB)"
+                )
         arena_fd = -1 if eal_arena else os.memfd_create("genie-dpdk-arena", os.MFD_CLOEXEC)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._log = tempfile.TemporaryFile(prefix="genie-dpdk-agent-")  # noqa: SIM115
