@@ -37,6 +37,7 @@ Prints tables and writes bench/results/dataplane_zerocopy_gpu.json (`--out` else
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -55,13 +56,16 @@ VARIANTS = {  # name -> (transport, where payloads live)
     "memif with copies": ("dpdk", "torch"),
     "tcp loopback": ("tcp", "torch"),
 }
-# The exchange's connections: name -> (transport, the client's DPDK port, None: the default).
+# The exchange's connections: name -> (transport, DpdkConfig fields the client changes).
 # "dpdk copy ring" is memif with both ends in copy mode (Note: [memif zero copy] in
-# csrc/dataplane/port.cpp), the data plane before the client's ring went zero-copy.
+# csrc/dataplane/port.cpp), the data plane before the client's ring went zero-copy;
+# "dpdk arena in eal" the opt-in arena in the client agent's EAL memory (Note: [Arena in EAL
+# memory] in csrc/dataplane/eal.h).
 CONNECTIONS = {
-    "dpdk": ("dpdk", None),
-    "dpdk copy ring": ("dpdk", "memif:zero-copy=no"),
-    "tcp": ("tcp", None),
+    "dpdk": ("dpdk", {}),
+    "dpdk copy ring": ("dpdk", {"port": "memif:zero-copy=no"}),
+    "dpdk arena in eal": ("dpdk", {"arena_in_eal": True}),
+    "tcp": ("tcp", {}),
 }
 
 
@@ -72,6 +76,7 @@ def kind_of(conn: str) -> str:
 EXCHANGE_VARIANTS = {  # name -> (connection, where payloads live)
     "memif zero copy": ("dpdk", "arena"),
     "memif zero copy, copy ring": ("dpdk copy ring", "arena"),
+    "memif zero copy, arena in EAL": ("dpdk arena in eal", "arena"),
     "memif with copies": ("dpdk", "torch"),
     "tcp loopback": ("tcp", "torch"),
 }
@@ -143,10 +148,9 @@ def exchange_peer(role: str, ports: list[int], sizes: list[int], iters: int) -> 
                               "bytes_copied": copied[name]}), flush=True)  # fmt: skip
         return
     conns = {}
-    for (conn, (kind, spec)), port in zip(CONNECTIONS.items(), ports, strict=True):
-        if spec:
-            config = DpdkConfig.from_env()
-            config.port = spec
+    for (conn, (kind, fields)), port in zip(CONNECTIONS.items(), ports, strict=True):
+        if fields:
+            config = dataclasses.replace(DpdkConfig.from_env(), **fields)
             t = DpdkTransport.connect(f"127.0.0.1:{port}", timeout=30, config=config)
         else:
             t = transports.connect(f"127.0.0.1:{port}", kind=kind, timeout=30)
@@ -517,6 +521,7 @@ def main() -> int:
         tcp = row["tcp loopback"]["gbps"]
         row["zero_copy_over_tcp"] = row["memif zero copy"]["gbps"] / tcp
         row["copy_ring_over_tcp"] = row["memif zero copy, copy ring"]["gbps"] / tcp
+        row["eal_arena_over_tcp"] = row["memif zero copy, arena in EAL"]["gbps"] / tcp
         row["copies_over_tcp"] = row["memif with copies"]["gbps"] / tcp
         r = pick(reg, "registration", n)
         row["register_us"], row["hit_ns"] = r["register_us"], r["hit_ns"]
@@ -539,16 +544,17 @@ def main() -> int:
         "zero_copy_copied_nothing": copied["memif zero copy"] == {"client": 0, "server": 0},
     }
 
-    print(f"{'size':>7} | {'memif zero copy':>15} | {'copy ring':>9} | {'memif copies':>12} | "
-          f"{'TCP':>6} | {'zc/TCP':>7} | {'ring/TCP':>8} | {'copies/TCP':>10} | "
-          f"{'register':>10} | {'LRU hit':>8}")  # fmt: skip
-    print(f"{'':>7} | {'GB/s':>15} | {'GB/s':>9} | {'GB/s':>12} | {'GB/s':>6} |")
+    print(f"{'size':>7} | {'memif zero copy':>15} | {'copy ring':>9} | {'EAL arena':>9} | "
+          f"{'memif copies':>12} | {'TCP':>6} | {'zc/TCP':>7} | {'ring/TCP':>8} | "
+          f"{'EAL/TCP':>7} | {'copies/TCP':>10} | {'register':>10} | {'LRU hit':>8}")  # fmt: skip
+    print(f"{'':>7} | {'GB/s':>15} | {'GB/s':>9} | {'GB/s':>9} | {'GB/s':>12} | {'GB/s':>6} |")
     for r in rows:
         print(f"{r['bytes'] // MB:>5}MB | {r['memif zero copy']['gbps']:>15.2f} | "
               f"{r['memif zero copy, copy ring']['gbps']:>9.2f} | "
+              f"{r['memif zero copy, arena in EAL']['gbps']:>9.2f} | "
               f"{r['memif with copies']['gbps']:>12.2f} | {r['tcp loopback']['gbps']:>6.2f} | "
               f"{r['zero_copy_over_tcp']:>6.2f}x | {r['copy_ring_over_tcp']:>7.2f}x | "
-              f"{r['copies_over_tcp']:>9.2f}x | "
+              f"{r['eal_arena_over_tcp']:>6.2f}x | {r['copies_over_tcp']:>9.2f}x | "
               f"{r['register_us']:>8.0f}us | {r['hit_ns']:>6.1f}ns")  # fmt: skip
     print("bytes copied (client / server): " + "; ".join(
         f"{k} {v['client']} / {v['server']}" for k, v in copied.items()))  # fmt: skip
