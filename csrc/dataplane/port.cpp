@@ -31,7 +31,6 @@ constexpr uint32_t kMemifDefaultBsize = 16384;
 constexpr uint32_t kMemifDefaultLog2Ring = 8;
 constexpr uint32_t kHeaderDataRoom = 2048 + RTE_PKTMBUF_HEADROOM;
 constexpr uint32_t kPacketOverhead = kEtherHeader + sizeof(PacketHeader);
-constexpr uint32_t kSlack = 512;
 
 std::atomic<int> g_vdev_counter{0};
 
@@ -101,13 +100,13 @@ Status check_memif_zero_copy(const std::string& args) {
 }  // namespace
 
 PortSizing PortSizing::compute(const PortConfig& cfg, uint32_t window_chunks, uint16_t burst,
-                               uint16_t rx_data_room) {
+                               uint16_t rx_data_room, uint32_t slack) {
   const uint32_t cache = RTE_MEMPOOL_CACHE_MAX_SIZE < 256 ? RTE_MEMPOOL_CACHE_MAX_SIZE : 256;
   PortSizing s;
   s.rx_data_room = rx_data_room;
-  s.rx_pool = pool_size(uint64_t(cfg.rx_desc) + 2u * burst + cache + kSlack);
-  s.header_pool = pool_size(uint64_t(cfg.tx_desc) + window_chunks + 2u * burst + cache + kSlack);
-  s.ext_pool = pool_size(2ull * (cfg.tx_desc + window_chunks) + 2u * burst + cache + kSlack);
+  s.rx_pool = pool_size(uint64_t(cfg.rx_desc) + 2u * burst + cache + slack);
+  s.header_pool = pool_size(uint64_t(cfg.tx_desc) + window_chunks + 2u * burst + cache + slack);
+  s.ext_pool = pool_size(2ull * (cfg.tx_desc + window_chunks) + 2u * burst + cache + slack);
   return s;
 }
 
@@ -133,6 +132,7 @@ Status Port::setup(const PortConfig& cfg, uint32_t chunk_request, uint64_t windo
   std::string kind = spec.substr(0, colon);
   std::string rest = colon == std::string::npos ? "" : spec.substr(colon + 1);
   uint32_t memif_bsize = 0;
+  uint32_t memif_slots = 0;
   int rc = 0;
 
   if (kind == "memif" || kind == "vdev") {
@@ -146,6 +146,7 @@ Status Port::setup(const PortConfig& cfg, uint32_t chunk_request, uint64_t windo
       if (!has_key(args, "rsize")) args += ",rsize=" + std::to_string(kMemifDefaultLog2Ring);
       if (!has_key(args, "role")) args += ",role=server";
       memif_bsize = key_value(args, "bsize", kMemifDefaultBsize);
+      memif_slots = 1u << key_value(args, "rsize", kMemifDefaultLog2Ring);
       if (args.find("zero-copy=yes") != std::string::npos) {
         Status zs = check_memif_zero_copy(args);
         if (!zs) return zs;
@@ -233,7 +234,18 @@ Status Port::setup(const PortConfig& cfg, uint32_t chunk_request, uint64_t windo
   chunk_ = chunk_request ? std::min(chunk_request, max_chunk) : default_chunk;
   if (cfg.mbuf_data_room) rx_room = cfg.mbuf_data_room;
   uint32_t window_chunks = static_cast<uint32_t>(window_bytes / chunk_ + 1);
-  sizing_ = PortSizing::compute(cfg, window_chunks, burst, rx_room);
+  if (zero_copy_) {
+    // The ring's buffers are these pools' mbufs, and a pool's common ring hands them out in
+    // FIFO order: a pool much larger than the ring walks the whole of it through the cache
+    // (2047 x 16 KiB = 34 MB of receive mbufs, past a 32 MB last-level cache). Size the pools
+    // by what can be out at once: the memif ring (it holds every mbuf sent until the server
+    // consumed it, the role window_chunks has for a NIC), bursts in hand, the lcore cache.
+    PortConfig ring = cfg;
+    ring.rx_desc = ring.tx_desc = static_cast<uint16_t>(memif_slots);
+    sizing_ = PortSizing::compute(ring, 0, burst, rx_room, /*slack=*/64);
+  } else {
+    sizing_ = PortSizing::compute(cfg, window_chunks, burst, rx_room);
+  }
 
   // Pools: unique names per port and process.
   std::string tag = std::to_string(getpid() % 100000) + "_" + std::to_string(port_id_);

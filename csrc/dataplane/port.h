@@ -12,6 +12,9 @@
 //     NIC frees only when its DMA completes) + 2 * burst + cache + 512
 // external pool (no data room; carriers for external buffers, up to 2 per chunk):
 //     2 * (tx_desc + window_chunks) + 2 * burst + cache + 512
+// A zero-copy memif client (Note: [memif zero copy] in port.cpp) counts its ring's slots for
+// rx_desc and tx_desc, no window and 64 slack: its ring holds the mbufs, and a bigger pool only
+// spreads them over more cache.
 #include <rte_ethdev.h>
 #include <rte_ether.h>
 #include <rte_mbuf.h>
@@ -30,7 +33,7 @@ struct PortSizing {
   uint32_t ext_pool = 0;
   uint16_t rx_data_room = 0;
   static PortSizing compute(const PortConfig& cfg, uint32_t window_chunks, uint16_t burst,
-                            uint16_t rx_data_room);
+                            uint16_t rx_data_room, uint32_t slack = 512);
 };
 
 class Port {
