@@ -186,7 +186,7 @@ def exchange_peer(role: str, ports: list[int], sizes: list[int], iters: int) -> 
             row = {"bench": "exchange", "variant": name, "bytes": n, "seconds": med,
                    "gbps": 2 * n / med / 1e9, "identical": bool(torch.equal(x, y))}  # fmt: skip
             print(json.dumps(row), flush=True)
-        del bufs, x, y
+        del bufs, x, y, xv, yv  # the arena blocks go back before the next size
     for conn, t in conns.items():
         stats = t.data_plane_stats() if kind_of(conn) == "dpdk" else {}
         print(json.dumps({"bench": "plane", "variant": f"connection {conn}", "stats": stats}),
