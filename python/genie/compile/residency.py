@@ -28,12 +28,15 @@ storage) does not bump the version, so it is not seen.
 Note: [Checking what was found]
 Between two calls of a serving loop nothing a program reads has usually changed, and looking
 up each of a model's parameters again (a dict lookup, a weak reference, a version each) is most
-of a call's own cost. ``Residency.snapshot`` keeps what one lookup found for some tensors: the
-entries found (tuples, replaced, never changed, by every ``remember`` and ``forget``) and the
-versions seen. ``Snapshot.holds`` asks the same three questions of the next call's tensors in
-a few passes that stay in C (``map``): each tensor's entry is still the very same object, its
-weak reference still names this tensor, its version is the one seen. Where all hold, the
-lookup would find what it found before; where one does not, the caller looks up again.
+of a call's own cost; with the caches cold (the server ran a model in between) every object
+touched per parameter is a cache miss. ``Residency.snapshot`` keeps what one lookup found for
+some tensors: their ids and the versions seen. It stays valid while none of the storages found
+is forgotten (``forget`` drops every snapshot that found one: each change of an entry goes
+through it) and none of the tensors dies (a weak reference's callback drops it, so that an id
+cannot name another tensor while it is valid). ``Snapshot.holds`` then asks of the next call's
+tensors only their ids (no object read) and versions, in two passes that stay in C (``map``).
+Where both match, the lookup would find what it found before; where not, the caller looks up
+again.
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ class Residency:
         self._by_tensor: dict[int, tuple] = {}
         self._by_storage: dict[int, tuple] = {}
         self._by_sid: dict[int, tuple[int, int]] = {}
+        # sid -> the snapshots that found it (Note: [Checking what was found])
+        self._watch: dict[int, list[_Validity]] = {}
 
     @staticmethod
     def _version(t: torch.Tensor) -> int | None:
@@ -134,16 +139,22 @@ class Residency:
         """What the lookup finds for those of `tensors` it finds by tensor, at the storage
         `sids` names, and at their current version (Note: [Checking what was found]); and
         which of `tensors` those are, by position."""
-        entries, versions, covered = [], [], []
+        found, versions, covered = [], [], []
         for j, (t, sid) in enumerate(zip(tensors, sids, strict=True)):
             e = self._by_tensor.get(id(t))
             version = self._version(t) if e is not None else None
             if e is None or e[0]() is not t or e[2] != sid or version != e[1]:
                 continue
-            entries.append(e)
+            found.append(t)
             versions.append(version)
             covered.append(j)
-        return Snapshot(self._by_tensor.get, entries, versions), covered
+        snapshot = Snapshot(found, versions)
+        for j in covered:
+            watchers = self._watch.setdefault(sids[j], [])
+            if len(watchers) > 8:  # snapshots replaced since: keep the list short
+                watchers[:] = [v for v in watchers if v.ok]
+            watchers.append(snapshot.validity)
+        return snapshot, covered
 
     def _by_host_storage(self, t: torch.Tensor, bumps: int, spec: InputSpec) -> int | None:
         """A storage holding all of `t`'s host storage (remembered through another tensor over
@@ -178,6 +189,8 @@ class Residency:
         ids = self._by_sid.pop(sid, None)
         if ids is None:
             return
+        for validity in self._watch.pop(sid, ()):
+            validity.drop()
         for table, key in ((self._by_tensor, ids[0]), (self._by_storage, ids[1])):
             e = table.get(key)
             if e is not None and e[2] == sid:
@@ -187,27 +200,35 @@ class Residency:
 _version_of = operator.attrgetter("_version")
 
 
+class _Validity:
+    """Whether a snapshot still holds; dropped by a forgotten storage or a tensor's death."""
+
+    __slots__ = ("ok",)
+
+    def __init__(self) -> None:
+        self.ok = True
+
+    def drop(self, _ref: object = None) -> None:
+        self.ok = False
+
+
 class Snapshot:
-    """Entries a ``Residency`` held for some tensors, and their versions then (Note: [Checking
-    what was found])."""
+    """Tensors a ``Residency`` found, and their versions then (Note: [Checking what was
+    found])."""
 
-    __slots__ = ("_entries", "_get", "_refs", "_versions")
+    __slots__ = ("_ids", "_refs", "_versions", "validity")
 
-    def __init__(self, get, entries: list[tuple], versions: list[int]):
-        self._get = get
-        self._entries = entries
-        self._refs = [e[0] for e in entries]
+    def __init__(self, tensors: list[torch.Tensor], versions: list[int]):
+        self.validity = _Validity()
+        self._ids = [id(t) for t in tensors]
+        self._refs = [weakref.ref(t, self.validity.drop) for t in tensors]
         self._versions = versions
 
     def holds(self, tensors: list[torch.Tensor]) -> bool:
         """Whether the lookup would find for `tensors` (in the same order) what it found then."""
+        if not self.validity.ok or list(map(id, tensors)) != self._ids:
+            return False
         try:
-            if list(map(_version_of, tensors)) != self._versions:
-                return False
+            return list(map(_version_of, tensors)) == self._versions
         except RuntimeError:  # an inference tensor: never assumed unchanged
             return False
-        is_ = operator.is_
-        # Identity only: comparing entries would compare the tensors their references name.
-        return all(map(is_, map(operator.call, self._refs), tensors)) and all(
-            map(is_, map(self._get, map(id, tensors)), self._entries)
-        )
