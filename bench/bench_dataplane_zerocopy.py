@@ -171,7 +171,7 @@ def exchange_peer(role: str, ports: list[int], sizes: list[int], iters: int) -> 
             for k in range(len(names)):
                 name = names[(i + k) % len(names)]
                 conn, memory = EXCHANGE_VARIANTS[name]
-                t, (_, _, xv, yv) = conns[conn], bufs[name]
+                t, xv, yv = conns[conn], bufs[name][2], bufs[name][3]
                 before = t.stats.bytes_copied
                 t0 = time.perf_counter()
                 t.send_frame(1, REQUEST, memory.encode(), [xv])
