@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
+
 #include "capture/errors.h"
 #include "capture/executor.h"
 #include "capture/kernels.h"
@@ -31,6 +33,26 @@ at::Tensor fetch_remote(const at::Tensor& t) {
   return real;
 }
 
+// Note: [Snapshots on one thread]
+// The snapshot .to() takes of a contiguous CPU tensor is one memcpy on the recording thread,
+// not torch's copy kernel. That kernel splits a large copy over the intra-op pool, and the
+// pool's OpenMP threads then spin for milliseconds waiting for more work (libgomp's spin
+// count, at Sapphire Rapids' 140-cycle PAUSE), holding every core while the input's bytes
+// still have to cross to a server on the same host. Measured on an H100 host with 16 threads
+// a process: a fresh 4.8 MB input reached the loopback server 4 ms into a ResNet-50 forward,
+// against 0.93x eager with 1 thread a process (bench_serving.py).
+at::Tensor snapshot(const at::Tensor& src) {
+  if (src.is_contiguous() && !src.is_conj() && !src.is_neg()) {
+    at::Tensor snap = at::empty_like(src, at::MemoryFormat::Contiguous);
+    if (src.nbytes() > 0) std::memcpy(snap.data_ptr(), src.const_data_ptr(), src.nbytes());
+    return snap;
+  }
+  // One contiguous private copy, recorded with its own geometry (a view's strides and offset
+  // describe its source's storage, not the copy's).
+  at::Tensor snap = src.contiguous();
+  return snap.data_ptr() == src.data_ptr() ? snap.clone() : snap;
+}
+
 bool covers_storage(const at::Tensor& t) {
   return t.is_contiguous() && t.storage_offset() == 0 &&
          static_cast<size_t>(t.numel()) * t.element_size() == t.storage().nbytes();
@@ -49,10 +71,7 @@ at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blo
   if (!is_remote(self)) {
     // Upload. Eager .to() snapshots the source, so the recorded value must not change later.
     at::Tensor src = self.device().type() == c10::DeviceType::CPU ? self : self.cpu();
-    // One contiguous private copy, recorded with its own geometry (a view's strides and offset
-    // describe its source's storage, not the copy's).
-    at::Tensor snap = src.contiguous();
-    if (snap.data_ptr() == src.data_ptr()) snap = snap.clone();
+    at::Tensor snap = snapshot(src);  // Note: [Snapshots on one thread]
     // `snap` is the value the flush uploads; the executor may start sending it now.
     auto executor = recorder().executor();
     if (covers_storage(dst) && snap.scalar_type() == dst.scalar_type() && snap.sizes() == dst.sizes() &&
