@@ -37,20 +37,23 @@ step() {  # step NAME SECONDS COMMAND...: run it with a time limit, log it, show
 }
 export PYTHONUNBUFFERED=1
 NEW=$PWD/python
-if [ "$PART" = A ]; then
+if [ "$PART" = A ] || [ "$PART" = V ]; then
   build . new & { [ -d .old ] && build .old old; } & wait
   ls python/genie/_C*.so > /dev/null 2>&1 || exit 1
   echo "built in $(( $(date +%s) - t0 )) s"
-  PYTHONPATH=$NEW step gpu_tests 60 python3 -m pytest -q -x -m gpu tests -p no:cacheprovider
+  [ "$PART" = A ] && PYTHONPATH=$NEW step gpu_tests 60 python3 -m pytest -q -x -m gpu tests -p no:cacheprovider
   if [ -d .old ]; then
     TAIL=10 PYTHONPATH=$PWD/.old/python step remote_gpu_old 100 python3 bench/bench_remote_gpu.py \
       --no-local-executor --no-decode --no-rpc --repeats 15 --out "$OUT/remote_gpu_old.json"
   fi
+  DECODE="--decode-runs 3 --tokens 24"
+  [ "$PART" = V ] && DECODE=--no-decode  # V: the forward and fresh-input rows only
   TAIL=24 PYTHONPATH=$NEW step remote_gpu 190 python3 bench/bench_remote_gpu.py --no-local-executor \
-    --repeats 15 --decode-runs 3 --tokens 24 --out "$OUT/remote_gpu.json"
+    --repeats 15 $DECODE --out "$OUT/remote_gpu.json"
   TAIL=40 PYTHONPATH=$NEW step timeline_fresh 90 python3 bench/bench_remote_timeline_gpu.py --fresh \
     --models ResNet-50 --dtypes float32 --spin 0,10000 --repeats 15 --out "$OUT/timeline_fresh.json"
   FAMILIES=resnet
+  [ "$PART" = V ] && FAMILIES=
 else
   ls python/genie/_C*.so > /dev/null 2>&1 || build . new || exit 1
   PYTHONPATH=$NEW step compile 100 python3 bench/bench_compile.py --device cuda
