@@ -325,20 +325,20 @@ def test_in_process_pair_moves_payloads_on_the_data_plane(monkeypatch):
 @pytest.mark.parametrize(
     "port, arena_in_eal, ring, eal_arena",
     [
+        ("memif", "", 1, 1),
         ("memif", "0", 1, 0),
-        ("memif", "1", 1, 1),
-        ("memif:zero-copy=no", "1", 0, 0),
+        ("memif:zero-copy=no", "", 0, 0),
     ],
 )
 def test_client_memif_ring_is_zero_copy_unless_turned_off(
     monkeypatch, port, arena_in_eal, ring, eal_arena
 ):
     """By default the client's memif ring is zero-copy (Note: [memif zero copy] in
-    csrc/dataplane/port.cpp) and each chunk the client sends is staged into a ring mbuf
-    (`bytes_staged`); with GENIE_DPDK_ARENA_IN_EAL=1 its agent's arena lives in the EAL memory
-    that ring shares (Note: [Arena in EAL memory] in eal.h) and chunks leave without a copy on
-    its side; `memif:zero-copy=no` keeps both ends of the ring in copy mode. Either way
-    payloads both ways arrive intact, torch memory and arena blocks alike."""
+    csrc/dataplane/port.cpp) and its agent's arena lives in the EAL memory that ring shares
+    (Note: [Arena in EAL memory] in eal.h): chunks leave without a copy on its side. With
+    GENIE_DPDK_ARENA_IN_EAL=0 each chunk the client sends is staged into a ring mbuf
+    (`bytes_staged`); `memif:zero-copy=no` keeps both ends of the ring in copy mode. Either
+    way payloads both ways arrive intact, torch memory and arena blocks alike."""
     monkeypatch.setenv("GENIE_DPDK_PORT", port)
     monkeypatch.setenv("GENIE_DPDK_ARENA_IN_EAL", arena_in_eal)
     server, client, first_frame = _pair(monkeypatch, {})

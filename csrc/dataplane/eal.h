@@ -38,9 +38,9 @@ class Eal {
 // Without hugepages EAL's memory is one memfd mapped at one place (eal_memory.c), and a
 // zero-copy memif client shares exactly that file with its server (Note: [memif zero copy] in
 // port.cpp). An agent whose arena is carved out of it (a memzone) lets the ring name arena
-// pages directly: a chunk sent from the arena is not copied on this side at all (opt-in,
+// pages directly: a chunk sent from the arena is not copied on this side at all (the default,
 // DpdkConfig.arena_in_eal: the server's agent then reads the arena itself, on its critical
-// path, which measured slower than staging for payloads past the last-level cache). The user's
+// path, which costs on a quiet host and pays on a busy one, where total copies count). The user's
 // process maps the same pages through the file descriptor and offset found here (the agent
 // sends them over its socket). What the peer's agent can then read is this agent's whole EAL
 // memory, the arena included, not only the buffers in flight: memif connects processes of

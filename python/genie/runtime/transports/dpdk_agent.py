@@ -42,8 +42,11 @@ def _env_size(name: str, default: int) -> int:
         raise UnsupportedOperationError(f"genie: {name}={text!r} is not a size") from None
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+def _env_flag(name: str, default: bool = False) -> bool:
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    return text.strip().lower() in ("1", "true", "yes", "on")
 
 
 def host_id() -> str:
@@ -88,10 +91,11 @@ class DpdkConfig:
     in_process: bool = False
     #: a memif client's agent reserves the arena in its EAL memory, which its zero-copy ring
     #: shares, so chunks it sends are copied by nobody on its side (Note: [Arena in EAL memory]
-    #: in csrc/dataplane/eal.h): 4 copies a round trip instead of 5, but the server then reads
-    #: the client's memory itself, which was slower above the last-level cache on a 2-core VM
-    #: (bench/bench_dataplane_zerocopy.py). Needs the arena + 256 MB under 4 GB.
-    arena_in_eal: bool = False
+    #: in csrc/dataplane/eal.h): 4 copies a round trip instead of 5 (staged) or 6 (copy ring).
+    #: On the busy 2-core VM that is 14-35% faster at 16 MB-1 GB; on a quieter one, where the
+    #: server's agent reading the client's memory is the critical path, 2-11% slower
+    #: (bench/bench_dataplane_zerocopy.py). Needs the arena + 256 MB under 4 GB, else staged.
+    arena_in_eal: bool = True
 
     @classmethod
     def from_env(cls) -> DpdkConfig:
@@ -113,7 +117,7 @@ class DpdkConfig:
             connect_timeout=float(os.environ.get("GENIE_DPDK_CONNECT_TIMEOUT", "20.0")),
             options=options,
             in_process=_env_flag("GENIE_DPDK_IN_PROCESS"),
-            arena_in_eal=_env_flag("GENIE_DPDK_ARENA_IN_EAL"),
+            arena_in_eal=_env_flag("GENIE_DPDK_ARENA_IN_EAL", default=True),
         )
 
     @property
