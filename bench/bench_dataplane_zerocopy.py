@@ -59,12 +59,12 @@ VARIANTS = {  # name -> (transport, where payloads live)
 # The exchange's connections: name -> (transport, DpdkConfig fields the client changes).
 # "dpdk copy ring" is memif with both ends in copy mode (Note: [memif zero copy] in
 # csrc/dataplane/port.cpp), the data plane before the client's ring went zero-copy;
-# "dpdk arena in eal" the opt-in arena in the client agent's EAL memory (Note: [Arena in EAL
-# memory] in csrc/dataplane/eal.h).
+# "dpdk staged" the zero-copy ring with the arena outside EAL memory, its chunks staged into
+# ring mbufs (Note: [Arena in EAL memory] in csrc/dataplane/eal.h).
 CONNECTIONS = {
     "dpdk": ("dpdk", {}),
     "dpdk copy ring": ("dpdk", {"port": "memif:zero-copy=no"}),
-    "dpdk arena in eal": ("dpdk", {"arena_in_eal": True}),
+    "dpdk staged": ("dpdk", {"arena_in_eal": False}),
     "tcp": ("tcp", {}),
 }
 
@@ -76,7 +76,7 @@ def kind_of(conn: str) -> str:
 EXCHANGE_VARIANTS = {  # name -> (connection, where payloads live)
     "memif zero copy": ("dpdk", "arena"),
     "memif zero copy, copy ring": ("dpdk copy ring", "arena"),
-    "memif zero copy, arena in EAL": ("dpdk arena in eal", "arena"),
+    "memif zero copy, staged": ("dpdk staged", "arena"),
     "memif with copies": ("dpdk", "torch"),
     "tcp loopback": ("tcp", "torch"),
 }
@@ -521,7 +521,7 @@ def main() -> int:
         tcp = row["tcp loopback"]["gbps"]
         row["zero_copy_over_tcp"] = row["memif zero copy"]["gbps"] / tcp
         row["copy_ring_over_tcp"] = row["memif zero copy, copy ring"]["gbps"] / tcp
-        row["eal_arena_over_tcp"] = row["memif zero copy, arena in EAL"]["gbps"] / tcp
+        row["staged_over_tcp"] = row["memif zero copy, staged"]["gbps"] / tcp
         row["copies_over_tcp"] = row["memif with copies"]["gbps"] / tcp
         r = pick(reg, "registration", n)
         row["register_us"], row["hit_ns"] = r["register_us"], r["hit_ns"]
@@ -544,17 +544,17 @@ def main() -> int:
         "zero_copy_copied_nothing": copied["memif zero copy"] == {"client": 0, "server": 0},
     }
 
-    print(f"{'size':>7} | {'memif zero copy':>15} | {'copy ring':>9} | {'EAL arena':>9} | "
+    print(f"{'size':>7} | {'memif zero copy':>15} | {'copy ring':>9} | {'staged':>9} | "
           f"{'memif copies':>12} | {'TCP':>6} | {'zc/TCP':>7} | {'ring/TCP':>8} | "
-          f"{'EAL/TCP':>7} | {'copies/TCP':>10} | {'register':>10} | {'LRU hit':>8}")  # fmt: skip
+          f"{'stg/TCP':>7} | {'copies/TCP':>10} | {'register':>10} | {'LRU hit':>8}")  # fmt: skip
     print(f"{'':>7} | {'GB/s':>15} | {'GB/s':>9} | {'GB/s':>9} | {'GB/s':>12} | {'GB/s':>6} |")
     for r in rows:
         print(f"{r['bytes'] // MB:>5}MB | {r['memif zero copy']['gbps']:>15.2f} | "
               f"{r['memif zero copy, copy ring']['gbps']:>9.2f} | "
-              f"{r['memif zero copy, arena in EAL']['gbps']:>9.2f} | "
+              f"{r['memif zero copy, staged']['gbps']:>9.2f} | "
               f"{r['memif with copies']['gbps']:>12.2f} | {r['tcp loopback']['gbps']:>6.2f} | "
               f"{r['zero_copy_over_tcp']:>6.2f}x | {r['copy_ring_over_tcp']:>7.2f}x | "
-              f"{r['eal_arena_over_tcp']:>6.2f}x | {r['copies_over_tcp']:>9.2f}x | "
+              f"{r['staged_over_tcp']:>6.2f}x | {r['copies_over_tcp']:>9.2f}x | "
               f"{r['register_us']:>8.0f}us | {r['hit_ns']:>6.1f}ns")  # fmt: skip
     print("bytes copied (client / server): " + "; ".join(
         f"{k} {v['client']} / {v['server']}" for k, v in copied.items()))  # fmt: skip
