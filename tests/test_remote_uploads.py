@@ -139,6 +139,35 @@ def test_serving_with_a_fresh_input_every_call_starts_early_and_equals_eager(rem
 
 
 @torch.no_grad()
+def test_a_steady_serving_loop_guesses_at_the_upload_and_an_alternating_one_does_not(server):
+    """Note: [Guessing at the upload]: once two requests in a row began with one upload and
+    ran the same program, the next guess goes with the upload, before the forward's first
+    nodes are recorded; two models taken in turns never agree twice, so they never guess so.
+    Every such guess is right and every result equals eager."""
+    a, b = fakes.bert(), fakes.gpt2()
+    client = connect(server.address, token=server.token)
+    try:
+        ra, rb = fakes.bert().to(DEVICE), fakes.gpt2().to(DEVICE)
+        torch.manual_seed(2)
+        for i in range(8):
+            x = torch.randint(0, 500, (2, 12))
+            model, rmodel = (a, ra) if i % 2 else (b, rb)
+            assert torch.equal(rmodel(x.to(DEVICE))[0].cpu(), model(x)[0])
+        assert client.counters["spec_at_upload"] == 0
+        misses = 0
+        for i in range(8):
+            x = torch.randint(0, 500, (2, 12))
+            assert torch.equal(ra(x.to(DEVICE)).pooler_output.cpu(), a(x).pooler_output)
+            if i == 1:  # the guesses at the upload begin with the next request
+                misses = client.server_stats()["session"]["spec_misses"]
+        assert client.counters["spec_at_upload"] == 6
+        assert client.server_stats()["session"]["spec_misses"] == misses
+    finally:
+        genie.configure(local_device="cpu")
+        client.close()
+
+
+@torch.no_grad()
 def test_two_fresh_inputs_whose_second_comes_after_the_window_still_start_early(remote):
     """With input ids and an attention mask both uploaded at .to(), the recording's first
     nodes come before the second upload begins: the guess waits for it, then goes behind it.

@@ -86,7 +86,7 @@ class RemoteExecutor(SpeculatingClient):
         self.counters = {
             "requests": 0, "runs": 0, "programs_sent": 0, "uploads": 0, "upload_bytes": 0,
             "fetches": 0, "fetch_bytes": 0, "eager": 0, "programs_patched": 0,
-            "runs_by_digest": 0, "runs_by_template": 0, "spec_sent": 0, "spec_started": 0, "spec_hits": 0,
+            "runs_by_digest": 0, "runs_by_template": 0, "spec_sent": 0, "spec_at_upload": 0, "spec_started": 0, "spec_hits": 0,
             "fetched_with_run": 0, "uploads_early": 0, "flushes": 0,
             "run_seconds": 0.0, "fetch_seconds": 0.0, "speculate_seconds": 0.0,
         }  # fmt: skip

@@ -151,6 +151,11 @@ class EarlyUploads:
         self._kick(alone and (nbytes <= self._inline or self._background))
         return True
 
+    @property
+    def flushed(self) -> bool:
+        """Whether a flush ran since the last upload began (``arrivals`` is last request's)."""
+        return self._flushed
+
     def later(self, send: Callable[[], None]) -> None:
         """Call `send` (with the client's lock) once the uploads queued now are sent."""
         with self._qlock:

@@ -56,7 +56,8 @@ class SpeculatingClient:
         """The recorder's first nodes since the last flush fingerprint as `window`: if the
         last window like it was followed by a program, ask the server to start that program
         now (Note: [Client speculation])."""
-        follows = self.speculator.on_window(window)
+        early = self.early
+        follows = self.speculator.on_window(window, 0 if early.flushed else len(early.arrivals))
         if not self._lock.acquire(blocking=False):
             # Another thread is talking to the server (the early-upload sender, say): the
             # guess goes behind what it sends.
@@ -106,7 +107,11 @@ class SpeculatingClient:
         uploads]); then a guess that waited for it goes."""
         if not self.early.begin(sid, value):
             return
-        follows = self.speculator.ready(len(self.early.arrivals))
+        uploads = len(self.early.arrivals)
+        follows = self.speculator.ready(uploads)
+        if follows is None and (follows := self.speculator.at_upload(uploads)) is not None:
+            self.speculator.ahead = True  # Note: [Guessing at the upload]
+            self.counters["spec_at_upload"] += 1
         if follows is not None:
             flushes = self.counters["flushes"]
             self.early.later(lambda: self._guess_now(follows, flushes))

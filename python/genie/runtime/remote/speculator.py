@@ -40,6 +40,15 @@ SPECULATION_WINDOW = 2  # recorded nodes compared before a speculative run is as
 # flushes: HF's attention-mask check, then the forward that reads what it made) takes the j-th
 # storage the flush before this one created. Anything else (an upload at the flush) means no
 # guess.
+#
+# Note: [Guessing at the upload]
+# A serving loop's request is `.to()` of a fresh input, then the forward. Its window comes only
+# once the forward's first nodes are recorded, a few hundred microseconds after the input has
+# gone, and the guess waits for it. When the last two requests both began with as many early
+# uploads and then ran the same program, the guess goes as soon as this request's uploads have
+# begun, behind them on the connection; the window then asks nothing more. A request that turns
+# out different costs the server a run it undoes, as any wrong guess does; two requests in a
+# row must agree, so a loop that alternates between programs never guesses this way.
 class Speculator:
     """Remembers which program followed each recording start and turns that into guesses."""
 
@@ -50,12 +59,16 @@ class Speculator:
         self.ahead = False  # a guess went behind the last flush: the next window asks nothing
         self.waiting: tuple[Known | Template, int] | None = None  # a guess and the number of
         # early uploads it binds, until they have begun
+        self._uploads_at_window = 0  # uploads begun in this request before its window
+        # (uploads before the window, what followed, how many requests in a row began so)
+        self._upload_led: tuple[int, Known | Template, int] | None = None
 
-    def on_window(self, window: bytes) -> Known | Template | None:
-        """The recording began like `window`: what followed such a start last time, if a
-        guess should go now."""
+    def on_window(self, window: bytes, uploads: int = 0) -> Known | Template | None:
+        """The recording began like `window`, after `uploads` early uploads of its request:
+        what followed such a start last time, if a guess should go now."""
         self.window = window
         self.waiting = None
+        self._uploads_at_window = uploads
         if self.ahead or not self.enabled:
             return None
         return self._by_window.get(window)
@@ -69,11 +82,28 @@ class Speculator:
         self.waiting = None
         return waiting[0]
 
+    def at_upload(self, uploads: int) -> Known | Template | None:
+        """The `uploads`-th early upload of a request began before its recording did: the
+        program that followed as many uploads in the last requests, when at least the last two
+        agree (Note: [Guessing at the upload])."""
+        led = self._upload_led
+        if not self.enabled or self.ahead or self.window is not None or led is None:
+            return None
+        n, follows, times = led
+        return follows if n == uploads and times >= 2 else None
+
     def ran(self, follows: Known | Template) -> None:
         """The flush that just ran is what the current recording start leads to."""
         self.waiting = None
         if self.window is None:
             return
+        n, led = self._uploads_at_window, self._upload_led
+        if not n:
+            self._upload_led = None
+        elif led is not None and led[0] == n and led[1] is follows:
+            self._upload_led = (n, follows, led[2] + 1)
+        else:
+            self._upload_led = (n, follows, 1)
         self._by_window[self.window] = follows
         self._by_window.move_to_end(self.window)
         if len(self._by_window) > MAX_DIGESTS:
