@@ -103,3 +103,29 @@ def test_closing_while_a_background_send_waits_on_a_silent_peer_returns_promptly
     t0 = time.monotonic()
     sender.close()
     assert time.monotonic() - t0 < 5.0
+
+
+def test_frames_sent_together_arrive_as_frames_with_their_payloads(pair):
+    """send_frames: a run and the fetches behind it in one write; behind a background frame
+    still in flight they queue behind it, in order."""
+    sender, receiver = pair
+    p1, p2, p3 = _payload(70_000, 3), _payload(5 << 20, 4), _payload(9, 5)
+    frames = [(P.PROTOCOL_VERSION, P.REQUEST, b"run", [memoryview(p1.numpy())])]
+    frames += [(P.PROTOCOL_VERSION, P.REQUEST, b"fetch", [])] * 2
+    sender.send_frame(
+        P.PROTOCOL_VERSION, P.REQUEST, b"bg", [memoryview(p2.numpy())], background=True
+    )
+    sender.send_frames(frames)
+    sender.flush_sends()
+    sender.send_frames([(P.PROTOCOL_VERSION, P.REQUEST, b"tail", [memoryview(p3.numpy())])] * 2)
+    expected = [
+        (b"bg", p2),
+        (b"run", p1),
+        (b"fetch", None),
+        (b"fetch", None),
+        (b"tail", p3),
+        (b"tail", p3),
+    ]
+    for header, p in expected:
+        got_header, got = _read(receiver, 0 if p is None else p.numel())
+        assert got_header == header and (p is None or torch.equal(got, p))

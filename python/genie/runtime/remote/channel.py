@@ -106,10 +106,11 @@ class Channel:
         body = P.pack(header)
         values: list[torch.Tensor | None] = []
         try:
-            self.t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, body, buffers)
+            frames = [(P.PROTOCOL_VERSION, P.REQUEST, body, buffers)]
+            for plan in fetches:  # one write with the request (Note: [Run then fetch])
+                frames.append((P.PROTOCOL_VERSION, P.REQUEST, P.pack(plan.request.header()), ()))
+            self.t.send_frames(frames)
             self.outbox, self.released = [], []
-            for plan in fetches:
-                self.t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(plan.request.header()), ())
             self._read_unanswered()  # they precede this request's replies
             if then_spec is not None:
                 then_spec()

@@ -196,6 +196,11 @@ class Transport(ABC):
     ) -> int:
         """Send one frame; returns the bytes it took on the wire."""
 
+    def send_frames(self, frames: Sequence[tuple[int, int, bytes, Sequence[memoryview]]]) -> int:
+        """Send `frames` (version, kind, header, buffers) back to back, as one write where the
+        transport can (a run and the fetches behind it); returns the bytes they took."""
+        return sum(self.send_frame(*f) for f in frames)
+
     @abstractmethod
     def recv_frame(self, max_header: int) -> Frame:
         """Read the next frame's prefix and header. A header longer than `max_header` or a

@@ -155,6 +155,38 @@ class TcpTransport(Transport):
         `background` behind queued ones is queued too, and its call returns once it is written
         (at once when it has no payload)."""
         self._check_open()
+        head, views = self._frame(version, kind, header, buffers)
+        total = len(head) + sum(v.nbytes for v in views)
+        if background or self._writing():
+            job = self._queue(head, views)
+            if views and not background:
+                self._wait_written(job)
+        else:
+            self._send_now([memoryview(head), *views])
+        self._stats.bytes_sent += total
+        self._stats.frames_sent += 1
+        return total
+
+    def send_frames(self, frames: Sequence[tuple[int, int, bytes, Sequence[memoryview]]]) -> int:
+        """One sendmsg for all of `frames` (behind queued background frames: each queued)."""
+        if len(frames) == 1 or self._writing():
+            return sum(self.send_frame(*f) for f in frames)
+        self._check_open()
+        parts: list[memoryview] = []
+        for f in frames:
+            head, views = self._frame(*f)
+            parts.append(memoryview(head))
+            parts.extend(views)
+        self._send_now(parts)
+        total = sum(p.nbytes for p in parts)
+        self._stats.bytes_sent += total
+        self._stats.frames_sent += len(frames)
+        return total
+
+    def _frame(
+        self, version: int, kind: int, header: bytes, buffers: Sequence[memoryview]
+    ) -> tuple[bytes, list[memoryview]]:
+        """A frame's prefix and header, and its non-empty payload buffers."""
         views = [memoryview(b).cast("B") for b in buffers]
         views = [v for v in views if v.nbytes]
         payload = sum(v.nbytes for v in views)
@@ -163,20 +195,13 @@ class TcpTransport(Transport):
                 f"genie: a {payload}-byte payload exceeds this connection's limit of "
                 f"{self._max_message} bytes"
             )
-        head = pack_prefix(version, kind, len(header), payload) + bytes(header)
-        total = len(head) + payload
-        if background or self._writing():
-            job = self._queue(head, views)
-            if views and not background:
-                self._wait_written(job)
-        else:
-            try:
-                self._sendmsg_all([memoryview(head), *views])
-            except OSError as e:
-                raise self._fail("sending to", e) from e
-        self._stats.bytes_sent += total
-        self._stats.frames_sent += 1
-        return total
+        return pack_prefix(version, kind, len(header), payload) + bytes(header), views
+
+    def _send_now(self, parts: list[memoryview]) -> None:
+        try:
+            self._sendmsg_all(parts)
+        except OSError as e:
+            raise self._fail("sending to", e) from e
 
     # Note: [Background sends] in csrc/bindings/socket_writer.cpp.
     def _writing(self) -> bool:
