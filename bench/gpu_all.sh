@@ -58,7 +58,7 @@ else
   ls python/genie/_C*.so > /dev/null 2>&1 || build . new || exit 1
   TAIL=9 PYTHONPATH=$NEW step remote_gpu 120 python3 bench/bench_remote_gpu.py --no-local-executor \
     --repeats 20 --no-decode --out "$OUT/remote_gpu.json"
-  PYTHONPATH=$NEW step compile 100 python3 bench/bench_compile.py --device cuda
+  PYTHONPATH=$NEW step compile 170 python3 bench/bench_compile.py --device cuda
   cp bench/results/compile_gpu.json "$OUT/" 2>/dev/null
   FAMILIES=bert
 fi
