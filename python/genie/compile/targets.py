@@ -12,11 +12,7 @@ residency check of every parameter is the check of what the last call found, two
 over ids and versions (Note: [Checking what was found] in residency.py); only the arguments it
 does not cover (a fresh input, a tensor the program writes) are looked up
 (``Residency.lookup_all``, one tight pass). A program without random steps draws no generator
-states. Where a call's client CPU goes, on a 2-core VM with the server on the same host (so
-caches are cold at each call), for BERT-base: Dynamo's guards, AOT's wrapper and the model's
-own Python around the graph about half (bench_compile's "dynamo" column: any backend pays it),
-the exchange in runtime/remote (frames, replies, the input's upload) about a third, this
-file's work about a seventh.
+states. Where a call's client CPU goes: README, "torch.compile".
 """
 
 from __future__ import annotations
@@ -30,13 +26,7 @@ import numpy as np
 import torch
 
 from genie.compile.lower import InputSpec, Lowered, dense_copy
-from genie.compile.residency import (
-    SIDS,
-    Residency,
-    Snapshot,
-    bumps_after_call,
-    dense_at_start,
-)
+from genie.compile.residency import SIDS, Residency, Snapshot, bumps_after_call, dense_at_start
 from genie.errors import ExecutionError
 from genie.runtime.program import execute
 from genie.runtime.replay import Environment, byte_view
