@@ -57,11 +57,12 @@ def _env_bytes(name: str, default: int) -> int:
 # What a user sees stays what the flush-time upload gave:
 # - Value: the copy kernel records a private snapshot of the source taken at .to() (eager .to()
 #   copies too), and that snapshot is what goes, so writing the CPU tensor in place after .to()
-#   changes nothing remote. A CPU operand of a remote op (the logical-device rule) also starts
-#   uploading when its op is recorded, from its own memory: the flush refuses such an operand
-#   written in place since, as it always did, so the bytes that went are the bytes it reads. A snapshot rather than copy-on-write: an in-place CPU op has no hook
-#   that could copy before it writes (the version counter only tells afterwards), and by then
-#   the bytes may be on the wire.
+#   changes nothing remote. A snapshot rather than copy-on-write: an in-place CPU op has no
+#   hook that could copy before it writes (the version counter only tells afterwards), and by
+#   then the bytes may be on the wire. A CPU operand of a remote op (the logical-device rule)
+#   also starts uploading when its op is recorded, from its own memory: the flush refuses such
+#   an operand written in place since, as it always did, so the bytes that went are the bytes
+#   it reads.
 # - Failure: the reply is read behind a later request. A failed upload (over the session's
 #   memory limit, say) is remembered by storage id and the flush that needs that storage raises
 #   the upload's error: before sending anything when the reply is already read, else in place
@@ -235,7 +236,9 @@ class EarlyUploads:
                 R.Upload(R.pieces_of(frame)),
                 [v for _, v in frame],
                 on_reply=lambda reply, last=last: self._answered(up, reply, last),
-                background=self._background,  # the snapshot is private: nobody writes it
+                # Nobody writes it before its flush (a private snapshot, or an operand the
+                # flush refuses once written): it may go after this call returns.
+                background=self._background,
             )
             self._counters["uploads"] += len(frame)
             self._counters["upload_bytes"] += sum(e[3] for e, _ in frame)

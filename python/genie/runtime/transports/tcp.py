@@ -154,33 +154,25 @@ class TcpTransport(Transport):
         sends]). Frames go out in the order of the calls either way; a frame sent without
         `background` behind queued ones is queued too, and its call returns once it is written
         (at once when it has no payload)."""
-        self._check_open()
-        head, views = self._frame(version, kind, header, buffers)
-        total = len(head) + sum(v.nbytes for v in views)
-        if background or self._writing():
-            job = self._queue(head, views)
-            if views and not background:
-                self._wait_written(job)
-        else:
-            self._send_now([memoryview(head), *views])
-        self._stats.bytes_sent += total
-        self._stats.frames_sent += 1
-        return total
+        return self._send([(version, kind, header, buffers)], background)
 
     def send_frames(self, frames: Sequence[tuple[int, int, bytes, Sequence[memoryview]]]) -> int:
         """One sendmsg for all of `frames` (behind queued background frames: each queued)."""
-        if len(frames) == 1 or self._writing():
-            return sum(self.send_frame(*f) for f in frames)
+        return self._send(frames, False)
+
+    def _send(self, frames: Sequence[tuple], background: bool) -> int:
         self._check_open()
-        parts: list[memoryview] = []
-        for f in frames:
-            head, views = self._frame(*f)
-            parts.append(memoryview(head))
-            parts.extend(views)
-        self._send_now(parts)
-        total = sum(p.nbytes for p in parts)
+        built = [self._frame(*f) for f in frames]
+        total = sum(len(head) + sum(v.nbytes for v in views) for head, views in built)
+        if background or self._writing():
+            for head, views in built:
+                job = self._queue(head, views)
+                if views and not background:
+                    self._wait_written(job)
+        else:
+            self._send_now([p for head, views in built for p in (memoryview(head), *views)])
         self._stats.bytes_sent += total
-        self._stats.frames_sent += len(frames)
+        self._stats.frames_sent += len(built)
         return total
 
     def _frame(
