@@ -39,13 +39,13 @@ import multiprocessing as mp
 import os
 import platform
 import queue
-import socket
 import statistics
 import time
 import traceback
 from pathlib import Path
 
 import torch
+from fresh_inputs import serve_rpc, start_rpc
 
 ROOT = Path(__file__).resolve().parent.parent
 REMOTE = "remote_accelerator:0"
@@ -126,12 +126,6 @@ def percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- torch.distributed.rpc -----------------------------------------------------------------------
 _RPC_MODELS: dict[str, torch.nn.Module] = {}
 _RPC_DEVICE = "cpu"
@@ -149,32 +143,12 @@ def rpc_forward(x: torch.Tensor, dtype: str) -> torch.Tensor:
 def rpc_server(
     port: int, family: str, size: str, dtypes: list[str], device: str, threads: int
 ) -> None:
-    import torch.distributed.rpc as rpc
-
     global _RPC_DEVICE, _RPC_FAMILY
     torch.set_num_threads(threads)
     _RPC_DEVICE, _RPC_FAMILY = device, family
     for d in dtypes:
         _RPC_MODELS[d] = build(family, size, getattr(torch, d)).to(device)
-    opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}")
-    rpc.init_rpc("server", rank=0, world_size=2, rpc_backend_options=opts)
-    rpc.shutdown()  # waits for the client's shutdown
-
-
-def start_rpc(args):
-    """The rpc server process, and this process joined to it as the client (once a run:
-    torch.distributed.rpc does not start again in one process)."""
-    import torch.distributed.rpc as rpc
-
-    port = free_port()
-    proc = mp.get_context("spawn").Process(
-        target=rpc_server,
-        args=(port, args.family, args.model, args.dtypes, args.device, args.threads),
-    )
-    proc.start()
-    opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}")
-    rpc.init_rpc("client", rank=1, world_size=2, rpc_backend_options=opts)
-    return proc
+    serve_rpc(port)
 
 
 # -- one process's modes --------------------------------------------------------------------
@@ -443,7 +417,10 @@ def main() -> int:
     os.environ.setdefault("GENIE_LOG_LEVEL", "WARNING")
 
     result: dict = {"modes": {}}
-    rpc_proc = None if args.no_rpc or args.load_only else start_rpc(args)
+    rpc_proc = None
+    if not (args.no_rpc or args.load_only):
+        rpc_args = (args.family, args.model, args.dtypes, args.device, args.threads)
+        rpc_proc = start_rpc(rpc_server, rpc_args)
     try:
         for dtype_name in [] if args.load_only else args.dtypes:
             rows = result["modes"][dtype_name] = compare(args, dtype_name, rpc_proc)
