@@ -57,7 +57,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -377,164 +376,6 @@ def _machine() -> dict:
     }
 
 
-# -- GPU mode ---------------------------------------------------------------------------------
-def gpu_models(small: bool):
-    """(name, build(), make_input(generator, dtype), pick(output) -> what the host needs)."""
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
-
-    seq, batch = (16, 2) if small else (128, 8)
-
-    def ids(g, dtype):
-        return torch.randint(0, 30000, (batch, seq), generator=g)
-
-    def bert():
-        torch.manual_seed(0)
-        return BertModel(BertConfig(num_hidden_layers=2) if small else BertConfig()).eval()
-
-    def gpt2_lm():
-        torch.manual_seed(0)
-        cfg = GPT2Config(bos_token_id=0, eos_token_id=0, **({"n_layer": 2} if small else {}))
-        return GPT2LMHeadModel(cfg).eval()
-
-    side = 64 if small else 224
-
-    def image(g, dtype):
-        return torch.randn(batch, 3, side, side, generator=g).to(dtype)
-
-    def resnet50():
-        torch.manual_seed(0)
-        try:
-            import torchvision
-
-            return torchvision.models.resnet50(weights=None).eval()
-        except ImportError:  # transformers' default ResNet config is ResNet-50's layout
-            from transformers import ResNetConfig, ResNetForImageClassification
-
-            cfg = ResNetConfig(depths=[1, 1, 1, 1]) if small else ResNetConfig()
-            return ResNetForImageClassification(cfg).eval()
-
-    def logits(o):
-        return o if isinstance(o, torch.Tensor) else o.logits
-
-    yield "BERT-base", bert, ids, lambda o: o.pooler_output
-    yield "GPT-2", gpt2_lm, ids, lambda o: o.logits[:, -1].argmax(-1)
-    yield "ResNet-50", resnet50, image, logits
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed_fresh(fn, inputs: list, device: str, warmup: int) -> dict:
-    """Median wall and client CPU milliseconds of `fn(x)`, each call on the next of `inputs`
-    (fresh tensors, never passed before); the first `warmup` are not timed."""
-    wall, cpu = [], []
-    for n, x in enumerate(inputs):
-        _sync(device)
-        c0, w0 = time.process_time(), time.perf_counter()
-        fn(x)
-        _sync(device)
-        if n >= warmup:
-            wall.append((time.perf_counter() - w0) * 1e3)
-            cpu.append((time.process_time() - c0) * 1e3)
-    return {"wall_ms": statistics.median(wall), "cpu_ms": statistics.median(cpu)}
-
-
-@torch.no_grad()
-def gpu_row(name, build, make_input, pick, dtype, args, client) -> dict:
-    dev = args.device
-    row: dict = {"model": name, "dtype": str(dtype).removeprefix("torch.")}
-    g = torch.Generator().manual_seed(1)
-    n = args.warmup + args.repeats
-
-    def fresh():
-        return [make_input(g, dtype) for _ in range(n)]
-
-    check = make_input(torch.Generator().manual_seed(7), dtype)
-    model = build().to(dtype).to(dev)
-
-    def on_gpu(x):
-        return pick(model(x.to(dev, non_blocking=True))).cpu()
-
-    ref = on_gpu(check)
-    row["eager"] = timed_fresh(on_gpu, fresh(), dev, args.warmup)
-    if not args.no_inductor:
-        torch._dynamo.reset()
-        inductor = torch.compile(lambda x: pick(model(x)))
-        row["inductor"] = timed_fresh(
-            lambda x: inductor(x.to(dev, non_blocking=True)).cpu(), fresh(), dev, args.warmup
-        )
-        inductor = None
-    model = None
-    if dev.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-    torch._dynamo.reset()
-    cpu_model = build().to(dtype)
-    compiled = torch.compile(lambda x: pick(cpu_model(x)), backend="genie",
-                             options={"server": client})  # fmt: skip
-    before = dict(client.stats())
-    out = compiled(check)
-    row["compiled"] = timed_fresh(compiled, fresh(), dev, args.warmup)
-    after = client.stats()
-    row["compiled"]["programs_sent"] = after["programs_sent"] - before["programs_sent"]
-    for k in ("bytes_sent", "bytes_received"):
-        row["compiled"][f"{k}_per_call"] = (after[k] - before[k]) / (n + 1)
-    row["compiled_equal_eager"] = bool(torch.equal(out, ref))
-    if out.is_floating_point():
-        row["compiled_max_abs_diff"] = float((out.float() - ref.float()).abs().max())
-    row["compiled_vs_eager"] = row["compiled"]["wall_ms"] / row["eager"]["wall_ms"]
-    torch._dynamo.reset()
-    return row
-
-
-def gpu_main(args) -> None:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("CUDA is not available: nothing measured (use --device cpu --small to check)")
-        return
-    dtypes = [{"fp32": torch.float32, "fp16": torch.float16}[d] for d in args.dtypes.split(",")]
-    wanted = set(args.models.split(",")) if args.models else None
-    rows: list[dict] = []
-    name = args.out or ("compile_gpu_small.json" if args.small else "compile_gpu.json")
-    path = ROOT / "bench" / "results" / name
-    with LoopbackServer(device=args.device) as srv:
-        client = connect(srv.address, token=srv.token, install=False)
-        try:
-            for name, build, make_input, pick in gpu_models(args.small):
-                if wanted is not None and name not in wanted:
-                    continue
-                for dtype in dtypes:
-                    try:
-                        row = gpu_row(name, build, make_input, pick, dtype, args, client)
-                    except Exception as e:  # noqa: BLE001 - one failing row must not hide the rest
-                        traceback.print_exc()
-                        row = {"model": name, "dtype": str(dtype), "error": repr(e)[:500]}
-                    rows.append(row)
-                    _print_gpu_row(row)
-                    out = {"machine": _machine(), "small": args.small, "rows": rows}
-                    path.write_text(
-                        json.dumps(out, indent=2)
-                    )  # after each row: a cut-off run keeps them
-        finally:
-            client.close()
-    print(f"wrote {path.relative_to(ROOT)}")
-
-
-def _print_gpu_row(r: dict) -> None:
-    if "error" in r:
-        print(f"{r['model']:<10}{r['dtype']:>9}  failed: {r['error']}")
-        return
-    ind = r.get("inductor", {})
-    print(
-        f"{r['model']:<10}{r['dtype']:>9}  eager {r['eager']['wall_ms']:8.2f} ms"
-        f"  inductor {ind.get('wall_ms', float('nan')):8.2f} ms"
-        f"  compiled {r['compiled']['wall_ms']:8.2f} ms ({r['compiled_vs_eager']:.2f}x eager)"
-        f"  client cpu: eager {r['eager']['cpu_ms']:.2f} compiled {r['compiled']['cpu_ms']:.2f}"
-        f"  equal {r['compiled_equal_eager']}"
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CPU mode: tiny configs (a smoke run)")
@@ -558,6 +399,8 @@ def main() -> None:
         cpu_main(args)
     else:
         args.repeats = args.repeats or 20
+        from compile_gpu import gpu_main  # it imports this module
+
         gpu_main(args)
 
 
