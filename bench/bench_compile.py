@@ -387,6 +387,11 @@ def main() -> None:
     ap.add_argument("--models", default="", help="GPU mode: BERT-base,GPT-2,ResNet-50 (all)")
     ap.add_argument("--warmup", type=int, default=5, help="GPU mode: untimed calls first")
     ap.add_argument("--no-inductor", action="store_true", help="GPU mode: skip inductor")
+    ap.add_argument(
+        "--lazy", action="store_true",
+        help="GPU mode: also lazy capture through the same server (client CPU per call, "
+        "compiled vs lazy; run with GENIE_SPIN_US=0 so that waiting is not counted)",
+    )  # fmt: skip
     ap.add_argument("--only", choices=("forward", "train"), help="CPU mode: one part")
     ap.add_argument(
         "--baseline", default=None, metavar="REV",

@@ -4,7 +4,8 @@
         [--spin 0,10000] [--repeats 20] [--out bench/results/remote_timeline_gpu.json]
 
 For each model it measures eager, the eager model captured as one CUDA graph in this process,
-and the remote path through a loopback server, once per GENIE_SPIN_US value given. Both sides
+and the remote path through a loopback server, once per GENIE_SPIN_US value given: lazy
+capture, or with --compiled ``torch.compile(backend="genie")`` of the CPU model. Both sides
 time the same steps with time.perf_counter (CLOCK_MONOTONIC, shared by the two processes of
 one host): the client around speculate / run_digest / fetch, the server around each request,
 its "pre", the speculation, the GraphRunner and the CUDA graph launch (with CUDA events for
@@ -34,6 +35,7 @@ T = time.perf_counter
 ROOT = Path(__file__).resolve().parent.parent
 _SERVER_STEPS = [  # (class path, method, tag)
     ("genie.runtime.server.session:Session", "_apply_pre", "server pre"),
+    ("genie.runtime.server.session:Session", "_run", "server run request"),
     ("genie.runtime.server.session:Session", "_receive_uploads", "server upload"),
     ("genie.runtime.server.speculation:SpeculationSlot", "start", "server spec"),
     ("genie.runtime.program.graphs:GraphRunner", "run", "server GraphRunner.run"),
@@ -46,6 +48,7 @@ _CLIENT_STEPS = [
     ("speculate", "client speculate"),
     ("run_digest", "client run"),
     ("fetch", "client fetch"),
+    ("run_program", "client run_program (compiled)"),
 ]
 
 
@@ -157,7 +160,9 @@ def eager_figures(model, x, pick, repeats: int, fresh=None) -> dict:
     }
 
 
-def remote_timeline(build, inputs, pick, dtype, repeats: int, spin: int, fresh: bool) -> dict:
+def remote_timeline(
+    build, inputs, pick, dtype, repeats: int, spin: int, fresh: bool, compiled: bool = False
+) -> dict:
     from bench_remote_gpu import REMOTE, to
 
     import genie
@@ -183,10 +188,22 @@ def remote_timeline(build, inputs, pick, dtype, repeats: int, spin: int, fresh: 
         events: list = []
         originals = {name: getattr(C.RemoteExecutor, name) for name, _ in _CLIENT_STEPS}
         try:
-            model = build().to(dtype).to(REMOTE)
-            x = to(inputs, REMOTE)
+            if compiled:  # torch.compile(backend="genie") of the CPU model, in the session
+                cpu_model = build().to(dtype)
+                torch._dynamo.reset()
+                fn = torch.compile(lambda *a: pick(cpu_model(*a)), backend="genie")
+
+                def model(*a):
+                    return fn(*(t.clone() for t in a) if fresh else a)
+
+                x = inputs
+            else:
+                model = build().to(dtype).to(REMOTE)
+                x = to(inputs, REMOTE)
             for _ in range(6):
-                pick(model(*x)).cpu()
+                out = model(*x)
+                if not compiled:
+                    pick(out).cpu()
             for name, tag in _CLIENT_STEPS:
                 _wrap(C.RemoteExecutor, name, tag, events)
             undo = _wrap_early_sender(events)
@@ -194,12 +211,20 @@ def remote_timeline(build, inputs, pick, dtype, repeats: int, spin: int, fresh: 
             for _ in range(repeats):
                 t0 = T()
                 # With --fresh the input is uploaded again each call (a serving loop's request).
-                out = model(*(to(inputs, REMOTE) if fresh else x))
-                t1 = T()
-                pick(out).cpu()
+                if compiled:  # a fresh CPU copy of the input each call, the result on the host
+                    out = model(*x)
+                    t1 = T()
+                else:
+                    out = model(*(to(inputs, REMOTE) if fresh else x))
+                    t1 = T()
+                    pick(out).cpu()
                 iters.append((t0, t1, T()))
                 del out
             undo()
+            from genie.runtime.remote.connect import active
+
+            session = active().server_stats()["session"]
+            graphs = {k: v for k, v in session.items() if k.startswith("cuda_graph")}
         finally:
             for name, f in originals.items():
                 setattr(C.RemoteExecutor, name, f)
@@ -226,6 +251,7 @@ def remote_timeline(build, inputs, pick, dtype, repeats: int, spin: int, fresh: 
     timeline = {k: _median_ms(v) for k, v in moments.items() if len(v) == len(iters)}
     return {
         "remote_ms": _median_ms([c - a for a, _, c in iters]),
+        "server_cuda_graphs": graphs,
         "server_graph_gpu_ms": statistics.median(trace["gpu_ms"][-repeats:])
         if trace["gpu_ms"]
         else None,
@@ -245,6 +271,11 @@ def main() -> int:
         action="store_true",
         help="upload the input again every call (timed from its .to()), and time eager with "
         "the input copied from the host every call",
+    )
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help='the remote path is torch.compile(backend="genie") of the CPU model, not lazy capture',
     )
     parser.add_argument(
         "--out", default=str(ROOT / "bench" / "results" / "remote_timeline_gpu.json")
@@ -267,13 +298,14 @@ def main() -> int:
             inputs = make_inputs(dtype)
             eager = build().to(dtype).cuda()
             row = {"model": name, "dtype": str(dtype).removeprefix("torch."), "fresh": args.fresh}
+            row["compiled"] = args.compiled
             fresh = functools.partial(to, inputs, "cuda") if args.fresh else None
             row.update(eager_figures(eager, to(inputs, "cuda"), pick, args.repeats, fresh))
             del eager
             torch.cuda.empty_cache()
             for spin in spins:
                 row[f"spin_{spin}"] = remote_timeline(
-                    build, inputs, pick, dtype, args.repeats, spin, args.fresh
+                    build, inputs, pick, dtype, args.repeats, spin, args.fresh, args.compiled
                 )
             result["rows"].append(row)
             if args.fresh:
@@ -290,6 +322,10 @@ def main() -> int:
                     for s in spins
                 )
                 print(f"{label:56s}{cells}")
+            for s in spins:
+                print(f"spin {s}: server GPU per CUDA graph replay "
+                      f"{row[f'spin_{s}']['server_graph_gpu_ms']} ms, "
+                      f"{row[f'spin_{s}']['server_cuda_graphs']}")  # fmt: skip
             print(f"{'remote / eager':56s}" + "".join(
                 f"{row[f'spin_{s}']['remote_ms'] / row['eager_ms']:11.3f}x" for s in spins))  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

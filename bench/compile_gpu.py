@@ -9,8 +9,9 @@ import time
 import traceback
 
 import torch
-from bench_compile import ROOT, _machine
+from bench_compile import REMOTE, ROOT, _machine
 
+import genie
 from genie.runtime.loopback import LoopbackServer
 from genie.runtime.remote import connect
 
@@ -107,6 +108,13 @@ def gpu_row(name, build, make_input, pick, dtype, args, client) -> dict:
     if dev.startswith("cuda"):
         torch.cuda.empty_cache()
 
+    if args.lazy:  # lazy capture through the same session: every aten op recorded each call
+        remote = build().to(dtype).to(REMOTE)
+        row["lazy"] = timed_fresh(
+            lambda x: pick(remote(x.to(REMOTE))).cpu(), fresh(), dev, args.warmup
+        )
+        remote = None
+
     torch._dynamo.reset()
     cpu_model = build().to(dtype)
     compiled = torch.compile(lambda x: pick(cpu_model(x)), backend="genie",
@@ -136,7 +144,8 @@ def gpu_main(args) -> None:
     name = args.out or ("compile_gpu_small.json" if args.small else "compile_gpu.json")
     path = ROOT / "bench" / "results" / name
     with LoopbackServer(device=args.device) as srv:
-        client = connect(srv.address, token=srv.token, install=False)
+        # Installed, so that the lazy column's remote_accelerator tensors run there too.
+        client = connect(srv.address, token=srv.token, install=args.lazy)
         try:
             for name, build, make_input, pick in gpu_models(args.small):
                 if wanted is not None and name not in wanted:
@@ -154,6 +163,8 @@ def gpu_main(args) -> None:
                         json.dumps(out, indent=2)
                     )  # after each row: a cut-off run keeps them
         finally:
+            if args.lazy:
+                genie.disconnect()
             client.close()
     print(f"wrote {path.relative_to(ROOT)}")
 
@@ -163,10 +174,15 @@ def _print_gpu_row(r: dict) -> None:
         print(f"{r['model']:<10}{r['dtype']:>9}  failed: {r['error']}")
         return
     ind = r.get("inductor", {})
+    lazy = ""
+    if "lazy" in r:
+        lz = r["lazy"]
+        lazy = f"  lazy {lz['wall_ms']:.2f} ms, client cpu {lz['cpu_ms']:.3f}"
+        lazy += f" (compiled/lazy cpu {r['compiled']['cpu_ms'] / lz['cpu_ms']:.3f})"
     print(
         f"{r['model']:<10}{r['dtype']:>9}  eager {r['eager']['wall_ms']:8.2f} ms"
         f"  inductor {ind.get('wall_ms', float('nan')):8.2f} ms"
         f"  compiled {r['compiled']['wall_ms']:8.2f} ms ({r['compiled_vs_eager']:.2f}x eager)"
         f"  client cpu: eager {r['eager']['cpu_ms']:.2f} compiled {r['compiled']['cpu_ms']:.2f}"
-        f"  equal {r['compiled_equal_eager']}"
+        f"  equal {r['compiled_equal_eager']}{lazy}"
     )

@@ -10,6 +10,7 @@
 #    bench_remote_gpu.py's forward rows with the old package (today's script), then today's
 #    whole bench_remote_gpu.py (forwards, fresh-input rows against eager and rpc, decode);
 #    bench_compile.py --device cuda.
+# C: the compiled path's timeline and its client CPU against lazy capture (below).
 # B: bench_serving.py for BERT, GPT-2 and ResNet-50, fp32 and fp16, against
 #    torch.distributed.rpc (the 8-client load run for BERT only).
 # Logs and JSON go to $OUT; the tail of each table is printed. Run from a checkout on
@@ -54,6 +55,18 @@ if [ "$PART" = A ] || [ "$PART" = V ]; then
     --models ResNet-50 --dtypes float32 --spin 0,10000 --repeats 15 --out "$OUT/timeline_fresh.json"
   FAMILIES=resnet
   [ "$PART" = V ] && FAMILIES=
+elif [ "$PART" = C ]; then
+  # C: where a compiled call's time goes (server timeline, CUDA graph GPU time against the
+  # eager model as one CUDA graph), and the client's CPU per call, compiled vs lazy capture,
+  # with replies waited for rather than polled (GENIE_SPIN_US=0).
+  ls python/genie/_C*.so > /dev/null 2>&1 || build . new || exit 1
+  TAIL=60 PYTHONPATH=$NEW step timeline_compiled 170 python3 bench/bench_remote_timeline_gpu.py \
+    --compiled --fresh --models BERT-base,GPT-2 --dtypes float32,float16 --spin 0 --repeats 15 \
+    --out "$OUT/timeline_compiled.json"
+  TAIL=8 GENIE_SPIN_US=0 PYTHONPATH=$NEW step compile_cpu 200 python3 bench/bench_compile.py \
+    --device cuda --lazy --no-inductor --dtypes fp32 --out compile_gpu_lazy.json
+  cp bench/results/compile_gpu_lazy.json "$OUT/" 2>/dev/null
+  FAMILIES=
 else
   ls python/genie/_C*.so > /dev/null 2>&1 || build . new || exit 1
   TAIL=9 PYTHONPATH=$NEW step remote_gpu 120 python3 bench/bench_remote_gpu.py --no-local-executor \
