@@ -262,6 +262,35 @@ def test_foreign_tensor_ids_are_refused(server, program):
     b.close()
 
 
+def test_inputs_smaller_than_the_program_reads_are_refused(server, program):
+    """The binding check's fast path (every input resident and large enough) must not pass a
+    storage that shrank since the last run, nor one arriving too small with the request."""
+    nodes, constants, expected, ref = program
+    c = RawClient(server.address, server.token)
+    header, payload = run_request(nodes, constants)
+    assert c.request(header, [payload])["ok"] is True
+    sid, nbytes = header["up"][0][0], header["up"][0][1]
+    # The program ran on these storages: running it again without uploads passes the check.
+    again = {k: v for k, v in header.items() if k not in ("up", "prog")}
+    assert c.request(again)["ok"] is True
+    # One input's storage replaced by a smaller one: refused, by its id.
+    assert c.request({"t": "upload", "up": [[sid, 4, 0, 4, True]]}, [b"\0" * 4])["ok"] is True
+    reply = c.request(again)
+    assert reply["ok"] is False and f"storage {sid} holds 4 bytes" in reply["msg"], reply
+    # Arriving too small with the run itself: refused before anything runs.
+    small = dict(again, up=[[sid, 8, 0, 8, True]])
+    reply = c.request(small, [b"\0" * 8])
+    assert reply["ok"] is False and f"storage {sid} holds 8 bytes" in reply["msg"], reply
+    # Arriving at its full size again: the program runs, and its result is eager's.
+    assert c.request(header, [payload])["ok"] is True
+    got = c.request({"t": "fetch", "ref": P.encode_ref(ref)})
+    assert torch.equal(
+        torch.frombuffer(bytearray(got["_payload"]), dtype=torch.float32).view(8, 1), expected
+    )
+    assert nbytes > 8
+    c.close()
+
+
 def test_memory_limit_per_session():
     from genie.runtime.loopback import LoopbackServer
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import os
 from typing import Any
 
@@ -42,6 +43,59 @@ def check_binding(
     )
     P.get_sids(binding, "binding", program.nlocals)
     P.need(len(set(binding)) == len(binding), "a storage id is bound twice")
+    if not _inputs_fit(program, binding, env, incoming):
+        _check_inputs(program, binding, env, incoming)
+    states: dict[int, torch.Tensor] = {}
+    for entry in P.get_list(rng or [], "rng", len(program.random_steps)):
+        P.need(type(entry) is list and len(entry) == 2, "an rng entry must be [step, state]")
+        k = P.get_int(entry[0], 0, len(program.steps) - 1, "rng step")
+        P.need(program.steps[k].random, "an rng state for a step that draws no random numbers")
+        b = P.get_bytes(entry[1], "rng state", _RNG_STATE_BYTES)
+        P.need(len(b) == _RNG_STATE_BYTES, "an rng state has the wrong size")
+        states[k] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
+    P.need(len(states) == len(program.random_steps), "every random step needs its generator state")
+    return states
+
+
+def _inputs_fit(
+    program: Program, binding: list[int], env: Environment, incoming: dict[int, int]
+) -> bool:
+    """The common case of ``_check_inputs`` in C-level passes: every input's storage is
+    resident and holds what the program reads, and a storage arriving with the request will.
+    False means "not shown": ``_check_inputs`` then finds the input at fault (or passes)."""
+    getter, needs = program.meta.get("input_check") or _input_check(program)
+    sids = getter(binding)
+    sts = list(map(env.storages.get, sids))
+    if not all(sts):  # not resident (None) or empty: the slow path says which
+        return False
+    if not all(map(operator.ge, map(torch.UntypedStorage.nbytes, sts), needs)):
+        return False
+    # An arriving storage is read at its new size (binding.index: its local; ids are unique).
+    extent = program.extent
+    return all(
+        size >= extent.get(binding.index(sid), 0)
+        for sid, size in incoming.items()
+        if sid in binding
+    )
+
+
+def _input_check(program: Program) -> tuple:
+    """What ``_inputs_fit`` reads of `program`, made once: a function from a binding to the
+    inputs' storage ids, and the bytes each must hold."""
+    inputs = program.inputs
+    if len(inputs) > 1:
+        getter = operator.itemgetter(*inputs)
+    else:
+        getter = lambda b: [b[k] for k in inputs]  # noqa: E731 - itemgetter of one is no tuple
+    check = (getter, [program.extent.get(local, 0) for local in inputs])
+    program.meta["input_check"] = check
+    return check
+
+
+def _check_inputs(
+    program: Program, binding: list[int], env: Environment, incoming: dict[int, int]
+) -> None:
+    """Each input's storage resident (or arriving with the request) and large enough."""
     for local in program.inputs:
         sid = binding[local]
         st = env.storages.get(sid)
@@ -56,16 +110,6 @@ def check_binding(
             raise ProtocolError(
                 f"genie: invalid request: storage {sid} holds {size} bytes, the program reads {need}"
             )
-    states: dict[int, torch.Tensor] = {}
-    for entry in P.get_list(rng or [], "rng", len(program.random_steps)):
-        P.need(type(entry) is list and len(entry) == 2, "an rng entry must be [step, state]")
-        k = P.get_int(entry[0], 0, len(program.steps) - 1, "rng step")
-        P.need(program.steps[k].random, "an rng state for a step that draws no random numbers")
-        b = P.get_bytes(entry[1], "rng state", _RNG_STATE_BYTES)
-        P.need(len(b) == _RNG_STATE_BYTES, "an rng state has the wrong size")
-        states[k] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
-    P.need(len(states) == len(program.random_steps), "every random step needs its generator state")
-    return states
 
 
 # Note: [Compiled steps]

@@ -318,7 +318,11 @@ class Session:
         self._receive_uploads(uploads)
         binding = req.bind
         storages = self.env.storages
-        created = [binding[local] for local in program.produced if binding[local] not in storages]
+        # What the run creates, released again if it ends over the memory limit (no limit:
+        # nothing to work out on every run).
+        created = []
+        if self.limits.memory_limit:
+            created = [binding[k] for k in program.produced if binding[k] not in storages]
         if eager:
             self.pending.clear()
             results = execute(program, binding, states, self.env, keep_last=True)
