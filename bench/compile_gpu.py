@@ -67,16 +67,21 @@ def _sync(device: str) -> None:
 def timed_fresh(fn, inputs: list, device: str, warmup: int) -> dict:
     """Median wall and client CPU milliseconds of `fn(x)`, each call on the next of `inputs`
     (fresh tensors, never passed before); the first `warmup` are not timed."""
-    wall, cpu = [], []
+    wall, cpu, thread = [], [], []
     for n, x in enumerate(inputs):
         _sync(device)
-        c0, w0 = time.process_time(), time.perf_counter()
+        c0, t0, w0 = time.process_time(), time.thread_time(), time.perf_counter()
         fn(x)
         _sync(device)
         if n >= warmup:
             wall.append((time.perf_counter() - w0) * 1e3)
             cpu.append((time.process_time() - c0) * 1e3)
-    return {"wall_ms": statistics.median(wall), "cpu_ms": statistics.median(cpu)}
+            thread.append((time.thread_time() - t0) * 1e3)
+    return {
+        "wall_ms": statistics.median(wall),
+        "cpu_ms": statistics.median(cpu),  # every thread of the client
+        "thread_cpu_ms": statistics.median(thread),  # the calling thread alone
+    }
 
 
 @torch.no_grad()
@@ -107,6 +112,15 @@ def gpu_row(name, build, make_input, pick, dtype, args, client) -> dict:
     model = None
     if dev.startswith("cuda"):
         torch.cuda.empty_cache()
+
+    if args.lazy:  # what any torch.compile backend pays: Dynamo's guards, AOT's wrapper
+        from bench_compile import floor_backend
+
+        torch._dynamo.reset()
+        floor_model = build().to(dtype)
+        floor = torch.compile(lambda x: pick(floor_model(x)), backend=floor_backend)
+        row["dynamo"] = timed_fresh(floor, fresh(), dev, args.warmup)
+        floor = floor_model = None
 
     if args.lazy:  # lazy capture through the same session: every aten op recorded each call
         remote = build().to(dtype).to(REMOTE)
@@ -177,8 +191,11 @@ def _print_gpu_row(r: dict) -> None:
     lazy = ""
     if "lazy" in r:
         lz = r["lazy"]
+        c, d = r["compiled"], r["dynamo"]
         lazy = f"  lazy {lz['wall_ms']:.2f} ms, client cpu {lz['cpu_ms']:.3f}"
-        lazy += f" (compiled/lazy cpu {r['compiled']['cpu_ms'] / lz['cpu_ms']:.3f})"
+        lazy += f" (compiled/lazy cpu {c['cpu_ms'] / lz['cpu_ms']:.3f}; calling thread: lazy "
+        lazy += f"{lz['thread_cpu_ms']:.3f} compiled {c['thread_cpu_ms']:.3f} dynamo "
+        lazy += f"{d['thread_cpu_ms']:.3f})"
     print(
         f"{r['model']:<10}{r['dtype']:>9}  eager {r['eager']['wall_ms']:8.2f} ms"
         f"  inductor {ind.get('wall_ms', float('nan')):8.2f} ms"

@@ -10,6 +10,7 @@
 #    bench_remote_gpu.py's forward rows with the old package (today's script), then today's
 #    whole bench_remote_gpu.py (forwards, fresh-input rows against eager and rpc, decode);
 #    bench_compile.py --device cuda.
+# D: a change to the compiled path against .old/, then the compile table (below).
 # C: the compiled path's timeline and its client CPU against lazy capture (below).
 # B: bench_serving.py for BERT, GPT-2 and ResNet-50, fp32 and fp16, against
 #    torch.distributed.rpc (the 8-client load run for BERT only).
@@ -55,6 +56,29 @@ if [ "$PART" = A ] || [ "$PART" = V ]; then
     --models ResNet-50 --dtypes float32 --spin 0,10000 --repeats 15 --out "$OUT/timeline_fresh.json"
   FAMILIES=resnet
   [ "$PART" = V ] && FAMILIES=
+elif [ "$PART" = D ]; then
+  # D: a change to the compiled path, old (.old/) and new side by side: the GPU tests, the
+  # compiled timeline and the compiled-vs-eager row of BERT-base fp32 for both trees, then
+  # the whole compile table and the client CPU columns for the new one.
+  build . new & { [ -d .old ] && build .old old; } & wait
+  ls python/genie/_C*.so > /dev/null 2>&1 || exit 1
+  echo "built in $(( $(date +%s) - t0 )) s"
+  PYTHONPATH=$NEW step gpu_tests 70 python3 -m pytest -q -x -m gpu tests -p no:cacheprovider
+  for tree in old new; do
+    py=$NEW; [ $tree = old ] && py=$PWD/.old/python
+    [ $tree = old ] && [ ! -d .old ] && continue
+    TAIL=28 PYTHONPATH=$py step "timeline_$tree" 60 python3 bench/bench_remote_timeline_gpu.py \
+      --compiled --fresh --models BERT-base --dtypes float32 --spin 0 --repeats 20 \
+      --out "$OUT/timeline_$tree.json"
+    TAIL=3 PYTHONPATH=$py step "bert_fp32_$tree" 50 python3 bench/bench_compile.py --device cuda \
+      --models BERT-base --dtypes fp32 --no-inductor --repeats 30 --out "compile_bert_$tree.json"
+  done
+  PYTHONPATH=$NEW step compile 170 python3 bench/bench_compile.py --device cuda
+  cp bench/results/compile_gpu.json "$OUT/" 2>/dev/null
+  TAIL=6 GENIE_SPIN_US=0 PYTHONPATH=$NEW step compile_cpu 90 python3 bench/bench_compile.py \
+    --device cuda --lazy --no-inductor --dtypes fp32 --out compile_gpu_lazy.json
+  cp bench/results/compile_gpu_lazy.json bench/results/compile_bert_*.json "$OUT/" 2>/dev/null
+  FAMILIES=
 elif [ "$PART" = C ]; then
   # C: where a compiled call's time goes (server timeline, CUDA graph GPU time against the
   # eager model as one CUDA graph), and the client's CPU per call, compiled vs lazy capture,
