@@ -459,11 +459,9 @@ def test_graph_runner_rename_and_restore():
     st = torch.empty(4, dtype=torch.uint8).untyped_storage()
 
     def slot(handed):
-        ids, sts = [h[0] for h in handed], [h[1] for h in handed]
         return _Slot(
-            graph=None, static={}, fixed=[], fixed_list=[], loose=[], outputs={},
-            handed_ids=ids, handed_sts=sts,
-        )  # fmt: skip
+            graph=None, static={}, fixed=[], fixed_list=[], loose=[], outputs={}, handed=handed
+        )
 
     runner._entries[b"k"] = _Entry(slots=[slot([(-1, st), (7, st)]), slot([(-2, st)])], next=1)
     saved = runner.handed(b"k")

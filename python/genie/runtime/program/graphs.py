@@ -62,27 +62,7 @@ class _Slot:
     fixed_list: list[torch.UntypedStorage]  # their storages, in the same order
     loose: list[int]  # inputs read from a private copy the current value is copied into
     outputs: dict[int, torch.UntypedStorage]
-    # What the last replay handed out: the ids it bound and the storages (its outputs), as two
-    # lists so that the checks before a replay stay in C-level passes.
-    handed_ids: list[int] = field(default_factory=list)
-    handed_sts: list[torch.UntypedStorage] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.fixed_ids = _picker(self.fixed)  # binding -> the fixed inputs' ids
-        self.output_ids = _picker(list(self.outputs))  # binding -> the outputs' ids
-        self.output_sts = list(self.outputs.values())
-
-    @property
-    def handed(self) -> list[tuple[int, torch.UntypedStorage]]:
-        """(id, storage) of each output the last replay handed out."""
-        return list(zip(self.handed_ids, self.handed_sts, strict=True))
-
-
-def _picker(locals_: list[int]):
-    """binding -> [binding[k] for k in locals_], by one C-level call."""
-    if len(locals_) > 1:
-        return operator.itemgetter(*locals_)
-    return lambda binding: [binding[k] for k in locals_]
+    handed: list[tuple[int, torch.UntypedStorage]] = field(default_factory=list)
 
 
 @dataclass
@@ -201,9 +181,9 @@ class GraphRunner:
         slot = e.slots[index]
         # 1. Values handed out by this slot's last replay must not change under their holders:
         #    a second capture takes turns with the first, else they are copied away.
-        if slot.handed_ids:
-            held = list(map(storages.get, slot.handed_ids))
-            if any(map(operator.is_, held, slot.handed_sts)):
+        if slot.handed:
+            held = list(map(storages.get, [sid for sid, _ in slot.handed]))
+            if any(map(operator.is_, held, [st for _, st in slot.handed])):
                 spare = None
                 if len(e.slots) == 1 and not e.no_spare:
                     spare = self._capture(program, binding, env, e.stable)
@@ -214,16 +194,16 @@ class GraphRunner:
                         e.slots.append(spare)
                         index, slot = 1, spare
                 if spare is None:
-                    for sid, st, cur in zip(slot.handed_ids, slot.handed_sts, held, strict=True):
+                    for (sid, st), cur in zip(slot.handed, held, strict=True):
                         if cur is st:
                             storages[sid] = _clone(st)
                             self.output_copies += 1
-            slot.handed_ids, slot.handed_sts = [], []
+            slot.handed = []
         # 2. Inputs: those captured in place must still be the captured storage; the others'
         #    values are copied into the graph's private copies (nothing to copy for an empty
         #    one: HF's DynamicCache uploads 24 of them per GPT-2 forward).
         copied = []
-        current = list(map(storages.__getitem__, slot.fixed_ids(binding)))
+        current = list(map(storages.__getitem__, [binding[local] for local in slot.fixed]))
         changed = not all(map(operator.is_, current, slot.fixed_list))
         for local in () if changed else slot.loose:
             cur = storages[binding[local]]
@@ -250,8 +230,8 @@ class GraphRunner:
             if local in e.written:
                 _bytes(storages[binding[local]]).copy_(_bytes(slot.static[local]))
         # 4. Outputs.
-        slot.handed_ids, slot.handed_sts = slot.output_ids(binding), slot.output_sts
-        storages.update(zip(slot.handed_ids, slot.handed_sts, strict=True))
+        slot.handed = [(binding[local], st) for local, st in slot.outputs.items()]
+        storages.update(slot.handed)
         return True
 
     # -- speculative runs (Note: [Speculative runs] in genie/runtime/server/speculation.py) --------------
@@ -260,8 +240,8 @@ class GraphRunner:
         them to (a speculative run's temporaries adopted by the run that confirmed it)."""
         for e in self._entries.values():
             for slot in e.slots:
-                if slot.handed_ids:
-                    slot.handed_ids = [mapping.get(sid, sid) for sid in slot.handed_ids]
+                if slot.handed:
+                    slot.handed = [(mapping.get(sid, sid), st) for sid, st in slot.handed]
 
     def handed(self, key: bytes) -> tuple:
         """What program `key`'s graphs have handed out, and whose turn is next (a snapshot for
@@ -269,7 +249,7 @@ class GraphRunner:
         e = self._entries.get(key)
         if e is None:
             return (0, [])
-        return (e.next, [(list(slot.handed_ids), list(slot.handed_sts)) for slot in e.slots])
+        return (e.next, [list(slot.handed) for slot in e.slots])
 
     def restore_handed(self, key: bytes, handed: tuple) -> None:
         """Undo a run of program `key`: its record of handed-out outputs becomes `handed` (a
@@ -281,8 +261,7 @@ class GraphRunner:
             return
         turn, lists = handed
         for i, slot in enumerate(e.slots):
-            ids, sts = lists[i] if i < len(lists) else ([], [])
-            slot.handed_ids, slot.handed_sts = list(ids), list(sts)
+            slot.handed = list(lists[i]) if i < len(lists) else []
         e.next = turn if turn < len(e.slots) else 0
 
     def clear(self) -> None:
