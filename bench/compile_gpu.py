@@ -64,23 +64,33 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_fresh(fn, inputs: list, device: str, warmup: int) -> dict:
-    """Median wall and client CPU milliseconds of `fn(x)`, each call on the next of `inputs`
-    (fresh tensors, never passed before); the first `warmup` are not timed."""
-    wall, cpu, thread = [], [], []
-    for n, x in enumerate(inputs):
-        _sync(device)
-        c0, t0, w0 = time.process_time(), time.thread_time(), time.perf_counter()
-        fn(x)
-        _sync(device)
-        if n >= warmup:
-            wall.append((time.perf_counter() - w0) * 1e3)
-            cpu.append((time.process_time() - c0) * 1e3)
-            thread.append((time.thread_time() - t0) * 1e3)
+def timed_fresh(fns: dict, make, n: int, device: str, warmup: int) -> dict[str, dict]:
+    """Median wall and client CPU milliseconds of each `fns[k](x)`, every call on a fresh input
+    from `make()` (never passed before); `n` rounds, the first `warmup` not timed. The columns
+    take turns call by call, each round starting one column later, so that a GPU whose clocks
+    or neighbours change during the run slows them alike and their ratios hold."""
+    names = list(fns)
+    got = {k: ([], [], []) for k in names}
+    for r in range(n):
+        shift = r % len(names)
+        for k in names[shift:] + names[:shift]:
+            x = make()
+            _sync(device)
+            c0, t0, w0 = time.process_time(), time.thread_time(), time.perf_counter()
+            fns[k](x)
+            _sync(device)
+            if r >= warmup:
+                wall, cpu, thread = got[k]
+                wall.append((time.perf_counter() - w0) * 1e3)
+                cpu.append((time.process_time() - c0) * 1e3)
+                thread.append((time.thread_time() - t0) * 1e3)
     return {
-        "wall_ms": statistics.median(wall),
-        "cpu_ms": statistics.median(cpu),  # every thread of the client
-        "thread_cpu_ms": statistics.median(thread),  # the calling thread alone
+        k: {
+            "wall_ms": statistics.median(wall),
+            "cpu_ms": statistics.median(cpu),  # every thread of the client
+            "thread_cpu_ms": statistics.median(thread),  # the calling thread alone
+        }
+        for k, (wall, cpu, thread) in got.items()
     }
 
 
@@ -92,7 +102,7 @@ def gpu_row(name, build, make_input, pick, dtype, args, client) -> dict:
     n = args.warmup + args.repeats
 
     def fresh():
-        return [make_input(g, dtype) for _ in range(n)]
+        return make_input(g, dtype)
 
     check = make_input(torch.Generator().manual_seed(7), dtype)
     model = build().to(dtype).to(dev)
@@ -101,50 +111,41 @@ def gpu_row(name, build, make_input, pick, dtype, args, client) -> dict:
         return pick(model(x.to(dev, non_blocking=True))).cpu()
 
     ref = on_gpu(check)
-    row["eager"] = timed_fresh(on_gpu, fresh(), dev, args.warmup)
+    fns = {"eager": on_gpu}
+    torch._dynamo.reset()
     if not args.no_inductor:
-        torch._dynamo.reset()
         inductor = torch.compile(lambda x: pick(model(x)))
-        row["inductor"] = timed_fresh(
-            lambda x: inductor(x.to(dev, non_blocking=True)).cpu(), fresh(), dev, args.warmup
-        )
-        inductor = None
-    model = None
-    if dev.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-    if args.lazy:  # what any torch.compile backend pays: Dynamo's guards, AOT's wrapper
+        fns["inductor"] = lambda x: inductor(x.to(dev, non_blocking=True)).cpu()
+    if args.lazy:
         from bench_compile import floor_backend
 
-        torch._dynamo.reset()
+        # What any torch.compile backend pays: Dynamo's guards, AOT's wrapper.
         floor_model = build().to(dtype)
-        floor = torch.compile(lambda x: pick(floor_model(x)), backend=floor_backend)
-        row["dynamo"] = timed_fresh(floor, fresh(), dev, args.warmup)
-        floor = floor_model = None
-
-    if args.lazy:  # lazy capture through the same session: every aten op recorded each call
+        fns["dynamo"] = torch.compile(lambda x: pick(floor_model(x)), backend=floor_backend)
+        # Lazy capture through the same session: every aten op recorded each call.
         remote = build().to(dtype).to(REMOTE)
-        row["lazy"] = timed_fresh(
-            lambda x: pick(remote(x.to(REMOTE))).cpu(), fresh(), dev, args.warmup
-        )
-        remote = None
-
-    torch._dynamo.reset()
+        fns["lazy"] = lambda x: pick(remote(x.to(REMOTE))).cpu()
     cpu_model = build().to(dtype)
     compiled = torch.compile(lambda x: pick(cpu_model(x)), backend="genie",
                              options={"server": client})  # fmt: skip
-    before = dict(client.stats())
     out = compiled(check)
-    row["compiled"] = timed_fresh(compiled, fresh(), dev, args.warmup)
+    fns["compiled"] = compiled
+    before = dict(client.stats())
+    row.update(timed_fresh(fns, fresh, n, dev, args.warmup))
     after = client.stats()
+    calls = n  # (the lazy column shares the session: bytes per call only without it)
     row["compiled"]["programs_sent"] = after["programs_sent"] - before["programs_sent"]
-    for k in ("bytes_sent", "bytes_received"):
-        row["compiled"][f"{k}_per_call"] = (after[k] - before[k]) / (n + 1)
+    if not args.lazy:
+        for k in ("bytes_sent", "bytes_received"):
+            row["compiled"][f"{k}_per_call"] = (after[k] - before[k]) / calls
     row["compiled_equal_eager"] = bool(torch.equal(out, ref))
     if out.is_floating_point():
         row["compiled_max_abs_diff"] = float((out.float() - ref.float()).abs().max())
     row["compiled_vs_eager"] = row["compiled"]["wall_ms"] / row["eager"]["wall_ms"]
+    fns = model = inductor = remote = None
     torch._dynamo.reset()
+    if dev.startswith("cuda"):
+        torch.cuda.empty_cache()
     return row
 
 

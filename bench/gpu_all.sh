@@ -10,6 +10,7 @@
 #    bench_remote_gpu.py's forward rows with the old package (today's script), then today's
 #    whole bench_remote_gpu.py (forwards, fresh-input rows against eager and rpc, decode);
 #    bench_compile.py --device cuda.
+# E: GPU tests and the compile table (columns in turns), client CPU columns (below).
 # D: a change to the compiled path against .old/, then the compile table (below).
 # C: the compiled path's timeline and its client CPU against lazy capture (below).
 # B: bench_serving.py for BERT, GPT-2 and ResNet-50, fp32 and fp16, against
@@ -56,6 +57,17 @@ if [ "$PART" = A ] || [ "$PART" = V ]; then
     --models ResNet-50 --dtypes float32 --spin 0,10000 --repeats 15 --out "$OUT/timeline_fresh.json"
   FAMILIES=resnet
   [ "$PART" = V ] && FAMILIES=
+elif [ "$PART" = E ]; then
+  # E: the GPU tests, then the compile table (columns in turns) and its client CPU columns.
+  ls python/genie/_C*.so > /dev/null 2>&1 || build . new || exit 1
+  PYTHONPATH=$NEW step gpu_tests 70 python3 -m pytest -q -x -m gpu tests -p no:cacheprovider
+  [ -f "$PROFILE" ] && TAIL=45 PYTHONPATH=$NEW step profile 60 python3 "$PROFILE"
+  TAIL=8 PYTHONPATH=$NEW step compile 230 python3 bench/bench_compile.py --device cuda
+  cp bench/results/compile_gpu.json "$OUT/" 2>/dev/null
+  TAIL=6 GENIE_SPIN_US=0 PYTHONPATH=$NEW step compile_cpu 110 python3 bench/bench_compile.py \
+    --device cuda --lazy --no-inductor --dtypes fp32 --out compile_gpu_lazy.json
+  cp bench/results/compile_gpu_lazy.json "$OUT/" 2>/dev/null
+  FAMILIES=
 elif [ "$PART" = D ]; then
   # D: a change to the compiled path, old (.old/) and new side by side: the GPU tests, the
   # compiled timeline and the compiled-vs-eager row of BERT-base fp32 for both trees, then
