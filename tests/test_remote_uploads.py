@@ -4,6 +4,7 @@ and a serving loop with a fresh input every call starts early on the server."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -163,6 +164,50 @@ def test_a_steady_serving_loop_guesses_at_the_upload_and_an_alternating_one_does
         assert client.counters["spec_at_upload"] == 6
         assert client.server_stats()["session"]["spec_misses"] == misses
     finally:
+        genie.configure(local_device="cpu")
+        client.close()
+
+
+@torch.no_grad()
+def test_a_guess_at_the_upload_releases_the_outputs_the_user_dropped(server):
+    """A loop that keeps the last output while it runs the next (a decode loop's logits):
+    the guess made at the upload carries the release of the output dropped since the last
+    flush, so that the server's run (a CUDA graph replay, on a GPU) finds it released rather
+    than held, and need not copy it away first. Every result equals eager."""
+    from genie.runtime import protocol as P
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
+    xs = [torch.randn(4, 16) for _ in range(8)]
+    client = connect(server.address, token=server.token)
+    specs: list[dict] = []
+    t = client.channel.t
+    send_frame = t.send_frame
+
+    def spy(version, kind, header, buffers=(), **kw):
+        h = P.unpack(header)
+        if h.get("t") == "spec":
+            specs.append(h)
+        return send_frame(version, kind, header, buffers, **kw)
+
+    t.send_frame = spy
+    try:
+        rmodel = copy.deepcopy(model).to(DEVICE)
+        prev = None
+        for i, x in enumerate(xs):
+            out = rmodel(x.to(DEVICE))
+            assert torch.equal(out.cpu(), model(x))
+            if prev is not None:  # held while this call ran
+                assert torch.equal(prev.cpu(), model(xs[i - 1]))
+            prev = out  # the one before is dropped here
+        assert client.counters["spec_at_upload"] >= 3
+        assert specs, "no guess was sent"
+        for h in specs:  # each guess releases what the user dropped (the output before last)
+            released = [i for op in h.get("pre", []) if op[0] == "release" for i in op[1]]
+            assert len(released) == 1, h.get("pre")
+        assert client.server_stats()["session"]["spec_misses"] == 0
+    finally:
+        t.send_frame = send_frame
         genie.configure(local_device="cpu")
         client.close()
 

@@ -113,6 +113,11 @@ class SpeculatingClient:
             self.speculator.ahead = True  # Note: [Guessing at the upload]
             self.counters["spec_at_upload"] += 1
         if follows is not None:
+            # As at the window: storages the user dropped since the last flush (the last
+            # call's outputs) are released with the guess, so that its run (a CUDA graph
+            # replay) need not copy them away first. This runs on the recording thread,
+            # outside the recorder's lock, as the window's hook does.
+            _C._collect()
             flushes = self.counters["flushes"]
             self.early.later(lambda: self._guess_now(follows, flushes))
 
