@@ -190,6 +190,26 @@ def test_data_dependent_ops():
     assert eager[-1] == remote[-1] is True
 
 
+def test_data_dependent_ops_with_host_operands():
+    """A host tensor beside remote ones in an op run at once (a CPU boolean mask indexing a
+    remote tensor, as CUDA allows; torch.equal against a CPU tensor) is uploaded for it and
+    kept until the op has run (Note: [Inputs of an op run at once]); repeated, every value
+    equals eager."""
+
+    def prog(dev):
+        x = torch.tensor([3.0, -1.0, 0.0, 5.0, -2.0, 5.0], device=dev)
+        host = torch.tensor([3.0, -1.0, 0.0, 5.0, -2.0, 5.0])
+        out = []
+        for k in range(3):
+            mask = torch.tensor([True, False, k > 0, True, False, k > 1])
+            out += [(x[mask] * 2).cpu(), torch.tensor(torch.equal(x, host + k))]
+        return out
+
+    eager, remote = both(prog)
+    for a, b in zip(eager, remote, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_data_dependent_op_flushes_only_what_it_needs():
     x = torch.ones(4, device=REMOTE)
     unrelated = torch.randn(100, 100, device=REMOTE) @ torch.randn(100, 100, device=REMOTE)

@@ -212,6 +212,17 @@ def test_a_guess_at_the_upload_releases_the_outputs_the_user_dropped(server):
         client.close()
 
 
+def test_a_host_mask_indexes_a_remote_tensor_through_a_server(remote):
+    """Boolean indexing with a CPU mask runs on the server at once: the mask is uploaded for
+    it and stays until it has run (Note: [Inputs of an op run at once])."""
+    a = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    x = a.to(DEVICE)
+    for k in range(3):
+        mask = torch.tensor([True, False, k > 0, True, False, k > 1])
+        assert torch.equal(x[mask].cpu(), a[mask])
+        assert torch.equal(x, a) and not torch.equal(x, a + 1)
+
+
 @torch.no_grad()
 def test_two_fresh_inputs_whose_second_comes_after_the_window_still_start_early(remote):
     """With input ids and an attention mask both uploaded at .to(), the recording's first

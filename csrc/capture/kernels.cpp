@@ -24,11 +24,17 @@ std::atomic<c10::DeviceType> g_target_type{c10::DeviceType::CPU};
 
 // Data-dependent ops (nonzero, unique, masked_select, boolean indexing, equal) and ops with no
 // meta kernel: flush what their inputs need, run them now, keep the results on the executor.
+//
+// Note: [Inputs of an op run at once]
+// A host tensor among the inputs (a CPU boolean mask indexing a remote tensor, a CPU operand
+// of torch.equal) is a recorder constant that no pending node reads: the flush uploads it as
+// a target, and would release it again at its end as an upload nothing pending needs. The
+// flush keeps its targets instead; the constants go at the next flush.
 void capture_eager(const c10::OperatorHandle& op, Scan& s, torch::jit::Stack* stack, size_t nargs) {
   auto& rec = recorder();
   std::vector<StorageId> ids;
   for (const auto& r : s.node->inputs) ids.push_back(r.storage);
-  rec.flush(ids);
+  rec.flush(ids, std::nullopt, /*keep_targets=*/true);
   for (auto id : ids) rec.check_not_poisoned(id);
   auto exec = rec.executor();
   Node& node = *s.node;

@@ -199,11 +199,12 @@ void Recorder::drop_dead_outputs(FlushRequest& req, const std::vector<std::share
 
 void Recorder::collect() { flush({}); }
 
-void Recorder::flush(const std::vector<StorageId>& targets, std::optional<TensorRef> then_fetch) {
+void Recorder::flush(const std::vector<StorageId>& targets, std::optional<TensorRef> then_fetch,
+                     bool keep_targets) {
   std::string error;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    error = flush_locked(targets, /*all=*/false, std::move(then_fetch));
+    error = flush_locked(targets, /*all=*/false, std::move(then_fetch), keep_targets);
   }
   if (!error.empty()) raise_error(ErrorKind::Execution, error);
 }
@@ -218,7 +219,7 @@ void Recorder::flush_all() {
 }
 
 std::string Recorder::flush_locked(const std::vector<StorageId>& targets, bool all,
-                                   std::optional<TensorRef> then_fetch) {
+                                   std::optional<TensorRef> then_fetch, bool keep_targets) {
   TORCH_CHECK(executor_ != nullptr, "genie: no executor is configured");
   apply_releases_locked();
 
@@ -279,6 +280,7 @@ std::string Recorder::flush_locked(const std::vector<StorageId>& targets, bool a
   }
 
   std::unordered_set<StorageId> mentioned;
+  if (keep_targets) mentioned.insert(targets.begin(), targets.end());
   for (const auto& n : remaining) {
     for (const auto& in : n->inputs) mentioned.insert(in.storage);
     for (auto s : n->writes) mentioned.insert(s);

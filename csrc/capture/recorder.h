@@ -104,9 +104,11 @@ class Recorder {
   // The pending producer of a storage created by an empty-like factory, if nothing wrote it yet.
   bool replace_empty_with_constant(StorageId storage, const at::Tensor& cpu);
 
-  // Run what is needed to make these storages real on the executor.
+  // Run what is needed to make these storages real on the executor. With `keep_targets`,
+  // the targets stay there after the flush even where nothing pending reads them (the
+  // inputs of an op run at once, Note: [Inputs of an op run at once] in kernels.cpp).
   void flush(const std::vector<StorageId>& targets,
-             std::optional<TensorRef> then_fetch = std::nullopt);
+             std::optional<TensorRef> then_fetch = std::nullopt, bool keep_targets = false);
   void flush_all();
   // Drop pending work whose results nobody can observe; free released storages.
   void collect();
@@ -129,7 +131,8 @@ class Recorder {
  private:
   // Returns an error message instead of raising, so callers raise after unlocking.
   std::string flush_locked(const std::vector<StorageId>& targets, bool all,
-                           std::optional<TensorRef> then_fetch = std::nullopt);
+                           std::optional<TensorRef> then_fetch = std::nullopt,
+                           bool keep_targets = false);
   void apply_releases_locked();
   // Results nobody can observe become undefined (Note: [Dead outputs]).
   void drop_dead_outputs(FlushRequest& req, const std::vector<std::shared_ptr<Node>>& remaining);
