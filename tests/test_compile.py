@@ -116,6 +116,30 @@ def test_tensors_changed_between_calls_are_sent_again(where):
             assert sent == nbytes
 
 
+def test_the_native_version_check_sees_writes_replacements_and_bad_arguments():
+    """``_C.VersionCheck`` (Note: [Checking what was found]): the same tensors at the same
+    versions hold; an in-place write, another tensor in the place, a shorter list or an
+    inference tensor (which keeps no version) do not; bad picks are refused when it is made."""
+    from genie import _C
+
+    params = [nn.Parameter(torch.randn(3)) for _ in range(4)]
+    args = [torch.randn(2), *params]
+    check = _C.VersionCheck(args, [1, 2, 3, 4])
+    assert len(check) == 4 and check.holds(args) and check.holds(list(args))
+    assert not check.holds([args[0], params[0], torch.randn(3), *params[2:]])
+    assert not check.holds(args[:3])
+    with torch.no_grad():
+        params[2].add_(1)
+    assert not check.holds(args)
+    with torch.inference_mode():
+        frozen = torch.randn(3)
+    assert not _C.VersionCheck([frozen], [0]).holds([frozen])
+    with pytest.raises(IndexError):
+        _C.VersionCheck(args, [9])
+    with pytest.raises(TypeError):
+        _C.VersionCheck([1.5], [0])
+
+
 class _Breaky(nn.Module):
     def __init__(self):
         super().__init__()

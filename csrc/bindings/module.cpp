@@ -25,6 +25,7 @@
 #include "bindings/dataplane.h"
 #include "bindings/python_executor.h"
 #include "bindings/socket_writer.h"
+#include "bindings/version_check.h"
 
 namespace py = pybind11;
 using namespace genie;
@@ -34,6 +35,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "genie's compiled core: the remote_accelerator backend and its local executor";
   register_dataplane(m);
   register_socket_writer(m);
+  register_version_check(m);
 
   m.def("_register", [] {
     register_device();

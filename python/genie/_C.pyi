@@ -98,6 +98,14 @@ class _ProgramRunner:
 def _spin_until_readable(fd: int, max_us: int) -> bool:
     """Poll `fd` until it is readable or `max_us` microseconds passed; True when readable."""
 
+class VersionCheck:
+    """Whether a call's arguments at some positions are the same tensors at the same versions
+    as when it was made (Note: [Checking what was found] in compile/residency.py)."""
+
+    def __init__(self, args: list, picks: list[int]) -> None: ...
+    def holds(self, args: list) -> bool: ...
+    def __len__(self) -> int: ...
+
 class SocketWriter:
     """Frames written to a socket by a native thread, in order (Note: [Background sends])."""
 

@@ -8,7 +8,7 @@ Once a program is placed, a call should cost the client only its guards, the arg
 changed, one exchange and the outputs. Everything a call needs that does not depend on the
 call's values is worked out when the program is placed (``Placed.__init__``: which inputs are
 kept, which outputs are fetched and under which refs, which outputs stay resident), and the
-residency check of every parameter is the check of what the last call found, two passes in C
+residency check of every parameter is the check of what the last call found, one native pass
 over ids and versions (Note: [Checking what was found] in residency.py); only the arguments it
 does not cover (a fresh input, a tensor the program writes) are looked up
 (``Residency.lookup_all``, one tight pass). A program without random steps draws no generator
@@ -148,7 +148,7 @@ class Placed:
         lookup found is checked first, in one pass (Note: [Checking what was found]); the
         rest is looked up."""
         held = self._held
-        if held is not None and held.snapshot.holds([args[i] for i in held.args]):
+        if held is not None and held.snapshot.holds_args(args):
             binding = held.binding.copy()
             rest = held.rest
         else:
@@ -216,6 +216,7 @@ class Placed:
             [args[e[0]] for e in cand], [binding[e[1]] for e in cand]
         )
         held_args = [cand[j][0] for j in covered]
+        snapshot.at(args, held_args)
         base = self.sids.copy()
         for j in covered:
             base[cand[j][1]] = binding[cand[j][1]]
