@@ -170,6 +170,8 @@ def gpu_main(args) -> None:
                         row = gpu_row(name, build, make_input, pick, dtype, args, client)
                     except Exception as e:  # noqa: BLE001 - one failing row must not hide the rest
                         traceback.print_exc()
+                        # The server's side of it (a closed session says nothing here).
+                        print("server log, last lines:\n" + "\n".join(srv.log().splitlines()[-25:]))
                         row = {"model": name, "dtype": str(dtype), "error": repr(e)[:500]}
                     rows.append(row)
                     _print_gpu_row(row)
