@@ -119,19 +119,13 @@ Status AgentClient::receive_arena(double timeout_ms, int* fd, uint64_t* offset) 
     int r = ::poll(&pfd, 1, left);
     if (r < 0 && errno != EINTR) return {Code::Internal, sys_error("genie: poll on the agent")};
     if (r <= 0) continue;
-    AgentEvent ev;
-    iovec iov{&ev, sizeof(ev)};
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-    msghdr mh{};
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = control;
-    mh.msg_controllen = sizeof(control);
-    ssize_t n = ::recvmsg(sock_, &mh, MSG_CMSG_CLOEXEC);
+    EventWithFd m;
+    AgentEvent& ev = m.ev;
+    ssize_t n = ::recvmsg(sock_, &m.mh, MSG_CMSG_CLOEXEC);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) return {Code::AgentDied, "genie: the data-plane agent exited"};
     int got = -1;
-    cmsghdr* cm = CMSG_FIRSTHDR(&mh);
+    cmsghdr* cm = CMSG_FIRSTHDR(&m.mh);
     if (cm && cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS)
       std::memcpy(&got, CMSG_DATA(cm), sizeof(int));
     ev.text[sizeof(ev.text) - 1] = 0;

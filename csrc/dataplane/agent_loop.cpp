@@ -68,23 +68,15 @@ int read_command(AgentCommand* c, int wait_ms) {
 
 // The Arena event, with EAL's memory file attached (Note: [Arena in EAL memory]).
 Status send_arena(const SharedEalMemory& shared) {
-  AgentEvent ev;
-  std::memset(&ev, 0, sizeof(ev));
-  ev.type = static_cast<uint32_t>(AgentEventType::Arena);
-  ev.value = shared.offset;
-  iovec iov{&ev, sizeof(ev)};
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-  msghdr mh{};
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  mh.msg_control = control;
-  mh.msg_controllen = sizeof(control);
-  cmsghdr* cm = CMSG_FIRSTHDR(&mh);
+  EventWithFd m;  // zero-filled
+  m.ev.type = static_cast<uint32_t>(AgentEventType::Arena);
+  m.ev.value = shared.offset;
+  cmsghdr* cm = CMSG_FIRSTHDR(&m.mh);
   cm->cmsg_level = SOL_SOCKET;
   cm->cmsg_type = SCM_RIGHTS;
   cm->cmsg_len = CMSG_LEN(sizeof(int));
   std::memcpy(CMSG_DATA(cm), &shared.fd, sizeof(int));
-  while (::sendmsg(g_sock, &mh, MSG_NOSIGNAL) < 0) {
+  while (::sendmsg(g_sock, &m.mh, MSG_NOSIGNAL) < 0) {
     if (errno != EINTR)
       return {Code::Internal, std::string("genie: cannot hand the arena over: ") +
                                   std::strerror(errno)};

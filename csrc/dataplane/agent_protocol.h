@@ -33,6 +33,8 @@
 //
 // Commands (client -> agent) and events (agent -> client) are fixed-size structs; one message
 // per datagram.
+#include <sys/socket.h>
+
 #include <cstdint>
 
 namespace genie::dataplane {
@@ -83,6 +85,25 @@ struct AgentEvent {
   uint64_t value;
   uint64_t cookie;
   char text[1000];
+};
+
+// One event with room for one file descriptor beside it (SCM_RIGHTS): how the Arena event
+// travels. The message header is set up here once for both sides, agent_loop.cpp's sendmsg and
+// agent_client.cpp's recvmsg; it points into the object, which therefore stays where it is.
+struct EventWithFd {
+  AgentEvent ev{};
+  iovec iov{&ev, sizeof(ev)};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  msghdr mh{};
+
+  EventWithFd() {
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = control;
+    mh.msg_controllen = sizeof(control);
+  }
+  EventWithFd(const EventWithFd&) = delete;
+  EventWithFd& operator=(const EventWithFd&) = delete;
 };
 
 }  // namespace genie::dataplane
