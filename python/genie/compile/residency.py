@@ -135,19 +135,20 @@ class Residency:
             found.append(self._by_host_storage(t, bumps, spec) if self._by_storage else None)
         return found
 
-    def snapshot(self, tensors: list[torch.Tensor], sids: list[int]) -> tuple[Snapshot, list[int]]:
-        """What the lookup finds for those of `tensors` it finds by tensor, at the storage
-        `sids` names, and at their current version (Note: [Checking what was found]); and
-        which of `tensors` those are, by position."""
+    def snapshot(self, args: list, picks: list[int], sids: list[int]) -> tuple[Snapshot, list[int]]:
+        """What the lookup finds for those of the arguments `args` at `picks` it finds by
+        tensor, at the storage `sids` names, and at their current version (Note: [Checking
+        what was found]); and which of `picks` those are, by position."""
         found, covered = [], []
-        for j, (t, sid) in enumerate(zip(tensors, sids, strict=True)):
+        for j, (i, sid) in enumerate(zip(picks, sids, strict=True)):
+            t = args[i]
             e = self._by_tensor.get(id(t))
             version = self._version(t) if e is not None else None
             if e is None or e[0]() is not t or e[2] != sid or version != e[1]:
                 continue
             found.append(t)
             covered.append(j)
-        snapshot = Snapshot(found)
+        snapshot = Snapshot(found, args, [picks[j] for j in covered])
         for j in covered:
             watchers = self._watch.setdefault(sids[j], [])
             if len(watchers) > 8:  # snapshots replaced since: keep the list short
@@ -214,19 +215,15 @@ class Snapshot:
 
     __slots__ = ("_check", "_refs", "validity")
 
-    def __init__(self, tensors: list[torch.Tensor]):
-        self.validity = _Validity()
-        self._refs = [weakref.ref(t, self.validity.drop) for t in tensors]
-        self._check = None
-
-    def at(self, args: list, picks: list[int]) -> None:
-        """The snapshot's tensors are `args` at `picks` (in order), now: ``holds_args`` checks
-        a later call's argument list there in one native pass (``_C.VersionCheck``)."""
+    def __init__(self, tensors: list[torch.Tensor], args: list, picks: list[int]):
+        """`tensors`: those found, which are `args` at `picks`, in order."""
         from genie import _C
 
-        self._check = _C.VersionCheck(args, picks)
+        self.validity = _Validity()
+        self._refs = [weakref.ref(t, self.validity.drop) for t in tensors]
+        self._check = _C.VersionCheck(args, picks)  # their ids and versions now
 
     def holds_args(self, args: list) -> bool:
         """Whether a later call's `args` has the same tensors at the same versions at the
-        picks given to ``at``: the lookup would find what it found then."""
-        return self.validity.ok and self._check is not None and self._check.holds(args)
+        snapshot's picks, in one native pass: the lookup would find what it found then."""
+        return self.validity.ok and self._check.holds(args)

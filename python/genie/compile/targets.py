@@ -66,10 +66,9 @@ def fresh_states(steps: list[int]) -> dict[int, torch.Tensor]:
 
 
 class _Held(NamedTuple):
-    """The arguments of a program the last call found held (Note: [Checking what was found]),
-    the binding that gives them, and the plain inputs looked up each call."""
+    """What the last call found held (Note: [Checking what was found]), the binding that
+    gives it, and the plain inputs looked up each call."""
 
-    args: list[int]
     snapshot: Snapshot
     binding: list[int]
     rest: list[tuple]
@@ -213,17 +212,15 @@ class Placed:
         written = {i for i, _ in self.low.writes} | self.bumped
         cand = [e for e in self._plain_inputs if e[0] not in uploaded and e[0] not in written]
         snapshot, covered = self.target.residency.snapshot(
-            [args[e[0]] for e in cand], [binding[e[1]] for e in cand]
+            args, [e[0] for e in cand], [binding[e[1]] for e in cand]
         )
-        held_args = [cand[j][0] for j in covered]
-        snapshot.at(args, held_args)
         base = self.sids.copy()
         for j in covered:
             base[cand[j][1]] = binding[cand[j][1]]
-        taken = set(held_args)
+        taken = {cand[j][0] for j in covered}
         rest = [e for e in self._plain_inputs if e[0] not in taken]
         rest_found = sum(1 for e in rest if e[0] not in uploaded)
-        return _Held(held_args, snapshot, base, rest, rest_found)
+        return _Held(snapshot, base, rest, rest_found)
 
     def refs(self, binding: list[int]) -> list[dict]:
         """What to fetch: the outputs the program computes, then the arguments it writes."""
