@@ -10,9 +10,8 @@
 #    bench_remote_gpu.py's forward rows with the old package (today's script), then today's
 #    whole bench_remote_gpu.py (forwards, fresh-input rows against eager and rpc, decode);
 #    bench_compile.py --device cuda.
-# E: GPU tests and the compile table (columns in turns), client CPU columns (below).
-# D: a change to the compiled path against .old/, then the compile table (below).
-# C: the compiled path's timeline and its client CPU against lazy capture (below).
+# C: the compiled path: its timeline and compiled-vs-eager row, old and new side by side when
+#    .old/ holds a tree; the compile table; its client CPU against lazy capture (below).
 # B: bench_serving.py for BERT, GPT-2 and ResNet-50, fp32 and fp16, against
 #    torch.distributed.rpc (the 8-client load run for BERT only).
 # Logs and JSON go to $OUT; the tail of each table is printed. Run from a checkout on
@@ -57,25 +56,18 @@ if [ "$PART" = A ] || [ "$PART" = V ]; then
     --models ResNet-50 --dtypes float32 --spin 0,10000 --repeats 15 --out "$OUT/timeline_fresh.json"
   FAMILIES=resnet
   [ "$PART" = V ] && FAMILIES=
-elif [ "$PART" = E ]; then
-  # E: the GPU tests, then the compile table (columns in turns) and its client CPU columns.
-  ls python/genie/_C*.so > /dev/null 2>&1 || build . new || exit 1
-  PYTHONPATH=$NEW step gpu_tests 70 python3 -m pytest -q -x -m gpu tests -p no:cacheprovider
-  [ -f "$PROFILE" ] && TAIL=45 PYTHONPATH=$NEW step profile 60 python3 "$PROFILE"
-  TAIL=8 PYTHONPATH=$NEW step compile 230 python3 bench/bench_compile.py --device cuda
-  cp bench/results/compile_gpu.json "$OUT/" 2>/dev/null
-  TAIL=6 GENIE_SPIN_US=0 PYTHONPATH=$NEW step compile_cpu 110 python3 bench/bench_compile.py \
-    --device cuda --lazy --no-inductor --dtypes fp32 --out compile_gpu_lazy.json
-  cp bench/results/compile_gpu_lazy.json "$OUT/" 2>/dev/null
-  FAMILIES=
-elif [ "$PART" = D ]; then
-  # D: a change to the compiled path, old (.old/) and new side by side: the GPU tests, the
-  # compiled timeline and the compiled-vs-eager row of BERT-base fp32 for both trees, then
-  # the whole compile table and the client CPU columns for the new one.
+elif [ "$PART" = C ]; then
+  # C: the compiled path (torch.compile backend="genie"). This tree and, when .old/ holds
+  # another, that one too, side by side: the compiled timeline of BERT-base fp32 (client,
+  # server, the CUDA graph's GPU time against the eager model as one CUDA graph) and its
+  # compiled-vs-eager row; then, for this tree, the compile table (columns in turns) and the
+  # client CPU columns against lazy capture, replies waited for (GENIE_SPIN_US=0). $PROFILE:
+  # a script of one's own run after the GPU tests (a cProfile of the client, say).
   build . new & { [ -d .old ] && build .old old; } & wait
   ls python/genie/_C*.so > /dev/null 2>&1 || exit 1
   echo "built in $(( $(date +%s) - t0 )) s"
   PYTHONPATH=$NEW step gpu_tests 70 python3 -m pytest -q -x -m gpu tests -p no:cacheprovider
+  [ -f "$PROFILE" ] && TAIL=45 PYTHONPATH=$NEW step profile 60 python3 "$PROFILE"
   for tree in old new; do
     py=$NEW; [ $tree = old ] && py=$PWD/.old/python
     [ $tree = old ] && [ ! -d .old ] && continue
@@ -85,23 +77,11 @@ elif [ "$PART" = D ]; then
     TAIL=3 PYTHONPATH=$py step "bert_fp32_$tree" 50 python3 bench/bench_compile.py --device cuda \
       --models BERT-base --dtypes fp32 --no-inductor --repeats 30 --out "compile_bert_$tree.json"
   done
-  PYTHONPATH=$NEW step compile 170 python3 bench/bench_compile.py --device cuda
-  cp bench/results/compile_gpu.json "$OUT/" 2>/dev/null
-  TAIL=6 GENIE_SPIN_US=0 PYTHONPATH=$NEW step compile_cpu 90 python3 bench/bench_compile.py \
+  TAIL=8 PYTHONPATH=$NEW step compile 230 python3 bench/bench_compile.py --device cuda
+  TAIL=6 GENIE_SPIN_US=0 PYTHONPATH=$NEW step compile_cpu 110 python3 bench/bench_compile.py \
     --device cuda --lazy --no-inductor --dtypes fp32 --out compile_gpu_lazy.json
-  cp bench/results/compile_gpu_lazy.json bench/results/compile_bert_*.json "$OUT/" 2>/dev/null
-  FAMILIES=
-elif [ "$PART" = C ]; then
-  # C: where a compiled call's time goes (server timeline, CUDA graph GPU time against the
-  # eager model as one CUDA graph), and the client's CPU per call, compiled vs lazy capture,
-  # with replies waited for rather than polled (GENIE_SPIN_US=0).
-  ls python/genie/_C*.so > /dev/null 2>&1 || build . new || exit 1
-  TAIL=60 PYTHONPATH=$NEW step timeline_compiled 170 python3 bench/bench_remote_timeline_gpu.py \
-    --compiled --fresh --models BERT-base,GPT-2 --dtypes float32,float16 --spin 0 --repeats 15 \
-    --out "$OUT/timeline_compiled.json"
-  TAIL=8 GENIE_SPIN_US=0 PYTHONPATH=$NEW step compile_cpu 200 python3 bench/bench_compile.py \
-    --device cuda --lazy --no-inductor --dtypes fp32 --out compile_gpu_lazy.json
-  cp bench/results/compile_gpu_lazy.json "$OUT/" 2>/dev/null
+  cp bench/results/compile_gpu.json bench/results/compile_gpu_lazy.json \
+    bench/results/compile_bert_*.json "$OUT/" 2>/dev/null
   FAMILIES=
 else
   ls python/genie/_C*.so > /dev/null 2>&1 || build . new || exit 1
