@@ -134,29 +134,37 @@ def _first(out) -> torch.Tensor:
     return out[0]
 
 
-def interleaved(fns: dict, make_input, repeats: int) -> dict[str, dict]:
-    """Median client CPU ms and wall ms of each of `fns` called as `fn(*make_input(g))`, a
-    fresh input each call. The columns take turns call by call (after two warm-up calls
-    each), so that a shared, noisy machine slows them alike and their ratios hold; each round
-    starts one column later, so that each column follows every other equally often."""
-    g = torch.Generator().manual_seed(1)
-    for fn in fns.values():
-        for _ in range(2):
-            fn(*make_input(g))
-    cpu: dict[str, list] = {k: [] for k in fns}
-    wall: dict[str, list] = {k: [] for k in fns}
+def interleaved(fns: dict, make, repeats: int, warmup: int = 2, sync=None) -> dict[str, dict]:
+    """Median client CPU ms (every thread of the client, and the calling thread alone) and
+    wall ms of each of `fns` called as `fn(*make())`, a fresh input each call, after `warmup`
+    untimed rounds. The columns take turns call by call, so that a shared, noisy machine (or
+    a GPU whose clocks change) slows them alike and their ratios hold; each round starts one
+    column later, so that each column follows every other equally often. `sync` (a GPU's
+    synchronize) runs before the clocks start and before they stop."""
     names = list(fns)
-    for r in range(repeats):
+    got: dict[str, tuple[list, list, list]] = {k: ([], [], []) for k in names}
+    for r in range(warmup + repeats):
         shift = r % len(names)
         for k in names[shift:] + names[:shift]:
-            fn = fns[k]
-            args = make_input(g)
-            c0, w0 = time.process_time(), time.perf_counter()
-            fn(*args)
-            cpu[k].append((time.process_time() - c0) * 1e3)
-            wall[k].append((time.perf_counter() - w0) * 1e3)
+            args = make()
+            if sync is not None:
+                sync()
+            c0, t0, w0 = time.process_time(), time.thread_time(), time.perf_counter()
+            fns[k](*args)
+            if sync is not None:
+                sync()
+            if r >= warmup:
+                cpu, thread, wall = got[k]
+                wall.append((time.perf_counter() - w0) * 1e3)
+                cpu.append((time.process_time() - c0) * 1e3)
+                thread.append((time.thread_time() - t0) * 1e3)
     return {
-        k: {"cpu_ms": statistics.median(cpu[k]), "wall_ms": statistics.median(wall[k])} for k in fns
+        k: {
+            "cpu_ms": statistics.median(cpu),
+            "thread_cpu_ms": statistics.median(thread),
+            "wall_ms": statistics.median(wall),
+        }
+        for k, (cpu, thread, wall) in got.items()
     }
 
 
@@ -227,7 +235,8 @@ def measure(name: str, build, quick: bool, repeats: int, client, base=None) -> d
         )
         fns["compiled_base"] = lambda *a: _first(compiled_base(*a, **kw))
     before = dict(client.stats())
-    row.update(interleaved(fns, make_input, repeats))
+    g = torch.Generator().manual_seed(1)
+    row.update(interleaved(fns, lambda: make_input(g), repeats))
     row["programs_sent"] = client.stats()["programs_sent"] - before["programs_sent"]
     # The steady state: a call is the program's key, the binding, the input and the outputs.
     before = dict(client.stats())
@@ -285,7 +294,8 @@ def measure_train(quick: bool, repeats: int, client) -> dict:
         else:
             compiled = torch.compile(_train_step, backend="genie", options=options)
             fns[label] = functools.partial(compiled, m, opt)
-    row.update(interleaved(fns, batch, repeats))
+    g = torch.Generator().manual_seed(1)
+    row.update(interleaved(fns, lambda: batch(g), repeats))
     g = torch.Generator().manual_seed(5)
     for label, step in fns.items():
         before = client.stats()

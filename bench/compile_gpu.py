@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import json
-import statistics
-import time
 import traceback
 
 import torch
-from bench_compile import REMOTE, ROOT, _machine
+from bench_compile import REMOTE, ROOT, _machine, interleaved
 
 import genie
 from genie.runtime.loopback import LoopbackServer
@@ -59,41 +57,6 @@ def gpu_models(small: bool):
     yield "ResNet-50", resnet50, image, logits
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed_fresh(fns: dict, make, n: int, device: str, warmup: int) -> dict[str, dict]:
-    """Median wall and client CPU milliseconds of each `fns[k](x)`, every call on a fresh input
-    from `make()` (never passed before); `n` rounds, the first `warmup` not timed. The columns
-    take turns call by call, each round starting one column later, so that a GPU whose clocks
-    or neighbours change during the run slows them alike and their ratios hold."""
-    names = list(fns)
-    got = {k: ([], [], []) for k in names}
-    for r in range(n):
-        shift = r % len(names)
-        for k in names[shift:] + names[:shift]:
-            x = make()
-            _sync(device)
-            c0, t0, w0 = time.process_time(), time.thread_time(), time.perf_counter()
-            fns[k](x)
-            _sync(device)
-            if r >= warmup:
-                wall, cpu, thread = got[k]
-                wall.append((time.perf_counter() - w0) * 1e3)
-                cpu.append((time.process_time() - c0) * 1e3)
-                thread.append((time.thread_time() - t0) * 1e3)
-    return {
-        k: {
-            "wall_ms": statistics.median(wall),
-            "cpu_ms": statistics.median(cpu),  # every thread of the client
-            "thread_cpu_ms": statistics.median(thread),  # the calling thread alone
-        }
-        for k, (wall, cpu, thread) in got.items()
-    }
-
-
 @torch.no_grad()
 def gpu_row(name, build, make_input, pick, dtype, args, client) -> dict:
     dev = args.device
@@ -131,7 +94,8 @@ def gpu_row(name, build, make_input, pick, dtype, args, client) -> dict:
     out = compiled(check)
     fns["compiled"] = compiled
     before = dict(client.stats())
-    row.update(timed_fresh(fns, fresh, n, dev, args.warmup))
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else None
+    row.update(interleaved(fns, lambda: (fresh(),), args.repeats, args.warmup, sync))
     after = client.stats()
     if not args.lazy:  # the lazy column runs through the same session: its traffic counts too
         row["compiled"]["programs_sent"] = after["programs_sent"] - before["programs_sent"]
