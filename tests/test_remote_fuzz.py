@@ -105,7 +105,7 @@ _NASTY = [
     "release", "bind", b"", b"\0" * 16, [], [[]], [1, 2], [-1], {}, {"t": "run"},
 ]  # fmt: skip
 _TYPES = ["hello", "upload", "run", "eager", "fetch", "stats", "bye", "nope", 1, None]
-_KEYS = ["pre", "up", "key", "prog", "bind", "rng", "ref", "base", "patch", "t", "zz"]
+_KEYS = ["pre", "up", "key", "prog", "bind", "rng", "ref", "fetch", "base", "patch", "t", "zz"]
 
 
 def _random_value(r, depth: int = 0):

@@ -255,6 +255,28 @@ def test_foreign_tensor_ids_are_refused(server, program):
     b.close()
 
 
+def test_a_run_answers_the_views_it_names_in_its_reply(server, program):
+    """Note: [Outputs in the run's reply]: the result's bytes come with the run's reply; a view
+    of a storage the session does not hold is answered -1, not as a failed run; a malformed
+    view list is refused before anything runs."""
+    nodes, constants, expected, ref = program
+    c = RawClient(server.address, server.token)
+    header, payload = run_request(nodes, constants)
+    absent = dict(ref, storage=ref["storage"] + 10**6)
+    reply = c.request(dict(header, fetch=[P.encode_ref(ref), P.encode_ref(absent)]), [payload])
+    assert reply["ok"] is True and reply["n"] == [32, -1], reply
+    assert torch.equal(
+        torch.frombuffer(bytearray(reply["_payload"]), dtype=torch.float32).view(8, 1), expected
+    )
+    again = {k: v for k, v in header.items() if k not in ("up", "prog")}
+    reply = c.request(dict(again, fetch=[[1, "float128", [1], [1], 0, 8]]))
+    assert reply["ok"] is False and "unknown dtype" in reply["msg"], reply
+    reply = c.request(dict(again, fetch="all"))
+    assert reply["ok"] is False and "fetch must be a list" in reply["msg"], reply
+    assert c.request({"t": "hello"})["ok"] is True
+    c.close()
+
+
 def test_inputs_smaller_than_the_program_reads_are_refused(server, program):
     """The binding check's fast path (every input resident and large enough) must not pass a
     storage that shrank since the last run, nor one arriving too small with the request."""

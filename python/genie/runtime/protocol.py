@@ -67,7 +67,7 @@ __all__ = [
     "unpack",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: a run carries the fetches it answers
 EMPTY_UPLOAD = ["up", 0]  # a "spec" binding entry: an empty storage the run will upload
 
 # frame kinds

@@ -176,7 +176,9 @@ class Upload(Request):
 class Run(Request):
     """Run the program `program` names with `bind` (storage id per program local) and `rng`
     (generator states of its random steps), after uploading `pieces`. The binding's fit to
-    the program is checked by program/run.py's check_binding, which knows the program."""
+    the program is checked by program/run.py's check_binding, which knows the program.
+    `fetch`: views whose bytes the reply carries once the run is done (Note: [Outputs in the
+    run's reply] in server/session.py); the client's encoded refs, the server's TensorMeta."""
 
     kind: ClassVar[str] = "run"
     payload: ClassVar[bool] = True
@@ -184,19 +186,24 @@ class Run(Request):
     bind: list = field(default_factory=list)
     rng: list = field(default_factory=list)
     pieces: list[Piece] = field(default_factory=list)
+    fetch: list = field(default_factory=list)
 
     def fields(self) -> dict[str, Any]:
         out = {**self.program.fields(), "bind": self.bind, "rng": self.rng}
         out["up"] = [p.wire() for p in self.pieces]
+        if self.fetch:
+            out["fetch"] = self.fetch
         return out
 
     @classmethod
     def parse(cls, req: dict, limits: P.Limits) -> Run:
+        fetch = P.get_list(req.get("fetch") or [], "fetch", limits.max_list)
         return cls(
             P.ProgramRef.of(req, limits),
             P.get_list(req.get("bind"), "binding", limits.max_list),
             P.get_list(req.get("rng") or [], "rng", limits.max_list),
             parse_pieces(req.get("up"), limits),
+            [P.decode_ref(r, limits) for r in fetch],
         )
 
 

@@ -55,6 +55,25 @@ class FetchPlan:
     result: Callable[[], torch.Tensor]
 
 
+def _outputs_of(fetches: Sequence[FetchPlan]) -> Callable[[dict], list[memoryview]]:
+    """Where a run's reply that carries `fetches` puts their bytes (Note: [Outputs in the
+    run's reply] in server/session.py)."""
+
+    def receive(reply: dict) -> list[memoryview]:
+        sizes = reply.get("n")
+        if type(sizes) is not list or len(sizes) != len(fetches):
+            raise ProtocolError(
+                f"genie: the server answered sizes {sizes!r} for {len(fetches)} fetched tensors"
+            )
+        views: list[memoryview] = []
+        for plan, n in zip(fetches, sizes, strict=True):
+            if n != -1:
+                views += plan.receive({"n": n})
+        return views
+
+    return receive
+
+
 class Channel:
     """Requests to one server over `transport`, each answered in order."""
 
@@ -96,18 +115,24 @@ class Channel:
         fetches: Sequence[FetchPlan] = (),
         then_spec: Callable[[], None] | None = None,
     ) -> tuple[dict, list[torch.Tensor | None]]:
-        """Send one request and read its reply. `fetches` go right behind it, before its
-        answer is read (Note: [Run then fetch]); their values come back in order, None for
-        each that did not arrive because the request or the fetch failed. `then_spec` sends a
-        speculative request behind those, before their replies are read."""
+        """Send one request and read its reply. `fetches` are answered with it (Note: [Run then
+        fetch]): a run's reply carries their bytes (Note: [Outputs in the run's reply] in
+        server/session.py), any other request's are sent right behind it; their values come
+        back in order, None for each that did not arrive because the request or the fetch
+        failed. `then_spec` sends a speculative request behind those, before their replies are
+        read."""
         self.check()
         header = req.header()
         self._attach_pre(header)
+        with_run = bool(fetches) and isinstance(req, R.Run)
+        if with_run:
+            header["fetch"] = [plan.request.wire_ref for plan in fetches]
+            receive = _outputs_of(fetches)
         body = P.pack(header)
         values: list[torch.Tensor | None] = []
         try:
             frames = [(P.PROTOCOL_VERSION, P.REQUEST, body, buffers)]
-            for plan in fetches:  # one write with the request (Note: [Run then fetch])
+            for plan in () if with_run else fetches:  # one write with the request
                 frames.append((P.PROTOCOL_VERSION, P.REQUEST, P.pack(plan.request.header()), ()))
             self.t.send_frames(frames)
             self.outbox, self.released = [], []
@@ -116,12 +141,17 @@ class Channel:
                 then_spec()
             reply = self._read_reply(receive)
             ok = reply.get("ok") is True
-            for plan in fetches:
+            if with_run:
+                sizes = reply["n"] if ok else [-1] * len(fetches)  # checked by `receive`
+                values = [
+                    p.result() if n != -1 else None for p, n in zip(fetches, sizes, strict=True)
+                ]
+            for plan in () if with_run else fetches:
                 freply = self._read_reply(plan.receive if ok else None)
                 values.append(plan.result() if ok and freply.get("ok") is True else None)
         except (TransportError, ProtocolError) as e:
             raise self.lost(e) from None
-        self.counters["requests"] += 1 + len(fetches)
+        self.counters["requests"] += 1 + (0 if with_run else len(fetches))
         if reply.get("spec") == "hit":
             self.counters["spec_hits"] += 1
         if not ok:

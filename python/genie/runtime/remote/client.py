@@ -45,14 +45,13 @@ _OUTBOX_FLUSH = 4096
 
 # Note: [Run then fetch]
 # A value the host asks for (``y.cpu()``, ``.item()``) is a flush followed at once by a fetch.
-# The recorder says so (the flush's ``then_fetch``), and when the run goes by key the client
-# sends the fetch right behind it without waiting for the run's answer: the server answers
-# both in order, and the value waits in ``_prefetched`` for the fetch that follows. That saves
-# a round trip per materialization. The run's answer is read first: if it failed, the fetch's
-# answer is read and dropped and the run's error is raised exactly as without the fetch. Any
-# other request in between makes the prefetched value stale, so it is dropped. A program run
-# by its owner (torch.compile's ``run_program``) sends all its fetches behind the run the
-# same way (``Channel.request``'s ``fetches``).
+# The recorder says so (the flush's ``then_fetch``), and when the run goes by key the run asks
+# for the value itself: the server's reply to the run carries its bytes (Note: [Outputs in the
+# run's reply] in server/session.py), and the value waits in ``_prefetched`` for the fetch
+# that follows. That saves a round trip per materialization. If the run failed, its error is
+# raised exactly as without the fetch. Any other request in between makes the prefetched value
+# stale, so it is dropped. A program run by its owner (torch.compile's ``run_program``) asks
+# for all its outputs with the run the same way (``Channel.request``'s ``fetches``).
 
 
 class RemoteExecutor(SpeculatingClient):
@@ -468,9 +467,8 @@ class RemoteExecutor(SpeculatingClient):
     ) -> list[torch.Tensor | None]:
         """Run the encoded program `enc` with `binding` (storage ids chosen by the caller, not
         the recorder), upload `constants` (storage id -> tensor) with the run, and fetch each
-        of `refs` (core ref dicts) in the same exchange: the fetches are sent right behind the
-        run, before its answer is read (Note: [Run then fetch]). The body goes once; afterwards
-        the 16-byte key. `rng`: [step, generator state bytes] for each random step, as
+        of `refs` (core ref dicts) in the same exchange: the run's reply carries them (Note:
+        [Run then fetch]). The body goes once; afterwards the 16-byte key. `rng`: [step, generator state bytes] for each random step, as
         ``encode_program`` gives them. Returns the fetched values, in order; None for a ref
         the run left without a storage (a kernel result of another shape than declared is not
         bound: Note: [Binding a result on a server]). Used by genie.compile (Note: [Compiled

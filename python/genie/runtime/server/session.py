@@ -175,6 +175,8 @@ class Session:
                     reply, buffers = {"ok": True, "spec": "hit"}, []
                 else:
                     reply, buffers = self._handlers[type(request)](request, frame)
+                if isinstance(request, R.Run) and request.fetch:
+                    buffers = self._answer_fetches(request.fetch, reply)
                 close = isinstance(request, R.Bye)
         except TransportError:
             raise
@@ -311,6 +313,7 @@ class Session:
         if program is None:
             raise UnknownProgram("genie: unknown program; send it again with its body")
         P.need(not eager or len(program.steps) == 1, "an eager request runs exactly one node")
+        P.need(not eager or not req.fetch, "an eager request answers its results, not fetches")
         # Everything is checked before the payload is read; what follows changes state.
         incoming = {sid: nbytes for sid, nbytes, *_ in uploads}
         states = check_binding(program, req.bind, req.rng, self.env, incoming)
@@ -376,22 +379,39 @@ class Session:
         return {"v": v}
 
     def _fetch(self, req: R.Fetch, frame: Frame) -> tuple[dict, list]:
-        meta = req.ref
+        value = self._value(req.ref)
+        return {"ok": True, "n": value.numel() * value.element_size()}, _host_bytes([value])
+
+    def _value(self, meta: P.TensorMeta) -> torch.Tensor:
+        """The view `meta` names, dense, where its storage lives."""
         st = self.env.storages.get(meta.storage)
         if st is None:
             raise RemoteError(f"genie: storage {meta.storage} is not resident in this session")
         need = P.extent(meta.shape, meta.stride, meta.offset, P.itemsize(meta.dtype))
         P.need(need <= st.nbytes(), f"the view reads {need} bytes of a {st.nbytes()}-byte storage")
-        value = self.env.view(meta).contiguous()
-        if value.device.type != "cpu":
-            value = value.cpu()
-        # Dense, but a size-1 dimension may keep any stride: address the elements directly.
-        flat = (
-            value.as_strided((value.numel(),), (1,)).view(torch.uint8)
-            if value.numel()
-            else torch.empty(0, dtype=torch.uint8)
-        )
-        return {"ok": True, "n": flat.numel()}, [memoryview(flat.numpy())]
+        return self.env.view(meta).contiguous()
+
+    # Note: [Outputs in the run's reply]
+    # A run that names views in its ``fetch`` is answered with their bytes: the reply's payload
+    # is each view's dense bytes, one after another, and its "n" their sizes, -1 for a view
+    # that could not be read (a storage the run left unbound: Note: [Binding a result on a
+    # server] in program/run.py). The run has happened either way, so a view that cannot be
+    # read does not turn the reply into an error. One request then costs the server one
+    # dispatch, and on a GPU one wait for all the copies to the host, where a fetch behind the
+    # run (Note: [Run then fetch] in remote/client.py) cost one of each per output.
+    def _answer_fetches(self, refs: list[P.TensorMeta], reply: dict) -> list[memoryview]:
+        values, sizes = [], []
+        for meta in refs:
+            try:
+                v = self._value(meta)
+            except (RemoteError, ProtocolError) as e:
+                logger.debug("genie: session %d: a fetch with the run: %s", self.number, e)
+                sizes.append(-1)
+                continue
+            values.append(v)
+            sizes.append(v.numel() * v.element_size())
+        reply["n"] = sizes
+        return _host_bytes(values)
 
     def _release(self, req: R.Release, frame: Frame) -> tuple[dict, list]:
         self.env.release(req.ids)
@@ -454,6 +474,31 @@ class Session:
             **self.transport.stats.as_dict(),
             **self.runner.stats(),
         }
+
+
+def _host_bytes(values: list[torch.Tensor]) -> list[memoryview]:
+    """The bytes of each dense tensor of `values`, in host memory, in order: CPU tensors as they
+    are, device tensors copied into one pinned buffer with one wait for all the copies."""
+    flats = [
+        # Dense, but a size-1 dimension may keep any stride: address the elements directly.
+        v.as_strided((v.numel(),), (1,)).view(torch.uint8)
+        for v in values
+        if v.numel()
+    ]
+    on_device = [f for f in flats if f.device.type != "cpu"]
+    if on_device:
+        total = sum(f.numel() for f in on_device)
+        pinned = on_device[0].device.type == "cuda"
+        buf = torch.empty(total, dtype=torch.uint8, pin_memory=pinned)
+        at, placed = 0, {}
+        for f in on_device:
+            placed[id(f)] = dst = buf[at : at + f.numel()]
+            dst.copy_(f, non_blocking=pinned)
+            at += f.numel()
+        if pinned:
+            torch.cuda.current_stream(on_device[0].device).synchronize()
+        flats = [placed.get(id(f), f) for f in flats]
+    return [memoryview(f.numpy()) for f in flats]
 
 
 def resident_bytes(env: Environment) -> int:
