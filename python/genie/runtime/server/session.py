@@ -94,6 +94,7 @@ class Session:
             spin = self.server.config.spin_us
             t.spin_us = default_spin_us() if spin is None else spin
             logger.info("genie: session %d opened for %s", self.number, t.peer)
+            self.server.enter_stream(self)
             self.last_active = time.monotonic()
             while True:
                 try:
