@@ -62,7 +62,8 @@ elif [ "$PART" = C ]; then
   # server, the CUDA graph's GPU time against the eager model as one CUDA graph) and its
   # compiled-vs-eager row; then, for this tree, the compile table (columns in turns) and the
   # client CPU columns against lazy capture, replies waited for (GENIE_SPIN_US=0). $PROFILE:
-  # a script of one's own run after the GPU tests (a cProfile of the client, say).
+  # a script of one's own run after the GPU tests (a cProfile of the client, say). $SPIN: the
+  # timeline's spin settings (default 0: "0,10000" for both); $QUICK: stop before the table.
   build . new & { [ -d .old ] && build .old old; } & wait
   ls python/genie/_C*.so > /dev/null 2>&1 || exit 1
   echo "built in $(( $(date +%s) - t0 )) s"
@@ -71,12 +72,13 @@ elif [ "$PART" = C ]; then
   for tree in old new; do
     py=$NEW; [ $tree = old ] && py=$PWD/.old/python
     [ $tree = old ] && [ ! -d .old ] && continue
-    TAIL=28 PYTHONPATH=$py step "timeline_$tree" 60 python3 bench/bench_remote_timeline_gpu.py \
-      --compiled --fresh --models BERT-base --dtypes float32 --spin 0 --repeats 20 \
+    TAIL=28 PYTHONPATH=$py step "timeline_$tree" 90 python3 bench/bench_remote_timeline_gpu.py \
+      --compiled --fresh --models BERT-base --dtypes float32 --spin "${SPIN:-0}" --repeats 20 \
       --out "$OUT/timeline_$tree.json"
     TAIL=3 PYTHONPATH=$py step "bert_fp32_$tree" 50 python3 bench/bench_compile.py --device cuda \
       --models BERT-base --dtypes fp32 --no-inductor --repeats 30 --out "compile_bert_$tree.json"
   done
+  [ -n "$QUICK" ] && { echo "part C (QUICK: no table) done in $(( $(date +%s) - t0 )) s"; exit 0; }
   TAIL=8 PYTHONPATH=$NEW step compile 230 python3 bench/bench_compile.py --device cuda
   TAIL=6 GENIE_SPIN_US=0 PYTHONPATH=$NEW step compile_cpu 110 python3 bench/bench_compile.py \
     --device cuda --lazy --no-inductor --dtypes fp32 --out compile_gpu_lazy.json
