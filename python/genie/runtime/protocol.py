@@ -1,4 +1,4 @@
-"""The genie wire protocol, version 1: frames, handshake, headers and their validation.
+"""The genie wire protocol, version 2: frames, handshake, headers and their validation.
 
 Note: [Wire format]
 Every message is one frame (genie/runtime/transports/base.py): a 20-byte prefix
@@ -18,8 +18,10 @@ alternate, one reply per request:
   {"t": "hello"} -> {"device", "device_type", "protocol", "max_header", "max_message",
                      "memory_limit", "cuda_graphs", "session", "server"}
   {"t": "upload", "pre", "up": [[sid, nbytes, at, n, new], ...]}         payload: the n's
-  {"t": "run", "pre", "up", "key": bin16, "prog": bin?, "bind": [sid...], "rng": [[i, bin]]}
-  {"t": "eager", same as run}  -> {"res": [result...]}  (results stay on the server)
+  {"t": "run", "pre", "up", "key": bin16, "prog": bin?, "bind": [sid...], "rng": [[i, bin]],
+   "fetch": [REF...]?}  -> {"n": [nbytes or -1...]} with "fetch"    payload: the views' bytes
+        (Note: [Outputs in the run's reply] in genie/runtime/server/session.py; since version 2)
+  {"t": "eager", same as run, no "fetch"}  -> {"res": [result...]}  (results stay on the server)
   {"t": "fetch", "pre", "ref": REF}  -> {"n": nbytes}                     payload: the bytes
   {"t": "release", "pre", "ids": [sid...]}   (releases usually ride in "pre" instead)
   {"t": "stats", "pre"}  -> {"session": {...}, "server": {...}}
