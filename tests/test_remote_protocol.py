@@ -320,6 +320,27 @@ def test_memory_limit_per_session():
         c.close()
 
 
+@pytest.mark.parametrize(
+    "value, speculates",
+    [("0", False), ("Off", False), ("False", False), ("no", False), ("ON", True), ("", True)],
+)
+def test_a_switch_in_the_environment_reads_one_way(server, monkeypatch, value, speculates):
+    """Every GENIE_* on/off setting reads 1/true/yes/on and 0/false/no/off in any case; "False"
+    used to leave speculation on."""
+    monkeypatch.setenv("GENIE_SPECULATE", value)
+    client = connect(server.address, token=server.token, install=False)
+    try:
+        assert (client.speculation_hook is not None) is speculates
+    finally:
+        client.close()
+
+
+def test_a_switch_that_reads_as_neither_is_refused_by_name(server, monkeypatch):
+    monkeypatch.setenv("GENIE_EARLY_UPLOADS", "maybe")
+    with pytest.raises(GenieError, match="GENIE_EARLY_UPLOADS='maybe' is not a switch"):
+        connect(server.address, token=server.token, install=False)
+
+
 # -- Note: [Spinning for a reply] -------------------------------------------------------------
 def test_a_reader_polls_a_quiet_socket_only_as_long_as_asked():
     from genie import _C

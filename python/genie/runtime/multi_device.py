@@ -20,7 +20,6 @@ Executor, such as a ``genie serve`` session (RemoteExecutor), so two servers are
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from genie.envflags import env_flag
 from genie.errors import ExecutionError
 from genie.graph.ir import Graph, Node, TensorMeta
 from genie.runtime.backends import (
@@ -168,7 +168,7 @@ class MultiDeviceExecutor(PlanExecution):
         # Servers move tensors between themselves (Note: [Server-to-server moves]);
         # GENIE_DIRECT_MOVES=0 (or direct=False) relays them through this process instead.
         if direct is None:
-            direct = os.environ.get("GENIE_DIRECT_MOVES", "1") not in ("0", "false", "no")
+            direct = env_flag("GENIE_DIRECT_MOVES", True)
         self.direct = direct
         self._links = PeerLinks()
 

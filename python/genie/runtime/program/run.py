@@ -6,12 +6,12 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-import os
 from typing import Any
 
 import torch
 
 from genie import _C
+from genie.envflags import env_flag
 from genie.errors import ExecutionError, GenieError, ProtocolError, RemoteError
 from genie.graph.ir import TensorMeta
 from genie.runtime import protocol as P
@@ -261,7 +261,7 @@ _UNINITIALIZED = _uninitialized_ops()
 
 # Note: [Running programs in C++] (csrc/capture/program_runner.h) says why; GENIE_PY_STEPS=1
 # keeps every run in Python (to compare the two).
-_NATIVE = os.environ.get("GENIE_PY_STEPS", "") != "1"
+_NATIVE = not env_flag("GENIE_PY_STEPS", False)
 
 
 def _native_node(step: Step):

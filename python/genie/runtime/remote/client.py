@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from genie.envflags import env_flag
 from genie.errors import GenieError, TransportError, UnsupportedOperationError
 from genie.runtime import protocol as P
 from genie.runtime import requests as R
@@ -77,8 +77,11 @@ class RemoteExecutor(SpeculatingClient):
         self._last_enc = None
         self._made_last: list[int] = []  # storages the last flush created, in order
         self._prefetched: tuple[list, torch.Tensor] | None = None  # Note: [Run then fetch]
+        # Settings first: a bad one is refused before a connection is opened.
         if speculate is None:
-            speculate = os.environ.get("GENIE_SPECULATE", "1") not in ("0", "false", "no")
+            speculate = env_flag("GENIE_SPECULATE", True)
+        if early_uploads is None:
+            early_uploads = env_flag("GENIE_EARLY_UPLOADS", True)
         self.speculator = Speculator(speculate)  # Note: [Client speculation]
         # What install_executor gives the recorder (Note: [Speculation hook]).
         self.speculation_hook = SpeculationHook(self) if speculate else None
@@ -98,8 +101,6 @@ class RemoteExecutor(SpeculatingClient):
                 "`genie serve --host 0.0.0.0 --port PORT --token-file FILE` and check the address."
             ) from None
         self.channel = Channel(self._t, address, self.counters)
-        if early_uploads is None:
-            early_uploads = os.environ.get("GENIE_EARLY_UPLOADS", "1") not in ("0", "false", "no")
         # Note: [Early uploads] (early.py); max_message comes with the server's hello
         self.early = EarlyUploads(
             self.channel, self._lock, 0, self.counters, self._resident.__setitem__, early_uploads

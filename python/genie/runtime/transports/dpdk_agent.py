@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from genie import _C
+from genie.envflags import env_flag
 from genie.errors import GenieError, UnsupportedOperationError
 
 logger = logging.getLogger(__name__)
@@ -40,13 +41,6 @@ def _env_size(name: str, default: int) -> int:
         return int(float(t[:-1] if t[-1:] in units else t) * scale)
     except ValueError:
         raise UnsupportedOperationError(f"genie: {name}={text!r} is not a size") from None
-
-
-def _env_flag(name: str, default: bool = False) -> bool:
-    text = os.environ.get(name)
-    if text is None or not text.strip():
-        return default
-    return text.strip().lower() in ("1", "true", "yes", "on")
 
 
 def host_id() -> str:
@@ -116,8 +110,8 @@ class DpdkConfig:
             peer_timeout=float(os.environ.get("GENIE_DPDK_PEER_TIMEOUT", "3.0")),
             connect_timeout=float(os.environ.get("GENIE_DPDK_CONNECT_TIMEOUT", "20.0")),
             options=options,
-            in_process=_env_flag("GENIE_DPDK_IN_PROCESS"),
-            arena_in_eal=_env_flag("GENIE_DPDK_ARENA_IN_EAL", default=True),
+            in_process=env_flag("GENIE_DPDK_IN_PROCESS", False),
+            arena_in_eal=env_flag("GENIE_DPDK_ARENA_IN_EAL", True),
         )
 
     @property
