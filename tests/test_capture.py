@@ -210,6 +210,35 @@ def test_data_dependent_ops_with_host_operands():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize(
+    "where",
+    [("cpu", REMOTE, REMOTE, None), (REMOTE, "cpu", "cpu", "cpu"), (REMOTE, REMOTE, REMOTE, "cpu")],
+    ids=["host-query", "host-key-value-mask", "host-mask"],
+)
+def test_attention_takes_host_tensors_beside_remote_ones(where):
+    """scaled_dot_product_attention with some inputs on the host (a CPU model's learned queries
+    over remote features, as DETR's decoder has them in analyze()) equals eager, forward and
+    the query's gradient, and under inference_mode (Note: [Host tensors in attention])."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    mask = torch.rand(5, 7) > 0.3 if where[3] else None
+    F = torch.nn.functional
+    qe = q.clone().requires_grad_()
+    ref = F.scaled_dot_product_attention(qe, k, v, attn_mask=mask)
+    ref.sum().backward()
+    qr = q.clone().to(where[0]).requires_grad_()
+    args = (qr, k.to(where[1]), v.to(where[2]))
+    m = None if mask is None else mask.to(where[3])
+    out = F.scaled_dot_product_attention(*args, attn_mask=m)
+    assert out.device.type == "remote_accelerator"
+    assert torch.equal(out.cpu(), ref.detach())
+    out.sum().backward()
+    assert torch.equal(qr.grad.cpu(), qe.grad)
+    with torch.inference_mode():
+        out = F.scaled_dot_product_attention(q.to(where[0]), k.to(where[1]), v.to(where[2]))
+        assert torch.equal(out.cpu(), F.scaled_dot_product_attention(q, k, v))
+
+
 def test_data_dependent_op_flushes_only_what_it_needs():
     x = torch.ones(4, device=REMOTE)
     unrelated = torch.randn(100, 100, device=REMOTE) @ torch.randn(100, 100, device=REMOTE)

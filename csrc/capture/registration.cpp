@@ -8,6 +8,7 @@
 #include <ATen/native/transformers/attention.h>
 #include <ATen/ops/_reshape_alias_native.h>
 #include <ATen/ops/as_strided_native.h>
+#include <ATen/ops/scaled_dot_product_attention_native.h>
 #include <ATen/ops/view_native.h>
 #include <torch/library.h>
 
@@ -40,6 +41,30 @@ int64_t sdp_choice(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   std::optional<at::Tensor> m;
   if (mask.has_value() && mask->defined()) m = like(*mask);
   return at::_fused_sdp_choice(like(q), like(k), like(v), m, dropout, causal, scale, gqa);
+}
+
+// Note: [Host tensors in attention]
+// Every op takes a host tensor among remote ones as a graph input (the logical-device rule in
+// scan.cpp), but scaled_dot_product_attention is a composite whose first step refuses inputs
+// of two device types, before any kernel of genie's sees them: a CPU query next to remote keys
+// (a CPU model's learned queries in analyze(), DETR's decoder) failed there. So its host inputs
+// are moved to the remote device first (recorded as uploads, differentiable as any .to() is),
+// and then PyTorch's own composite runs: with no host input it is exactly what ran before.
+at::Tensor sdpa_with_host_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& mask, double dropout, bool causal,
+                                 std::optional<double> scale, bool gqa) {
+  auto remote = [](const at::Tensor& t) { return t.device().type() == c10::DeviceType::PrivateUse1; };
+  std::optional<c10::Device> device;
+  for (const at::Tensor* t : {&q, &k, &v, mask ? &*mask : nullptr}) {
+    if (t != nullptr && t->defined() && remote(*t)) {
+      device = t->device();
+      break;
+    }
+  }
+  auto here = [&](const at::Tensor& t) { return !device || !t.defined() || remote(t) ? t : t.to(*device); };
+  std::optional<at::Tensor> m;
+  if (mask) m = here(*mask);
+  return at::native::scaled_dot_product_attention(here(q), here(k), here(v), m, dropout, causal, scale, gqa);
 }
 
 
@@ -84,6 +109,11 @@ int64_t register_direct_kernels() {
 }
 
 TORCH_LIBRARY_IMPL(_, PrivateUse1, m) { m.fallback(torch::CppFunction::makeFromBoxedFunction<&capture_kernel>()); }
+
+// Note: [Host tensors in attention]: with autograd's key (reached first, also under no_grad)
+// and without it (inference_mode).
+TORCH_LIBRARY_IMPL(aten, AutogradPrivateUse1, m) { m.impl("scaled_dot_product_attention", &sdpa_with_host_inputs); }
+TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) { m.impl("scaled_dot_product_attention", &sdpa_with_host_inputs); }
 
 namespace {
 // Sparse layouts reach their own dispatch keys; refuse them in genie's words, naming the op,
