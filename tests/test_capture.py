@@ -239,6 +239,51 @@ def test_attention_takes_host_tensors_beside_remote_ones(where):
         assert torch.equal(out.cpu(), F.scaled_dot_product_attention(q, k, v))
 
 
+def test_integer_histograms_run_where_the_cpu_has_no_kernel_for_them():
+    """HF's grouped-mm MoE layers count expert ids with an int32 histc on any device that is not
+    the CPU; the CPU executor has no such kernel, so it runs as CUDA's kernel computes it (Note:
+    [Integer histograms on a CPU target]). For small integers that is what a float histc
+    counts; a float histc is recorded as it is."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(-3, 20, (257,), generator=g, dtype=torch.int32)
+    for kw in ({"bins": 16, "min": 0, "max": 15}, {"bins": 5}, {"bins": 3, "min": 4, "max": 4}):
+        got = torch.histc(ids.to(REMOTE), **kw).cpu()
+        assert got.dtype == torch.int32
+        assert torch.equal(got, torch.histc(ids.float(), **kw).to(torch.int32)), kw
+    assert torch.equal(
+        torch.histc(ids.to(REMOTE).long(), bins=4, min=2, max=9).cpu(),
+        torch.histc(ids.float(), bins=4, min=2, max=9).long(),
+    )
+    x = torch.randn(300, generator=g)
+    assert torch.equal(
+        torch.histc(x.to(REMOTE), bins=7, min=-1, max=1).cpu(), torch.histc(x, 7, -1, 1)
+    )
+    with pytest.raises(RuntimeError, match="bins must be > 0"):
+        torch.histc(ids.to(REMOTE), bins=0).cpu()
+
+
+def test_grouped_matmuls_stay_lazy_and_equal_eager():
+    """_grouped_mm (HF's grouped-mm MoE experts) in float32: PyTorch's meta kernel takes
+    bfloat16 only, so without a shape of genie's each call flushed the recording and ran at
+    once. Every layout records lazily and equals eager."""
+    g = torch.Generator().manual_seed(0)
+    offs = torch.tensor([4, 4, 12, 16], dtype=torch.int32)
+    cases = [
+        (torch.randn(16, 8, generator=g), torch.randn(4, 8, 12, generator=g), offs),  # 2D x 3D
+        (torch.randn(4, 12, 8, generator=g), torch.randn(8, 16, generator=g), offs),  # 3D x 2D
+        (torch.randn(4, 16, 8, generator=g), torch.randn(4, 8, 12, generator=g), None),  # 3D x 3D
+    ]
+    genie.synchronize()
+    for a, b, o in cases:
+        ref = torch._grouped_mm(a, b, offs=o)
+        flushes = genie.stats()["flushes"]
+        got = torch._grouped_mm(
+            a.to(REMOTE), b.to(REMOTE), offs=None if o is None else o.to(REMOTE)
+        )
+        assert got.shape == ref.shape and genie.stats()["flushes"] == flushes
+        assert torch.equal(got.cpu(), ref)
+
+
 def test_data_dependent_op_flushes_only_what_it_needs():
     x = torch.ones(4, device=REMOTE)
     unrelated = torch.randn(100, 100, device=REMOTE) @ torch.randn(100, 100, device=REMOTE)

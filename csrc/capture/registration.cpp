@@ -68,6 +68,46 @@ at::Tensor sdpa_with_host_inputs(const at::Tensor& q, const at::Tensor& k, const
 }
 
 
+// Note: [Integer histograms on a CPU target]
+// histc counts integers on CUDA only, and models pick it by device type: HF's grouped-mm MoE
+// layers histogram their expert ids as int32 on any device that is not the CPU, so on
+// remote_accelerator too. On a target other than CUDA such a histc is recorded as ops every
+// executor runs, computing what CUDA's kernel does (SummaryOps.cu: a value v in [min, max]
+// counts in bin (v - min) * bins / (max - min) in 64-bit integers, the last edge in the last
+// bin; min == max takes the data's range, then widens an empty one by one each way); a
+// floating histc, or any on a CUDA target, is recorded as it is.
+at::Tensor integer_histc(const at::Tensor& self, int64_t bins, const at::Scalar& min, const at::Scalar& max) {
+  TORCH_CHECK(bins > 0, "bins must be > 0");
+  at::Tensor x = self.reshape({-1}).to(at::kLong);
+  int64_t lo = min.toLong();
+  int64_t hi = max.toLong();
+  if (lo == hi && x.numel() > 0) {  // read off the data, as CUDA's kernel does
+    lo = x.min().item<int64_t>();
+    hi = x.max().item<int64_t>();
+  }
+  if (lo == hi) {
+    lo -= 1;
+    hi += 1;
+  }
+  TORCH_CHECK(lo < hi, "max must be larger than min");
+  at::Tensor counted = x.ge(lo).logical_and(x.le(hi)).to(at::kLong);
+  at::Tensor bin = (x - lo).mul(bins).div(hi - lo, "floor").clamp(0, bins - 1);
+  return at::zeros({bins}, x.options()).scatter_add_(0, bin, counted).to(self.scalar_type());
+}
+
+void histc_on_target(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  auto args = torch::jit::last(*stack, 4);
+  const at::Tensor& self = args[0].toTensor();
+  if (!at::isIntegralType(self.scalar_type(), /*includeBool=*/false) ||
+      target_device_type() == c10::DeviceType::CUDA) {
+    capture_kernel(op, ks, stack);
+    return;
+  }
+  at::Tensor out = integer_histc(self, args[1].toInt(), args[2].toScalar(), args[3].toScalar());
+  torch::jit::drop(*stack, 4);
+  torch::jit::push(*stack, std::move(out));
+}
+
 }  // namespace
 
 int64_t register_direct_kernels() {
@@ -113,7 +153,10 @@ TORCH_LIBRARY_IMPL(_, PrivateUse1, m) { m.fallback(torch::CppFunction::makeFromB
 // Note: [Host tensors in attention]: with autograd's key (reached first, also under no_grad)
 // and without it (inference_mode).
 TORCH_LIBRARY_IMPL(aten, AutogradPrivateUse1, m) { m.impl("scaled_dot_product_attention", &sdpa_with_host_inputs); }
-TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) { m.impl("scaled_dot_product_attention", &sdpa_with_host_inputs); }
+TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
+  m.impl("scaled_dot_product_attention", &sdpa_with_host_inputs);
+  m.impl("histc", torch::CppFunction::makeFromBoxedFunction<&histc_on_target>());  // Note: [Integer histograms on a CPU target]
+}
 
 namespace {
 // Sparse layouts reach their own dispatch keys; refuse them in genie's words, naming the op,

@@ -106,6 +106,51 @@ std::shared_ptr<const ShapeResult> multilabel_margin_shape(const Scan& s) {
   return result;
 }
 
+// PyTorch's meta for _grouped_mm is the CUDA kernel's: bfloat16 only. The CPU kernel takes any
+// floating dtype (HF's grouped-mm MoE layers call it in the model's dtype, float32 in tests),
+// so on a CPU target the output is sized here as that kernel allocates it, dense; anything
+// unusual (a bias, an output dtype, sizes that do not fit) goes to meta, then to eager.
+std::shared_ptr<const ShapeResult> grouped_mm_shape(const Scan& s) {
+  if (target_device_type() != c10::DeviceType::CPU) return nullptr;
+  const Node& n = *s.node;
+  auto tensor = [&](size_t i) -> const TensorRef* {
+    if (i >= n.args.size() || n.args[i].kind != Arg::Kind::Tensor || n.args[i].refs[0] < 0) return nullptr;
+    return &n.inputs[n.args[i].refs[0]];
+  };
+  auto none = [&](size_t i) { return i >= n.args.size() || (n.args[i].kind == Arg::Kind::Value && n.args[i].value.isNone()); };
+  const TensorRef* a = tensor(0);
+  const TensorRef* b = tensor(1);
+  const TensorRef* offs = tensor(2);
+  if (!a || !b || a->dtype != b->dtype || !at::isFloatingType(a->dtype) || !none(3) || !none(4)) return nullptr;
+  const auto& as = a->sizes;
+  const auto& bs = b->sizes;
+  const size_t da = as.size(), db = bs.size();
+  if ((da != 2 && da != 3) || (db != 2 && db != 3)) return nullptr;
+  const bool needs_offs = da == 2 || db == 2;
+  if (needs_offs != (offs != nullptr) || (!offs && !none(2))) return nullptr;
+  if (offs && (offs->dtype != at::kInt || offs->sizes.size() != 1)) return nullptr;
+  std::vector<int64_t> out;
+  if (da == 2 && db == 2) {
+    if (as[1] != bs[0]) return nullptr;
+    out = {offs->sizes[0], as[0], bs[1]};
+  } else if (da == 2) {
+    if (as[1] != bs[1] || offs->sizes[0] != bs[0]) return nullptr;
+    out = {as[0], bs[2]};
+  } else if (db == 2) {
+    if (as[2] != bs[0] || offs->sizes[0] != as[0]) return nullptr;
+    out = {as[1], bs[1]};
+  } else {
+    if (as[0] != bs[0] || as[2] != bs[1]) return nullptr;
+    out = {as[0], as[1], bs[2]};
+  }
+  auto result = std::make_shared<ShapeResult>();
+  ReturnSpec r;
+  r.kind = ReturnSpec::Kind::Tensor;
+  r.tensors.push_back(contiguous_spec(a->dtype, std::move(out)));
+  result->returns.push_back(std::move(r));
+  return result;
+}
+
 // Note: [C++ shape functions]
 // The hottest ops whose meta kernels torch registers from Python (~300 us for layer norm, and
 // absent when no interpreter is loaded) get their output geometry here, mirroring the CPU
@@ -114,7 +159,9 @@ std::shared_ptr<const ShapeResult> multilabel_margin_shape(const Scan& s) {
 std::shared_ptr<const ShapeResult> cpp_shape(const c10::OperatorHandle& op, const Scan& s) {
   static const c10::OperatorName layer_norm("aten::native_layer_norm", "");
   static const c10::OperatorName multilabel_margin("aten::multilabel_margin_loss_forward", "");
+  static const c10::OperatorName grouped_mm("aten::_grouped_mm", "");
   if (op.operator_name() == multilabel_margin) return multilabel_margin_shape(s);
+  if (op.operator_name() == grouped_mm) return grouped_mm_shape(s);
   if (op.operator_name() != layer_norm) return nullptr;
   const Node& n = *s.node;
   if (n.args.size() != 5 || n.args[0].kind != Arg::Kind::Tensor || n.args[0].refs[0] < 0) return nullptr;
