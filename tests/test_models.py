@@ -160,3 +160,24 @@ def test_outputs_stay_lazy_until_needed(executor, make):
     assert genie.stats()["nodes_executed"] == before
     to_cpu(first)
     assert genie.stats()["nodes_executed"] > before
+
+
+@pytest.mark.parametrize("model_type", ["glm4_moe", "mixtral"])
+@torch.no_grad()
+def test_moe_lm_forward_bit_exact(executor, model_type):
+    """Mixture-of-experts LMs, their experts as HF runs them on a device that is not the CPU
+    (grouped matmuls over an integer histogram of expert ids: Note: [Integer histograms on a
+    CPU target]), record with no flush and equal eager."""
+    from genie.semantic import hf_models as hf
+
+    mapping = hf.mapping("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+    if model_type not in mapping:
+        pytest.skip(f"this transformers has no {model_type}")
+    model, args, kwargs = hf.build_hf(model_type, mapping[model_type], "text")
+    ref = model(*args, **kwargs).logits
+    genie.synchronize()
+    flushes = genie.stats()["flushes"]
+    rmodel = model.to(REMOTE)
+    out = rmodel(*to_remote(args), **to_remote(kwargs)).logits
+    assert genie.stats()["flushes"] == flushes
+    assert torch.equal(out.cpu(), ref)
