@@ -36,6 +36,16 @@ def server():
     srv.close()
 
 
+# What an error reply may say; "internal" would mean an input reached code that did not expect it.
+ERROR_KINDS = {"protocol", "execution", "remote", "oom", "unknown_program", "peer"}
+
+
+@pytest.fixture(scope="module")
+def program():
+    """small_program(), recorded once per module."""
+    return small_program()
+
+
 @pytest.fixture
 def remote(server):
     """This process's flushes run on `server` for the test; the local executor comes back after."""

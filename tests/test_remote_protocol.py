@@ -12,11 +12,11 @@ import time
 import pytest
 import torch
 from remote_fixtures import (
+    ERROR_KINDS,
     RawClient,
     healthy,
     raw_frame,
     run_request,
-    small_program,
 )
 
 import genie
@@ -28,14 +28,6 @@ from genie.runtime.program import program_key as _key
 from genie.runtime.remote import RemoteExecutor, connect
 
 pytest_plugins = ["remote_fixtures"]
-
-# What an error reply may say; "internal" would mean an input reached code that did not expect it.
-_ERROR_KINDS = {"protocol", "execution", "remote", "oom", "unknown_program", "peer"}
-
-
-@pytest.fixture(scope="module")
-def program():
-    return small_program()
 
 
 # -- authentication -----------------------------------------------------------------------
@@ -126,7 +118,7 @@ def test_malformed_request_gets_an_error_and_the_session_goes_on(server, header,
     c.send(header)
     reply = c.reply()
     assert reply["ok"] is False and why in reply["msg"], reply
-    assert reply["kind"] in _ERROR_KINDS
+    assert reply["kind"] in ERROR_KINDS
     assert c.request({"t": "hello"})["ok"] is True  # same connection, still served
     c.close()
 
