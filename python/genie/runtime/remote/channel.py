@@ -115,43 +115,32 @@ class Channel:
         fetches: Sequence[FetchPlan] = (),
         then_spec: Callable[[], None] | None = None,
     ) -> tuple[dict, list[torch.Tensor | None]]:
-        """Send one request and read its reply. `fetches` are answered with it (Note: [Run then
-        fetch]): a run's reply carries their bytes (Note: [Outputs in the run's reply] in
-        server/session.py), any other request's are sent right behind it; their values come
-        back in order, None for each that did not arrive because the request or the fetch
-        failed. `then_spec` sends a speculative request behind those, before their replies are
-        read."""
+        """Send one request and read its reply. `fetches` (a run's only) are answered with it
+        (Note: [Run then fetch]): the run's reply carries their bytes (Note: [Outputs in the
+        run's reply] in server/session.py); their values come back in order, None for each
+        that did not arrive because the run or the fetch failed. `then_spec` sends a
+        speculative request behind it, before its reply is read."""
         self.check()
         header = req.header()
         self._attach_pre(header)
-        with_run = bool(fetches) and isinstance(req, R.Run)
-        if with_run:
+        if fetches:
+            if not isinstance(req, R.Run):
+                raise TypeError(f"genie: only a run answers fetches, not a {req.kind!r} request")
             header["fetch"] = [plan.request.wire_ref for plan in fetches]
             receive = _outputs_of(fetches)
-        body = P.pack(header)
-        values: list[torch.Tensor | None] = []
         try:
-            frames = [(P.PROTOCOL_VERSION, P.REQUEST, body, buffers)]
-            for plan in () if with_run else fetches:  # one write with the request
-                frames.append((P.PROTOCOL_VERSION, P.REQUEST, P.pack(plan.request.header()), ()))
-            self.t.send_frames(frames)
+            self.t.send_frame(P.PROTOCOL_VERSION, P.REQUEST, P.pack(header), buffers)
             self.outbox, self.released = [], []
-            self._read_unanswered()  # they precede this request's replies
+            self._read_unanswered()  # they precede this request's reply
             if then_spec is not None:
                 then_spec()
             reply = self._read_reply(receive)
-            ok = reply.get("ok") is True
-            if with_run:
-                sizes = reply["n"] if ok else [-1] * len(fetches)  # checked by `receive`
-                values = [
-                    p.result() if n != -1 else None for p, n in zip(fetches, sizes, strict=True)
-                ]
-            for plan in () if with_run else fetches:
-                freply = self._read_reply(plan.receive if ok else None)
-                values.append(plan.result() if ok and freply.get("ok") is True else None)
         except (TransportError, ProtocolError) as e:
             raise self.lost(e) from None
-        self.counters["requests"] += 1 + (0 if with_run else len(fetches))
+        ok = reply.get("ok") is True
+        sizes = reply["n"] if ok and fetches else [-1] * len(fetches)  # checked by `receive`
+        values = [p.result() if n != -1 else None for p, n in zip(fetches, sizes, strict=True)]
+        self.counters["requests"] += 1
         if reply.get("spec") == "hit":
             self.counters["spec_hits"] += 1
         if not ok:

@@ -469,8 +469,8 @@ class RemoteExecutor(SpeculatingClient):
         """Run the encoded program `enc` with `binding` (storage ids chosen by the caller, not
         the recorder), upload `constants` (storage id -> tensor) with the run, and fetch each
         of `refs` (core ref dicts) in the same exchange: the run's reply carries them (Note:
-        [Run then fetch]). The body goes once; afterwards the 16-byte key. `rng`: [step, generator state bytes] for each random step, as
-        ``encode_program`` gives them. Returns the fetched values, in order; None for a ref
+        [Run then fetch]). The body goes once; afterwards the 16-byte key. `rng`: [step,
+        generator state bytes] for each random step, as ``encode_program`` gives them. Returns the fetched values, in order; None for a ref
         the run left without a storage (a kernel result of another shape than declared is not
         bound: Note: [Binding a result on a server]). Used by genie.compile (Note: [Compiled
         programs] in compile/__init__.py)."""
