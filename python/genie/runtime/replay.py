@@ -18,7 +18,7 @@ from genie.graph.ir import Node, TensorMeta
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Environment", "byte_view", "result_mismatch", "run_node", "run_nodes"]
+__all__ = ["Environment", "byte_view", "host_bytes", "result_mismatch", "run_node", "run_nodes"]
 
 _REMOTE = "remote_accelerator"
 
@@ -26,6 +26,31 @@ _REMOTE = "remote_accelerator"
 def byte_view(st: torch.UntypedStorage) -> torch.Tensor:
     """All of a storage's bytes as a flat uint8 tensor on its own device."""
     return torch.empty(0, dtype=torch.uint8, device=st.device).set_(st)
+
+
+def host_bytes(values: list[torch.Tensor]) -> list[memoryview]:
+    """The bytes of each dense tensor of `values`, in host memory, in order: CPU tensors as they
+    are, device tensors copied into one pinned buffer with one wait for all the copies."""
+    flats = [
+        # Dense, but a size-1 dimension may keep any stride: address the elements directly.
+        v.as_strided((v.numel(),), (1,)).view(torch.uint8)
+        for v in values
+        if v.numel()
+    ]
+    on_device = [f for f in flats if f.device.type != "cpu"]
+    if on_device:
+        total = sum(f.numel() for f in on_device)
+        pinned = on_device[0].device.type == "cuda"
+        buf = torch.empty(total, dtype=torch.uint8, pin_memory=pinned)
+        at, placed = 0, {}
+        for f in on_device:
+            placed[id(f)] = dst = buf[at : at + f.numel()]
+            dst.copy_(f, non_blocking=pinned)
+            at += f.numel()
+        if pinned:
+            torch.cuda.current_stream(on_device[0].device).synchronize()
+        flats = [placed.get(id(f), f) for f in flats]
+    return [memoryview(f.numpy()) for f in flats]
 
 
 class Environment:

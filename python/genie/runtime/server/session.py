@@ -21,7 +21,7 @@ from genie.runtime import protocol as P
 from genie.runtime import requests as R
 from genie.runtime.program import check_binding, execute
 from genie.runtime.program.graphs import GraphRunner
-from genie.runtime.replay import Environment, byte_view
+from genie.runtime.replay import Environment, byte_view, host_bytes
 from genie.runtime.server.peers import PeerError, PeerGroups
 from genie.runtime.server.resolver import ProgramResolver, UnknownProgram
 from genie.runtime.server.speculation import SpeculationSlot
@@ -381,7 +381,7 @@ class Session:
 
     def _fetch(self, req: R.Fetch, frame: Frame) -> tuple[dict, list]:
         value = self._value(req.ref)
-        return {"ok": True, "n": value.numel() * value.element_size()}, _host_bytes([value])
+        return {"ok": True, "n": value.numel() * value.element_size()}, host_bytes([value])
 
     def _value(self, meta: P.TensorMeta) -> torch.Tensor:
         """The view `meta` names, dense, where its storage lives."""
@@ -412,7 +412,7 @@ class Session:
             values.append(v)
             sizes.append(v.numel() * v.element_size())
         reply["n"] = sizes
-        return _host_bytes(values)
+        return host_bytes(values)
 
     def _release(self, req: R.Release, frame: Frame) -> tuple[dict, list]:
         self.env.release(req.ids)
@@ -475,31 +475,6 @@ class Session:
             **self.transport.stats.as_dict(),
             **self.runner.stats(),
         }
-
-
-def _host_bytes(values: list[torch.Tensor]) -> list[memoryview]:
-    """The bytes of each dense tensor of `values`, in host memory, in order: CPU tensors as they
-    are, device tensors copied into one pinned buffer with one wait for all the copies."""
-    flats = [
-        # Dense, but a size-1 dimension may keep any stride: address the elements directly.
-        v.as_strided((v.numel(),), (1,)).view(torch.uint8)
-        for v in values
-        if v.numel()
-    ]
-    on_device = [f for f in flats if f.device.type != "cpu"]
-    if on_device:
-        total = sum(f.numel() for f in on_device)
-        pinned = on_device[0].device.type == "cuda"
-        buf = torch.empty(total, dtype=torch.uint8, pin_memory=pinned)
-        at, placed = 0, {}
-        for f in on_device:
-            placed[id(f)] = dst = buf[at : at + f.numel()]
-            dst.copy_(f, non_blocking=pinned)
-            at += f.numel()
-        if pinned:
-            torch.cuda.current_stream(on_device[0].device).synchronize()
-        flats = [placed.get(id(f), f) for f in flats]
-    return [memoryview(f.numpy()) for f in flats]
 
 
 def resident_bytes(env: Environment) -> int:
